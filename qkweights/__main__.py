@@ -1,0 +1,3 @@
+from qkweights.cli import main
+
+raise SystemExit(main())

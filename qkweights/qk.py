@@ -1,0 +1,116 @@
+"""The query-key interaction of attention heads: exact SVD and its statistics.
+
+For one head, ``W_q,hᵀ W_k,h = U Σ Vᵀ`` (D×D, rank ≤ K). Mode n pairs a query
+direction ``u_n`` with a key direction ``v_n``; ``cos_n = u_n·v_n``. The SVD is
+computed without forming the D×D product (method.md §3): thin QR of
+``A = W_qᵀ`` and ``B = W_kᵀ`` (D×K each), SVD of the K×K core ``R_a R_bᵀ``,
+then ``U = Q_a U_c``, ``V = Q_b V_c`` — O(D·K² + K³) per head, batched over
+heads, in float64.
+
+Sign convention: the pair (u_n, v_n) is flipped together so that the entry of
+largest magnitude of u_n is positive (the first such entry on ties). Flipping
+both leaves the product, σ_n and cos_n unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEGENERATE_RTOL = 1e-6  # adjacent σ closer than this × σ_1 form a degenerate block
+
+
+def qk_svd(wq: np.ndarray, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SVD of ``wqᵀ wk`` for a stack of heads, without the D×D product.
+
+    wq, wk: (..., K, D) query and key weights (rows of the (out, in) projection).
+    Returns U (..., D, K), S (..., K) descending, V (..., D, K), float64, with
+    ``wq[h].T @ wk[h] == U[h] @ diag(S[h]) @ V[h].T`` and the sign convention of
+    the module docstring.
+    """
+    a = np.swapaxes(np.asarray(wq, np.float64), -1, -2)  # (..., D, K)
+    b = np.swapaxes(np.asarray(wk, np.float64), -1, -2)  # (..., D, K)
+    qa, ra = np.linalg.qr(a)  # (..., D, K), (..., K, K)
+    qb, rb = np.linalg.qr(b)
+    core = ra @ np.swapaxes(rb, -1, -2)  # (..., K, K)
+    uc, s, vct = np.linalg.svd(core)
+    u = qa @ uc  # (..., D, K)
+    v = qb @ np.swapaxes(vct, -1, -2)  # (..., D, K)
+    u, v = _fix_signs(u, v)
+    return u, s, v
+
+
+def _fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each (u_n, v_n) pair so that u_n's largest-magnitude entry is positive."""
+    idx = np.argmax(np.abs(u), axis=-2)[..., None, :]  # (..., 1, K)
+    sign = np.where(np.take_along_axis(u, idx, axis=-2) < 0, -1.0, 1.0)  # (..., 1, K)
+    return u * sign, v * sign
+
+
+@dataclass(frozen=True)
+class HeadStats:
+    """Statistics of a stack of heads (leading axes ``...``, e.g. (H,) or (L, H)).
+
+    cosines: (..., K) ``u_n·v_n``; weighted: (...) σ-weighted mean cosine (the
+    paper's cos_avg, NaN for a head with Σσ = 0); mean: (...) unweighted mean;
+    trace: (...) ``⟨W_q, W_k⟩_F = Σ σ_n cos_n``; nuclear: (...) Σσ_n;
+    effective_rank: (...) exp of the entropy of σ/Σσ (Roy & Vetterli, 2007).
+    """
+
+    cosines: np.ndarray
+    weighted: np.ndarray
+    mean: np.ndarray
+    trace: np.ndarray
+    nuclear: np.ndarray
+    effective_rank: np.ndarray
+
+
+def head_stats(u: np.ndarray, s: np.ndarray, v: np.ndarray, wq: np.ndarray, wk: np.ndarray) -> HeadStats:
+    """Per-mode cosines and per-head statistics from an SVD and the weights.
+
+    u, v: (..., D, K); s: (..., K); wq, wk: (..., K, D). ``trace`` comes from the
+    weights directly, so ``Σ σ_n cos_n == trace`` is an independent check.
+    """
+    cos = np.einsum("...dk,...dk->...k", u, v)  # (..., K)
+    nuclear = s.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weighted = (s * cos).sum(-1) / nuclear
+        p = s / nuclear[..., None]
+        logp = np.log(np.where(p > 0, p, 1.0))
+    effective_rank = np.exp(-(p * logp).sum(-1))
+    trace = np.einsum("...kd,...kd->...", np.asarray(wq, np.float64), np.asarray(wk, np.float64))
+    return HeadStats(cos, weighted, cos.mean(-1), trace, nuclear, effective_rank)
+
+
+def degenerate_blocks(s: np.ndarray, cos: np.ndarray, rtol: float = DEGENERATE_RTOL) -> list[dict]:
+    """Runs of (nearly) equal singular values of one head.
+
+    s, cos: (K,). Adjacent modes n, n+1 are tied when σ_n − σ_{n+1} ≤ rtol·σ_1.
+    Inside a tied block the individual u_n, v_n (and cos_n) are defined only up
+    to a rotation; the block's sum of cosines is. Returns
+    ``[{"start", "stop" (exclusive), "sigma" (mean), "cos_sum"}]``.
+    """
+    tol = rtol * (s[0] if s.size else 0.0)
+    tied = np.diff(s) >= -tol  # (K-1,): σ_{n+1} ≥ σ_n − tol
+    blocks, n = [], 0
+    while n < len(tied):
+        if tied[n]:
+            stop = n + 1
+            while stop < len(tied) and tied[stop]:
+                stop += 1
+            stop += 1
+            blocks.append({"start": n, "stop": stop, "sigma": float(s[n:stop].mean()), "cos_sum": float(cos[n:stop].sum())})
+            n = stop
+        else:
+            n += 1
+    return blocks
+
+
+def null_band(hidden: int, level: float = 0.95) -> float:
+    """Half-width of the two-sided band of u·v for independent random unit vectors in R^hidden.
+
+    cos ≈ N(0, 1/hidden), so the band is z/√hidden (z = 1.96 at 95%, 2.576 at 99%).
+    """
+    z = {0.95: 1.959963984540054, 0.99: 2.5758293035489004}[level]
+    return z / np.sqrt(hidden)

@@ -1,0 +1,401 @@
+"""Checkpoint families as data: ``model_specs/*.toml`` → per-head ``W_q``/``W_k``.
+
+A spec names a family's tensors with ``{i}`` templates and says where the
+dimensions come from. :func:`open_checkpoint` detects the family of a
+checkpoint (config ``model_type``/``architecture`` and signature tensors),
+resolves the dimensions, and returns a :class:`Checkpoint` through which every
+other module reads weights by *role* (``"q"``, ``"norm1"``, ``"patch"``, …),
+never by name. Adding a family means adding a spec file.
+
+Dimension resolvers (values in a spec's ``[dims]`` table):
+
+- ``"key.path"``: a (dotted) key of the config, below ``config_root``;
+- a number or boolean: that literal;
+- a list: the first alternative that resolves;
+- ``{config = "key.path", root = false}``: a config key from the top of the file;
+- ``{shape = "tensor {i}", axis = n}``: a dimension of a tensor (``{i}`` = 0);
+- ``{count = "tensor {i}"}``: how many consecutive layers hold that tensor;
+- ``{div = [a, b]}``: a // b of two resolvers;
+- ``{match = resolver, table = {substring = value}}``: the value of the longest
+  key contained in the resolved string (e.g. timm's ``vit_base_…`` → 12 heads).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from qkweights.errors import CheckpointError, SpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.json")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One family, as its TOML file says (see ``model_specs/README.md``)."""
+
+    name: str
+    description: str
+    example: str
+    modality: str  # "vision" (forward pass available) or "text" (weights only)
+    config_file: str | None
+    config_root: str
+    prefixes: tuple[str, ...]
+    detect: dict
+    dims: dict
+    attention: dict
+    block: dict
+    embeddings: dict
+    preprocess: dict
+    logit_terms: tuple[str, ...]  # additive logit terms the weight SVD does not see
+    path: Path
+
+
+def _spec_from_toml(path: Path, data: dict) -> Spec:
+    try:
+        return Spec(
+            name=data["name"],
+            description=data["description"],
+            example=data["example"],
+            modality=data.get("modality", "vision"),
+            config_file=data.get("config_file"),
+            config_root=data.get("config_root", ""),
+            prefixes=tuple(data.get("prefixes", [""])),
+            detect=data.get("detect", {}),
+            dims=data["dims"],
+            attention=data["attention"],
+            block=data.get("block", {}),
+            embeddings=data.get("embeddings", {}),
+            preprocess=data.get("preprocess", {}),
+            logit_terms=tuple(data.get("logit_terms", [])),
+            path=path,
+        )
+    except KeyError as e:
+        raise SpecError(f"{path.name}: missing required key {e.args[0]!r}; see model_specs/README.md") from None
+
+
+def spec_dir() -> Path:
+    """The folder of the spec files: ``model_specs/`` of a source checkout, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "model_specs"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("qkweights.model_specs")))
+
+
+def load_specs(folder: Path | None = None) -> dict[str, Spec]:
+    """All specs in ``folder`` (default: the shipped ones), by name, in file-name order."""
+    folder = folder or spec_dir()
+    specs = {}
+    for path in sorted(Path(folder).glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SpecError(f"{path.name}: invalid TOML ({e})") from None
+        spec = _spec_from_toml(path, data)
+        if spec.name != path.stem:
+            raise SpecError(f"{path.name}: name {spec.name!r} differs from the file name; rename one of them")
+        specs[spec.name] = spec
+    return specs
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Resolved dimensions of a checkpoint (``None`` where a family has no such thing)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    head_dim: int
+    eps: float | None = None
+    act: str | None = None
+    patch_size: int | None = None
+    image_size: tuple[int, int] | None = None
+    swiglu: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _get_path(cfg: dict, dotted: str):
+    cur = cfg
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(dotted)
+        cur = cur[part]
+    return cur
+
+
+class _Resolver:
+    """Evaluates dimension resolvers against a config and a tensor store."""
+
+    def __init__(self, spec: Spec, config: dict, store, prefix: str):
+        self.spec, self.config, self.store, self.prefix = spec, config, store, prefix
+
+    def __call__(self, r):
+        if isinstance(r, bool) or isinstance(r, (int, float)):
+            return r
+        if isinstance(r, str):
+            return self.config_value(r, root=True)
+        if isinstance(r, list):
+            for alt in r:
+                try:
+                    return self(alt)
+                except KeyError:
+                    continue
+            raise KeyError(" or ".join(map(str, r)))
+        if isinstance(r, dict):
+            if "config" in r:
+                return self.config_value(r["config"], root=r.get("root", True))
+            if "shape" in r:
+                name = self.prefix + r["shape"].format(i=0)
+                if name not in self.store:
+                    raise KeyError(name)
+                return self.store.shape(name)[r.get("axis", 0)]
+            if "count" in r:
+                n = 0
+                while self.prefix + r["count"].format(i=n) in self.store:
+                    n += 1
+                if n == 0:
+                    raise KeyError(r["count"])
+                return n
+            if "div" in r:
+                a, b = (self(x) for x in r["div"])
+                return a // b
+            if "match" in r:
+                value = str(self(r["match"])).lower()
+                for key in sorted(r["table"], key=len, reverse=True):
+                    if key.lower() in value:
+                        return r["table"][key]
+                raise KeyError(f"{value} (none of {', '.join(r['table'])})")
+        raise SpecError(f"{self.spec.path.name}: cannot read dimension resolver {r!r}; see model_specs/README.md")
+
+    def config_value(self, dotted: str, root: bool):
+        base = self.config
+        if root and self.spec.config_root:
+            base = _get_path(self.config, self.spec.config_root)
+        return _get_path(base, dotted)
+
+
+def _signature_prefix(spec: Spec, store) -> str | None:
+    """The first prefix under which all of the spec's signature tensors exist, and none of its forbidden ones."""
+    require = [t.format(i=0) for t in spec.detect.get("require", [])]
+    forbid = [t.format(i=0) for t in spec.detect.get("forbid", [])]
+    for prefix in spec.prefixes:
+        if all(prefix + t in store for t in require) and not any(prefix + t in store for t in forbid):
+            return prefix
+    return None
+
+
+def _config_matches(spec: Spec, configs: dict[str, dict]) -> bool:
+    det = spec.detect
+    cfg = configs.get(spec.config_file or "", None)
+    if cfg is None:
+        return False
+    if "model_type" in det and cfg.get("model_type") not in det["model_type"]:
+        return False
+    if "config_has" in det and not all(k in cfg for k in det["config_has"]):
+        return False
+    return any(k in det for k in ("model_type", "config_has"))
+
+
+def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], family: str | None = None) -> tuple[Spec, str]:
+    """Choose the spec (and tensor-name prefix) for a checkpoint.
+
+    With ``family`` given, only that spec is tried. Otherwise a spec matches
+    when its config test passes (if the checkpoint has that config file) and
+    its signature tensors are present; config matches win over signature-only
+    matches. Raises :class:`SpecError` listing the families and the names
+    looked for.
+    """
+    if family is not None:
+        if family not in specs:
+            raise SpecError(f"unknown family {family!r}; known families: {', '.join(specs)}")
+        candidates = [specs[family]]
+    else:
+        candidates = list(specs.values())
+    by_config, by_signature = [], []
+    for spec in candidates:
+        prefix = _signature_prefix(spec, store)
+        if prefix is None:
+            continue
+        (by_config if _config_matches(spec, configs) else by_signature).append((spec, prefix))
+    found = by_config or by_signature
+    if len(found) == 1 or (found and family is not None):
+        return found[0]
+    if len(found) > 1:
+        names = ", ".join(s.name for s, _ in found)
+        raise SpecError(f"the checkpoint matches several families ({names}); choose one with --family")
+    if family is not None:
+        looked = ", ".join(specs[family].detect.get("require", []))
+        raise SpecError(f"the checkpoint is not of family {family!r}: it lacks one of {looked} (with prefixes {', '.join(repr(p) for p in specs[family].prefixes)})")
+    looked = "; ".join(f"{s.name}: {', '.join(s.detect.get('require', []))}" for s in specs.values())
+    raise SpecError(f"unknown checkpoint: no family matches its tensors (looked for {looked}); known families: {', '.join(specs)}; pass --family or add a spec file")
+
+
+def _module(ref, i: int | None) -> tuple[str, str | None]:
+    """A spec module reference → (weight name, bias name) with ``{i}`` filled."""
+    fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+    if isinstance(ref, str):
+        return fmt(ref + ".weight"), fmt(ref + ".bias")
+    return fmt(ref["weight"]), (fmt(ref["bias"]) if ref.get("bias") else None)
+
+
+@dataclass(frozen=True)
+class QK:
+    """Query/key weights of one layer, per head, in float64.
+
+    ``wq``, ``wk``: (H, K, D); ``bq``, ``bk``: (H, K) (zeros where the checkpoint has no bias).
+    """
+
+    wq: np.ndarray
+    wk: np.ndarray
+    bq: np.ndarray
+    bk: np.ndarray
+
+
+class Checkpoint:
+    """A checkpoint read through its family's spec: weights by role, dims resolved."""
+
+    def __init__(self, spec: Spec, store, config: dict, configs: dict[str, dict], prefix: str):
+        self.spec, self.store, self.config, self.configs, self.prefix = spec, store, config, configs, prefix
+        self.dims = self._resolve_dims()
+
+    def _resolve_dims(self) -> Dims:
+        resolve = _Resolver(self.spec, self.config, self.store, self.prefix)
+        values = {}
+        for key, r in self.spec.dims.items():
+            try:
+                values[key] = resolve(r)
+            except KeyError as e:
+                where = self.spec.config_file or "config"
+                raise SpecError(f"{self.spec.name}: cannot determine {key!r} (looked for {e.args[0]} in {where} and the tensors); add it to {where} or pass --family") from None
+        for key in ("layers", "hidden", "heads"):
+            if key not in values:
+                raise SpecError(f"{self.spec.path.name}: [dims] must give {key!r}")
+        hidden, heads = int(values.pop("hidden")), int(values.pop("heads"))
+        if heads <= 0 or hidden % heads:
+            raise CheckpointError(f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the config or choose another --family")
+        image = values.pop("image_size", None)
+        if isinstance(image, (list, tuple)):
+            image = tuple(int(x) for x in image[-2:])  # (H, W), or timm's (C, H, W)
+        elif image is not None:
+            image = (int(image), int(image))
+        known = {"layers", "eps", "act", "patch_size", "swiglu", "head_dim"}
+        head_dim = int(values.pop("head_dim", hidden // heads))
+        if head_dim * heads != hidden:
+            raise CheckpointError(f"{self.spec.name}: {heads} heads of width {head_dim} do not make the width {hidden}; the config disagrees with the tensors")
+        return Dims(
+            layers=int(values.pop("layers")),
+            hidden=hidden,
+            heads=heads,
+            head_dim=head_dim,
+            eps=float(values["eps"]) if "eps" in values else None,
+            act=values.get("act"),
+            patch_size=int(values["patch_size"]) if "patch_size" in values else None,
+            image_size=image,
+            swiglu=bool(values.get("swiglu", False)),
+            extra={k: v for k, v in values.items() if k not in known},
+        )
+
+    # names -----------------------------------------------------------------
+
+    def name(self, template: str, i: int | None = None) -> str:
+        """The full tensor name of ``template`` for layer ``i``."""
+        return self.prefix + (template.format(i=i) if i is not None else template)
+
+    def has(self, template: str, i: int | None = None) -> bool:
+        return self.name(template, i) in self.store
+
+    def tensor(self, template: str, i: int | None = None) -> np.ndarray:
+        return self.store.get(self.name(template, i))
+
+    def module(self, section: str, role: str, i: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight, bias or None) of the module the spec names ``role`` in ``section``."""
+        table = getattr(self.spec, section)
+        if role not in table:
+            raise SpecError(f"{self.spec.path.name}: [{section}] has no {role!r}")
+        w, b = _module(table[role], i)
+        bias = self.store.get(self.prefix + b) if b and self.prefix + b in self.store else None
+        return self.store.get(self.prefix + w), bias
+
+    def has_role(self, section: str, role: str, i: int | None = None) -> bool:
+        """Whether the spec names ``role`` and its weight is in the checkpoint."""
+        table = getattr(self.spec, section)
+        return role in table and self.prefix + _module(table[role], i)[0] in self.store
+
+    def attention_names(self, i: int) -> list[str]:
+        """The tensor names read by :meth:`qk` for layer ``i`` (present ones)."""
+        att = self.spec.attention
+        roles = ["qkv"] if "qkv" in att else ["q", "k"]
+        names = []
+        for role in roles:
+            names += [self.prefix + n for n in _module(att[role], i) if n]
+        names += [self.prefix + att[r].format(i=i) for r in ("q_bias", "k_bias") if r in att]
+        return [n for n in names if n in self.store]
+
+    # attention ---------------------------------------------------------------
+
+    def qk(self, i: int) -> QK:
+        """Per-head query and key weights and biases of layer ``i`` (float64).
+
+        Separate projections are stored (out, in) = (D, D), head h in rows
+        h·K … (h+1)·K−1; fused ones are (3D, D) with rows [q | k | v].
+        """
+        d, h, k = self.dims.hidden, self.dims.heads, self.dims.head_dim
+        att = self.spec.attention
+        if "qkv" in att:
+            w, b = self.module("attention", "qkv", i)
+            self._check_shape(w, (3 * d, d), "qkv", i)
+            wq, wk = w[:d], w[d : 2 * d]
+            bq, bk = (b[:d], b[d : 2 * d]) if b is not None else (None, None)
+        else:
+            wq, bq = self.module("attention", "q", i)
+            wk, bk = self.module("attention", "k", i)
+            self._check_shape(wq, (d, d), "q", i)
+            self._check_shape(wk, (d, d), "k", i)
+        if "q_bias" in att and self.has(att["q_bias"], i):
+            bq = self.tensor(att["q_bias"], i)
+        if "k_bias" in att and self.has(att["k_bias"], i):
+            bk = self.tensor(att["k_bias"], i)
+        zeros = np.zeros(d)
+        return QK(
+            wq=np.asarray(wq, np.float64).reshape(h, k, d),  # (H, K, D)
+            wk=np.asarray(wk, np.float64).reshape(h, k, d),
+            bq=np.asarray(zeros if bq is None else bq, np.float64).reshape(h, k),  # (H, K)
+            bk=np.asarray(zeros if bk is None else bk, np.float64).reshape(h, k),
+        )
+
+    def _check_shape(self, w: np.ndarray, expected: tuple[int, ...], role: str, i: int) -> None:
+        if w.shape != expected:
+            raise CheckpointError(f"{self.spec.name}: layer {i} {role} weight has shape {w.shape}, expected {expected} from the config (hidden {self.dims.hidden}); the config does not fit the tensors")
+
+    def dtype(self) -> str:
+        """The stored dtype of the attention weights ("F32", "BF16", …)."""
+        return self.store.dtype(self.attention_names(0)[0])
+
+
+def read_configs(files: dict[str, Path]) -> dict[str, dict]:
+    """Parse the JSON config files of a checkpoint; a broken one is a CheckpointError."""
+    configs = {}
+    for name, path in files.items():
+        try:
+            configs[name] = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{name}: not readable JSON ({e}); re-download it or fix the file") from None
+    return configs
+
+
+def open_checkpoint(store, config_files: dict[str, Path], *, family: str | None = None, specs: dict[str, Spec] | None = None) -> Checkpoint:
+    """Detect the family of ``store`` (with its config files) and bind the spec."""
+    specs = specs or load_specs()
+    configs = read_configs(config_files)
+    spec, prefix = detect_family(store, configs, specs, family)
+    return Checkpoint(spec, store, configs.get(spec.config_file or "", {}), configs, prefix)
