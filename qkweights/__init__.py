@@ -7,11 +7,11 @@ def profile(model: str, *, revision: str | None = None, family: str | None = Non
             progress: bool | None = None):
     """Profile every head of ``model`` (Hub id, local folder or .safetensors file).
 
-    Returns a :class:`qkweights.profile.Profile`: per-head SVD statistics of
+    Returns a :class:`qkweights.profiles.Profile`: per-head SVD statistics of
     ``W_q,hᵀW_k,h`` as numpy arrays plus metadata; ``.save(dir)``, ``.to_json()``.
     """
     from qkweights.load import open_model
-    from qkweights.profile import compute_profile
+    from qkweights.profiles import compute_profile
 
     source, ck = open_model(model, revision=revision, family=family, progress=progress)
     return compute_profile(ck, source.to_json(), save_vectors=save_vectors)
@@ -19,6 +19,6 @@ def profile(model: str, *, revision: str | None = None, family: str | None = Non
 
 def load_profile(path):
     """Read a saved ``profile.json`` (or the folder holding it)."""
-    from qkweights.profile import load_profile as _load
+    from qkweights.profiles import load_profile as _load
 
     return _load(path)

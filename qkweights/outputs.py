@@ -53,7 +53,7 @@ def _finite(obj):
 
 
 def dumps_json(obj) -> str:
-    return json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n"
+    return json.dumps(_finite(obj), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
 
 
 def write_json(path, obj) -> Path:

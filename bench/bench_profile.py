@@ -1,0 +1,136 @@
+"""Benchmarks of the weight profile (issue: weight profiling, §7).
+
+Run: ``python bench/bench_profile.py [--skip-large]`` from the repository root.
+
+1. Math on a ViT-B-shaped checkpoint (D 768, 12 layers × 12 heads, random F32):
+   qkweights' QR-core SVD + statistics against the paper's dense SVD of each
+   D×D product, in the same process, at 1 and 2 BLAS threads (threadpoolctl).
+2. ``python -m qkweights profile`` end to end on that file, plots included
+   (wall time of the subprocess, best of 3).
+3. Peak RSS of ``profile`` on a ViT-L-shaped file (D 1024, 24 layers, F32 ≈ 1.2 GB),
+   from the child's ``ru_maxrss``.
+Checkpoints are written once into ``bench/out/`` (git-ignored) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from threadpoolctl import threadpool_info, threadpool_limits
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qkweights.qk import head_stats, qk_svd  # noqa: E402
+from qkweights.spec import open_checkpoint  # noqa: E402
+from qkweights.tensors import TensorStore  # noqa: E402
+
+
+def make_vit(folder: Path, hidden: int, layers: int, heads: int) -> Path:
+    """A random hf-vit checkpoint (config.json + model.safetensors, F32) with every tensor of the real layout."""
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    mlp, patch, image = 4 * hidden, 16, 224
+
+    def w(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+
+    t = {"embeddings.cls_token": w(1, 1, hidden), "embeddings.position_embeddings": w(1, 1 + (image // patch) ** 2, hidden),
+         "embeddings.patch_embeddings.projection.weight": w(hidden, 3, patch, patch), "embeddings.patch_embeddings.projection.bias": w(hidden),
+         "layernorm.weight": 1 + w(hidden), "layernorm.bias": w(hidden)}
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"):
+            t[p + name + ".weight"], t[p + name + ".bias"] = w(hidden, hidden), w(hidden)
+        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = w(mlp, hidden), w(mlp)
+        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = w(hidden, mlp), w(hidden)
+        for ln in ("layernorm_before", "layernorm_after"):
+            t[p + ln + ".weight"], t[p + ln + ".bias"] = 1 + w(hidden), w(hidden)
+    save_file(t, str(folder / "model.safetensors"))
+    config = {"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": hidden, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "intermediate_size": mlp, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+              "image_size": image, "patch_size": patch, "num_channels": 3, "qkv_bias": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_math(folder: Path) -> None:
+    ck = open_checkpoint(TensorStore.open([folder / "model.safetensors"]), {"config.json": folder / "config.json"})
+    weights = [ck.qk(l) for l in range(ck.dims.layers)]
+
+    def ours():
+        for qk in weights:
+            head_stats(*qk_svd(qk.wq, qk.wk), qk.wq, qk.wk)
+
+    def dense():
+        for qk in weights:
+            for h in range(qk.wq.shape[0]):
+                u, s, vt = np.linalg.svd(qk.wq[h].T @ qk.wk[h])
+                np.sum(u[:, :64] * vt[:64].T, 0)
+
+    print(f"math, ViT-B shape (12 layers × 12 heads, D 768, K 64), float64:")
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            t_ours = best_of(ours, 5)
+            t_dense = best_of(dense, 1)
+        print(f"  {threads} BLAS thread(s): qkweights {t_ours * 1e3:8.1f} ms   dense SVD {t_dense * 1e3:9.1f} ms   speed-up {t_dense / t_ours:6.1f}x")
+
+
+def bench_end_to_end(folder: Path) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "qkweights", "profile", str(folder), "--out", out, "--quiet"]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            times.append(time.perf_counter() - t0)
+    print(f"end to end `python -m qkweights profile` (ViT-B F32, plots included): best {min(times):.2f} s, runs {', '.join(f'{t:.2f}' for t in times)} s")
+
+
+def bench_rss(folder: Path) -> None:
+    size = (folder / "model.safetensors").stat().st_size
+    with tempfile.TemporaryDirectory() as out:
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        res = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "qkweights", "profile", str(folder), "--out", out, "--quiet"],
+                             check=True, cwd=ROOT, capture_output=True, text=True)
+    print(f"peak RSS of `profile` on a ViT-L-shaped file ({size / 2**30:.2f} GiB F32, 24 layers, D 1024): {int(res.stdout.split()[-1]) / 1024:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-large", action="store_true", help="skip the 1.2 GB ViT-L file")
+    args = parser.parse_args()
+    out = ROOT / "bench" / "out"
+    blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()]
+    print(f"machine: {os.cpu_count()} cores; BLAS {blas}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+    vit_b = make_vit(out / "vit-b-random", 768, 12, 12)
+    bench_math(vit_b)
+    bench_end_to_end(vit_b)
+    if not args.skip_large:
+        bench_rss(make_vit(out / "vit-l-random", 1024, 24, 16))
+
+
+if __name__ == "__main__":
+    main()

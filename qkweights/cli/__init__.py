@@ -1,0 +1,64 @@
+"""Command line: ``python -m qkweights COMMAND …``.
+
+Each command is a module of this package with ``configure(parser)`` and
+``run(args) -> int``; this module parses arguments, dispatches, and is the one
+place where errors become messages and exit codes:
+0 ok, 1 findings (e.g. non-finite weights, a failed check), 2 usage or input
+error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+from qkweights import __version__
+from qkweights.errors import EXIT_USAGE, QkError
+
+COMMANDS = [
+    ("profile", "per-head query-key SVD of a checkpoint: table, profile.json, heads.csv, figures"),
+    ("compare", "overlay the layer curves of several models (checkpoints or saved profile.json / o3_summary.json)"),
+    ("inspect", "family, dimensions, dtype, tensors used and file sizes (reads headers only)"),
+    ("specs", "the checkpoint families qkweights knows, with an example id each"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qkweights", description="What the attention heads of a Vision Transformer do, read from their query-key weights.")
+    parser.add_argument("--version", action="version", version=f"qkweights {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS:
+        module = importlib.import_module(f"qkweights.cli.{name.replace('-', '_')}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+        module.configure(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        return args.run(args)
+    except QkError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"qkweights: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qkweights: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"qkweights: internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,49 @@
+"""Arguments and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from qkweights.errors import InputError
+
+DEFAULT_MODEL = "google/vit-base-patch16-224"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    """MODEL, --revision and --family, as every command that reads a checkpoint takes them."""
+    if optional:
+        p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"Hub repo id, local folder or .safetensors file (default: {DEFAULT_MODEL})")
+    else:
+        p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name), local folder or .safetensors file")
+    p.add_argument("--revision", help="Hub branch, tag or commit sha (default: main, or its safetensors conversion branch)")
+    p.add_argument("--family", help="checkpoint family, overriding detection (see `python -m qkweights specs`)")
+
+
+def model_slug(model_id: str) -> str:
+    """A folder name for a model: the repo name, or the folder/file stem of a path."""
+    name = Path(model_id.rstrip("/")).name
+    name = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def out_dir(args, model_id: str) -> Path:
+    return Path(args.out) if args.out else Path("qkweights-out") / model_slug(model_id)
+
+
+def parse_indices(text: str, limit: int, what: str) -> list[int]:
+    """Parse "0-3,8" into [0, 1, 2, 3, 8]; each index must be < limit."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise InputError(f"--{what} {text!r}: expected a list of indices and ranges such as 0-3,8")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise InputError(f"--{what} {text!r}: range {part} runs backwards; write {hi}-{lo}")
+        if hi >= limit:
+            raise InputError(f"--{what} {text!r}: index {hi} is out of range (the model has {limit}, 0-based)")
+        out += [i for i in range(lo, hi + 1) if i not in out]
+    return out

@@ -1,0 +1,29 @@
+"""``compare A B …``: overlay layer curves of several models on the normalised layer axis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qkweights.compare import compare
+
+
+def configure(p) -> None:
+    p.add_argument("items", metavar="MODEL_OR_JSON", nargs="+", help="checkpoints (profiled now), saved profile.json / o3_summary.json files, or folders holding them")
+    p.add_argument("--labels", help="comma-separated legend labels, one per item")
+    p.add_argument("--out", default="qkweights-out/compare", help="output folder (default: ./qkweights-out/compare)")
+
+
+def run(args) -> int:
+    import qkweights
+
+    items = []
+    for item in args.items:
+        path = Path(item)
+        if path.suffix == ".json" or (path.is_dir() and ((path / "profile.json").exists() or (path / "o3_summary.json").exists())):
+            items.append(path)
+        else:
+            items.append(qkweights.profile(item))
+    labels = args.labels.split(",") if args.labels else None
+    written = compare(items, Path(args.out), labels=labels)
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}/")
+    return 0

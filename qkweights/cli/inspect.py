@@ -1,0 +1,28 @@
+"""``inspect MODEL``: what qkweights sees in a checkpoint, from the file headers only."""
+
+from __future__ import annotations
+
+from qkweights.cli.common import add_model_arguments
+from qkweights.load import open_model
+
+
+def configure(p) -> None:
+    add_model_arguments(p)
+
+
+def run(args) -> int:
+    source, ck = open_model(args.model, revision=args.revision, family=args.family)
+    d = ck.dims
+    print(f"model     {source.model_id}" + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else ""))
+    print(f"family    {ck.spec.name}: {ck.spec.description}")
+    print(f"prefix    {ck.prefix!r}")
+    print(f"dims      {d.layers} layers, {d.heads} heads × {d.head_dim} = width {d.hidden}" + (f", patch {d.patch_size}, image {d.image_size[0]}×{d.image_size[1]}" if d.patch_size and d.image_size else ""))
+    if d.eps is not None:
+        print(f"norm/act  LayerNorm eps {d.eps:g}, activation {d.act}" + (", SwiGLU MLP" if d.swiglu else ""))
+    print(f"dtype     {ck.dtype()} (attention weights); stored dtypes: {', '.join(ck.store.dtypes())}")
+    print(f"tensors   {len(ck.store.names())} in the files; attention tensors of layer 0: {', '.join(ck.attention_names(0))}")
+    for f in source.weight_files:
+        print(f"file      {f.name}  {f.stat().st_size:,} bytes")
+    if ck.spec.logit_terms:
+        print(f"note      the logits also hold {', '.join(ck.spec.logit_terms)}, which the weight SVD does not see")
+    return 0

@@ -1,0 +1,60 @@
+"""``profile MODEL``: per-head query-key SVD, a per-layer table, and the output files."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from qkweights.cli.common import add_model_arguments, out_dir
+from qkweights.errors import EXIT_FINDINGS, EXIT_OK
+from qkweights.load import open_model
+from qkweights.profiles import Profile, compute_profile
+from qkweights.progress import Progress
+
+
+def configure(p) -> None:
+    add_model_arguments(p, optional=True)
+    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
+    p.add_argument("--json", action="store_true", help="print profile.json to stdout instead of the table")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--save-vectors", action="store_true", help="also write modes.npz with U, V [L,H,D,K] and S")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run(args) -> int:
+    source, ck = open_model(args.model, revision=args.revision, family=args.family, progress=not args.quiet)
+    bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=None if not args.quiet else False)
+    prof = compute_profile(ck, source.to_json(), save_vectors=args.save_vectors, progress=bar.update)
+    bar.close()
+    out = out_dir(args, source.model_id)
+    written = prof.save(out, plots=not args.no_plots)
+    if args.json:
+        sys.stdout.write(prof.json_text())
+    elif not args.quiet:
+        print(format_table(prof))
+        print(f"wrote {', '.join(p.name for p in written)} to {out}/")
+    if prof.nonfinite:
+        where = ", ".join(f"L{l} H{h}" for l, h in prof.nonfinite)
+        print(f"qkweights: non-finite weights in {len(prof.nonfinite)} head(s): {where}", file=sys.stderr)
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+def format_table(prof: Profile) -> str:
+    """The per-layer table: weighted cosine (mean over heads) with the head range, and the null band."""
+    m = prof.model
+    stats = prof.layer_stats()
+    lines = [
+        f"{prof.source.get('model_id', '?')}  family {m.family}  {m.layers} layers × {m.heads} heads  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
+        f"{'layer':>5} {'l/(L-1)':>8} {'weighted cos':>13} {'head min':>9} {'head max':>9} {'mean cos':>9}",
+    ]
+    for l in range(m.layers):
+        lines.append(f"{l:>5} {prof.depth[l]:>8.3f} {stats['weighted_cosine'][l]:>13.4f} {stats['min'][l]:>9.4f} {stats['max'][l]:>9.4f} {stats['mean_cosine'][l]:>9.4f}")
+    lines.append(f"null band (95%, random unit vectors in R^{m.hidden}): ±{prof.null_band_95:.4f}")
+    n_deg = sum(len(b) for row in prof.degenerate for b in row)
+    if n_deg:
+        lines.append(f"{n_deg} degenerate σ block(s): individual cosines inside them are not meaningful (see degenerate_blocks in profile.json)")
+    if not np.isfinite(prof.weighted).all():
+        lines.append("some heads have no statistics (non-finite weights or Σσ = 0)")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Profiles of every fixture against the paper's dense SVD, computed from an independent reading of the files."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import qkweights
+from conftest import MODELS
+from hubcache import make_hub_cache
+from qkweights.cli import main
+from qkweights.profiles import load_profile
+
+# Independent of model_specs/: each fixture's query/key tensor names as written by transformers / timm / open_clip
+# (tests/fixtures/make_fixtures.py), and how the (out, in) rows split into q and k.
+HF = ("encoder.layer.{i}.attention.attention.{p}.weight", "query", "key")
+CLIP = ("vision_model.encoder.layers.{i}.self_attn.{p}_proj.weight", "q", "k")
+REFERENCE_NAMES = {
+    "vit": HF, "vit-bf16": HF, "vit-f16": HF, "vit-h3": HF, "dinov2": HF, "dinov2-reg": HF, "dinov2-swiglu": HF, "ijepa": HF,
+    "vit-cls": ("vit." + HF[0], "query", "key"), "deit": ("deit." + HF[0], "query", "key"), "clip": CLIP, "clip-vision": CLIP,
+    "bert": ("encoder.layer.{i}.attention.self.{p}.weight", "query", "key"),
+    "roberta-mlm": ("roberta.encoder.layer.{i}.attention.self.{p}.weight", "query", "key"),
+    "timm-vit": ("blocks.{i}.attn.qkv.weight", None, None), "timm-vit-reg": ("blocks.{i}.attn.qkv.weight", None, None),
+    "open-clip": ("visual.transformer.resblocks.{i}.attn.in_proj_weight", None, None),
+}
+HEADS = {"vit-h3": 3, "timm-vit": 3}
+
+
+def reference_weights(name):
+    """(L, H, K, D) query and key weights read with the safetensors package itself (BF16 via torch-free widening)."""
+    folder = MODELS / name
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if name == "vit-bf16":
+            import torch  # noqa: F401  (safetensors.numpy cannot read BF16)
+
+            from safetensors.torch import load_file as load_torch
+            tensors.update({k: v.float().numpy() for k, v in load_torch(str(f)).items()})
+        else:
+            tensors.update(load_file(str(f)))
+    (template, qname, kname), heads = REFERENCE_NAMES[name], HEADS.get(name, 4)
+    wq, wk = [], []
+    for i in range(2):
+        if qname:
+            q, k = tensors[template.format(i=i, p=qname)], tensors[template.format(i=i, p=kname)]
+        else:  # fused rows [q | k | v]
+            qkv = tensors[template.format(i=i)]
+            d = qkv.shape[1]
+            q, k = qkv[:d], qkv[d : 2 * d]
+        d = q.shape[1]
+        wq.append(q.astype(np.float64).reshape(heads, d // heads, d))
+        wk.append(k.astype(np.float64).reshape(heads, d // heads, d))
+    return np.array(wq), np.array(wk)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_NAMES))
+def test_profile_matches_dense_svd(name):
+    if name == "vit-bf16":
+        pytest.importorskip("torch")
+    prof = qkweights.profile(str(MODELS / name), save_vectors=True)
+    wq, wk = reference_weights(name)
+    L, H, K, D = wq.shape
+    assert prof.singular_values.shape == (L, H, K) and prof.U.shape == (L, H, D, K)
+    for l in range(L):
+        for h in range(H):
+            u, s, vt = np.linalg.svd(wq[l, h].T @ wk[l, h])  # the paper's method: dense D×D SVD
+            s, cos = s[:K], np.sum(u[:, :K] * vt[:K].T, 0)
+            np.testing.assert_allclose(prof.singular_values[l, h], s, rtol=1e-9)
+            tied = np.zeros(K, bool)
+            for b in prof.degenerate[l][h]:
+                tied[b["start"] : b["stop"]] = True
+            np.testing.assert_allclose(prof.cosines[l, h][~tied], cos[~tied], atol=1e-8)
+            frob = np.sum(wq[l, h] * wk[l, h])
+            assert np.sum(prof.singular_values[l, h] * prof.cosines[l, h]) == pytest.approx(frob, rel=1e-10, abs=1e-12)
+            assert prof.weighted[l, h] == pytest.approx(np.sum(s * cos) / s.sum(), abs=1e-8)
+
+
+def test_bf16_and_f16_profiles_are_close_to_f32():
+    f32, bf16, f16 = (qkweights.profile(str(MODELS / n)) for n in ("vit", "vit-bf16", "vit-f16"))
+    assert bf16.model.dtype == "BF16" and f16.model.dtype == "F16"
+    np.testing.assert_allclose(bf16.singular_values, f32.singular_values, rtol=2e-2)
+    np.testing.assert_allclose(f16.singular_values, f32.singular_values, rtol=2e-3)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    prof = qkweights.profile(str(MODELS / "deit"), save_vectors=True)
+    written = prof.save(tmp_path, plots=False)
+    assert sorted(p.name for p in written) == ["heads.csv", "modes.npz", "profile.json"]
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    assert doc["schema"] == "qkweights.profile/1"
+    assert doc["model"] == {**doc["model"], "family": "hf-deit", "layers": 2, "heads": 4, "hidden": 32, "head_dim": 8, "dtype": "F32"}
+    assert doc["null_band_95"] == pytest.approx(1.959963984540054 / np.sqrt(32))
+    assert set(doc["layers"][0]) == {"layer", "weighted_cosine", "mean_cosine", "min", "max", "std", "heads"}
+    head = doc["layers"][1]["heads"][3]
+    assert set(head) >= {"head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "singular_values", "cosines", "degenerate_blocks"}
+    assert head["head"] == 3 and len(head["cosines"]) == 8
+    assert doc["layers"][1]["weighted_cosine"] == pytest.approx(np.mean(prof.weighted[1]))
+    assert doc["source"]["files"][0]["name"] == "model.safetensors" and len(doc["source"]["files"][0]["sha256"]) == 64
+    back = load_profile(tmp_path)
+    for field in ("singular_values", "cosines", "weighted", "mean", "trace", "nuclear", "effective_rank", "U", "V"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(prof, field))
+    assert back.model == prof.model and back.degenerate == prof.degenerate
+    rows = (tmp_path / "heads.csv").read_text().splitlines()
+    assert rows[0].startswith("layer,head,weighted_cosine") and len(rows) == 1 + 2 * 4
+
+
+def test_cli_profile_table_and_files(tmp_path, capsys):
+    assert main(["profile", str(MODELS / "vit"), "--out", str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "family hf-vit  2 layers × 4 heads  width 32  head dim 8  F32" in out
+    assert "null band (95%, random unit vectors in R^32): ±0.3465" in out
+    assert (tmp_path / "profile.json").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli_json_to_stdout(tmp_path, capsys):
+    assert main(["profile", str(MODELS / "timm-vit"), "--out", str(tmp_path), "--json", "--no-plots"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"]["family"] == "timm-vit" and doc["model"]["heads"] == 3
+
+
+def test_nonfinite_weights_exit_1(tmp_path, capsys):
+    folder = shutil.copytree(MODELS / "vit", tmp_path / "vit")
+    t = load_file(str(folder / "model.safetensors"))
+    t["encoder.layer.1.attention.attention.key.weight"][9, 3] = np.nan  # row 9 = head 1 (K = 8)
+    save_file(t, str(folder / "model.safetensors"))
+    assert main(["profile", str(folder), "--out", str(tmp_path / "out"), "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "qkweights: non-finite weights in 1 head(s): L1 H1"
+    doc = json.loads((tmp_path / "out" / "profile.json").read_text())
+    assert doc["nonfinite_heads"] == [{"layer": 1, "head": 1}]
+    assert doc["layers"][1]["heads"][1]["weighted_cosine"] is None and doc["layers"][1]["heads"][0]["weighted_cosine"] is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "/no/such/folder"], "qkweights: error: /no/such/folder: no such file or folder"),
+    (["profile", str(MODELS / "vit"), "--family", "hf-clip"], "qkweights: error: the checkpoint is not of family 'hf-clip'"),
+])
+def test_input_errors_exit_2_with_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_hub_repo_from_offline_cache(tmp_path, hub_cache, capsys):
+    files = {p.name: p for p in (MODELS / "vit-cls").iterdir()}
+    make_hub_cache(hub_cache, "qkw-test/tiny-vit", files, commit="c" * 40)
+    prof = qkweights.profile("qkw-test/tiny-vit")
+    assert prof.source["model_id"] == "qkw-test/tiny-vit" and prof.source["commit"] == "c" * 40 and prof.source["kind"] == "hub"
+    assert sorted(f["name"] for f in prof.source["files"]) == sorted(n for n in files if n.endswith(".safetensors"))
+    np.testing.assert_array_equal(prof.singular_values, qkweights.profile(str(MODELS / "vit-cls")).singular_values)
+
+
+def test_default_model_offline_not_cached_is_one_clear_line(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "qkweights", "profile", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=MODELS.parents[2])
+    assert res.returncode == 2
+    assert res.stderr.startswith("qkweights: error: google/vit-base-patch16-224") and res.stderr.count("\n") == 1
+    assert "Traceback" not in res.stderr

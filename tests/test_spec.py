@@ -1,0 +1,147 @@
+"""Specs: every spec file is valid and has a fixture; detection, dims and error cases."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import MODELS
+from qkweights.errors import CheckpointError, SpecError
+from qkweights.source import resolve
+from qkweights.spec import load_specs, open_checkpoint
+from qkweights.tensors import TensorStore
+
+# fixture -> (family, prefix, layers, heads, hidden); from tests/fixtures/README.md
+EXPECTED = {
+    "vit": ("hf-vit", "", 2, 4, 32), "vit-cls": ("hf-vit", "vit.", 2, 4, 32), "vit-bf16": ("hf-vit", "", 2, 4, 32),
+    "vit-f16": ("hf-vit", "", 2, 4, 32), "vit-h3": ("hf-vit", "", 2, 3, 48), "deit": ("hf-deit", "deit.", 2, 4, 32),
+    "clip": ("hf-clip", "vision_model.", 2, 4, 32), "clip-vision": ("hf-clip", "vision_model.", 2, 4, 32),
+    "dinov2": ("hf-dinov2", "", 2, 4, 32), "dinov2-reg": ("hf-dinov2", "", 2, 4, 32), "dinov2-swiglu": ("hf-dinov2", "", 2, 4, 32),
+    "ijepa": ("hf-ijepa", "", 2, 4, 32), "bert": ("hf-bert", "", 2, 4, 32), "roberta-mlm": ("hf-bert", "roberta.", 2, 4, 32),
+    "timm-vit": ("timm-vit", "", 2, 3, 48), "timm-vit-reg": ("timm-vit", "", 2, 4, 32), "open-clip": ("open-clip", "visual.", 2, 4, 32),
+}
+
+
+def open_fixture(name, family=None):
+    src = resolve(str(MODELS / name))
+    return open_checkpoint(TensorStore.open(src.weight_files), src.config_files, family=family)
+
+
+def test_every_fixture_is_listed():
+    assert sorted(EXPECTED) == sorted(p.name for p in MODELS.iterdir())
+
+
+@pytest.mark.parametrize("spec", sorted(load_specs()), ids=str)
+def test_spec_file_is_complete_and_has_a_fixture(spec):
+    s = load_specs()[spec]
+    assert s.example and s.description and s.detect.get("require")
+    assert {"layers", "hidden", "heads"} <= set(s.dims)
+    assert "qkv" in s.attention or {"q", "k"} <= set(s.attention)
+    if s.modality == "vision":
+        assert {"norm1", "norm2"} <= set(s.block) and "tokens" in s.embeddings and "patch" in s.embeddings
+    assert spec in {f for f, *_ in EXPECTED.values()}, f"add a fixture for {spec} to tests/fixtures/make_fixtures.py"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_detection_and_dims(name):
+    ck = open_fixture(name)
+    family, prefix, layers, heads, hidden = EXPECTED[name]
+    assert (ck.spec.name, ck.prefix, ck.dims.layers, ck.dims.heads, ck.dims.hidden) == (family, prefix, layers, heads, hidden)
+    assert ck.dims.head_dim * ck.dims.heads == ck.dims.hidden
+
+
+def test_dims_details():
+    assert open_fixture("clip").dims.act == "quick_gelu" and open_fixture("open-clip").dims.act == "quick_gelu"
+    assert open_fixture("timm-vit").dims.eps == 1e-6 and open_fixture("timm-vit").dims.image_size == (32, 32)
+    assert open_fixture("open-clip").dims.eps == 1e-5
+    assert open_fixture("dinov2-swiglu").dims.swiglu and not open_fixture("dinov2").dims.swiglu
+    assert open_fixture("vit").dims.eps == 1e-12 and open_fixture("vit").dims.patch_size == 8
+
+
+@pytest.mark.parametrize("fused, separate", [("timm-vit", "vit-h3"), ("open-clip", "clip")])
+def test_fused_qkv_rows_equal_separate_projections(fused, separate):
+    # The timm/open_clip fixtures hold the same weights as their HF sources (make_fixtures.py renames them).
+    for l in range(2):
+        a, b = open_fixture(fused).qk(l), open_fixture(separate).qk(l)
+        for field in ("wq", "wk", "bq", "bk"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_per_head_rows_follow_the_out_in_layout():
+    ck = open_fixture("vit")
+    raw = load_file(str(MODELS / "vit" / "model.safetensors"))
+    wq = raw["encoder.layer.1.attention.attention.query.weight"]
+    np.testing.assert_array_equal(ck.qk(1).wq[2], wq[16:24])  # head 2 = rows 2·8 … 3·8−1
+
+
+def copy_fixture(tmp_path, name):
+    return shutil.copytree(MODELS / name, tmp_path / name)
+
+
+def test_family_override_that_does_not_fit(tmp_path):
+    with pytest.raises(SpecError, match=r"^the checkpoint is not of family 'hf-deit': it lacks one of embeddings.cls_token, embeddings.distillation_token"):
+        open_fixture("vit", family="hf-deit")
+    with pytest.raises(SpecError, match=r"^unknown family 'nope'; known families: hf-bert, hf-clip"):
+        open_fixture("vit", family="nope")
+
+
+def test_unknown_checkpoint_lists_families_and_names(tmp_path):
+    save_file({"foo.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SpecError) as e:
+        open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {})
+    msg = str(e.value)
+    assert msg.startswith("unknown checkpoint: no family matches its tensors (looked for hf-bert: encoder.layer.{i}.attention.self.query.weight;")
+    assert "known families: hf-bert, hf-clip, hf-deit, hf-dinov2, hf-ijepa, hf-vit, open-clip, timm-vit" in msg
+
+
+def test_heads_not_dividing_the_width(tmp_path):
+    folder = copy_fixture(tmp_path, "vit")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_attention_heads"] = 5
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"^hf-vit: 5 heads do not divide the width 32; fix num_heads in the config"):
+        open_fixture_path(folder)
+
+
+def open_fixture_path(folder):
+    src = resolve(str(folder))
+    return open_checkpoint(TensorStore.open(src.weight_files), src.config_files)
+
+
+def test_missing_tensor(tmp_path):
+    folder = copy_fixture(tmp_path, "vit")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["encoder.layer.1.attention.attention.key.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    ck = open_fixture_path(folder)
+    ck.qk(0)
+    with pytest.raises(CheckpointError, match=r"^tensor 'encoder.layer.1.attention.attention.key.weight' is missing from model.safetensors"):
+        ck.qk(1)
+
+
+def test_config_that_does_not_fit_the_tensors(tmp_path):
+    folder = copy_fixture(tmp_path, "vit")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"layer 0 q weight has shape \(32, 32\), expected \(64, 64\)"):
+        open_fixture_path(folder).qk(0)
+
+
+def test_timm_heads_from_the_architecture_name(tmp_path):
+    folder = copy_fixture(tmp_path, "timm-vit")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architecture"] = "vit_small_patch8_32"  # small = 6 heads: 48 / 6 = 8
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert open_fixture_path(folder).dims.heads == 6
+
+
+def test_broken_spec_file(tmp_path):
+    (tmp_path / "x.toml").write_text('name = "y"\ndescription = ""\nexample = ""\n[dims]\n[attention]\n')
+    with pytest.raises(SpecError, match=r"^x.toml: name 'y' differs from the file name"):
+        load_specs(tmp_path)
+    (tmp_path / "x.toml").write_text('name = "x"\n')
+    with pytest.raises(SpecError, match=r"^x.toml: missing required key 'description'"):
+        load_specs(tmp_path)
