@@ -1,0 +1,210 @@
+"""Overlay several models' per-layer curves on the normalised layer axis l/(L−1) (paper Fig. 3 and Fig. 2).
+
+Inputs are :class:`~qkweights.profiles.Profile` objects, saved ``profile.json``
+files (read with :func:`~qkweights.profiles.load_profile`, never recomputed),
+``o3_summary.json`` files (schema ``qkweights.o3/1``), or folders holding
+either. Models of different depths share the x axis because every curve is
+drawn against l/(L−1).
+
+``o3_summary.json`` as read here::
+
+    {"schema": "qkweights.o3/1", "source": {"model_id": ...},
+     "layers": [{"layer": 0, "depth": 0.0,              # depth optional: l/(L−1)
+                 "same": {"mean": m, "sem": s}, "different": {...}, "background": {...}}, ...]}
+
+with one entry for every layer 0 … L−1; the legend label is ``source.model_id``,
+else the name of the folder holding the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkweights import figures
+from qkweights.errors import InputError
+from qkweights.outputs import write_csv
+from qkweights.profiles import SCHEMA as PROFILE_SCHEMA
+from qkweights.profiles import Profile, load_profile
+from qkweights.qk import null_band
+
+O3_SCHEMA = "qkweights.o3/1"
+O3_MEASURES = {"same": "same object", "different": "different object", "background": "background"}
+
+
+@dataclass(frozen=True, eq=False)
+class Curve:
+    """One model's per-layer curve.
+
+    ``depth`` (L,) normalised layer index l/(L−1); ``values`` (L,); ``lo``, ``hi``
+    (L,) a band around the values or None — the head range (min–max over heads
+    of the weighted cosine) for a profile, mean ± s.e.m. for an O3 measure;
+    ``kind``: "weighted_cosine", "mean_cosine", "o3_same", "o3_different" or
+    "o3_background"; ``hidden``: the model's width D (for the null band ±1.96/√D),
+    None for O3 curves.
+    """
+
+    label: str
+    depth: np.ndarray
+    values: np.ndarray
+    lo: np.ndarray | None
+    hi: np.ndarray | None
+    kind: str
+    hidden: int | None = None
+
+
+def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list[Curve]:
+    """The curves of one input: a Profile, a profile.json, an o3_summary.json, or a folder holding either or both.
+
+    A profile gives two curves (``weighted_cosine`` with its head range,
+    ``mean_cosine``); an O3 summary gives three (``o3_same``, ``o3_different``,
+    ``o3_background``). ``label`` overrides the model id as legend label.
+    Anything else raises InputError naming the file and what was expected.
+    """
+    if isinstance(item, Profile):
+        return _profile_curves(item, label)
+    path = Path(item)
+    if path.is_dir():
+        found = [path / name for name in ("profile.json", "o3_summary.json") if (path / name).is_file()]
+        if not found:
+            raise InputError(f"{path}: holds neither profile.json nor o3_summary.json; pass a folder written by "
+                             f"`python -m qkweights profile MODEL --out DIR` or one of those files")
+        return [c for f in found for c in curves_from(f, label=label)]
+    doc = _read_json(path)
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema == PROFILE_SCHEMA:
+        return _profile_curves(load_profile(path), label)
+    if schema == O3_SCHEMA:
+        return _o3_curves(doc, path, label)
+    raise InputError(f"{path}: not a qkweights profile or O3 summary (schema {schema!r}); expected a profile.json "
+                     f"(schema {PROFILE_SCHEMA!r}) or an o3_summary.json (schema {O3_SCHEMA!r})")
+
+
+def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
+    """Overlay the curves of ``items`` (see :func:`curves_from`) and write figures and tables into ``out_dir``.
+
+    Profiles give ``compare_cosine.png`` (weighted cosine per layer with a light
+    head-range band; the grey null band is the widest, ±1.96/√D of the smallest
+    D, which contains the others — every D is named in the legend) and
+    ``compare_cosine.csv`` (model, layer, depth, weighted_cosine, mean_cosine,
+    min, max). O3 summaries give ``compare_o3.png`` (panels same / different /
+    background, mean ± s.e.m. bands) and ``compare_o3.csv`` (model, layer,
+    depth, then mean/lo/hi of each measure). ``labels``: one per item. Models
+    given twice under one label get " #2", " #3" appended. Returns the paths written.
+    """
+    if not items:
+        raise InputError("compare: nothing to compare; pass one or more models, profile.json or o3_summary.json files")
+    if labels is not None and len(labels) != len(items):
+        raise InputError(f"--labels: {len(labels)} label(s) for {len(items)} item(s); give one label per item, comma-separated")
+    groups = _distinct_labels([curves_from(it, label=lab) for it, lab in zip(items, labels or [None] * len(items))])
+    out = Path(out_dir)
+    written = []
+    cosine = [g for g in groups if any(c.kind == "weighted_cosine" for c in g)]
+    if cosine:
+        written += _write_cosine(cosine, out)
+    o3 = [g for g in groups if any(c.kind.startswith("o3_") for c in g)]
+    if o3:
+        written += _write_o3(o3, out)
+    return written
+
+
+def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
+    weighted = [_kind(g, "weighted_cosine") for g in groups]
+    widths = sorted({c.hidden for c in weighted})
+    label = f"95% null band ±1.96/√D = ±{null_band(widths[0]):.3f} (D = {widths[0]})"
+    if len(widths) > 1:
+        label += "\n(the widest; also " + ", ".join(f"D = {d}: ±{null_band(d):.3f}" for d in widths[1:]) + ")"
+    png = figures.curves_figure(weighted, out / "compare_cosine.png", title="Weighted query-key cosine by normalised depth",
+                                ylabel="weighted cosine u·v (mean over heads)", null_band=null_band(widths[0]), null_label=label)
+    rows = []
+    for g in groups:
+        w, m = _kind(g, "weighted_cosine"), _kind(g, "mean_cosine")
+        for l in range(len(w.depth)):
+            rows.append([w.label, l, _num(w.depth[l]), _num(w.values[l]), _num(m.values[l]), _num(w.lo[l]), _num(w.hi[l])])
+    csv = write_csv(out / "compare_cosine.csv", ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max"], rows)
+    return [png, csv]
+
+
+def _write_o3(groups: list[list[Curve]], out: Path) -> list[Path]:
+    panels = {title: [_kind(g, f"o3_{key}") for g in groups] for key, title in O3_MEASURES.items()}
+    png = figures.curve_panels_figure(panels, out / "compare_o3.png", title="O3 attention allocation by normalised depth",
+                                      ylabel="share of attention (mean ± s.e.m.)")
+    header = ["model", "layer", "depth"] + [f"{key}_{part}" for key in O3_MEASURES for part in ("mean", "lo", "hi")]
+    rows = []
+    for g in groups:
+        curves = [_kind(g, f"o3_{key}") for key in O3_MEASURES]
+        for l in range(len(curves[0].depth)):
+            rows.append([curves[0].label, l, _num(curves[0].depth[l])]
+                        + [_num(a[l]) for c in curves for a in (c.values, c.lo, c.hi)])
+    return [png, write_csv(out / "compare_o3.csv", header, rows)]
+
+
+def _profile_curves(profile: Profile, label: str | None) -> list[Curve]:
+    st = profile.layer_stats()
+    name = label or profile.source.get("model_id") or profile.model.family
+    D = profile.model.hidden
+    return [
+        Curve(name, profile.depth, st["weighted_cosine"], st["min"], st["max"], "weighted_cosine", D),
+        Curve(name, profile.depth, st["mean_cosine"], None, None, "mean_cosine", D),
+    ]
+
+
+def _o3_curves(doc: dict, path: Path, label: str | None) -> list[Curve]:
+    entries = doc.get("layers")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: O3 summary without a 'layers' list; re-run the O3 analysis to rewrite it")
+    try:
+        entries = sorted(entries, key=lambda e: int(e["layer"]))
+        layers = [int(e["layer"]) for e in entries]
+        stats = {key: np.array([[_float(e[key]["mean"]), _float(e[key]["sem"])] for e in entries]) for key in O3_MEASURES}  # (L, 2)
+        given = [e.get("depth") for e in entries]
+        depth = np.array(given, np.float64) if all(d is not None for d in given) else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: malformed O3 layer entry ({type(e).__name__}: {e}); each needs 'layer' and "
+                         f"'same'/'different'/'background' with 'mean' and 'sem'") from None
+    if layers != list(range(len(layers))):
+        raise InputError(f"{path}: O3 summary layers {layers} are not 0…{len(layers) - 1}; it must hold every layer once")
+    if depth is None:
+        depth = np.arange(len(layers)) / max(len(layers) - 1, 1)
+    name = label or (doc.get("source") or {}).get("model_id") or path.resolve().parent.name
+    return [Curve(name, depth, s[:, 0], s[:, 0] - s[:, 1], s[:, 0] + s[:, 1], f"o3_{key}") for key, s in stats.items()]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; expected a profile.json, an o3_summary.json or a folder holding one") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a JSON file ({type(e).__name__}); expected a profile.json or an o3_summary.json written by qkweights") from None
+
+
+def _distinct_labels(groups: list[list[Curve]]) -> list[list[Curve]]:
+    """Rename a later item whose (label, kind) pairs clash with an earlier one's: "name #2", "name #3", …"""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for g in groups:
+        base, k, name = g[0].label, 1, g[0].label
+        while any((name, c.kind) in seen for c in g):
+            k += 1
+            name = f"{base} #{k}"
+        g = [dataclasses.replace(c, label=name) for c in g]
+        seen |= {(c.label, c.kind) for c in g}
+        out.append(g)
+    return out
+
+
+def _kind(group: list[Curve], kind: str) -> Curve:
+    return next(c for c in group if c.kind == kind)
+
+
+def _float(x) -> float:
+    return np.nan if x is None else float(x)
+
+
+def _num(x: float) -> str:
+    return repr(float(x)) if np.isfinite(x) else ""

@@ -1,0 +1,304 @@
+"""Figures of a weight profile (paper Fig. 3, S1, S2) and the curve overlays of ``compare``.
+
+Figures are built on pyplot-free :class:`matplotlib.figure.Figure` objects and
+written atomically as PNG by :func:`qkweights.outputs.save_figure`. Non-finite
+statistics (heads whose weights hold NaN/inf) are left out of curves and
+histograms and drawn as hatched cells in the spectrum grid; they never raise.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+if "matplotlib.pyplot" not in sys.modules:  # headless by default; never switch a session's chosen backend
+    matplotlib.use("Agg")
+
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PolyCollection
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from qkweights.outputs import save_figure
+
+if TYPE_CHECKING:
+    from qkweights.compare import Curve
+    from qkweights.profiles import Profile
+
+DPI = 120
+GRID_MAX_INCHES = 22.0  # longest side of the spectrum grid's plotting area
+GRID_CELL_INCHES = (1.4, 0.95)  # (width, height) of one head's cell when the grid fits
+GRID_PAD = 0.06  # inner margin of a cell, as a fraction of the cell
+MIN_PX_PER_MODE = 2.0  # below this, the spectrum grid draws only the modes carrying 95% of Σσ
+HIST_BINS = 50
+DEPTH_LABEL = "normalised layer l/(L−1)"
+NULL_COLOR = "0.82"
+SIGMA_COLOR = "#8fa9bf"
+COS_COLOR = "#c0392b"
+
+
+def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
+    """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    return [
+        save_figure(cosine_by_layer_figure(profile), out / "cosine_by_layer.png", dpi=DPI),
+        save_figure(spectrum_grid_figure(profile), out / "spectrum_grid.png", dpi=DPI),
+        save_figure(cosine_hist_figure(profile), out / "cosine_hist.png", dpi=DPI),
+    ]
+
+
+def cosine_by_layer_figure(profile: Profile) -> Figure:
+    """Paper Fig. 3 for one model: per-layer cosines against l/(L−1).
+
+    Draws the σ-weighted cosine (mean over heads) with its head range (min–max
+    over heads) as a band, the unweighted mean cosine, the 95% null band
+    ±1.96/√D around 0 and a zero line. Layers whose heads are all non-finite
+    leave a gap.
+    """
+    st = profile.layer_stats()
+    x = profile.depth  # (L,)
+    L, D = profile.model.layers, profile.model.hidden
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    _null_band(ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {D})")
+    ax.fill_between(x, st["min"], st["max"], color="C0", alpha=0.2, lw=0, label="head range (min–max of the weighted cosine)")
+    ax.plot(x, st["weighted_cosine"], "o-", color="C0", ms=4,
+            label=r"weighted cosine $\Sigma_n \sigma_n \cos_n / \Sigma_n \sigma_n$ (mean over heads)")
+    ax.plot(x, st["mean_cosine"], "s--", color="C1", ms=3, label=r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)")
+    if profile.nonfinite:
+        ax.text(0.01, 0.01, f"{len(profile.nonfinite)} head(s) with non-finite weights left out", transform=ax.transAxes,
+                fontsize=8, color="0.3", va="bottom")
+    _depth_axes(ax, L)
+    _pad_ylim(ax, [st["min"], st["max"], st["mean_cosine"], [-profile.null_band_95, profile.null_band_95]])
+    ax.set_ylabel("cosine u·v")
+    ax.set_title(_model_title(profile), fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def modes_carrying(singular_values: np.ndarray, fraction: float = 0.95) -> int:
+    """The number of leading modes that carry ``fraction`` of Σσ in every head.
+
+    singular_values: (..., K) descending per head. Heads with non-finite or
+    all-zero σ are ignored; returns K when no head is usable.
+    """
+    s = np.asarray(singular_values, np.float64)
+    s = s.reshape(-1, s.shape[-1])  # (heads, K)
+    s = s[np.isfinite(s).all(1) & (s.sum(1) > 0)]
+    if not len(s):
+        return singular_values.shape[-1]
+    share = np.cumsum(s, 1) / s.sum(1, keepdims=True)  # (heads, K)
+    return int(((share < fraction - 1e-12).sum(1) + 1).max())
+
+
+def spectrum_grid_figure(profile: Profile) -> Figure:
+    """Paper Fig. S2: a layers × heads grid, one cell per head, showing σ_n/σ_0 and cos_n against mode n.
+
+    All cells are drawn on one axes (fast even for 32 × 16 heads). Inside a
+    cell the vertical scale runs from −1 (bottom) to +1 (top) with 0 on the
+    centre line: grey bars rise from the centre line to σ_n/σ_0, red dots sit
+    at cos_n. Cells are at most 1.4 × 0.95 inches and the grid at most
+    22 inches on each side; when a cell would get fewer than 2 pixels per
+    mode (at 120 dpi), only the first modes carrying 95% of Σσ in every head
+    are drawn, and the title says so. Non-finite heads are hatched.
+    """
+    S, C = profile.singular_values, profile.cosines  # (L, H, K)
+    L, H, K = S.shape
+    cw = min(GRID_CELL_INCHES[0], GRID_MAX_INCHES / H)
+    ch = min(GRID_CELL_INCHES[1], GRID_MAX_INCHES / L)
+    inner = 1 - 2 * GRID_PAD
+    n = K if cw * DPI * inner / K >= MIN_PX_PER_MODE else min(K, modes_carrying(S))
+    shown = f"modes n = 0…{n - 1}" if n == K else f"modes n = 0…{n - 1} of {K} (they carry ≥95% of Σσ in every head)"
+    note = (f"Each cell: one head; x = {shown}; vertical scale −1 (bottom) … 0 (centre line) … +1 (top), dotted lines "
+            f"at ±0.5. Blue-grey bars: σ_n/σ_0 of W_qᵀW_k. Red dots: cos_n = u_n·v_n.")
+    left, right, bottom = 0.55, 0.15, 0.2  # inches around the grid
+    W = cw * H + left + right
+    note = textwrap.fill(note, max(40, int(W * 72 / 5.2)))  # ≈ 5.2 pt per character at 8 pt
+    top = 0.55 + 0.15 * note.count("\n")  # title, note lines, head labels
+    Ht = ch * L + top + bottom
+    fig = Figure(figsize=(W, Ht))
+    ax = fig.add_axes((left / W, bottom / Ht, cw * H / W, ch * L / Ht))
+    ax.set_xlim(0, H)
+    ax.set_ylim(0, L)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = S[..., :n] / S[..., :1]  # (L, H, N) σ_n/σ_0
+    cos = C[..., :n]  # (L, H, N)
+    ok = np.isfinite(rel).all(-1) & np.isfinite(cos).all(-1)  # (L, H)
+    step = inner / n
+    x0 = np.arange(H)[:, None] + GRID_PAD + np.arange(n) * step  # (H, N) left edge of each mode's slot
+    row = (L - 1 - np.arange(L)).astype(np.float64)  # (L,) bottom of each layer's row; layer 0 on top
+
+    def y(values, rows):
+        return rows + GRID_PAD + (values + 1) / 2 * inner
+
+    ll, hh = np.nonzero(ok)
+    base = np.broadcast_to(y(0.0, row[ll])[:, None], (len(ll), n))  # (M, N)
+    tops = y(rel[ll, hh], row[ll][:, None])  # (M, N)
+    xl, xr = x0[hh] + 0.1 * step, x0[hh] + 0.9 * step  # (M, N)
+    bars = np.stack([np.stack(p, -1) for p in ((xl, base), (xl, tops), (xr, tops), (xr, base))], -2)  # (M, N, 4, 2)
+    ax.add_collection(PolyCollection(bars.reshape(-1, 4, 2), facecolors=SIGMA_COLOR, edgecolors="none"))
+    for level in (-0.5, 0.5):
+        ax.hlines(y(level, row), 0, H, color="0.88", lw=0.4, ls=":", zorder=0)
+    ax.hlines(y(0.0, row[ll]), hh + GRID_PAD, hh + 1 - GRID_PAD, color="0.35", lw=0.5)
+    dot = float(np.clip((cw * 72 * step * 0.9) ** 2, 1.0, 16.0))  # marker area (pt²) fitting one mode's slot
+    ax.scatter((x0[hh] + step / 2).ravel(), y(cos[ll, hh], row[ll][:, None]).ravel(), s=dot, c=COS_COLOR, lw=0, zorder=3)
+    for l, h in zip(*np.nonzero(~ok)):
+        ax.add_patch(Rectangle((h, row[l]), 1, 1, facecolor="0.93", edgecolor="0.6", hatch="///", lw=0))
+        ax.text(h + 0.5, row[l] + 0.5, "non-finite", ha="center", va="center", fontsize=7, color="0.3")
+
+    ax.vlines(np.arange(H + 1), 0, L, color="0.6", lw=0.6, clip_on=False)
+    ax.hlines(np.arange(L + 1), 0, H, color="0.6", lw=0.6, clip_on=False)
+    ax.set_xticks(np.arange(H) + 0.5, [f"H{h}" for h in range(H)], fontsize=8)
+    ax.set_yticks(row + 0.5, [f"L{l}" for l in range(L)], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0, pad=2)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.text(0.5, 1 - 0.05 / Ht, _model_title(profile) + " — per-head spectra", ha="center", va="top", fontsize=10)
+    fig.text(0.5, 1 - 0.25 / Ht, note, ha="center", va="top", fontsize=8, color="0.2")
+    return fig
+
+
+def cosine_hist_figure(profile: Profile) -> Figure:
+    """Paper Fig. S1: distribution of cos_n per layer, one curve per layer coloured early → late.
+
+    Left panel: all modes of all heads of the layer pooled, unweighted
+    (probability density). Right panel: the same modes weighted by σ_n/Σσ of
+    their head (each head counts once in total), the distribution behind the
+    weighted cosine. The x range is symmetric, covering every finite cosine
+    and at least 3× the null band, at most [−1, 1] (cosines past ±1 by
+    rounding fall in the end bins); non-finite heads are left out.
+    """
+    C, S = profile.cosines, profile.singular_values  # (L, H, K)
+    L = profile.model.layers
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = S / S.sum(-1, keepdims=True)  # (L, H, K), each head sums to 1
+    finite = np.isfinite(C) & np.isfinite(w)  # (L, H, K)
+    band = profile.null_band_95
+    r = _symmetric_range(C[finite], 3 * band)
+    edges = np.linspace(-r, r, HIST_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    cmap = matplotlib.colormaps["viridis"]
+    norm = Normalize(0, max(L - 1, 1))
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    titles = ("unweighted: every mode of every head", r"σ-weighted: mode n of a head weighted by $\sigma_n / \Sigma_m \sigma_m$")
+    for ax, weighted, title in zip(axes, (False, True), titles):
+        ax.axvspan(-band, band, color=NULL_COLOR, alpha=0.6, lw=0, zorder=0,
+                   label=f"95% null band ±{band:.3f} (D = {profile.model.hidden})")
+        ax.axvline(0, color="k", lw=0.7, zorder=1)
+        for l in range(L):
+            m = finite[l]
+            if m.any() and (not weighted or w[l][m].sum() > 0):
+                dens, _ = np.histogram(np.clip(C[l][m], -r, r), edges, weights=w[l][m] if weighted else None, density=True)
+                ax.plot(centres, dens, color=cmap(norm(l)), lw=1.2)
+        ax.set_xlim(-r, r)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(r"$\cos_n = u_n \cdot v_n$")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0].set_ylabel("probability density")
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, label="layer l", pad=0.01)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.suptitle(_model_title(profile) + " — cosines of the singular-vector pairs per layer", fontsize=10)
+    return fig
+
+
+def curves_figure(curves: list[Curve], path: str | Path, *, title: str, ylabel: str,
+                  null_band: float | None = None, null_label: str | None = None) -> Path:
+    """Overlay per-layer curves (each (L,) against its depth l/(L−1)) with their bands; write a PNG.
+
+    ``null_band``: half-width of a grey band around 0 (labelled ``null_label``).
+    Returns ``path``.
+    """
+    fig = Figure(figsize=(10, 5), layout="constrained")
+    ax = fig.add_subplot()
+    if null_band is not None:
+        _null_band(ax, null_band, null_label or f"95% null band ±{null_band:.3f}")
+    _draw_curves(ax, curves, _palette([c.label for c in curves]))
+    _depth_axes(ax, None)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return save_figure(fig, path, dpi=DPI)
+
+
+def curve_panels_figure(panels: dict[str, list[Curve]], path: str | Path, *, title: str, ylabel: str) -> Path:
+    """One panel per entry of ``panels`` (panel title → curves), sharing the y axis and one legend; write a PNG.
+
+    A label keeps its colour across panels. Returns ``path``.
+    """
+    labels = list(dict.fromkeys(c.label for cs in panels.values() for c in cs))
+    colours = _palette(labels)
+    fig = Figure(figsize=(4.2 * len(panels), 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (name, curves) in zip(axes, panels.items()):
+        _draw_curves(ax, curves, colours)
+        _depth_axes(ax, None)
+        ax.set_title(name, fontsize=10)
+    axes[0].set_ylabel(ylabel)
+    handles = [Line2D([], [], color=colours[lab], marker="o", ms=4) for lab in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, dpi=DPI)
+
+
+def _draw_curves(ax, curves: list[Curve], colours: dict[str, tuple]) -> None:
+    for c in curves:
+        colour = colours[c.label]
+        if c.lo is not None and c.hi is not None:
+            ax.fill_between(c.depth, c.lo, c.hi, color=colour, alpha=0.12, lw=0)
+        ax.plot(c.depth, c.values, "o-", color=colour, ms=3.5, lw=1.5, label=c.label)
+
+
+def _palette(labels: list[str]) -> dict[str, tuple]:
+    """A distinct colour per unique label, in order (tab10, then tab20 beyond ten)."""
+    unique = list(dict.fromkeys(labels))
+    cmap = matplotlib.colormaps["tab10" if len(unique) <= 10 else "tab20"]
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(unique)}
+
+
+def _null_band(ax, half_width: float, label: str) -> None:
+    ax.axhspan(-half_width, half_width, color=NULL_COLOR, alpha=0.6, lw=0, label=label, zorder=0)
+    ax.axhline(0, color="k", lw=0.7, zorder=1)
+
+
+def _depth_axes(ax, layers: int | None) -> None:
+    """x axis l/(L−1) on [0, 1]; with ``layers`` also the layer index l on the top axis."""
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel(DEPTH_LABEL)
+    if layers and layers > 1:
+        top = ax.secondary_xaxis("top", functions=(lambda d: d * (layers - 1), lambda l: l / (layers - 1)))
+        top.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(layers, 12)))
+        top.set_xlabel("layer l", fontsize=8)
+        top.tick_params(labelsize=8)
+
+
+def _pad_ylim(ax, arrays, pad: float = 0.06) -> None:
+    """y limits spanning the finite values of ``arrays`` with ``pad`` of the span added on both sides."""
+    v = np.concatenate([np.ravel(a) for a in arrays])
+    v = v[np.isfinite(v)]
+    lo, hi = v.min(), v.max()
+    ax.set_ylim(lo - pad * (hi - lo), hi + pad * (hi - lo))
+
+
+def _model_title(profile: Profile) -> str:
+    m = profile.model
+    name = profile.source.get("model_id") or m.family
+    return f"{name} ({m.family}; {m.layers} layers × {m.heads} heads, D = {m.hidden}, K = {m.head_dim})"
+
+
+def _symmetric_range(values: np.ndarray, at_least: float) -> float:
+    """Half-width r ≤ 1 of a symmetric range covering ``values`` and ``at_least``, rounded up to 0.05."""
+    top = max(float(np.abs(values).max()) if values.size else 1.0, at_least)
+    return float(min(1.0, np.ceil(top * 1.02 / 0.05) * 0.05))
