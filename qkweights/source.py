@@ -151,9 +151,13 @@ def _folder_source(folder: Path) -> Source:
             f"{folder / INDEX_NAME}: names shard(s) missing from the folder: {', '.join(missing)}; "
             "download every shard listed in the index next to it"
         )
+    repo_id, commit = _snapshot_identity(folder)
+    # A Hub cache snapshot links into ../../blobs; anything else must stay inside the folder.
+    root = folder.parent.parent if repo_id else folder
+    for name in weights + list(_configs(folder, names)):
+        _check_inside(folder / name, root)
     for name in weights:
         _check_readable(folder / name)
-    repo_id, commit = _snapshot_identity(folder)
     return Source(
         model_id=repo_id or str(folder),
         kind="folder",
@@ -337,6 +341,12 @@ def _folder_names(folder: Path) -> list[str]:
         raise SourceError(
             f"{folder}: permission denied listing the folder; grant read access (chmod u+rx) or copy the model elsewhere"
         ) from err
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """Refuse a file that is a symlink leading out of the model's folder."""
+    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+        raise SourceError(f"{path}: is a symlink to {path.resolve()}, outside the model folder; copy the file into the folder if it is really part of the model")
 
 
 def _check_readable(path: Path) -> None:

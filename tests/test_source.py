@@ -498,3 +498,19 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, tty, progress, shown):
     with _progress_bars(progress):
         assert are_progress_bars_disabled() is not shown
     assert not are_progress_bars_disabled()
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(weights_bytes(tmp_path, "w", 1.0))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(outside)
+    with pytest.raises(SourceError, match=r"model.safetensors: is a symlink to .*elsewhere.safetensors, outside the model folder"):
+        resolve(str(folder))
+    (folder / "model.safetensors").unlink()
+    inside = folder / "weights" / "w.safetensors"
+    inside.parent.mkdir()
+    inside.write_bytes(outside.read_bytes())
+    (folder / "model.safetensors").symlink_to(inside)
+    assert resolve(str(folder)).weight_files == (folder / "model.safetensors",)

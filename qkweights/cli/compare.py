@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qkweights.compare import compare
-
 
 def configure(p) -> None:
     p.add_argument("items", metavar="MODEL_OR_JSON", nargs="+", help="checkpoints (profiled now), saved profile.json / o3_summary.json files, or folders holding them")
@@ -15,6 +13,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     import qkweights
+    from qkweights.compare import compare
 
     items = []
     for item in args.items:
