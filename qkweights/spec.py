@@ -16,6 +16,7 @@ Dimension resolvers (values in a spec's ``[dims]`` table):
 - ``{shape = "tensor {i}", axis = n}``: a dimension of a tensor (``{i}`` = 0);
 - ``{count = "tensor {i}"}``: how many consecutive layers hold that tensor;
 - ``{div = [a, b]}``: a // b of two resolvers;
+- ``{lookup = resolver, table = {key = value}}``: the value of the resolved key;
 - ``{match = resolver, table = {substring = value}}``: the value of the longest
   key contained in the resolved string (e.g. timm's ``vit_base_…`` → 12 heads).
 """
@@ -169,6 +170,11 @@ class _Resolver:
             if "div" in r:
                 a, b = (self(x) for x in r["div"])
                 return a // b
+            if "lookup" in r:
+                key = str(self(r["lookup"]))
+                if key not in r["table"]:
+                    raise KeyError(f"{key} (not among {', '.join(r['table'])})")
+                return r["table"][key]
             if "match" in r:
                 value = str(self(r["match"])).lower()
                 for key in sorted(r["table"], key=len, reverse=True):

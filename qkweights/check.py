@@ -1,0 +1,328 @@
+"""Gate a checkpoint against a saved profile: did the query-key interaction of its heads drift?
+
+:func:`check_profile` compares a freshly computed :class:`~qkweights.profiles.Profile`
+with a baseline (a saved ``profile.json``) and returns a :class:`CheckReport`
+holding one :class:`Check` per measurement. The checks, in report order:
+
+- ``architecture`` (once): family, layers, heads, width D and head dim K equal
+  to the baseline's. On a mismatch the numeric comparisons are skipped (there is
+  nothing to compare head by head); the finite and collapse checks still run.
+- per layer, ``layer weighted cosine``: |Δ| of the mean over heads of the
+  σ-weighted cosine (paper Fig. 3), absolute, ≤ ``tol_layer``. The mean runs
+  over the heads that are finite and not collapsed in the current model and
+  have a defined weighted cosine in the baseline.
+- per head, ``finite weights``: W_q and W_k of the head hold no NaN/inf.
+- per head, ``not collapsed``: σ_0 > 0, the largest singular value of
+  W_qᵀW_k. σ_0 = 0 covers an all-zero W_q, an all-zero W_k, and W_qᵀW_k = 0
+  with both non-zero; :func:`collapse_causes` says which from the weights.
+- per head, ``head weighted cosine``: |Δ| of the head's σ-weighted cosine ≤ ``tol_head``.
+- per head, ``head top singular values``: the largest relative change
+  ``|σ_n − σ_n,base| / σ_n,base`` over the top modes n = 0 … N−1
+  (N = ``top_sigma``, at most K), mode by mode in descending order,
+  ≤ ``tol_sigma``. "Top" means the N largest singular values of W_qᵀW_k
+  (unscaled; the logits carry a further 1/√K). Baseline σ_n below
+  ``SIGMA_FLOOR``·σ_0 (numerically zero: a rank-deficient head) are measured
+  relative to σ_0 instead, so rounding noise on a zero mode cannot fail the check.
+
+Heads that fail ``finite weights`` or ``not collapsed`` get no numeric
+comparisons (their statistics are undefined); the report's notes list them.
+A baseline with non-finite heads is rejected (InputError): it cannot vouch for
+anything.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkweights import __version__
+from qkweights.errors import InputError
+from qkweights.load import open_model
+from qkweights.profiles import Profile, compute_profile, load_profile
+from qkweights.progress import Progress
+
+SCHEMA = "qkweights.check/1"
+SIGMA_FLOOR = 1e-9  # baseline σ_n below this × σ_0 count as zero modes (see the module docstring)
+SUMMARY_LINES = 20
+
+ARCHITECTURE = "architecture"
+LAYER_COSINE = "layer weighted cosine"
+FINITE = "finite weights"
+COLLAPSED = "not collapsed"
+HEAD_COSINE = "head weighted cosine"
+HEAD_SIGMA = "head top singular values"
+HEAD_CHECKS = (FINITE, COLLAPSED, HEAD_COSINE, HEAD_SIGMA)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One measurement against its allowance.
+
+    ``measured``: a number, a text (architecture, finite weights) or None when
+    undefined (e.g. the baseline head has Σσ = 0); JSON writes an infinite
+    value (σ grown from a zero baseline) as null. ``allowed``: a number (the
+    check passes when measured ≤ allowed) or a text. ``layer``/``head``: 0-based
+    location, None when the check is not about one layer/head.
+    """
+
+    name: str
+    layer: int | None
+    head: int | None
+    measured: float | str | None
+    allowed: float | str
+    passed: bool
+    detail: str = ""
+
+    @property
+    def where(self) -> str:
+        """"model", "L3" or "L3 H2"."""
+        if self.layer is None:
+            return "model"
+        return f"L{self.layer}" if self.head is None else f"L{self.layer} H{self.head}"
+
+    def line(self) -> str:
+        """One human-readable line, e.g. ``L1 H2  head top singular values: 0.5 > allowed 0.01 — mode 0: σ 3.908 → 5.863``."""
+        if isinstance(self.allowed, str):
+            text = f"{_fmt(self.measured)} (allowed: {self.allowed})"
+        else:
+            op = "≤" if self.passed else ">"
+            text = f"{_fmt(self.measured)} {op} allowed {_fmt(self.allowed)}"
+        return f"{self.where:<6} {self.name}: {text}" + (f" — {self.detail}" if self.detail else "")
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "where": self.where, "layer": self.layer, "head": self.head,
+                "measured": self.measured, "allowed": self.allowed, "passed": self.passed, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Check:
+        return cls(doc["name"], doc["layer"], doc["head"], doc["measured"], doc["allowed"], doc["passed"], doc.get("detail", ""))
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The outcome of :func:`check_profile`: every check, the tolerances, and what was compared.
+
+    ``current``/``baseline``: {"source": …, "model": …} of the two profiles;
+    ``tolerances``: {"layer", "head", "sigma", "top_sigma"}; ``notes``: checks
+    that were skipped and why.
+    """
+
+    checks: tuple[Check, ...]
+    tolerances: dict
+    current: dict
+    baseline: dict
+    notes: tuple[str, ...] = ()
+    tool_version: str = __version__
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def summary(self, limit: int = SUMMARY_LINES) -> str:
+        """A headline, then one line per failed check (at most ``limit``, then "... and N more")."""
+        t = self.tolerances
+        against = f"{_model_id(self.current)} against baseline {_model_id(self.baseline)}"
+        if self.passed:
+            return (f"check passed: {len(self.checks)} checks, {against} (tolerances: layer {t['layer']:g}, "
+                    f"head {t['head']:g}, σ {t['sigma']:g} over the top {t['top_sigma']} modes)")
+        fails = self.failures
+        lines = [f"check FAILED: {len(fails)} of {len(self.checks)} checks, {against}"]
+        lines += [c.line() for c in fails[:limit]]
+        if len(fails) > limit:
+            lines.append(f"... and {len(fails) - limit} more")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """The report document (schema ``qkweights.check/1``)."""
+        return {
+            "schema": SCHEMA, "tool_version": self.tool_version, "passed": self.passed,
+            "counts": {"checks": len(self.checks), "failed": len(self.failures)},
+            "tolerances": self.tolerances, "current": self.current, "baseline": self.baseline,
+            "notes": list(self.notes), "checks": [c.to_json() for c in self.checks],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> CheckReport:
+        """Read back :meth:`to_json` (after a JSON round trip)."""
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise InputError(f"not a qkweights check report (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})")
+        return cls(tuple(Check.from_json(c) for c in doc["checks"]), doc["tolerances"], doc["current"], doc["baseline"],
+                   tuple(doc["notes"]), doc["tool_version"])
+
+    def to_junit(self) -> str:
+        """JUnit XML: one testsuite, one testcase per group of checks.
+
+        Groups: "architecture"; per layer "layer l weighted cosine" and
+        "layer l heads <check>" for each per-head check (its H heads in one
+        testcase). A failing testcase carries ``<failure message=…>`` naming
+        the failing heads, with one line per failed check as its text.
+        """
+        groups: dict[str, list[Check]] = {}
+        for c in self.checks:
+            groups.setdefault(_group(c), []).append(c)
+        n_failed = sum(any(not c.passed for c in g) for g in groups.values())
+        suites = ET.Element("testsuites", name="qkweights check", tests=str(len(groups)), failures=str(n_failed))
+        suite = ET.SubElement(suites, "testsuite", name=f"qkweights check {_model_id(self.current)}",
+                              tests=str(len(groups)), failures=str(n_failed), errors="0", skipped="0")
+        props = ET.SubElement(suite, "properties")
+        for key, value in [("baseline", _model_id(self.baseline))] + [(f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()]:
+            ET.SubElement(props, "property", name=key, value=value)
+        for name, checks in groups.items():
+            case = ET.SubElement(suite, "testcase", classname="qkweights.check", name=name)
+            failed = [c for c in checks if not c.passed]
+            if failed:
+                short = "; ".join(f"{c.where}: {_fmt(c.measured)}" + ("" if isinstance(c.allowed, str) else f" > {_fmt(c.allowed)}")
+                                  for c in failed)
+                message = f"{len(failed)} of {len(checks)} failed: {short}" if len(checks) > 1 else failed[0].line()
+                ET.SubElement(case, "failure", message=message, type=checks[0].name).text = "\n".join(c.line() for c in failed)
+        ET.indent(suites)
+        return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.02, tol_head: float = 0.05,
+                  tol_sigma: float = 0.01, top_sigma: int = 5,
+                  causes: Mapping[tuple[int, int], str] | None = None) -> CheckReport:
+    """Compare ``current`` with ``baseline`` (see the module docstring for each check).
+
+    Tolerances are absolute for the cosines (which lie in [−1, 1]) and relative
+    for σ. ``causes``: optional text per collapsed (layer, head), from
+    :func:`collapse_causes`, added to that check's detail.
+    """
+    for name, value in (("tol-layer", tol_layer), ("tol-head", tol_head), ("tol-sigma", tol_sigma)):
+        if not value >= 0:
+            raise InputError(f"--{name} {value}: a tolerance must be a number ≥ 0")
+    if top_sigma < 1:
+        raise InputError(f"--top-sigma {top_sigma}: compare at least the top 1 singular value")
+    if baseline.nonfinite:
+        where = ", ".join(f"L{l} H{h}" for l, h in baseline.nonfinite)
+        raise InputError(f"baseline {_model_id(_side(baseline))}: non-finite weights in {where}; "
+                         f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+    causes = causes or {}
+    m, mb = current.model, baseline.model
+    same = _shape(m) == _shape(mb)
+    checks = [Check(ARCHITECTURE, None, None, _shape_text(m), _shape_text(mb), same)]
+    notes = [] if same else ["architecture differs from the baseline: numeric comparisons skipped"]
+    nonfinite = set(current.nonfinite)
+    S, Sb = current.singular_values, baseline.singular_values  # (L, H, K)
+    N = min(top_sigma, m.head_dim)
+    for l in range(m.layers):
+        head_checks, usable = [], []
+        for h in range(m.heads):
+            if (l, h) in nonfinite:
+                head_checks.append(Check(FINITE, l, h, "NaN/inf", "finite", False, "W_q or W_k holds NaN or inf"))
+                notes.append(f"L{l} H{h}: numeric comparisons skipped (non-finite weights)")
+                continue
+            head_checks.append(Check(FINITE, l, h, "finite", "finite", True))
+            s0 = float(S[l, h, 0])
+            cause = f"σ_0 of W_qᵀW_k; {causes[l, h]}" if (l, h) in causes else "σ_0 of W_qᵀW_k"
+            head_checks.append(Check(COLLAPSED, l, h, s0, "> 0", s0 > 0, "" if s0 > 0 else cause))
+            if s0 <= 0:
+                notes.append(f"L{l} H{h}: numeric comparisons skipped (collapsed, σ_0 = 0)")
+                continue
+            if same:
+                usable.append(h)
+                head_checks.append(_cosine_check(HEAD_COSINE, l, h, current.weighted[l, h], baseline.weighted[l, h], tol_head))
+                head_checks.append(_sigma_check(l, h, S[l, h, :N], Sb[l, h, :N], tol_sigma))
+        if same:
+            both = [h for h in usable if np.isfinite(baseline.weighted[l, h])]
+            if both:
+                checks.append(_cosine_check(LAYER_COSINE, l, None, current.weighted[l, both].mean(),
+                                            baseline.weighted[l, both].mean(), tol_layer))
+                if len(both) < m.heads:
+                    notes.append(f"L{l}: layer mean over heads {', '.join(map(str, both))} only")
+            else:
+                notes.append(f"L{l}: no head to compare; layer weighted cosine skipped")
+        checks += head_checks
+    tolerances = {"layer": tol_layer, "head": tol_head, "sigma": tol_sigma, "top_sigma": top_sigma}
+    return CheckReport(tuple(checks), tolerances, _side(current), _side(baseline), tuple(notes))
+
+
+def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
+    """Why each of ``heads`` ((layer, head) pairs) has W_qᵀW_k = 0, read from the checkpoint's weights.
+
+    ``ck``: a :class:`~qkweights.spec.Checkpoint`. Returns "W_q all zero",
+    "W_k all zero", "W_q and W_k all zero" or "W_qᵀW_k = 0 with non-zero W_q and W_k".
+    """
+    out: dict[tuple[int, int], str] = {}
+    for l in sorted({l for l, _ in heads}):
+        qk = ck.qk(l)  # wq, wk: (H, K, D)
+        for h in sorted(h for ll, h in heads if ll == l):
+            zq, zk = not qk.wq[h].any(), not qk.wk[h].any()
+            out[l, h] = ("W_q and W_k all zero" if zq and zk else "W_q all zero" if zq else "W_k all zero" if zk
+                         else "W_qᵀW_k = 0 with non-zero W_q and W_k")
+    return out
+
+
+def check_model(model: str, baseline: str | Path, *, revision: str | None = None, family: str | None = None,
+                progress: bool | None = None, **tolerances) -> CheckReport:
+    """Profile ``model`` (Hub id, folder or .safetensors file) and check it against the saved ``baseline``.
+
+    ``baseline``: a profile.json or the folder holding it, read first so a bad
+    path fails before the weights are read. ``progress``: show download and
+    per-layer progress on stderr (None: only on a terminal). ``tolerances``:
+    the keyword options of :func:`check_profile`.
+    """
+    base = load_profile(baseline)
+    source, ck = open_model(model, revision=revision, family=family, progress=progress)
+    bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
+    current = compute_profile(ck, source.to_json(), progress=bar.update)
+    bar.close()
+    bad = set(current.nonfinite)
+    collapsed = [(l, h) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]
+    return check_profile(current, base, causes=collapse_causes(ck, [(int(l), int(h)) for l, h in collapsed]), **tolerances)
+
+
+def _cosine_check(name: str, l: int, h: int | None, now: float, base: float, tol: float) -> Check:
+    if not np.isfinite(base):
+        return Check(name, l, h, None, tol, False, f"current {now:.4g}, baseline undefined (Σσ = 0)")
+    d = abs(float(now) - float(base))
+    return Check(name, l, h, d, tol, d <= tol, f"current {now:.4g}, baseline {base:.4g}")
+
+
+def _sigma_check(l: int, h: int, s: np.ndarray, sb: np.ndarray, tol: float) -> Check:
+    """s, sb: (N,) the top singular values, current and baseline."""
+    denom = np.where(sb > SIGMA_FLOOR * sb[0], sb, sb[0])  # (N,)
+    diff = np.abs(s - sb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / denom)  # (N,) x/0 → inf
+    n = int(np.argmax(rel))
+    worst = float(rel[n])
+    return Check(HEAD_SIGMA, l, h, worst, tol, worst <= tol, f"mode {n}: σ {sb[n]:.4g} → {s[n]:.4g}")
+
+
+def _group(c: Check) -> str:
+    if c.name == ARCHITECTURE:
+        return ARCHITECTURE
+    if c.name == LAYER_COSINE:
+        return f"layer {c.layer} weighted cosine"
+    return f"layer {c.layer} heads {c.name.removeprefix('head ')}"
+
+
+def _shape(m) -> tuple:
+    return m.family, m.layers, m.heads, m.hidden, m.head_dim
+
+
+def _shape_text(m) -> str:
+    return f"{m.family}, {m.layers} layers × {m.heads} heads, D = {m.hidden}, K = {m.head_dim}"
+
+
+def _side(p: Profile) -> dict:
+    return {"source": p.source, "model": p.model.to_json()}
+
+
+def _model_id(side: dict) -> str:
+    return side["source"].get("model_id") or side["model"]["family"]
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "undefined"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)

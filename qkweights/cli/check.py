@@ -1,0 +1,33 @@
+"""``check MODEL --baseline PROFILE``: fail (exit 1) when the heads drifted from a saved profile."""
+
+from __future__ import annotations
+
+from qkweights.check import SUMMARY_LINES, check_model
+from qkweights.cli.common import add_model_arguments
+from qkweights.errors import EXIT_FINDINGS, EXIT_OK
+from qkweights.outputs import write_json, write_text
+
+
+def configure(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--baseline", required=True, metavar="PROFILE_JSON", help="saved profile.json (or its folder) from `python -m qkweights profile`")
+    p.add_argument("--tol-layer", type=float, default=0.02, help="allowed absolute change of a layer's mean weighted cosine (default: 0.02)")
+    p.add_argument("--tol-head", type=float, default=0.05, help="allowed absolute change of a head's weighted cosine (default: 0.05)")
+    p.add_argument("--tol-sigma", type=float, default=0.01, help="allowed relative change of each of a head's top singular values (default: 0.01)")
+    p.add_argument("--top-sigma", type=int, default=5, metavar="N", help="how many of the largest singular values per head --tol-sigma covers (default: 5)")
+    p.add_argument("--report", metavar="FILE", help="write every check as JSON (schema qkweights.check/1)")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per check group, for CI test reports")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run(args) -> int:
+    report = check_model(args.model, args.baseline, revision=args.revision, family=args.family,
+                         progress=False if args.quiet else None, tol_layer=args.tol_layer, tol_head=args.tol_head,
+                         tol_sigma=args.tol_sigma, top_sigma=args.top_sigma)
+    if args.report:
+        write_json(args.report, report.to_json())
+    if args.junit:
+        write_text(args.junit, report.to_junit())
+    if not args.quiet:
+        print(report.summary(SUMMARY_LINES))
+    return EXIT_OK if report.passed else EXIT_FINDINGS

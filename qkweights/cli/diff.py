@@ -1,0 +1,45 @@
+"""``diff MODEL_A MODEL_B``: how the query-key interaction of each head changed between two checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qkweights.diff import diff_profiles, profile_for_diff
+
+SHOWN = 10  # ranked heads printed
+
+
+def configure(p) -> None:
+    p.add_argument("model_a", metavar="MODEL_A", help="checkpoint (Hub id, folder, .safetensors) or saved profile.json / its folder")
+    p.add_argument("model_b", metavar="MODEL_B", help="the same for the second model (same layers, heads and widths)")
+    p.add_argument("--revision-a", help="Hub revision of MODEL_A")
+    p.add_argument("--revision-b", help="Hub revision of MODEL_B")
+    p.add_argument("--family", help="checkpoint family of both, overriding detection (see `python -m qkweights specs`)")
+    p.add_argument("--k", type=int, default=8, help="size of the top singular subspaces whose principal angles are compared (default: 8)")
+    p.add_argument("--out", default="qkweights-out/diff", help="output folder (default: ./qkweights-out/diff)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run(args) -> int:
+    progress = False if args.quiet else None
+    a = profile_for_diff(args.model_a, k=args.k, revision=args.revision_a, family=args.family, progress=progress)
+    b = profile_for_diff(args.model_b, k=args.k, revision=args.revision_b, family=args.family, progress=progress)
+    result = diff_profiles(a, b, k=args.k)
+    written = result.save(Path(args.out), plots=not args.no_plots)
+    if not args.quiet:
+        print(format_ranking(result.head_rows()[:SHOWN]))
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"wrote {', '.join(p.name for p in written)} to {args.out}/")
+    return 0
+
+
+def format_ranking(rows: list[dict]) -> str:
+    """The most-changed heads: rank, L H, Δ weighted cosine, spectrum TV, largest angles (° or "-"), score."""
+    lines = [f"{'rank':>4} {'head':>7} {'Δ wcos':>8} {'spec TV':>8} {'∠u max':>7} {'∠v max':>7} {'score':>7}"]
+    for r in rows:
+        ang = [f"{r[k]:>7.1f}" if r[k] is not None else f"{'-':>7}" for k in ("max_angle_u_deg", "max_angle_v_deg")]
+        lines.append(f"{r['rank']:>4} {'L%d H%d' % (r['layer'], r['head']):>7} {r['delta_weighted_cosine']:>+8.4f} "
+                     f"{r['spectrum_tv']:>8.4f} {ang[0]} {ang[1]} {r['score']:>7.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""check: a checkpoint against a saved profile, with exit codes, summary lines, JSON and JUnit reports.
+
+Models are the tiny ViT fixture (2 layers, 4 heads, D = 32, K = 8; tests/fixtures/models/vit)
+and copies whose weights are edited with safetensors.numpy. Reference values come from a
+dense float64 SVD of the D×D product W_qᵀW_k of the stored weights (brute force, independent
+of the QR-core SVD under test) or are exact by construction (W_k → −W_k negates every cos_n;
+a zero W_q makes σ_0 = 0).
+"""
+
+import dataclasses
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import qkweights
+from qkweights.check import CheckReport, check_profile
+from qkweights.cli import main
+from qkweights.errors import InputError
+from qkweights.profiles import load_profile
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+VIT = FIXTURES / "vit"
+K = 8  # head dim of the fixture (config: hidden 32, 4 heads)
+N_CHECKS = 1 + 2 * (1 + 4 * 4)  # architecture + per layer (layer cosine + 4 heads × 4 checks)
+
+
+def name(l, which):
+    return f"encoder.layer.{l}.attention.attention.{which}.weight"
+
+
+def edited(tmp_path, label, edit):
+    """A copy of the vit fixture in tmp_path/label whose tensors were changed in place by ``edit(tensors)``."""
+    out = tmp_path / label
+    shutil.copytree(VIT, out)
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+def rows(l, h):
+    return slice(h * K, (h + 1) * K)
+
+
+def dense_head(folder, l, h):
+    """σ (K,) and weighted cosine of one head by dense SVD of the D×D matrix W_qᵀW_k (float64)."""
+    t = load_file(Path(folder) / "model.safetensors")
+    wq = t[name(l, "query")][rows(l, h)].astype(np.float64)
+    wk = t[name(l, "key")][rows(l, h)].astype(np.float64)
+    u, s, vt = np.linalg.svd(wq.T @ wk)
+    cos = np.einsum("dn,nd->n", u[:, :K], vt[:K])
+    return s[:K], float((s[:K] * cos).sum() / s[:K].sum())
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    qkweights.profile(str(VIT)).save(out, plots=False)
+    return out / "profile.json"
+
+
+def model_id(folder):
+    return str(Path(folder).resolve())
+
+
+def run(capsys, *argv):
+    code = main(["check", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out.splitlines(), out.err
+
+
+def test_unchanged_model_passes_and_writes_reports(tmp_path, baseline, capsys):
+    code, lines, _ = run(capsys, VIT, "--baseline", baseline, "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml")
+    assert code == 0
+    assert lines == [f"check passed: {N_CHECKS} checks, {model_id(VIT)} against baseline {model_id(VIT)} "
+                     "(tolerances: layer 0.02, head 0.05, σ 0.01 over the top 5 modes)"]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["schema"] == "qkweights.check/1" and doc["passed"] is True
+    assert doc["counts"] == {"checks": N_CHECKS, "failed": 0}
+    assert all(c["passed"] for c in doc["checks"])
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "0" and suite.get("tests") == str(1 + 2 * 5)
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_scaled_key_fails_sigma_check_only(tmp_path, baseline, capsys):
+    def scale(t):
+        t[name(1, "key")][rows(1, 2)] *= np.float32(1.5)
+
+    model = edited(tmp_path, "scaled", scale)
+    code, lines, _ = run(capsys, model, "--baseline", baseline, "--report", tmp_path / "r.json")
+    assert code == 1
+    # Reference: dense SVD of both checkpoints; σ scales by 1.5 up to float32 rounding of the stored weights.
+    s0, w0 = dense_head(VIT, 1, 2)
+    s1, w1 = dense_head(model, 1, 2)
+    rel = np.abs(s1[:5] - s0[:5]) / s0[:5]
+    n = int(np.argmax(rel))
+    assert lines == [
+        f"check FAILED: 1 of {N_CHECKS} checks, {model_id(model)} against baseline {model_id(VIT)}",
+        f"L1 H2  head top singular values: 0.5 > allowed 0.01 — mode {n}: σ {s0[n]:.4g} → {s1[n]:.4g}",
+    ]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    [fail] = [c for c in doc["checks"] if not c["passed"]]
+    assert (fail["name"], fail["where"], fail["layer"], fail["head"], fail["allowed"]) == ("head top singular values", "L1 H2", 1, 2, 0.01)
+    assert fail["measured"] == pytest.approx(rel.max(), abs=1e-9) and fail["measured"] == pytest.approx(0.5, abs=1e-6)
+    # The weighted cosine is scale-invariant (it is ⟨W_q, W_k⟩_F / ‖W_qᵀW_k‖_*): that head check passes, measured ≈ 0.
+    [head] = [c for c in doc["checks"] if c["name"] == "head weighted cosine" and c["where"] == "L1 H2"]
+    assert head["passed"] and head["measured"] == pytest.approx(abs(w1 - w0), abs=1e-9) and head["measured"] < 1e-6
+
+
+def test_negated_key_flips_the_weighted_cosine(tmp_path, baseline, capsys):
+    def negate(t):
+        t[name(0, "key")][rows(0, 3)] *= -1
+
+    model = edited(tmp_path, "negated", negate)
+    _, w = dense_head(VIT, 0, 3)  # −W_k negates every cos_n, σ unchanged: |Δ| = 2|w| for the head, 2|w|/4 for layer 0
+    code, lines, _ = run(capsys, model, "--baseline", baseline, "--report", tmp_path / "r.json")
+    assert code == 1
+    assert lines[1:] == [
+        f"L0     layer weighted cosine: {2 * abs(w) / 4:.4g} > allowed 0.02 — current {np.mean(load_profile(baseline).weighted[0]) - 2 * w / 4:.4g}, "
+        f"baseline {np.mean(load_profile(baseline).weighted[0]):.4g}",
+        f"L0 H3  head weighted cosine: {2 * abs(w):.4g} > allowed 0.05 — current {-w:.4g}, baseline {w:.4g}",
+    ]
+    failed = {c["where"]: c["measured"] for c in json.loads((tmp_path / "r.json").read_text())["checks"] if not c["passed"]}
+    assert failed == pytest.approx({"L0": 2 * abs(w) / 4, "L0 H3": 2 * abs(w)}, abs=1e-9)
+    # A looser layer tolerance passes the layer; the head still fails.
+    code, lines, _ = run(capsys, model, "--baseline", baseline, "--tol-layer", 0.1)
+    assert code == 1 and [line.split(":")[0] for line in lines[1:]] == ["L0 H3  head weighted cosine"]
+
+
+def test_collapsed_heads_name_their_cause(tmp_path, baseline, capsys):
+    def collapse(t):
+        t[name(0, "query")][rows(0, 1)] = 0  # W_q all zero
+        t[name(1, "key")][rows(1, 0)] = 0  # W_k all zero
+        q, k = t[name(1, "query")], t[name(1, "key")]
+        q[rows(1, 3)][4:] = 0  # rows 0-3 of W_q and rows 4-7 of W_k: W_qᵀW_k = Σ_r q_r k_rᵀ = 0
+        k[rows(1, 3)][:4] = 0
+
+    model = edited(tmp_path, "collapsed", collapse)
+    code, lines, _ = run(capsys, model, "--baseline", baseline, "--report", tmp_path / "r.json")
+    assert code == 1
+    assert lines[1:] == [
+        "L0 H1  not collapsed: 0 (allowed: > 0) — σ_0 of W_qᵀW_k; W_q all zero",
+        "L1 H0  not collapsed: 0 (allowed: > 0) — σ_0 of W_qᵀW_k; W_k all zero",
+        "L1 H3  not collapsed: 0 (allowed: > 0) — σ_0 of W_qᵀW_k; W_qᵀW_k = 0 with non-zero W_q and W_k",
+    ]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    # Collapsed heads get no numeric comparisons; the layer means run over the other heads (unchanged: Δ = 0).
+    assert not [c for c in doc["checks"] if c["where"] in ("L0 H1", "L1 H0", "L1 H3") and c["name"].startswith("head ")]
+    assert [c["measured"] for c in doc["checks"] if c["name"] == "layer weighted cosine"] == [0.0, 0.0]
+    assert "L1: layer mean over heads 1, 2 only" in doc["notes"]
+
+
+def test_nonfinite_weights_fail(tmp_path, baseline, capsys):
+    def poison(t):
+        t[name(1, "query")][rows(1, 3)][2, 5] = np.nan
+
+    model = edited(tmp_path, "nan", poison)
+    code, lines, _ = run(capsys, model, "--baseline", baseline)
+    assert code == 1
+    assert lines[1:] == ["L1 H3  finite weights: NaN/inf (allowed: finite) — W_q or W_k holds NaN or inf"]
+
+
+def test_architecture_mismatch_skips_numeric_checks(tmp_path, capsys):
+    other = tmp_path / "h3"
+    qkweights.profile(str(FIXTURES / "vit-h3")).save(other, plots=False)
+    code, lines, _ = run(capsys, VIT, "--baseline", other, "--report", tmp_path / "r.json")
+    assert code == 1
+    # Shapes from the fixtures' config.json files: vit 32 wide with 4 heads, vit-h3 48 wide with 3 heads of 16.
+    assert lines[1:] == ["model  architecture: hf-vit, 2 layers × 4 heads, D = 32, K = 8 (allowed: hf-vit, 2 layers × 3 heads, D = 48, K = 16)"]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {c["name"] for c in doc["checks"]} == {"architecture", "finite weights", "not collapsed"}
+    assert len(doc["checks"]) == 1 + 2 * 4 * 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline", "{tmp}/missing.json"], "missing.json: no such profile"),
+    (["--baseline", "{tmp}/bad.json"], "not a qkweights profile"),
+    (["--baseline", "{base}", "--tol-head", "-1"], "--tol-head -1.0: a tolerance must be a number ≥ 0"),
+    (["--baseline", "{base}", "--top-sigma", "0"], "--top-sigma 0: compare at least the top 1 singular value"),
+])
+def test_input_errors_exit_2(tmp_path, baseline, capsys, argv, message):
+    (tmp_path / "bad.json").write_text('{"schema": "something/1"}')
+    argv = [a.format(tmp=tmp_path, base=baseline) for a in argv]
+    code, lines, err = run(capsys, VIT, *argv)
+    assert code == 2 and lines == [] and message in err and err.startswith("qkweights: error: ")
+
+
+def test_baseline_with_nonfinite_heads_is_rejected(tmp_path, baseline):
+    def poison(t):
+        t[name(0, "key")][rows(0, 0)][0, 0] = np.inf
+
+    bad = qkweights.profile(str(edited(tmp_path, "inf", poison)))
+    with pytest.raises(InputError, match="non-finite weights in L0 H0"):
+        check_profile(load_profile(baseline), bad)
+
+
+def test_junit_groups_heads_per_layer(tmp_path, baseline, capsys):
+    def change(t):
+        t[name(0, "key")][rows(0, 3)] *= -1
+        t[name(1, "key")][rows(1, 2)] *= np.float32(1.5)
+
+    model = edited(tmp_path, "both", change)
+    assert run(capsys, model, "--baseline", baseline, "--junit", tmp_path / "j.xml")[0] == 1
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    suite = root.find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert list(cases) == ["architecture"] + [f"layer {l} {what}" for l in (0, 1) for what in (
+        "weighted cosine", "heads finite weights", "heads not collapsed", "heads weighted cosine", "heads top singular values")]
+    failed = [n for n, c in cases.items() if c.find("failure") is not None]
+    assert failed == ["layer 0 weighted cosine", "layer 0 heads weighted cosine", "layer 1 heads top singular values"]
+    assert suite.get("tests") == "11" and suite.get("failures") == "3"
+    msg = cases["layer 1 heads top singular values"].find("failure").get("message")
+    assert msg.startswith("1 of 4 failed: L1 H2: 0.5 > 0.01")
+    assert cases["layer 0 heads weighted cosine"].find("failure").get("type") == "head weighted cosine"
+
+
+def test_report_json_round_trip(tmp_path, baseline, capsys):
+    def negate(t):
+        t[name(0, "key")][rows(0, 3)] *= -1
+
+    model = edited(tmp_path, "negated", negate)
+    run(capsys, model, "--baseline", baseline, "--report", tmp_path / "r.json", "--tol-sigma", 0.02, "--top-sigma", 3)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    direct = check_profile(qkweights.profile(str(model)), load_profile(baseline), tol_sigma=0.02, top_sigma=3)
+    assert CheckReport.from_json(doc) == direct
+    assert doc["tolerances"] == {"layer": 0.02, "head": 0.05, "sigma": 0.02, "top_sigma": 3}
+    assert {"name", "where", "measured", "allowed", "passed"} <= set(doc["checks"][0])
+
+
+def test_top_sigma_covers_the_first_n_modes(baseline):
+    base = load_profile(baseline)
+    S = base.singular_values.copy()
+    S[0, 2, 5] *= 1.2  # mode 5 (the 6th largest) of L0 H2 grows by 20%
+    cur = dataclasses.replace(base, singular_values=S)
+    assert check_profile(cur, base, top_sigma=5).passed
+    report = check_profile(cur, base, top_sigma=6)
+    [fail] = report.failures
+    assert (fail.where, fail.measured) == ("L0 H2", pytest.approx(0.2, abs=1e-12))
+
+
+def test_summary_is_capped(baseline):
+    other = qkweights.profile(str(FIXTURES / "vit-cls"))  # a different random model of the same shape
+    report = check_profile(other, load_profile(baseline), tol_head=0, tol_sigma=0, tol_layer=0)
+    n = len(report.failures)
+    assert n == 2 + 8 * 2  # every layer cosine, and every head's cosine and σ differ at tolerance 0
+    lines = report.summary(limit=5).splitlines()
+    assert len(lines) == 1 + 5 + 1 and lines[-1] == f"... and {n - 5} more"
+    assert len(report.summary().splitlines()) == 1 + n  # the default cap (20) is not reached
+    assert lines[0].startswith(f"check FAILED: {n} of {N_CHECKS} checks")
