@@ -1,0 +1,58 @@
+"""``o3 MODEL O3_DIR``: attention allocation on an Odd-One-Out folder (paper Fig. 2 B–D)."""
+
+from __future__ import annotations
+
+import sys
+
+from qkweights.cli.common import add_model_arguments, out_dir
+from qkweights.errors import EXIT_OK
+from qkweights.o3 import CSV_NAME, FIGURE_NAME, SUMMARY_NAME, o3_allocation, select_items
+from qkweights.progress import Progress
+from qkweights.vision import load_model
+
+
+def configure(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("o3_dir", metavar="O3_DIR", help="O3 folder holding images/, targ_images/ (or targ_labels/) and dist_images/ (or dist_labels/)")
+    p.add_argument("--max-images", type=int, metavar="N", help="use the first N images by name (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass and per resumable step (default: 8)")
+    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
+    p.add_argument("--no-plots", action="store_true", help="skip o3_by_layer.png")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run(args) -> int:
+    model = load_model(args.model, revision=args.revision, family=args.family)
+    out = out_dir(args, model.source.model_id)
+    items, _, _ = select_items(args.o3_dir, args.max_images)
+    bar = Progress(len(items), "o3", unit="images", enabled=None if not args.quiet else False)
+    try:
+        summary = o3_allocation(model, args.o3_dir, out, max_images=args.max_images, batch_size=args.batch_size,
+                                progress=bar.update, plots=not args.no_plots)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(format_table(summary))
+        written = [CSV_NAME, SUMMARY_NAME] + ([] if args.no_plots else [FIGURE_NAME])
+        print(f"wrote {', '.join(written)} to {out}/")
+    if summary["skipped"] and not args.quiet:
+        print(f"qkweights: skipped {len(summary['skipped'])} image(s); the reasons are under 'skipped' in {out / SUMMARY_NAME}", file=sys.stderr)
+    return EXIT_OK
+
+
+def format_table(summary: dict) -> str:
+    """Per layer: mean ± s.e.m. over images of the same-object, different-object and background shares."""
+    lines = [
+        f"{summary['source'].get('model_id')}  {summary['images_used']} images used, {len(summary['skipped'])} skipped",
+        f"{'layer':>5} {'l/(L-1)':>8} {'same object':>17} {'different object':>17} {'background':>17}",
+    ]
+    for e in summary["layers"]:
+        cells = [f"{_num(e[k]['mean'])} ± {_num(e[k]['sem'])}" for k in ("same", "different", "background")]
+        lines.append(f"{e['layer']:>5} {e['depth']:>8.3f} " + " ".join(f"{c:>17}" for c in cells))
+    u = summary["uniform"]
+    lines.append(f"uniform attention over the patches would give same = different = {u['same']:.4f}, background = {u['background']:.4f}")
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "   nan" if x is None or x != x else f"{x:.4f}"
