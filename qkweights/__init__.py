@@ -22,3 +22,10 @@ def load_profile(path):
     from qkweights.profiles import load_profile as _load
 
     return _load(path)
+
+
+def load_model(model: str, *, revision: str | None = None, family: str | None = None):
+    """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`)."""
+    from qkweights.vision import load_model as _load
+
+    return _load(model, revision=revision, family=family)

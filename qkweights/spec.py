@@ -10,7 +10,7 @@ never by name. Adding a family means adding a spec file.
 Dimension resolvers (values in a spec's ``[dims]`` table):
 
 - ``"key.path"``: a (dotted) key of the config, below ``config_root``;
-- a number or boolean: that literal;
+- a number or boolean, or ``{value = "text"}``: that literal;
 - a list: the first alternative that resolves;
 - ``{config = "key.path", root = false}``: a config key from the top of the file;
 - ``{shape = "tensor {i}", axis = n}``: a dimension of a tensor (``{i}`` = 0);
@@ -153,6 +153,8 @@ class _Resolver:
                     continue
             raise KeyError(" or ".join(map(str, r)))
         if isinstance(r, dict):
+            if "value" in r:
+                return r["value"]
             if "config" in r:
                 return self.config_value(r["config"], root=r.get("root", True))
             if "shape" in r:

@@ -1,0 +1,206 @@
+"""Throughput of qkweights' numpy forward pass against transformers' ViTModel on torch CPU, same run, same threads.
+
+Builds a ViT-B/16 (224×224, 12 layers, width 768, 12 heads, MLP 3072) with random weights in the
+Hugging Face ViT file layout (config.json + model.safetensors, written with numpy and
+safetensors.numpy) in a temporary folder, then for each thread count N:
+
+- qkweights: ``load_model(folder).forward(pixels)`` with OpenBLAS limited to N threads (threadpoolctl);
+- torch: ``ViTModel.from_pretrained(folder)`` (default attention, sdpa) and eager attention, with
+  ``torch.set_num_threads(N)``; torch is imported only here, never by qkweights;
+- numpy's float32 matmul peak: (B·T × 768) @ (768 × 3072) in GFLOP/s, the ceiling of the forward pass.
+
+Timings alternate between the implementations (other load on the machine hits both alike) and
+report the median and the best of ``--reps`` runs. Peak memory of ``forward(attentions=True)``
+over all 12 layers is measured in a fresh subprocess (tracemalloc peak of the forward call, and
+the process's peak RSS during the call).
+
+Run from the repository root:  python bench/bench_forward.py [--batch 8] [--threads 1 2] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from threadpoolctl import threadpool_info, threadpool_limits
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qkweights.vision import load_model  # noqa: E402
+
+VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               image_size=224, patch_size=16, num_channels=3)
+
+
+def write_vit(folder: Path, cfg: dict, seed: int = 0) -> None:
+    """config.json + model.safetensors of a ViTModel with random weights (HF key names, (out, in) layout)."""
+    rng = np.random.default_rng(seed)
+    d, f, p, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"], (cfg["image_size"] // cfg["patch_size"]) ** 2
+
+    def normal(*shape, std=0.02):
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    t = {
+        "embeddings.cls_token": normal(1, 1, d),
+        "embeddings.position_embeddings": normal(1, n + 1, d),
+        "embeddings.patch_embeddings.projection.weight": normal(d, 3, p, p),
+        "embeddings.patch_embeddings.projection.bias": normal(d),
+        "layernorm.weight": 1 + normal(d),
+        "layernorm.bias": normal(d),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            t[pre + f"attention.attention.{name}.weight"] = normal(d, d)
+            t[pre + f"attention.attention.{name}.bias"] = normal(d)
+        t[pre + "attention.output.dense.weight"], t[pre + "attention.output.dense.bias"] = normal(d, d), normal(d)
+        t[pre + "intermediate.dense.weight"], t[pre + "intermediate.dense.bias"] = normal(f, d), normal(f)
+        t[pre + "output.dense.weight"], t[pre + "output.dense.bias"] = normal(d, f), normal(d)
+        for norm in ("layernorm_before", "layernorm_after"):
+            t[pre + norm + ".weight"], t[pre + norm + ".bias"] = 1 + normal(d), normal(d)
+    save_file(t, str(folder / "model.safetensors"))
+    config = {"model_type": "vit", "architectures": ["ViTModel"], "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+              "qkv_bias": True, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **cfg}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def forward_flops(cfg: dict, batch: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass: patch conv, q/k/v, logits, context, out, MLP."""
+    d, f, p, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"], cfg["num_attention_heads"]
+    n = (cfg["image_size"] // p) ** 2
+    t, k = n + 1, d // h
+    per_layer = 2 * t * d * 3 * d + 2 * 2 * h * t * t * k + 2 * t * d * d + 2 * 2 * t * d * f
+    return batch * (2 * n * 3 * p * p * d + cfg["num_hidden_layers"] * per_layer)
+
+
+def matmul_peak(rows: int, d: int, f: int, reps: int) -> float:
+    """Best GFLOP/s of numpy's float32 (rows × d) @ (d × f) under the current thread limits."""
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((rows, d), dtype=np.float32), rng.standard_normal((d, f), dtype=np.float32)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(reps))
+    return 2 * rows * d * f / best / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_memory(folder: Path, batch: int, threads: int) -> dict:
+    """Peak memory of forward(attentions=True, all layers) in a fresh process (MB).
+
+    tracemalloc peak of the forward call (numpy's allocations); the process's peak RSS during
+    the call (VmHWM, reset just before it through /proc/self/clear_refs) minus its RSS before.
+    """
+    code = f"""
+import json, sys, tracemalloc
+import numpy as np
+from threadpoolctl import threadpool_limits
+sys.path.insert(0, {str(ROOT)!r})
+from qkweights.vision import load_model
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+
+m = load_model({str(folder)!r})
+x = np.random.default_rng(0).standard_normal(({batch}, 3, 224, 224)).astype(np.float32)
+with threadpool_limits({threads}):
+    m.forward(x[:1])
+    weights_rss = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    tracemalloc.start()
+    out = m.forward(x, attentions=True)
+    _, peak = tracemalloc.get_traced_memory()
+    hwm = status("VmHWM:")
+kept = sum(a.nbytes for a in out.hidden_states) + sum(a.nbytes for a in out.attention_inputs.values())
+kept += sum(a.nbytes for a in out.attentions.values()) + out.last_hidden_state.nbytes
+print(json.dumps({{"tracemalloc_peak_mb": peak / 2**20, "rss_before_mb": weights_rss, "rss_peak_mb": hwm,
+                  "outputs_mb": kept / 2**20}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_vit(folder, VIT_B16)
+        model = load_model(str(folder))
+        pixels = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
+        flops = forward_flops(VIT_B16, args.batch)
+        runners = {"qkweights": lambda: model.forward(pixels)}
+        if not args.no_torch:
+            import torch
+            from transformers import ViTModel
+
+            tm = {impl: ViTModel.from_pretrained(str(folder), attn_implementation=impl, add_pooling_layer=False).eval()
+                  for impl in ("sdpa", "eager")}
+            tx = torch.from_numpy(pixels)
+
+            def torch_runner(m):
+                def run():
+                    with torch.inference_mode():
+                        return m(pixel_values=tx).last_hidden_state
+                return run
+
+            runners |= {f"torch-{impl}": torch_runner(m) for impl, m in tm.items()}
+            with torch.inference_mode():
+                ref = tm["eager"](pixel_values=tx).last_hidden_state.numpy()
+            diff = float(np.abs(model.forward(pixels).last_hidden_state - ref).max())
+            print(f"check: max |qkweights - torch eager| on last_hidden_state = {diff:.2e}")
+
+        blas = sorted({(i["internal_api"], i.get("version"), i.get("architecture")) for i in threadpool_info()}, key=str)
+        print(f"numpy {np.__version__}, BLAS {blas}; batch {args.batch}, ViT-B/16 224x224, {flops / args.batch / 1e9:.1f} GFLOP/image")
+        results = {}
+        for n in args.threads:
+            if not args.no_torch:
+                torch.set_num_threads(n)
+            with threadpool_limits(n):
+                for fn in runners.values():
+                    fn()  # warm-up
+                times = {name: [] for name in runners}
+                for _ in range(args.reps):
+                    for name, fn in runners.items():
+                        times[name].append(_time(fn))
+                peak = matmul_peak(args.batch * 197, 768, 3072, args.reps)
+            results[n] = times
+            print(f"\nthreads = {n}: numpy float32 matmul peak {peak:.0f} GFLOP/s")
+            for name, ts in times.items():
+                med, best = statistics.median(ts), min(ts)
+                gflops = flops / med / 1e9
+                print(f"  {name:10s} median {med * 1e3:7.0f} ms  best {best * 1e3:7.0f} ms  "
+                      f"{args.batch / med:6.2f} img/s  {gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)")
+            if not args.no_torch:
+                q = statistics.median(times["qkweights"])
+                for impl in ("sdpa", "eager"):
+                    print(f"  qkweights / torch-{impl} throughput: {statistics.median(times['torch-' + impl]) / q:.2f}x")
+        mem = peak_memory(folder, args.batch, args.threads[0])
+        print(f"\nmemory, forward(attentions=True, all 12 layers), batch {args.batch}: "
+              f"tracemalloc peak {mem['tracemalloc_peak_mb']:.0f} MB (outputs kept {mem['outputs_mb']:.0f} MB), "
+              f"RSS {mem['rss_before_mb']:.0f} MB before (weights loaded) -> peak {mem['rss_peak_mb']:.0f} MB during the call")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

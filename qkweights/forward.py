@@ -1,0 +1,553 @@
+"""The forward pass of a Vision Transformer in numpy: arrays in, arrays out, float32 throughout.
+
+:class:`ViTWeights` holds one model's weights, read once (``qkweights.vision`` builds
+it from a checkpoint through its spec) and laid out for speed: every linear layer is
+stored input-major ``(in, out)`` so that ``x @ w`` is one BLAS call, q/k/v are fused
+into one ``(D, 3D)`` matrix, and the query weights carry the logit scale 1/√K.
+:func:`forward` is the pre-norm ViT block, as transformers, timm and open_clip run it::
+
+    x = embed(pixels)                                    # (B, T, D)  [+ pre_norm]
+    for each block:
+        h = LN1(x);  q, k, v = h W_q, h W_k, h W_v       # attention_inputs[l] = h
+        a = softmax(q kᵀ / √K) v                         # attentions[l] = softmax(...)
+        x = x + s1 ⊙ (a W_o)
+        x = x + s2 ⊙ MLP(LN2(x))
+    last_hidden_state = final_norm(x)
+
+Numerics follow torch on CPU: LayerNorm with the biased variance and eps inside the
+square root, softmax with the row maximum subtracted, GELU with the same erf
+approximation as torch's vectorised CPU kernel (see :func:`gelu_erf`), QuickGELU
+``x·sigmoid(1.702x)``. Position tables are resampled to other patch grids with torch's
+bicubic ``interpolate`` (:func:`resize_bicubic`).
+
+Axis letters: B batch, T tokens, D width, H heads, K head dim, F MLP width, N patches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from qkweights.errors import InputError
+
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
+INTERPOLATIONS = ("bicubic", "bicubic_antialias")
+TOKEN_KINDS = ("cls", "dist", "registers", "patches")
+_BLAS = ThreadpoolController()  # numpy's BLAS, found once at import
+CHUNK = 65536  # elements per chunk of the GELU (the chunk and its 3 scratch arrays fit in a 2 MB L2 cache)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class Norm:
+    """LayerNorm gain and bias, (D,) float32 each."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """One transformer block, float32, linear weights input-major ``(in, out)``.
+
+    qkv: (D, 3D) columns [q | k | v], head-major inside each (head h = columns h·K…(h+1)·K−1);
+    the q columns and q bias are pre-multiplied by 1/√K. qkv_bias: (3D,).
+    out: (D, D); out_bias: (D,). scale1, scale2: layer-scale (D,) or None.
+    fc1: (D, F) — for SwiGLU (D, 2F), gate columns first; fc1_bias (F,) or (2F,);
+    fc2: (F, D); fc2_bias: (D,).
+    """
+
+    norm1: Norm
+    qkv: np.ndarray
+    qkv_bias: np.ndarray
+    out: np.ndarray
+    out_bias: np.ndarray
+    scale1: np.ndarray | None
+    norm2: Norm
+    fc1: np.ndarray
+    fc1_bias: np.ndarray
+    fc2: np.ndarray
+    fc2_bias: np.ndarray
+    scale2: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class EmbeddingWeights:
+    """Patch, special-token and position embeddings, float32.
+
+    patch: (C·P·P, D) input-major, inputs ordered (channel, row, column) like the conv
+    kernel; patch_bias: (D,) or None. tokens: the token kinds in sequence order (from
+    ``TOKEN_KINDS``, only those the model has). special: kind → (n, D) vectors (cls and
+    dist: n = 1; registers: n = R). position: (rows, D) or None; position_tokens: the
+    kinds its rows cover, in order (patches at the stored ``grid`` (gh, gw)).
+    interpolation: how the patch rows are resampled to another grid ("bicubic" as
+    torch's ``interpolate(mode="bicubic", align_corners=False)``; "bicubic_antialias"
+    adds ``antialias=True``). pre_norm: LayerNorm applied to the embeddings, or None.
+    """
+
+    patch: np.ndarray
+    patch_bias: np.ndarray | None
+    patch_size: int
+    tokens: tuple[str, ...]
+    special: dict[str, np.ndarray]
+    position: np.ndarray | None
+    position_tokens: tuple[str, ...]
+    grid: tuple[int, int]
+    interpolation: str
+    pre_norm: Norm | None
+
+
+@dataclass(frozen=True)
+class ViTWeights:
+    """A whole vision transformer: embeddings, blocks, optional final and post norms.
+
+    final_norm forms ``last_hidden_state``; post_norm applies to the pooled CLS token only
+    (CLIP's post_layernorm, open_clip's ln_post). act: one of ``ACTIVATIONS``.
+    """
+
+    embeddings: EmbeddingWeights
+    blocks: tuple[BlockWeights, ...]
+    final_norm: Norm | None
+    post_norm: Norm | None
+    heads: int
+    head_dim: int
+    eps: float
+    act: str
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each kind of token sits in the sequence (0-based indices into T)."""
+
+    cls: int | None
+    dist: int | None
+    registers: tuple[int, ...]
+    patches: slice
+    grid: tuple[int, int]  # (gh, gw): patches are row-major over this grid
+    n_tokens: int
+
+    @property
+    def special(self) -> list[int]:
+        """All non-patch token indices, ascending."""
+        return sorted([i for i in (self.cls, self.dist) if i is not None] + list(self.registers))
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """Named intermediates of one forward pass (float32).
+
+    hidden_states: L+1 entries (B, T, D); [l] is the residual stream entering block l
+    (after the embeddings' pre_norm for l = 0), [L] the output of the last block. When
+    the forward was asked for some ``layers`` only, the entries of the other layers
+    below L are None (memory stays bounded by the layers asked).
+    attention_inputs: layer → (B, T, D), the LayerNorm output that feeds W_q, W_k, W_v.
+    attentions: layer → (B, H, T, T) softmax probabilities (query row, key column);
+    empty unless ``attentions=True``.
+    last_hidden_state: (B, T, D), hidden_states[L] after the final norm (if any).
+    pooled: (B, D) post-norm of the CLS token when the model has a post norm, else None.
+    """
+
+    hidden_states: list
+    attention_inputs: dict[int, np.ndarray]
+    attentions: dict[int, np.ndarray]
+    last_hidden_state: np.ndarray
+    layout: TokenLayout
+    pooled: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------- elementwise math
+
+
+def layer_norm(x: np.ndarray, norm: Norm, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis as torch computes it: (x − mean)/√(var + eps)·w + b, biased variance.
+
+    x: (..., D) float32 → new (..., D) float32.
+    """
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean  # (..., D)
+    var = np.einsum("...d,...d->...", xc, xc)[..., None] / np.float32(x.shape[-1])  # (..., 1)
+    rstd = 1 / np.sqrt(var + np.float32(eps))
+    xc *= rstd
+    xc *= norm.weight
+    xc += norm.bias
+    return xc
+
+
+def softmax_(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place (torch's order: subtract the row max, exp, divide by the sum)."""
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z *= 1 / z.sum(axis=-1, keepdims=True)
+    return z
+
+
+# erf(z) = 1 − (a1 t + a2 t² + a3 t³ + a4 t⁴ + a5 t⁵) e^{−z²}, t = 1/(1 + p z), z ≥ 0, |error| ≤ 1.5e-7:
+# Abramowitz & Stegun 7.1.26, the approximation of torch's vectorised CPU erf (aten/src/ATen/cpu/vec).
+# For z = |x|/√2, p absorbs the 1/√2 and the a_i are halved, so the polynomial times e^{−x²/2} is
+# h = ½(1 − erf(|x|/√2)): Φ(x) = 1 − h for x ≥ 0, h for x < 0.
+_AS_P = np.float32(0.3275911 / math.sqrt(2))
+_AS_A = tuple(np.float32(0.5 * a) for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+
+
+def _gelu_erf_chunk(x: np.ndarray, a: np.ndarray, t: np.ndarray, r: np.ndarray) -> None:
+    """x·Φ(x) in place on a 1-D chunk; a, t, r: scratch of the same size."""
+    a1, a2, a3, a4, a5 = _AS_A
+    np.abs(x, out=a)  # |x|
+    np.multiply(a, _AS_P, out=t)
+    t += 1
+    np.reciprocal(t, out=t)  # t
+    np.multiply(t, a5, out=r)  # Horner: r = t(a1 + t(a2 + t(a3 + t(a4 + t a5))))
+    for c in (a4, a3, a2, a1):
+        r += c
+        r *= t
+    np.multiply(x, np.float32(-0.5), out=t)
+    t *= x
+    np.exp(t, out=t)  # e^{−x²/2}
+    r *= t  # h
+    r *= a  # |x|·h
+    np.maximum(x, 0, out=x)
+    x -= r  # x·Φ(x) = max(x, 0) − |x|·h
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """Exact-form GELU x·½(1 + erf(x/√2)) in float32, any shape; in place when x is C-contiguous float32.
+
+    erf is torch's CPU approximation (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e-7), so
+    the result agrees with torch's GELU to float32 rounding; computed in L2-sized chunks.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    flat = x.reshape(-1)
+    scratch = np.empty((3, CHUNK), np.float32)
+    for start in range(0, flat.size, CHUNK):
+        n = min(CHUNK, flat.size - start)
+        _gelu_erf_chunk(flat[start : start + n], *scratch[:, :n])
+    return x
+
+
+def activation_(x: np.ndarray, act: str) -> np.ndarray:
+    """The MLP activation ``act`` applied to x (F columns; SwiGLU: 2F, gate first), in place where it can. Returns (..., F)."""
+    with np.errstate(over="ignore"):  # e^{−v} → inf for v ≪ 0 gives the right limit, 0
+        return _activation(x, act)
+
+
+def _activation(x: np.ndarray, act: str) -> np.ndarray:
+    if act == "gelu":
+        return gelu_erf(x)
+    if act == "quick_gelu":  # x·sigmoid(1.702x) = x / (1 + e^{−1.702x})
+        s = np.exp(x * np.float32(-1.702))
+        s += 1
+        x /= s
+        return x
+    if act == "gelu_tanh":  # ½x(1 + tanh(√(2/π)(x + 0.044715x³)))
+        u = x * x
+        u *= np.float32(0.044715)
+        u += 1
+        u *= x
+        u *= np.float32(math.sqrt(2 / math.pi))
+        np.tanh(u, out=u)
+        u += 1
+        u *= np.float32(0.5)
+        x *= u
+        return x
+    if act == "relu":
+        return np.maximum(x, 0, out=x)
+    if act == "swiglu":  # silu(gate)·up, silu(g) = g / (1 + e^{−g})
+        f = x.shape[-1] // 2
+        gate, up = x[..., :f], x[..., f:]
+        s = np.exp(-gate)
+        s += 1
+        out = gate / s
+        out *= up
+        return out
+    raise InputError(f"activation {act!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
+
+
+# ---------------------------------------------------------------------------- position resampling
+
+
+def _fma(a, b, c) -> np.ndarray:
+    """a·b + c in float32 with a single rounding, like an FMA instruction (the float32 product is exact in float64)."""
+    return (np.asarray(a, np.float64) * b + c).astype(np.float32)
+
+
+def _cubic(x: np.ndarray, a: float, *, fuse_last: bool) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter ``a`` at x (float32), as aten's x86-64 build rounds it.
+
+    |x| ≤ 1: ((a + 2)|x| − (a + 3))|x|² + 1;  1 < |x| < 2: ((a|x| − 5a)|x| + 8a)|x| − 4a;  else 0.
+    The compiler fuses the Horner steps into FMAs; in the plain bicubic kernel the last
+    step is a separate multiply and add (``fuse_last=False``), in the antialiased one it
+    is fused too. Matching this makes the weights bit-identical to torch's.
+    """
+    a, x = np.float32(a), np.abs(np.asarray(x, np.float32))
+    near = (_fma(a + 2, x, -(a + 3)) * x).astype(np.float32)
+    far = _fma(_fma(a, x, -5 * a), x, 8 * a)
+    if fuse_last:
+        near, far = _fma(near, x, np.float32(1)), _fma(far, x, -4 * a)
+    else:
+        near, far = near * x + np.float32(1), far * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, np.float32(0))).astype(np.float32)
+
+
+def _bicubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's bicubic resize along one axis (align_corners=False).
+
+    Returns idx (n_out, 4) int, w (n_out, 4) float32. As aten's ``upsample_bicubic2d``:
+    scale = in/out, src = scale·(i + ½) − ½ (one FMA), A = −0.75, taps clamped to the border.
+    """
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = _fma(scale, np.arange(n_out) + 0.5, -0.5)  # (n_out,)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    t = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    one = np.float32(1)
+    taps = (t + one, t, one - t, (one - t) + one)
+    w = np.stack([_cubic(x, -0.75, fuse_last=False) for x in taps], 1)  # (n_out, 4)
+    idx = np.clip(i0[:, None] - 1 + np.arange(4), 0, n_in - 1)
+    return idx, w
+
+
+def _antialias_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's antialiased bicubic resize along one axis.
+
+    As aten's ``_upsample_bicubic2d_aa`` (PIL's filter, a = −0.5): support 2 (×scale when
+    shrinking), taps inside the image only, weights divided by their sum. Returns idx
+    (n_out, S), w (n_out, S) float32 with zero weights on unused taps.
+    """
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    support = f32(2) * scale if scale >= 1 else f32(2)
+    invscale = f32(1) / scale if scale >= 1 else f32(1)
+    size = int(math.ceil(support)) * 2 + 1
+    idx = np.zeros((n_out, size), np.int64)
+    w = np.zeros((n_out, size), f32)
+    for i in range(n_out):
+        center = scale * f32(i + 0.5)
+        lo = max(int(center - support + f32(0.5)), 0)
+        n = min(int(center + support + f32(0.5)), n_in) - lo
+        x = ((np.arange(lo, lo + n, dtype=f32) - center) + f32(0.5)) * invscale
+        k = _cubic(x, -0.5, fuse_last=True)
+        total = f32(0)
+        for v in k:  # sequential float32 sum, as aten
+            total = f32(total + v)
+        idx[i, :n] = np.arange(lo, lo + n)
+        w[i, :n] = k / total if total != 0 else k
+    return idx, w
+
+
+def _resample_axis(x: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Σ_j w[:, j] · x[idx[:, j]] along ``axis``, accumulated tap by tap in float32 (torch's order)."""
+    x = np.moveaxis(x, axis, 0)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    out = x[idx[:, 0]] * w[:, 0].reshape(shape)
+    for j in range(1, idx.shape[1]):
+        out += x[idx[:, j]] * w[:, j].reshape(shape)
+    return np.moveaxis(out, 0, axis)
+
+
+def resize_bicubic(grid: np.ndarray, size: tuple[int, int], *, antialias: bool = False) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bicubic", align_corners=False, size=size) in numpy.
+
+    grid: (gh, gw, D) float32 (channels last) → (size[0], size[1], D) float32. Without
+    antialias: Keys' kernel A = −0.75 with border clamping, width interpolated inside
+    each height tap as aten does. With antialias: PIL's a = −0.5 filter, width pass then
+    height pass, axes whose size does not change are left untouched (as aten).
+    """
+    grid = np.asarray(grid, np.float32)
+    (gh, gw), (oh, ow) = grid.shape[:2], size
+    if antialias:
+        out = grid
+        if gw != ow:
+            out = _resample_axis(out, 1, *_antialias_taps(gw, ow))
+        if gh != oh:
+            out = _resample_axis(out, 0, *_antialias_taps(gh, oh))
+        return out
+    rows = _resample_axis(grid, 1, *_bicubic_taps(gw, ow))  # (gh, ow, D)
+    return _resample_axis(rows, 0, *_bicubic_taps(gh, oh))  # (oh, ow, D)
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def token_layout(emb: EmbeddingWeights, grid: tuple[int, int]) -> TokenLayout:
+    """Indices of each token kind for a patch grid (gh, gw)."""
+    where, start = {}, 0
+    for kind in emb.tokens:
+        n = grid[0] * grid[1] if kind == "patches" else len(emb.special[kind])
+        where[kind] = range(start, start + n)
+        start += n
+    patches = where["patches"]
+    return TokenLayout(
+        cls=where["cls"][0] if "cls" in where else None,
+        dist=where["dist"][0] if "dist" in where else None,
+        registers=tuple(where.get("registers", ())),
+        patches=slice(patches.start, patches.stop),
+        grid=grid,
+        n_tokens=start,
+    )
+
+
+def position_rows(emb: EmbeddingWeights, grid: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Position vectors per token kind for a patch grid: kind → (n, D); patches resampled if the grid differs."""
+    if emb.position is None:
+        return {}
+    rows, start = {}, 0
+    for kind in emb.position_tokens:
+        n = emb.grid[0] * emb.grid[1] if kind == "patches" else len(emb.special[kind])
+        rows[kind] = emb.position[start : start + n]
+        start += n
+    if "patches" in rows and grid != emb.grid:
+        d = emb.position.shape[1]
+        table = rows["patches"].reshape(*emb.grid, d)  # (gh, gw, D)
+        resized = resize_bicubic(table, grid, antialias=emb.interpolation == "bicubic_antialias")
+        rows["patches"] = resized.reshape(-1, d)  # (N, D)
+    return rows
+
+
+def embed(emb: EmbeddingWeights, pixels: np.ndarray, eps: float) -> tuple[np.ndarray, TokenLayout]:
+    """Token embeddings of images: pixels (B, C, H, W) float32 → x (B, T, D) and the layout.
+
+    The patch conv (stride P) is one matmul over non-overlapping P×P patches; rows and
+    columns beyond the last whole patch are dropped, as the conv does.
+    """
+    b, c, h, w = pixels.shape
+    p = emb.patch_size
+    gh, gw = h // p, w // p
+    d = emb.patch.shape[1]
+    patches = pixels[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
+    patches = patches.reshape(b * gh * gw, c * p * p)  # (B·N, C·P·P)
+    x_patch = patches @ emb.patch  # (B·N, D)
+    if emb.patch_bias is not None:
+        x_patch += emb.patch_bias
+    layout = token_layout(emb, (gh, gw))
+    pos = position_rows(emb, (gh, gw))
+    x = np.empty((b, layout.n_tokens, d), np.float32)  # (B, T, D)
+    start = 0
+    for kind in emb.tokens:
+        tokens = x_patch.reshape(b, gh * gw, d) if kind == "patches" else emb.special[kind][None]  # (B|1, n, D)
+        n = tokens.shape[1]
+        x[:, start : start + n] = tokens + pos[kind] if kind in pos else tokens
+        start += n
+    if emb.pre_norm is not None:
+        x = layer_norm(x, emb.pre_norm, eps)
+    return x, layout
+
+
+# ---------------------------------------------------------------------------- the forward pass
+
+
+def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x (..., I) @ w (I, O) + b (O,) as one 2-D BLAS call → new (..., O)."""
+    y = x.reshape(-1, x.shape[-1]) @ w  # (B·T, O)
+    y += b
+    return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    """The requested layer indices (0-based, sorted, unique); None means all."""
+    if layers is None:
+        return list(range(n_layers))
+    out = sorted({int(l) for l in layers})
+    bad = [l for l in out if not 0 <= l < n_layers]
+    if bad:
+        raise InputError(f"layer {bad[0]} is out of range: the model has {n_layers} layers (0–{n_layers - 1})")
+    return out
+
+
+def check_pixels(pixels, channels: int, patch_size: int) -> np.ndarray:
+    """pixel_values as a C-contiguous float32 (B, C, H, W) array, or an InputError."""
+    x = np.ascontiguousarray(pixels, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise InputError(f"pixel_values has shape {x.shape}; expected (batch, {channels}, height, width)")
+    if x.shape[0] == 0 or x.shape[2] < patch_size or x.shape[3] < patch_size:
+        raise InputError(f"pixel_values has shape {x.shape}; give at least one image of at least {patch_size}×{patch_size} pixels")
+    if not np.isfinite(x).all():
+        raise InputError("pixel_values holds NaN or infinite values; check the images and their preprocessing")
+    return x
+
+
+def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool) -> ForwardOutput:
+    """The forward pass proper on checked pixels (B, C, H, W); ``keep``: layers whose intermediates are kept."""
+    heads, k = wt.heads, wt.head_dim
+    x, layout = embed(wt.embeddings, pixels, wt.eps)  # (B, T, D)
+    b, t, d = x.shape
+    hidden, inputs, probs = [], {}, {}
+    for l, blk in enumerate(wt.blocks):
+        hidden.append(x if l in keep else None)
+        h = layer_norm(x, blk.norm1, wt.eps)  # (B, T, D)
+        if l in keep:
+            inputs[l] = h
+        qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
+        q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K); q already scaled by 1/√K
+        att = softmax_(q @ key.swapaxes(-1, -2))  # (B, H, T, T)
+        if attentions and l in keep:
+            probs[l] = att
+        ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)
+        a = _linear(ctx, blk.out, blk.out_bias)  # (B, T, D)
+        if blk.scale1 is not None:
+            a *= blk.scale1
+        a += x
+        x = a
+        m = activation_(_linear(layer_norm(x, blk.norm2, wt.eps), blk.fc1, blk.fc1_bias), wt.act)  # (B, T, F)
+        m = _linear(m, blk.fc2, blk.fc2_bias)  # (B, T, D)
+        if blk.scale2 is not None:
+            m *= blk.scale2
+        m += x
+        x = m
+    hidden.append(x)
+    last = layer_norm(x, wt.final_norm, wt.eps) if wt.final_norm is not None else x
+    pooled = None
+    if wt.post_norm is not None and layout.cls is not None:
+        pooled = layer_norm(last[:, layout.cls], wt.post_norm, wt.eps)  # (B, D)
+    return ForwardOutput(hidden, inputs, probs, last, layout, pooled)
+
+
+def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
+    """Join forward outputs of consecutive batch shards along B."""
+    def cat(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays)
+
+    first = parts[0]
+    return ForwardOutput(
+        hidden_states=[cat([p.hidden_states[l] for p in parts]) for l in range(len(first.hidden_states))],
+        attention_inputs={l: cat([p.attention_inputs[l] for p in parts]) for l in first.attention_inputs},
+        attentions={l: cat([p.attentions[l] for p in parts]) for l in first.attentions},
+        last_hidden_state=cat([p.last_hidden_state for p in parts]),
+        layout=first.layout,
+        pooled=cat([p.pooled for p in parts]),
+    )
+
+
+def blas_threads() -> int:
+    """The thread count numpy's BLAS may use now (OPENBLAS_NUM_THREADS, threadpoolctl limits, …)."""
+    return max([lib["num_threads"] for lib in _BLAS.select(user_api="blas").info()] or [1])
+
+
+def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False,
+            layers: Iterable[int] | None = None, threads: int | None = None) -> ForwardOutput:
+    """Run the model on pixels (B, C, H, W) (already preprocessed).
+
+    layers: block indices whose attention inputs (and attentions, with ``attentions=True``)
+    and residual streams are kept; None keeps all. threads: how many threads to use
+    (default: as many as numpy's BLAS may use). With n > 1 threads the batch is split in
+    n shards run side by side, each with single-threaded BLAS — every step, elementwise
+    ones included, then runs in parallel, which scales better than threaded BLAS on
+    (B·T)-row matrices. Returns a :class:`ForwardOutput`.
+    """
+    keep = set(check_layers(layers, len(weights.blocks)))
+    emb = weights.embeddings
+    x = check_pixels(pixels, emb.patch.shape[0] // emb.patch_size**2, emb.patch_size)  # (B, C, H, W)
+    n = min(threads or blas_threads(), len(x))
+    if n <= 1:
+        return _run(weights, x, keep, attentions)
+    with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda shard: _run(weights, shard, keep, attentions), np.array_split(x, n)))
+    return _concat(parts)
