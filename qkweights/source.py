@@ -1,9 +1,12 @@
-"""Turn the MODEL argument into local files: a Hub repo id, a folder or a .safetensors file.
+"""Turn the MODEL argument into local files: a Hub repo id, a folder or a weight file.
 
 Hub repos go through ``huggingface_hub.snapshot_download`` into the normal cache, so
 HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN mean what they mean for every other
 Hugging Face tool. Only the files this package reads are fetched: the JSON configs, the
-safetensors index and the .safetensors weights, never pickles (.bin, .pth, .h5, .msgpack, .onnx).
+safetensors index and the .safetensors weights; PyTorch pickles (``pytorch_model.bin``) only
+with ``allow_pickle`` and only when the repo has no safetensors on main nor on a conversion
+branch; never .h5, .msgpack or .onnx. Local PyTorch files (.bin, .pt, .pth, .pth.tar) are
+accepted as they are: :mod:`qkweights.torch_pickle` reads them without running code.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ CONFIG_NAMES = ("config.json", "preprocessor_config.json", "open_clip_config.jso
 INDEX_NAME = "model.safetensors.index.json"
 PREFERRED_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
 SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
 # Title and author of the safetensors conversion PRs, as in transformers' safetensors_conversion.py.
 CONVERSION_PR_TITLE = "Adding `safetensors` variant of this model"
 CONVERSION_PR_AUTHOR = "SFconvertbot"
 HASH_CHUNK = 1 << 20
 LISTED_NAMES = 10
-PICKLE_NOTE = "pickle checkpoints (.bin, .pth, .h5, .msgpack) are not read by this command"
+PICKLE_NOTE = "PyTorch pickles are fetched from the Hub only with --allow-pickle (they are read without running code)"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -90,12 +95,13 @@ class Source:
         }
 
 
-def resolve(model: str, *, revision: str | None = None, progress: bool | None = None) -> Source:
+def resolve(model: str, *, revision: str | None = None, progress: bool | None = None, allow_pickle: bool = False) -> Source:
     """Find or fetch the files of MODEL.
 
     MODEL is an existing folder (save_pretrained output, Hub cache snapshot, open_clip folder),
-    an existing .safetensors file, or else a Hub repo id (``org/name`` or ``name``). ``revision``
-    applies to Hub ids only. Download progress bars are shown only when stderr is a terminal and
+    an existing .safetensors or PyTorch file, or else a Hub repo id (``org/name`` or ``name``).
+    ``revision`` applies to Hub ids only; ``allow_pickle`` lets a Hub repo without safetensors
+    fall back to its ``pytorch_model.bin``. Download progress bars are shown only when stderr is a terminal and
     ``progress`` is not False. Raises SourceError with a one-line message naming the fix.
     """
     if not model.strip():
@@ -108,22 +114,22 @@ def resolve(model: str, *, revision: str | None = None, progress: bool | None = 
     if _looks_like_path(model):
         raise SourceError(f"{model}: no such file or folder; check the path")
     with _progress_bars(progress), _hub_errors(model, revision or constants.DEFAULT_REVISION):
-        return _hub_source(model, revision)
+        return _hub_source(model, revision, allow_pickle)
 
 
 def _looks_like_path(model: str) -> bool:
     """True when MODEL can only be a path: a repo id is ``name`` or ``org/name``."""
     return (
         model.startswith((".", "~", "/", os.sep))
-        or model.endswith(SUFFIX)
+        or model.endswith((SUFFIX, *PICKLE_SUFFIXES))
         or (os.sep != "/" and os.sep in model)
         or model.count("/") > 1
     )
 
 
 def _file_source(path: Path) -> Source:
-    if path.suffix != SUFFIX:
-        raise SourceError(f"{path}: not a .safetensors file; {PICKLE_NOTE}, convert it to .safetensors first")
+    if not path.name.endswith((SUFFIX, *PICKLE_SUFFIXES)):
+        raise SourceError(f"{path}: not a weight file (.safetensors, or a PyTorch {', '.join(PICKLE_SUFFIXES)}); pass the checkpoint file or its folder")
     _check_readable(path)
     folder = path.parent
     names = _folder_names(folder)
@@ -140,10 +146,10 @@ def _file_source(path: Path) -> Source:
 
 def _folder_source(folder: Path) -> Source:
     names = _folder_names(folder)
-    weights = _weight_names(folder, names, str(folder))
+    weights = _weight_names(folder, names, str(folder)) or _pickle_names(names)
     if not weights:
         raise SourceError(
-            f"{folder}: no .safetensors file (files: {_listing(names)}); {PICKLE_NOTE}, convert them first"
+            f"{folder}: no weight file (.safetensors or pytorch_model.bin) among its files ({_listing(names)}); pass the folder that holds the checkpoint"
         )
     missing = [n for n in weights if not (folder / n).is_file()]
     if missing:
@@ -178,7 +184,7 @@ def _snapshot_identity(folder: Path) -> tuple[str | None, str | None]:
     return "/".join(repo_folder.split(constants.REPO_ID_SEPARATOR)[1:]), folder.name
 
 
-def _hub_source(repo_id: str, revision: str | None) -> Source:
+def _hub_source(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Source:
     rev = revision or constants.DEFAULT_REVISION
     folder, weights = _hub_files(repo_id, rev)
     if not weights and revision is None:
@@ -188,6 +194,9 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
             print(f"qkweights: main has no safetensors; using {pr_ref} (safetensors conversion)", file=sys.stderr)
             rev = pr_ref
             folder, weights = _hub_files(repo_id, rev)
+    if not weights and allow_pickle:
+        rev = revision or constants.DEFAULT_REVISION
+        folder, weights = _hub_pickles(repo_id, rev)
     if not weights:
         raise _no_hub_safetensors(repo_id, rev, folder)
     return Source(
@@ -220,6 +229,26 @@ def _hub_files(repo_id: str, rev: str) -> tuple[Path, list[str]]:
             f"{', '.join(missing)}; the checkpoint is incomplete on the Hub, pick another revision"
         )
     return folder, weights
+
+
+def _hub_pickles(repo_id: str, rev: str) -> tuple[Path, list[str]]:
+    """Fetch the PyTorch weights of a repo without safetensors; (snapshot folder, weight names or [])."""
+    folder = _download(repo_id, rev, list(CONFIG_NAMES))
+    names, _ = _hub_listing(repo_id, folder)
+    weights = _pickle_names(names)
+    if weights:
+        folder = _download(repo_id, rev, weights, cached=folder)
+        print(f"qkweights: {repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", file=sys.stderr)
+    return folder, weights
+
+
+def _pickle_names(names: list[str]) -> list[str]:
+    """The one PyTorch weight file among ``names`` (the usual names first), or []."""
+    for preferred in PICKLE_WEIGHTS:
+        if preferred in names:
+            return [preferred]
+    candidates = [n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n and not n.startswith(("training_args", "optimizer", "scheduler"))]
+    return candidates if len(candidates) == 1 else []
 
 
 def _download(repo_id: str, rev: str, names: list[str], cached: Path | None = None) -> Path:
@@ -259,7 +288,7 @@ def _no_hub_safetensors(repo_id: str, rev: str, folder: Path) -> SourceError:
         return _offline_error(repo_id, rev, ["*.safetensors"])
     return SourceError(
         f"{repo_id}@{rev} (commit {folder.name}) has no .safetensors weights (files: {_listing(names)}); "
-        f"{PICKLE_NOTE}: pass --revision with a safetensors branch (e.g. refs/pr/N) or convert the weights"
+        f"{PICKLE_NOTE}, or pass --revision with a safetensors branch (e.g. refs/pr/N)"
     )
 
 

@@ -141,10 +141,12 @@ def test_single_file_with_configs_beside_it(tmp_path):
     assert (src.revision, src.commit) == (None, None)
 
 
-def test_existing_pickle_file_is_refused(tmp_path):
-    path = write(tmp_path, {"pytorch_model.bin": b"pickle"}) / "pytorch_model.bin"
-    with pytest.raises(SourceError, match=r"pytorch_model\.bin: not a \.safetensors file; pickle checkpoints"):
-        resolve(str(path))
+def test_local_pytorch_files_are_accepted_and_others_refused(tmp_path):
+    path = write(tmp_path, {"pytorch_model.bin": b"pickle", "model.h5": b"h5"}) / "pytorch_model.bin"
+    src = resolve(str(path))
+    assert src.kind == "file" and src.weight_files == (path,)
+    with pytest.raises(SourceError, match=r"model\.h5: not a weight file \(\.safetensors, or a PyTorch \.bin, \.pt, \.pth, \.pth\.tar, \.ckpt\)"):
+        resolve(str(tmp_path / "model.h5"))
 
 
 def test_sharded_index_lists_shards_in_index_order(tmp_path):
@@ -187,13 +189,15 @@ def test_bad_index_is_a_checkpoint_error(tmp_path, index):
         resolve(str(folder))
 
 
-def test_folder_without_safetensors_lists_its_files(tmp_path):
-    folder = write(tmp_path / "old", {"config.json": CONFIG, "pytorch_model.bin": b"pickle"})
+def test_folder_without_safetensors_falls_back_to_its_pytorch_file(tmp_path):
+    folder = write(tmp_path / "old", {"config.json": CONFIG, "pytorch_model.bin": b"pickle", "training_args.bin": b"x"})
+    assert resolve(str(folder)).weight_files == (folder / "pytorch_model.bin",)
+    empty = write(tmp_path / "empty", {"config.json": CONFIG, "notes.txt": b""})
     with pytest.raises(SourceError) as err:
-        resolve(str(folder))
+        resolve(str(empty))
     assert str(err.value) == (
-        f"{folder}: no .safetensors file (files: config.json, pytorch_model.bin); "
-        "pickle checkpoints (.bin, .pth, .h5, .msgpack) are not read by this command, convert them first"
+        f"{empty}: no weight file (.safetensors or pytorch_model.bin) among its files (config.json, notes.txt); "
+        "pass the folder that holds the checkpoint"
     )
 
 
@@ -363,9 +367,16 @@ def test_hub_repo_without_safetensors_lists_its_files(hub_cache):
         resolve(REPO)
     assert str(err.value) == (
         f"{REPO}@main (commit {MAIN_SHA}) has no .safetensors weights (files: config.json, pytorch_model.bin, tf_model.h5); "
-        "pickle checkpoints (.bin, .pth, .h5, .msgpack) are not read by this command: "
-        "pass --revision with a safetensors branch (e.g. refs/pr/N) or convert the weights"
+        "PyTorch pickles are fetched from the Hub only with --allow-pickle (they are read without running code), "
+        "or pass --revision with a safetensors branch (e.g. refs/pr/N)"
     )
+
+
+def test_hub_repo_without_safetensors_with_allow_pickle(hub_cache, capsys):
+    make_hub_cache(hub_cache, REPO, {"config.json": CONFIG, "pytorch_model.bin": b"pickle"}, commit=MAIN_SHA, tree=True)
+    src = resolve(REPO, allow_pickle=True)
+    assert [p.name for p in src.weight_files] == ["pytorch_model.bin"] and src.commit == MAIN_SHA and src.revision == "main"
+    assert "has no safetensors; reading pytorch_model.bin with the restricted unpickler" in capsys.readouterr().err
 
 
 def test_invalid_repo_id(hub_cache):
