@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from qkweights.source import Source, resolve
+import sys
+
+from qkweights.errors import CheckpointError
+from qkweights.source import SUFFIX, Source, resolve
 from qkweights.spec import Checkpoint, open_checkpoint
 from qkweights.tensors import TensorStore
+from qkweights.torch_pickle import TorchStore
+
+# Research checkpoints that hold several networks (I-JEPA: encoder, target_encoder, predictor) are
+# read through this part unless --part names another.
+DEFAULT_PART = "encoder"
 
 
-def open_model(model: str, *, revision: str | None = None, family: str | None = None,
-               progress: bool | None = None) -> tuple[Source, Checkpoint]:
+def open_store(source: Source, *, part: str | None = None):
+    """The tensors of ``source``: safetensors files, or one PyTorch file read by the restricted unpickler."""
+    files = source.weight_files
+    if all(f.name.endswith(SUFFIX) for f in files):
+        if part is not None:
+            raise CheckpointError(f"--part {part!r} applies to PyTorch training checkpoints; {files[0].name} is safetensors, drop --part")
+        return TensorStore.open(files)
+    if len(files) != 1:
+        raise CheckpointError(f"{source.model_id}: sharded PyTorch checkpoints ({', '.join(f.name for f in files)}) are not supported; convert them to safetensors")
+    store = TorchStore.open(files[0], part=part)
+    parts = {name.split(".", 1)[0] for name in store.names()}
+    if part is None and DEFAULT_PART in parts and len(parts) > 1:
+        print(f"qkweights: {files[0].name} holds {', '.join(sorted(parts))}; reading {DEFAULT_PART!r} (choose with --part)", file=sys.stderr)
+        store = TorchStore.open(files[0], part=DEFAULT_PART)
+    return store
+
+
+def open_model(model: str, *, revision: str | None = None, family: str | None = None, part: str | None = None,
+               allow_pickle: bool = False, progress: bool | None = None) -> tuple[Source, Checkpoint]:
     """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec."""
-    source = resolve(model, revision=revision, progress=progress)
-    store = TensorStore.open(source.weight_files)
-    return source, open_checkpoint(store, source.config_files, family=family)
+    source = resolve(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
+    return source, open_checkpoint(open_store(source, part=part), source.config_files, family=family)
