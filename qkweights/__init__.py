@@ -3,18 +3,19 @@
 __version__ = "0.1.0"
 
 
-def profile(model: str, *, revision: str | None = None, family: str | None = None, save_vectors: bool = False,
-            progress: bool | None = None):
-    """Profile every head of ``model`` (Hub id, local folder or .safetensors file).
+def profile(model: str, *, save_vectors: bool = False, progress: bool | None = None, **options):
+    """Profile every head of ``model`` (Hub id, local folder, .safetensors or PyTorch file).
 
-    Returns a :class:`qkweights.profiles.Profile`: per-head SVD statistics of
-    ``W_q,hᵀW_k,h`` as numpy arrays plus metadata; ``.save(dir)``, ``.to_json()``.
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see
+    :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
+    per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
+    ``.save(dir)``, ``.to_json()``.
     """
-    from qkweights.load import open_model
+    from qkweights.load import open_model, source_record
     from qkweights.profiles import compute_profile
 
-    source, ck = open_model(model, revision=revision, family=family, progress=progress)
-    return compute_profile(ck, source.to_json(), save_vectors=save_vectors)
+    source, ck = open_model(model, progress=progress, **options)
+    return compute_profile(ck, source_record(source, ck), save_vectors=save_vectors)
 
 
 def load_profile(path):
@@ -24,8 +25,11 @@ def load_profile(path):
     return _load(path)
 
 
-def load_model(model: str, *, revision: str | None = None, family: str | None = None):
-    """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`)."""
+def load_model(model: str, **options):
+    """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`).
+
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
+    """
     from qkweights.vision import load_model as _load
 
-    return _load(model, revision=revision, family=family)
+    return _load(model, **options)

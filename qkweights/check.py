@@ -41,7 +41,7 @@ import numpy as np
 
 from qkweights import __version__
 from qkweights.errors import InputError
-from qkweights.load import open_model
+from qkweights.load import open_model, source_record
 from qkweights.profiles import Profile, compute_profile, load_profile
 from qkweights.progress import Progress
 
@@ -261,19 +261,20 @@ def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
     return out
 
 
-def check_model(model: str, baseline: str | Path, *, revision: str | None = None, family: str | None = None,
+def check_model(model: str, baseline: str | Path, *, model_options: dict | None = None,
                 progress: bool | None = None, **tolerances) -> CheckReport:
     """Profile ``model`` (Hub id, folder or .safetensors file) and check it against the saved ``baseline``.
 
     ``baseline``: a profile.json or the folder holding it, read first so a bad
-    path fails before the weights are read. ``progress``: show download and
+    path fails before the weights are read. ``model_options``: ``revision``,
+    ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`). ``progress``: show download and
     per-layer progress on stderr (None: only on a terminal). ``tolerances``:
     the keyword options of :func:`check_profile`.
     """
     base = load_profile(baseline)
-    source, ck = open_model(model, revision=revision, family=family, progress=progress)
+    source, ck = open_model(model, progress=progress, **(model_options or {}))
     bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
-    current = compute_profile(ck, source.to_json(), progress=bar.update)
+    current = compute_profile(ck, source_record(source, ck), progress=bar.update)
     bar.close()
     bad = set(current.nonfinite)
     collapsed = [(l, h) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]

@@ -45,7 +45,7 @@ from matplotlib.patches import Rectangle
 from qkweights import __version__, figures
 from qkweights.compare import curves_from
 from qkweights.errors import InputError
-from qkweights.load import open_model
+from qkweights.load import open_model, source_record
 from qkweights.outputs import save_figure, write_csv, write_json
 from qkweights.profiles import Profile, compute_profile, load_profile
 from qkweights.progress import Progress
@@ -227,19 +227,19 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
     return DiffResult(a, b, k, spectrum_tv(a.singular_values, b.singular_values), ratio, angles_u, angles_v, tuple(notes))
 
 
-def profile_for_diff(item: str | Path, *, k: int = 8, revision: str | None = None, family: str | None = None,
-                     progress: bool | None = None) -> Profile:
+def profile_for_diff(item: str | Path, *, k: int = 8, progress: bool | None = None, **options) -> Profile:
     """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint (profiled now, with vectors).
 
     For a checkpoint the singular vectors are kept only for the top ``k`` modes,
     (L, H, D, k) each; while profiling all K are held ((L, H, D, K) float64 twice).
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
     """
     path = Path(item)
     if path.suffix == ".json" or (path.is_dir() and (path / "profile.json").is_file()):
         return load_profile(path)
-    source, ck = open_model(str(item), revision=revision, family=family, progress=progress)
+    source, ck = open_model(str(item), progress=progress, **options)
     bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=progress)
-    prof = compute_profile(ck, source.to_json(), save_vectors=True, progress=bar.update)
+    prof = compute_profile(ck, source_record(source, ck), save_vectors=True, progress=bar.update)
     bar.close()
     return dataclasses.replace(prof, U=prof.U[..., :k].copy(), V=prof.V[..., :k].copy())
 

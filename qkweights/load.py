@@ -32,6 +32,12 @@ def open_store(source: Source, *, part: str | None = None):
     return store
 
 
+def source_record(source: Source, ck: Checkpoint) -> dict:
+    """The provenance written into every output: the source's record, plus the part read from a training checkpoint."""
+    part = ck.store.metadata.get("part")
+    return {**source.to_json(), **({"part": part} if part else {})}
+
+
 def open_model(model: str, *, revision: str | None = None, family: str | None = None, part: str | None = None,
                allow_pickle: bool = False, progress: bool | None = None) -> tuple[Source, Checkpoint]:
     """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec."""

@@ -65,6 +65,7 @@ from matplotlib.ticker import MaxNLocator
 from qkweights.errors import InputError
 from qkweights.figures import DEPTH_LABEL
 from qkweights.forward import TokenLayout, token_layout
+from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.outputs import atomic_path, save_figure, write_csv, write_json
 from qkweights.vision import VisionModel, load_model
@@ -266,7 +267,7 @@ def _file_stat(path: Path) -> list:
 
 def _source_json(model: VisionModel) -> dict:
     if model.source is not None:
-        return model.source.to_json()
+        return source_record(model.source, model.checkpoint)
     return {"model_id": model.checkpoint.spec.name}
 
 

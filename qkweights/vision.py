@@ -304,9 +304,12 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
     return VisionModel(ck, source, vit_weights(ck), prep, origin)
 
 
-def load_model(model: str, *, revision: str | None = None, family: str | None = None) -> VisionModel:
-    """Open ``model`` (Hub id, folder or .safetensors file) and load it for the forward pass."""
+def load_model(model: str, **options) -> VisionModel:
+    """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
+
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
+    """
     from qkweights.load import open_model
 
-    source, ck = open_model(model, revision=revision, family=family)
+    source, ck = open_model(model, **options)
     return vision_model(ck, source)

@@ -21,8 +21,15 @@ from qkweights.errors import EXIT_USAGE, QkError
 COMMANDS = [
     ("profile", "per-head query-key SVD of a checkpoint: table, profile.json, heads.csv, figures"),
     ("compare", "overlay the layer curves of several models (checkpoints or saved profile.json / o3_summary.json)"),
+    ("check", "compare a checkpoint with a saved profile.json within tolerances; exit 1 on drift (CI gate, JSON/JUnit reports)"),
+    ("diff", "how each head's query-key interaction changed between two checkpoints: ranked heads, heatmaps, diff.json"),
     ("inspect", "family, dimensions, dtype, tensors used and file sizes (reads headers only)"),
     ("specs", "the checkpoint families qkweights knows, with an example id each"),
+    ("o3", "attention allocation on an Odd-One-Out folder: same object / different object / background per layer"),
+    ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
+    ("maps", "query and key projection maps of one image on one head's modes (red/cyan figure and npz)"),
+    ("top-images", "the images of a folder that drive each query-key mode most (resumable), and the anisotropy control"),
+    ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]
 
 

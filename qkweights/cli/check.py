@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qkweights.check import SUMMARY_LINES, check_model
-from qkweights.cli.common import add_model_arguments
+from qkweights.cli.common import add_model_arguments, model_options
 from qkweights.errors import EXIT_FINDINGS, EXIT_OK
 from qkweights.outputs import write_json, write_text
 
@@ -21,7 +21,7 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    report = check_model(args.model, args.baseline, revision=args.revision, family=args.family,
+    report = check_model(args.model, args.baseline, model_options=model_options(args),
                          progress=False if args.quiet else None, tol_layer=args.tol_layer, tol_head=args.tol_head,
                          tol_sigma=args.tol_sigma, top_sigma=args.top_sigma)
     if args.report:

@@ -19,6 +19,19 @@ def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -
         p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name), local folder or .safetensors file")
     p.add_argument("--revision", help="Hub branch, tag or commit sha (default: main, or its safetensors conversion branch)")
     p.add_argument("--family", help="checkpoint family, overriding detection (see `python -m qkweights specs`)")
+    add_pickle_arguments(p)
+
+
+def add_pickle_arguments(p: argparse.ArgumentParser) -> None:
+    """--part and --allow-pickle, for PyTorch checkpoints."""
+    p.add_argument("--part", help="the network to read from a PyTorch training checkpoint holding several (I-JEPA: encoder (default), target_encoder, predictor)")
+    p.add_argument("--allow-pickle", action="store_true", help="let a Hub repo without safetensors fall back to its pytorch_model.bin (read without running code)")
+
+
+def model_options(args, revision: str | None = None) -> dict:
+    """The keyword options of qkweights.load.open_model given on the command line."""
+    return {"revision": revision if revision is not None else getattr(args, "revision", None), "family": args.family,
+            "part": args.part, "allow_pickle": args.allow_pickle}
 
 
 def model_slug(model_id: str) -> str:

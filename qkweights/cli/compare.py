@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qkweights.cli.common import add_pickle_arguments, model_options
+
 
 def configure(p) -> None:
     p.add_argument("items", metavar="MODEL_OR_JSON", nargs="+", help="checkpoints (profiled now), saved profile.json / o3_summary.json files, or folders holding them")
+    add_pickle_arguments(p)
+    p.add_argument("--family", help="checkpoint family of the checkpoints given, overriding detection")
     p.add_argument("--labels", help="comma-separated legend labels, one per item")
     p.add_argument("--out", default="qkweights-out/compare", help="output folder (default: ./qkweights-out/compare)")
 
@@ -21,7 +25,7 @@ def run(args) -> int:
         if path.suffix == ".json" or (path.is_dir() and ((path / "profile.json").exists() or (path / "o3_summary.json").exists())):
             items.append(path)
         else:
-            items.append(qkweights.profile(item))
+            items.append(qkweights.profile(item, **model_options(args)))
     labels = args.labels.split(",") if args.labels else None
     written = compare(items, Path(args.out), labels=labels)
     print(f"wrote {', '.join(p.name for p in written)} to {args.out}/")

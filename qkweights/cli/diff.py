@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qkweights.cli.common import add_pickle_arguments, model_options
 from qkweights.diff import diff_profiles, profile_for_diff
 
 SHOWN = 10  # ranked heads printed
@@ -15,6 +16,7 @@ def configure(p) -> None:
     p.add_argument("--revision-a", help="Hub revision of MODEL_A")
     p.add_argument("--revision-b", help="Hub revision of MODEL_B")
     p.add_argument("--family", help="checkpoint family of both, overriding detection (see `python -m qkweights specs`)")
+    add_pickle_arguments(p)
     p.add_argument("--k", type=int, default=8, help="size of the top singular subspaces whose principal angles are compared (default: 8)")
     p.add_argument("--out", default="qkweights-out/diff", help="output folder (default: ./qkweights-out/diff)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -23,8 +25,8 @@ def configure(p) -> None:
 
 def run(args) -> int:
     progress = False if args.quiet else None
-    a = profile_for_diff(args.model_a, k=args.k, revision=args.revision_a, family=args.family, progress=progress)
-    b = profile_for_diff(args.model_b, k=args.k, revision=args.revision_b, family=args.family, progress=progress)
+    a = profile_for_diff(args.model_a, k=args.k, progress=progress, **model_options(args, args.revision_a))
+    b = profile_for_diff(args.model_b, k=args.k, progress=progress, **model_options(args, args.revision_b))
     result = diff_profiles(a, b, k=args.k)
     written = result.save(Path(args.out), plots=not args.no_plots)
     if not args.quiet:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments
+from qkweights.cli.common import add_model_arguments, model_options
 from qkweights.load import open_model
 
 
@@ -11,7 +11,7 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    source, ck = open_model(args.model, revision=args.revision, family=args.family)
+    source, ck = open_model(args.model, **model_options(args))
     d = ck.dims
     print(f"model     {source.model_id}" + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else ""))
     print(f"family    {ck.spec.name}: {ck.spec.description}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, out_dir
+from qkweights.cli.common import add_model_arguments, model_options, out_dir
 from qkweights.errors import EXIT_OK
 from qkweights.o3 import CSV_NAME, FIGURE_NAME, SUMMARY_NAME, o3_allocation, select_items
 from qkweights.progress import Progress
@@ -22,7 +22,7 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    model = load_model(args.model, revision=args.revision, family=args.family)
+    model = load_model(args.model, **model_options(args))
     out = out_dir(args, model.source.model_id)
     items, _, _ = select_items(args.o3_dir, args.max_images)
     bar = Progress(len(items), "o3", unit="images", enabled=None if not args.quiet else False)

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 
-from qkweights.cli.common import add_model_arguments, out_dir
+from qkweights.cli.common import add_model_arguments, model_options, out_dir
 from qkweights.errors import EXIT_FINDINGS, EXIT_OK
-from qkweights.load import open_model
+from qkweights.load import open_model, source_record
 from qkweights.profiles import Profile, compute_profile
 from qkweights.progress import Progress
 
@@ -23,9 +23,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    source, ck = open_model(args.model, revision=args.revision, family=args.family, progress=not args.quiet)
+    source, ck = open_model(args.model, progress=not args.quiet, **model_options(args))
     bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=None if not args.quiet else False)
-    prof = compute_profile(ck, source.to_json(), save_vectors=args.save_vectors, progress=bar.update)
+    prof = compute_profile(ck, source_record(source, ck), save_vectors=args.save_vectors, progress=bar.update)
     bar.close()
     out = out_dir(args, source.model_id)
     written = prof.save(out, plots=not args.no_plots)
