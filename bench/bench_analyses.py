@@ -1,0 +1,189 @@
+"""Benchmarks of the image analyses: O3 attention allocation (``bench_o3``) and top images (``bench_top_images``).
+
+Run from the repository root:  python bench/bench_analyses.py [o3] [top-images] [--reps N]
+(no name runs every ``bench_*`` function of this file). Checkpoints and synthetic datasets are
+written once into ``bench/out/`` (git-ignored) and reused; the ViT-B-shaped random hf-vit
+checkpoint is the one bench_profile.py writes (``make_vit``), shared here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_profile import make_vit  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+TINY_VIT = ROOT / "tests" / "fixtures" / "models" / "vit"
+
+
+def vit_b_random() -> Path:
+    """The ViT-B/16-shaped random hf-vit checkpoint (D 768, 12 layers × 12 heads, 224², F32) in bench/out/."""
+    return make_vit(OUT / "vit-b-random", 768, 12, 12)
+
+
+def synthetic_o3(n: int, size: int, seed: int = 0) -> Path:
+    """A synthetic O3 folder of ``n`` square images of ``size`` pixels in bench/out/ (written once)."""
+    from qkweights.synth_o3 import make_o3
+
+    folder = OUT / f"o3-synth-{size}-n{n}-s{seed}"
+    return folder if folder.is_dir() else make_o3(folder, n=n, seed=seed, size=(size, size))
+
+
+def bench_o3(args) -> None:
+    """images/s of ``o3`` against the forward pass alone (attentions=True) on the same batches.
+
+    Per model: every image is prepared once (preprocessing + masks, timed separately), then
+    ``--reps`` rounds alternate (a) the forward passes alone over the same batches of
+    ``--batch`` images and (b) ``o3_allocation`` end to end into a fresh folder. Fixed costs
+    of a run are timed once on their own and left out of the rounds: the figure, and the
+    sha256 of the weight files that the resume fingerprint needs (cached on the model).
+    Overhead = median(o3) / median(forward) − 1.
+    """
+    from qkweights.o3 import FIGURE_NAME, SUMMARY_NAME, o3_allocation, o3_figure, prepare, select_items
+    from qkweights.vision import load_model
+
+    data = synthetic_o3(args.o3_images, args.o3_size)
+    print(f"o3: {args.o3_images} synthetic images of {args.o3_size}×{args.o3_size} px (JPEG), batch {args.batch}, "
+          f"{args.reps} rounds; median (best) over rounds")
+    for label, folder in (("tiny vit fixture (D 32, 2 layers × 4 heads, 32², T 17)", TINY_VIT),
+                          ("ViT-B/16 random (D 768, 12 layers × 12 heads, 224², T 197)", vit_b_random())):
+        model = load_model(str(folder))
+        t0 = time.perf_counter()
+        model.source.to_json()  # sha256 of the weight files for the resume fingerprint: once per run, cached
+        t_digest = time.perf_counter() - t0
+        items, _, _ = select_items(data, None)
+        t0 = time.perf_counter()
+        prepared = [prepare(model, item) for item in items]
+        t_prepare = time.perf_counter() - t0
+        batches = [np.stack([p.pixels for p in prepared[i : i + args.batch]]) for i in range(0, len(prepared), args.batch)]
+        forward, o3 = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.reps):
+                t0 = time.perf_counter()
+                for x in batches:
+                    model.forward(x, attentions=True)
+                forward.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                o3_allocation(model, data, Path(tmp) / f"run{r}", batch_size=args.batch, plots=False)
+                o3.append(time.perf_counter() - t0)
+            summary = Path(tmp) / "run0" / SUMMARY_NAME
+            t0 = time.perf_counter()
+            o3_figure(json.loads(summary.read_text()), Path(tmp) / FIGURE_NAME)
+            t_figure = time.perf_counter() - t0
+        n = len(items)
+        f_med, o_med = statistics.median(forward), statistics.median(o3)
+        print(f"  {label}")
+        print(f"    forward alone : {n / f_med:8.2f} images/s ({n / min(forward):.2f})   {f_med / n * 1e3:9.1f} ms/image")
+        print(f"    o3 end to end : {n / o_med:8.2f} images/s ({n / min(o3):.2f})   {o_med / n * 1e3:9.1f} ms/image")
+        print(f"    overhead      : {o_med / f_med - 1:+8.1%} of the forward time (best/best {min(o3) / min(forward) - 1:+.1%}); "
+              f"of it, preparing images and masks {t_prepare / n * 1e3:.1f} ms/image")
+        print(f"    once per run  : figure {t_figure:.2f} s, weight digest for the fingerprint {t_digest:.2f} s (not in the rounds)")
+
+
+TOP_IMAGES_SETS = {"tiny": (256, 256), "vit-b": (32, 448)}  # (images, side in px) of the synthetic folders
+
+
+def bench_top_images(args) -> None:
+    """images/s of the ``top-images`` scan against the forward pass alone on the same batches.
+
+    Per model, defaults of the command (all layers and heads, modes 0–9, top 8), batches of
+    ``--batch`` images: the images are decoded and preprocessed once (``load_batch``, timed);
+    then ``--reps`` rounds alternate (a) the forward passes alone over those batches and
+    (b) the scan end to end (``scan``: decoding, forward, scores, running top-K, anisotropy,
+    the state file after each batch). Overhead = (median(b) − decoding) / median(a) − 1.
+    A third, instrumented pass times the analysis alone per batch (``score_batch`` and
+    ``save_state`` against ``forward`` on the same batch, back to back, so machine load hits
+    both alike). The winners' maps and figures are timed once (``top_images`` minus the scan).
+    """
+    from qkweights.top_images import (
+        STATE_NAME, ScanState, fingerprint, input_size, list_images, load_batch, mode_bank, model_identity,
+        save_state, scan, score_batch, top_images,
+    )
+    from qkweights.vision import load_model
+
+    print(f"top-images: all layers and heads, modes 0-9, top 8, batch {args.batch}, {args.reps} rounds; median (best) over rounds")
+    for label, folder, key in (("tiny vit fixture (D 32, 2 layers × 4 heads, 32², T 17)", TINY_VIT, "tiny"),
+                               ("ViT-B/16 random (D 768, 12 layers × 12 heads, 224², T 197)", vit_b_random(), "vit-b")):
+        n_images, side = TOP_IMAGES_SETS[key]
+        root = synthetic_o3(n_images, side) / "images"
+        model = load_model(str(folder))
+        d = model.dims
+        layers, heads, modes = list(range(d.layers)), list(range(d.heads)), [n for n in range(10) if n < d.head_dim]
+        paths = list_images(root)
+        t0 = time.perf_counter()
+        batches = [load_batch(model, root, paths[i : i + args.batch], input_size(model))[0] for i in range(0, len(paths), args.batch)]
+        t_load = time.perf_counter() - t0
+        bank = mode_bank(model.checkpoint, layers, heads, modes)
+        source = model_identity(model)
+        options = {"layers": layers, "heads": heads, "modes": modes, "top": 8, "batch_size": args.batch}
+        fp = fingerprint(source, root, paths, options)
+        forward, scans = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.reps):
+                t0 = time.perf_counter()
+                for x in batches:
+                    model.forward(x, layers=layers)
+                forward.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                scan(model, root, paths, bank, 8, args.batch, Path(tmp) / f"scan{r}" / STATE_NAME, fp)
+                scans.append(time.perf_counter() - t0)
+            st = ScanState.empty(len(layers), len(heads) * len(modes), 8, d.hidden)
+            t_fwd = t_score = t_save = 0.0
+            for b, x in enumerate(batches):
+                t0 = time.perf_counter()
+                out = model.forward(x, layers=layers)
+                t1 = time.perf_counter()
+                score_batch(bank, st, out, np.arange(b * args.batch, b * args.batch + len(x)))
+                t2 = time.perf_counter()
+                save_state(Path(tmp) / STATE_NAME, st, fp)
+                t3 = time.perf_counter()
+                t_fwd, t_score, t_save = t_fwd + t1 - t0, t_score + t2 - t1, t_save + t3 - t2
+            t0 = time.perf_counter()
+            top_images(model, root, Path(tmp) / "full", layers=layers, heads=heads, modes=modes, top=8, batch_size=args.batch)
+            t_full = time.perf_counter() - t0
+        n = len(paths)
+        f_med, s_med = statistics.median(forward), statistics.median(scans)
+        print(f"  {label}: {n} synthetic JPEGs of {side}×{side} px")
+        print(f"    forward alone     : {n / f_med:8.2f} images/s ({n / min(forward):.2f})   {f_med / n * 1e3:9.1f} ms/image")
+        print(f"    top-images scan   : {n / s_med:8.2f} images/s ({n / min(scans):.2f})   {s_med / n * 1e3:9.1f} ms/image")
+        print(f"    decoding+preproc. : {t_load / n * 1e3:9.1f} ms/image")
+        print(f"    overhead          : {(s_med - t_load) / f_med - 1:+8.1%} of the forward time (scan − decoding vs forward, medians)")
+        print(f"    analysis alone    : scores + top-K {t_score / t_fwd:+.1%}, state file {t_save / t_fwd:+.1%} of the forward time "
+              f"(same batches, back to back; {t_save / len(batches) * 1e3:.1f} ms per state write)")
+        print(f"    maps + figures    : {t_full - s_med:.1f} s ({d.layers * d.heads} grid figures + anisotropy), once per run")
+
+
+def main() -> None:
+    benches = {name[len("bench_"):].replace("_", "-"): fn for name, fn in globals().items()
+               if name.startswith("bench_") and callable(fn)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(sorted(benches))} (default: all)")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds per measurement (default: 3)")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--o3-images", type=int, default=16, help="images in the synthetic O3 set (default: 16)")
+    parser.add_argument("--o3-size", type=int, default=1024, help="side of the synthetic O3 images, px (default: 1024, as the public O3 example)")
+    args = parser.parse_args()
+    unknown = [n for n in args.names if n not in benches]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(sorted(benches))}")
+    blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()]
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; BLAS {blas}")
+    for name in args.names or sorted(benches):
+        benches[name](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Projection maps of one image onto the query-key modes of one head (paper Fig. 1, 4, 5).
+
+For head h of layer l with ``W_q,hᵀW_k,h = U Σ Vᵀ`` (:func:`qkweights.qk.qk_svd`, the
+profiles' sign convention) and the embeddings x_t of the patch tokens t:
+
+* query map of mode n: ``x_t·u_n``; key map: ``x_t·v_n``, on the patch grid (gh, gw).
+* x is the LayerNorm output that feeds W_q/W_k (``embedding="ln"``, the default; for it
+  ``x_iᵀW_qᵀW_k x_j = Σ_n σ_n (x_i·u_n)(v_n·x_j)`` exactly) or the residual stream entering
+  the block (``"residual"``, what the paper's public code projects).
+* Shown sign: (u_n, v_n) and (−u_n, −v_n) are the same mode, and both signs are
+  features. The sign shown is the one with the larger response
+  ``max_t(s·x_t·u_n) · max_t(s·x_t·v_n)`` (s = ±1, patch tokens; + on ties) — the score
+  that ``top-images`` ranks images by.
+* Contribution of mode n to this image's attention logits in the head (``--top``, paper
+  Fig. 5): ``c_n = σ_n · Σ_{i,j} a_ij (x_i·u_n)(v_n·x_j) / √K`` with the model's attention
+  probabilities a_ij of the head, i over all query tokens (patches and special tokens),
+  j over all key tokens, and x always the LayerNorm output (the logits' own input). Then
+  ``Σ_n c_n = Σ_{i,j} a_ij · x_iᵀW_qᵀW_k x_j / √K``, the attention-weighted bilinear logit
+  summed over query rows. Modes are ranked by ``|c_n|``.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkweights.errors import InputError
+from qkweights.outputs import save_figure, write_npz
+from qkweights.overlay import CAPTION, composite, display_image
+from qkweights.qk import qk_svd
+
+EMBEDDINGS = {
+    "ln": "LayerNorm output feeding W_q/W_k (attention_inputs[l])",
+    "residual": "residual stream entering the block (hidden_states[l])",
+}
+DEFAULT_MODES = 6
+CONTRIBUTION = "c_n = σ_n · Σ_ij a_ij (x_i·u_n)(v_n·x_j) / √K, a = the head's attention probabilities, i and j over all tokens, x = LayerNorm output"
+SIGN_CHARS = {1: "+", -1: "−"}
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Projection maps of one image on N modes of one head.
+
+    query, key: (N, gh, gw) float64 raw projections x_t·u_n and x_t·v_n (u, v in the
+    profiles' sign convention; the sign shown is ``signs``). modes: (N,) mode indices;
+    signs: (N,) ±1; singular_values, cosines: (N,) σ_n (of the unscaled W_qᵀW_k) and
+    u_n·v_n; contributions: (N,) c_n (module docstring). image: (H, W, 3) the model input
+    in [0, 1]; patch_size: pixels per patch. ranked: True when the modes are the top |c_n|.
+    """
+
+    model_id: str
+    layer: int
+    head: int
+    embedding: str
+    modes: np.ndarray
+    signs: np.ndarray
+    singular_values: np.ndarray
+    cosines: np.ndarray
+    contributions: np.ndarray
+    query: np.ndarray
+    key: np.ndarray
+    image: np.ndarray
+    patch_size: int
+    ranked: bool
+
+
+def choose_signs(query: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """The sign each mode is shown in: −1 where ``min_t q · min_t k > max_t q · max_t k``, else +1.
+
+    query, key: (N, T) projections x_t·u_n, x_t·v_n over patch tokens. The two
+    products are ``max_t(s·q)·max_t(s·k)`` for s = +1 and s = −1. Returns (N,) int.
+    """
+    plus = query.max(axis=1) * key.max(axis=1)  # (N,)
+    minus = query.min(axis=1) * key.min(axis=1)  # (N,) = max(−q)·max(−k)
+    return np.where(minus > plus, -1, 1)
+
+
+def contributions(x: np.ndarray, attn: np.ndarray, u: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """c_n = σ_n · Σ_{i,j} a_ij (x_i·u_n)(v_n·x_j) / √K for every mode of one head.
+
+    x: (T, D) LayerNorm output; attn: (T, T) attention probabilities (rows = queries);
+    u, v: (D, K); s: (K,). Returns (K,) float64.
+    """
+    p = x @ u  # (T, K) x_i·u_n
+    q = x @ v  # (T, K) x_j·v_n
+    return s * np.einsum("in,in->n", p, attn @ q) / math.sqrt(u.shape[1])
+
+
+def _check(model, layer: int, head: int, modes, top, embedding: str) -> None:
+    d = model.dims
+    if embedding not in EMBEDDINGS:
+        raise InputError(f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}")
+    if not 0 <= layer < d.layers:
+        raise InputError(f"layer {layer} is out of range: the model has {d.layers} layers (0–{d.layers - 1})")
+    if not 0 <= head < d.heads:
+        raise InputError(f"head {head} is out of range: the model has {d.heads} heads (0–{d.heads - 1})")
+    if modes is not None and top is not None:
+        raise InputError("give either modes or top, not both")
+    if top is not None and not 1 <= top <= d.head_dim:
+        raise InputError(f"top {top} is out of range: a head has {d.head_dim} modes; give 1–{d.head_dim}")
+    bad = [n for n in (modes or ()) if not 0 <= n < d.head_dim]
+    if bad:
+        raise InputError(f"mode {bad[0]} is out of range: a head has {d.head_dim} modes (0–{d.head_dim - 1})")
+
+
+def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int | None = None,
+                    embedding: str = "ln") -> Maps:
+    """Query and key maps of ``image`` on modes of head ``head`` of layer ``layer`` (0-based).
+
+    model: a :class:`qkweights.vision.VisionModel`; image: a path, PIL image or uint8
+    array (preprocessed with the model's own preprocessing). modes: mode indices (default
+    the first 6, clipped to the head dim) or top: the ``top`` modes of largest |c_n|, in
+    that order. embedding: "ln" or "residual" (module docstring).
+    """
+    modes = None if modes is None else [int(n) for n in modes]
+    _check(model, layer, head, modes, top, embedding)
+    pixels = model.preprocess(image)  # (1, 3, H, W)
+    out = model.forward(pixels, attentions=True, layers=[layer])
+    x_ln = out.attention_inputs[layer][0].astype(np.float64)  # (T, D)
+    x = x_ln if embedding == "ln" else out.hidden_states[layer][0].astype(np.float64)
+    qk = model.checkpoint.qk(layer)
+    u, s, v = qk_svd(qk.wq[head], qk.wk[head])  # (D, K), (K,), (D, K)
+    c = contributions(x_ln, out.attentions[layer][0, head].astype(np.float64), u, s, v)  # (K,)
+    if top is not None:
+        chosen = np.argsort(-np.abs(c), kind="stable")[:top]
+    else:
+        chosen = np.array(modes if modes is not None else range(min(DEFAULT_MODES, s.size)), dtype=int)
+    lay = out.layout
+    gh, gw = lay.grid
+    xp = x[lay.patches]  # (N_patches, D)
+    query = (xp @ u[:, chosen]).T  # (N, N_patches)
+    key = (xp @ v[:, chosen]).T
+    prep = model.preprocessing
+    return Maps(
+        model_id=model.source.model_id if model.source is not None else model.checkpoint.spec.name,
+        layer=layer, head=head, embedding=embedding,
+        modes=chosen, signs=choose_signs(query, key),
+        singular_values=s[chosen], cosines=np.einsum("dn,dn->n", u[:, chosen], v[:, chosen]),
+        contributions=c[chosen],
+        query=query.reshape(-1, gh, gw), key=key.reshape(-1, gh, gw),
+        image=display_image(pixels[0], prep.mean, prep.std, prep.rescale),
+        patch_size=model.weights.embeddings.patch_size,
+        ranked=top is not None,
+    )
+
+
+def mode_title(layer: int, head: int, mode: int, sign: int, sigma: float, cos: float) -> str:
+    """``L{l} H{h} M{n} ±`` and ``σ … cos …`` on a second line (0-based indices)."""
+    return f"L{layer} H{head} M{mode} {SIGN_CHARS[int(sign)]}\nσ {sigma:.3g}   cos {cos:+.3f}"
+
+
+def maps_figure(maps: Maps):
+    """The image, then one red/cyan composite per mode (``qkweights.overlay``), at most 5 panels a row."""
+    from matplotlib.figure import Figure
+
+    n = len(maps.modes)
+    rows = -(-(n + 1) // 5)  # at most 5 panels a row, rows as even as possible
+    cols = -(-(n + 1) // rows)
+    fig = Figure(figsize=(2.6 * cols, 2.75 * rows + 0.9), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    gh, gw = maps.query.shape[1:]
+    p = maps.patch_size
+    axes[0].imshow(maps.image[: gh * p, : gw * p], interpolation="antialiased")
+    axes[0].set_title(f"input {gw * p}×{gh * p} px\n{gh}×{gw} patches", fontsize=9)
+    for i in range(n):
+        ax = axes[i + 1]
+        ax.imshow(composite(maps.image[: gh * p, : gw * p], maps.query[i], maps.key[i], int(maps.signs[i])), interpolation="nearest")
+        title = mode_title(maps.layer, maps.head, int(maps.modes[i]), int(maps.signs[i]),
+                           float(maps.singular_values[i]), float(maps.cosines[i]))
+        if maps.ranked:
+            title += f"   c {maps.contributions[i]:+.3g}"
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[n + 1:]:
+        ax.set_axis_off()
+    order = f"top {n} modes by |c_n|" if maps.ranked else "modes " + ",".join(str(int(m)) for m in maps.modes)
+    fig.suptitle(f"{maps.model_id} — layer {maps.layer}, head {maps.head}, {order}\n"
+                 f"x = {EMBEDDINGS[maps.embedding]}", fontsize=10)
+    caption = CAPTION + "; sign shown (+/−) = larger max(x·u)·max(x·v)"
+    if maps.ranked:
+        caption += f"\n{CONTRIBUTION}"
+    caption = "\n".join(textwrap.fill(part, width=int(2.6 * cols * 72 / (7 * 0.55))) for part in caption.split("\n"))
+    fig.text(0.5, 0.0, caption, ha="center", va="top", fontsize=7, color="0.3")
+    return fig
+
+
+def save_maps(maps: Maps, out_dir) -> list[Path]:
+    """Write ``maps_L{l}_H{h}.png`` and ``maps_L{l}_H{h}.npz`` into ``out_dir``; return their paths.
+
+    The npz holds query, key (N, gh, gw), modes, signs, singular_values, cosines,
+    contributions (N,), embedding (str), layer, head, patch_size, and image (H, W, 3).
+    """
+    out = Path(out_dir)
+    stem = f"maps_L{maps.layer}_H{maps.head}"
+    png = save_figure(maps_figure(maps), out / f"{stem}.png", dpi=120)
+    npz = write_npz(out / f"{stem}.npz", query=maps.query, key=maps.key, modes=maps.modes, signs=maps.signs,
+                    singular_values=maps.singular_values, cosines=maps.cosines, contributions=maps.contributions,
+                    embedding=np.array(maps.embedding), layer=np.array(maps.layer), head=np.array(maps.head),
+                    patch_size=np.array(maps.patch_size), image=maps.image.astype(np.float32))
+    return [png, npz]

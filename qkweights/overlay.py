@@ -1,0 +1,74 @@
+"""The red/cyan composite of a query map and a key map over a dimmed image (paper Fig. 1, 4, 5).
+
+Colour scaling, per map (query and key separately), for the chosen sign s = ±1:
+
+1. keep the positive side of the signed map, ``m⁺ = max(s·m, 0)``;
+2. divide by the 99th percentile of ``|m|`` over the patch grid (robust to a few
+   outlier tokens; the scale is never below 1e-12 of the map's largest |value|);
+3. clip to [0, 1].
+
+The two scaled maps ``q, k ∈ [0, 1]`` become the overlay colour ``(q, k, k)``: red
+where only the query map is high, cyan (green + blue) where only the key map is
+high, white where both are. The image is shown in grey, dimmed to ``DIM`` of its
+luminance, and the overlay is screen-blended on top, ``1 − (1 − image)(1 − overlay)``,
+so unlit patches show the dimmed image and lit patches their colour. Maps are drawn
+as patch-sized blocks (nearest-neighbour upsampling): the resolution of a map is the
+patch grid, and the figure does not pretend otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLIP_PERCENTILE = 99.0
+DIM = 0.45  # luminance factor of the grey background image
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B
+CAPTION = (f"red = query map x·u, cyan = key map x·v, white = both; each map: positive side of the shown sign, "
+           f"÷ its {CLIP_PERCENTILE:g}th percentile of |value|, clipped to [0, 1]; image dimmed to grey")
+
+
+def scale_map(values: np.ndarray, sign: int = 1) -> np.ndarray:
+    """A map scaled to [0, 1] for display (module docstring, steps 1–3).
+
+    values: (gh, gw) raw projections x_t·u (or x_t·v); sign: +1 or −1.
+    Returns (gh, gw) float64 in [0, 1]; all zeros when the map has no positive side.
+    """
+    m = np.asarray(values, np.float64)
+    mag = np.abs(m)
+    top = float(mag.max()) if mag.size else 0.0
+    scale = max(float(np.percentile(mag, CLIP_PERCENTILE)), 1e-12 * top) if top > 0 else 1.0
+    return np.clip(np.maximum(sign * m, 0.0) / scale, 0.0, 1.0)
+
+
+def display_image(pixels: np.ndarray, mean, std, rescale: float) -> np.ndarray:
+    """The model's input image back in [0, 1]: undo the normalisation of one preprocessed image.
+
+    pixels: (3, H, W) float32 as ``Preprocess`` returns it, ``(x·rescale − mean)/std``
+    with x the uint8 RGB values. Returns (H, W, 3) float64 ``x/255`` clipped to [0, 1].
+    """
+    px = np.asarray(pixels, np.float64).transpose(1, 2, 0)  # (H, W, 3)
+    x = (px * np.asarray(std) + np.asarray(mean)) / (rescale * 255.0)
+    return np.clip(x, 0.0, 1.0)
+
+
+def upsample(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a (gh, gw) map to ``shape`` (H, W) pixels: pixel (y, x) shows patch (y·gh//H, x·gw//W)."""
+    gh, gw = grid.shape
+    rows = np.arange(shape[0]) * gh // shape[0]
+    cols = np.arange(shape[1]) * gw // shape[1]
+    return grid[rows[:, None], cols[None, :]]
+
+
+def composite(image: np.ndarray, query: np.ndarray, key: np.ndarray, sign: int = 1) -> np.ndarray:
+    """The red/cyan overlay of one mode on one image.
+
+    image: (H, W, 3) in [0, 1], the part of the model input the patch grid covers
+    (:func:`display_image` cropped to gh·P × gw·P, possibly resized); query, key: (gh, gw)
+    raw maps; sign: ±1, the sign shown. Returns (H, W, 3) float64 in [0, 1].
+    """
+    shape = image.shape[:2]
+    grey = DIM * (image @ LUMA)  # (H, W)
+    q = upsample(scale_map(query, sign), shape)  # (H, W)
+    k = upsample(scale_map(key, sign), shape)
+    overlay = np.stack([q, k, k], axis=-1)  # (H, W, 3)
+    return 1.0 - (1.0 - grey[..., None]) * (1.0 - overlay)

@@ -1,0 +1,222 @@
+"""Optimal images per mode (qkweights.top_images): scores, running top-K, resume, odd files, anisotropy.
+
+References: each image run alone through the forward pass and scored by plain Python
+loops over tokens in float64 (method.md §5); pairwise cosines by a double loop; the
+top-K by one global sort of every score.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qkweights.cli import main
+from qkweights.qk import qk_svd
+from qkweights.synth_o3 import make_o3
+from qkweights.top_images import (
+    STATE_NAME, list_images, mean_pairwise_cosine, merge_topk, top_images, unit_sum,
+)
+from qkweights.vision import load_model
+
+MODELS = Path(__file__).parent / "fixtures" / "models"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """9 synthetic scenes (images/ plus their two mask folders: 27 jpg files)."""
+    return make_o3(tmp_path_factory.mktemp("o3") / "o3", n=9, seed=1, size=(48, 48))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_model(str(MODELS / "vit"))
+
+
+def brute_force(model, root, paths, layers, heads, modes):
+    """{(l, h, n, sign): [(score, stats…, path) per image]} and the centre-token embeddings per layer, image by image."""
+    rows, centres = {}, {l: [] for l in layers}
+    for rel in paths:
+        out = model.forward(model.preprocess(root / rel), layers=layers)
+        lay = out.layout
+        gh, gw = lay.grid
+        for l in layers:
+            x = out.attention_inputs[l][0].astype(np.float64)
+            centres[l].append(x[lay.patches.start + (gh // 2) * gw + gw // 2])
+            qk = model.checkpoint.qk(l)
+            for h in heads:
+                u, _, v = qk_svd(qk.wq[h], qk.wk[h])
+                for n in modes:
+                    for sign, s in (("+", 1.0), ("-", -1.0)):
+                        pq = [s * float(x[t] @ u[:, n]) for t in range(lay.patches.start, lay.patches.stop)]
+                        pk = [s * float(x[t] @ v[:, n]) for t in range(lay.patches.start, lay.patches.stop)]
+                        top_q, top_k = sorted(pq)[-5:], sorted(pk)[-5:]
+                        rows.setdefault((l, h, n, sign), []).append(
+                            (max(pq) * max(pk), max(pq), max(pk), sum(pq) / len(pq), sum(pk) / len(pk),
+                             sum(top_q) / 5, sum(top_k) / 5, rel))
+    return rows, centres
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2-reg"])
+def test_scores_against_brute_force(folder, tmp_path, name):
+    model = load_model(str(MODELS / name))
+    layers, heads, modes = [1], [0, 2], [0, 3]
+    paths = list_images(folder)
+    doc = top_images(model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4, plots=False)
+    ref, centres = brute_force(model, folder, paths, layers, heads, modes)
+    assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
+    got = {(hd["layer"], hd["head"], m["mode"], sign): winners
+           for hd in doc["heads"] for m in hd["modes"] for sign, winners in m["signs"].items()}
+    assert set(got) == set(ref)
+    for key, winners in got.items():
+        by_path = {r[-1]: r for r in ref[key]}
+        assert sorted(w["path"] for w in winners) == sorted(by_path)
+        for w in winners:
+            r = by_path[w["path"]]
+            np.testing.assert_allclose([w["score"], w["max_query"], w["max_key"], w["mean_query"], w["mean_key"], w["top5_query"], w["top5_key"]],
+                                       r[:7], rtol=2e-5, atol=2e-5)
+        scores = [w["score"] for w in winners]
+        assert scores == sorted(scores, reverse=True)
+    # anisotropy: mean over ordered pairs i ≠ j of cos(centre_i, centre_j), by a double loop
+    c = centres[1]
+    pairs = [c[i] @ c[j] / np.linalg.norm(c[i]) / np.linalg.norm(c[j]) for i in range(len(c)) for j in range(len(c)) if i != j]
+    assert doc["anisotropy"]["mean_cosine"][0] == pytest.approx(np.mean(pairs), abs=1e-6)
+
+
+def test_running_topk_equals_global_sort():
+    rng = np.random.default_rng(0)
+    n, k = 50, 6
+    scores = rng.integers(0, 8, size=(3, 2, n)).astype(float)  # many ties
+    stats = rng.standard_normal((3, 2, n, 2))
+    top_s, top_i, top_x = np.full((3, 2, k), -np.inf), np.full((3, 2, k), -1), np.full((3, 2, k, 2), np.nan)
+    for start in range(0, n, 7):
+        idx = np.arange(start, min(start + 7, n))
+        top_s, top_i, top_x = merge_topk(top_s, top_i, top_x, scores[..., idx], idx, stats[..., idx, :])
+    for a in range(3):
+        for b in range(2):
+            order = sorted(range(n), key=lambda i: (-scores[a, b, i], i))[:k]  # score descending, then index
+            assert top_i[a, b].tolist() == order
+            np.testing.assert_array_equal(top_s[a, b], scores[a, b, order])
+            np.testing.assert_array_equal(top_x[a, b], stats[a, b, order])
+
+
+def test_running_topk_with_fewer_images_than_k():
+    top = merge_topk(np.full((1, 4), -np.inf), np.full((1, 4), -1), np.zeros((1, 4, 1)),
+                     np.array([[2.0, 5.0]]), np.array([0, 1]), np.ones((1, 2, 1)))
+    assert top[1].tolist() == [[1, 0, -1, -1]]
+
+
+def test_anisotropy_formula():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((11, 5)) + 0.7  # a shared offset makes the mean cosine clearly positive
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    brute = np.mean([u[i] @ u[j] for i in range(11) for j in range(11) if i != j])
+    s = unit_sum(x[:4]) + unit_sum(x[4:])  # accumulated over two batches
+    assert mean_pairwise_cosine(s, 11) == pytest.approx(brute, rel=1e-12)
+    assert brute > 0.2
+    assert np.isnan(mean_pairwise_cosine(s, 1))
+
+
+def interrupt_after(batches):
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) > batches:  # the first call reports the starting point
+            raise KeyboardInterrupt
+
+    return progress, calls
+
+
+def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
+    kw = dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5)
+    whole = top_images(vit, folder, tmp_path / "whole", **kw, plots=False)
+    out = tmp_path / "resumed"
+    progress, calls = interrupt_after(2)
+    with pytest.raises(KeyboardInterrupt):
+        top_images(vit, folder, out, **kw, progress=progress, plots=False)
+    assert (out / STATE_NAME).exists() and not (out / "top_images.json").exists()
+    assert calls == [0, 5, 10]
+    progress, calls = interrupt_after(100)
+    resumed = top_images(vit, folder, out, **kw, progress=progress, plots=False)
+    assert calls[0] == 10 and calls[-1] == 27  # continued after the last completed batch
+    assert resumed == whole
+    assert json.loads((out / "top_images.json").read_text()) == json.loads((tmp_path / "whole" / "top_images.json").read_text())
+    assert not (out / STATE_NAME).exists()
+    assert "ignoring" not in capsys.readouterr().err
+
+
+def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
+    kw = dict(layers=[1], heads=[0], modes=range(2), batch_size=5, plots=False)
+    progress, _ = interrupt_after(1)
+    with pytest.raises(KeyboardInterrupt):
+        top_images(vit, folder, tmp_path / "a", top=3, progress=progress, **kw)
+    progress, calls = interrupt_after(100)
+    doc = top_images(vit, folder, tmp_path / "a", top=2, progress=progress, **kw)  # another --top: another command
+    assert "from another command" in capsys.readouterr().err
+    assert calls[0] == 0
+    assert doc == top_images(vit, folder, tmp_path / "b", top=2, **kw)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / STATE_NAME).write_bytes(b"PK\x03\x04 truncated")
+    assert top_images(vit, folder, tmp_path / "c", top=2, **kw) == doc
+    assert "unreadable" in capsys.readouterr().err
+
+
+def _write(im, path, fmt, **kw):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def test_odd_images(vit, folder, tmp_path):
+    root = tmp_path / "wild"
+    rgb = Image.open(folder / "images" / "synth_0000.jpg").convert("RGB")
+    _write(rgb.convert("CMYK"), root / "cmyk.jpg", "JPEG")
+    _write(rgb.convert("P"), root / "sub" / "palette.png", "PNG")
+    _write(Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).convert("I;16"), root / "deep.png", "PNG")
+    _write(rgb.convert("L"), root / "sub" / "deeper" / "GREY.PNG", "PNG")
+    _write(rgb, root / "photo.WebP", "WEBP")
+    _write(rgb, root / "UPPER.JPEG", "JPEG")
+    data = _write(rgb, root / "truncated.jpg", "JPEG")
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "not-an-image.png").write_text("hello")
+    (root / "notes.txt").write_text("not listed")
+    out = root / "out"  # the output folder inside the image folder is not scanned
+    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False)
+    expected = ["UPPER.JPEG", "cmyk.jpg", "deep.png", "not-an-image.png", "photo.WebP", "sub/deeper/GREY.PNG",
+                "sub/palette.png", "truncated.jpg"]
+    assert list_images(root, exclude=out) == expected  # sorted relative paths, any letter case, recursive
+    assert [s["path"] for s in doc["skipped"]] == ["not-an-image.png", "truncated.jpg"]
+    assert all("cannot decode" in s["reason"] for s in doc["skipped"])
+    assert doc["n_files"] == 8 and doc["n_images"] == 6
+    winners = doc["heads"][0]["modes"][0]["signs"]["+"]
+    assert sorted(w["path"] for w in winners) == sorted(set(expected) - {"not-an-image.png", "truncated.jpg"})
+    # the re-run of the same folder (with its outputs now inside it) gives the same document
+    assert top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False) == doc
+
+
+def test_figures_and_cli(folder, tmp_path):
+    out = tmp_path / "cli"
+    code = main(["top-images", str(MODELS / "dinov2-reg"), str(folder), "--layers", "1", "--heads", "2", "--modes", "0-1",
+                 "--top", "3", "--batch-size", "8", "--out", str(out), "--quiet"])
+    assert code == 0
+    doc = json.loads((out / "top_images.json").read_text())
+    assert doc["schema"] == "qkweights.top_images/1" and doc["options"]["modes"] == [0, 1]
+    assert [len(m["signs"]["+"]) for m in doc["heads"][0]["modes"]] == [3, 3]
+    grid = Image.open(out / "top_L1_H2.png")
+    assert grid.size[1] > 500  # 4 rows (2 modes × 2 signs) of 1.2-inch cells at 110 dpi, plus title and caption
+    assert Image.open(out / "anisotropy.png").size[0] > 600
+    assert not (out / STATE_NAME).exists()
+    # modes beyond the head dim (8) are dropped, as --modes 0-9 is the default
+    assert main(["top-images", str(MODELS / "vit"), str(folder), "--layers", "0", "--heads", "0", "--modes", "6-9",
+                 "--out", str(tmp_path / "clip"), "--no-plots", "--quiet"]) == 0
+    assert json.loads((tmp_path / "clip" / "top_images.json").read_text())["options"]["modes"] == [6, 7]
+
+
+def test_empty_folder(vit, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["top-images", str(MODELS / "vit"), str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
