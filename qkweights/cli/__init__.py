@@ -21,35 +21,44 @@ from qkweights.errors import EXIT_USAGE, QkError
 COMMANDS = [
     ("profile", "per-head query-key SVD of a checkpoint: table, profile.json, heads.csv, figures"),
     ("compare", "overlay the layer curves of several models (checkpoints or saved profile.json / o3_summary.json)"),
-    ("check", "compare a checkpoint with a saved profile.json within tolerances; exit 1 on drift (CI gate, JSON/JUnit reports)"),
-    ("diff", "how each head's query-key interaction changed between two checkpoints: ranked heads, heatmaps, diff.json"),
     ("inspect", "family, dimensions, dtype, tensors used and file sizes (reads headers only)"),
     ("specs", "the checkpoint families qkweights knows, with an example id each"),
-    ("o3", "attention allocation on an Odd-One-Out folder: same object / different object / background per layer"),
-    ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
+    ("check", "compare a checkpoint with a saved profile.json within tolerances; exit 1 on drift (CI gate, JSON/JUnit reports)"),
+    ("diff", "how each head's query-key interaction changed between two checkpoints: ranked heads, heatmaps, diff.json"),
     ("maps", "query and key projection maps of one image on one head's modes (red/cyan figure and npz)"),
     ("top-images", "the images of a folder that drive each query-key mode most (resumable), and the anisotropy control"),
+    ("o3", "attention allocation on an Odd-One-Out folder: same object / different object / background per layer"),
+    ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
     ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and configured (all of them when None), so startup stays fast."""
     parser = argparse.ArgumentParser(prog="python -m qkweights", description="What the attention heads of a Vision Transformer do, read from their query-key weights.")
     parser.add_argument("--version", action="version", version=f"qkweights {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS:
-        module = importlib.import_module(f"qkweights.cli.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-        module.configure(p)
-        p.set_defaults(run=module.run)
+        if command is None or name == command:
+            module = importlib.import_module(f"qkweights.cli.{name.replace('-', '_')}")
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+            module.configure(p)
+            p.set_defaults(run=module.run)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command named on the command line, if it is a known one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in {name for name, _ in COMMANDS} else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
