@@ -83,6 +83,8 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        # Constrained layout already fits the figure; "tight" would draw it a second time.
+        tight = None if fig.get_layout_engine() is not None else "tight"
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=tight)
     plt.close(fig)
     return Path(path)
