@@ -9,7 +9,7 @@ into one ``(D, 3D)`` matrix, and the query weights carry the logit scale 1/√K.
     x = embed(pixels)                                    # (B, T, D)  [+ pre_norm]
     for each block:
         h = LN1(x);  q, k, v = h W_q, h W_k, h W_v       # attention_inputs[l] = h
-        a = softmax(q kᵀ / √K) v                         # attentions[l] = softmax(...)
+        a = softmax(q kᵀ / √K [+ R]) v                   # attentions[l] = softmax(...)
         x = x + s1 ⊙ (a W_o)
         x = x + s2 ⊙ MLP(LN2(x))
     last_hidden_state = final_norm(x)
@@ -18,7 +18,9 @@ Numerics follow torch on CPU: LayerNorm with the biased variance and eps inside 
 square root, softmax with the row maximum subtracted, GELU with the same erf
 approximation as torch's vectorised CPU kernel (see :func:`gelu_erf`), QuickGELU
 ``x·sigmoid(1.702x)``. Position tables are resampled to other patch grids with torch's
-bicubic ``interpolate`` (:func:`resize_bicubic`).
+bicubic ``interpolate`` (:func:`resize_bicubic`). ``R`` is BEiT's relative position bias
+(SimMIM), R[h, i, j] = table[index[i, j], h] (:func:`relative_position_bias`), added after the
+1/√K scale as BEiT, SimMIM and transformers' BeitModel add it.
 
 Axis letters: B batch, T tokens, D width, H heads, K head dim, F MLP width, N patches.
 """
@@ -62,6 +64,9 @@ class BlockWeights:
     out: (D, D); out_bias: (D,). scale1, scale2: layer-scale (D,) or None.
     fc1: (D, F) — for SwiGLU (D, 2F), gate columns first; fc1_bias (F,) or (2F,);
     fc2: (F, D); fc2_bias: (D,).
+    rel_pos: relative position bias table ((2gh−1)(2gw−1) + 3, H) for the stored patch grid
+    ``EmbeddingWeights.grid`` (gh, gw), the sum of the block's own and a shared table; None
+    when the block has none.
     """
 
     norm1: Norm
@@ -76,6 +81,7 @@ class BlockWeights:
     fc2: np.ndarray
     fc2_bias: np.ndarray
     scale2: np.ndarray | None
+    rel_pos: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +380,71 @@ def resize_bicubic(grid: np.ndarray, size: tuple[int, int], *, antialias: bool =
     return _resample_axis(rows, 0, *_bicubic_taps(gh, oh))  # (oh, ow, D)
 
 
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's bilinear resize along one axis (align_corners=False).
+
+    Returns idx (n_out, 2) int, w (n_out, 2) float32. As aten's ``upsample_bilinear2d``:
+    scale = in/out, src = max(scale·(i + ½) − ½, 0), i0 = ⌊src⌋, i1 = min(i0 + 1, in − 1),
+    weights (1 − λ, λ) with λ = src − i0.
+    """
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(_fma(scale, np.arange(n_out) + 0.5, -0.5), 0)  # (n_out,)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    idx = np.stack([i0, np.minimum(i0 + 1, n_in - 1)], 1)
+    return idx, np.stack([np.float32(1) - lam, lam], 1)
+
+
+def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False, size=size) in numpy.
+
+    grid: (h, w, C) float32 (channels last) → (size[0], size[1], C) float32; width pass, then height.
+    """
+    grid = np.asarray(grid, np.float32)
+    rows = _resample_axis(grid, 1, *_bilinear_taps(grid.shape[1], size[1]))  # (h, size[1], C)
+    return _resample_axis(rows, 0, *_bilinear_taps(grid.shape[0], size[0]))
+
+
+# ---------------------------------------------------------------------------- relative position bias
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+    """BEiT's relative_position_index for a (gh, gw) patch grid with CLS first: (T, T) int64, T = gh·gw + 1.
+
+    Patches i = (ri, ci), j = (rj, cj) in raster order: (ri − rj + gh − 1)(2gw − 1) + (ci − cj + gw − 1),
+    in [0, n) with n = (2gh − 1)(2gw − 1); CLS → patch: n; patch → CLS: n + 1; CLS → CLS: n + 2
+    (rows are queries, columns keys; SimMIM models/vision_transformer.py, unilm beit).
+    """
+    gh, gw = grid
+    n = (2 * gh - 1) * (2 * gw - 1)
+    r, c = np.divmod(np.arange(gh * gw), gw)  # (N,) row and column of each patch
+    index = np.empty((gh * gw + 1,) * 2, np.int64)  # (T, T)
+    index[1:, 1:] = (r[:, None] - r[None, :] + gh - 1) * (2 * gw - 1) + (c[:, None] - c[None, :] + gw - 1)
+    index[0, :] = n
+    index[:, 0] = n + 1
+    index[0, 0] = n + 2
+    return index
+
+
+def relative_position_bias(table: np.ndarray, window: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """The bias R (H, T, T) float32 that BEiT adds to the attention logits: R[h, i, j] = table[index[i, j], h].
+
+    table: ((2Wh−1)(2Ww−1) + 3, H), learnt for the patch grid ``window`` (Wh, Ww); grid: the input's
+    patch grid (gh, gw), T = gh·gw + 1 with CLS first. For another grid the (2Wh−1)×(2Ww−1)
+    part is resized to (2gh−1)×(2gw−1) with torch's bilinear ``interpolate`` (align_corners=False)
+    and the 3 CLS entries are kept, as transformers' BeitRelativePositionBias does (it reshapes
+    the part as (2Ww−1, 2Wh−1), the same thing for the square windows BEiT and SimMIM are trained
+    on; SimMIM's own code accepts only the training size).
+    """
+    table = np.asarray(table, np.float32)
+    if tuple(grid) != tuple(window):
+        n, heads = (2 * window[0] - 1) * (2 * window[1] - 1), table.shape[1]
+        sub = table[:n].reshape(2 * window[0] - 1, 2 * window[1] - 1, heads)  # (2Wh−1, 2Ww−1, H)
+        sub = resize_bilinear(sub, (2 * grid[0] - 1, 2 * grid[1] - 1)).reshape(-1, heads)
+        table = np.concatenate([sub, table[n:]])
+    return np.ascontiguousarray(table[relative_position_index(grid)].transpose(2, 0, 1))  # (H, T, T)
+
+
 # ---------------------------------------------------------------------------- embeddings
 
 
@@ -487,7 +558,10 @@ def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool) -
             inputs[l] = h
         qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
         q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K); q already scaled by 1/√K
-        att = softmax_(q @ key.swapaxes(-1, -2))  # (B, H, T, T)
+        logits = q @ key.swapaxes(-1, -2)  # (B, H, T, T)
+        if blk.rel_pos is not None:
+            logits += relative_position_bias(blk.rel_pos, wt.embeddings.grid, layout.grid)  # (H, T, T)
+        att = softmax_(logits)
         if attentions and l in keep:
             probs[l] = att
         ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)

@@ -24,11 +24,12 @@ def open_store(source: Source, *, part: str | None = None):
         return TensorStore.open(files)
     if len(files) != 1:
         raise CheckpointError(f"{source.model_id}: sharded PyTorch checkpoints ({', '.join(f.name for f in files)}) are not supported; convert them to safetensors")
-    store = TorchStore.open(files[0], part=part)
-    parts = {name.split(".", 1)[0] for name in store.names()}
-    if part is None and DEFAULT_PART in parts and len(parts) > 1:
-        print(f"qkweights: {files[0].name} holds {', '.join(sorted(parts))}; reading {DEFAULT_PART!r} (choose with --part)", file=sys.stderr)
-        store = TorchStore.open(files[0], part=DEFAULT_PART)
+    store = TorchStore.open(files[0])
+    if part is not None:
+        return store.select(part)
+    if DEFAULT_PART in store.parts() and len(store.parts()) > 1:
+        print(f"qkweights: {files[0].name} holds {', '.join(store.parts())}; reading {DEFAULT_PART!r} (choose with --part)", file=sys.stderr)
+        store = store.select(DEFAULT_PART)
     return store
 
 

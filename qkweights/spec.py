@@ -15,7 +15,9 @@ Dimension resolvers (values in a spec's ``[dims]`` table):
 - ``{config = "key.path", root = false}``: a config key from the top of the file;
 - ``{shape = "tensor {i}", axis = n}``: a dimension of a tensor (``{i}`` = 0);
 - ``{count = "tensor {i}"}``: how many consecutive layers hold that tensor;
-- ``{div = [a, b]}``: a // b of two resolvers;
+- ``{div = [a, b]}``: a // b of two resolvers; ``{mul = [a, b]}``: a · b;
+- ``{relative_window = resolver}``: the side W of the square patch window whose BEiT-style
+  relative position table has the resolved number of rows, (2W − 1)² + 3;
 - ``{lookup = resolver, table = {key = value}}``: the value of the resolved key;
 - ``{match = resolver, table = {substring = value}}``: the value of the longest
   key contained in the resolved string (e.g. timm's ``vit_base_…`` → 12 heads).
@@ -24,6 +26,7 @@ Dimension resolvers (values in a spec's ``[dims]`` table):
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -172,6 +175,11 @@ class _Resolver:
             if "div" in r:
                 a, b = (self(x) for x in r["div"])
                 return a // b
+            if "mul" in r:
+                a, b = (self(x) for x in r["mul"])
+                return a * b
+            if "relative_window" in r:
+                return relative_window(int(self(r["relative_window"])))
             if "lookup" in r:
                 key = str(self(r["lookup"]))
                 if key not in r["table"]:
@@ -192,14 +200,37 @@ class _Resolver:
         return _get_path(base, dotted)
 
 
+def relative_window(rows: int) -> int:
+    """W such that a relative position table of ``rows`` rows covers a W×W patch window: rows = (2W − 1)² + 3.
+
+    The 3 extra rows are BEiT's CLS→token, token→CLS and CLS→CLS biases. Raises KeyError
+    (an unresolved dimension) when ``rows`` has no such form.
+    """
+    side = math.isqrt(max(rows - 3, 0))
+    if side * side != rows - 3 or side % 2 == 0:
+        raise KeyError(f"a relative position table of {rows} rows ((2W−1)²+3 for a square W×W window)")
+    return (side + 1) // 2
+
+
 def _signature_prefix(spec: Spec, store) -> str | None:
-    """The first prefix under which all of the spec's signature tensors exist, and none of its forbidden ones."""
+    """The first prefix under which all of the spec's signature tensors exist, at least one of its
+    ``require_any`` ones (when listed), and none of its forbidden ones."""
     require = [t.format(i=0) for t in spec.detect.get("require", [])]
+    require_any = [t.format(i=0) for t in spec.detect.get("require_any", [])]
     forbid = [t.format(i=0) for t in spec.detect.get("forbid", [])]
     for prefix in spec.prefixes:
-        if all(prefix + t in store for t in require) and not any(prefix + t in store for t in forbid):
+        if (all(prefix + t in store for t in require) and not any(prefix + t in store for t in forbid)
+                and (not require_any or any(prefix + t in store for t in require_any))):
             return prefix
     return None
+
+
+def _signature_text(spec: Spec) -> str:
+    """The signature tensors of a spec for messages: "a, b" or "a, b, one of c | d"."""
+    names = list(spec.detect.get("require", []))
+    if spec.detect.get("require_any"):
+        names.append("one of " + " | ".join(spec.detect["require_any"]))
+    return ", ".join(names)
 
 
 def _config_matches(spec: Spec, configs: dict[str, dict]) -> bool:
@@ -242,9 +273,9 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
         names = ", ".join(s.name for s, _ in found)
         raise SpecError(f"the checkpoint matches several families ({names}); choose one with --family")
     if family is not None:
-        looked = ", ".join(specs[family].detect.get("require", []))
+        looked = _signature_text(specs[family])
         raise SpecError(f"the checkpoint is not of family {family!r}: it lacks one of {looked} (with prefixes {', '.join(repr(p) for p in specs[family].prefixes)})")
-    looked = "; ".join(f"{s.name}: {', '.join(s.detect.get('require', []))}" for s in specs.values())
+    looked = "; ".join(f"{s.name}: {_signature_text(s)}" for s in specs.values())
     raise SpecError(f"unknown checkpoint: no family matches its tensors (looked for {looked}); known families: {', '.join(specs)}; pass --family or add a spec file")
 
 

@@ -721,6 +721,13 @@ def flatten_tensors(obj, source: str = "checkpoint") -> dict[str, LazyTensor]:
     return out
 
 
+def _strip_module(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """Drop a ``module.`` prefix shared by every name (DistributedDataParallel)."""
+    if all(n.startswith("module.") for n in tensors):
+        return {n[len("module."):]: t for n, t in tensors.items()}
+    return tensors
+
+
 class TorchStore:
     """Tensors of a torch.save checkpoint, with the interface of :class:`qkweights.tensors.TensorStore`.
 
@@ -735,29 +742,30 @@ class TorchStore:
 
     @classmethod
     def open(cls, path, *, part: str | None = None) -> "TorchStore":
-        """Index the tensors of ``path``; with ``part``, only those under the top-level key ``part``.
+        """Index the tensors of ``path``; with ``part``, only those under it (see :meth:`select`).
 
         A ``module.`` prefix shared by every name (DistributedDataParallel) is stripped.
         """
         path = Path(path)
         obj, archive = _load(path, RECORD_CLASSES)
-        if part is not None:
-            if not isinstance(obj, dict):
-                raise CheckpointError(f"{path.name}: holds a {type(obj).__name__}, not a dict, so it has no part {part!r}; omit the part")
-            if part not in obj:
-                keys = ", ".join(_printable(k, 40) if type(k) is str else f"<{type(k).__name__}>" for k in list(obj)[:20])
-                raise CheckpointError(f"{path.name}: has no part {part!r} (top-level keys: {keys}); choose one of those")
-            obj = obj[part]
         tensors = flatten_tensors(obj, path.name)
         if not tensors:
-            where = f" under {part!r}" if part is not None else ""
-            raise CheckpointError(f"{path.name}: holds no tensors{where}; the file is not a model checkpoint")
-        if all(n.startswith("module.") for n in tensors):
-            tensors = {n[len("module."):]: t for n, t in tensors.items()}
-        metadata = {"format": "pt", "byteorder": archive.byteorder, "version": archive.version}
-        if part is not None:
-            metadata["part"] = part
-        return cls(tensors, (path,), metadata)
+            raise CheckpointError(f"{path.name}: holds no tensors; the file is not a model checkpoint")
+        store = cls(_strip_module(tensors), (path,), {"format": "pt", "byteorder": archive.byteorder, "version": archive.version})
+        return store.select(part) if part is not None else store
+
+    def parts(self) -> list[str]:
+        """The first components of the tensor names (e.g. encoder, predictor, target_encoder), sorted."""
+        return sorted({name.split(".", 1)[0] for name in self._tensors})
+
+    def select(self, part: str) -> "TorchStore":
+        """The tensors named ``part.…``, without that prefix (nor a ``module.`` below it)."""
+        head = part + "."
+        tensors = {n[len(head):]: t for n, t in self._tensors.items() if n.startswith(head)}
+        if not tensors:
+            shown = ", ".join(_printable(p, 40) for p in self.parts()[:20])
+            raise CheckpointError(f"{self.files[0].name}: has no part {part!r} (parts: {shown}); choose one of those")
+        return TorchStore(_strip_module(tensors), self.files, {**self.metadata, "part": part})
 
     def names(self) -> list[str]:
         return list(self._tensors)

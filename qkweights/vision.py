@@ -24,6 +24,7 @@ from qkweights.forward import (
     Norm,
     ViTWeights,
     forward,
+    relative_position_index,
 )
 from qkweights.preprocess import Preprocess
 from qkweights.source import Source
@@ -38,6 +39,8 @@ ACTIVATION_NAMES = {
     "gelu_fast": "gelu_tanh",
     "relu": "relu",
 }
+# spec logit_terms the forward pass adds to the attention logits
+FORWARD_LOGIT_TERMS = ("relative position bias",)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -103,8 +106,37 @@ def _activation(ck: Checkpoint) -> str:
     return ACTIVATION_NAMES[act]
 
 
-def block_weights(ck: Checkpoint, i: int) -> BlockWeights:
-    """Block ``i`` as float32 input-major matrices; q columns and bias pre-scaled by 1/√K."""
+def relative_position_table(ck: Checkpoint, i: int, window: tuple[int, int]) -> np.ndarray | None:
+    """The relative position bias table of block ``i``, ((2Wh−1)(2Ww−1) + 3, H) float32, or None.
+
+    The sum of the tables named by the spec's ``[attention] relative_position_bias`` that the
+    checkpoint holds for block ``i`` (its own and a shared one: their biases add, and the gather
+    and the resize are linear). ``window``: the stored patch grid (Wh, Ww) the tables were learnt
+    for. Stored ``relative_position_index`` buffers must equal :func:`relative_position_index`.
+    """
+    att = ck.spec.attention
+    if "relative_position_bias" not in att:
+        return None
+    heads, (wh, ww) = ck.dims.heads, window
+    rows = (2 * wh - 1) * (2 * ww - 1) + 3
+    tables = [t for t in att["relative_position_bias"] if ck.has(t, i)]
+    if not tables:
+        raise CheckpointError(f"{ck.spec.name}: layer {i} has none of the relative position tables {', '.join(att['relative_position_bias'])}; the checkpoint is incomplete or of another family (try --family)")
+    total = np.zeros((rows, heads), np.float64)
+    for t in tables:
+        total += _expect(ck, ck.tensor(t, i), (rows, heads), f"relative position table {ck.name(t, i)} (for a {wh}×{ww} patch grid)")
+    expected = relative_position_index(window)
+    for t in att.get("relative_position_index", []):
+        if ck.has(t, i) and not np.array_equal(ck.tensor(t, i), expected):
+            raise CheckpointError(f"{ck.spec.name}: {ck.name(t, i)} differs from BEiT's relative position index for a {wh}×{ww} patch grid; the checkpoint was built for another grid or indexes its table differently")
+    return _f32(total)
+
+
+def block_weights(ck: Checkpoint, i: int, window: tuple[int, int]) -> BlockWeights:
+    """Block ``i`` as float32 input-major matrices; q columns and bias pre-scaled by 1/√K.
+
+    window: the stored patch grid, for the relative position table (see :func:`relative_position_table`).
+    """
     d, k = ck.dims.hidden, ck.dims.head_dim
     qk = ck.qk(i)  # (H, K, D) float64
     wv, bv = value_weights(ck, i)
@@ -131,6 +163,7 @@ def block_weights(ck: Checkpoint, i: int) -> BlockWeights:
         fc2=_f32(w2.T),
         fc2_bias=_f32(b2),
         scale2=_scale(ck, "scale2", i),
+        rel_pos=relative_position_table(ck, i, window),
     )
 
 
@@ -216,9 +249,12 @@ def vit_weights(ck: Checkpoint) -> ViTWeights:
     dims = ck.dims
     if dims.eps is None:
         raise SpecError(f"{ck.spec.path.name}: [dims] gives no LayerNorm eps; add eps")
+    emb = embedding_weights(ck)
+    if "relative_position_bias" in ck.spec.attention and emb.tokens != ("cls", "patches"):
+        raise SpecError(f"{ck.spec.path.name}: a relative position bias needs the tokens [cls, patches] (its 3 extra entries are CLS biases), the checkpoint gives {list(emb.tokens)}")
     return ViTWeights(
-        embeddings=embedding_weights(ck),
-        blocks=tuple(block_weights(ck, i) for i in range(dims.layers)),
+        embeddings=emb,
+        blocks=tuple(block_weights(ck, i, emb.grid) for i in range(dims.layers)),
         final_norm=_norm(ck, "embeddings", "final_norm"),
         post_norm=_norm(ck, "embeddings", "post_norm"),
         heads=dims.heads,
@@ -294,12 +330,19 @@ class VisionModel:
 
 
 def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
-    """A :class:`VisionModel` from an opened checkpoint (vision families whose logits are q·k/√K only)."""
+    """A :class:`VisionModel` from an opened checkpoint.
+
+    The attention logits are q·k/√K plus the spec's ``logit_terms`` that the forward pass
+    implements (:data:`FORWARD_LOGIT_TERMS`); a family with any other term is refused.
+    """
     if ck.spec.modality != "vision":
         name = source.model_id if source is not None else ck.spec.name
         raise InputError(f"{name} is a text model: weights-only analysis (profile) is available, not the forward pass")
-    if ck.spec.logit_terms:
-        raise SpecError(f"{ck.spec.name}: the forward pass does not add {', '.join(ck.spec.logit_terms)} to the attention logits; only the weight profile is available for this family")
+    missing = [t for t in ck.spec.logit_terms if t not in FORWARD_LOGIT_TERMS]
+    if missing:
+        raise SpecError(f"{ck.spec.name}: the forward pass does not add {', '.join(missing)} to the attention logits; only the weight profile is available for this family")
+    if ("relative position bias" in ck.spec.logit_terms) != ("relative_position_bias" in ck.spec.attention):
+        raise SpecError(f"{ck.spec.path.name}: [attention] relative_position_bias and logit_terms \"relative position bias\" go together (the forward pass adds the term, the profile reports it); add the missing one")
     prep, origin = preprocessing_for(ck)
     return VisionModel(ck, source, vit_weights(ck), prep, origin)
 
