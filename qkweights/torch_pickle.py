@@ -735,8 +735,10 @@ class TorchStore:
     ``get(name)`` reads one tensor into a fresh array (BF16 -> float32).
     """
 
-    def __init__(self, tensors: dict[str, LazyTensor], files: tuple[Path, ...], metadata: dict | None = None):
+    def __init__(self, tensors: dict[str, LazyTensor], files: tuple[Path, ...], metadata: dict | None = None,
+                 parts: tuple[str, ...] = ()):
         self._tensors = tensors
+        self._parts = list(parts)
         self.files = files
         self.metadata = metadata or {}
 
@@ -751,18 +753,22 @@ class TorchStore:
         tensors = flatten_tensors(obj, path.name)
         if not tensors:
             raise CheckpointError(f"{path.name}: holds no tensors; the file is not a model checkpoint")
-        store = cls(_strip_module(tensors), (path,), {"format": "pt", "byteorder": archive.byteorder, "version": archive.version})
+        # The networks of a training checkpoint: top-level keys holding a dict of tensors (a flat state dict has none).
+        parts = tuple(sorted(k for k, v in obj.items() if type(k) is str and isinstance(v, dict) and flatten_tensors(v, path.name))) if isinstance(obj, dict) else ()
+        store = cls(_strip_module(tensors), (path,), {"format": "pt", "byteorder": archive.byteorder, "version": archive.version}, parts)
         return store.select(part) if part is not None else store
 
     def parts(self) -> list[str]:
-        """The first components of the tensor names (e.g. encoder, predictor, target_encoder), sorted."""
-        return sorted({name.split(".", 1)[0] for name in self._tensors})
+        """The top-level keys of the checkpoint that hold a dict (e.g. encoder, predictor, target_encoder), sorted."""
+        return self._parts
 
     def select(self, part: str) -> "TorchStore":
         """The tensors named ``part.…``, without that prefix (nor a ``module.`` below it)."""
         head = part + "."
         tensors = {n[len(head):]: t for n, t in self._tensors.items() if n.startswith(head)}
-        if not tensors:
+        if part not in self.parts() or not tensors:
+            if not self.parts():
+                raise CheckpointError(f"{self.files[0].name}: is a flat state dict with no parts; drop --part {part}")
             shown = ", ".join(_printable(p, 40) for p in self.parts()[:20])
             raise CheckpointError(f"{self.files[0].name}: has no part {part!r} (parts: {shown}); choose one of those")
         return TorchStore(_strip_module(tensors), self.files, {**self.metadata, "part": part})

@@ -337,7 +337,7 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
     """
     if ck.spec.modality != "vision":
         name = source.model_id if source is not None else ck.spec.name
-        raise InputError(f"{name} is a text model: weights-only analysis (profile) is available, not the forward pass")
+        raise InputError(f"{name} is a {ck.spec.modality} model: weights-only analysis (profile) is available, not the forward pass")
     missing = [t for t in ck.spec.logit_terms if t not in FORWARD_LOGIT_TERMS]
     if missing:
         raise SpecError(f"{ck.spec.name}: the forward pass does not add {', '.join(missing)} to the attention logits; only the weight profile is available for this family")

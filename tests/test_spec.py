@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import MODELS
+from conftest import FIXTURES, MODELS
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.source import resolve
 from qkweights.spec import load_specs, open_checkpoint
@@ -21,6 +21,16 @@ EXPECTED = {
     "dinov2": ("hf-dinov2", "", 2, 4, 32), "dinov2-reg": ("hf-dinov2", "", 2, 4, 32), "dinov2-swiglu": ("hf-dinov2", "", 2, 4, 32),
     "ijepa": ("hf-ijepa", "", 2, 4, 32), "bert": ("hf-bert", "", 2, 4, 32), "roberta-mlm": ("hf-bert", "roberta.", 2, 4, 32),
     "timm-vit": ("timm-vit", "", 2, 3, 48), "timm-vit-reg": ("timm-vit", "", 2, 4, 32), "open-clip": ("open-clip", "visual.", 2, 4, 32),
+}
+
+# PyTorch research fixtures (tests/fixtures/make_pickle_models.py, make_simmim_fixtures.py): path, part -> expectations
+PICKLE_EXPECTED = {
+    ("pickles/simmim-pretrain/ckpt_epoch_5.pth", None): ("simmim-vit", "model.encoder.", 2, 4, 32),
+    ("pickles/simmim-finetune/ckpt.pth", None): ("simmim-vit", "model.", 2, 4, 32),
+    ("pickles/ijepa-research/IN1K-vit-tiny.pth.tar", None): ("timm-vit", "", 2, 4, 32),
+    ("pickles/ijepa-research/IN1K-vit-tiny.pth.tar", "predictor"): ("ijepa-predictor", "", 3, 2, 48),
+    ("pickles/dino-like/dino_vit_pretrain.pth", None): ("timm-vit", "", 2, 3, 48),
+    ("pickles/vit-training/checkpoint.pth", None): ("hf-vit", "model.", 2, 4, 32),
 }
 
 
@@ -41,7 +51,8 @@ def test_spec_file_is_complete_and_has_a_fixture(spec):
     assert "qkv" in s.attention or {"q", "k"} <= set(s.attention)
     if s.modality == "vision":
         assert {"norm1", "norm2"} <= set(s.block) and "tokens" in s.embeddings and "patch" in s.embeddings
-    assert spec in {f for f, *_ in EXPECTED.values()}, f"add a fixture for {spec} to tests/fixtures/make_fixtures.py"
+    families = {f for f, *_ in EXPECTED.values()} | {f for f, *_ in PICKLE_EXPECTED.values()}
+    assert spec in families, f"add a fixture for {spec} to tests/fixtures/make_fixtures.py"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -50,6 +61,14 @@ def test_detection_and_dims(name):
     family, prefix, layers, heads, hidden = EXPECTED[name]
     assert (ck.spec.name, ck.prefix, ck.dims.layers, ck.dims.heads, ck.dims.hidden) == (family, prefix, layers, heads, hidden)
     assert ck.dims.head_dim * ck.dims.heads == ck.dims.hidden
+
+
+@pytest.mark.parametrize("path, part", sorted(PICKLE_EXPECTED, key=str))
+def test_detection_of_pytorch_research_checkpoints(path, part, capsys):
+    from qkweights.load import open_model
+
+    _, ck = open_model(str(FIXTURES / path), part=part)
+    assert (ck.spec.name, ck.prefix, ck.dims.layers, ck.dims.heads, ck.dims.hidden) == PICKLE_EXPECTED[path, part]
 
 
 def test_dims_details():
@@ -93,7 +112,7 @@ def test_unknown_checkpoint_lists_families_and_names(tmp_path):
         open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {})
     msg = str(e.value)
     assert msg.startswith("unknown checkpoint: no family matches its tensors (looked for hf-bert: encoder.layer.{i}.attention.self.query.weight;")
-    assert "known families: hf-bert, hf-clip, hf-deit, hf-dinov2, hf-ijepa, hf-vit, open-clip, timm-vit" in msg
+    assert "known families: hf-bert, hf-clip, hf-deit, hf-dinov2, hf-ijepa, hf-vit, ijepa-predictor, open-clip, simmim-vit, timm-vit" in msg
 
 
 def test_heads_not_dividing_the_width(tmp_path):
