@@ -8,8 +8,11 @@ histograms and drawn as hatched cells in the spectrum grid; they never raise.
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 import sys
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,13 +49,25 @@ COS_COLOR = "#c0392b"
 
 
 def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
-    """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths."""
+    """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths.
+
+    Drawing is single-threaded Python, so where ``fork`` exists the figures are drawn in
+    two worker processes (each inherits the loaded modules; the profile goes without its
+    singular vectors).
+    """
     out = Path(out_dir)
-    return [
-        save_figure(cosine_by_layer_figure(profile), out / "cosine_by_layer.png", dpi=DPI),
-        save_figure(spectrum_grid_figure(profile), out / "spectrum_grid.png", dpi=DPI),
-        save_figure(cosine_hist_figure(profile), out / "cosine_hist.png", dpi=DPI),
-    ]
+    light = dataclasses.replace(profile, U=None, V=None)
+    jobs = [(cosine_by_layer_figure, light, out / "cosine_by_layer.png"),
+            (spectrum_grid_figure, light, out / "spectrum_grid.png"),
+            (cosine_hist_figure, light, out / "cosine_hist.png")]
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return [_draw(*job) for job in jobs]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_draw, *zip(*jobs)))
+
+
+def _draw(make_figure, profile: Profile, path: Path) -> Path:
+    return save_figure(make_figure(profile), path, dpi=DPI)
 
 
 def cosine_by_layer_figure(profile: Profile) -> Figure:

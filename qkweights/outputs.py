@@ -85,6 +85,7 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         # Constrained layout already fits the figure; "tight" would draw it a second time.
         tight = None if fig.get_layout_engine() is not None else "tight"
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=tight)
+        # zlib level 1: about 2× faster to write than the default 6, files about 1.3× larger.
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=tight, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return Path(path)

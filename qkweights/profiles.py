@@ -9,7 +9,9 @@ layer's weights), ``Profile`` holds the results as arrays with their metadata,
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from qkweights import __version__
 from qkweights.errors import InputError
 from qkweights.outputs import dumps_json, write_csv, write_json, write_npz
-from qkweights.qk import DEGENERATE_RTOL, degenerate_blocks, head_stats, null_band, qk_svd
+from qkweights.qk import DEGENERATE_RTOL, HeadStats, degenerate_blocks, head_stats, null_band, qk_svd
 from qkweights.spec import Checkpoint
 
 SCHEMA = "qkweights.profile/1"
@@ -156,12 +158,36 @@ def _num(x: float) -> str:
     return repr(float(x)) if np.isfinite(x) else ""
 
 
-def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> Profile:
-    """Profile every head of ``ck``, one layer at a time.
+@dataclass(frozen=True)
+class _Layer:
+    """The results of one layer: arrays over its H heads (NaN where the weights are not finite)."""
 
-    ``progress(l, L)`` is called after each layer. Heads with non-finite
-    weights get NaN statistics and are listed in ``Profile.nonfinite``.
+    ok: np.ndarray  # (H,) finite heads
+    stats: HeadStats | None
+    s: np.ndarray | None  # (H_ok, K)
+    u: np.ndarray | None  # (H_ok, D, K)
+    v: np.ndarray | None
+
+
+def _profile_layer(ck: Checkpoint, l: int) -> _Layer:
+    qk = ck.qk(l)
+    ok = np.isfinite(qk.wq).all(axis=(1, 2)) & np.isfinite(qk.wk).all(axis=(1, 2))  # (H,)
+    if not ok.any():
+        return _Layer(ok, None, None, None, None)
+    u, s, v = qk_svd(qk.wq[ok], qk.wk[ok])
+    return _Layer(ok, head_stats(u, s, v, qk.wq[ok], qk.wk[ok]), s, u, v)
+
+
+def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
+                    progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> Profile:
+    """Profile every head of ``ck``, layer by layer.
+
+    Layers run on ``workers`` threads (default: min(2, CPU count)), each with
+    single-threaded BLAS: LAPACK releases the GIL, and small batched LAPACK
+    calls are fastest on one BLAS thread (bench/bench_profile.py). Memory stays
+    bounded by ``workers`` layers' weights. ``progress(l, L)`` is called after
+    each layer, in order. Heads with non-finite weights get NaN statistics and
+    are listed in ``Profile.nonfinite``.
     """
     d = ck.dims
     L, H, K, D = d.layers, d.heads, d.head_dim, d.hidden
@@ -172,22 +198,23 @@ def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
     V = np.full((L, H, D, K), np.nan) if save_vectors else None
     degenerate = [[[] for _ in range(H)] for _ in range(L)]
     nonfinite = []
-    # Batched small LAPACK calls are fastest (and never slower) on one BLAS thread; see bench/bench_profile.py.
-    with threadpool_limits(1):
+    workers = workers or min(2, os.cpu_count() or 1)
+    with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+        pending = [pool.submit(_profile_layer, ck, l) for l in range(min(workers, L))]
         for l in range(L):
-            qk = ck.qk(l)
-            ok = np.isfinite(qk.wq).all(axis=(1, 2)) & np.isfinite(qk.wk).all(axis=(1, 2))  # (H,)
+            layer = pending.pop(0).result()
+            if l + workers < L:
+                pending.append(pool.submit(_profile_layer, ck, l + workers))
+            ok = layer.ok
             nonfinite += [(l, h) for h in np.flatnonzero(~ok).tolist()]
-            if ok.any():
-                u, s, v = qk_svd(qk.wq[ok], qk.wk[ok])
-                st = head_stats(u, s, v, qk.wq[ok], qk.wk[ok])
-                S[l, ok], cos[l, ok] = s, st.cosines
+            if layer.stats is not None:
+                S[l, ok], cos[l, ok] = layer.s, layer.stats.cosines
                 for key in per_head:
-                    per_head[key][l, ok] = getattr(st, key)
+                    per_head[key][l, ok] = getattr(layer.stats, key)
                 if save_vectors:
-                    U[l, ok], V[l, ok] = u, v
+                    U[l, ok], V[l, ok] = layer.u, layer.v
                 for j, h in enumerate(np.flatnonzero(ok)):
-                    degenerate[l][h] = degenerate_blocks(s[j], st.cosines[j])
+                    degenerate[l][h] = degenerate_blocks(layer.s[j], layer.stats.cosines[j])
             if progress:
                 progress(l + 1, L)
     model = ModelInfo(ck.spec.name, L, H, D, K, ck.dtype(), OMITTED + tuple(ck.spec.logit_terms))

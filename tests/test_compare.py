@@ -133,8 +133,8 @@ def test_nan_layer_leaves_empty_cells(tmp_path):
 
 def test_o3_summaries(tmp_path):
     a = write(tmp_path / "a" / "o3_summary.json", o3_doc(4, model_id="test/o3-a"))
-    b = write(tmp_path / "b" / "o3_summary.json", o3_doc(3, model_id="test/o3-b", depth=True))
-    paths = compare([a, tmp_path / "b"], tmp_path / "out")
+    write(tmp_path / "b" / "o3_summary.json", o3_doc(3, model_id="test/o3-b", depth=True))
+    paths = compare([a, tmp_path / "b"], tmp_path / "out")  # b given as its folder
     assert [p.name for p in paths] == ["compare_o3.png", "compare_o3.csv"]
     rows = read_csv(tmp_path / "out" / "compare_o3.csv")
     # depth: l/(L−1) when absent (a), the file's own values l/(2L) when present (b)

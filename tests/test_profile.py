@@ -36,9 +36,7 @@ def reference_weights(name):
     tensors = {}
     for f in sorted(folder.glob("*.safetensors")):
         if name == "vit-bf16":
-            import torch  # noqa: F401  (safetensors.numpy cannot read BF16)
-
-            from safetensors.torch import load_file as load_torch
+            from safetensors.torch import load_file as load_torch  # safetensors.numpy cannot read BF16
             tensors.update({k: v.float().numpy() for k, v in load_torch(str(f)).items()})
         else:
             tensors.update(load_file(str(f)))

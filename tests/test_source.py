@@ -24,7 +24,8 @@ from safetensors.numpy import save_file
 
 from hubcache import git_blob_sha1, make_hub_cache
 from qkweights.errors import CheckpointError, InputError, SourceError
-from qkweights.source import Source, _progress_bars, resolve
+from qkweights.hub import _progress_bars
+from qkweights.source import Source, resolve
 
 REPO = "acme/tiny-vit"
 CONFIG = b'{"model_type": "vit"}'

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -25,7 +28,13 @@ def configure(p) -> None:
 def run(args) -> int:
     source, ck = open_model(args.model, progress=not args.quiet, **model_options(args))
     bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=None if not args.quiet else False)
-    prof = compute_profile(ck, source_record(source, ck), save_vectors=args.save_vectors, progress=bar.update)
+    # Hashing the weight files and importing matplotlib overlap the math (both release the GIL or wait on it).
+    with ThreadPoolExecutor(2) as background:
+        record = background.submit(source_record, source, ck)
+        if not args.no_plots:
+            background.submit(importlib.import_module, "qkweights.figures")
+        prof = compute_profile(ck, {}, save_vectors=args.save_vectors, progress=bar.update)
+        prof = dataclasses.replace(prof, source=record.result())
     bar.close()
     out = out_dir(args, source.model_id)
     written = prof.save(out, plots=not args.no_plots)
