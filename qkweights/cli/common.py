@@ -14,9 +14,9 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     """MODEL, --revision and --family, as every command that reads a checkpoint takes them."""
     if optional:
-        p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"Hub repo id, local folder or .safetensors file (default: {DEFAULT_MODEL})")
+        p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"Hub repo id, local folder, .safetensors or PyTorch file (default: {DEFAULT_MODEL})")
     else:
-        p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name), local folder or .safetensors file")
+        p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name), local folder, .safetensors or PyTorch file")
     p.add_argument("--revision", help="Hub branch, tag or commit sha (default: main, or its safetensors conversion branch)")
     p.add_argument("--family", help="checkpoint family, overriding detection (see `python -m qkweights specs`)")
     add_pickle_arguments(p)
