@@ -2,11 +2,10 @@
 
 For one head, ``W_q,hᵀ W_k,h = U Σ Vᵀ`` (D×D, rank ≤ K). Mode n pairs a query
 direction ``u_n`` with a key direction ``v_n``; ``cos_n = u_n·v_n``. The SVD is
-computed without forming the D×D product (method.md §3): thin QR
-``W_qᵀ = Q_a R_a`` (D×K), then the SVD of the K×D matrix ``R_a W_k = U_c Σ Vᵀ``
-(LAPACK reduces it to a K×K core internally), and ``U = Q_a U_c`` — O(D·K² + K³)
-per head, batched over heads, in float64. This is method.md's two-QR scheme with
-the second QR left to the SVD routine: one explicit QR fewer, the same exactness.
+computed without forming the D×D product (method.md §3): thin QR of
+``A = W_qᵀ`` and ``B = W_kᵀ`` (D×K each), SVD of the K×K core ``R_a R_bᵀ``,
+then ``U = Q_a U_c``, ``V = Q_b V_c`` — O(D·K² + K³) per head, batched over
+heads, in float64.
 
 Sign convention: the pair (u_n, v_n) is flipped together so that the entry of
 largest magnitude of u_n is positive (the first such entry on ties). Flipping
@@ -31,10 +30,13 @@ def qk_svd(wq: np.ndarray, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     the module docstring.
     """
     a = np.swapaxes(np.asarray(wq, np.float64), -1, -2)  # (..., D, K)
+    b = np.swapaxes(np.asarray(wk, np.float64), -1, -2)  # (..., D, K)
     qa, ra = np.linalg.qr(a)  # (..., D, K), (..., K, K)
-    uc, s, vt = np.linalg.svd(ra @ np.asarray(wk, np.float64), full_matrices=False)  # R_a W_k: (..., K, D)
+    qb, rb = np.linalg.qr(b)
+    core = ra @ np.swapaxes(rb, -1, -2)  # (..., K, K)
+    uc, s, vct = np.linalg.svd(core)
     u = qa @ uc  # (..., D, K)
-    v = np.swapaxes(vt, -1, -2)  # (..., D, K)
+    v = qb @ np.swapaxes(vct, -1, -2)  # (..., D, K)
     u, v = _fix_signs(u, v)
     return u, s, v
 
