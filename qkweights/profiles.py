@@ -174,8 +174,9 @@ def _profile_layer(ck: Checkpoint, l: int) -> _Layer:
     ok = np.isfinite(qk.wq).all(axis=(1, 2)) & np.isfinite(qk.wk).all(axis=(1, 2))  # (H,)
     if not ok.any():
         return _Layer(ok, None, None, None, None)
-    u, s, v = qk_svd(qk.wq[ok], qk.wk[ok])
-    return _Layer(ok, head_stats(u, s, v, qk.wq[ok], qk.wk[ok]), s, u, v)
+    wq, wk = (qk.wq, qk.wk) if ok.all() else (qk.wq[ok], qk.wk[ok])
+    u, s, v = qk_svd(wq, wk)
+    return _Layer(ok, head_stats(u, s, v, wq, wk), s, u, v)
 
 
 def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
