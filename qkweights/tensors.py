@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -117,17 +118,51 @@ def _check_entry(fname: str, key: str, entry, path: Path, data_start: int, data_
     return TensorInfo(key, dtype, tuple(shape), path, data_start + begin, nbytes)
 
 
-class TensorStore:
-    """Tensors of one checkpoint, possibly spread over several files.
+class Store(ABC):
+    """Named tensors of one checkpoint: the interface every reader offers to :mod:`qkweights.spec`.
+
+    ``entries`` maps each name to an object with ``shape`` and ``dtype`` (safetensors
+    dtype names, "F32", "BF16", …); subclasses read the values in :meth:`get`.
+    """
+
+    def __init__(self, entries: dict, files: tuple[Path, ...], metadata: dict | None = None):
+        self._entries = entries
+        self.files = files
+        self.metadata = metadata or {}
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def info(self, name: str):
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is incomplete or of another family (try --family)") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self.info(name).dtype
+
+    def dtypes(self) -> list[str]:
+        """The distinct stored dtypes, in first-seen order."""
+        return list(dict.fromkeys(t.dtype for t in self._entries.values()))
+
+    @abstractmethod
+    def get(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a new numpy array (BF16 -> float32)."""
+
+
+class TensorStore(Store):
+    """Tensors of safetensors files (one, or the shards of an index).
 
     ``get(name)`` reads one tensor into a fresh array in its stored numeric
     type (BF16 widened to float32). Names are the files' own names.
     """
-
-    def __init__(self, infos: dict[str, TensorInfo], files: tuple[Path, ...], metadata: dict | None = None):
-        self._infos = infos
-        self.files = files
-        self.metadata = metadata or {}
 
     @classmethod
     def open(cls, files: list[Path] | tuple[Path, ...]) -> "TensorStore":
@@ -144,24 +179,6 @@ class TensorStore:
                 infos[t.name] = t
         return cls(infos, tuple(Path(f) for f in files), metadata)
 
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is incomplete or of another family (try --family)") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.info(name).shape
-
-    def dtype(self, name: str) -> str:
-        return self.info(name).dtype
-
     def get(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new numpy array (BF16 -> float32)."""
         t = self.info(name)
@@ -174,7 +191,3 @@ class TensorStore:
         if t.dtype == "BF16":
             return widen_bf16(raw)
         return raw.astype(raw.dtype.newbyteorder("="), copy=False)
-
-    def dtypes(self) -> list[str]:
-        """The distinct stored dtypes, in first-seen order."""
-        return list(dict.fromkeys(t.dtype for t in self._infos.values()))

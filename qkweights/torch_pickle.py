@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from qkweights.errors import CheckpointError
-from qkweights.tensors import DTYPES, widen_bf16
+from qkweights.tensors import DTYPES, Store, widen_bf16
 
 MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a ViT-H checkpoint with optimizer state is < 1 MB
 MAX_INFLATED_BYTES = 256 * 2**20  # largest compressed entry inflated in memory
@@ -728,19 +728,17 @@ def _strip_module(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
     return tensors
 
 
-class TorchStore:
-    """Tensors of a torch.save checkpoint, with the interface of :class:`qkweights.tensors.TensorStore`.
+class TorchStore(Store):
+    """Tensors of a torch.save checkpoint, with the interface of :class:`qkweights.tensors.Store`.
 
-    Names are dotted paths in the (optionally selected) nested dict;
-    ``get(name)`` reads one tensor into a fresh array (BF16 -> float32).
+    Names are dotted paths in the nested dict; ``get(name)`` reads one tensor
+    into a fresh array (BF16 -> float32).
     """
 
     def __init__(self, tensors: dict[str, LazyTensor], files: tuple[Path, ...], metadata: dict | None = None,
                  parts: tuple[str, ...] = ()):
-        self._tensors = tensors
+        super().__init__(tensors, files, metadata)
         self._parts = list(parts)
-        self.files = files
-        self.metadata = metadata or {}
 
     @classmethod
     def open(cls, path, *, part: str | None = None) -> "TorchStore":
@@ -765,7 +763,7 @@ class TorchStore:
     def select(self, part: str) -> "TorchStore":
         """The tensors named ``part.…``, without that prefix (nor a ``module.`` below it)."""
         head = part + "."
-        tensors = {n[len(head):]: t for n, t in self._tensors.items() if n.startswith(head)}
+        tensors = {n[len(head):]: t for n, t in self._entries.items() if n.startswith(head)}
         if part not in self.parts() or not tensors:
             if not self.parts():
                 raise CheckpointError(f"{self.files[0].name}: is a flat state dict with no parts; drop --part {part}")
@@ -773,28 +771,8 @@ class TorchStore:
             raise CheckpointError(f"{self.files[0].name}: has no part {part!r} (parts: {shown}); choose one of those")
         return TorchStore(_strip_module(tensors), self.files, {**self.metadata, "part": part})
 
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def info(self, name: str) -> LazyTensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is incomplete or of another family (try --family)") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.info(name).shape
-
-    def dtype(self, name: str) -> str:
-        return self.info(name).dtype
-
     def get(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new numpy array (BF16 -> float32)."""
         return self.info(name).numpy()
 
-    def dtypes(self) -> list[str]:
-        """The distinct stored dtypes, in first-seen order."""
-        return list(dict.fromkeys(t.dtype for t in self._tensors.values()))
+
