@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import sys
 import textwrap
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,16 +52,16 @@ COS_COLOR = "#c0392b"
 def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
     """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths.
 
-    Drawing is single-threaded Python, so where ``fork`` exists the figures are drawn in
-    two worker processes (each inherits the loaded modules; the profile goes without its
-    singular vectors).
+    Drawing is single-threaded Python, so where ``fork`` exists and no other thread runs
+    (forking a multi-threaded process can deadlock) the figures are drawn in two worker
+    processes (each inherits the loaded modules; the profile goes without its singular vectors).
     """
     out = Path(out_dir)
     light = dataclasses.replace(profile, U=None, V=None)
     jobs = [(cosine_by_layer_figure, light, out / "cosine_by_layer.png"),
             (spectrum_grid_figure, light, out / "spectrum_grid.png"),
             (cosine_hist_figure, light, out / "cosine_hist.png")]
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
         return [_draw(*job) for job in jobs]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(_draw, *zip(*jobs)))
