@@ -399,8 +399,10 @@ def grid_figure(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thu
     """Rows of top images with their red/cyan overlays (paper Fig. 4, S5–S16) as one montage.
 
     rows: [{"label": str, "cells": [(image index, score, query (gh, gw), key (gh, gw), sign), …]}];
-    cell: (height, width) pixels per image. The montage is drawn pixel for pixel at
-    ``GRID_DPI`` (no resampling), labels to the left, each cell's score in its corner.
+    cell: (height, width) pixels per image. Returns ``(fig, montage, (x0, y0))``: the labels
+    (to the left, each cell's score in its corner) on a transparent figure at ``GRID_DPI``,
+    and the montage (uint8 RGB) that :func:`save_png` lays under it pixel for pixel at
+    (x0, y0) — no resampling.
     """
     from matplotlib.figure import Figure
 
@@ -422,7 +424,7 @@ def grid_figure(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thu
     bottom_in = 0.15 + (caption.count("\n") + 1) * 6 * 1.3 / 72
     h_in = top_in + mont.shape[0] / dpi + bottom_in
     fig = Figure(figsize=(w_in, h_in), dpi=dpi)
-    fig.figimage(mont, xo=round(label_in * dpi), yo=round(bottom_in * dpi), origin="upper", zorder=-1)  # pixel for pixel, under the labels
+    fig.patch.set_alpha(0.0)
     ax = fig.add_axes((label_in / w_in, bottom_in / h_in, mont.shape[1] / dpi / w_in, mont.shape[0] / dpi / h_in))
     ax.set_xlim(0, mont.shape[1])
     ax.set_ylim(mont.shape[0], 0)  # montage pixel coordinates for the labels
@@ -437,18 +439,24 @@ def grid_figure(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thu
         ax.text(j * (cw + gap) + cw / 2, -gap, f"#{j + 1}", ha="center", va="bottom", fontsize=7.5)
     fig.text(0.5, 1 - 0.1 / h_in, title, ha="center", va="top", fontsize=9)
     fig.text(0.5, 0.06 / h_in, caption, ha="center", va="bottom", fontsize=6, color="0.3")
-    return fig
+    return fig, mont, (round(label_in * dpi), round(top_in * dpi))
 
 
-def save_png(fig, path: Path) -> Path:
-    """Save a figure laid out pixel for pixel as an RGB PNG (no tight bounding box, fast compression), atomically."""
+def save_png(fig, montage: np.ndarray, at: tuple[int, int], path: Path) -> Path:
+    """Lay ``montage`` (h, w, 3) uint8 at pixel ``at`` = (x0, y0) of a white canvas, draw the
+    transparent figure over it, and save an RGB PNG (fast compression) atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8 on the white figure background
+    over = np.asarray(canvas.buffer_rgba()).astype(np.float32) / 255  # (H, W, 4) labels on transparent
+    rgb = np.ones(over.shape[:2] + (3,), np.float32)
+    (x0, y0), (h, w) = at, montage.shape[:2]
+    rgb[y0 : y0 + h, x0 : x0 + w] = montage[: rgb.shape[0] - y0, : rgb.shape[1] - x0] / 255
+    alpha = over[..., 3:]
+    rgb = over[..., :3] * alpha + rgb * (1 - alpha)  # the labels over the montage
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=PNG_COMPRESSION)
+        Image.fromarray(np.round(rgb * 255).astype(np.uint8)).save(tmp, format="PNG", compress_level=PNG_COMPRESSION)
     return Path(path)
 
 
@@ -596,7 +604,7 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
             li, hi = layers.index(hd["layer"]), heads.index(hd["head"])
             rows = head_rows(hd, li, hi * len(modes), len(modes), st, query, key)
             title = f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {top} of {st.n_scored} images per mode and sign (x = LayerNorm output)"
-            save_png(grid_figure(title, rows, cell, thumbs), out / f"top_L{hd['layer']}_H{hd['head']}.png")
+            save_png(*grid_figure(title, rows, cell, thumbs), out / f"top_L{hd['layer']}_H{hd['head']}.png")
         save_figure(anisotropy_figure(f"{model_id} — anisotropy control ({st.n_scored} images)", layers, d.layers, baseline, weighted),
                     out / "anisotropy.png", dpi=120)
     write_json(out / JSON_NAME, doc)
