@@ -8,12 +8,8 @@ histograms and drawn as hatched cells in the spectrum grid; they never raise.
 
 from __future__ import annotations
 
-import dataclasses
-import multiprocessing
 import sys
 import textwrap
-import threading
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from qkweights.outputs import save_figure
+from qkweights.outputs import draw_in_parallel, save_figure
 
 if TYPE_CHECKING:
     from qkweights.compare import Curve
@@ -52,23 +48,18 @@ COS_COLOR = "#c0392b"
 def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
     """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths.
 
-    Drawing is single-threaded Python, so where ``fork`` exists and no other thread runs
-    (forking a multi-threaded process can deadlock) the figures are drawn in two worker
-    processes (each inherits the loaded modules; the profile goes without its singular vectors).
+    The figures are drawn in two processes (:func:`qkweights.outputs.draw_in_parallel`).
     """
     out = Path(out_dir)
-    light = dataclasses.replace(profile, U=None, V=None)
-    jobs = [(cosine_by_layer_figure, light, out / "cosine_by_layer.png"),
-            (spectrum_grid_figure, light, out / "spectrum_grid.png"),
-            (cosine_hist_figure, light, out / "cosine_hist.png")]
-    if "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
-        return [_draw(*job) for job in jobs]
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_draw, *zip(*jobs)))
+    jobs = [(cosine_by_layer_figure, profile, out / "cosine_by_layer.png"),
+            (spectrum_grid_figure, profile, out / "spectrum_grid.png"),
+            (cosine_hist_figure, profile, out / "cosine_hist.png")]
+    draw_in_parallel(_draw, jobs)
+    return [path for *_, path in jobs]
 
 
-def _draw(make_figure, profile: Profile, path: Path) -> Path:
-    return save_figure(make_figure(profile), path, dpi=DPI)
+def _draw(make_figure, profile: Profile, path: Path) -> None:
+    save_figure(make_figure(profile), path, dpi=DPI)
 
 
 def cosine_by_layer_figure(profile: Profile) -> Figure:

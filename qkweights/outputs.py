@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,3 +91,32 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=tight, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return Path(path)
+
+
+def draw_in_parallel(draw, jobs: list[tuple], workers: int = 2) -> None:
+    """Call ``draw(*job)`` for every job, split over ``workers`` forked processes.
+
+    Drawing figures is single-threaded Python, so two processes draw about twice as fast
+    on two cores. Forked children inherit the loaded modules and the jobs (nothing is
+    pickled). Without ``fork``, or when other threads run (forking them can deadlock),
+    the jobs run here, one after the other.
+    """
+    forkable = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    if workers < 2 or len(jobs) < 2 or not forkable:
+        for job in jobs:
+            draw(*job)
+        return
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_draw_all, args=(draw, jobs[i::workers])) for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"a figure-drawing process failed (exit code {failed[0]}); its error is printed above")
+
+
+def _draw_all(draw, jobs: list[tuple]) -> None:
+    for job in jobs:
+        draw(*job)

@@ -46,7 +46,7 @@ from PIL import Image
 from qkweights import __version__
 from qkweights.errors import InputError, QkError
 from qkweights.load import source_record
-from qkweights.outputs import atomic_path, save_figure, write_json, write_npz
+from qkweights.outputs import atomic_path, draw_in_parallel, save_figure, write_json, write_npz
 from qkweights.overlay import CAPTION, composite, display_image
 from qkweights.qk import qk_svd
 
@@ -442,6 +442,11 @@ def grid_figure(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thu
     return fig, mont, (round(label_in * dpi), round(top_in * dpi))
 
 
+def draw_grid(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thumbnails, path: Path) -> None:
+    """One head's grid figure (:func:`grid_figure`) saved as ``path``."""
+    save_png(*grid_figure(title, rows, cell, thumbs), path)
+
+
 def save_png(fig, montage: np.ndarray, at: tuple[int, int], path: Path) -> Path:
     """Lay ``montage`` (h, w, 3) uint8 at pixel ``at`` = (x0, y0) of a white canvas, draw the
     transparent figure over it, and save an RGB PNG (fast compression) atomically."""
@@ -600,11 +605,13 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
         patch = model.weights.embeddings.patch_size
         cell = cell_size(grid)
         thumbs = Thumbnails(model, root, paths, (grid[0] * patch, grid[1] * patch), cell)
+        jobs = []
         for hd in doc["heads"]:
             li, hi = layers.index(hd["layer"]), heads.index(hd["head"])
             rows = head_rows(hd, li, hi * len(modes), len(modes), st, query, key)
             title = f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {top} of {st.n_scored} images per mode and sign (x = LayerNorm output)"
-            save_png(*grid_figure(title, rows, cell, thumbs), out / f"top_L{hd['layer']}_H{hd['head']}.png")
+            jobs.append((title, rows, cell, thumbs, out / f"top_L{hd['layer']}_H{hd['head']}.png"))
+        draw_in_parallel(draw_grid, jobs)
         save_figure(anisotropy_figure(f"{model_id} — anisotropy control ({st.n_scored} images)", layers, d.layers, baseline, weighted),
                     out / "anisotropy.png", dpi=120)
     write_json(out / JSON_NAME, doc)
