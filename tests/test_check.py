@@ -9,15 +9,15 @@ a zero W_q makes σ_0 = 0).
 
 import dataclasses
 import json
-import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import qkweights
+from conftest import edited_fixture, vit_qk_name
 from qkweights.check import CheckReport, check_profile
 from qkweights.cli import main
 from qkweights.errors import InputError
@@ -29,18 +29,7 @@ K = 8  # head dim of the fixture (config: hidden 32, 4 heads)
 N_CHECKS = 1 + 2 * (1 + 4 * 4)  # architecture + per layer (layer cosine + 4 heads × 4 checks)
 
 
-def name(l, which):
-    return f"encoder.layer.{l}.attention.attention.{which}.weight"
-
-
-def edited(tmp_path, label, edit):
-    """A copy of the vit fixture in tmp_path/label whose tensors were changed in place by ``edit(tensors)``."""
-    out = tmp_path / label
-    shutil.copytree(VIT, out)
-    tensors = load_file(out / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+name, edited = vit_qk_name, edited_fixture
 
 
 def rows(l, h):

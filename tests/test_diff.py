@@ -10,16 +10,16 @@ scipy.linalg.subspace_angles.
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 from PIL import Image
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import qkweights
+from conftest import edited_fixture, vit_qk_name
 from qkweights.cli import main
 from qkweights.diff import diff_profiles, heatmaps_figure, principal_angles
 
@@ -27,20 +27,16 @@ VIT = Path(__file__).parent / "fixtures" / "models" / "vit"
 D, K = 32, 8
 
 
-def name(l, which):
-    return f"encoder.layer.{l}.attention.attention.{which}.weight"
+name = vit_qk_name
 
 
 def edited(tmp_path, label, heads):
     """A copy of the vit fixture whose heads are replaced: heads = {(l, h): (wq (K, D), wk (K, D))}."""
-    out = tmp_path / label
-    shutil.copytree(VIT, out)
-    t = load_file(out / "model.safetensors")
-    for (l, h), (wq, wk) in heads.items():
-        t[name(l, "query")][h * K:(h + 1) * K] = wq
-        t[name(l, "key")][h * K:(h + 1) * K] = wk
-    save_file(t, str(out / "model.safetensors"))
-    return out
+    def replace(t):
+        for (l, h), (wq, wk) in heads.items():
+            t[name(l, "query")][h * K:(h + 1) * K] = wq
+            t[name(l, "key")][h * K:(h + 1) * K] = wk
+    return edited_fixture(tmp_path, label, replace)
 
 
 def rows(c, angle=0.0, offset=K):
