@@ -118,8 +118,8 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     """
     import qkweights
     from qkweights.maps import projection_maps, save_maps
-    from qkweights.o3 import CSV_NAME, FIGURE_NAME, SUMMARY_NAME as O3_SUMMARY, o3_allocation
-    from qkweights.top_images import JSON_NAME, top_images
+    from qkweights.o3 import o3_allocation
+    from qkweights.top_images import top_images
     from qkweights.vision import load_model
 
     def stage(text: str) -> None:
@@ -146,14 +146,13 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     stage(f"top images over the {N_SCENES} scenes")
     layers, head_ids = sorted({l for l, _ in heads}), sorted({h for _, h in heads})
     top_dir = out / "top_images"
-    top_images(model, scenes / "images", top_dir, layers=layers, heads=head_ids, modes=range(TOP_MODES),
-               top=TOP_IMAGES, batch_size=16)
-    written += [top_dir / JSON_NAME, top_dir / "anisotropy.png"]
-    written += [top_dir / f"top_L{l}_H{h}.png" for l in layers for h in head_ids]
+    written += top_images(model, scenes / "images", top_dir, layers=layers, heads=head_ids, modes=range(TOP_MODES),
+                          top=TOP_IMAGES, batch_size=16).files
 
     stage(f"O3 attention allocation on the {N_SCENES} scenes")
-    o3 = o3_allocation(model, scenes, out / "o3", batch_size=16)
-    written += [out / "o3" / name for name in (CSV_NAME, O3_SUMMARY, FIGURE_NAME)]
+    result = o3_allocation(model, scenes, out / "o3", batch_size=16)
+    written += result.files
+    o3 = result.summary
 
     text = summary_text(out, folder, _card(folder), heads, prof.weighted, o3, N_SCENES)
     written.append(write_text(out / SUMMARY_NAME, text))

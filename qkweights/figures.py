@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from qkweights.outputs import draw_in_parallel, save_figure
 
@@ -309,3 +310,137 @@ def _symmetric_range(values: np.ndarray, at_least: float) -> float:
     """Half-width r ≤ 1 of a symmetric range covering ``values`` and ``at_least``, rounded up to 0.05."""
     top = max(float(np.abs(values).max()) if values.size else 1.0, at_least)
     return float(min(1.0, np.ceil(top * 1.02 / 0.05) * 0.05))
+def anisotropy_figure(title: str, layers: list[int], n_layers: int, baseline: np.ndarray, weighted: np.ndarray):
+    """Paper Fig. S4: per layer, the profile's weighted cosine, the centre-token baseline and their difference."""
+    from matplotlib.figure import Figure
+
+    x = np.asarray(layers) / max(n_layers - 1, 1)
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.plot(x, weighted, "o-", color="C0", ms=4, label="weighted cosine Σσ·cos/Σσ (profile, mean over heads)")
+    ax.plot(x, baseline, "s--", color="C2", ms=4, label="anisotropy: mean cos between centre-token embeddings of different images")
+    ax.plot(x, weighted - baseline, "^-", color="C3", ms=4, label="relative cosine = weighted − anisotropy")
+    ax.set_xlabel("normalised layer l/(L−1)")
+    ax.set_ylabel("cosine")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_title(title, fontsize=10)
+    fig.legend(fontsize=8, loc="outside lower center")
+    return fig
+
+
+# ----------------------------------------------------------------------------- top-images grids (paper Fig. 4, S5–S19)
+
+CELL_PX = 132  # width of one image cell of the top-images grids
+GRID_GAP = 6
+LABEL_PX = 190  # the row labels' column
+PNG_COMPRESSION = 3  # zlib level of the grid PNGs: level 6 (the default) takes about twice as long for ~10% smaller files
+
+
+def _font(size: int):
+    """DejaVu Sans, the font matplotlib ships, at ``size`` pixels (Pillow's own default font if it is missing)."""
+    from PIL import ImageFont
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def top_images_grid(title: str, rows: list, thumb) -> Image.Image:
+    """Rows of top images with their red/cyan overlays, composed as one RGB image (no matplotlib figure).
+
+    rows: [(label, [(image path, score, query (gh, gw), key (gh, gw), sign), …]), …];
+    thumb(path): the image as the patch grid covers it, ``CELL_PX`` wide, (h, w, 3) in
+    [0, 1]. Each cell is :func:`qkweights.overlay.composite` of it; the score is printed in the cell's corner, the rank above each column,
+    the label left of each row, the title above and the colour key below.
+    """
+    from PIL import ImageDraw
+
+    from qkweights.overlay import CAPTION, composite
+
+    cells = [c for _, row in rows for c in row]
+    h0, w0 = thumb(cells[0][0]).shape[:2] if cells else (1, 1)
+    ch, cw = h0, w0
+    k = max((len(row) for _, row in rows), default=1) or 1
+    title_font, label_font, small = _font(15), _font(12), _font(10)
+    width = LABEL_PX + k * (cw + GRID_GAP) + GRID_GAP
+    title_lines = textwrap.wrap(title, width=max(40, width // 8))
+    caption_lines = textwrap.wrap(CAPTION + "; score (corner) = max_t(s·x·u)·max_t(s·x·v) over patch tokens, s = the row's sign",
+                                  width=max(40, width // 6))
+    top = 10 + 19 * len(title_lines) + 18
+    height = top + len(rows) * (ch + GRID_GAP) + 8 + 13 * len(caption_lines) + 6
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(title_lines):
+        draw.text((width // 2, 8 + 19 * i), line, fill="black", font=title_font, anchor="ma")
+    for j in range(k):
+        draw.text((LABEL_PX + j * (cw + GRID_GAP) + cw // 2, top - 4), f"#{j + 1}", fill="black", font=label_font, anchor="md")
+    for r, (label, row) in enumerate(rows):
+        y = top + r * (ch + GRID_GAP)
+        draw.multiline_text((LABEL_PX - 8, y + ch // 2), label, fill="black", font=label_font, anchor="rm", align="right")
+        for j, (path, score, q, kk, sign) in enumerate(row):
+            x = LABEL_PX + j * (cw + GRID_GAP)
+            cell = np.round(composite(thumb(path), q, kk, sign) * 255).astype(np.uint8)
+            img.paste(Image.fromarray(cell), (x, y))
+            text = f"{score:.3g}"
+            box = draw.textbbox((x + 3, y + ch - 3), text, font=small, anchor="ld")
+            draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=(40, 40, 40))
+            draw.text((x + 3, y + ch - 3), text, fill="white", font=small, anchor="ld")
+    y = height - 6 - 13 * len(caption_lines)
+    for i, line in enumerate(caption_lines):
+        draw.text((width // 2, y + 13 * i), line, fill=(80, 80, 80), font=small, anchor="ma")
+    return img
+
+
+def save_png(image, path) -> Path:
+    """Save a PIL image as PNG atomically (fast compression)."""
+    from qkweights.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=PNG_COMPRESSION)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- O3 attention allocation (paper Fig. 2 B–D)
+
+
+MEASURE_TITLES = {"same": "same object", "different": "different object", "background": "background"}
+
+
+def o3_figure(summary: dict, path: str | Path) -> Path:
+    """Paper Fig. 2 B–D for one model, as a PNG at ``path``.
+
+    Three panels (same object, different object, background) of the mean ± s.e.m.
+    over images against the normalised layer l/(L−1) (layer index on the top axis),
+    each with the uniform-attention level dashed; the first two share their y axis.
+    """
+    layers = summary["layers"]
+    n_layers = len(layers)
+    depth = np.array([e["depth"] for e in layers], np.float64)
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[1].sharey(axes[0])
+    for ax, (key, title) in zip(axes, MEASURE_TITLES.items()):
+        mean, sem = (np.array([np.nan if e[key][s] is None else e[key][s] for e in layers], np.float64)
+                     for s in ("mean", "sem"))
+        ax.fill_between(depth, mean - sem, mean + sem, color="C0", alpha=0.2, lw=0, label="± s.e.m. over images")
+        ax.plot(depth, mean, "o-", color="C0", ms=3.5, lw=1.5, label="mean over images and heads")
+        ax.axhline(summary["uniform"][key], color="0.4", ls="--", lw=1, label="uniform attention over the patches")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel(DEPTH_LABEL)
+        ax.grid(alpha=0.3, lw=0.5)
+        if n_layers > 1:
+            top = ax.secondary_xaxis("top", functions=(lambda d: d * (n_layers - 1), lambda l: l / (n_layers - 1)))
+            top.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n_layers, 12)))
+            top.tick_params(labelsize=8)
+    axes[0].set_ylabel("share of the token's attention over the patches")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    model = summary["model"]
+    name = summary["source"].get("model_id") or model["family"]
+    fig.suptitle(f"O3 attention allocation: {name}\n{summary['images_used']} images, {model['layers']} layers × "
+                 f"{model['heads']} heads; top axis: layer index", fontsize=10)
+    return save_figure(fig, path)

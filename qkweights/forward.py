@@ -545,16 +545,23 @@ def check_pixels(pixels, channels: int, patch_size: int) -> np.ndarray:
     return x
 
 
-def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool) -> ForwardOutput:
-    """The forward pass proper on checked pixels (B, C, H, W); ``keep``: layers whose intermediates are kept."""
+def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool, truncate: bool = False,
+         rows: np.ndarray | None = None, states: bool = True) -> ForwardOutput:
+    """The forward pass proper on checked pixels (B, C, H, W); ``keep``: layers whose intermediates are kept.
+
+    truncate: stop after the deepest layer of ``keep`` (no last_hidden_state). rows: (B, Q)
+    token indices; the attentions then keep only those query rows, (B, H, Q, T). states:
+    keep the residual streams and attention inputs of ``keep`` (else only attentions).
+    """
     heads, k = wt.heads, wt.head_dim
     x, layout = embed(wt.embeddings, pixels, wt.eps)  # (B, T, D)
     b, t, d = x.shape
     hidden, inputs, probs = [], {}, {}
-    for l, blk in enumerate(wt.blocks):
-        hidden.append(x if l in keep else None)
+    depth = max(keep) + 1 if truncate and keep else len(wt.blocks)
+    for l, blk in enumerate(wt.blocks[:depth]):
+        hidden.append(x if states and l in keep else None)
         h = layer_norm(x, blk.norm1, wt.eps)  # (B, T, D)
-        if l in keep:
+        if states and l in keep:
             inputs[l] = h
         qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
         q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K); q already scaled by 1/√K
@@ -563,7 +570,7 @@ def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool) -
             logits += relative_position_bias(blk.rel_pos, wt.embeddings.grid, layout.grid)  # (H, T, T)
         att = softmax_(logits)
         if attentions and l in keep:
-            probs[l] = att
+            probs[l] = att if rows is None else att[np.arange(b)[:, None], :, rows].transpose(0, 2, 1, 3)  # (B, H, Q, T)
         ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)
         a = _linear(ctx, blk.out, blk.out_bias)  # (B, T, D)
         if blk.scale1 is not None:
@@ -576,6 +583,8 @@ def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool) -
             m *= blk.scale2
         m += x
         x = m
+    if depth < len(wt.blocks):
+        return ForwardOutput(hidden, inputs, probs, None, layout, None)
     hidden.append(x)
     last = layer_norm(x, wt.final_norm, wt.eps) if wt.final_norm is not None else x
     pooled = None
@@ -588,6 +597,7 @@ def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
     """Join forward outputs of consecutive batch shards along B."""
     def cat(arrays):
         return None if arrays[0] is None else np.concatenate(arrays)
+
 
     first = parts[0]
     return ForwardOutput(
@@ -606,7 +616,8 @@ def blas_threads() -> int:
 
 
 def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False,
-            layers: Iterable[int] | None = None, threads: int | None = None) -> ForwardOutput:
+            layers: Iterable[int] | None = None, threads: int | None = None, truncate: bool = False,
+            rows: np.ndarray | None = None, states: bool = True) -> ForwardOutput:
     """Run the model on pixels (B, C, H, W) (already preprocessed).
 
     layers: block indices whose attention inputs (and attentions, with ``attentions=True``)
@@ -614,14 +625,21 @@ def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False
     (default: as many as numpy's BLAS may use). With n > 1 threads the batch is split in
     n shards run side by side, each with single-threaded BLAS — every step, elementwise
     ones included, then runs in parallel, which scales better than threaded BLAS on
-    (B·T)-row matrices. Returns a :class:`ForwardOutput`.
+    (B·T)-row matrices. truncate: run only the blocks up to the deepest of ``layers``
+    (``hidden_states`` then ends there and ``last_hidden_state`` is None). rows: (B, Q)
+    token indices; ``attentions[l]`` then holds only those query rows, (B, H, Q, T), so
+    that memory does not grow with T². states=False keeps no residual streams nor
+    attention inputs (only the attentions asked for). Returns a :class:`ForwardOutput`.
     """
     keep = set(check_layers(layers, len(weights.blocks)))
     emb = weights.embeddings
     x = check_pixels(pixels, emb.patch.shape[0] // emb.patch_size**2, emb.patch_size)  # (B, C, H, W)
+    if rows is not None:
+        rows = np.asarray(rows, np.int64).reshape(len(x), -1)  # (B, Q)
     n = min(threads or blas_threads(), len(x))
     if n <= 1:
-        return _run(weights, x, keep, attentions)
+        return _run(weights, x, keep, attentions, truncate, rows, states)
+    cuts = np.array_split(np.arange(len(x)), n)
     with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        parts = list(pool.map(lambda shard: _run(weights, shard, keep, attentions), np.array_split(x, n)))
+        parts = list(pool.map(lambda i: _run(weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], states), cuts))
     return _concat(parts)

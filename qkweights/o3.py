@@ -35,47 +35,42 @@ Images are skipped, with the reason listed, when their masks are missing, a file
 unreadable or of another size than its image, or the target or distractor mask is
 empty on the patch grid (no pixel ≥ 128, or the object lies outside the crop).
 
-Outputs in ``out_dir``: ``o3.csv`` (image, layer, head, tt, td, tb, dt, dd, db),
-``o3_summary.json`` (schema ``qkweights.o3/1``, read by :mod:`qkweights.compare`) and
-``o3_by_layer.png``. A run is resumable: after each batch its results are written
-atomically to ``out_dir/.o3_state/batch_NNNNN.npz`` with a fingerprint of the model
-(weight file digests), the preprocessing, the batch size and the images (names, sizes,
-modification times); re-running the same command continues after the last completed
-batch and gives the same outputs as an uninterrupted run. State with another
-fingerprint is ignored (with a note on stderr) and removed.
+Outputs in ``out_dir`` (:class:`O3Result`): ``o3.csv`` (image, layer, head, tt, td, tb,
+dt, dd, db), ``o3_summary.json`` (schema ``qkweights.o3/1``, read by
+:mod:`qkweights.compare`) and ``o3_by_layer.png``. The sweep is run by
+:mod:`qkweights.runner` (shards on this process, local workers or a Dask cluster;
+resumable from ``out_dir/.o3_state.npz``): the partial result of a set of images is
+their rows with their list positions (:class:`O3Partial`), merged in list order. The
+forward pass keeps only the two chosen query rows of each layer's attention, so memory
+does not grow with the number of layers.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import hashlib
 import json
 import math
-import shutil
-import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from qkweights.errors import InputError
-from qkweights.figures import DEPTH_LABEL
-from qkweights.forward import TokenLayout, token_layout
+from qkweights.figures import o3_figure
+from qkweights.forward import token_layout
 from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
-from qkweights.outputs import atomic_path, save_figure, write_csv, write_json
+from qkweights.outputs import write_csv, write_json
+from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
 from qkweights.vision import VisionModel, load_model
 
 SCHEMA = "qkweights.o3/1"
 RATIOS = ("tt", "td", "tb", "dt", "dd", "db")
 MEASURES = {"same": (0, 4), "different": (1, 3), "background": (2, 5)}  # measure → the two RATIOS it averages
-MEASURE_TITLES = {"same": "same object", "different": "different object", "background": "background"}
-ATTENTION_BUDGET = 1 << 30  # bytes of attention probabilities one forward pass may keep
-STATE_DIR = ".o3_state"
+STATE_NAME = ".o3_state.npz"
 CSV_NAME, SUMMARY_NAME, FIGURE_NAME = "o3.csv", "o3_summary.json", "o3_by_layer.png"
 
 
@@ -129,19 +124,6 @@ def allocation(rows: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return ratios.reshape(*r.shape[:-2], 6)
 
 
-def attention_rows(attentions: dict[int, np.ndarray], layout: TokenLayout, tokens: np.ndarray) -> np.ndarray:
-    """The chosen tokens' attention over the patch keys, for every layer in ``attentions``.
-
-    attentions: layer → (B, H, T, T) probabilities (query row, key column); tokens:
-    (B, 2) flat patch indices of the target and distractor token of each image.
-    Returns (B, L', H, 2, N) for the L' layers in ascending order, N = gh·gw.
-    """
-    query = layout.patches.start + np.asarray(tokens)  # (B, 2) token indices
-    batch = np.arange(len(query))[:, None]  # (B, 1)
-    per_layer = [attentions[l][batch, :, query, layout.patches] for l in sorted(attentions)]  # L' × (B, 2, H, N)
-    return np.stack(per_layer, axis=1).swapaxes(2, 3)  # (B, L', H, 2, N)
-
-
 def layer_statistics(values: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-layer mean and s.e.m. over images of each measure.
 
@@ -189,149 +171,133 @@ def prepare(model: VisionModel, item: O3Item) -> Prepared:
     return Prepared(pixels, masks, token_choice(masks))
 
 
-def forward_rows(model: VisionModel, pixels: np.ndarray, tokens: np.ndarray, budget: int = ATTENTION_BUDGET) -> np.ndarray:
-    """Attention rows of the chosen tokens in every layer: (B, L, H, 2, N) float32.
+def forward_rows(model: VisionModel, pixels: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Attention rows of the chosen tokens in every layer, over the patch keys: (B, L, H, 2, N) float32.
 
-    pixels: (B, 3, H, W) model input; tokens: (B, 2) flat patch indices. The forward
-    pass keeps the attentions of all layers (B·L·H·T·T float32); images are split
-    into smaller forward passes so that at most ``budget`` bytes are kept, and when a
-    single image's attentions exceed it, layers are taken in chunks (one forward
-    pass per chunk).
+    pixels: (B, 3, H, W) model input; tokens: (B, 2) flat patch indices (target,
+    distractor). The forward pass keeps only these two query rows of each layer's
+    attention (B·L·H·2·T floats) and no residual streams.
     """
     b, _, h, w = pixels.shape
-    wt = model.weights
-    n_layers, heads, p = len(wt.blocks), wt.heads, wt.embeddings.patch_size
-    layout = token_layout(wt.embeddings, (h // p, w // p))
-    per_layer = heads * layout.n_tokens**2 * 4  # bytes of one image's attentions in one layer
-    images = max(1, min(b, budget // (per_layer * n_layers)))
-    chunk = n_layers if per_layer * n_layers <= budget else max(1, budget // per_layer)
-    n_patches = layout.grid[0] * layout.grid[1]
-    out = np.empty((b, n_layers, heads, 2, n_patches), np.float32)  # (B, L, H, 2, N)
-    for i in range(0, b, images):
-        for l0 in range(0, n_layers, chunk):
-            layers = None if chunk == n_layers else range(l0, min(n_layers, l0 + chunk))
-            fo = model.forward(pixels[i : i + images], attentions=True, layers=layers)
-            out[i : i + images, l0 : l0 + chunk] = attention_rows(fo.attentions, fo.layout, tokens[i : i + images])
-    return out
+    p = model.weights.embeddings.patch_size
+    layout = token_layout(model.weights.embeddings, (h // p, w // p))
+    fo = model.forward(pixels, attentions=True, rows=layout.patches.start + np.asarray(tokens), states=False)
+    return np.stack([fo.attentions[l][..., layout.patches] for l in sorted(fo.attentions)], axis=1)  # (B, L, H, 2, N)
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    """The outcome of one batch of items, in item order.
+@dataclass
+class O3Partial:
+    """The rows of a set of images: positions (I,) in the item list, ascending; values (I, L, H, 6) ratios;
+    areas (I, 3) the mean of each patch mask (target, distractor, background) = the ratios of uniform attention."""
 
-    names (n,); reasons (n,): "" for an image used, else why it was skipped;
-    values (n_used, L, H, 6) ratios of the images used; areas (n_used, 3) the mean of
-    each patch mask (target, distractor, background) = the ratios of uniform attention.
-    """
-
-    names: np.ndarray
-    reasons: np.ndarray
+    positions: np.ndarray
     values: np.ndarray
     areas: np.ndarray
 
 
-def run_batch(model: VisionModel, items: list[O3Item]) -> BatchResult:
-    """Prepare, run and measure a batch of items (images of one input size share a forward pass)."""
-    prepared: dict[int, Prepared] = {}
-    reasons = [""] * len(items)
-    for i, item in enumerate(items):
+@dataclass(frozen=True)
+class O3Analysis(Analysis):
+    """O3 as a :class:`~qkweights.runner.Analysis`: items are :class:`~qkweights.o3data.O3Item`."""
+
+    n_layers: int
+    heads: int
+    preprocessing: str  # JSON of the model's preprocessing (it decides the masks' geometry)
+    name: ClassVar[str] = "o3"
+
+    def key(self) -> str:
+        return self.preprocessing
+
+    def item_files(self, item: O3Item) -> list[Path]:
+        return [item.image, item.target_mask, item.distractor_mask]
+
+    def item_name(self, item: O3Item) -> str:
+        return item.name
+
+    def load(self, model, items, positions):
+        ok, prepared, skipped = [], [], []
+        for pos, item in zip(positions, items):
+            try:
+                prepared.append(prepare(model, item))
+                ok.append(pos)
+            except InputError as exc:
+                skipped.append({"path": item.name, "reason": str(exc)})
+        return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
+
+    def compute(self, model, ctx, batch: Batch) -> O3Partial:
+        """Images of one input size share a forward pass."""
+        prepared = batch.data
+        values = [None] * len(prepared)
+        for size in dict.fromkeys(p.pixels.shape for p in prepared):
+            group = [i for i, p in enumerate(prepared) if p.pixels.shape == size]
+            pixels = np.stack([prepared[i].pixels for i in group])  # (B, 3, H, W)
+            rows = forward_rows(model, pixels, np.stack([prepared[i].tokens for i in group]))  # (B, L, H, 2, N)
+            for i, r in zip(group, rows):
+                values[i] = allocation(r, prepared[i].masks)  # (L, H, 6)
+        return O3Partial(batch.positions, np.stack(values), np.array([p.masks.reshape(3, -1).mean(axis=1) for p in prepared]))
+
+    def empty(self) -> O3Partial:
+        return O3Partial(np.empty(0, np.int64), np.empty((0, self.n_layers, self.heads, len(RATIOS))), np.empty((0, 3)))
+
+    def merge(self, a: O3Partial, b: O3Partial) -> O3Partial:
+        order = np.argsort(np.concatenate([a.positions, b.positions]), kind="stable")
+        return O3Partial(*(np.concatenate([x, y])[order] for x, y in ((a.positions, b.positions), (a.values, b.values),
+                                                                        (a.areas, b.areas))))
+
+    def to_arrays(self, p: O3Partial) -> dict[str, np.ndarray]:
+        return {"positions": p.positions, "values": p.values, "areas": p.areas}
+
+    def from_arrays(self, z) -> O3Partial:
+        return O3Partial(z["positions"], z["values"], z["areas"])
+
+
+@dataclass
+class O3Result:
+    """The result of ``o3``: the summary document and the per-image ratios.
+
+    summary: the ``o3_summary.json`` document (schema ``qkweights.o3/1``); names (I,) the
+    images used, in name order; values (I, L, H, 6) their ratios (:data:`RATIOS`).
+    """
+
+    summary: dict
+    names: list[str]
+    values: np.ndarray
+    files: list[Path] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return self.summary
+
+    def save(self, out_dir) -> list[Path]:
+        """Write ``o3.csv`` and ``o3_summary.json`` into ``out_dir``; returns the paths."""
+        out = Path(out_dir)
+        return [write_csv(out / CSV_NAME, ["image", "layer", "head", *RATIOS], _csv_rows(self.names, self.values)),
+                write_json(out / SUMMARY_NAME, self.summary)]
+
+    @classmethod
+    def load(cls, out_dir) -> O3Result:
+        """Read a saved result (``o3_summary.json`` and ``o3.csv``); InputError naming the file if it is unusable."""
+        out = Path(out_dir)
         try:
-            prepared[i] = prepare(model, item)
-        except InputError as exc:
-            reasons[i] = str(exc)
-    wt = model.weights
-    shape = (len(wt.blocks), wt.heads, len(RATIOS))
-    values = {}
-    for size in dict.fromkeys(p.pixels.shape for p in prepared.values()):
-        group = [i for i, p in prepared.items() if p.pixels.shape == size]
-        pixels = np.stack([prepared[i].pixels for i in group])  # (B, 3, H, W)
-        rows = forward_rows(model, pixels, np.stack([prepared[i].tokens for i in group]))  # (B, L, H, 2, N)
-        for i, r in zip(group, rows):
-            values[i] = allocation(r, prepared[i].masks)  # (L, H, 6)
-    used = sorted(values)
-    return BatchResult(
-        names=np.array([item.name for item in items]),
-        reasons=np.array(reasons),
-        values=np.stack([values[i] for i in used]) if used else np.empty((0, *shape)),
-        areas=np.array([prepared[i].masks.reshape(3, -1).mean(axis=1) for i in used]).reshape(-1, 3),
-    )
+            summary = json.loads((out / SUMMARY_NAME).read_text())
+            with open(out / CSV_NAME, newline="") as f:
+                rows = list(csv.reader(f))[1:]
+            model = summary["model"]
+            shape = (model["layers"], model["heads"], len(RATIOS))
+            names = list(dict.fromkeys(r[0] for r in rows))
+            values = np.array([[float(v) for v in r[3:]] for r in rows]).reshape(len(names), *shape)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{out}: no readable O3 result ({type(e).__name__}: {e}); run o3 into it") from e
+        if summary.get("schema") != SCHEMA:
+            raise InputError(f"{out / SUMMARY_NAME}: schema {summary.get('schema')!r}, expected {SCHEMA!r}")
+        return cls(summary, names, values)
 
 
-# ----------------------------------------------------------------------------- resumable state
-
-
-def _file_stat(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
+# ----------------------------------------------------------------------------- the analysis
 
 
 def _source_json(model: VisionModel) -> dict:
     if model.source is not None:
         return source_record(model.source, model.checkpoint)
     return {"model_id": model.checkpoint.spec.name}
-
-
-def fingerprint(model: VisionModel, items: list[O3Item], batch_size: int) -> str:
-    """sha256 hex of what a partial run depends on: the model's weight files, its preprocessing, the batch size
-    and each item's three files (name, size, modification time)."""
-    doc = {
-        "schema": SCHEMA,
-        "source": _source_json(model),
-        "preprocessing": dataclasses.asdict(model.preprocessing),
-        "batch_size": batch_size,
-        "images": [[it.name] + [_file_stat(p) for p in (it.image, it.target_mask, it.distractor_mask)] for it in items],
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def _batch_path(state: Path, j: int) -> Path:
-    return state / f"batch_{j:05d}.npz"
-
-
-def _read_batch(path: Path) -> tuple[str, BatchResult]:
-    """(fingerprint, result) of a saved batch; OSError/ValueError/KeyError/BadZipFile if unreadable."""
-    with np.load(path, allow_pickle=False) as z:
-        return str(z["fingerprint"]), BatchResult(z["names"], z["reasons"], z["values"], z["areas"])
-
-
-def load_state(state: Path, fp: str, batches: list[list[O3Item]]) -> list[BatchResult]:
-    """The completed batches 0 … k−1 saved in ``state`` for fingerprint ``fp``.
-
-    State written for another fingerprint (or unreadable) is removed, with a note on
-    stderr, and nothing is resumed.
-    """
-    done: list[BatchResult] = []
-    problem = None
-    for j, batch in enumerate(batches):
-        path = _batch_path(state, j)
-        if not path.is_file():
-            break
-        try:
-            saved_fp, result = _read_batch(path)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            problem = f"{path.name} is unreadable ({exc})"
-            break
-        if saved_fp != fp or list(result.names) != [it.name for it in batch]:
-            problem = "it was written for other arguments, model or images"
-            break
-        done.append(result)
-    if problem is None:
-        return done
-    print(f"qkweights: note: ignoring the partial O3 run in {state}: {problem}; starting over", file=sys.stderr)
-    shutil.rmtree(state, ignore_errors=True)
-    return []
-
-
-def save_batch(state: Path, j: int, fp: str, result: BatchResult) -> None:
-    """Write batch ``j``'s result atomically into ``state``."""
-    state.mkdir(parents=True, exist_ok=True)
-    with atomic_path(_batch_path(state, j)) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.array(fp), names=result.names, reasons=result.reasons,
-                     values=result.values, areas=result.areas)
-
-
-# ----------------------------------------------------------------------------- the analysis
 
 
 def select_items(root: str | Path, max_images: int | None) -> tuple[list[O3Item], list[tuple[str, str]], int]:
@@ -394,56 +360,55 @@ def summarise(model: VisionModel, values: np.ndarray, areas: np.ndarray, skipped
 
 
 def o3_allocation(model: VisionModel | str, o3_dir: str | Path, out_dir: str | Path, *, max_images: int | None = None,
-                  batch_size: int = 8, progress: Callable[[int, int], object] | None = None,
-                  plots: bool = True) -> dict:
+                  batch_size: int = 8, shard_size: int = 64, workers: int | None = None, client=None,
+                  progress: Callable[[int, int], object] | None = None, plots: bool = True,
+                  notes: Callable[[str], object] | None = None) -> O3Result:
     """Run the O3 protocol (module docstring) and write o3.csv, o3_summary.json and (if ``plots``) o3_by_layer.png.
 
     model: a :class:`VisionModel` or a MODEL argument for :func:`load_model`.
     max_images: use the first N images by name (None: all). batch_size: images per
-    forward pass and per saved step of the resumable state. progress: called as
-    ``progress(done, total)`` with images processed (used or skipped) after each
-    batch and once at the start. Returns the summary document.
+    forward pass; shard_size: images per shard (the unit of work and of resume). Where
+    the shards run: ``client`` (a ``distributed.Client``), else ``workers`` local
+    processes, else here (:func:`qkweights.runner.run_sweep`; the result is the same).
+    progress(done, total): images consumed (used or skipped), at the start and after each
+    shard; notes(text): what the caller may tell the user (a resumed or ignored state).
+    InputError when no image is usable (existing outputs are kept). Returns the :class:`O3Result`.
     """
     if isinstance(model, str):
         model = load_model(model)
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size} is not positive; pass --batch-size 1 or more")
+    if batch_size < 1 or shard_size < 1:
+        raise InputError(f"batch size {batch_size}, shard size {shard_size}: both must be at least 1")
     if max_images is not None and max_images < 1:
-        raise InputError(f"--max-images {max_images} is not positive; pass 1 or more, or leave it out for all images")
+        raise InputError(f"max_images {max_images} is not positive; give 1 or more, or None for all images")
+    if (workers or client is not None) and model.ref is None:
+        raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     items, missing, n_found = select_items(o3_dir, max_images)
     out = Path(out_dir)
-    state = out / STATE_DIR
-    fp = fingerprint(model, items, batch_size)
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    results = load_state(state, fp, batches) if state.is_dir() else []
-    done = sum(len(b) for b in batches[: len(results)])
-    if results:
-        print(f"qkweights: resuming the O3 run in {out}: {done} of {len(items)} images already done", file=sys.stderr)
-    if progress is not None:
-        progress(done, len(items))
-    for j in range(len(results), len(batches)):
-        results.append(run_batch(model, batches[j]))
-        save_batch(state, j, fp, results[-1])
-        done += len(batches[j])
-        if progress is not None:
-            progress(done, len(items))
-
-    names = [str(n) for r in results for n, why in zip(r.names, r.reasons) if not why]
-    skipped = sorted([(str(n), str(why)) for r in results for n, why in zip(r.names, r.reasons) if why] + missing)
+    state_path = out / STATE_NAME
+    an = O3Analysis(len(model.weights.blocks), model.weights.heads,
+                    json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str))
+    ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
+    sweep = run_sweep(an, ref, items, state_path=state_path, source=_source_json(model), model=model,
+                      shard_size=shard_size, batch_size=batch_size, workers=workers, client=client, progress=progress)
+    for text in sweep.notes:
+        if notes:
+            notes(text)
+    part: O3Partial = sweep.partial
+    names = [items[i].name for i in part.positions]
+    skipped = sorted([(s["path"], s["reason"]) for s in sweep.skipped] + missing)
     if not names:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        state_path.unlink(missing_ok=True)
         raise InputError(f"{o3_dir}: none of the {len(items) + len(missing)} selected images is usable{first}; check the masks")
-    values = np.concatenate([r.values for r in results])  # (I, L, H, 6)
-    areas = np.concatenate([r.areas for r in results])  # (I, 3)
     dataset = {"root": str(Path(o3_dir).resolve()), "images_found": n_found, "images_selected": len(items) + len(missing)}
-    summary = summarise(model, values, areas, [{"image": n, "reason": why} for n, why in skipped], dataset,
+    summary = summarise(model, part.values, part.areas, [{"image": n, "reason": why} for n, why in skipped], dataset,
                         _protocol(model, batch_size, max_images))
-    write_csv(out / CSV_NAME, ["image", "layer", "head", *RATIOS], _csv_rows(names, values))
-    write_json(out / SUMMARY_NAME, summary)
+    result = O3Result(summary, names, part.values)
+    result.files = result.save(out)
     if plots:
-        o3_figure(summary, out / FIGURE_NAME)
-    shutil.rmtree(state, ignore_errors=True)
-    return summary
+        result.files.append(o3_figure(summary, out / FIGURE_NAME))
+    state_path.unlink(missing_ok=True)
+    return result
 
 
 def _csv_rows(names: list[str], values: np.ndarray):
@@ -453,43 +418,3 @@ def _csv_rows(names: list[str], values: np.ndarray):
         for l in range(n_layers):
             for h in range(heads):
                 yield [name, l, h, *v[l][h]]
-
-
-# ----------------------------------------------------------------------------- figure
-
-
-def o3_figure(summary: dict, path: str | Path) -> Path:
-    """Paper Fig. 2 B–D for one model, as a PNG at ``path``.
-
-    Three panels (same object, different object, background) of the mean ± s.e.m.
-    over images against the normalised layer l/(L−1) (layer index on the top axis),
-    each with the uniform-attention level dashed; the first two share their y axis.
-    """
-    layers = summary["layers"]
-    n_layers = len(layers)
-    depth = np.array([e["depth"] for e in layers], np.float64)
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    axes = fig.subplots(1, 3)
-    axes[1].sharey(axes[0])
-    for ax, (key, title) in zip(axes, MEASURE_TITLES.items()):
-        mean, sem = (np.array([np.nan if e[key][s] is None else e[key][s] for e in layers], np.float64)
-                     for s in ("mean", "sem"))
-        ax.fill_between(depth, mean - sem, mean + sem, color="C0", alpha=0.2, lw=0, label="± s.e.m. over images")
-        ax.plot(depth, mean, "o-", color="C0", ms=3.5, lw=1.5, label="mean over images and heads")
-        ax.axhline(summary["uniform"][key], color="0.4", ls="--", lw=1, label="uniform attention over the patches")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlim(-0.03, 1.03)
-        ax.set_xlabel(DEPTH_LABEL)
-        ax.grid(alpha=0.3, lw=0.5)
-        if n_layers > 1:
-            top = ax.secondary_xaxis("top", functions=(lambda d: d * (n_layers - 1), lambda l: l / (n_layers - 1)))
-            top.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n_layers, 12)))
-            top.tick_params(labelsize=8)
-    axes[0].set_ylabel("share of the token's attention over the patches")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
-    model = summary["model"]
-    name = summary["source"].get("model_id") or model["family"]
-    fig.suptitle(f"O3 attention allocation: {name}\n{summary['images_used']} images, {model['layers']} layers × "
-                 f"{model['heads']} heads; top axis: layer index", fontsize=10)
-    return save_figure(fig, path)

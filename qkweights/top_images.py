@@ -8,37 +8,30 @@ W_q/W_k (``attention_inputs[l]``):
 
 (u_n, v_n from :func:`qkweights.qk.qk_svd`, the profiles' sign convention). Stored with
 each winner, as the paper's notebook stores: the two maxima, the means over tokens of
-s·x·u_n and s·x·v_n, and the means of their top-5 tokens.
+s·x·u_n and s·x·v_n, the means of their top-5 tokens, and the winner's query and key
+maps (x_t·u_n, x_t·v_n over the patch grid) for the figures — so the figures need no
+second pass over the images.
 
-One pass over the folder (sorted relative paths, in batches of ``batch_size``): each
-batch is projected onto every chosen head's U and V at once ((B·T, D) @ (D, 2·H·N) per
-layer), and a running top-K per (layer, head, mode, sign) keeps the best images (ties:
-the earlier path first), so memory does not grow with the number of images. The same
-forward passes give the anisotropy control (paper Fig. S4): per layer, the mean cosine
-between the centre patch token's embeddings of different images, from the running sum
-s of unit vectors: ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``.
-
-After each batch the running state is written atomically to ``<out>/.top_images_state.npz``
-with a fingerprint of the command (options, model weights' sha256, image list with sizes
-and modification times); re-running the same command continues after the last completed
-batch and gives the same result as an uninterrupted run. Batches are fixed slices of the
-sorted list, so a resumed run computes exactly the same batches. A state with another
-fingerprint is ignored (with a note on stderr). Then the winning images alone are run
-again to draw their maps, the outputs are written and the state file is removed.
+The sweep is run by :mod:`qkweights.runner` (shards, executors, resume): each batch is
+projected onto every chosen head's U and V at once ((B·T, D) @ (D, 2·H·N) per layer),
+and the partial result of a set of images is a top-K per (layer, head, mode, sign)
+(:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
+first), which is associative and commutative, so memory does not grow with the number
+of images and the result does not depend on how the sweep ran. The same forward passes
+give the anisotropy control (paper Fig. S4): per layer, the mean cosine between the
+centre patch token's embeddings of different images, from the sum s of their unit
+vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in fixed point
+(integers of 2⁻⁴⁰) so that it too is exact whatever the order of the merges.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
-import textwrap
-import zipfile
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -46,14 +39,15 @@ from PIL import Image
 from qkweights import __version__
 from qkweights.errors import InputError, QkError
 from qkweights.load import source_record
-from qkweights.outputs import atomic_path, draw_in_parallel, save_figure, write_json, write_npz
-from qkweights.overlay import CAPTION, composite, display_image
+from qkweights.outputs import write_json, write_npz
 from qkweights.qk import qk_svd
+from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
 
 SCHEMA = "qkweights.top_images/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 STATE_NAME = ".top_images_state.npz"
 JSON_NAME = "top_images.json"
+MAPS_NAME = "top_images_maps.npz"
 TOP_MEAN = 5  # tokens in the "top-5 mean" projections
 SIGNS = ("+", "-")
 STATS = ("max_query", "max_key", "mean_query", "mean_key", "top5_query", "top5_key")  # per winner, for its sign
@@ -61,10 +55,7 @@ READ_ERRORS = (QkError, OSError, ValueError, SyntaxError, EOFError, Image.Decomp
 SCORE_TEXT = "max_t(s·x_t·u_n) · max_t(s·x_t·v_n) over patch tokens t, s = +1 for sign '+', −1 for sign '-'"
 EMBEDDING_TEXT = "attention_inputs[l]: the LayerNorm output feeding W_q/W_k"
 CENTRE_TEXT = "centre patch token: row gh//2, column gw//2 of the patch grid"
-CELL_INCHES = 1.2
-GRID_DPI = 110
-PNG_COMPRESSION = 3  # zlib level of the grid PNGs: level 6 (the default) takes about twice as long for ~10% smaller files
-THUMB_CACHE = 2048  # cell-sized display images kept in memory while drawing the grids (~50 kB each)
+UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free integer sums
 
 
 # ----------------------------------------------------------------------------- images
@@ -149,16 +140,15 @@ def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int]) -> Mode
     return ModeBank(layers, heads, modes, w, np.array(sigma), np.array(cos))
 
 
-def batch_stats(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Score and projection statistics of a batch for every column pair of ``w``.
+def batch_stats(p: np.ndarray) -> np.ndarray:
+    """Score and projection statistics of a batch for every column pair of the projections ``p``.
 
-    x: (B, T, D) float32 patch-token embeddings; w: (D, 2C) [u columns | v columns].
+    p: (B, T, 2C) float32 projections of the patch tokens on [u columns | v columns].
     Returns (B, C, 2, 7) float64: per sign (+, −) the score followed by ``STATS``
     (max, mean and top-5 mean of s·x·u and of s·x·v over tokens).
     """
-    b, t, d = x.shape
-    c = w.shape[1] // 2
-    p = (x.reshape(b * t, d) @ w).reshape(b, t, 2 * c)  # (B, T, 2C)
+    b, t, c2 = p.shape
+    c = c2 // 2
     m = min(TOP_MEAN, t)
     part = np.partition(p, sorted({m - 1, t - m}), axis=1)  # smallest m first, largest m last
     low = part[:, :m].astype(np.float64)  # (B, m, 2C)
@@ -175,27 +165,31 @@ def batch_stats(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def merge_topk(scores: np.ndarray, index: np.ndarray, stats: np.ndarray, new_scores: np.ndarray,
-               new_index: np.ndarray, new_stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge a batch into running top-K lists: order by score descending, then image index ascending.
+def merge_topk(scores: np.ndarray, index: np.ndarray, *extra: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """The ``k`` best of candidate lists: order by score descending, then image index ascending.
 
-    scores (..., K), index (..., K) int (−1 = empty, score −inf), stats (..., K, S); new_scores
-    (..., B), new_index (B,), new_stats (..., B, S). Returns the new (scores, index, stats).
+    scores (..., M), index (..., M) int (−1 = empty, score −inf); each of ``extra``
+    (..., M, ...) is carried along (stats, maps). Returns (scores, index, *extra) with
+    M cut to ``k``.
     """
-    k = scores.shape[-1]
-    s = np.concatenate([scores, new_scores], axis=-1)  # (..., K + B)
-    i = np.concatenate([index, np.broadcast_to(new_index, new_scores.shape)], axis=-1)
-    x = np.concatenate([stats, new_stats], axis=-2)
-    order = np.lexsort((i, -s), axis=-1)[..., :k]  # primary −score, secondary index
-    return (np.take_along_axis(s, order, -1), np.take_along_axis(i, order, -1),
-            np.take_along_axis(x, order[..., None], -2))
+    order = np.lexsort((index, -scores), axis=-1)[..., :k]  # primary −score, secondary index
+    out = [np.take_along_axis(scores, order, -1), np.take_along_axis(index, order, -1)]
+    for x in extra:
+        o = order.reshape(order.shape + (1,) * (x.ndim - order.ndim))
+        out.append(np.take_along_axis(x, o, order.ndim - 1))
+    return tuple(out)
 
 
 def unit_sum(x: np.ndarray) -> np.ndarray:
-    """Σ_b x_b/|x_b| for x (B, D) (zero vectors add nothing), float64 (D,)."""
+    """Σ_b x_b/|x_b| for x (B, D) (zero vectors add nothing), in fixed point: int64 (D,) in units of 2⁻⁴⁰.
+
+    Integer sums are exact, so the anisotropy does not depend on the order in which
+    batches and shards are merged; the rounding (2⁻⁴¹ per component) is far below the
+    float32 precision of the embeddings.
+    """
     x = np.asarray(x, np.float64)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norm > 0, norm, 1.0)).sum(0)
+    return np.round(x / np.where(norm > 0, norm, 1.0) * UNIT).astype(np.int64).sum(0)
 
 
 def mean_pairwise_cosine(s: np.ndarray, n: int) -> np.ndarray:
@@ -205,55 +199,7 @@ def mean_pairwise_cosine(s: np.ndarray, n: int) -> np.ndarray:
     return (np.einsum("...d,...d->...", s, s) - n) / (n * (n - 1))
 
 
-# ----------------------------------------------------------------------------- running state
-
-
-@dataclass
-class ScanState:
-    """The scan so far: ``done`` files of the list consumed (scored or skipped).
-
-    scores, index: (L', C, 2, K); stats: (L', C, 2, K, 6); unit_sums: (L', D) running sums
-    of the centre tokens' unit vectors over ``n_scored`` images; skipped: [{"path", "reason"}].
-    """
-
-    done: int
-    scores: np.ndarray
-    index: np.ndarray
-    stats: np.ndarray
-    unit_sums: np.ndarray
-    n_scored: int
-    skipped: list
-
-    @classmethod
-    def empty(cls, n_layers: int, c: int, k: int, d: int) -> ScanState:
-        return cls(0, np.full((n_layers, c, 2, k), -np.inf), np.full((n_layers, c, 2, k), -1, np.int64),
-                   np.full((n_layers, c, 2, k, len(STATS)), np.nan), np.zeros((n_layers, d)), 0, [])
-
-
-def save_state(path: Path, st: ScanState, fingerprint: str) -> None:
-    write_npz(path, fingerprint=np.array(fingerprint), done=np.array(st.done), scores=st.scores, index=st.index,
-              stats=st.stats, unit_sums=st.unit_sums, n_scored=np.array(st.n_scored),
-              skipped=np.array(json.dumps(st.skipped)))
-
-
-def load_state(path: Path, fingerprint: str, like: ScanState) -> ScanState | None:
-    """The saved state if it exists and belongs to this command (same fingerprint and shapes), else None."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fingerprint:
-                print(f"qkweights: {path} is from another command (options, model or image list differ); ignoring it and starting over", file=sys.stderr)
-                return None
-            st = ScanState(int(z["done"]), z["scores"], z["index"], z["stats"], z["unit_sums"], int(z["n_scored"]),
-                           json.loads(str(z["skipped"])))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        print(f"qkweights: {path} is unreadable ({type(e).__name__}); ignoring it and starting over", file=sys.stderr)
-        return None
-    if any(getattr(st, f).shape != getattr(like, f).shape for f in ("scores", "index", "stats", "unit_sums")):
-        print(f"qkweights: {path} has other array shapes than this command; ignoring it and starting over", file=sys.stderr)
-        return None
-    return st
+# ----------------------------------------------------------------------------- provenance
 
 
 def model_identity(model) -> dict:
@@ -265,242 +211,147 @@ def model_identity(model) -> dict:
             "files": [{"name": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]}
 
 
-def fingerprint(source: dict, root: Path, paths: list[str], options: dict) -> str:
-    """sha256 of the tool version, model provenance, options, and each image's path, size and mtime."""
-    images = []
-    for rel in paths:
-        st = (root / rel).stat()
-        images.append([rel, st.st_size, st.st_mtime_ns])
-    doc = {"tool": __version__, "source": source, "root": str(Path(root).resolve()), "options": options, "images": images}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- the scan
-
-
 def centre_token(layout) -> int:
     """Sequence index of the centre patch token (row gh//2, column gw//2)."""
     gh, gw = layout.grid
     return layout.patches.start + (gh // 2) * gw + gw // 2
 
 
-def scan_batch(model, bank: ModeBank, st: ScanState, pixels: np.ndarray, index: np.ndarray) -> None:
-    """Run and score one batch (B, 3, H, W) of images with list positions ``index`` (B,) into ``st``."""
-    score_batch(bank, st, model.forward(pixels, layers=bank.layers), index)
+# ----------------------------------------------------------------------------- partial results and the analysis
 
 
-def score_batch(bank: ModeBank, st: ScanState, out, index: np.ndarray) -> None:
-    """Merge a batch's :class:`~qkweights.forward.ForwardOutput` into the running top-K and anisotropy sums of ``st``."""
-    lay = out.layout
-    centre = centre_token(lay)
-    for li, l in enumerate(bank.layers):
-        x = out.attention_inputs[l]  # (B, T, D)
-        stats = batch_stats(x[:, lay.patches], bank.w[li]).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
-        st.scores[li], st.index[li], st.stats[li] = merge_topk(
-            st.scores[li], st.index[li], st.stats[li], stats[..., 0], index, stats[..., 1:])
-        st.unit_sums[li] += unit_sum(x[:, centre])
-    st.n_scored += len(index)
+@dataclass
+class TopPartial:
+    """The top-K of a set of images per (layer, head·mode column, sign).
 
-
-def scan(model, root: Path, paths: list[str], bank: ModeBank, top: int, batch_size: int, state_path: Path,
-         fp: str, progress: Callable[[int, int], None] | None = None) -> ScanState:
-    """Run the resumable pass over ``paths``; the state file holds the result when it returns."""
-    c = len(bank.heads) * len(bank.modes)
-    st = ScanState.empty(len(bank.layers), c, top, model.dims.hidden)
-    st = load_state(state_path, fp, st) or st
-    size = input_size(model)
-    n = len(paths)
-    if progress:
-        progress(st.done, n)
-    for start in range(st.done, n, batch_size):
-        chunk = paths[start : start + batch_size]
-        pixels, ok, skipped = load_batch(model, root, chunk, size)
-        if pixels is not None:
-            scan_batch(model, bank, st, pixels, start + np.array(ok, dtype=np.int64))
-        st.skipped += skipped
-        st.done = start + len(chunk)
-        save_state(state_path, st, fp)
-        if progress:
-            progress(st.done, n)
-    return st
-
-
-# ----------------------------------------------------------------------------- winners' maps and figures
-
-
-def winner_maps(model, root: Path, paths: list[str], bank: ModeBank, st: ScanState, batch_size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Query and key maps of every winning image on its own (layer, head, mode, sign) slot.
-
-    Runs the forward pass on the union of winners only. Returns query, key
-    (L', C, 2, K, gh, gw) float32 (raw x·u, x·v; NaN for empty slots) and the grid.
+    scores, index: (L', C, 2, K) (−inf / −1 for empty slots); stats: (L', C, 2, K, 6);
+    maps: (L', C, 2, K, 2, N) float32, each winner's query map x·u and key map x·v over
+    the N patches (raw, not signed); centre: (L', D) int64 fixed-point sum of
+    the centre tokens' unit vectors; n_scored: images scored.
     """
-    size = input_size(model)
-    winners = np.unique(st.index[st.index >= 0])
-    query = key = grid = None
-    c = len(bank.heads) * len(bank.modes)
-    for start in range(0, len(winners), batch_size):
-        idx = winners[start : start + batch_size]  # ascending
-        pixels, ok, _ = load_batch(model, root, [paths[i] for i in idx], size)
-        if pixels is None:
-            continue
-        idx = idx[ok]
-        out = model.forward(pixels, layers=bank.layers)
+
+    scores: np.ndarray
+    index: np.ndarray
+    stats: np.ndarray
+    maps: np.ndarray
+    centre: np.ndarray
+    n_scored: int = 0
+
+
+@dataclass(frozen=True)
+class TopImagesAnalysis(Analysis):
+    """top-images as a :class:`~qkweights.runner.Analysis`: items are relative paths under ``root``."""
+
+    root: str
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    modes: tuple[int, ...]
+    top: int
+    size: tuple[int, int] | None  # None: the checkpoint's own resize and crop
+    hidden: int
+    n_patches: int
+    name: ClassVar[str] = "top_images"
+
+    def key(self) -> str:
+        return json.dumps({"layers": self.layers, "heads": self.heads, "modes": self.modes, "top": self.top,
+                           "size": self.size, "root": self.root})
+
+    def setup(self, model) -> ModeBank:
+        return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes))
+
+    def item_files(self, item) -> list[Path]:
+        return [Path(self.root) / item]
+
+    def load(self, model, items, positions):
+        pixels, ok, skipped = load_batch(model, Path(self.root), list(items), self.size)
+        return (None if pixels is None else Batch(positions[ok], pixels)), skipped
+
+    def empty(self) -> TopPartial:
+        lc = (len(self.layers), len(self.heads) * len(self.modes), 2, 0)
+        return TopPartial(np.full(lc, -np.inf), np.full(lc, -1, np.int64), np.full(lc + (len(STATS),), np.nan),
+                          np.full(lc + (2, self.n_patches), np.nan, np.float32), np.zeros((lc[0], self.hidden), np.int64))
+
+    def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
+        out = model.forward(batch.data, layers=bank.layers, truncate=True)
         lay = out.layout
-        if query is None:
-            grid = lay.grid
-            query = np.full(st.index.shape + (lay.grid[0] * lay.grid[1],), np.nan, np.float32)
-            key = np.full_like(query, np.nan)
+        centre = centre_token(lay)
+        b = len(batch.positions)
+        scores, stats, maps, sums = [], [], [], []
         for li, l in enumerate(bank.layers):
-            x = out.attention_inputs[l][:, lay.patches]  # (B, T, D)
-            b, t, d = x.shape
-            p = (x.reshape(b * t, d) @ bank.w[li]).reshape(b, t, 2 * c)  # (B, T, 2C)
-            slot = np.nonzero(np.isin(st.index[li], idx))  # (c, sign, k) of slots won in this batch
-            row = np.searchsorted(idx, st.index[li][slot])  # their positions in the batch
-            query[li][slot] = p[row, :, slot[0]]
-            key[li][slot] = p[row, :, c + slot[0]]
-    if query is None:
-        return np.zeros(st.index.shape + (0,), np.float32), np.zeros(st.index.shape + (0,), np.float32), (0, 0)
-    shape = st.index.shape + grid
-    return query.reshape(shape), key.reshape(shape), grid
+            x = out.attention_inputs[l]  # (B, T, D)
+            xp = x[:, lay.patches]  # (B, N, D)
+            n, d = xp.shape[1:]
+            p = (xp.reshape(b * n, d) @ bank.w[li]).reshape(b, n, -1)  # (B, N, 2C)
+            st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
+            c = st.shape[0]
+            qk = p.reshape(b, n, 2, c).transpose(3, 0, 2, 1)  # (C, B, 2, N): query map, key map
+            scores.append(st[..., 0])
+            stats.append(st[..., 1:])
+            maps.append(np.broadcast_to(qk[:, None], (c, 2) + qk.shape[1:]))  # (C, 2, B, 2, N): the same raw maps for both signs
+            sums.append(unit_sum(x[:, centre]))
+        index = np.broadcast_to(batch.positions, np.shape(scores)).astype(np.int64)
+        new = TopPartial(np.array(scores), index, np.array(stats), np.array(maps), np.array(sums), b)
+        return self.merge(self.empty(), new)
+
+    def merge(self, a: TopPartial, b: TopPartial) -> TopPartial:
+        cat = [np.concatenate(pair, axis=3) for pair in zip((a.scores, a.index, a.stats, a.maps), (b.scores, b.index, b.stats, b.maps))]
+        scores, index, stats, maps = merge_topk(*cat, k=self.top)
+        return TopPartial(scores, index, stats, maps, a.centre + b.centre, a.n_scored + b.n_scored)
+
+    def to_arrays(self, p: TopPartial) -> dict[str, np.ndarray]:
+        return {"scores": p.scores, "index": p.index, "stats": p.stats, "maps": p.maps, "centre": p.centre,
+                "n_scored": np.array(p.n_scored)}
+
+    def from_arrays(self, z) -> TopPartial:
+        return TopPartial(z["scores"], z["index"], z["stats"], z["maps"], z["centre"], int(z["n_scored"]))
 
 
-class Thumbnails:
-    """Display images of list positions at the grid's cell size, loaded on demand, the last ``THUMB_CACHE`` kept.
+# ----------------------------------------------------------------------------- the typed result
 
-    Each is the part of the model input that the patch grid covers (gh·P × gw·P pixels),
-    resized to ``cell`` (height, width) pixels: (h, w, 3) float64 in [0, 1].
+
+@dataclass
+class TopImagesResult:
+    """The result of ``top-images``: the ``top_images.json`` document and the winners' maps.
+
+    doc: the JSON document (schema ``qkweights.top_images/1``); maps: (L', H'·N', 2, K, 2,
+    gh, gw) float32 query and key maps of each winner (NaN for empty slots), in the
+    order of ``doc["options"]`` layers, heads × modes, signs (+, −), rank.
     """
 
-    def __init__(self, model, root: Path, paths: list[str], covered: tuple[int, int], cell: tuple[int, int]):
-        self.model, self.root, self.paths, self.covered, self.cell = model, root, paths, covered, cell
-        self.size = input_size(model)
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+    doc: dict
+    maps: np.ndarray
+    files: list[Path] = field(default_factory=list)
 
-    def __call__(self, i: int) -> np.ndarray:
-        if i not in self.cache:
-            prep = self.model.preprocessing
-            px = self.model.preprocess(self.root / self.paths[i], size=self.size)[0]
-            img = display_image(px, prep.mean, prep.std, prep.rescale)[: self.covered[0], : self.covered[1]]
-            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(self.cell[::-1], Image.Resampling.LANCZOS)
-            self.cache[i] = np.asarray(small)
-            if len(self.cache) > THUMB_CACHE:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(i)
-        return self.cache[i] / 255.0
+    @property
+    def n_images(self) -> int:
+        return self.doc["n_images"]
 
+    @property
+    def skipped(self) -> list[dict]:
+        return self.doc["skipped"]
 
-def cell_size(grid: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) in pixels of one cell of the grid figures: CELL_INCHES wide at GRID_DPI, the grid's aspect."""
-    w = round(CELL_INCHES * GRID_DPI)
-    return max(1, round(w * grid[0] / grid[1])), w
+    def to_json(self) -> dict:
+        return self.doc
 
+    def save(self, out_dir) -> list[Path]:
+        """Write ``top_images.json`` and ``top_images_maps.npz`` (float16 maps) into ``out_dir``; returns the paths."""
+        out = Path(out_dir)
+        return [write_npz(out / MAPS_NAME, maps=self.maps.astype(np.float16), fingerprint=np.array(self.doc["fingerprint"])),
+                write_json(out / JSON_NAME, self.doc)]
 
-def grid_figure(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thumbnails):
-    """Rows of top images with their red/cyan overlays (paper Fig. 4, S5–S16) as one montage.
-
-    rows: [{"label": str, "cells": [(image index, score, query (gh, gw), key (gh, gw), sign), …]}];
-    cell: (height, width) pixels per image. Returns ``(fig, montage, (x0, y0))``: the labels
-    (to the left, each cell's score in its corner) on a transparent figure at ``GRID_DPI``,
-    and the montage (uint8 RGB) that :func:`save_png` lays under it pixel for pixel at
-    (x0, y0) — no resampling.
-    """
-    from matplotlib.figure import Figure
-
-    ch, cw = cell
-    gap = max(2, cw // 20)
-    k = max((len(r["cells"]) for r in rows), default=1) or 1
-    n = len(rows)
-    mont = np.full((n * (ch + gap) - gap, k * (cw + gap) - gap, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for j, (i, _, q, kk, sign) in enumerate(row["cells"]):
-            y, x = r * (ch + gap), j * (cw + gap)
-            mont[y : y + ch, x : x + cw] = np.round(composite(thumbs(i), q, kk, sign) * 255).astype(np.uint8)
-    label_in, dpi = 1.7, GRID_DPI
-    w_in = label_in + mont.shape[1] / dpi + 0.25
-    title = textwrap.fill(title, width=max(40, int(w_in * 72 / (9 * 0.55))))
-    caption = textwrap.fill(CAPTION + "; score (corner) = max_t(s·x·u)·max_t(s·x·v) over patch tokens, s = the row's sign",
-                            width=max(40, int(w_in * 72 / (6 * 0.55))))
-    top_in = 0.3 + (title.count("\n") + 1) * 9 * 1.3 / 72
-    bottom_in = 0.15 + (caption.count("\n") + 1) * 6 * 1.3 / 72
-    h_in = top_in + mont.shape[0] / dpi + bottom_in
-    fig = Figure(figsize=(w_in, h_in), dpi=dpi)
-    fig.patch.set_alpha(0.0)
-    ax = fig.add_axes((label_in / w_in, bottom_in / h_in, mont.shape[1] / dpi / w_in, mont.shape[0] / dpi / h_in))
-    ax.set_xlim(0, mont.shape[1])
-    ax.set_ylim(mont.shape[0], 0)  # montage pixel coordinates for the labels
-    ax.set_axis_off()
-    for r, row in enumerate(rows):
-        y = r * (ch + gap)
-        ax.text(-gap * 1.5, y + ch / 2, row["label"], ha="right", va="center", fontsize=7.5)
-        for j, (_, score, *_rest) in enumerate(row["cells"]):
-            ax.text(j * (cw + gap) + 2, y + ch - 2, f"{score:.3g}", fontsize=5.5, color="white", ha="left", va="bottom",
-                    bbox={"facecolor": "black", "alpha": 0.55, "pad": 1, "lw": 0})
-    for j in range(k):
-        ax.text(j * (cw + gap) + cw / 2, -gap, f"#{j + 1}", ha="center", va="bottom", fontsize=7.5)
-    fig.text(0.5, 1 - 0.1 / h_in, title, ha="center", va="top", fontsize=9)
-    fig.text(0.5, 0.06 / h_in, caption, ha="center", va="bottom", fontsize=6, color="0.3")
-    return fig, mont, (round(label_in * dpi), round(top_in * dpi))
-
-
-def draw_grid(title: str, rows: list[dict], cell: tuple[int, int], thumbs: Thumbnails, path: Path) -> None:
-    """One head's grid figure (:func:`grid_figure`) saved as ``path``."""
-    save_png(*grid_figure(title, rows, cell, thumbs), path)
-
-
-def save_png(fig, montage: np.ndarray, at: tuple[int, int], path: Path) -> Path:
-    """Lay ``montage`` (h, w, 3) uint8 at pixel ``at`` = (x0, y0) of a white canvas, draw the
-    transparent figure over it, and save an RGB PNG (fast compression) atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    over = np.asarray(canvas.buffer_rgba()).astype(np.float32) / 255  # (H, W, 4) labels on transparent
-    rgb = np.ones(over.shape[:2] + (3,), np.float32)
-    (x0, y0), (h, w) = at, montage.shape[:2]
-    rgb[y0 : y0 + h, x0 : x0 + w] = montage[: rgb.shape[0] - y0, : rgb.shape[1] - x0] / 255
-    alpha = over[..., 3:]
-    rgb = over[..., :3] * alpha + rgb * (1 - alpha)  # the labels over the montage
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.round(rgb * 255).astype(np.uint8)).save(tmp, format="PNG", compress_level=PNG_COMPRESSION)
-    return Path(path)
-
-
-def head_rows(doc_head: dict, li: int, ci0: int, n_modes: int, st: ScanState, query, key) -> list[dict]:
-    """The grid rows of one head: for each mode, its '+' row then its '−' row."""
-    rows = []
-    l, h = doc_head["layer"], doc_head["head"]
-    for ni in range(n_modes):
-        m = doc_head["modes"][ni]
-        ci = ci0 + ni
-        for si, sign in enumerate(SIGNS):
-            cells = [(int(st.index[li, ci, si, j]), float(st.scores[li, ci, si, j]), query[li, ci, si, j], key[li, ci, si, j],
-                      1 if si == 0 else -1)
-                     for j in range(st.index.shape[-1]) if st.index[li, ci, si, j] >= 0 and np.isfinite(query[li, ci, si, j]).all()]
-            sign_char = "+" if si == 0 else "−"
-            rows.append({"label": f"L{l} H{h} M{m['mode']} {sign_char}\ncos {m['cosine']:+.3f}  σ {m['sigma']:.3g}", "cells": cells})
-    return rows
-
-
-def anisotropy_figure(title: str, layers: list[int], n_layers: int, baseline: np.ndarray, weighted: np.ndarray):
-    """Paper Fig. S4: per layer, the profile's weighted cosine, the centre-token baseline and their difference."""
-    from matplotlib.figure import Figure
-
-    x = np.asarray(layers) / max(n_layers - 1, 1)
-    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
-    ax = fig.add_subplot()
-    ax.axhline(0, color="0.6", lw=0.8)
-    ax.plot(x, weighted, "o-", color="C0", ms=4, label="weighted cosine Σσ·cos/Σσ (profile, mean over heads)")
-    ax.plot(x, baseline, "s--", color="C2", ms=4, label="anisotropy: mean cos between centre-token embeddings of different images")
-    ax.plot(x, weighted - baseline, "^-", color="C3", ms=4, label="relative cosine = weighted − anisotropy")
-    ax.set_xlabel("normalised layer l/(L−1)")
-    ax.set_ylabel("cosine")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_title(title, fontsize=10)
-    fig.legend(fontsize=8, loc="outside lower center")
-    return fig
-
-
-# ----------------------------------------------------------------------------- the command
+    @classmethod
+    def load(cls, out_dir) -> TopImagesResult:
+        """Read a saved result; InputError if the folder holds none, or maps of another run."""
+        out = Path(out_dir)
+        try:
+            doc = json.loads((out / JSON_NAME).read_text())
+            with np.load(out / MAPS_NAME, allow_pickle=False) as z:
+                maps, fp = z["maps"].astype(np.float32), str(z["fingerprint"])
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{out}: no readable top-images result ({type(e).__name__}: {e}); run top-images into it") from e
+        if doc.get("schema") != SCHEMA or doc.get("fingerprint") != fp:
+            raise InputError(f"{out / MAPS_NAME} does not belong to {out / JSON_NAME} (another run); run top-images again")
+        return cls(doc, maps)
 
 
 def _indices(values, limit: int, what: str, default) -> list[int]:
@@ -514,14 +365,14 @@ def _indices(values, limit: int, what: str, default) -> list[int]:
     return out
 
 
-def _winner(st: ScanState, paths: list[str], li: int, ci: int, si: int, j: int) -> dict:
+def _winner(st: TopPartial, paths: list[str], li: int, ci: int, si: int, j: int) -> dict:
     rec = {"path": paths[int(st.index[li, ci, si, j])], "score": float(st.scores[li, ci, si, j])}
     rec.update({name: float(v) for name, v in zip(STATS, st.stats[li, ci, si, j])})
     return rec
 
 
-def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, st: ScanState, options: dict,
-                   anisotropy: dict) -> dict:
+def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, st: TopPartial, skipped: list[dict],
+                   options: dict, anisotropy: dict) -> dict:
     """The ``top_images.json`` document (schema ``qkweights.top_images/1``)."""
     from qkweights.profiles import SIGN_CONVENTION
 
@@ -556,19 +407,28 @@ def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, 
         "n_images": st.n_scored,
         "heads": heads,
         "anisotropy": anisotropy,
-        "skipped": st.skipped,
+        "skipped": skipped,
     }
 
 
+# ----------------------------------------------------------------------------- the command
+
+
 def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=range(10), top: int = 8,
-               batch_size: int = 16, progress: Callable[[int, int], None] | None = None, plots: bool = True) -> dict:
+               batch_size: int = 16, shard_size: int = 64, workers: int | None = None, client=None,
+               progress: Callable[[int, int], object] | None = None, plots: bool = True,
+               notes: Callable[[str], object] | None = None) -> TopImagesResult:
     """Top-``top`` images of ``image_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
 
     model: a :class:`qkweights.vision.VisionModel`. layers, heads: 0-based indices (None:
-    all); modes: indices, those ≥ head_dim dropped. progress(done, total) is called with
-    the number of files consumed, at the start and after each batch. Writes
-    ``top_images.json``, and with ``plots`` ``top_L{l}_H{h}.png`` per head and
-    ``anisotropy.png``; resumable (module docstring). Returns the json document.
+    all); modes: indices, those ≥ head_dim dropped. Where the shards run: ``client`` (a
+    ``distributed.Client``), else ``workers`` local processes, else here (see
+    :func:`qkweights.runner.run_sweep`; the result is the same). progress(done, total):
+    files consumed, at the start and after each shard; notes(text): what the caller may
+    want to tell the user (a resumed or ignored state). Writes ``top_images.json``,
+    ``top_images_maps.npz`` and, with ``plots``, ``top_L{l}_H{h}.png`` per head and
+    ``anisotropy.png``; resumable. InputError when no image could be read (existing
+    outputs are left as they are). Returns the :class:`TopImagesResult`.
     """
     from qkweights.profiles import compute_profile
 
@@ -580,40 +440,139 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     if not kept:
         raise InputError(f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}")
     modes = _indices(kept, d.head_dim, "mode", ())
-    if top < 1 or batch_size < 1:
-        raise InputError(f"top {top}, batch size {batch_size}: both must be at least 1")
+    if top < 1 or batch_size < 1 or shard_size < 1:
+        raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
+    if (workers or client is not None) and model.ref is None:
+        raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     paths = list_images(root, exclude=out)
     if not paths:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)")
     source = model_identity(model)
+    size = input_size(model)
+    grid = patch_grid(model, size)
     options = {"layers": layers, "heads": heads, "modes": modes, "top": top, "batch_size": batch_size,
-               "input_size": list(input_size(model) or ())}
-    fp = fingerprint(source, root, paths, options)
-    bank = mode_bank(model.checkpoint, layers, heads, modes)
+               "shard_size": shard_size, "input_size": list(size or ())}
+    an = TopImagesAnalysis(str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, d.hidden,
+                           grid[0] * grid[1])
     state_path = out / STATE_NAME
-    st = scan(model, root, paths, bank, top, batch_size, state_path, fp, progress)
+    ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
+    sweep = run_sweep(an, ref, paths, state_path=state_path,
+                      source=source, model=model, shard_size=shard_size, batch_size=batch_size, workers=workers,
+                      client=client, progress=progress)
+    for text in sweep.notes:
+        if notes:
+            notes(text)
+    st: TopPartial = sweep.partial
+    if st.n_scored == 0:
+        first = f" (first: {sweep.skipped[0]['path']}: {sweep.skipped[0]['reason']})" if sweep.skipped else ""
+        state_path.unlink(missing_ok=True)
+        raise InputError(f"{root}: none of the {len(paths)} images could be read{first}; existing outputs in {out} are kept")
 
     weighted = compute_profile(model.checkpoint, source).layer_stats()["weighted_cosine"][layers]
-    baseline = mean_pairwise_cosine(st.unit_sums, st.n_scored)
+    baseline = mean_pairwise_cosine(st.centre / UNIT, st.n_scored)
     anisotropy = {"token": CENTRE_TEXT, "embedding": EMBEDDING_TEXT, "n_images": st.n_scored, "layers": layers,
                   "mean_cosine": baseline.tolist(), "weighted_cosine": weighted.tolist(),
                   "relative_cosine": (weighted - baseline).tolist()}
-    doc = build_document(model, source, root, paths, bank, st, options, anisotropy)
-    if plots and st.n_scored:
-        model_id = source.get("model_id", "?")
-        query, key, grid = winner_maps(model, root, paths, bank, st, batch_size)
-        patch = model.weights.embeddings.patch_size
-        cell = cell_size(grid)
-        thumbs = Thumbnails(model, root, paths, (grid[0] * patch, grid[1] * patch), cell)
-        jobs = []
-        for hd in doc["heads"]:
-            li, hi = layers.index(hd["layer"]), heads.index(hd["head"])
-            rows = head_rows(hd, li, hi * len(modes), len(modes), st, query, key)
-            title = f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {top} of {st.n_scored} images per mode and sign (x = LayerNorm output)"
-            jobs.append((title, rows, cell, thumbs, out / f"top_L{hd['layer']}_H{hd['head']}.png"))
-        draw_in_parallel(draw_grid, jobs)
-        save_figure(anisotropy_figure(f"{model_id} — anisotropy control ({st.n_scored} images)", layers, d.layers, baseline, weighted),
-                    out / "anisotropy.png", dpi=120)
-    write_json(out / JSON_NAME, doc)
+    bank = an.setup(model)
+    doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
+    doc["fingerprint"] = sweep.fingerprint
+    maps = st.maps.reshape(st.maps.shape[:-1] + grid)
+    result = TopImagesResult(doc, maps)
+    written = result.save(out)
+    if plots:
+        written += draw_top_images(ref, result, root, out, workers=workers, client=client)
+    result.files = written
     state_path.unlink(missing_ok=True)
-    return doc
+    return result
+
+
+def patch_grid(model, size) -> tuple[int, int]:
+    """(gh, gw) of the model input that ``model.preprocess(…, size=size)`` makes (every image alike)."""
+    pixels = model.preprocess(np.zeros((32, 32, 3), np.uint8), size=size)
+    p = model.weights.embeddings.patch_size
+    return pixels.shape[2] // p, pixels.shape[3] // p
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class GridJob:
+    """One head's grid figure, as sent to the process that draws it."""
+
+    ref: ModelRef
+    root: str
+    size: tuple[int, int] | None
+    title: str
+    rows: list  # [(label, [(path, score, query (gh, gw), key (gh, gw), sign), …]), …]
+    path: Path
+
+
+def draw_grid(job: GridJob) -> Path:
+    """Draw and save one head's grid (:func:`qkweights.figures.top_images_grid`) in this process."""
+    from qkweights.figures import save_png, top_images_grid
+
+    model = job.ref.open()
+    return save_png(top_images_grid(job.title, job.rows, _thumbnailer(model, job.root, job.size)), job.path)
+
+
+_THUMBS: dict = {}  # this process's display images, per (root, path, size)
+
+
+def _thumbnailer(model, root: str, size):
+    """path → (h, w, 3) float64 in [0, 1]: the part of the model input that the patch grid covers, at the grid's
+    cell width (:data:`qkweights.figures.CELL_PX`), cached per process."""
+    from qkweights.figures import CELL_PX
+    from qkweights.overlay import display_image
+
+    prep, p = model.preprocessing, model.weights.embeddings.patch_size
+
+    def thumb(rel: str) -> np.ndarray:
+        key = (root, rel, size)
+        if key not in _THUMBS:
+            if len(_THUMBS) > 4096:
+                _THUMBS.clear()
+            px = model.preprocess(Path(root) / rel, size=size)[0]  # (3, H, W)
+            h, w = px.shape[1] // p * p, px.shape[2] // p * p
+            img = display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
+            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize((CELL_PX, max(1, round(CELL_PX * h / w))),
+                                                                               Image.Resampling.LANCZOS)
+            _THUMBS[key] = np.asarray(small) / 255.0
+        return _THUMBS[key]
+
+    return thumb
+
+
+def draw_top_images(ref: ModelRef, result: TopImagesResult, root: Path, out: Path, *, workers=None, client=None) -> list[Path]:
+    """Write ``top_L{l}_H{h}.png`` per head and ``anisotropy.png``; grids are drawn on the sweep's executor."""
+    from qkweights.figures import anisotropy_figure
+    from qkweights.outputs import save_figure
+    from qkweights.runner import run_jobs
+
+    doc = result.doc
+    opts = doc["options"]
+    layers, heads, modes = opts["layers"], opts["heads"], opts["modes"]
+    size = tuple(opts["input_size"]) or None
+    model_id = doc["source"].get("model_id", "?")
+    jobs = []
+    for hd in doc["heads"]:
+        li, hi = layers.index(hd["layer"]), heads.index(hd["head"])
+        rows = []
+        for ni, m in enumerate(hd["modes"]):
+            ci = hi * len(modes) + ni
+            for si, sign in enumerate(SIGNS):
+                cells = [(w["path"], w["score"], result.maps[li, ci, si, j, 0], result.maps[li, ci, si, j, 1], 1 - 2 * si)
+                         for j, w in enumerate(m["signs"][sign])]
+                label = f"L{hd['layer']} H{hd['head']} M{m['mode']} {'+' if si == 0 else '−'}\ncos {m['cosine']:+.3f}  σ {m['sigma']:.3g}"
+                rows.append((label, cells))
+        title = (f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {opts['top']} of {doc['n_images']} images "
+                 "per mode and sign (x = LayerNorm output)")
+        jobs.append(GridJob(ref, str(Path(root).resolve()), size, title, rows, out / f"top_L{hd['layer']}_H{hd['head']}.png"))
+    run_jobs(draw_grid, jobs, workers=workers, client=client)
+    paths = [job.path for job in jobs]
+    ani = doc["anisotropy"]
+    n_layers = doc["model"]["layers"]
+    paths.append(save_figure(anisotropy_figure(f"{model_id} — anisotropy control ({doc['n_images']} images)", layers, n_layers,
+                                               np.array(ani["mean_cosine"], float), np.array(ani["weighted_cosine"], float)),
+                             out / "anisotropy.png", dpi=120))
+    return paths

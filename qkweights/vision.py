@@ -9,6 +9,7 @@ the forward pass and the SVD see identical ``W_q``, ``W_k``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from qkweights.forward import (
     relative_position_index,
 )
 from qkweights.preprocess import Preprocess
+from qkweights.runner import ModelRef, remember
 from qkweights.source import Source
 from qkweights.spec import Checkpoint, Dims
 
@@ -300,6 +302,7 @@ class VisionModel:
     weights: ViTWeights
     preprocessing: Preprocess
     preprocessing_origin: str
+    ref: ModelRef | None = None  # how worker processes open the same model (None: built from a Checkpoint in memory)
 
     @property
     def dims(self) -> Dims:
@@ -318,15 +321,19 @@ class VisionModel:
             prep = prep.with_size(h, w)
         return prep(images)
 
-    def forward(self, pixel_values, *, attentions: bool = False, layers=None) -> ForwardOutput:
+    def forward(self, pixel_values, *, attentions: bool = False, layers=None, truncate: bool = False, rows=None,
+                states: bool = True) -> ForwardOutput:
         """Run the model on preprocessed pixels (B, 3, H, W); see :func:`qkweights.forward.forward`.
 
         layers: 0-based block indices whose attention inputs, residual streams and (with
         ``attentions=True``) attention probabilities are kept; None keeps all. Uses as many
         threads as numpy's BLAS may (``threadpoolctl.threadpool_limits`` or
-        OPENBLAS_NUM_THREADS set the number).
+        OPENBLAS_NUM_THREADS set the number). truncate, rows: run only the blocks up to the
+        deepest of ``layers``; keep only these query rows of the attentions; keep no residual
+        streams (see :func:`qkweights.forward.forward`).
         """
-        return forward(self.weights, pixel_values, attentions=attentions, layers=layers)
+        return forward(self.weights, pixel_values, attentions=attentions, layers=layers, truncate=truncate, rows=rows,
+                       states=states)
 
 
 def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
@@ -355,4 +362,8 @@ def load_model(model: str, **options) -> VisionModel:
     from qkweights.load import open_model
 
     source, ck = open_model(model, **options)
-    return vision_model(ck, source)
+    vm = vision_model(ck, source)
+    ref = ModelRef.of(model, **{**options, "revision": source.commit or options.get("revision")})
+    vm = dataclasses.replace(vm, ref=ref)
+    remember(ref, vm)  # workers forked from this process need not open it again
+    return vm

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from qkweights.cli import main
 from qkweights.errors import InputError
 from qkweights.o3 import (
-    RATIOS, STATE_DIR, allocation, attention_rows, forward_rows, layer_statistics, o3_allocation, patch_masks,
+    RATIOS, STATE_NAME, allocation, forward_rows, layer_statistics, o3_allocation, patch_masks,
     token_choice,
 )
 from qkweights.synth_o3 import draw_scene, make_o3
@@ -146,26 +146,15 @@ def test_rows_from_the_forward_match_transformers(name):
                     np.testing.assert_allclose(ratios[l, h, 3 * r : 3 * r + 3], expected, atol=2e-6)
 
 
-def test_forward_rows_splits_batches_and_layers_within_a_budget(vit):
+def test_forward_rows_equal_the_rows_of_the_full_attention(vit):
+    # the forward pass that keeps only two query rows per layer against the full (B, H, T, T) maps
     golden = np.load(FIXTURES / "golden" / "vit.npz")
     tokens = np.array([[3, 12], [7, 7]])
-    whole = forward_rows(vit, golden["pixel_values"], tokens)
-    # One image's attentions: 2 layers × 4 heads × 17² × 4 bytes = 9248; a budget of 5000 forces
-    # one image and one layer per forward pass.
-    np.testing.assert_array_equal(forward_rows(vit, golden["pixel_values"], tokens, budget=5000), whole)
-
-
-def test_attention_rows_gather():
-    rng = np.random.default_rng(3)
-    att = {l: rng.random((2, 3, 21, 21)).astype(np.float32) for l in (4, 1)}  # (B, H, T, T)
-    layout = load_model(str(MODELS / "dinov2-reg")).forward(np.zeros((1, 3, 32, 32), np.float32)).layout
-    tokens = np.array([[0, 15], [9, 2]])
-    got = attention_rows(att, layout, tokens)
-    assert got.shape == (2, 2, 3, 2, 16)
-    for b in range(2):
-        for i, l in enumerate((1, 4)):
-            for r in range(2):
-                np.testing.assert_array_equal(got[b, i, :, r], att[l][b, :, 5 + tokens[b, r], 5:21])
+    full = vit.forward(golden["pixel_values"], attentions=True)
+    start, n = full.layout.patches.start, 16
+    expected = np.stack([np.stack([full.attentions[l][b][:, start + tokens[b], start : start + n] for l in range(2)])
+                         for b in range(2)])  # (B, L, H, 2, N)
+    np.testing.assert_array_equal(forward_rows(vit, golden["pixel_values"], tokens), expected)
 
 
 # ----------------------------------------------------------------------------- a model with a known attention pattern
@@ -231,7 +220,7 @@ def test_known_model_end_to_end(tmp_path, request, dataset, seed, size):
     z = np.random.default_rng(7).normal(size=17) * 2
     z[0] = 5.0  # the CLS takes about half of head 1's softmax, which renormalisation removes
     model = write_known_vit(tmp_path / "known", z)
-    summary = o3_allocation(str(model), root, tmp_path / "out", plots=False)
+    summary = o3_allocation(str(model), root, tmp_path / "out", plots=False).summary
     rows = read_csv(tmp_path / "out" / "o3.csv")
     assert summary["images_used"] == len(rows) // 2 == 10 + 2 * (dataset == "square") - len(summary["skipped"])
     p = np.exp(z[1:]) / np.exp(z[1:]).sum()  # head 1's row over the patches, renormalised
@@ -279,7 +268,7 @@ def test_unusable_images_are_skipped_and_listed(tmp_path, wide):
     (root / "dist_images" / "synth_0004.jpg").unlink()  # no distractor mask
     # dinov2-reg resizes the shortest edge to 36 (48×80 → 36×60) and centre-crops 32×32: columns
     # 14–45 of 60, i.e. original columns ≥ 18.7, so the 8 leftmost columns fall outside.
-    summary = o3_allocation(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6, plots=False)
+    summary = o3_allocation(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6, plots=False).summary
     reasons = {s["image"]: s["reason"] for s in summary["skipped"]}
     assert reasons["synth_0000"] == "target mask is empty: no pixel >= 128"
     assert reasons["synth_0001"] == ("distractor mask is empty on the 4×4 patch grid "
@@ -302,7 +291,7 @@ def test_nothing_usable_is_an_error(tmp_path, wide):
 
 @pytest.mark.parametrize("name", ["vit", "deit", "dinov2-reg", "ijepa"])
 def test_fixture_models_on_non_square_images(tmp_path, wide, name):
-    summary = o3_allocation(str(MODELS / name), wide, tmp_path / "out", batch_size=4, plots=False)
+    summary = o3_allocation(str(MODELS / name), wide, tmp_path / "out", batch_size=4, plots=False).summary
     rows = read_csv(tmp_path / "out" / "o3.csv")
     v = np.array([[float(r[k]) for k in RATIOS] for r in rows])
     assert len(rows) == summary["images_used"] * 2 * 4 and summary["images_used"] + len(summary["skipped"]) == 10
@@ -315,7 +304,7 @@ def test_fixture_models_on_non_square_images(tmp_path, wide, name):
 
 
 def test_summary_matches_a_hand_computation_from_the_csv(tmp_path, vit, square):
-    summary = o3_allocation(vit, square, tmp_path / "out")
+    summary = o3_allocation(vit, square, tmp_path / "out").summary
     doc = json.loads((tmp_path / "out" / "o3_summary.json").read_text())
     assert doc == json.loads(json.dumps(summary))
     assert doc["schema"] == "qkweights.o3/1" and doc["source"]["model_id"].endswith("models/vit")
@@ -348,38 +337,41 @@ class Interrupt:
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsys):
-    o3_allocation(vit, square, tmp_path / "full", batch_size=3, plots=False)
+    o3_allocation(vit, square, tmp_path / "full", batch_size=3, shard_size=3, plots=False)
     stop = Interrupt(6)
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "part", batch_size=3, progress=stop, plots=False)
-    assert sorted(p.name for p in (tmp_path / "part" / STATE_DIR).iterdir()) == ["batch_00000.npz", "batch_00001.npz"]
+        o3_allocation(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=stop, plots=False)
+    assert (tmp_path / "part" / STATE_NAME).is_file()
     assert not (tmp_path / "part" / "o3.csv").exists()
-    calls = []
-    o3_allocation(vit, square, tmp_path / "part", batch_size=3, progress=lambda d, t: calls.append(d), plots=False)
-    assert calls == [6, 9, 12]  # resumed after the two saved batches
-    assert "resuming the O3 run" in capsys.readouterr().err
+    calls, notes = [], []
+    o3_allocation(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=lambda d, t: calls.append(d),
+                  plots=False, notes=notes.append)
+    assert calls == [6, 9, 12]  # resumed after the two saved shards
+    assert notes == [f"resuming from {tmp_path / 'part' / STATE_NAME}: 6 of 12 images already done"]
     for name in ("o3.csv", "o3_summary.json"):
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
-    assert not (tmp_path / "part" / STATE_DIR).exists()
+    assert not (tmp_path / "part" / STATE_NAME).exists()
 
 
 def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "out", batch_size=4, progress=Interrupt(4), plots=False)
-    calls = []
-    o3_allocation(vit, square, tmp_path / "out", batch_size=5, progress=lambda d, t: calls.append(d), plots=False)
+        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
+    calls, notes = [], []
+    o3_allocation(vit, square, tmp_path / "out", batch_size=5, shard_size=4, progress=lambda d, t: calls.append(d),
+                  plots=False, notes=notes.append)
     assert calls[0] == 0
-    assert "ignoring the partial O3 run" in capsys.readouterr().err
+    assert notes == [f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"]
     o3_allocation(vit, square, tmp_path / "fresh", batch_size=5, plots=False)
     assert (tmp_path / "out" / "o3.csv").read_bytes() == (tmp_path / "fresh" / "o3.csv").read_bytes()
 
 
 def test_unreadable_state_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "out", batch_size=4, progress=Interrupt(4), plots=False)
-    (tmp_path / "out" / STATE_DIR / "batch_00000.npz").write_bytes(b"not a zip")
-    o3_allocation(vit, square, tmp_path / "out", batch_size=4, plots=False)
-    assert "unreadable" in capsys.readouterr().err
+        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
+    (tmp_path / "out" / STATE_NAME).write_bytes(b"not a zip")
+    notes = []
+    o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, plots=False, notes=notes.append)
+    assert len(notes) == 1 and "unreadable" in notes[0]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from qkweights.errors import InputError
@@ -60,3 +61,30 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
             raise InputError(f"--{what} {text!r}: index {hi} is out of range (the model has {limit}, 0-based)")
         out += [i for i in range(lo, hi + 1) if i not in out]
     return out
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the image analyses run: --workers, --scheduler, --scheduler-file, --shard-size."""
+    g = p.add_argument_group("where it runs (results are the same whichever is chosen)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N", help="run shards on N local worker processes, one BLAS thread each (default: in this process)")
+    where.add_argument("--scheduler", metavar="ADDRESS", help='run shards on an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (needs pip install "qkweights[dask]")')
+    where.add_argument("--scheduler-file", metavar="PATH", help="the same, with the scheduler file `dask scheduler --scheduler-file` wrote")
+    g.add_argument("--shard-size", type=int, default=64, metavar="S", help="images per shard: the unit of work, of resume and of progress (default: 64)")
+
+
+@contextmanager
+def sweep_options(args):
+    """The keyword options of a sweep (workers, client, shard_size); a Dask client is closed at the end."""
+    from qkweights.runner import dask_client
+
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers}: give 1 or more worker processes")
+    client = None
+    if args.scheduler or args.scheduler_file:
+        client = dask_client(args.scheduler, args.scheduler_file)
+    try:
+        yield {"workers": args.workers, "client": client, "shard_size": args.shard_size}
+    finally:
+        if client is not None:
+            client.close()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, model_options, out_dir
+from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, sweep_options
 from qkweights.errors import EXIT_OK
-from qkweights.o3 import CSV_NAME, FIGURE_NAME, SUMMARY_NAME, o3_allocation, select_items
+from qkweights.o3 import SUMMARY_NAME, o3_allocation
 from qkweights.progress import Progress
 from qkweights.vision import load_model
 
@@ -15,7 +15,8 @@ def configure(p) -> None:
     add_model_arguments(p)
     p.add_argument("o3_dir", metavar="O3_DIR", help="O3 folder holding images/, targ_images/ (or targ_labels/) and dist_images/ (or dist_labels/)")
     p.add_argument("--max-images", type=int, metavar="N", help="use the first N images by name (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass and per resumable step (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: 8)")
+    add_sweep_arguments(p)
     p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
     p.add_argument("--no-plots", action="store_true", help="skip o3_by_layer.png")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -24,17 +25,14 @@ def configure(p) -> None:
 def run(args) -> int:
     model = load_model(args.model, **model_options(args))
     out = out_dir(args, model.source.model_id)
-    items, _, _ = select_items(args.o3_dir, args.max_images)
-    bar = Progress(len(items), "o3", unit="images", enabled=None if not args.quiet else False)
-    try:
-        summary = o3_allocation(model, args.o3_dir, out, max_images=args.max_images, batch_size=args.batch_size,
-                                progress=bar.update, plots=not args.no_plots)
-    finally:
-        bar.close()
+    with sweep_options(args) as where, Progress(label="o3", unit="images", enabled=None if not args.quiet else False) as bar:
+        result = o3_allocation(model, args.o3_dir, out, max_images=args.max_images, batch_size=args.batch_size,
+                               progress=bar.update, plots=not args.no_plots,
+                               notes=lambda text: print(f"qkweights: note: {text}", file=sys.stderr), **where)
+    summary = result.summary
     if not args.quiet:
         print(format_table(summary))
-        written = [CSV_NAME, SUMMARY_NAME] + ([] if args.no_plots else [FIGURE_NAME])
-        print(f"wrote {', '.join(written)} to {out}/")
+        print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")
     if summary["skipped"] and not args.quiet:
         print(f"qkweights: skipped {len(summary['skipped'])} image(s); the reasons are under 'skipped' in {out / SUMMARY_NAME}", file=sys.stderr)
     return EXIT_OK

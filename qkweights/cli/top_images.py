@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, model_options, out_dir, parse_indices
+import sys
+
+from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, parse_indices, sweep_options
 from qkweights.progress import Progress
 
 
@@ -14,27 +16,10 @@ def configure(p) -> None:
     p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
     p.add_argument("--top", type=int, default=8, help="images kept per layer, head, mode and sign (default: 8)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    add_sweep_arguments(p)
     p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
     p.add_argument("--no-plots", action="store_true", help="write top_images.json only, no figures")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-
-
-class _Bar:
-    """Progress bar over the images of this run (a resumed run counts from where it resumed)."""
-
-    def __init__(self, enabled: bool | None):
-        self.enabled, self.bar, self.start = enabled, None, 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.start = done
-            label = "top-images" if done == 0 else f"top-images (resumed after {done})"
-            self.bar = Progress(total - done, label, unit="images", enabled=self.enabled)
-        self.bar.update(done - self.start)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run(args) -> int:
@@ -47,16 +32,15 @@ def run(args) -> int:
     heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
     modes = parse_indices(args.modes, 1 << 30, "modes")
     out = out_dir(args, model.source.model_id)
-    bar = _Bar(False if args.quiet else None)
-    try:
-        doc = top_images(model, args.image_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
-                         batch_size=args.batch_size, progress=bar, plots=not args.no_plots)
-    finally:
-        bar.close()
+    with sweep_options(args) as where, Progress("top-images", unit="images", enabled=False if args.quiet else None) as bar:
+        result = top_images(model, args.image_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
+                            batch_size=args.batch_size, progress=bar.update, plots=not args.no_plots,
+                            notes=lambda text: print(f"qkweights: note: {text}", file=sys.stderr), **where)
+    doc = result.doc
     if not args.quiet:
         print(f"scored {doc['n_images']} of {doc['n_files']} images ({len(doc['skipped'])} skipped) on "
               f"{len(doc['options']['layers'])} layers × {len(doc['options']['heads'])} heads × modes {doc['options']['modes']}")
         for s in doc["skipped"][:10]:
             print(f"  skipped {s['path']}: {s['reason']}")
-        print(f"wrote top_images.json{'' if args.no_plots else ', top_L*_H*.png, anisotropy.png'} to {out}/")
+        print(f"wrote {', '.join(sorted({p.name if not p.name.startswith('top_L') else 'top_L*_H*.png' for p in result.files}))} to {out}/")
     return 0
