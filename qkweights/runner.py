@@ -24,8 +24,9 @@ module owns the loop they share:
    the same command run again resumes from it. A state of another fingerprint, or an
    unreadable one, is ignored and reported through ``notes``.
 4. Faults: a local worker that dies (killed, out of memory) breaks the process pool;
-   the pool is rebuilt and the unfinished shards are submitted again (a shard that
-   breaks :data:`MAX_POOL_RESTARTS` pools in a row stops the run). Dask reschedules the
+   the pool is rebuilt and the unfinished shards are submitted again (after
+   :data:`MAX_POOL_RESTARTS` broken pools in a row with no shard finished, the run
+   stops). Dask reschedules the
    tasks of a lost worker itself. A shard that raises stops the run with
    :class:`ShardError` naming its images; what was merged stays in the state file.
    Unreadable images are not errors: each analysis's ``load`` skips them, and the
@@ -55,7 +56,7 @@ from qkweights import __version__
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import write_npz
 
-MAX_POOL_RESTARTS = 3  # a shard that breaks this many process pools in a row stops the run
+MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
 DASK_INSTALL = 'pip install "qkweights[dask]"'
 
 
@@ -409,35 +410,39 @@ def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absor
     from concurrent.futures.process import BrokenProcessPool
 
     pending = {t.shard: t for t in todo}
-    strikes: dict[int, int] = {}
+    breaks = 0  # pools broken since the last shard finished
     own = make_executor is not None
     try:
         while pending:
             if own and executor is None:
                 executor = make_executor()
             futures = {executor.submit(run_shard, t): t for t in pending.values()}
+            broken = False
             try:
                 for fut in cf.as_completed(futures):
                     task = futures[fut]
                     try:
                         res = fut.result()
                     except BrokenProcessPool:
-                        strikes[task.shard] = strikes.get(task.shard, 0) + 1
-                        if strikes[task.shard] >= MAX_POOL_RESTARTS:
-                            raise ShardError(_shard_failure(task, an, RuntimeError(
-                                f"a worker process died {MAX_POOL_RESTARTS} times while running it (out of memory?)"))) from None
+                        broken = True
                         continue
                     except (QkError, KeyboardInterrupt):
                         raise
                     except Exception as e:  # a bug in the shard, or Dask's KilledWorker after repeated worker deaths
                         raise ShardError(_shard_failure(task, an, e)) from e
                     del pending[task.shard]
+                    breaks = 0
                     absorb(res)
             except BaseException:
                 for fut in futures:
                     fut.cancel()
                 raise
-            if pending and own:  # the pool broke: a worker died; start a new one for what is left
+            if broken and pending:  # a worker died: start a new pool for what is left
+                breaks += 1
+                if breaks >= MAX_POOL_RESTARTS:
+                    first = pending[min(pending)]
+                    raise ShardError(_shard_failure(first, an, RuntimeError(
+                        f"worker processes died {breaks} times in a row with no shard finished (out of memory?)")))
                 executor.shutdown(wait=False, cancel_futures=True)
                 executor = None
     finally:

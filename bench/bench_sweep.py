@@ -1,0 +1,174 @@
+"""Throughput, memory and figure time of the image-analysis sweeps, measured side by side in one run.
+
+Run from the repository root:
+
+    python bench/bench_sweep.py                      # this machine: serial, --workers 1 and 2, a loopback Dask cluster
+    python bench/bench_sweep.py --scaling 1,2,4,8,16 # the scaling table of --workers on a many-core machine
+    python bench/bench_sweep.py --no-dask --no-o3 --no-figures   # throughput only
+
+What it measures (ViT-B/16-shaped random hf-vit checkpoint, D 768, 12 layers × 12 heads,
+224², the one bench_profile.py writes; synthetic photos of 500×375 px; every head, modes
+0–9, top 8, --batch-size 16, --shard-size 16):
+
+- **bare forward**: the images decoded and preprocessed once (not timed), then
+  ``model.forward`` over batches of 16 at this machine's BLAS thread count — the
+  numpy forward pass alone, the reference every ratio divides by;
+- **top-images --no-plots** end to end (decoding, forward, scores, running top-K, state
+  file after each shard): in this process, with ``--workers N`` local processes, and on a
+  loopback Dask cluster of one single-threaded worker per core (started before the
+  clock); images/s and the ratio to the bare forward, all in one run;
+- **o3 peak RSS** of ``python -m qkweights o3 … --batch-size 32`` on 64 synthetic O3
+  images (a child process; its ru_maxrss);
+- **figures**: ``draw_top_images`` of the saved result (one grid per head, 144, plus the
+  anisotropy figure), seconds per figure beyond the scan.
+
+Rounds alternate between the measures so that changes in machine load hit them alike;
+medians (and bests) over ``--reps`` rounds are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_profile import make_vit  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+BATCH, SHARD = 16, 16
+
+
+def photos(n: int) -> Path:
+    """``n`` synthetic photos of 500×375 px (the size of many ImageNet photos) in bench/out/ (written once)."""
+    from qkweights.synth_o3 import make_o3
+
+    folder = OUT / f"photos-500x375-n{n}"
+    if not folder.is_dir():
+        make_o3(folder, n=n, seed=7, size=(375, 500))
+    return folder / "images"
+
+
+def o3_set(n: int) -> Path:
+    from qkweights.synth_o3 import make_o3
+
+    folder = OUT / f"o3-synth-512-n{n}"
+    return folder if folder.is_dir() else make_o3(folder, n=n, seed=0, size=(512, 512))
+
+
+def bare_forward(model, root: Path) -> float:
+    """Seconds of the forward passes alone over every image, in batches of BATCH (decoding not timed)."""
+    from qkweights.top_images import input_size, list_images, load_batch
+
+    paths = list_images(root)
+    batches = [load_batch(model, root, paths[i : i + BATCH], input_size(model))[0] for i in range(0, len(paths), BATCH)]
+    t0 = time.perf_counter()
+    for x in batches:
+        model.forward(x, layers=range(model.dims.layers), truncate=True)
+    return time.perf_counter() - t0
+
+
+def sweep(model, root: Path, out: Path, **where) -> float:
+    from qkweights.top_images import top_images
+
+    t0 = time.perf_counter()
+    top_images(model, root, out, batch_size=BATCH, shard_size=SHARD, plots=False, **where)
+    return time.perf_counter() - t0
+
+
+def o3_peak_rss(model_dir: Path, data: Path, batch: int) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of ``python -m qkweights o3 … --batch-size batch --no-plots`` in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "qkweights", "o3", str(model_dir), str(data), "--batch-size", str(batch),
+                               "--no-plots", "--quiet", "--out", tmp], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=160, help="photos in the top-images set (default: 160)")
+    parser.add_argument("--reps", type=int, default=2, help="timed rounds (default: 2)")
+    parser.add_argument("--workers", default="1,2", help="--workers values to time (default: 1,2)")
+    parser.add_argument("--scaling", metavar="LIST", help="instead: only the bare forward and --workers N for each N, e.g. 1,2,4,8,16")
+    parser.add_argument("--no-dask", action="store_true", help="skip the loopback Dask cluster")
+    parser.add_argument("--no-o3", action="store_true", help="skip the o3 memory measurement")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figure timing")
+    args = parser.parse_args()
+
+    from qkweights.vision import load_model
+
+    blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()]
+    cores = os.cpu_count()
+    print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; BLAS {blas}")
+    vit_dir = make_vit(OUT / "vit-b-random", 768, 12, 12)
+    model = load_model(str(vit_dir))
+    root = photos(args.images)
+    n = args.images
+    workers = [int(w) for w in (args.scaling or args.workers).split(",")]
+    runs: dict[str, list[float]] = {"bare forward": []}
+    if not args.scaling:
+        runs["top-images, in process"] = []
+    runs.update({f"top-images --workers {w}": [] for w in workers})
+    client = cluster = None
+    if not args.no_dask and not args.scaling:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+        client = Client(cluster)
+        runs[f"top-images --scheduler (loopback Dask, {cores} workers × 1 thread)"] = []
+    print(f"top-images --no-plots: {n} photos 500×375, ViT-B/16 shape, all 12 layers × 12 heads, modes 0-9, top 8, "
+          f"batch {BATCH}, shard {SHARD}; {args.reps} rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.reps):
+            for label in runs:
+                out = Path(tmp) / f"r{r}-{len(os.listdir(tmp))}"
+                if label == "bare forward":
+                    runs[label].append(bare_forward(model, root))
+                elif label.endswith("in process"):
+                    runs[label].append(sweep(model, root, out))
+                elif "--workers" in label:
+                    runs[label].append(sweep(model, root, out, workers=int(label.split()[-1])))
+                else:
+                    runs[label].append(sweep(model, root, out, client=client))
+        if client is not None:
+            client.close()
+            cluster.close()
+        ref = statistics.median(runs["bare forward"])
+        for label, times in runs.items():
+            med = statistics.median(times)
+            print(f"  {label:58s} {n / med:7.2f} img/s (best {n / min(times):.2f})   ratio to the bare forward {ref / med:5.2f}")
+        if not args.no_figures and not args.scaling:
+            from qkweights.top_images import TopImagesResult, draw_top_images
+
+            saved = Path(tmp) / "figures"
+            sweep(model, root, saved)
+            result = TopImagesResult.load(saved)
+            t0 = time.perf_counter()
+            draw_top_images(model.ref, result, root, saved)
+            seconds = time.perf_counter() - t0
+            k = len(result.doc["heads"]) + 1
+            print(f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per figure")
+    if not args.no_o3 and not args.scaling:
+        rss, seconds = o3_peak_rss(vit_dir, o3_set(64), 32)
+        print(f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, {64 / seconds:.2f} img/s "
+              "(child process, import and model load included)")
+
+
+if __name__ == "__main__":
+    main()

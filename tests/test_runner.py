@@ -1,0 +1,243 @@
+"""The sweep runner (qkweights.runner): merge laws, equality across executors, faults, resume.
+
+References: the serial in-process run of the same analysis; equality is exact (same
+shards ⇒ same batches ⇒ same floats), so the documents and arrays are compared with ==.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from qkweights.o3 import O3Analysis, o3_allocation, select_items
+from qkweights.runner import ModelRef, ShardError, Task, run_shard, run_sweep
+from qkweights.synth_o3 import make_o3
+from qkweights.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
+from qkweights.vision import load_model
+
+MODELS = Path(__file__).parent / "fixtures" / "models"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return make_o3(tmp_path_factory.mktemp("runner") / "o3", n=14, seed=3, size=(48, 48))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_model(str(MODELS / "vit"))
+
+
+TOP = dict(layers=[0, 1], heads=[0, 3], modes=range(4), top=5, batch_size=3, shard_size=4, plots=False)
+
+
+def _equal_top(a, b):
+    assert a.doc == b.doc
+    np.testing.assert_array_equal(a.maps, b.maps)
+
+
+def _partials(an, ref, items, cuts):
+    """Partial results of consecutive slices of ``items`` (cut at ``cuts``), each run as its own shard."""
+    bounds = [0, *cuts, len(items)]
+    return [run_shard(Task(an, ref, j, tuple(items[a:b]), a, 2)).partial for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def _same(an, x, y):
+    ax, ay = an.to_arrays(x), an.to_arrays(y)
+    assert ax.keys() == ay.keys()
+    for k in ax:
+        np.testing.assert_array_equal(ax[k], ay[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------- merge laws
+
+
+def test_top_images_merge_is_associative_and_commutative_with_empty_as_identity(vit, scenes):
+    root = scenes / "images"
+    paths = list_images(root)
+    grid = patch_grid(vit, None)
+    an = TopImagesAnalysis(str(root), (0, 1), (0, 2), (0, 1, 2), 3, None, vit.dims.hidden, grid[0] * grid[1])
+    a, b, c = _partials(an, vit.ref, paths, [5, 9])
+    m = an.merge
+    _same(an, m(m(a, b), c), m(a, m(b, c)))
+    _same(an, m(a, b), m(b, a))
+    _same(an, m(c, m(a, b)), m(m(b, c), a))
+    _same(an, m(an.empty(), a), a)
+    whole = _partials(an, vit.ref, paths, [])[0]  # one shard of everything
+    _same(an, m(m(a, b), c), whole)
+
+
+def test_o3_merge_is_associative_and_commutative_with_empty_as_identity(vit, scenes):
+    items, _, _ = select_items(scenes, None)
+    an = O3Analysis(2, vit.dims.heads, "{}")
+    a, b, c = _partials(an, vit.ref, items, [3, 10])
+    m = an.merge
+    _same(an, m(m(a, b), c), m(a, m(b, c)))
+    _same(an, m(a, m(c, b)), m(m(c, a), b))
+    _same(an, m(an.empty(), b), b)
+    assert m(c, m(b, a)).positions.tolist() == list(range(len(items)))
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+def test_local_workers_equal_serial(vit, scenes, tmp_path):
+    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    _equal_top(top_images(vit, scenes / "images", tmp_path / "w2", **TOP, workers=2), serial)
+    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
+    o3_w2 = o3_allocation(vit, scenes, tmp_path / "o3w", batch_size=3, shard_size=4, plots=False, workers=2)
+    assert o3_w2.summary == o3_serial.summary
+    assert (tmp_path / "o3w" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
+
+
+def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        _equal_top(top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
+        o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, plots=False, client=client)
+        # figures drawn on the cluster's workers
+        drawn = top_images(vit, scenes / "images", tmp_path / "fig", **{**TOP, "plots": True}, client=client)
+    assert o3_dask.summary == o3_serial.summary
+    assert (tmp_path / "o3d" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
+    assert sorted(p.name for p in drawn.files if p.name.startswith("top_L")) == [
+        f"top_L{l}_H{h}.png" for l in (0, 1) for h in (0, 3)]
+    assert all(p.is_file() for p in drawn.files)
+
+
+def test_scheduler_without_a_cluster_is_one_line(tmp_path, capsys):
+    from qkweights.cli import main
+
+    code = main(["top-images", str(MODELS / "vit"), str(tmp_path), "--scheduler-file", str(tmp_path / "nope.json")])
+    assert code == 2
+    assert capsys.readouterr().err == (f"qkweights: error: {tmp_path / 'nope.json'}: no such scheduler file; "
+                                       "give the file `dask scheduler --scheduler-file` wrote\n")
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+@dataclass(frozen=True)
+class Exploding(TopImagesAnalysis):
+    """top-images with a bug that shows on one image."""
+
+    bad: str = ""
+    name: ClassVar[str] = "top_images"
+
+    def load(self, model, items, positions):
+        if self.bad in items:
+            raise ZeroDivisionError("division by zero")
+        return super().load(model, items, positions)
+
+
+def test_a_failing_shard_stops_the_run_naming_its_images_and_the_rerun_resumes(vit, scenes, tmp_path):
+    root = scenes / "images"
+    paths = list_images(root)
+    grid = patch_grid(vit, None)
+    kw = dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, model=vit, shard_size=4, batch_size=2)
+    fields = (str(root), (1,), (0,), (0, 1), 3, None, vit.dims.hidden, grid[0] * grid[1])
+    bad = Exploding(*fields, bad=paths[9])
+    with pytest.raises(ShardError) as e:
+        run_sweep(bad, vit.ref, paths, **kw)
+    assert str(e.value) == (f"shard 2 (images 8–11: {', '.join(paths[8:11])} … (4 images)) failed: ZeroDivisionError: "
+                            "division by zero; the shards finished before it are kept, a re-run resumes")
+    done = []
+    sweep = run_sweep(Exploding(*fields), vit.ref, paths, **kw, progress=lambda d, t: done.append(d))
+    assert done == [8, 12, 14] and sweep.notes == [f"resuming from {tmp_path / STATE_NAME}: 8 of 14 images already done"]
+    whole = run_sweep(Exploding(*fields), vit.ref, paths, **{**kw, "state_path": tmp_path / "whole.npz"})
+    _same(bad, sweep.partial, whole.partial)
+
+
+def _kill_a_worker_once():
+    """A progress callback that SIGKILLs one local worker process after the first finished shard."""
+    import multiprocessing
+
+    state = {"killed": None}
+
+    def progress(done, total):
+        if done > 0 and state["killed"] is None:
+            children = multiprocessing.active_children()
+            if children:
+                state["killed"] = children[0].pid
+                os.kill(children[0].pid, signal.SIGKILL)
+
+    return progress, state
+
+
+def test_a_killed_local_worker_loses_nothing(vit, scenes, tmp_path):
+    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    progress, state = _kill_a_worker_once()
+    killed = top_images(vit, scenes / "images", tmp_path / "killed", **{**TOP, "shard_size": 2}, workers=2, progress=progress)
+    assert state["killed"] is not None
+    serial2 = top_images(vit, scenes / "images", tmp_path / "serial2", **{**TOP, "shard_size": 2})
+    _equal_top(killed, serial2)
+    o3_ref = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2, plots=False)
+    progress, state = _kill_a_worker_once()
+    o3_killed = o3_allocation(vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, plots=False, workers=2, progress=progress)
+    assert state["killed"] is not None and o3_killed.summary == o3_ref.summary
+    assert serial.doc["n_images"] == killed.doc["n_images"] == 14
+
+
+def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    kw = {**TOP, "shard_size": 2}
+    serial = top_images(vit, scenes / "images", tmp_path / "serial", **kw)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        state = {"killed": False}
+
+        def progress(done, total):
+            if done > 0 and not state["killed"]:
+                state["killed"] = True
+                os.kill(pids[0], signal.SIGKILL)
+
+        killed = top_images(vit, scenes / "images", tmp_path / "killed", **kw, client=client, progress=progress)
+    assert state["killed"]
+    _equal_top(killed, serial)
+
+
+def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
+    """``top-images`` killed with SIGKILL mid-run, then the same command again, equals an uninterrupted run."""
+    import shutil
+
+    images = tmp_path / "images"  # 56 images: enough shards of one image that the kill lands mid-run
+    for k in range(4):
+        shutil.copytree(scenes / "images", images / f"copy{k}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "qkweights", "top-images", str(MODELS / "vit"), str(images), "--layers", "0,1",
+           "--modes", "0-3", "--top", "5", "--batch-size", "1", "--shard-size", "1", "--no-plots", "--quiet",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    state = out / STATE_NAME
+    deadline = time.monotonic() + 60
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "top_images.json").exists(), "the run ended before it could be killed; give it more images"
+    with np.load(state) as z:
+        assert 0 < len(z["done"]) < 56
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    whole = tmp_path / "whole"
+    assert subprocess.run([*cmd[:-1], str(whole)], env=env, capture_output=True).returncode == 0
+    assert json.loads((out / "top_images.json").read_text()) == json.loads((whole / "top_images.json").read_text())
+    assert not state.exists()
+
+
+def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(MODELS)
+    assert ModelRef.of("vit") == ModelRef(str(MODELS / "vit"))
+    assert ModelRef.of("google/vit-base-patch16-224", revision="abc") == ModelRef("google/vit-base-patch16-224", revision="abc")
