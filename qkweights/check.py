@@ -271,7 +271,7 @@ def check_model(model: str, baseline: str | Path, *, model_options: dict | None 
     per-layer progress on stderr (None: only on a terminal). ``tolerances``:
     the keyword options of :func:`check_profile`.
     """
-    base = load_profile(baseline)
+    base = load_profile(baseline, vectors=False)
     source, ck = open_model(model, progress=progress, **(model_options or {}))
     bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
     current = compute_profile(ck, source_record(source, ck), progress=bar.update)

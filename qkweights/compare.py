@@ -77,7 +77,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if schema == PROFILE_SCHEMA:
-        return _profile_curves(load_profile(path), label)
+        return _profile_curves(load_profile(path, vectors=False), label)
     if schema == O3_SCHEMA:
         return _o3_curves(doc, path, label)
     raise InputError(f"{path}: not a qkweights profile or O3 summary (schema {schema!r}); expected a profile.json "
