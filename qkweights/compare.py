@@ -27,7 +27,7 @@ import numpy as np
 
 from qkweights import figures
 from qkweights.errors import InputError
-from qkweights.outputs import write_csv
+from qkweights.outputs import record_outputs, write_csv
 from qkweights.profiles import SCHEMA as PROFILE_SCHEMA
 from qkweights.profiles import Profile, load_profile
 from qkweights.qk import null_band
@@ -109,6 +109,7 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     o3 = [g for g in groups if any(c.kind.startswith("o3_") for c in g)]
     if o3:
         written += _write_o3(o3, out)
+    record_outputs(out, "compare", written)  # an earlier run's O3 (or cosine) overlay does not linger
     return written
 
 

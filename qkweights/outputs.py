@@ -157,6 +157,11 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
     return Path(path)
 
 
+def plural(n: int, noun: str) -> str:
+    """"1 layer", "12 layers": a count with its noun, for messages and titles."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def manifest_path(out_dir, command: str) -> Path:
     """The manifest of ``command``'s outputs in ``out_dir``: ``.qkweights-<command>.json``."""
     return Path(out_dir) / f".qkweights-{command}.json"

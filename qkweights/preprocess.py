@@ -93,13 +93,20 @@ _HF_COMMON = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_no
 
 def _read_file(path: Path) -> Image.Image:
     """Decode an image file fully (so truncation fails here), upright per its EXIF tag."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give one image file (PNG, JPEG, …)")
     if not path.is_file():
         raise InputError(f"{path}: no such image file; check the path")
     try:
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{path}: the image is larger than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow decodes (a guard against "
+            f"decompression bombs); downscale it (the model sees at most a few hundred pixels a side)"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise InputError(
             f"{path}: cannot decode the image ({reason}); give a complete PNG or JPEG file"

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from qkweights.errors import InputError
+from qkweights.outputs import plural
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 
@@ -57,6 +58,7 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
         if hi < lo:
             raise InputError(f"--{what} {text!r}: range {part} runs backwards; write {hi}-{lo}")
         if hi >= limit:
-            raise InputError(f"--{what} {text!r}: index {hi} is out of range (the model has {limit}, 0-based)")
+            whose = "a head has" if what == "modes" else "the model has"
+            raise InputError(f"--{what} {text!r}: {what.rstrip('s')} {hi} is out of range: {whose} {plural(limit, what.rstrip('s'))} (0–{limit - 1})")
         out += [i for i in range(lo, hi + 1) if i not in out]
     return out

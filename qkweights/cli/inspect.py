@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qkweights.cli.common import add_model_arguments, model_options
 from qkweights.load import open_model
+from qkweights.outputs import plural
 
 
 def configure(p) -> None:
@@ -16,7 +17,7 @@ def run(args) -> int:
     print(f"model     {source.model_id}" + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else ""))
     print(f"family    {ck.spec.name}: {ck.spec.description}")
     print(f"prefix    {ck.prefix!r}")
-    print(f"dims      {d.layers} layers, {d.heads} heads × {d.head_dim} = width {d.hidden}" + (f", patch {d.patch_size}, image {d.image_size[0]}×{d.image_size[1]}" if d.patch_size and d.image_size else ""))
+    print(f"dims      {plural(d.layers, 'layer')}, {plural(d.heads, 'head')} × {d.head_dim} = width {d.hidden}" + (f", patch {d.patch_size}, image {d.image_size[0]}×{d.image_size[1]}" if d.patch_size and d.image_size else ""))
     if d.eps is not None:
         print(f"norm/act  LayerNorm eps {d.eps:g}, activation {d.act}" + (", SwiGLU MLP" if d.swiglu else ""))
     print(f"dtype     {ck.dtype()} (attention weights); stored dtypes: {', '.join(ck.store.dtypes())}")

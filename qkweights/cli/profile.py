@@ -12,7 +12,7 @@ import numpy as np
 from qkweights.cli.common import add_model_arguments, model_options, out_dir
 from qkweights.errors import EXIT_FINDINGS, EXIT_OK
 from qkweights.load import open_model, source_record
-from qkweights.outputs import prepare_dir
+from qkweights.outputs import plural, prepare_dir
 from qkweights.profiles import Profile, compute_profile
 from qkweights.progress import Progress
 
@@ -56,7 +56,7 @@ def format_table(prof: Profile) -> str:
     m = prof.model
     stats = prof.layer_stats()
     lines = [
-        f"{prof.source.get('model_id', '?')}  family {m.family}  {m.layers} layers × {m.heads} heads  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
+        f"{prof.source.get('model_id', '?')}  family {m.family}  {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
         f"{'layer':>5} {'l/(L-1)':>8} {'weighted cos':>13} {'head min':>9} {'head max':>9} {'mean cos':>9}",
     ]
     for l in range(m.layers):
