@@ -230,6 +230,13 @@ def _torchvision_offset(resized: int, crop: int) -> int:
 # ----------------------------------------------------------------------------- preprocess
 
 
+def _hf_typed(cfg: dict, key: str, kind, wanted: str) -> None:
+    """Refuse a preprocessor_config.json value of the wrong JSON type, naming the key."""
+    value = cfg.get(key)
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+        raise SpecError(f"preprocessor_config.json: {key} is {value!r}; it must be {wanted}; fix the file")
+
+
 def _pair(value, what: str) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -240,8 +247,9 @@ def _pair(value, what: str) -> tuple[int, int] | None:
 
 
 def _triple(value, what: str) -> tuple[float, float, float]:
-    values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
-    if len(values) != 3 or not all(math.isfinite(float(v)) for v in values):
+    real = (int, float, np.integer, np.floating)
+    values = (value,) * 3 if isinstance(value, real) else tuple(value) if isinstance(value, (list, tuple, np.ndarray)) else ()
+    if len(values) != 3 or not all(isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise SpecError(f"preprocess {what} is {value!r}; give three finite numbers (R, G, B)")
     return tuple(float(v) for v in values)
 
@@ -314,6 +322,10 @@ class Preprocess:
             )
         merged = {**_HF_COMMON, **_HF_DEFAULTS[kind]}
         merged.update({k: v for k, v in cfg.items() if v is not None})
+        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            _hf_typed(merged, key, bool, "true or false")
+        _hf_typed(merged, "resample", int, "a PIL filter code 0-5")
+        _hf_typed(merged, "rescale_factor", (int, float), "a number such as 0.00392156862745098")
         size = shortest = crop = None
         if merged["do_resize"]:
             size, shortest = _hf_size(merged["size"], bool(merged["default_to_square"]))
