@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from qkweights.errors import InputError
@@ -40,6 +41,12 @@ def model_slug(model_id: str) -> str:
     name = Path(model_id.rstrip("/")).name
     name = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def print_notes(notes) -> None:
+    """The library's notes for the user, one ``qkweights: note:`` line each on stderr."""
+    for note in notes:
+        print(f"qkweights: note: {note}", file=sys.stderr)
 
 
 def out_dir(args, model_id: str) -> Path:
