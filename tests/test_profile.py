@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import qkweights
-from conftest import MODELS
+from conftest import MODELS, edited_fixture, vit_qk_name
 from hubcache import make_hub_cache
 from qkweights.cli import main
 from qkweights.errors import InputError
@@ -210,3 +210,31 @@ def test_hand_edited_baseline_is_one_line_naming_the_field(tmp_path, capsys, edi
     err = capsys.readouterr().err
     assert err.startswith(f"qkweights: error: {tmp_path / 'profile.json'}: {message}") and err.count("\n") == 1
     assert err.rstrip().endswith("re-run `python -m qkweights profile` to rewrite the file")
+
+
+def test_all_zero_head_has_no_mean_cosine(tmp_path):
+    def zero_head(t):
+        t[vit_qk_name(0, "query")][0:8] = 0  # rows 0-7 = head 0 (K = 8)
+
+    prof = qkweights.profile(str(edited_fixture(tmp_path, "zero", zero_head)))
+    assert np.isnan(prof.weighted[0, 0]) and np.isnan(prof.mean[0, 0])
+    assert np.isfinite(prof.mean[0, 1:]).all()
+    prof.save(tmp_path / "out", plots=False)
+    assert json.loads((tmp_path / "out" / "profile.json").read_text())["layers"][0]["heads"][0]["mean_cosine"] is None
+
+
+def test_one_layer_one_head_table_is_singular(tmp_path, capsys):
+    folder = edited_fixture(tmp_path, "one", lambda t: [t.pop(k) for k in list(t) if k.startswith("encoder.layer.1.")])
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, num_attention_heads=1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["profile", str(folder), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert f"{folder}  family hf-vit  1 layer × 1 head  width 32  head dim 32  F32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("a, b", [("./模型", "./模型"), ("./模型", "./机器"), ("./a b", "./a_b")])
+def test_default_output_folders_keep_names_apart(a, b):
+    from qkweights.cli.common import model_slug
+
+    assert (model_slug(a) == model_slug(b)) == (a == b)
+    assert model_slug("./模型") == "模型" and model_slug("google/vit-base-patch16-224") == "vit-base-patch16-224"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -37,10 +38,13 @@ def model_options(args, revision: str | None = None) -> dict:
 
 
 def model_slug(model_id: str) -> str:
-    """A folder name for a model: the repo name, or the folder/file stem of a path."""
+    """A folder name for a model: the repo name, or the folder/file stem of a path (Unicode letters kept)."""
     name = Path(model_id.rstrip("/")).name
     name = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+    slug = re.sub(r"[^\w.-]+", "_", name).strip("._") or "model"  # \w: letters and digits of every script
+    if slug != name:  # characters were replaced: a short hash keeps "a b" and "a_b" apart
+        slug += "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:6]
+    return slug
 
 
 def print_notes(notes) -> None:
