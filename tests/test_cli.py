@@ -1,8 +1,15 @@
 """The command line: every command parses, and errors map to exit codes in one place."""
 
+from pathlib import Path
+
 import pytest
 
+import qkweights.cli.o3
+import qkweights.cli.profile
+from conftest import MODELS
 from qkweights.cli import COMMANDS, build_parser, main
+from qkweights.cli.common import parse_indices
+from qkweights.errors import InputError
 
 
 @pytest.mark.parametrize("name", [name for name, _ in COMMANDS])
@@ -30,16 +37,6 @@ def test_specs_lists_every_family(capsys):
     assert main(["specs"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("hf-bert ") and "google/vit-base-patch16-224" in out
-
-
-from pathlib import Path  # noqa: E402
-
-from conftest import MODELS  # noqa: E402
-
-import qkweights.cli.o3  # noqa: E402
-import qkweights.cli.profile  # noqa: E402
-from qkweights.cli.common import parse_indices  # noqa: E402
-from qkweights.errors import InputError  # noqa: E402
 
 IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
 

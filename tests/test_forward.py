@@ -235,8 +235,8 @@ def test_preprocessing_defaults_without_a_config(tmp_path):
     model = load_model(str(tmp_path))
     assert model.preprocessing_origin == "ViT processor defaults at 32×32 (no preprocessor_config.json)"
     assert model.preprocessing.size == (32, 32) and model.preprocessing.mean == (0.5, 0.5, 0.5)
-    assert model.notes == ("no preprocessing config beside the weights: images are preprocessed with ViT processor defaults at "
-                           "32×32 (no preprocessor_config.json); add the model's preprocessing config if it was trained otherwise",)
+    assert model.notes == (("no preprocessing config beside the weights: images are preprocessed with ViT processor defaults at "
+                            "32×32 (no preprocessor_config.json); add the model's preprocessing config if it was trained otherwise"),)
     assert load_model(str(MODELS / "vit")).notes == ()
 
 
