@@ -70,7 +70,7 @@ def test_same_model_twice_is_all_zero(tmp_path, capsys):
         assert row["delta_weighted_cosine"] == 0 and row["spectrum_tv"] == 0 and row["sigma_ratio"] == 1
         assert max(row["angles_u_deg"] + row["angles_v_deg"]) < 1e-6
         assert row["overlap_u"] == pytest.approx(1, abs=1e-12) and row["overlap_v"] == pytest.approx(1, abs=1e-12)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["diff.json", "diff_heads.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".qkweights-diff.json", "diff.json", "diff_heads.csv"]
 
 
 def test_known_rotations_and_spectrum(pair, tmp_path, capsys):
