@@ -18,11 +18,11 @@ def profile(model: str, *, save_vectors: bool = False, progress: bool | None = N
     return compute_profile(ck, source_record(source, ck), save_vectors=save_vectors)
 
 
-def load_profile(path):
-    """Read a saved ``profile.json`` (or the folder holding it)."""
+def load_profile(path, *, vectors: bool = True):
+    """Read a saved ``profile.json`` (or the folder holding it; ``vectors``: with its ``modes.npz`` if present)."""
     from qkweights.profiles import load_profile as _load
 
-    return _load(path)
+    return _load(path, vectors=vectors)
 
 
 def load_model(model: str, **options):

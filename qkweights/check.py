@@ -42,6 +42,7 @@ import numpy as np
 from qkweights import __version__
 from qkweights.errors import InputError
 from qkweights.load import open_model, source_record
+from qkweights.outputs import plural
 from qkweights.profiles import Profile, compute_profile, load_profile
 from qkweights.progress import Progress
 
@@ -131,8 +132,10 @@ class CheckReport:
         t = self.tolerances
         against = f"{_model_id(self.current)} against baseline {_model_id(self.baseline)}"
         if self.passed:
+            K = self.current["model"]["head_dim"]  # the σ check covers at most the K modes a head has
+            top = f"the top {plural(t['top_sigma'], 'mode')}" if t["top_sigma"] <= K else f"all {K} modes (a head has {K})"
             return (f"check passed: {len(self.checks)} checks, {against} (tolerances: layer {t['layer']:g}, "
-                    f"head {t['head']:g}, σ {t['sigma']:g} over the top {t['top_sigma']} modes)")
+                    f"head {t['head']:g}, σ {t['sigma']:g} over {top})")
         fails = self.failures
         lines = [f"check FAILED: {len(fails)} of {len(self.checks)} checks, {against}"]
         lines += [c.line() for c in fails[:limit]]
@@ -271,7 +274,7 @@ def check_model(model: str, baseline: str | Path, *, model_options: dict | None 
     per-layer progress on stderr (None: only on a terminal). ``tolerances``:
     the keyword options of :func:`check_profile`.
     """
-    base = load_profile(baseline)
+    base = load_profile(baseline, vectors=False)
     source, ck = open_model(model, progress=progress, **(model_options or {}))
     bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
     current = compute_profile(ck, source_record(source, ck), progress=bar.update)
@@ -312,7 +315,7 @@ def _shape(m) -> tuple:
 
 
 def _shape_text(m) -> str:
-    return f"{m.family}, {m.layers} layers × {m.heads} heads, D = {m.hidden}, K = {m.head_dim}"
+    return f"{m.family}, {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}"
 
 
 def _side(p: Profile) -> dict:

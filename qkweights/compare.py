@@ -27,12 +27,13 @@ import numpy as np
 
 from qkweights import figures
 from qkweights.errors import InputError
-from qkweights.outputs import write_csv
+from qkweights.outputs import record_outputs, write_csv
 from qkweights.profiles import SCHEMA as PROFILE_SCHEMA
 from qkweights.profiles import Profile, load_profile
 from qkweights.qk import null_band
 
 O3_SCHEMA = "qkweights.o3/1"
+PROVENANCE = ("model_id", "commit", "weight_files")  # the last columns of both CSVs
 O3_MEASURES = {"same": "same object", "different": "different object", "background": "background"}
 
 
@@ -45,7 +46,8 @@ class Curve:
     of the weighted cosine) for a profile, mean ± s.e.m. for an O3 measure;
     ``kind``: "weighted_cosine", "mean_cosine", "o3_same", "o3_different" or
     "o3_background"; ``hidden``: the model's width D (for the null band ±1.96/√D),
-    None for O3 curves.
+    None for O3 curves; ``source``: the provenance record of the weights (model id, commit,
+    files with sha256), as the profile or summary holds it.
     """
 
     label: str
@@ -55,6 +57,7 @@ class Curve:
     hi: np.ndarray | None
     kind: str
     hidden: int | None = None
+    source: dict | None = None
 
 
 def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list[Curve]:
@@ -77,7 +80,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if schema == PROFILE_SCHEMA:
-        return _profile_curves(load_profile(path), label)
+        return _profile_curves(load_profile(path, vectors=False), label)
     if schema == O3_SCHEMA:
         return _o3_curves(doc, path, label)
     raise InputError(f"{path}: not a qkweights profile or O3 summary (schema {schema!r}); expected a profile.json "
@@ -93,7 +96,8 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     ``compare_cosine.csv`` (model, layer, depth, weighted_cosine, mean_cosine,
     min, max). O3 summaries give ``compare_o3.png`` (panels same / different /
     background, mean ± s.e.m. bands) and ``compare_o3.csv`` (model, layer,
-    depth, then mean/lo/hi of each measure). ``labels``: one per item. Models
+    depth, then mean/lo/hi of each measure); both CSVs end with the provenance of each
+    model's weights: model_id, commit, weight_files ("name:sha256;…"). ``labels``: one per item. Models
     given twice under one label get " #2", " #3" appended. Returns the paths written.
     """
     if not items:
@@ -109,6 +113,7 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     o3 = [g for g in groups if any(c.kind.startswith("o3_") for c in g)]
     if o3:
         written += _write_o3(o3, out)
+    record_outputs(out, "compare", written)  # an earlier run's O3 (or cosine) overlay does not linger
     return written
 
 
@@ -124,8 +129,9 @@ def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
     for g in groups:
         w, m = _kind(g, "weighted_cosine"), _kind(g, "mean_cosine")
         for l in range(len(w.depth)):
-            rows.append([w.label, l, _num(w.depth[l]), _num(w.values[l]), _num(m.values[l]), _num(w.lo[l]), _num(w.hi[l])])
-    csv = write_csv(out / "compare_cosine.csv", ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max"], rows)
+            rows.append([w.label, l, _num(w.depth[l]), _num(w.values[l]), _num(m.values[l]), _num(w.lo[l]), _num(w.hi[l])]
+                        + _provenance(w))
+    csv = write_csv(out / "compare_cosine.csv", ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", *PROVENANCE], rows)
     return [png, csv]
 
 
@@ -133,13 +139,13 @@ def _write_o3(groups: list[list[Curve]], out: Path) -> list[Path]:
     panels = {title: [_kind(g, f"o3_{key}") for g in groups] for key, title in O3_MEASURES.items()}
     png = figures.curve_panels_figure(panels, out / "compare_o3.png", title="O3 attention allocation by normalised depth",
                                       ylabel="share of attention (mean ± s.e.m.)")
-    header = ["model", "layer", "depth"] + [f"{key}_{part}" for key in O3_MEASURES for part in ("mean", "lo", "hi")]
+    header = ["model", "layer", "depth"] + [f"{key}_{part}" for key in O3_MEASURES for part in ("mean", "lo", "hi")] + list(PROVENANCE)
     rows = []
     for g in groups:
         curves = [_kind(g, f"o3_{key}") for key in O3_MEASURES]
         for l in range(len(curves[0].depth)):
             rows.append([curves[0].label, l, _num(curves[0].depth[l])]
-                        + [_num(a[l]) for c in curves for a in (c.values, c.lo, c.hi)])
+                        + [_num(a[l]) for c in curves for a in (c.values, c.lo, c.hi)] + _provenance(curves[0]))
     return [png, write_csv(out / "compare_o3.csv", header, rows)]
 
 
@@ -148,8 +154,8 @@ def _profile_curves(profile: Profile, label: str | None) -> list[Curve]:
     name = label or profile.source.get("model_id") or profile.model.family
     D = profile.model.hidden
     return [
-        Curve(name, profile.depth, st["weighted_cosine"], st["min"], st["max"], "weighted_cosine", D),
-        Curve(name, profile.depth, st["mean_cosine"], None, None, "mean_cosine", D),
+        Curve(name, profile.depth, st["weighted_cosine"], st["min"], st["max"], "weighted_cosine", D, profile.source),
+        Curve(name, profile.depth, st["mean_cosine"], None, None, "mean_cosine", D, profile.source),
     ]
 
 
@@ -171,7 +177,8 @@ def _o3_curves(doc: dict, path: Path, label: str | None) -> list[Curve]:
     if depth is None:
         depth = np.arange(len(layers)) / max(len(layers) - 1, 1)
     name = label or (doc.get("source") or {}).get("model_id") or path.resolve().parent.name
-    return [Curve(name, depth, s[:, 0], s[:, 0] - s[:, 1], s[:, 0] + s[:, 1], f"o3_{key}") for key, s in stats.items()]
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else None
+    return [Curve(name, depth, s[:, 0], s[:, 0] - s[:, 1], s[:, 0] + s[:, 1], f"o3_{key}", source=source) for key, s in stats.items()]
 
 
 def _read_json(path: Path):
@@ -196,6 +203,14 @@ def _distinct_labels(groups: list[list[Curve]]) -> list[list[Curve]]:
         seen |= {(c.label, c.kind) for c in g}
         out.append(g)
     return out
+
+
+def _provenance(curve: Curve) -> list[str]:
+    """model_id, commit, weight_files ("name:sha256;…") of a curve's source record; empty where unknown."""
+    src = curve.source or {}
+    files = src.get("files") if isinstance(src.get("files"), list) else []
+    names = ";".join(f"{f.get('name')}:{f.get('sha256')}" for f in files if isinstance(f, dict))
+    return [str(src.get("model_id") or ""), str(src.get("commit") or ""), names]
 
 
 def _kind(group: list[Curve], kind: str) -> Curve:

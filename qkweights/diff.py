@@ -46,7 +46,7 @@ from qkweights import __version__, figures
 from qkweights.compare import curves_from
 from qkweights.errors import InputError
 from qkweights.load import open_model, source_record
-from qkweights.outputs import save_figure, write_csv, write_json
+from qkweights.outputs import plural, record_outputs, save_figure, write_csv, write_json
 from qkweights.profiles import Profile, compute_profile, load_profile
 from qkweights.progress import Progress
 from qkweights.qk import null_band
@@ -154,6 +154,7 @@ class DiffResult:
         if plots:
             written.append(save_figure(heatmaps_figure(self), out / "diff_heatmaps.png", dpi=figures.DPI))
             written.append(cosine_figure(self.a, self.b, out / "diff_cosine.png"))
+        record_outputs(out, "diff", written)  # figures of an earlier run, after --no-plots, go
         return written
 
 
@@ -292,7 +293,7 @@ def heatmaps_figure(d: DiffResult) -> Figure:
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     names = f"A = {_model_id(_side(d.a))}   B = {_model_id(_side(d.b))}"
-    fig.suptitle(f"How each head changed from A to B ({L} layers × {H} heads)\n{names}", fontsize=10)
+    fig.suptitle(f"How each head changed from A to B ({plural(L, 'layer')} × {plural(H, 'head')})\n{names}", fontsize=10)
     return fig
 
 
@@ -329,7 +330,7 @@ def _shape(m) -> tuple:
 
 def _shape_text(p: Profile) -> str:
     m = p.model
-    return f"{_model_id(_side(p))}: {m.family}, {m.layers} layers × {m.heads} heads, D = {m.hidden}, K = {m.head_dim}"
+    return f"{_model_id(_side(p))}: {m.family}, {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}"
 
 
 def _side(p: Profile) -> dict:

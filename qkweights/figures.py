@@ -28,7 +28,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from qkweights.outputs import draw_in_parallel, save_figure
+from qkweights.outputs import draw_in_parallel, plural, save_figure
 
 if TYPE_CHECKING:
     from qkweights.compare import Curve
@@ -303,7 +303,7 @@ def _pad_ylim(ax, arrays, pad: float = 0.06) -> None:
 def _model_title(profile: Profile) -> str:
     m = profile.model
     name = profile.source.get("model_id") or m.family
-    return f"{name} ({m.family}; {m.layers} layers × {m.heads} heads, D = {m.hidden}, K = {m.head_dim})"
+    return f"{name} ({m.family}; {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim})"
 
 
 def _symmetric_range(values: np.ndarray, at_least: float) -> float:

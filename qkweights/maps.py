@@ -21,9 +21,11 @@ profiles' sign convention) and the embeddings x_t of the patch tokens t:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,8 @@ class Maps:
     signs: (N,) ±1; singular_values, cosines: (N,) σ_n (of the unscaled W_qᵀW_k) and
     u_n·v_n; contributions: (N,) c_n (module docstring). image: (H, W, 3) the model input
     in [0, 1]; patch_size: pixels per patch. ranked: True when the modes are the top |c_n|.
+    source: the provenance record of the weights (model id, commit, files and sha256, as in
+    profile.json); image_path: the image file, None for an image given as an array or PIL image.
     """
 
     model_id: str
@@ -67,6 +71,8 @@ class Maps:
     image: np.ndarray
     patch_size: int
     ranked: bool
+    source: dict = field(default_factory=dict)
+    image_path: str | None = None
 
 
 def choose_signs(query: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -136,6 +142,8 @@ def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int
     query = (xp @ u[:, chosen]).T  # (N, N_patches)
     key = (xp @ v[:, chosen]).T
     prep = model.preprocessing
+    from qkweights.load import source_record
+
     return Maps(
         model_id=model.source.model_id if model.source is not None else model.checkpoint.spec.name,
         layer=layer, head=head, embedding=embedding,
@@ -146,6 +154,8 @@ def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int
         image=display_image(pixels[0], prep.mean, prep.std, prep.rescale),
         patch_size=model.weights.embeddings.patch_size,
         ranked=top is not None,
+        source=source_record(model.source, model.checkpoint) if model.source is not None else {},
+        image_path=str(Path(image).absolute()) if isinstance(image, (str, os.PathLike)) else None,
     )
 
 
@@ -192,16 +202,21 @@ def maps_figure(maps: Maps):
 
 
 def save_maps(maps: Maps, out_dir) -> list[Path]:
-    """Write ``maps_L{l}_H{h}.png`` and ``maps_L{l}_H{h}.npz`` into ``out_dir``; return their paths.
+    """Write ``maps_L{l}_H{h}_{embedding}.png`` and ``.npz`` into ``out_dir``; return their paths.
 
-    The npz holds query, key (N, gh, gw), modes, signs, singular_values, cosines,
-    contributions (N,), embedding (str), layer, head, patch_size, and image (H, W, 3).
+    The embedding is part of the name, so ``ln`` and ``residual`` maps of one head never
+    overwrite each other. The npz holds query, key (N, gh, gw), modes, signs,
+    singular_values, cosines, contributions (N,), embedding (str), layer, head,
+    patch_size, image (H, W, 3), and the provenance: model_id, source (the JSON record of
+    the weights: commit, files, sha256) and image_path ("" for an in-memory image).
     """
     out = Path(out_dir)
-    stem = f"maps_L{maps.layer}_H{maps.head}"
+    stem = f"maps_L{maps.layer}_H{maps.head}_{maps.embedding}"
     png = save_figure(maps_figure(maps), out / f"{stem}.png", dpi=120)
     npz = write_npz(out / f"{stem}.npz", query=maps.query, key=maps.key, modes=maps.modes, signs=maps.signs,
                     singular_values=maps.singular_values, cosines=maps.cosines, contributions=maps.contributions,
                     embedding=np.array(maps.embedding), layer=np.array(maps.layer), head=np.array(maps.head),
-                    patch_size=np.array(maps.patch_size), image=maps.image.astype(np.float32))
+                    patch_size=np.array(maps.patch_size), image=maps.image.astype(np.float32),
+                    model_id=np.array(maps.model_id), source=np.array(json.dumps(maps.source, ensure_ascii=False)),
+                    image_path=np.array(maps.image_path or ""))
     return [png, npz]

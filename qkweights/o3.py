@@ -63,7 +63,7 @@ from qkweights.figures import o3_figure
 from qkweights.forward import token_layout
 from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
-from qkweights.outputs import write_csv, write_json
+from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
 from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
 from qkweights.vision import VisionModel, load_model
 
@@ -383,7 +383,7 @@ def o3_allocation(model: VisionModel | str, o3_dir: str | Path, out_dir: str | P
     if (workers or client is not None) and model.ref is None:
         raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     items, missing, n_found = select_items(o3_dir, max_images)
-    out = Path(out_dir)
+    out = prepare_dir(out_dir)
     state_path = out / STATE_NAME
     an = O3Analysis(len(model.weights.blocks), model.weights.heads,
                     json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str))
@@ -407,6 +407,7 @@ def o3_allocation(model: VisionModel | str, o3_dir: str | Path, out_dir: str | P
     result.files = result.save(out)
     if plots:
         result.files.append(o3_figure(summary, out / FIGURE_NAME))
+    record_outputs(out, "o3", result.files)  # o3_by_layer.png of an earlier run, after --no-plots, goes
     state_path.unlink(missing_ok=True)
     return result
 

@@ -1,6 +1,11 @@
 """Atomic output files: write to a temporary sibling, then rename into place.
 
-An interrupted run never leaves a partial file under the final name.
+An interrupted run never leaves a partial file under the final name. A path that
+cannot be written (an existing file where a folder belongs, a folder where a file
+belongs, no permission, a full disk) is an :class:`~qkweights.errors.InputError`
+naming the path, never a bare OSError. :func:`record_outputs` keeps a small
+manifest per command in an output folder, so a re-run removes the files of the
+previous run that it does not write again.
 """
 
 from __future__ import annotations
@@ -12,18 +17,72 @@ import multiprocessing
 import os
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from qkweights.errors import InputError, QkError
+
+MANIFEST_SCHEMA = "qkweights.outputs/1"
+
+
+def _why(path: Path, err: OSError, *, folder: bool) -> str:
+    """A one-line reason and fix for an OSError met while writing ``path``."""
+    for parent in [path, *path.parents] if folder else list(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder; remove it or choose another output folder"
+        if parent.is_dir():
+            break
+    if not folder and path.is_dir():
+        return "is a folder; give a file name"
+    if isinstance(err, PermissionError):
+        return "permission denied; choose a folder you can write to"
+    return f"cannot be written ({err.strerror or type(err).__name__}); choose another place"
+
+
+def output_error(path, err: OSError, *, folder: bool = False) -> InputError:
+    """The InputError for an OSError met while writing ``path`` (a file, or a folder with ``folder``)."""
+    path = Path(path)
+    return InputError(f"{path}: {_why(path, err, folder=folder)}")
+
+
+def prepare_dir(path) -> Path:
+    """Create output folder ``path`` (and its parents) and check that files can be created in it.
+
+    Commands call this before their long work, so a bad ``--out`` fails at once.
+    Raises InputError naming the path and the fix.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".qkweights-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise output_error(path, e, folder=True) from None
+    return path
+
+
+def check_file_target(path) -> Path:
+    """Check that file ``path`` can be written (its folder is created); raises InputError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name")
+    prepare_dir(path.parent)  # the file is replaced by a rename, which needs only the folder writable
+    return path
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    except OSError as e:
+        raise output_error(path.parent, e, folder=True) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -31,8 +90,10 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, QkError):  # a full disk, a folder in the way, …
+            raise output_error(path, e) from None
         raise
 
 
@@ -88,9 +149,56 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
         # Constrained layout already fits the figure; "tight" would draw it a second time.
         tight = None if fig.get_layout_engine() is not None else "tight"
         # zlib level 1: about 2× faster to write than the default 6, files about 1.3× larger.
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=tight, pil_kwargs={"compress_level": 1})
+        with warnings.catch_warnings():
+            # Names in scripts the default font lacks (CJK, Arabic, …) draw as boxes; one warning per glyph is noise.
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=tight, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return Path(path)
+
+
+def plural(n: int, noun: str) -> str:
+    """"1 layer", "12 layers": a count with its noun, for messages and titles."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def manifest_path(out_dir, command: str) -> Path:
+    """The manifest of ``command``'s outputs in ``out_dir``: ``.qkweights-<command>.json``."""
+    return Path(out_dir) / f".qkweights-{command}.json"
+
+
+def record_outputs(out_dir, command: str, written, *, keep=()) -> list[Path]:
+    """Record the files a run of ``command`` wrote into ``out_dir``, and remove its previous run's leftovers.
+
+    ``written``: the paths this run wrote (all inside ``out_dir``). Files that the
+    previous run of the same command recorded and this run did not write again are
+    deleted (``keep``: names never deleted), so an output folder never mixes two runs
+    (a ``modes.npz`` of another model, figures after ``--no-plots``, grids of heads no
+    longer asked for). Other commands' files and files qkweights did not record are
+    left alone. Call it after the run's files are written. Returns the paths removed.
+    """
+    out = Path(out_dir)
+    names = sorted({Path(p).name for p in written})
+    manifest = manifest_path(out, command)
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+        old = doc["files"] if isinstance(doc, dict) and isinstance(doc.get("files"), list) else []
+    except (OSError, ValueError):
+        old = []
+    removed = []
+    for name in old:
+        # Only plain names inside the folder: a hand-edited manifest cannot delete anything else.
+        if not isinstance(name, str) or name in names or name in keep or Path(name).name != name or name in ("", ".", ".."):
+            continue
+        stale = out / name
+        if stale.is_file() and not stale.is_symlink():
+            try:
+                stale.unlink()
+            except OSError as e:
+                raise output_error(stale, e) from None
+            removed.append(stale)
+    write_json(manifest, {"schema": MANIFEST_SCHEMA, "command": command, "files": names})
+    return removed
 
 
 def draw_in_parallel(draw, jobs: list[tuple], workers: int = 2) -> None:

@@ -93,13 +93,20 @@ _HF_COMMON = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_no
 
 def _read_file(path: Path) -> Image.Image:
     """Decode an image file fully (so truncation fails here), upright per its EXIF tag."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give one image file (PNG, JPEG, …)")
     if not path.is_file():
         raise InputError(f"{path}: no such image file; check the path")
     try:
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{path}: the image is larger than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow decodes (a guard against "
+            f"decompression bombs); downscale it (the model sees at most a few hundred pixels a side)"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise InputError(
             f"{path}: cannot decode the image ({reason}); give a complete PNG or JPEG file"
@@ -223,6 +230,13 @@ def _torchvision_offset(resized: int, crop: int) -> int:
 # ----------------------------------------------------------------------------- preprocess
 
 
+def _hf_typed(cfg: dict, key: str, kind, wanted: str) -> None:
+    """Refuse a preprocessor_config.json value of the wrong JSON type, naming the key."""
+    value = cfg.get(key)
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+        raise SpecError(f"preprocessor_config.json: {key} is {value!r}; it must be {wanted}; fix the file")
+
+
 def _pair(value, what: str) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -233,8 +247,9 @@ def _pair(value, what: str) -> tuple[int, int] | None:
 
 
 def _triple(value, what: str) -> tuple[float, float, float]:
-    values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
-    if len(values) != 3 or not all(math.isfinite(float(v)) for v in values):
+    real = (int, float, np.integer, np.floating)
+    values = (value,) * 3 if isinstance(value, real) else tuple(value) if isinstance(value, (list, tuple, np.ndarray)) else ()
+    if len(values) != 3 or not all(isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise SpecError(f"preprocess {what} is {value!r}; give three finite numbers (R, G, B)")
     return tuple(float(v) for v in values)
 
@@ -307,6 +322,10 @@ class Preprocess:
             )
         merged = {**_HF_COMMON, **_HF_DEFAULTS[kind]}
         merged.update({k: v for k, v in cfg.items() if v is not None})
+        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            _hf_typed(merged, key, bool, "true or false")
+        _hf_typed(merged, "resample", int, "a PIL filter code 0-5")
+        _hf_typed(merged, "rescale_factor", (int, float), "a number such as 0.00392156862745098")
         size = shortest = crop = None
         if merged["do_resize"]:
             size, shortest = _hf_size(merged["size"], bool(merged["default_to_square"]))

@@ -8,6 +8,7 @@ layer's weights), ``Profile`` holds the results as arrays with their metadata,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -21,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from qkweights import __version__
 from qkweights.errors import InputError
-from qkweights.outputs import dumps_json, write_csv, write_json, write_npz
+from qkweights.outputs import dumps_json, record_outputs, write_csv, write_npz, write_text
 from qkweights.qk import DEGENERATE_RTOL, HeadStats, degenerate_blocks, head_stats, null_band, qk_svd
 from qkweights.spec import Checkpoint
 
@@ -132,9 +133,15 @@ class Profile:
         }
 
     def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
-        """Write profile.json, heads.csv, modes.npz (if vectors) and the figures into ``out``."""
+        """Write profile.json, heads.csv, modes.npz (if vectors) and the figures into ``out``.
+
+        modes.npz records the sha256 of the profile.json it belongs to (``load_profile``
+        checks it); files of an earlier profile run into ``out`` that this one does not
+        write again (modes.npz, figures) are removed (:func:`qkweights.outputs.record_outputs`).
+        """
         out = Path(out)
-        written = [write_json(out / "profile.json", self.to_json())]
+        text = self.json_text()
+        written = [write_text(out / "profile.json", text)]
         rows = []
         for l in range(self.model.layers):
             for h in range(self.model.heads):
@@ -143,11 +150,13 @@ class Profile:
                              _num(self.singular_values[l, h, 0]), len(self.degenerate[l][h])])
         written.append(write_csv(out / "heads.csv", ["layer", "head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "effective_rank", "sigma_0", "degenerate_blocks"], rows))
         if self.U is not None:
-            written.append(write_npz(out / "modes.npz", U=self.U, V=self.V, S=self.singular_values))
+            written.append(write_npz(out / "modes.npz", U=self.U, V=self.V, S=self.singular_values,
+                                     profile_sha256=np.array(_sha256(text))))
         if plots:
             from qkweights import figures
 
             written += figures.profile_figures(self, out)
+        record_outputs(out, "profile", written)
         return written
 
     def json_text(self) -> str:
@@ -156,6 +165,10 @@ class Profile:
 
 def _num(x: float) -> str:
     return repr(float(x)) if np.isfinite(x) else ""
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -223,36 +236,158 @@ def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
                    per_head["nuclear"], per_head["effective_rank"], degenerate, nonfinite, U, V)
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read a saved profile: ``profile.json`` or the folder holding it (with ``modes.npz`` if present)."""
+def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
+    """Read a saved profile: ``profile.json`` or the folder holding it (with ``modes.npz`` if present).
+
+    Every field is checked (types, one entry per layer and head, K values per head),
+    so a hand-edited or truncated file is an InputError naming the field. With
+    ``vectors``, a ``modes.npz`` beside the file is read only if it belongs to this
+    profile.json (it records the file's sha256) and has its shapes; otherwise
+    InputError. ``vectors=False`` ignores modes.npz.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "profile.json"
     try:
-        doc = json.loads(path.read_text())
+        raw = path.read_bytes()
+        doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such profile; write one with `python -m qkweights profile MODEL --out DIR`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not a readable profile.json ({e}); re-run `python -m qkweights profile`") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise InputError(f"{path}: not a qkweights profile (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})")
-    m = doc["model"]
-    model = ModelInfo(m["family"], m["layers"], m["heads"], m["hidden"], m["head_dim"], m["dtype"], tuple(m.get("weight_svd_omits", OMITTED)))
-
-    def grid(key):
-        return np.array([[np.nan if hd[key] is None else hd[key] for hd in ly["heads"]] for ly in doc["layers"]], dtype=np.float64)
-
-    def modes(key):
-        return np.array([[[np.nan if x is None else x for x in hd[key]] for hd in ly["heads"]] for ly in doc["layers"]], dtype=np.float64)
-
+    p = _ProfileReader(path, doc)
     U = V = None
     npz = path.parent / "modes.npz"
-    if npz.exists():
+    if vectors and npz.exists():
+        U, V = _read_modes(npz, path, raw, p.model)
+    return Profile(p.model, p.source, p.singular_values, p.cosines, p.grid("weighted_cosine"), p.grid("mean_cosine"),
+                   p.grid("trace"), p.grid("nuclear_norm"), p.grid("effective_rank"), p.degenerate, p.nonfinite, U, V,
+                   p.tool_version)
+
+
+class _ProfileReader:
+    """The fields of a profile.json document, type-checked; errors name the file and the field."""
+
+    def __init__(self, path: Path, doc: dict):
+        self.path, self.doc = path, doc
+        m = self.field(doc, "model", dict)
+        ints = {k: self.field(m, k, int, f"model.{k}") for k in ("layers", "heads", "hidden", "head_dim")}
+        for k, v in ints.items():
+            if v < 1:
+                self.fail(f"model.{k}", f"is {v}; it must be ≥ 1")
+        omits = m.get("weight_svd_omits", list(OMITTED))
+        if not isinstance(omits, list) or not all(isinstance(x, str) for x in omits):
+            self.fail("model.weight_svd_omits", "must be a list of texts")
+        self.model = ModelInfo(self.field(m, "family", str, "model.family"), ints["layers"], ints["heads"], ints["hidden"],
+                               ints["head_dim"], self.field(m, "dtype", str, "model.dtype"), tuple(omits))
+        self.source = self.field(doc, "source", dict)
+        self.tool_version = str(doc.get("tool_version", "?"))
+        L, H, K = self.model.layers, self.model.heads, self.model.head_dim
+        layers = self.field(doc, "layers", list)
+        if len(layers) != L:
+            self.fail("layers", f"has {len(layers)} entries; model.layers says {L}")
+        self.heads = []  # [l][h] the head dicts
+        for l, ly in enumerate(layers):
+            where = f"layers[{l}]"
+            if not isinstance(ly, dict):
+                self.fail(where, "must be an object")
+            if ly.get("layer", l) != l:
+                self.fail(f"{where}.layer", f"is {ly.get('layer')!r}; layers must be listed in order from 0")
+            hs = self.field(ly, "heads", list, f"{where}.heads")
+            if len(hs) != H:
+                self.fail(f"{where}.heads", f"has {len(hs)} entries; model.heads says {H}")
+            for h, hd in enumerate(hs):
+                if not isinstance(hd, dict):
+                    self.fail(f"{where}.heads[{h}]", "must be an object")
+            self.heads.append(hs)
+        self.singular_values = self.modes("singular_values", K)
+        self.cosines = self.modes("cosines", K)
+        self.degenerate = [[self.blocks(l, h) for h in range(H)] for l in range(L)]
+        self.nonfinite = []
+        for i, x in enumerate(self.field(doc, "nonfinite_heads", list) if "nonfinite_heads" in doc else []):
+            if not (isinstance(x, dict) and _is_int(x.get("layer")) and _is_int(x.get("head"))
+                    and 0 <= x["layer"] < L and 0 <= x["head"] < H):
+                self.fail(f"nonfinite_heads[{i}]", f"must be {{\"layer\": 0…{L - 1}, \"head\": 0…{H - 1}}}")
+            self.nonfinite.append((x["layer"], x["head"]))
+
+    def fail(self, field: str, problem: str):
+        raise InputError(f"{self.path}: field {field} {problem}; re-run `python -m qkweights profile` to rewrite the file")
+
+    def field(self, obj: dict, key: str, kind: type, where: str | None = None):
+        where = where or key
+        if key not in obj:
+            self.fail(where, "is missing")
+        value = obj[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(where, f"is {_short(value)}; expected {_KINDS[kind]}")
+        return value
+
+    def number(self, value, where: str) -> float:
+        """A JSON number, or null for a non-finite value."""
+        if value is None:
+            return np.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(where, f"is {_short(value)}; expected a number (or null)")
+        return float(value)
+
+    def grid(self, key: str) -> np.ndarray:
+        """(L, H) one number per head."""
+        return np.array([[self.number(self.field(hd, key, object, f"layers[{l}].heads[{h}].{key}"), f"layers[{l}].heads[{h}].{key}")
+                          for h, hd in enumerate(hs)] for l, hs in enumerate(self.heads)], dtype=np.float64).reshape(
+            self.model.layers, self.model.heads)
+
+    def modes(self, key: str, K: int) -> np.ndarray:
+        """(L, H, K) K numbers per head."""
+        out = np.full((self.model.layers, self.model.heads, K), np.nan)
+        for l, hs in enumerate(self.heads):
+            for h, hd in enumerate(hs):
+                where = f"layers[{l}].heads[{h}].{key}"
+                values = self.field(hd, key, list, where)
+                if len(values) != K:
+                    self.fail(where, f"has {len(values)} values; model.head_dim says {K}")
+                out[l, h] = [self.number(x, f"{where}[{n}]") for n, x in enumerate(values)]
+        return out
+
+    def blocks(self, l: int, h: int) -> list:
+        where = f"layers[{l}].heads[{h}].degenerate_blocks"
+        blocks = self.field(self.heads[l][h], "degenerate_blocks", list, where)
+        K = self.model.head_dim
+        for i, b in enumerate(blocks):
+            if not (isinstance(b, dict) and _is_int(b.get("start")) and _is_int(b.get("stop")) and 0 <= b["start"] < b["stop"] <= K):
+                self.fail(f"{where}[{i}]", f"must hold integers start < stop ≤ {K}")
+        return blocks
+
+
+_KINDS = {dict: "an object", list: "a list", int: "an integer", str: "a text", object: "a value"}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_modes(npz: Path, path: Path, raw: bytes, model: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+    """U, V of ``npz``, refused unless it was written with this profile.json (``raw``) and has its shapes."""
+    fix = f"re-run `python -m qkweights profile MODEL --save-vectors --out {path.parent}`, or delete {npz.name}"
+    try:
         with np.load(npz) as z:
+            owner = str(z["profile_sha256"]) if "profile_sha256" in z.files else None
+            if owner != hashlib.sha256(raw).hexdigest():
+                raise InputError(f"{npz}: belongs to another run than {path.name} beside it (its vectors would be paired with "
+                                 f"another profile's statistics); {fix}")
             U, V = z["U"], z["V"]
-    return Profile(
-        model, doc["source"], modes("singular_values"), modes("cosines"), grid("weighted_cosine"), grid("mean_cosine"),
-        grid("trace"), grid("nuclear_norm"), grid("effective_rank"),
-        [[hd["degenerate_blocks"] for hd in ly["heads"]] for ly in doc["layers"]],
-        [(x["layer"], x["head"]) for x in doc.get("nonfinite_heads", [])], U, V, doc.get("tool_version", "?"),
-    )
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise InputError(f"{npz}: not a readable modes.npz ({type(e).__name__}: {e}); {fix}") from None
+    L, H, D = model.layers, model.heads, model.hidden
+    for name, a in (("U", U), ("V", V)):
+        if a.ndim != 4 or a.shape[:3] != (L, H, D) or not 1 <= a.shape[3] <= model.head_dim:
+            raise InputError(f"{npz}: {name} has shape {a.shape}, expected ({L}, {H}, {D}, ≤{model.head_dim}) from {path.name}; {fix}")
+    return U, V

@@ -53,7 +53,7 @@ class HeadStats:
     """Statistics of a stack of heads (leading axes ``...``, e.g. (H,) or (L, H)).
 
     cosines: (..., K) ``u_n·v_n``; weighted: (...) σ-weighted mean cosine (the
-    paper's cos_avg, NaN for a head with Σσ = 0); mean: (...) unweighted mean;
+    paper's cos_avg, NaN for a head with Σσ = 0); mean: (...) unweighted mean (NaN too);
     trace: (...) ``⟨W_q, W_k⟩_F = Σ σ_n cos_n``; nuclear: (...) Σσ_n;
     effective_rank: (...) exp of the entropy of σ/Σσ (Roy & Vetterli, 2007).
     """
@@ -80,7 +80,8 @@ def head_stats(u: np.ndarray, s: np.ndarray, v: np.ndarray, wq: np.ndarray, wk: 
         logp = np.log(np.where(p > 0, p, 1.0))
     effective_rank = np.exp(-(p * logp).sum(-1))
     trace = np.einsum("...kd,...kd->...", np.asarray(wq, np.float64), np.asarray(wk, np.float64))
-    return HeadStats(cos, weighted, cos.mean(-1), trace, nuclear, effective_rank)
+    mean = np.where(nuclear > 0, cos.mean(-1), np.nan)  # W_qᵀW_k = 0: u, v are arbitrary, their cosines mean nothing
+    return HeadStats(cos, weighted, mean, trace, nuclear, effective_rank)
 
 
 def degenerate_blocks(s: np.ndarray, cos: np.ndarray, rtol: float = DEGENERATE_RTOL) -> list[dict]:

@@ -128,6 +128,41 @@ class Dims:
     extra: dict = field(default_factory=dict)
 
 
+# The type of each resolved dimension: (check, what the message asks for). Others (spec extras) pass as they are.
+_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+_DIM_TYPES = {
+    "layers": _INT, "hidden": _INT, "heads": _INT, "head_dim": _INT, "patch_size": _INT,
+    "eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1, "a number between 0 and 1"),
+    "act": (lambda v: isinstance(v, str), "a text such as \"gelu\""),
+    "swiglu": (lambda v: isinstance(v, bool), "true or false"),
+    "image_size": (lambda v: _INT[0](v) or (isinstance(v, list) and 2 <= len(v) <= 3 and all(_INT[0](x) for x in v)),
+                   "a positive integer or a list [height, width]"),
+}
+
+
+def _config_key(r) -> str | None:
+    """The first config key a dimension resolver reads, for messages ("num_attention_heads")."""
+    if isinstance(r, str):
+        return r
+    if isinstance(r, list):
+        return next((k for k in map(_config_key, r) if k), None)
+    return r.get("config") if isinstance(r, dict) else None
+
+
+def _typed(spec: Spec, key: str, value, origin: str):
+    """``value`` of dimension ``key`` if it has the right type (a float that is a whole number counts as an
+    integer); otherwise a CheckpointError naming where it came from."""
+    check, wanted = _DIM_TYPES.get(key, (lambda v: True, ""))
+    if isinstance(value, float) and value.is_integer() and check is _INT[0]:
+        value = int(value)
+    if isinstance(value, list):
+        value = [int(x) if isinstance(x, float) and x.is_integer() else x for x in value]
+    if not check(value):
+        shown = json.dumps(value, ensure_ascii=False) if value is not None else "not usable"
+        raise CheckpointError(f"{spec.name}: {origin} is {shown}; it must be {wanted} ({key}); fix the config")
+    return value
+
+
 def _get_path(cfg: dict, dotted: str):
     cur = cfg
     for part in dotted.split("."):
@@ -142,6 +177,7 @@ class _Resolver:
 
     def __init__(self, spec: Spec, config: dict, store, prefix: str):
         self.spec, self.config, self.store, self.prefix = spec, config, store, prefix
+        self.read: list[str] = []  # the config keys read, for messages about their values
 
     def __call__(self, r):
         if isinstance(r, bool) or isinstance(r, (int, float)):
@@ -197,7 +233,9 @@ class _Resolver:
         base = self.config
         if root and self.spec.config_root:
             base = _get_path(self.config, self.spec.config_root)
-        return _get_path(base, dotted)
+        value = _get_path(base, dotted)
+        self.read.append(f"{self.spec.config_root}.{dotted}" if root and self.spec.config_root else dotted)
+        return value
 
 
 def relative_window(rows: int) -> int:
@@ -309,40 +347,68 @@ class Checkpoint:
 
     def _resolve_dims(self) -> Dims:
         resolve = _Resolver(self.spec, self.config, self.store, self.prefix)
-        values = {}
+        values, unresolved, origin = {}, {}, {}
+        where = self.spec.config_file or "config"
         for key, r in self.spec.dims.items():
+            resolve.read = []
             try:
-                values[key] = resolve(r)
+                value = resolve(r)
             except KeyError as e:
-                where = self.spec.config_file or "config"
-                raise SpecError(f"{self.spec.name}: cannot determine {key!r} (looked for {e.args[0]} in {where} and the tensors); add it to {where} or pass --family") from None
+                unresolved[key] = e.args[0]
+                continue
+            except (TypeError, ValueError, ZeroDivisionError):  # e.g. {div = [hidden, heads]} of a text
+                value = None
+            origin[key] = f"{where} {resolve.read[-1]}" if resolve.read else "the tensors"
+            values[key] = _typed(self.spec, key, value, origin[key])
+        if unresolved:
+            key, looked = next(iter(unresolved.items()))
+            if self.spec.config_file and self.spec.config_file not in self.configs:
+                heads = _config_key(self.spec.dims.get("heads"))
+                raise SpecError(f"{self.spec.name}: no {where} beside the weights; the head count ({heads or 'heads'}) cannot be read "
+                                f"from the tensors: put the model's {where} next to the weight file, or pass the folder that holds both")
+            raise SpecError(f"{self.spec.name}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); add it to {where} or pass --family")
         for key in ("layers", "hidden", "heads"):
             if key not in values:
                 raise SpecError(f"{self.spec.path.name}: [dims] must give {key!r}")
-        hidden, heads = int(values.pop("hidden")), int(values.pop("heads"))
-        if heads <= 0 or hidden % heads:
+        self._check_layer_count(values["layers"], origin["layers"])
+        hidden, heads = values.pop("hidden"), values.pop("heads")
+        if hidden % heads:
             raise CheckpointError(f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the config or choose another --family")
         image = values.pop("image_size", None)
         if isinstance(image, (list, tuple)):
-            image = tuple(int(x) for x in image[-2:])  # (H, W), or timm's (C, H, W)
+            image = tuple(image[-2:])  # (H, W), or timm's (C, H, W)
         elif image is not None:
-            image = (int(image), int(image))
+            image = (image, image)
         known = {"layers", "eps", "act", "patch_size", "swiglu", "head_dim"}
-        head_dim = int(values.pop("head_dim", hidden // heads))
+        head_dim = values.pop("head_dim", hidden // heads)
         if head_dim * heads != hidden:
             raise CheckpointError(f"{self.spec.name}: {heads} heads of width {head_dim} do not make the width {hidden}; the config disagrees with the tensors")
         return Dims(
-            layers=int(values.pop("layers")),
+            layers=values.pop("layers"),
             hidden=hidden,
             heads=heads,
             head_dim=head_dim,
-            eps=float(values["eps"]) if "eps" in values else None,
+            eps=values.get("eps"),
             act=values.get("act"),
-            patch_size=int(values["patch_size"]) if "patch_size" in values else None,
+            patch_size=values.get("patch_size"),
             image_size=image,
-            swiglu=bool(values.get("swiglu", False)),
+            swiglu=values.get("swiglu", False),
             extra={k: v for k, v in values.items() if k not in known},
         )
+
+    def _check_layer_count(self, layers: int, origin: str) -> None:
+        """Refuse a layer count that disagrees with the layers whose attention weights are in the files."""
+        att = self.spec.attention
+        role = "qkv" if "qkv" in att else "q"
+        if role not in att:
+            return
+        template = _module(att[role], None)[0]
+        held = 0
+        while self.prefix + template.format(i=held) in self.store:
+            held += 1
+        if held != layers:
+            raise CheckpointError(f"{self.spec.name}: {origin} is {layers}, but the weight files hold {held} layer{'s' * (held != 1)} "
+                                  f"({self.prefix + template.format(i='N')}); fix the config or choose another --family")
 
     # names -----------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from qkweights.errors import InputError
 from qkweights.o3data import DISTRACTOR_DIRS, FEATURE_FLAGS, PROPERTY_COLUMNS, TARGET_DIRS
+from qkweights.outputs import prepare_dir
 
 FEATURES = ("color", "shape", "size", "orientation")  # the flags a synthetic target differs in
 
@@ -294,9 +295,11 @@ def make_o3(
             f"mask_dirs={tuple(mask_dirs)!r} is not a known O3 spelling; "
             f"pass one of {TARGET_DIRS} and one of {DISTRACTOR_DIRS}"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; give the path of a new folder (or of an empty one)")
+    if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} already exists and is not an empty folder; remove it or choose another output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_dir(out.parent)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()
     try:

@@ -39,7 +39,7 @@ from PIL import Image
 from qkweights import __version__
 from qkweights.errors import InputError, QkError
 from qkweights.load import source_record
-from qkweights.outputs import write_json, write_npz
+from qkweights.outputs import prepare_dir, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
 from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
 
@@ -447,6 +447,7 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     paths = list_images(root, exclude=out)
     if not paths:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)")
+    prepare_dir(out)
     source = model_identity(model)
     size = input_size(model)
     grid = patch_grid(model, size)
@@ -482,6 +483,7 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     if plots:
         written += draw_top_images(ref, result, root, out, workers=workers, client=client)
     result.files = written
+    record_outputs(out, "top-images", written)  # grids of heads no longer asked for, figures after --no-plots, go
     state_path.unlink(missing_ok=True)
     return result
 

@@ -169,6 +169,25 @@ def block_weights(ck: Checkpoint, i: int, window: tuple[int, int]) -> BlockWeigh
     )
 
 
+def patch_size_used(ck: Checkpoint) -> int | None:
+    """The patch size the forward pass uses: the side of the patch embedding's kernel (read from the header only)."""
+    ref = ck.spec.embeddings.get("patch")
+    if ref is None:
+        return None
+    name = ck.prefix + (ref + ".weight" if isinstance(ref, str) else ref["weight"])
+    shape = ck.store.shape(name) if name in ck.store else ()
+    return int(shape[2]) if len(shape) == 4 and shape[2] == shape[3] else None
+
+
+def checkpoint_notes(ck: Checkpoint) -> list[str]:
+    """What a user should know about how the checkpoint is read: the config and the tensors disagreeing."""
+    used, said = patch_size_used(ck), ck.dims.patch_size
+    if used is not None and said is not None and used != said:
+        where = ck.spec.config_file or "config"
+        return [f"{where} says patch_size {said}, but the patch embedding's kernel is {used}×{used}; the forward pass uses {used}"]
+    return []
+
+
 def _stored_grid(ck: Checkpoint, n: int) -> tuple[int, int]:
     """The patch grid of ``n`` position rows: the config's image size if it fits, else a square."""
     p, image = ck.dims.patch_size, ck.dims.image_size
@@ -302,6 +321,7 @@ class VisionModel:
     weights: ViTWeights
     preprocessing: Preprocess
     preprocessing_origin: str
+    notes: tuple[str, ...] = ()  # for the user: preprocessing defaults, config/tensor disagreements
     ref: ModelRef | None = None  # how worker processes open the same model (None: built from a Checkpoint in memory)
 
     @property
@@ -351,7 +371,11 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
     if ("relative position bias" in ck.spec.logit_terms) != ("relative_position_bias" in ck.spec.attention):
         raise SpecError(f"{ck.spec.path.name}: [attention] relative_position_bias and logit_terms \"relative position bias\" go together (the forward pass adds the term, the profile reports it); add the missing one")
     prep, origin = preprocessing_for(ck)
-    return VisionModel(ck, source, vit_weights(ck), prep, origin)
+    notes = checkpoint_notes(ck)
+    if "defaults" in origin:
+        notes.append(f"no preprocessing config beside the weights: images are preprocessed with {origin}; "
+                     f"add the model's preprocessing config if it was trained otherwise")
+    return VisionModel(ck, source, vit_weights(ck), prep, origin, tuple(notes))
 
 
 def load_model(model: str, **options) -> VisionModel:

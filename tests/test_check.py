@@ -242,3 +242,8 @@ def test_summary_is_capped(baseline):
     assert len(lines) == 1 + 5 + 1 and lines[-1] == f"... and {n - 5} more"
     assert len(report.summary().splitlines()) == 1 + n  # the default cap (20) is not reached
     assert lines[0].startswith(f"check FAILED: {n} of {N_CHECKS} checks")
+
+
+def test_top_sigma_beyond_the_head_dim_is_not_echoed(baseline, capsys):
+    code, lines, _ = run(capsys, VIT, "--baseline", baseline, "--top-sigma", 100)
+    assert code == 0 and lines[0].endswith("(tolerances: layer 0.02, head 0.05, σ 0.01 over all 8 modes (a head has 8))")

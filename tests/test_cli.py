@@ -1,8 +1,15 @@
 """The command line: every command parses, and errors map to exit codes in one place."""
 
+from pathlib import Path
+
 import pytest
 
+import qkweights.cli.o3
+import qkweights.cli.profile
+from conftest import MODELS
 from qkweights.cli import COMMANDS, build_parser, main
+from qkweights.cli.common import parse_indices
+from qkweights.errors import InputError
 
 
 @pytest.mark.parametrize("name", [name for name, _ in COMMANDS])
@@ -30,3 +37,45 @@ def test_specs_lists_every_family(capsys):
     assert main(["specs"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("hf-bert ") and "google/vit-base-patch16-224" in out
+
+IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
+
+
+@pytest.mark.parametrize("argv, where, problem", [
+    (["profile", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder; remove it or choose another output folder"),
+    (["profile", "{vit}", "--out", "{file}/sub", "--no-plots"], "{file}/sub", "{file} is a file, not a folder"),
+    (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder"),
+    (["compare", "{vit}", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
+    (["maps", "{vit}", str(IMAGE), "--layer", "0", "--head", "0", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
+    (["check", "{vit}", "--baseline", "{vit}/config.json", "--report", "{tmp}"], "{tmp}", "is a folder; give a file name"),
+    (["check", "{vit}", "--baseline", "{vit}/config.json", "--junit", "{file}/j.xml"], "{file}", "{file} is a file, not a folder"),
+    (["make-o3", "{file}", "--n", "1"], "{file}", "is a file; give the path of a new folder (or of an empty one)"),
+    (["make-o3", "{file}/o3", "--n", "1"], "{file}", "{file} is a file, not a folder"),
+])
+def test_every_output_path_error_is_one_line_naming_the_path(tmp_path, capsys, argv, where, problem):
+    names = {"vit": MODELS / "vit", "file": tmp_path / "afile", "tmp": tmp_path}
+    (tmp_path / "afile").write_text("not a folder")
+    assert main([a.format(**names) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkweights: error: {where.format(**names)}: {problem.format(**names)}")
+    assert err.count("\n") == 1 and "internal error" not in err
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (qkweights.cli.profile, ["profile", "m"], "qkweights: interrupted\n"),
+    (qkweights.cli.o3, ["o3", "m", "d"], "qkweights: interrupted; re-run the same command to resume where it stopped\n"),
+])
+def test_interrupted_says_whether_a_rerun_resumes(monkeypatch, capsys, module, argv, message):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == message
+
+
+def test_out_of_range_index_says_of_what():
+    with pytest.raises(InputError, match=r"^--modes '0-12': mode 12 is out of range: a head has 8 modes \(0–7\)$"):
+        parse_indices("0-12", 8, "modes")
+    with pytest.raises(InputError, match=r"^--layers '3': layer 3 is out of range: the model has 1 layer \(0–0\)$"):
+        parse_indices("3", 1, "layers")

@@ -7,7 +7,9 @@ cos_n = ±1) or brute force (dense SVD of the D×D product W_qᵀW_k).
 """
 
 import csv
+import hashlib
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -73,7 +75,7 @@ def test_depths_6_and_12_and_known_values(tmp_path):
     paths = compare([p6, p12], tmp_path)
     assert [p.name for p in paths] == ["compare_cosine.png", "compare_cosine.csv"]
     rows = read_csv(tmp_path / "compare_cosine.csv")
-    assert list(rows[0]) == ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max"]
+    assert list(rows[0]) == ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", "model_id", "commit", "weight_files"]
     for model, sign, L in (("test/six", sign6, 6), ("test/twelve", sign12, 12)):
         np.testing.assert_allclose(column(rows, model, "depth"), np.arange(L) / (L - 1))
         np.testing.assert_array_equal(column(rows, model, "layer"), np.arange(L))
@@ -190,3 +192,20 @@ def test_rejects_what_is_not_a_profile(tmp_path):
     with pytest.raises(InputError, match=r"gap\.json: O3 summary layers \[0, 2\]"):
         curves_from(write(tmp_path / "gap.json", gap))
     assert not (tmp_path / "out").exists()
+
+
+def test_csvs_record_the_weights_they_come_from(tmp_path, capsys):
+    """As every output: the repo id, commit, files and sha256 of the weights of each row's model."""
+    from qkweights.cli import main
+
+    vit = Path(__file__).parent / "fixtures" / "models" / "vit"
+    assert main(["compare", str(vit), "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    digest = hashlib.sha256((vit / "model.safetensors").read_bytes()).hexdigest()
+    for row in read_csv(tmp_path / "compare_cosine.csv"):
+        assert (row["model_id"], row["commit"], row["weight_files"]) == (str(vit), "", f"model.safetensors:{digest}")
+    src = {"model_id": "org/m", "commit": "c" * 40, "files": [{"name": "a.safetensors", "sha256": "d" * 64}]}
+    layers = [{"layer": l, **{k: {"mean": 0.1, "sem": 0.01} for k in ("same", "different", "background")}} for l in range(2)]
+    compare([write(tmp_path / "o3" / "o3_summary.json", {"schema": "qkweights.o3/1", "source": src, "layers": layers})], tmp_path / "o")
+    rows = read_csv(tmp_path / "o" / "compare_o3.csv")
+    assert [(r["model_id"], r["commit"], r["weight_files"]) for r in rows] == [("org/m", "c" * 40, "a.safetensors:" + "d" * 64)] * 2

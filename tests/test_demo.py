@@ -139,7 +139,7 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     weighted = np.array([[h["weighted_cosine"] for h in layer["heads"]] for layer in prof["layers"]])
     (l0, h0), (l1, h1) = extreme_heads(weighted)
     for l, h in ((l0, h0), (l1, h1)):
-        maps = np.load(out / "maps" / f"maps_L{l}_H{h}.npz")
+        maps = np.load(out / "maps" / f"maps_L{l}_H{h}_ln.npz")
         assert maps["query"].shape == (4, 8, 8)  # top 4 modes on the 8×8 patch grid of a 64×64 input
         assert (out / "top_images" / f"top_L{l}_H{h}.png").is_file()
     assert weighted[l0, h0] == weighted.min() and weighted[l1, h1] == weighted.max()

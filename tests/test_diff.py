@@ -70,7 +70,7 @@ def test_same_model_twice_is_all_zero(tmp_path, capsys):
         assert row["delta_weighted_cosine"] == 0 and row["spectrum_tv"] == 0 and row["sigma_ratio"] == 1
         assert max(row["angles_u_deg"] + row["angles_v_deg"]) < 1e-6
         assert row["overlap_u"] == pytest.approx(1, abs=1e-12) and row["overlap_v"] == pytest.approx(1, abs=1e-12)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["diff.json", "diff_heads.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".qkweights-diff.json", "diff.json", "diff_heads.csv"]
 
 
 def test_known_rotations_and_spectrum(pair, tmp_path, capsys):
@@ -169,3 +169,11 @@ def test_principal_angles_match_scipy():
         ref = np.sort(scipy.linalg.subspace_angles(qa, b))
         np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-15)
     np.testing.assert_allclose(principal_angles(qa, ortho), np.pi / 2, atol=1e-12)
+
+
+def test_rerun_with_no_plots_removes_the_old_figures(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    assert main(["diff", str(VIT), str(VIT), "--out", out, "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.png")) == ["diff_cosine.png", "diff_heatmaps.png"]
+    assert main(["diff", str(VIT), str(VIT), "--out", out, "--quiet", "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".qkweights-diff.json", "diff.json", "diff_heads.csv"]

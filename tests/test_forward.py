@@ -235,6 +235,34 @@ def test_preprocessing_defaults_without_a_config(tmp_path):
     model = load_model(str(tmp_path))
     assert model.preprocessing_origin == "ViT processor defaults at 32×32 (no preprocessor_config.json)"
     assert model.preprocessing.size == (32, 32) and model.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert model.notes == (("no preprocessing config beside the weights: images are preprocessed with ViT processor defaults at "
+                            "32×32 (no preprocessor_config.json); add the model's preprocessing config if it was trained otherwise"),)
+    assert load_model(str(MODELS / "vit")).notes == ()
+
+
+def test_maps_says_once_that_preprocessing_defaults_are_used(tmp_path, capsys):
+    from qkweights.cli import main
+
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((MODELS / "vit" / f).read_bytes())
+    image = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
+    assert main(["maps", str(tmp_path), str(image), "--layer", "0", "--head", "0", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("qkweights: note: no preprocessing config beside the weights") and err.count("\n") == 1
+
+
+def test_inspect_reports_the_patch_size_the_forward_pass_uses(tmp_path, capsys):
+    from qkweights.cli import main
+
+    for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (tmp_path / f).write_bytes((MODELS / "vit" / f).read_bytes())
+    cfg = (tmp_path / "config.json").read_text().replace('"patch_size": 8', '"patch_size": 16')
+    (tmp_path / "config.json").write_text(cfg)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "2 layers, 4 heads × 8 = width 32, patch 8, image 32×32" in out
+    assert err == "qkweights: note: config.json says patch_size 16, but the patch embedding's kernel is 8×8; the forward pass uses 8\n"
+    assert load_model(str(tmp_path)).notes == (err.removeprefix("qkweights: note: ").strip(),)
 
 
 # ---------------------------------------------------------------------------- errors

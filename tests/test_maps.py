@@ -5,6 +5,8 @@ b_q, b_k in float64) and from the forward pass's token embeddings, by plain loop
 dense products that never use the SVD.
 """
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -143,7 +145,7 @@ def test_save_maps_and_cli(image, tmp_path):
     model = load_model(str(MODELS / "vit"))
     maps = projection_maps(model, image, layer=0, head=1, top=3)
     png, npz = save_maps(maps, tmp_path / "lib")
-    assert png.name == "maps_L0_H1.png" and Image.open(png).size[0] > 600
+    assert png.name == "maps_L0_H1_ln.png" and Image.open(png).size[0] > 600
     with np.load(npz) as z:
         assert str(z["embedding"]) == "ln"
         np.testing.assert_array_equal(z["query"], maps.query)
@@ -151,8 +153,39 @@ def test_save_maps_and_cli(image, tmp_path):
         assert z["key"].shape == (3, 4, 4) and z["modes"].tolist() == maps.modes.tolist()
     code = main(["maps", str(MODELS / "vit"), str(image), "--layer", "0", "--head", "1", "--top", "3", "--out", str(tmp_path / "cli")])
     assert code == 0
-    with np.load(tmp_path / "cli" / "maps_L0_H1.npz") as z:
+    with np.load(tmp_path / "cli" / "maps_L0_H1_ln.npz") as z:
         np.testing.assert_array_equal(z["query"], maps.query)
+
+
+def test_maps_record_the_weights_and_the_image(image, tmp_path):
+    """As every output: the model id, the files read and their sha256; and the image the maps are of."""
+    model = load_model(str(MODELS / "vit"))
+    npz = save_maps(projection_maps(model, image, layer=1, head=0), tmp_path)[1]
+    with np.load(npz) as z:
+        source = json.loads(str(z["source"]))
+        assert str(z["model_id"]) == str(MODELS / "vit") == source["model_id"]
+        assert str(z["image_path"]) == str(image)
+    digest = hashlib.sha256((MODELS / "vit" / "model.safetensors").read_bytes()).hexdigest()
+    assert source["files"] == [{"name": "model.safetensors", "bytes": (MODELS / "vit" / "model.safetensors").stat().st_size, "sha256": digest}]
+
+
+def test_ln_and_residual_maps_do_not_overwrite_each_other(image, tmp_path, capsys):
+    for embedding in ("ln", "residual"):
+        assert main(["maps", str(MODELS / "vit"), str(image), "--layer", "0", "--head", "1", "--embedding", embedding, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.glob("maps_*")) == ["maps_L0_H1_ln.npz", "maps_L0_H1_ln.png", "maps_L0_H1_residual.npz", "maps_L0_H1_residual.png"]
+    with np.load(tmp_path / "maps_L0_H1_ln.npz") as z:
+        assert str(z["embedding"]) == "ln"
+
+
+def test_folder_or_huge_image_is_one_line_saying_so(image, tmp_path, capsys, monkeypatch):
+    assert main(["maps", str(MODELS / "vit"), str(image.parent), "--layer", "0", "--head", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"qkweights: error: {image.parent}: is a folder; give one image file (PNG, JPEG, …)\n"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 48×48 image is then a "decompression bomb"
+    assert main(["maps", str(MODELS / "vit"), str(image), "--layer", "0", "--head", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"qkweights: error: {image}: the image is larger than the 200 pixels Pillow decodes (a guard against "
+                   f"decompression bombs); downscale it (the model sees at most a few hundred pixels a side)\n")
 
 
 def test_bad_arguments(image):

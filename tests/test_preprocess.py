@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -502,3 +503,14 @@ def test_transform_mask_padding_and_errors():
         pre.transform_mask(np.full((4, 4), 1.5))
     with pytest.raises(InputError, match="dtype int64"):
         pre.transform_mask(np.ones((4, 4), np.int64))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rescale_factor", "x", "preprocessor_config.json: rescale_factor is 'x'; it must be a number"),
+    ("resample", "x", "preprocessor_config.json: resample is 'x'; it must be a PIL filter code 0-5; fix the file"),
+    ("do_resize", "yes", "preprocessor_config.json: do_resize is 'yes'; it must be true or false; fix the file"),
+    ("image_mean", ["a", 1, 2], "preprocess mean is ['a', 1, 2]; give three finite numbers (R, G, B)"),
+])
+def test_preprocessor_config_values_of_the_wrong_type_name_the_key(key, value, message):
+    with pytest.raises(SpecError, match="^" + re.escape(message)):
+        Preprocess.from_hf({"image_processor_type": "ViTImageProcessor", key: value})

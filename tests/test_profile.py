@@ -10,9 +10,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import qkweights
-from conftest import MODELS
+from conftest import MODELS, edited_fixture, vit_qk_name
 from hubcache import make_hub_cache
 from qkweights.cli import main
+from qkweights.errors import InputError
 from qkweights.profiles import load_profile
 
 # Independent of model_specs/: each fixture's query/key tensor names as written by transformers / timm / open_clip
@@ -158,3 +159,82 @@ def test_default_model_offline_not_cached_is_one_clear_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.startswith("qkweights: error: google/vit-base-patch16-224") and res.stderr.count("\n") == 1
     assert "Traceback" not in res.stderr
+
+
+def test_rerun_without_vectors_removes_the_old_modes_npz(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["profile", str(MODELS / "vit"), "--out", out, "--save-vectors", "--no-plots"]) == 0
+    assert main(["profile", str(MODELS / "vit-h3"), "--out", out, "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".qkweights-profile.json", "heads.csv", "profile.json"]
+    assert main(["diff", out, out, "--out", str(tmp_path / "d"), "--no-plots", "--quiet"]) == 0
+    capsys.readouterr()
+
+
+def test_rerun_with_no_plots_removes_the_old_figures(tmp_path, capsys):
+    assert main(["profile", str(MODELS / "vit"), "--out", str(tmp_path), "--quiet"]) == 0
+    assert (tmp_path / "cosine_by_layer.png").exists()
+    assert main(["profile", str(MODELS / "vit"), "--out", str(tmp_path), "--quiet", "--no-plots"]) == 0
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_modes_npz_of_another_run_is_refused(tmp_path, capsys):
+    """A modes.npz beside a profile.json it was not written with (copied, or an older qkweights) is never paired with it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    qkweights.profile(str(MODELS / "vit"), save_vectors=True).save(a, plots=False)
+    qkweights.profile(str(MODELS / "vit-cls"), save_vectors=True).save(b, plots=False)
+    shutil.copy(a / "modes.npz", b / "modes.npz")
+    with pytest.raises(InputError, match=rf"^{b / 'modes.npz'}: belongs to another run than profile.json beside it .*; re-run "
+                                         rf"`python -m qkweights profile MODEL --save-vectors --out {b}`, or delete modes.npz$"):
+        load_profile(b)
+    assert load_profile(b, vectors=False).U is None
+    assert main(["diff", str(b), str(a), "--out", str(tmp_path / "d"), "--no-plots"]) == 2
+    assert capsys.readouterr().err.startswith(f"qkweights: error: {b / 'modes.npz'}: belongs to another run")
+    assert main(["check", str(MODELS / "vit-cls"), "--baseline", str(b), "--quiet"]) == 0  # check needs no vectors
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["layers"][0]["heads"][1].update(weighted_cosine="0.5"), "field layers[0].heads[1].weighted_cosine is \"0.5\"; expected a number (or null)"),
+    (lambda d: d["layers"][1]["heads"][0].update(singular_values=[]), "field layers[1].heads[0].singular_values has 0 values; model.head_dim says 8"),
+    (lambda d: d["layers"].pop(), "field layers has 1 entries; model.layers says 2"),
+    (lambda d: d["layers"][0]["heads"][2].pop("cosines"), "field layers[0].heads[2].cosines is missing"),
+    (lambda d: d["model"].update(heads="4"), "field model.heads is \"4\"; expected an integer"),
+    (lambda d: d.update(nonfinite_heads=[{"layer": 7, "head": 0}]), "field nonfinite_heads[0] must be"),
+    (lambda d: d["layers"][0]["heads"][0].update(degenerate_blocks=[{"start": 3}]), "field layers[0].heads[0].degenerate_blocks[0] must hold integers"),
+])
+def test_hand_edited_baseline_is_one_line_naming_the_field(tmp_path, capsys, edit, message):
+    qkweights.profile(str(MODELS / "vit")).save(tmp_path, plots=False)
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    edit(doc)
+    (tmp_path / "profile.json").write_text(json.dumps(doc))
+    assert main(["check", str(MODELS / "vit"), "--baseline", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkweights: error: {tmp_path / 'profile.json'}: {message}") and err.count("\n") == 1
+    assert err.rstrip().endswith("re-run `python -m qkweights profile` to rewrite the file")
+
+
+def test_all_zero_head_has_no_mean_cosine(tmp_path):
+    def zero_head(t):
+        t[vit_qk_name(0, "query")][0:8] = 0  # rows 0-7 = head 0 (K = 8)
+
+    prof = qkweights.profile(str(edited_fixture(tmp_path, "zero", zero_head)))
+    assert np.isnan(prof.weighted[0, 0]) and np.isnan(prof.mean[0, 0])
+    assert np.isfinite(prof.mean[0, 1:]).all()
+    prof.save(tmp_path / "out", plots=False)
+    assert json.loads((tmp_path / "out" / "profile.json").read_text())["layers"][0]["heads"][0]["mean_cosine"] is None
+
+
+def test_one_layer_one_head_table_is_singular(tmp_path, capsys):
+    folder = edited_fixture(tmp_path, "one", lambda t: [t.pop(k) for k in list(t) if k.startswith("encoder.layer.1.")])
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, num_attention_heads=1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["profile", str(folder), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert f"{folder}  family hf-vit  1 layer × 1 head  width 32  head dim 32  F32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("a, b", [("./模型", "./模型"), ("./模型", "./机器"), ("./a b", "./a_b")])
+def test_default_output_folders_keep_names_apart(a, b):
+    from qkweights.cli.common import model_slug
+
+    assert (model_slug(a) == model_slug(b)) == (a == b)
+    assert model_slug("./模型") == "模型" and model_slug("google/vit-base-patch16-224") == "vit-base-patch16-224"

@@ -1,6 +1,7 @@
 """Specs: every spec file is valid and has a fixture; detection, dims and error cases."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -164,3 +165,50 @@ def test_broken_spec_file(tmp_path):
     (tmp_path / "x.toml").write_text('name = "x"\n')
     with pytest.raises(SpecError, match=r"^x.toml: missing required key 'description'"):
         load_specs(tmp_path)
+
+
+def edited_config(tmp_path, **changes):
+    folder = copy_fixture(tmp_path, "vit")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_attention_heads": "four"}, 'config.json num_attention_heads is "four"; it must be a positive integer (heads); fix the config'),
+    ({"layer_norm_eps": "x"}, 'config.json layer_norm_eps is "x"; it must be a number between 0 and 1 (eps); fix the config'),
+    ({"num_hidden_layers": 2.5}, "config.json num_hidden_layers is 2.5; it must be a positive integer (layers)"),
+    ({"num_attention_heads": 0}, "config.json num_attention_heads is 0; it must be a positive integer (heads)"),
+    ({"patch_size": None}, "config.json patch_size is not usable; it must be a positive integer (patch_size)"),
+    ({"hidden_act": 3}, 'config.json hidden_act is 3; it must be a text such as "gelu" (act)'),
+    ({"image_size": [32, "x"]}, 'config.json image_size is [32, "x"]; it must be a positive integer or a list [height, width]'),
+])
+def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys, changes, message):
+    folder = edited_config(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match="^hf-vit: " + re.escape(message)):
+        open_fixture_path(folder)
+    from qkweights.cli import main
+
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkweights: error: hf-vit: {message}") and err.count("\n") == 1
+
+
+def test_whole_number_floats_are_integers(tmp_path):
+    assert open_fixture_path(edited_config(tmp_path, num_attention_heads=4.0)).dims.heads == 4
+
+
+@pytest.mark.parametrize("layers, held", [(1, "2 layers"), (3, "2 layers")])
+def test_config_layer_count_must_match_the_tensors(tmp_path, layers, held):
+    folder = edited_config(tmp_path, num_hidden_layers=layers)
+    with pytest.raises(CheckpointError, match=rf"^hf-vit: config.json num_hidden_layers is {layers}, but the weight files hold {held} "
+                                              r"\(encoder.layer.N.attention.attention.query.weight\); fix the config"):
+        open_fixture_path(folder)
+
+
+def test_single_safetensors_file_without_config_asks_for_it(tmp_path):
+    shutil.copy(MODELS / "vit" / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(SpecError, match=r"^hf-vit: no config.json beside the weights; the head count \(num_attention_heads\) cannot be "
+                                        r"read from the tensors: put the model's config.json next to the weight file, or pass the folder that holds both$"):
+        open_fixture_path(tmp_path / "model.safetensors")

@@ -31,6 +31,7 @@ COMMANDS = [
     ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
     ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]
+RESUMABLE = {"top-images", "o3"}  # commands that continue where an interrupted run stopped
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qkweights: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("qkweights: interrupted", file=sys.stderr)
+        resume = "; re-run the same command to resume where it stopped" if args.command in RESUMABLE else ""
+        print(f"qkweights: interrupted{resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

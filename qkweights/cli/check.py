@@ -5,7 +5,7 @@ from __future__ import annotations
 from qkweights.check import SUMMARY_LINES, check_model
 from qkweights.cli.common import add_model_arguments, model_options
 from qkweights.errors import EXIT_FINDINGS, EXIT_OK
-from qkweights.outputs import write_json, write_text
+from qkweights.outputs import check_file_target, write_json, write_text
 
 
 def configure(p) -> None:
@@ -21,6 +21,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
+    for target in (args.report, args.junit):
+        if target:
+            check_file_target(target)  # a bad report path fails before the profile is computed
     report = check_model(args.model, args.baseline, model_options=model_options(args),
                          progress=False if args.quiet else None, tol_layer=args.tol_layer, tol_head=args.tol_head,
                          tol_sigma=args.tol_sigma, top_sigma=args.top_sigma)

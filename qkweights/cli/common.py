@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from qkweights.errors import InputError
+from qkweights.outputs import plural
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 
@@ -36,10 +39,19 @@ def model_options(args, revision: str | None = None) -> dict:
 
 
 def model_slug(model_id: str) -> str:
-    """A folder name for a model: the repo name, or the folder/file stem of a path."""
+    """A folder name for a model: the repo name, or the folder/file stem of a path (Unicode letters kept)."""
     name = Path(model_id.rstrip("/")).name
     name = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+    slug = re.sub(r"[^\w.-]+", "_", name).strip("._") or "model"  # \w: letters and digits of every script
+    if slug != name:  # characters were replaced: a short hash keeps "a b" and "a_b" apart
+        slug += "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:6]
+    return slug
+
+
+def print_notes(notes) -> None:
+    """The library's notes for the user, one ``qkweights: note:`` line each on stderr."""
+    for note in notes:
+        print(f"qkweights: note: {note}", file=sys.stderr)
 
 
 def out_dir(args, model_id: str) -> Path:
@@ -58,7 +70,8 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
         if hi < lo:
             raise InputError(f"--{what} {text!r}: range {part} runs backwards; write {hi}-{lo}")
         if hi >= limit:
-            raise InputError(f"--{what} {text!r}: index {hi} is out of range (the model has {limit}, 0-based)")
+            whose = "a head has" if what == "modes" else "the model has"
+            raise InputError(f"--{what} {text!r}: {what.rstrip('s')} {hi} is out of range: {whose} {plural(limit, what.rstrip('s'))} (0–{limit - 1})")
         out += [i for i in range(lo, hi + 1) if i not in out]
     return out
 

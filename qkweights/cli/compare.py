@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qkweights.cli.common import add_pickle_arguments, model_options
+from qkweights.outputs import prepare_dir
 
 
 def configure(p) -> None:
@@ -19,6 +20,7 @@ def run(args) -> int:
     import qkweights
     from qkweights.compare import compare
 
+    prepare_dir(args.out)
     items = []
     for item in args.items:
         path = Path(item)

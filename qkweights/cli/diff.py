@@ -6,6 +6,7 @@ from pathlib import Path
 
 from qkweights.cli.common import add_pickle_arguments, model_options
 from qkweights.diff import diff_profiles, profile_for_diff
+from qkweights.outputs import prepare_dir
 
 SHOWN = 10  # ranked heads printed
 
@@ -25,6 +26,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     progress = False if args.quiet else None
+    prepare_dir(args.out)
     a = profile_for_diff(args.model_a, k=args.k, progress=progress, **model_options(args, args.revision_a))
     b = profile_for_diff(args.model_b, k=args.k, progress=progress, **model_options(args, args.revision_b))
     result = diff_profiles(a, b, k=args.k)

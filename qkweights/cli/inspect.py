@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, model_options
+from qkweights.cli.common import add_model_arguments, model_options, print_notes
 from qkweights.load import open_model
+from qkweights.outputs import plural
+from qkweights.vision import checkpoint_notes, patch_size_used
 
 
 def configure(p) -> None:
@@ -13,10 +15,11 @@ def configure(p) -> None:
 def run(args) -> int:
     source, ck = open_model(args.model, **model_options(args))
     d = ck.dims
+    patch = patch_size_used(ck) or d.patch_size  # what the forward pass uses
     print(f"model     {source.model_id}" + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else ""))
     print(f"family    {ck.spec.name}: {ck.spec.description}")
     print(f"prefix    {ck.prefix!r}")
-    print(f"dims      {d.layers} layers, {d.heads} heads × {d.head_dim} = width {d.hidden}" + (f", patch {d.patch_size}, image {d.image_size[0]}×{d.image_size[1]}" if d.patch_size and d.image_size else ""))
+    print(f"dims      {plural(d.layers, 'layer')}, {plural(d.heads, 'head')} × {d.head_dim} = width {d.hidden}" + (f", patch {patch}, image {d.image_size[0]}×{d.image_size[1]}" if patch and d.image_size else ""))
     if d.eps is not None:
         print(f"norm/act  LayerNorm eps {d.eps:g}, activation {d.act}" + (", SwiGLU MLP" if d.swiglu else ""))
     print(f"dtype     {ck.dtype()} (attention weights); stored dtypes: {', '.join(ck.store.dtypes())}")
@@ -25,4 +28,5 @@ def run(args) -> int:
         print(f"file      {f.name}  {f.stat().st_size:,} bytes")
     if ck.spec.logit_terms:
         print(f"note      the logits also hold {', '.join(ck.spec.logit_terms)}, which the weight SVD does not see")
+    print_notes(checkpoint_notes(ck))
     return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, model_options, out_dir, parse_indices
+from qkweights.cli.common import add_model_arguments, model_options, out_dir, parse_indices, print_notes
+from qkweights.outputs import prepare_dir
 
 
 def configure(p) -> None:
@@ -23,6 +24,8 @@ def run(args) -> int:
     from qkweights.vision import load_model
 
     model = load_model(args.model, **model_options(args))
+    print_notes(model.notes)
+    prepare_dir(out_dir(args, model.source.model_id))
     modes = parse_indices(args.modes, model.dims.head_dim, "modes") if args.modes else None
     maps = projection_maps(model, args.image, layer=args.layer, head=args.head, modes=modes, top=args.top, embedding=args.embedding)
     out = out_dir(args, model.source.model_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, sweep_options
+from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, print_notes, sweep_options
 from qkweights.errors import EXIT_OK
 from qkweights.o3 import SUMMARY_NAME, o3_allocation
 from qkweights.progress import Progress
@@ -24,11 +24,12 @@ def configure(p) -> None:
 
 def run(args) -> int:
     model = load_model(args.model, **model_options(args))
+    print_notes(model.notes)
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, Progress(label="o3", unit="images", enabled=None if not args.quiet else False) as bar:
         result = o3_allocation(model, args.o3_dir, out, max_images=args.max_images, batch_size=args.batch_size,
                                progress=bar.update, plots=not args.no_plots,
-                               notes=lambda text: print(f"qkweights: note: {text}", file=sys.stderr), **where)
+                               notes=lambda text: print_notes([text]), **where)
     summary = result.summary
     if not args.quiet:
         print(format_table(summary))

@@ -12,6 +12,7 @@ import numpy as np
 from qkweights.cli.common import add_model_arguments, model_options, out_dir
 from qkweights.errors import EXIT_FINDINGS, EXIT_OK
 from qkweights.load import open_model, source_record
+from qkweights.outputs import plural, prepare_dir
 from qkweights.profiles import Profile, compute_profile
 from qkweights.progress import Progress
 
@@ -27,6 +28,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     source, ck = open_model(args.model, progress=not args.quiet, **model_options(args))
+    out = prepare_dir(out_dir(args, source.model_id))
     bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=None if not args.quiet else False)
     # Hashing the weight files and importing matplotlib overlap the math (both release the GIL or wait on it).
     with ThreadPoolExecutor(2) as background:
@@ -36,7 +38,6 @@ def run(args) -> int:
         prof = compute_profile(ck, {}, save_vectors=args.save_vectors, progress=bar.update)
         prof = dataclasses.replace(prof, source=record.result())
     bar.close()
-    out = out_dir(args, source.model_id)
     written = prof.save(out, plots=not args.no_plots)
     if args.json:
         sys.stdout.write(prof.json_text())
@@ -55,7 +56,7 @@ def format_table(prof: Profile) -> str:
     m = prof.model
     stats = prof.layer_stats()
     lines = [
-        f"{prof.source.get('model_id', '?')}  family {m.family}  {m.layers} layers × {m.heads} heads  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
+        f"{prof.source.get('model_id', '?')}  family {m.family}  {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
         f"{'layer':>5} {'l/(L-1)':>8} {'weighted cos':>13} {'head min':>9} {'head max':>9} {'mean cos':>9}",
     ]
     for l in range(m.layers):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, parse_indices, sweep_options
+from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, print_notes, parse_indices, sweep_options
 from qkweights.progress import Progress
 
 
@@ -31,11 +30,12 @@ def run(args) -> int:
     layers = parse_indices(args.layers, d.layers, "layers") if args.layers else None
     heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
     modes = parse_indices(args.modes, 1 << 30, "modes")
+    print_notes(model.notes)
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, Progress("top-images", unit="images", enabled=False if args.quiet else None) as bar:
         result = top_images(model, args.image_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
                             batch_size=args.batch_size, progress=bar.update, plots=not args.no_plots,
-                            notes=lambda text: print(f"qkweights: note: {text}", file=sys.stderr), **where)
+                            notes=lambda text: print_notes([text]), **where)
     doc = result.doc
     if not args.quiet:
         print(f"scored {doc['n_images']} of {doc['n_files']} images ({len(doc['skipped'])} skipped) on "
