@@ -376,6 +376,8 @@ LIVE = [
     ("vit", "ViTModel", dict(interpolate_pos_encoding=True)),
     ("deit", "DeiTModel", dict(interpolate_pos_encoding=True)),
     ("clip-vision", "CLIPVisionModel", dict(interpolate_pos_encoding=True)),
+    ("clip-vision-bare", "CLIPVisionModel", dict(interpolate_pos_encoding=True)),
+    ("deit-model", "DeiTModel", dict(interpolate_pos_encoding=True)),
     ("dinov2", "Dinov2Model", {}),
     ("dinov2-swiglu", "Dinov2Model", {}),
     ("dinov2-reg", "Dinov2WithRegistersModel", {}),
