@@ -195,6 +195,67 @@ def test_timm_heads_from_the_architecture_name(tmp_path):
     assert open_fixture_path(folder).dims.heads == 6
 
 
+class ShapeStore:
+    """Tensor names and shapes only: dimension resolution reads nothing else (so a ViT-G's shapes cost no memory)."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def names(self):
+        return list(self.shapes)
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def shape(self, name):
+        return self.shapes[name]
+
+
+def timm_shapes(width, depth=2, patch=16):
+    shapes = {"patch_embed.proj.weight": (width, 3, patch, patch), "cls_token": (1, 1, width), "pos_embed": (1, 197, width)}
+    for i in range(depth):
+        shapes[f"blocks.{i}.attn.qkv.weight"] = (3 * width, width)
+    return shapes
+
+
+def timm_heads(tmp_path, width, architecture=None):
+    files = {}
+    if architecture is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"architecture": architecture}))
+        files["config.json"] = tmp_path / "config.json"
+    return open_checkpoint(ShapeStore(timm_shapes(width)), files, family="timm-vit").dims.heads
+
+
+# num_heads of timm's registered models (timm/models/vision_transformer.py, `model_args` of each @register_model)
+TIMM_BY_WIDTH = [
+    ("vit_tiny_patch16_224", 192, 3), ("vit_small_patch16_224", 384, 6), ("vit_medium_patch16_gap_256", 512, 8),
+    ("vit_base_patch16_224", 768, 12), ("vit_base_patch16_plus_240", 896, 14), ("vit_large_patch16_224", 1024, 16),
+    ("vit_so400m_patch14_siglip_224", 1152, 16), ("vit_huge_patch14_224", 1280, 16),
+    ("vit_giant_patch14_clip_224", 1408, 16), ("vit_giant_patch14_dinov2", 1536, 24),
+    ("vit_gigantic_patch14_clip_224", 1664, 16),
+]
+
+
+@pytest.mark.parametrize("architecture, width, heads", TIMM_BY_WIDTH)
+def test_timm_heads_of_registered_models(tmp_path, architecture, width, heads):
+    assert timm_heads(tmp_path, width, f"{architecture}.some_tag") == heads  # a Hub repo's config.json
+    assert timm_heads(tmp_path, width) == heads  # a research state dict: no config, the width decides
+
+
+# Widths outside the table (a tiny model): the size word of the architecture name decides.
+TIMM_BY_NAME = [("vit_tiny_patch16_224", 3), ("vit_small_patch14_dinov2.lvd142m", 6), ("vit_medium_patch16_reg4_gap_256", 8),
+                ("vit_base_patch16_224.augreg2_in21k_ft_in1k", 12), ("vit_large_patch14_clip_224.openai", 16),
+                ("vit_huge_patch14_clip_224.laion2b", 16), ("vit_giant_patch14_reg4_dinov2.lvd142m", 24),
+                ("vit_gigantic_patch14_clip_224.laion2b", 16)]
+
+
+@pytest.mark.parametrize("architecture, heads", TIMM_BY_NAME)
+def test_timm_heads_from_the_size_word(tmp_path, architecture, heads):
+    assert timm_heads(tmp_path, 48, architecture) == heads  # 48 is divisible by every count and in no table
+    with pytest.raises(SpecError, match=r"^timm-vit: cannot determine 'heads'"):
+        timm_heads(tmp_path, 48)
+
+
 def test_broken_spec_file(tmp_path):
     (tmp_path / "x.toml").write_text('name = "y"\ndescription = ""\nexample = ""\n[dims]\n[attention]\n')
     with pytest.raises(SpecError, match=r"^x.toml: name 'y' differs from the file name"):
