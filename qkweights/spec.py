@@ -276,7 +276,7 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
         raise SpecError(f"the checkpoint matches several families ({names}); choose one with --family")
     in_memory = _in_memory_match(store, [specs[family]] if family is not None else list(specs.values()))
     if in_memory is not None:
-        raise SpecError(f"transformers ≥ 5 in-memory names ({in_memory}), not those its files hold; "
+        raise SpecError(f"transformers ≥ 5 in-memory names ({in_memory}), not the names save_pretrained writes; "
                         f"save the model with save_pretrained() instead of torch.save(state_dict)")
     if family is not None:
         looked = _signature_text(specs[family])

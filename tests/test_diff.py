@@ -152,7 +152,7 @@ def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
     # the score panel marks measured heads with their rank in the table: #3 … #7 (ranks 1, 2 are the undefined heads)
     assert [t for t in texts if t.startswith("#")] == ["#3", "#4", "#5", "#6", "#7"]
     with open(tmp_path / "out" / "diff_heads.csv", newline="") as f:
-        first = list(csv.DictReader(f))[0]
+        first = next(iter(csv.DictReader(f)))
     assert (first["rank"], first["layer"], first["head"], first["score"], first["max_angle_u_deg"]) == ("1", "0", "0", "", "")
     assert main(["diff", str(pa), str(VIT), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -126,7 +126,7 @@ def test_unknown_checkpoint_names_the_three_closest_families(tmp_path):
     assert len(str(e.value)) < 250 and str(e.value).count("hf-") + str(e.value).count("-vit") <= 4
 
 
-TF5_HINT = ("transformers ≥ 5 in-memory names ({name}), not those its files hold; "
+TF5_HINT = ("transformers ≥ 5 in-memory names ({name}), not the names save_pretrained writes; "
             "save the model with save_pretrained() instead of torch.save(state_dict)")
 
 
