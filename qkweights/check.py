@@ -26,8 +26,10 @@ holding one :class:`Check` per measurement. The checks, in report order:
 
 Heads that fail ``finite weights`` or ``not collapsed`` get no numeric
 comparisons (their statistics are undefined); the report's notes list them.
-A baseline with non-finite heads is rejected (InputError): it cannot vouch for
-anything.
+A baseline with non-finite or collapsed heads is rejected (InputError), both
+alike: such a head would fail ``finite weights`` or ``not collapsed`` in the
+model checked, so the baseline cannot vouch for it, and its statistics
+(Σσ = 0 or NaN) give no allowance to compare with.
 """
 
 from __future__ import annotations
@@ -204,10 +206,7 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
             raise InputError(f"--{name} {value}: a tolerance must be a number ≥ 0")
     if top_sigma < 1:
         raise InputError(f"--top-sigma {top_sigma}: compare at least the top 1 singular value")
-    if baseline.nonfinite:
-        where = ", ".join(f"L{l} H{h}" for l, h in baseline.nonfinite)
-        raise InputError(f"baseline {_model_id(_side(baseline))}: non-finite weights in {where}; "
-                         f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+    check_baseline(baseline)
     causes = causes or {}
     m, mb = current.model, baseline.model
     same = _shape(m) == _shape(mb)
@@ -248,6 +247,17 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     return CheckReport(tuple(checks), tolerances, _side(current), _side(baseline), tuple(notes))
 
 
+def check_baseline(baseline: Profile) -> None:
+    """Raise InputError when the baseline has non-finite or collapsed (σ_0 = 0) heads: both are refused alike."""
+    bad = set(baseline.nonfinite)
+    collapsed = [(int(l), int(h)) for l, h in zip(*np.nonzero(~(baseline.singular_values[..., 0] > 0))) if (l, h) not in bad]
+    problems = [f"{what} in {', '.join(f'L{l} H{h}' for l, h in heads)}"
+                for what, heads in (("non-finite weights", sorted(bad)), ("collapsed heads (σ_0 = 0)", collapsed)) if heads]
+    if problems:
+        raise InputError(f"baseline {_model_id(_side(baseline))}: {'; '.join(problems)}, which check fails in any model; "
+                         f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+
+
 def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
     """Why each of ``heads`` ((layer, head) pairs) has W_qᵀW_k = 0, read from the checkpoint's weights.
 
@@ -269,12 +279,13 @@ def check_model(model: str, baseline: str | Path, *, model_options: dict | None 
     """Profile ``model`` (Hub id, folder or .safetensors file) and check it against the saved ``baseline``.
 
     ``baseline``: a profile.json or the folder holding it, read first so a bad
-    path fails before the weights are read. ``model_options``: ``revision``,
+    path, or a baseline with non-finite or collapsed heads, fails before the weights are read. ``model_options``: ``revision``,
     ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`). ``progress``: show download and
     per-layer progress on stderr (None: only on a terminal). ``tolerances``:
     the keyword options of :func:`check_profile`.
     """
     base = load_profile(baseline, vectors=False)
+    check_baseline(base)
     source, ck = open_model(model, progress=progress, **(model_options or {}))
     bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
     current = compute_profile(ck, source_record(source, ck), progress=bar.update)

@@ -22,7 +22,8 @@ K modes):
   |Δ weighted cosine|/2, spectrum_tv, 1 − overlap_u, 1 − overlap_v. The
   ranking sorts heads by score, largest first. Heads with non-finite weights
   or collapsed (σ_0 = 0, so σ/Σσ and the singular vectors are undefined) in
-  either model have NaN measures, come last, and are named in the notes;
+  either model have NaN measures and come first, above every measured change
+  (a head that broke is the largest change of all), and are named in the notes;
   ``python -m qkweights check`` is the tool that flags them.
 
 :meth:`DiffResult.save` writes ``diff.json`` (schema ``qkweights.diff/1``),
@@ -106,9 +107,9 @@ class DiffResult:
         return np.mean(terms, axis=0)
 
     def ranking(self) -> list[tuple[int, int]]:
-        """(layer, head) pairs by score, largest first; ties in (layer, head) order; NaN scores last."""
+        """(layer, head) pairs: heads with undefined (NaN) scores first, then by score, largest first; ties in (layer, head) order."""
         s = self.score.ravel()
-        order = np.lexsort((np.arange(s.size), -np.nan_to_num(s, nan=-np.inf)))
+        order = np.lexsort((np.arange(s.size), -np.nan_to_num(s, nan=np.inf)))
         H = self.score.shape[1]
         return [(int(i // H), int(i % H)) for i in order]
 
@@ -267,7 +268,7 @@ def heatmaps_figure(d: DiffResult) -> Figure:
     fig = Figure(figsize=(cw * cols, ch * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     annotate = L * H <= ANNOTATE_MAX_CELLS
-    top = d.ranking()[:TOP_MARKED]
+    top = [(rank, lh) for rank, lh in enumerate(d.ranking(), 1) if np.isfinite(d.score[lh])][:TOP_MARKED]  # measured heads
     for i, (ax, (title, values, cmap_name, (lo, hi), fmt)) in enumerate(zip(axes, panels)):
         cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="0.85")
         im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
@@ -285,7 +286,7 @@ def heatmaps_figure(d: DiffResult) -> Figure:
                     ax.text(h, l, fmt.format(v) if np.isfinite(v) else "n/a", ha="center", va="center",
                             fontsize=6 if H > 8 else 7, color="white" if dark else "black")
         if i == len(panels) - 1:
-            for rank, (l, h) in enumerate(top, 1):
+            for rank, (l, h) in top:
                 if values[l, h] > MARK_MIN_SCORE:
                     ax.add_patch(_cell_box(h, l))
                     ax.text(h - 0.42, l - 0.42, f"#{rank}", ha="left", va="top", fontsize=6, color="#08306b",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEGENERATE_RTOL = 1e-6  # adjacent σ closer than this × σ_1 form a degenerate block
+DEGENERATE_RTOL = 1e-6  # adjacent σ closer than this × σ_0 (the largest) form a degenerate block
 
 
 def qk_svd(wq: np.ndarray, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,7 +87,7 @@ def head_stats(u: np.ndarray, s: np.ndarray, v: np.ndarray, wq: np.ndarray, wk: 
 def degenerate_blocks(s: np.ndarray, cos: np.ndarray, rtol: float = DEGENERATE_RTOL) -> list[dict]:
     """Runs of (nearly) equal singular values of one head.
 
-    s, cos: (K,). Adjacent modes n, n+1 are tied when σ_n − σ_{n+1} ≤ rtol·σ_1.
+    s, cos: (K,). Adjacent modes n, n+1 are tied when σ_n − σ_{n+1} ≤ rtol·σ_0 (the largest).
     Inside a tied block the individual u_n, v_n (and cos_n) are defined only up
     to a rotation; the block's sum of cosines is. Returns
     ``[{"start", "stop" (exclusive), "sigma" (mean), "cos_sum"}]``.

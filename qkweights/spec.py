@@ -25,6 +25,7 @@ Dimension resolvers (values in a spec's ``[dims]`` table):
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import sys
@@ -294,7 +295,8 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
     """
     if family is not None:
         if family not in specs:
-            raise SpecError(f"unknown family {family!r}; known families: {', '.join(specs)}")
+            close = difflib.get_close_matches(family, list(specs), n=3, cutoff=0.0)
+            raise SpecError(f"unknown family {family!r} (closest: {', '.join(close)}); `python -m qkweights specs` lists them all")
         candidates = [specs[family]]
     else:
         candidates = list(specs.values())
@@ -310,11 +312,51 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
     if len(found) > 1:
         names = ", ".join(s.name for s, _ in found)
         raise SpecError(f"the checkpoint matches several families ({names}); choose one with --family")
+    in_memory = _in_memory_match(store, [specs[family]] if family is not None else list(specs.values()))
+    if in_memory is not None:
+        raise SpecError(f"transformers ≥ 5 in-memory names ({in_memory}), not the names save_pretrained writes; "
+                        f"save the model with save_pretrained() instead of torch.save(state_dict)")
     if family is not None:
         looked = _signature_text(specs[family])
         raise SpecError(f"the checkpoint is not of family {family!r}: it lacks one of {looked} (with prefixes {', '.join(repr(p) for p in specs[family].prefixes)})")
-    looked = "; ".join(f"{s.name}: {_signature_text(s)}" for s in specs.values())
-    raise SpecError(f"unknown checkpoint: no family matches its tensors (looked for {looked}); known families: {', '.join(specs)}; pass --family or add a spec file")
+    close = _closest(store, specs)
+    spec, prefix = close[0]
+    missing = [prefix + t.format(i=0) for t in spec.detect.get("require", []) if prefix + t.format(i=0) not in store]
+    extra = [prefix + t.format(i=0) for t in spec.detect.get("forbid", []) if prefix + t.format(i=0) in store]
+    why = (f"which lacks {missing[0]}" if missing else f"which must not hold {extra[0]}" if extra
+           else f"which lacks {_signature_text(spec)}")
+    others = "".join(f", {s.name}" for s, _ in close[1:])
+    raise SpecError(f"unknown checkpoint: no family matches its tensors (closest: {spec.name}, {why}{others}); "
+                    f"pass --family (`python -m qkweights specs` lists them) or add a spec file")
+
+
+def _in_memory_match(store, specs: list[Spec]) -> str | None:
+    """The first ``detect.in_memory`` tensor name of the first spec whose in-memory names (transformers ≥ 5
+    module names, as ``torch.save(model.state_dict())`` writes them) all exist under one of its prefixes, else None."""
+    for spec in specs:
+        names = [t.format(i=0) for t in spec.detect.get("in_memory", [])]
+        for prefix in spec.prefixes if names else ():
+            if all(prefix + t in store for t in names):
+                return prefix + names[0]
+    return None
+
+
+def _closest(store, specs: dict[str, Spec], n: int = 3) -> list[tuple[Spec, str]]:
+    """The ``n`` specs whose tensor names share the most name parts with the checkpoint's, best first (ties by
+    name), each with the prefix under which most of its signature tensors exist."""
+    have = {part for name in store.names() for part in name.split(".") if not part.isdigit()}
+    scored = []
+    for spec in specs.values():
+        templates = list(spec.detect.get("require", []))
+        for section in (spec.attention, spec.block, spec.embeddings):
+            for ref in section.values():
+                templates += [ref] if isinstance(ref, str) else [ref.get("weight", "")] if isinstance(ref, dict) else []
+        parts = {p for t in templates for p in t.split(".") if p and p not in ("{i}", "weight", "bias")}
+        share = len(parts & have) / max(len(parts), 1)
+        require = [t.format(i=0) for t in spec.detect.get("require", [])]
+        prefix = max(spec.prefixes, key=lambda p: sum(p + t in store for t in require))
+        scored.append((-share, spec.name, spec, prefix))
+    return [(spec, prefix) for _, _, spec, prefix in sorted(scored, key=lambda x: x[:2])[:n]]
 
 
 def _module(ref, i: int | None) -> tuple[str, str | None]:

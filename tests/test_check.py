@@ -247,3 +247,82 @@ def test_summary_is_capped(baseline):
 def test_top_sigma_beyond_the_head_dim_is_not_echoed(baseline, capsys):
     code, lines, _ = run(capsys, VIT, "--baseline", baseline, "--top-sigma", 100)
     assert code == 0 and lines[0].endswith("(tolerances: layer 0.02, head 0.05, σ 0.01 over all 8 modes (a head has 8))")
+
+
+def test_baseline_with_collapsed_heads_is_rejected_like_nonfinite(tmp_path, baseline, capsys):
+    # Both kinds of unhealthy baseline head are refused alike, with one line naming each, before any weights are read.
+    def spoil(t):
+        t[name(0, "key")][rows(0, 0)][0, 0] = np.nan
+        t[name(1, "query")][rows(1, 2)] = 0  # W_q all zero: σ_0 = 0
+
+    bad_dir = tmp_path / "bad"
+    qkweights.profile(str(edited(tmp_path, "spoilt", spoil))).save(bad_dir, plots=False)
+    bad = load_profile(bad_dir)
+    message = (f"baseline {model_id(tmp_path / 'spoilt')}: non-finite weights in L0 H0; collapsed heads (σ_0 = 0) in L1 H2, "
+               f"which check fails in any model; write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+    with pytest.raises(InputError) as e:
+        check_profile(load_profile(baseline), bad)
+    assert str(e.value) == message
+    collapsed_only = dataclasses.replace(bad, nonfinite=[])
+    with pytest.raises(InputError, match=r": collapsed heads \(σ_0 = 0\) in L0 H0, L1 H2, which check fails"):
+        check_profile(load_profile(baseline), collapsed_only)  # (L0 H0's σ are NaN: not > 0 either)
+    code, lines, err = run(capsys, tmp_path / "no-such-model", "--baseline", bad_dir)
+    assert (code, lines, err) == (2, [], f"qkweights: error: {message}\n")
+
+
+# ---- tolerances at their boundaries. Values are dyadic (exact in float64), so |Δ| equals the tolerance exactly.
+
+
+def _with(prof, weighted=None, sigma=None):
+    return dataclasses.replace(prof, weighted=prof.weighted if weighted is None else weighted,
+                               singular_values=prof.singular_values if sigma is None else sigma)
+
+
+def test_profile_against_itself_passes_at_zero_tolerances(baseline):
+    base = load_profile(baseline)
+    report = check_profile(base, base, tol_layer=0, tol_head=0, tol_sigma=0, top_sigma=K)
+    assert report.passed and len(report.checks) == N_CHECKS
+    assert {c.measured for c in report.checks if not isinstance(c.measured, str) and c.name != "not collapsed"} == {0.0}
+
+
+@pytest.mark.parametrize("step, passed", [(0, True), (1, False)])
+def test_head_and_layer_cosine_exactly_at_the_tolerance(baseline, step, passed):
+    base = load_profile(baseline)
+    tol = 2.0 ** -6
+    w0 = np.full_like(base.weighted, 0.25)
+    w1 = w0.copy()
+    w1[1, 2] += tol + step * 2.0 ** -40  # one head: Δ = tol, or just above
+    report = check_profile(_with(base, w1), _with(base, w0), tol_head=tol, tol_layer=1, tol_sigma=0)
+    [head] = [c for c in report.checks if c.name == "head weighted cosine" and c.where == "L1 H2"]
+    assert (head.measured, head.passed, report.passed) == (tol + step * 2.0 ** -40, passed, passed)
+    w1 = w0 + tol + step * 2.0 ** -40  # every head: each layer's mean moves by exactly the same Δ
+    report = check_profile(_with(base, w1), _with(base, w0), tol_layer=tol, tol_head=1, tol_sigma=0)
+    layers = [c for c in report.checks if c.name == "layer weighted cosine"]
+    assert [(c.measured, c.passed) for c in layers] == [(tol + step * 2.0 ** -40, passed)] * 2
+    assert report.passed == passed
+
+
+@pytest.mark.parametrize("grow, passed", [(2.0 ** -7, True), (2.0 ** -7 - 2.0 ** -30, True), (2.0 ** -7 + 2.0 ** -30, False)])
+def test_sigma_drift_at_just_below_and_just_above_tol_sigma(baseline, grow, passed):
+    base = load_profile(baseline)
+    S0 = base.singular_values.copy()
+    S0[0, 1, :] = [4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+    S1 = S0.copy()
+    S1[0, 1, 2] *= 1 + grow  # mode 2: σ 1 → 1 + grow (relative change = grow exactly)
+    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=2.0 ** -7, top_sigma=5)
+    [c] = [c for c in report.checks if c.name == "head top singular values" and c.where == "L0 H1"]
+    assert (c.measured, c.passed, report.passed) == (grow, passed, passed)
+    assert c.detail == f"mode 2: σ 1 → {1 + grow:.4g}"
+
+
+def test_rounding_noise_on_a_near_zero_mode_passes(baseline):
+    # σ_7 = 1e-15·σ_0 (numerically zero: a rank-deficient head) → 3e-15·σ_0 is rounding noise, not a 200% drift:
+    # measured relative to σ_0 (SIGMA_FLOOR), the change is 2e-15.
+    base = load_profile(baseline)
+    S0 = base.singular_values.copy()
+    S0[1, 3, -1] = 1e-15 * S0[1, 3, 0]
+    S1 = S0.copy()
+    S1[1, 3, -1] = 3e-15 * S0[1, 3, 0]
+    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=1e-12, top_sigma=K)
+    [c] = [c for c in report.checks if c.name == "head top singular values" and c.where == "L1 H3"]
+    assert c.passed and report.passed and c.measured == pytest.approx(2e-15, rel=1e-6)

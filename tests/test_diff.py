@@ -131,13 +131,17 @@ def test_saved_profiles_without_vectors(pair, tmp_path):
     assert top["score"] == pytest.approx(abs(np.cos(THETA) * np.cos(PHI) - 1) / 4, abs=1e-6)
 
 
-def test_nonfinite_and_collapsed_heads_rank_last(tmp_path):
+def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
+    # A head that became NaN or all-zero is the largest change of all: it must not rank below unchanged heads.
     nan, zero = np.full((K, D), np.nan, np.float32), np.zeros((K, D), np.float32)
     wk = load_file(VIT / "model.safetensors")[name(1, "key")][K:2 * K]
-    a = qkweights.profile(str(edited(tmp_path, "a", {(0, 0): (nan, nan), (1, 1): (zero, wk)})), save_vectors=True)
+    changed = {lh: (rows(C), rows(C)) for lh in ((0, 1), (0, 2), (0, 3), (1, 0), (1, 2))}  # 5 measured changes
+    pa = edited(tmp_path, "a", {(0, 0): (nan, nan), (1, 1): (zero, wk), **changed})
+    a = qkweights.profile(str(pa), save_vectors=True)
     b = qkweights.profile(str(VIT), save_vectors=True)
     d = diff_profiles(a, b)
-    assert d.ranking()[-2:] == [(0, 0), (1, 1)]
+    assert d.ranking()[:2] == [(0, 0), (1, 1)]
+    assert sorted(d.ranking()[2:7]) == sorted(changed) and all(np.isfinite(d.score[lh]) for lh in d.ranking()[2:])
     for l, h in ((0, 0), (1, 1)):
         assert np.isnan(d.angles_u[l, h]).all() and np.isnan(d.score[l, h])
     assert d.notes == ("non-finite weights, measures undefined: L0 H0", "collapsed heads (σ_0 = 0), measures undefined: L1 H1 (A)")
@@ -145,9 +149,24 @@ def test_nonfinite_and_collapsed_heads_rank_last(tmp_path):
     assert [p.name for p in written] == ["diff.json", "diff_heads.csv"]
     texts = [t.get_text() for ax in heatmaps_figure(d).axes for t in ax.texts]
     assert texts.count("n/a") == 2 * 6  # both heads grey-labelled in each of the six panels
+    # the score panel marks measured heads with their rank in the table: #3 … #7 (ranks 1, 2 are the undefined heads)
+    assert [t for t in texts if t.startswith("#")] == ["#3", "#4", "#5", "#6", "#7"]
     with open(tmp_path / "out" / "diff_heads.csv", newline="") as f:
-        last = list(csv.DictReader(f))[-2]
-    assert (last["layer"], last["head"], last["score"], last["max_angle_u_deg"]) == ("0", "0", "", "")
+        first = next(iter(csv.DictReader(f)))
+    assert (first["rank"], first["layer"], first["head"], first["score"], first["max_angle_u_deg"]) == ("1", "0", "0", "", "")
+    assert main(["diff", str(pa), str(VIT), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["1", "L0", "H0", "n/a", "n/a", "n/a", "n/a", "n/a"]
+    assert out[2].split() == ["2", "L1", "H1", "n/a", "n/a", "n/a", "n/a", "n/a"]
+    assert "note: collapsed heads (σ_0 = 0), measures undefined: L1 H1 (A)" in out
+
+
+def test_families_of_the_same_shape_get_a_note(tmp_path, capsys):
+    # vit (hf-vit) and dinov2 (hf-dinov2) fixtures: both 2 layers × 4 heads, D = 32, K = 8
+    assert main(["diff", str(VIT), str(VIT.parent / "dinov2"), "--out", str(tmp_path), "--no-plots"]) == 0
+    note = "families differ (A: hf-vit, B: hf-dinov2); the shapes match, so heads are compared by index"
+    assert f"note: {note}" in capsys.readouterr().out.splitlines()
+    assert json.loads((tmp_path / "diff.json").read_text())["notes"] == [note]
 
 
 def test_architecture_mismatch_exits_2(tmp_path, capsys):

@@ -373,6 +373,50 @@ def test_antialiased_bicubic_matches_pil(grid, size):
     np.testing.assert_allclose(resize_bicubic(g[:, :, None], size, antialias=True)[:, :, 0], pil, rtol=0, atol=5e-6)
 
 
+INTERP_GOLDEN = FIXTURES / "interp_golden"
+
+
+def interp_golden() -> dict[str, np.ndarray]:
+    """timm's resample_abs_pos_embed (torch bicubic, antialias) of the timm fixtures' pos_embed: make_interp_golden.py."""
+    with np.load(INTERP_GOLDEN / "timm_pos_embed.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def timm_position_table(model, grid):
+    """The position rows qkweights adds at a patch grid, in pos_embed order: (P + gh·gw, D)."""
+    from qkweights.forward import position_rows
+
+    emb = model.weights.embeddings
+    rows = position_rows(emb, grid)
+    return np.concatenate([rows[kind] for kind in emb.position_tokens])
+
+
+@pytest.mark.parametrize("key", sorted(interp_golden()))
+def test_timm_position_interpolation_matches_the_antialiased_golden(key, models):
+    name, grid = key.rsplit("_", 1)
+    grid = tuple(int(n) for n in grid.split("x"))
+    want = interp_golden()[key]
+    np.testing.assert_allclose(timm_position_table(models(name), grid), want, rtol=0, atol=1e-6)
+    if grid[0] < 4 or grid[1] < 4:  # shrinking a side: without antialias the rows differ, so the golden can tell
+        emb = models(name).weights.embeddings
+        prefix = len(emb.position) - 16
+        plain = resize_bicubic(emb.position[prefix:].reshape(4, 4, -1), grid).reshape(-1, emb.position.shape[1])
+        assert np.abs(plain - want[prefix:]).max() > 1e-2
+
+
+def test_timm_interpolation_golden_is_what_torch_computes():
+    pytest.importorskip("torch")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_interp_golden", INTERP_GOLDEN / "make_interp_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fresh, stored = module.golden(), interp_golden()
+    assert sorted(fresh) == sorted(stored)
+    for key in fresh:
+        np.testing.assert_array_equal(fresh[key], stored[key])
+
+
 def test_same_grid_is_untouched():
     g = np.random.default_rng(7).standard_normal((4, 5, 3)).astype(np.float32)
     np.testing.assert_array_equal(resize_bicubic(g, (4, 5)), g)
@@ -404,6 +448,8 @@ LIVE = [
     ("vit", "ViTModel", dict(interpolate_pos_encoding=True)),
     ("deit", "DeiTModel", dict(interpolate_pos_encoding=True)),
     ("clip-vision", "CLIPVisionModel", dict(interpolate_pos_encoding=True)),
+    ("clip-vision-bare", "CLIPVisionModel", dict(interpolate_pos_encoding=True)),
+    ("deit-model", "DeiTModel", dict(interpolate_pos_encoding=True)),
     ("dinov2", "Dinov2Model", {}),
     ("dinov2-swiglu", "Dinov2Model", {}),
     ("dinov2-reg", "Dinov2WithRegistersModel", {}),

@@ -104,6 +104,27 @@ def test_patch_masks_area_average_and_remainder():
     np.testing.assert_array_equal(m[2], [[0.5, 0.5, 1], [1, 1, 0.5]])
 
 
+def test_patch_masks_overlapping_target_and_distractor_clip_the_background():
+    # Masks that overlap (annotations of touching objects, or resampling blur) sum to more than 1 on a patch:
+    # 1 − t − d goes negative there, and the background must be clipped to 0, never below; elsewhere it is
+    # the plain remainder. Patch 2 on 4×6 pixels: a 2×3 grid; expected values are the 2×2 means by hand.
+    t = np.zeros((4, 6))
+    t[0:2, 0:3] = 1.0  # patch (0, 0) fully, patch (0, 1) half
+    t[2:4, 4:6] = 0.75  # patch (1, 2): 0.75
+    d = np.zeros((4, 6))
+    d[0:2, 1:4] = 1.0  # overlaps t in column 1-2: patch (0, 0) half, patch (0, 1) fully
+    d[2:4, 4:6] = 0.5  # patch (1, 2): 0.5, t + d = 1.25
+    m = patch_masks(t, d, 2)
+    np.testing.assert_array_equal(m[0], [[1.0, 0.5, 0], [0, 0, 0.75]])
+    np.testing.assert_array_equal(m[1], [[0.5, 1.0, 0], [0, 0, 0.5]])
+    unclipped = 1 - m[0] - m[1]  # [[-0.5, -0.5, 1], [1, 1, -0.25]]
+    assert unclipped.min() == -0.5
+    np.testing.assert_array_equal(m[2], [[0, 0, 1], [1, 1, 0]])
+    assert m[2].min() >= 0 and m[2].max() <= 1
+    # fully overlapping masks: t = d = 1 everywhere leaves no background at all (1 − 2 = −1 → 0)
+    np.testing.assert_array_equal(patch_masks(np.ones((4, 4)), np.ones((4, 4)), 2)[2], np.zeros((2, 2)))
+
+
 def test_token_choice_first_in_raster_order():
     m = np.zeros((3, 3, 4))
     m[0, 1, 0] = m[0, 0, 2] = 0.7  # tie: (0, 2) comes first in raster order → flat index 2

@@ -91,6 +91,40 @@ def test_degenerate_blocks_flagged_with_block_sums():
     assert degenerate_blocks(np.array([3.0, 2.0, 1.0]), np.zeros(3)) == []
 
 
+def test_degenerate_blocks_are_relative_to_sigma_0():
+    # σ_0 = 1000: a gap of 1e-4 is 1e-7·σ_0 < 1e-6·σ_0, a tie (an absolute 1e-6 tolerance would miss it).
+    blocks = degenerate_blocks(np.array([1000.0, 1000.0 - 1e-4, 1.0]), np.array([0.5, 0.25, 1.0]))
+    assert blocks == [{"start": 0, "stop": 2, "sigma": 1000.0 - 5e-5, "cos_sum": 0.75}]
+    # σ_0 = 1e-9: a gap of 1e-12 is 1e-3·σ_0, no tie (an absolute tolerance would tie everything).
+    assert degenerate_blocks(np.array([1e-9, 1e-9 - 1e-12, 5e-10]), np.zeros(3)) == []
+
+
+def test_degenerate_blocks_exactly_at_the_tolerance():
+    # README: runs of σ closer than 1e-6·σ_0 are tied. σ_0 = 1e6 makes the tolerance exactly 1.0 (1e-6 * 1e6 == 1.0
+    # in float64), and every σ below is exact: a gap of exactly 1 ties, a gap of 1 + 2⁻²⁰ does not.
+    assert 1e-6 * 1e6 == 1.0
+    s = np.array([1e6, 1e6 - 1, 1e6 - 2, 1e6 - 3 - 2.0 ** -20, 1.0])
+    blocks = degenerate_blocks(s, np.array([1.0, 0.5, 0.25, 0.0, 0.0]))
+    assert blocks == [{"start": 0, "stop": 3, "sigma": 1e6 - 1, "cos_sum": 1.75}]
+    assert degenerate_blocks(s, np.zeros(5), rtol=1.5e-6) == [  # tolerance 1.5: the near miss ties too
+        {"start": 0, "stop": 4, "sigma": pytest.approx(1e6 - 1.5), "cos_sum": 0.0}]
+
+
+@pytest.mark.parametrize("c", [1e-4, 1e-2, 1.0, 37.0, 1e4])
+def test_scaling_the_weights_keeps_the_blocks(c):
+    # σ = [9, 9(1 − 4e-7), 4, 4(1 − 3e-6), 1]: one tie (4e-7·σ_0 apart), one near miss (1.3e-6·σ_0 apart).
+    # W_q = diag(√σ) E, W_k = diag(√σ) E (E: rows of the identity) gives W_qᵀW_k = Σ σ_n e_n e_nᵀ, cos_n = 1.
+    # Scaling both by c scales every σ by c², and must not change which modes tie.
+    sigma = np.array([9.0, 9.0 * (1 - 4e-7), 4.0, 4.0 * (1 - 3e-6), 1.0])
+    w = np.zeros((1, 5, 7)); w[0, :, :5] = np.diag(np.sqrt(sigma))
+    u, s, v = qk_svd(c * w, c * w)
+    np.testing.assert_allclose(s[0], c * c * sigma, rtol=1e-12)
+    blocks = degenerate_blocks(s[0], head_stats(u, s, v, c * w, c * w).cosines[0])
+    assert [(b["start"], b["stop"]) for b in blocks] == [(0, 2)]
+    assert blocks[0]["sigma"] == pytest.approx(c * c * 9.0 * (1 - 2e-7), rel=1e-12)
+    assert blocks[0]["cos_sum"] == pytest.approx(2.0, abs=1e-9)
+
+
 def test_null_band():
     # 1.96/√768 = 0.070725 (z_0.975 = 1.959964)
     assert null_band(768) == pytest.approx(1.959963984540054 / np.sqrt(768))

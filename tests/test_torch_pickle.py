@@ -441,6 +441,72 @@ def test_payloads_in_any_opcode_are_refused(tmp_path, name, payload, written):
     assert not marker.exists()
 
 
+# The allow-list, written out in full: any addition or removal must be made here too, on purpose.
+ALLOWED_GLOBALS = {
+    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict", "builtins.set", "__builtin__.set",
+    "_codecs.encode", "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    # storage classes
+    "torch.FloatStorage", "torch.HalfStorage", "torch.BFloat16Storage", "torch.DoubleStorage", "torch.LongStorage",
+    "torch.IntStorage", "torch.ShortStorage", "torch.CharStorage", "torch.ByteStorage", "torch.BoolStorage",
+    "torch.storage.UntypedStorage",
+    # dtypes (inert names)
+    "torch.float32", "torch.float16", "torch.bfloat16", "torch.float64", "torch.int64", "torch.int32", "torch.int16",
+    "torch.int8", "torch.uint8", "torch.bool", "torch.uint16", "torch.uint32", "torch.uint64", "torch.complex32",
+    "torch.complex64", "torch.complex128", "torch.float8_e4m3fn", "torch.float8_e4m3fnuz", "torch.float8_e5m2",
+    "torch.float8_e5m2fnuz", "torch.float8_e8m0fnu", "torch.float4_e2m1fn_x2", "torch.bits1x8", "torch.bits2x4",
+    "torch.bits4x2", "torch.bits8", "torch.bits16", "torch.qint8", "torch.quint8", "torch.qint32", "torch.quint4x2",
+    "torch.quint2x4",
+}
+ALLOWED_RECORDS = {"argparse.Namespace", "yacs.config.CfgNode", "pathlib.PosixPath", "pathlib.WindowsPath", "torch.device"}
+
+
+def test_allow_list_is_exactly_the_expected_set():
+    assert set(torch_pickle._GLOBALS) == ALLOWED_GLOBALS
+    assert torch_pickle.RECORD_CLASSES == frozenset(ALLOWED_RECORDS)
+    # every allowed global resolves to qkweights' own inert stand-in, never to a function of another module
+    for name, value in torch_pickle._GLOBALS.items():
+        assert type(value) in (torch_pickle._Safe, torch_pickle._Sentinel), name
+        if isinstance(value, torch_pickle._Safe):
+            assert value.fn.__module__ == "qkweights.torch_pickle", name
+
+
+def call(module: str, name: str, *args: bytes) -> bytes:
+    """module.name(*args) as REDUCE."""
+    return glob(module, name) + tup(*args) + b"R"
+
+
+# getattr(getattr('', '__class__'), '__base__') is `object`: the first step of the `__subclasses__()` escape.
+ESCAPES = {
+    f"{m}.getattr": pickle_of(call(m, "getattr", call(m, "getattr", s(""), s("__class__")), s("__base__")))
+    for m in ("builtins", "__builtin__")
+}
+HOSTILE_GLOBALS = [
+    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.__import__", "builtins.open", "builtins.type",
+    "builtins.object", "builtins.globals", "builtins.vars", "builtins.setattr", "builtins.breakpoint",
+    "__builtin__.eval", "__builtin__.getattr", "__builtin__.__import__", "operator.attrgetter", "operator.methodcaller",
+    "operator.itemgetter", "operator.getitem", "functools.partial", "functools.reduce", "_functools.partial",
+    "functools.cached_property", "copyreg._reconstructor", "copyreg.__newobj__", "pickle.loads", "_pickle.loads",
+    "types.FunctionType", "types.CodeType", "importlib.import_module", "runpy.run_path", "subprocess.run",
+    "os.system", "posix.system", "nt.system", "numpy.load", "numpy.core.multiarray._reconstruct",
+    "numpy.lib.npyio.load", "torch.load", "torch._utils._rebuild_tensor", "torch.storage._load_from_bytes",
+    "torch.serialization._get_restore_location", "collections.defaultdict", "collections.namedtuple",
+]
+
+
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+def test_getattr_escape_to_object_is_refused(tmp_path, name):
+    assert _refused(_archive(tmp_path / "esc.pt", ESCAPES[name])) == REFUSAL.format(file="esc.pt", name=name)
+
+
+@pytest.mark.parametrize("full", HOSTILE_GLOBALS)
+def test_hostile_globals_are_refused_by_name(tmp_path, full):
+    module, name = full.rsplit(".", 1)
+    path = _archive(tmp_path / "h.pt", pickle_of(pdict(x=call(module, name, s("print(1)")))))
+    assert _refused(path) == REFUSAL.format(file="h.pt", name=full)
+    assert full not in ALLOWED_GLOBALS | ALLOWED_RECORDS
+
+
 def test_storage_type_slot_must_be_a_storage_class(tmp_path):
     pkl = pickle_of(pdict(w=tensor().replace(glob("torch", "FloatStorage"), glob("_codecs", "encode"))))
     assert _refused(_archive(tmp_path / "slot.pt", pkl)) == "slot.pt: a storage's type slot holds _codecs.encode, not a torch storage class; the file is corrupt or hostile"

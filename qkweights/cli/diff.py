@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from qkweights.cli.common import add_pickle_arguments, model_options
@@ -43,7 +44,12 @@ def format_ranking(rows: list[dict]) -> str:
     """The most-changed heads: rank, L H, Δ weighted cosine, spectrum TV, largest angles (° or "-"), score."""
     lines = [f"{'rank':>4} {'head':>7} {'Δ wcos':>8} {'spec TV':>8} {'∠u max':>7} {'∠v max':>7} {'score':>7}"]
     for r in rows:
-        ang = [f"{r[k]:>7.1f}" if r[k] is not None else f"{'-':>7}" for k in ("max_angle_u_deg", "max_angle_v_deg")]
-        lines.append(f"{r['rank']:>4} {'L%d H%d' % (r['layer'], r['head']):>7} {r['delta_weighted_cosine']:>+8.4f} "
-                     f"{r['spectrum_tv']:>8.4f} {ang[0]} {ang[1]} {r['score']:>7.4f}")
+        # "-": no singular vectors; "n/a": undefined, the head is collapsed or non-finite in A or B (see the notes)
+        cell = {k: f"{r[k]:{sign}{width}.{digits}f}" if r[k] is not None and math.isfinite(r[k])
+                else f"{'-' if r[k] is None else 'n/a':>{width}}"
+                for k, sign, width, digits in (("delta_weighted_cosine", "+", 8, 4), ("spectrum_tv", "", 8, 4),
+                                               ("max_angle_u_deg", "", 7, 1), ("max_angle_v_deg", "", 7, 1),
+                                               ("score", "", 7, 4))}
+        lines.append(f"{r['rank']:>4} {'L%d H%d' % (r['layer'], r['head']):>7} {cell['delta_weighted_cosine']} "
+                     f"{cell['spectrum_tv']} {cell['max_angle_u_deg']} {cell['max_angle_v_deg']} {cell['score']}")
     return "\n".join(lines)
