@@ -253,8 +253,8 @@ TIMM_BY_NAME = [("vit_tiny_patch16_224", 3), ("vit_small_patch14_dinov2.lvd142m"
 @pytest.mark.parametrize("architecture, heads", TIMM_BY_NAME)
 def test_timm_heads_from_the_size_word(tmp_path, architecture, heads):
     assert timm_heads(tmp_path, 48, architecture) == heads  # 48 is divisible by every count and in no table
-    with pytest.raises(SpecError, match=r"^timm-vit: cannot determine 'heads'"):
-        timm_heads(tmp_path, 48)
+    with pytest.raises(SpecError, match=r"^timm-vit: no config.json beside the weights; the head count"):
+        timm_heads(tmp_path, 48)  # no architecture name either: the heads cannot be known
 
 
 def test_broken_spec_file(tmp_path):
