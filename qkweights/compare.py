@@ -29,6 +29,7 @@ from qkweights import figures
 from qkweights.errors import InputError
 from qkweights.outputs import write_csv
 from qkweights.profiles import SCHEMA as PROFILE_SCHEMA
+from qkweights.profiles import SCHEMAS as PROFILE_SCHEMAS
 from qkweights.profiles import Profile, load_profile
 from qkweights.qk import null_band
 
@@ -76,7 +77,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
         return [c for f in found for c in curves_from(f, label=label)]
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
-    if schema == PROFILE_SCHEMA:
+    if schema in PROFILE_SCHEMAS:
         return _profile_curves(load_profile(path), label)
     if schema == O3_SCHEMA:
         return _o3_curves(doc, path, label)
