@@ -280,6 +280,8 @@ def _profile_layer(ck: Checkpoint, l: int, fold_ln: bool = False) -> _Layer:
 
 def _ov_layer(ck: Checkpoint, l: int) -> dict:
     """The value-output circuit of layer ``l``'s heads, as keyword fields of :class:`_Layer`."""
+    if not hasattr(ck, "ov_unavailable"):  # a duck-typed checkpoint offering W_q/W_k only
+        return {"ov_why": "the checkpoint object gives no value/output weights"}
     why = ck.ov_unavailable(l)
     if why is not None:
         return {"ov_why": why}

@@ -71,7 +71,7 @@ def test_depths_6_and_12_and_known_values(tmp_path):
     p6 = profile_of(*weights(6, 3, 4, 16, sign=sign6), "test/six")
     p12 = profile_of(*weights(12, 2, 4, 24, seed=1, sign=sign12), "test/twelve")
     paths = compare([p6, p12], tmp_path)
-    assert [p.name for p in paths] == ["compare_cosine.png", "compare_cosine.csv"]
+    assert [p.name for p in paths] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv"]
     rows = read_csv(tmp_path / "compare_cosine.csv")
     assert list(rows[0]) == ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max"]
     for model, sign, L in (("test/six", sign6, 6), ("test/twelve", sign12, 12)):
@@ -152,8 +152,8 @@ def test_folder_with_profile_and_o3(tmp_path):
     p = profile_of(*weights(3, 2, 3, 12, seed=6), "test/both")
     p.save(tmp_path / "both", plots=False)
     write(tmp_path / "both" / "o3_summary.json", o3_doc(3, model_id="test/both"))
-    assert [c.kind for c in curves_from(tmp_path / "both")] == ["weighted_cosine", "mean_cosine", "o3_same", "o3_different", "o3_background"]
-    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == ["compare_cosine.png", "compare_cosine.csv", "compare_o3.png", "compare_o3.csv"]
+    assert [c.kind for c in curves_from(tmp_path / "both")] == ["weighted_cosine", "mean_cosine", "symmetric_fraction", "o3_same", "o3_different", "o3_background"]
+    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv", "compare_o3.png", "compare_o3.csv"]
 
 
 def test_labels_and_duplicates(tmp_path):
