@@ -113,8 +113,11 @@ def test_round_trip_via_profile_json(tmp_path):
 
 def test_curves_from_profile():
     p = profile_of(*weights(5, 2, 3, 12, seed=4), "test/curves")
-    weighted, mean = curves_from(p)
+    weighted, mean, sym = curves_from(p)  # no value-output circuit from a W_q/W_k-only checkpoint
     assert isinstance(weighted, Curve)
+    assert sym.kind == "symmetric_fraction"
+    np.testing.assert_allclose(sym.values, np.mean(p.symmetric, 1))
+    np.testing.assert_allclose(sym.hi, np.max(p.symmetric, 1))
     assert (weighted.label, weighted.kind, weighted.hidden) == ("test/curves", "weighted_cosine", 12)
     assert mean.kind == "mean_cosine" and mean.lo is None
     np.testing.assert_allclose(weighted.depth, [0, 0.25, 0.5, 0.75, 1])
@@ -170,7 +173,7 @@ def test_labels_and_duplicates(tmp_path):
 
 def test_rejects_what_is_not_a_profile(tmp_path):
     other = write(tmp_path / "other.json", {"schema": "something/1"})
-    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile or O3 summary .*qkweights\.profile/1"):
+    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile or O3 summary .*qkweights\.profile/2"):
         curves_from(other)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
