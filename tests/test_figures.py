@@ -99,7 +99,7 @@ def test_nan_heads_do_not_crash(tmp_path):
 
 def test_all_heads_nan(tmp_path):
     p = profile_of(2, 2, 4, 16, nan=[(0, 0), (0, 1), (1, 0), (1, 1)])
-    assert len(figures.profile_figures(p, tmp_path)) == 4
+    assert len(figures.profile_figures(p, tmp_path)) == 3  # no finite symmetric fraction: no symmetry_by_layer.png
 
 
 def test_modes_carrying():
