@@ -290,3 +290,72 @@ def test_profile1_is_read_with_the_new_statistics_absent(tmp_path):
     np.testing.assert_array_equal(back.weighted, prof.weighted)
     new = load_profile(tmp_path / "p2")
     np.testing.assert_array_equal(new.symmetric, prof.symmetric)
+
+
+def _flip_value_head(t, l=1, h=2, K=8):
+    """Negate head h's rows of layer l's value weight (vit fixture): its OV circuit flips sign, its query-key part is unchanged."""
+    t[f"encoder.layer.{l}.attention.attention.value.weight"][h * K : (h + 1) * K] *= -1
+
+
+def test_check_new_tolerances(tmp_path):
+    from qkweights.check import HEAD_OV, HEAD_SYMMETRY, check_model
+
+    base = tmp_path / "base"
+    qkweights.profile(str(MODELS / "vit")).save(base, plots=False)
+    same = check_model(str(MODELS / "vit"), base, progress=False, tol_symmetry=1e-12, tol_ov=1e-12)
+    assert same.passed and same.tolerances["symmetry"] == 1e-12
+    assert sum(c.name == HEAD_SYMMETRY for c in same.checks) == 8 and sum(c.name == HEAD_OV for c in same.checks) == 8
+    flipped = edited_fixture(tmp_path, "flipped", _flip_value_head)
+    report = check_model(str(flipped), base, progress=False, tol_symmetry=1e-12, tol_ov=1e-12)
+    assert [(c.name, c.layer, c.head) for c in report.failures] == [(HEAD_OV, 1, 2)]
+    ov = qkweights.profile(str(MODELS / "vit")).ov.weighted[1, 2]
+    assert report.failures[0].measured == pytest.approx(2 * abs(ov), abs=1e-12)  # weighted cosine w → −w
+    plain = check_model(str(flipped), base, progress=False)  # without the new tolerances: not checked
+    assert plain.passed and not any(c.name in (HEAD_OV, HEAD_SYMMETRY) for c in plain.checks)
+
+
+def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
+    import json
+
+    from qkweights.check import FOLDING, HEAD_OV, check_model, check_profile
+
+    qkweights.profile(str(MODELS / "vit")).save(tmp_path / "b1", plots=False)
+    doc = json.loads((tmp_path / "b1" / "profile.json").read_text())
+    doc["schema"] = "qkweights.profile/1"
+    for ly in doc["layers"]:
+        for hd in ly["heads"]:
+            del hd["symmetric_fraction"], hd["ov"]
+    (tmp_path / "b1" / "profile.json").write_text(json.dumps(doc))
+    report = check_model(str(MODELS / "vit"), tmp_path / "b1", progress=False, tol_symmetry=0.01, tol_ov=0.01)
+    assert report.passed and not any(c.name == HEAD_OV for c in report.checks)
+    assert any("--tol-symmetry: the baseline has no symmetric fraction" in n for n in report.notes)
+    assert any("--tol-ov: the baseline has no OV weighted cosine" in n for n in report.notes)
+    # a folded baseline: check_model folds the current model too
+    _, ck = open_model(str(MODELS / "vit"))
+    folded = compute_profile(ck, {"model_id": "vit"}, fold_ln=True)
+    folded.save(tmp_path / "bf", plots=False)
+    assert check_model(str(MODELS / "vit"), tmp_path / "bf", progress=False, tol_symmetry=1e-12).passed
+    mixed = check_profile(compute_profile(ck, {"model_id": "vit"}), load_profile(tmp_path / "bf"))
+    assert [(c.name, c.measured, c.allowed) for c in mixed.failures] == [(FOLDING, "plain", "layernorm")]
+
+
+def test_diff_reports_the_new_statistics(tmp_path):
+    import json
+
+    from qkweights.diff import diff_profiles
+
+    a = qkweights.profile(str(MODELS / "vit"))
+    b = qkweights.profile(str(edited_fixture(tmp_path, "flipped", _flip_value_head)))
+    d = diff_profiles(a, b)
+    rows = {(r["layer"], r["head"]): r for r in d.head_rows()}
+    assert rows[1, 2]["delta_ov_weighted_cosine"] == pytest.approx(-2 * a.ov.weighted[1, 2], abs=1e-12)
+    assert all(r["delta_ov_weighted_cosine"] == pytest.approx(0, abs=1e-12) for k, r in rows.items() if k != (1, 2))
+    assert all(r["delta_symmetric_fraction"] == 0 and r["salience_norm_a"] is None and r["salience_ratio"] is None for r in rows.values())
+    assert not any("absent" in n or "folding" in n for n in d.notes)
+    d.save(tmp_path / "out", plots=False)
+    doc = json.loads((tmp_path / "out" / "diff.json").read_text())
+    assert doc["layers"][1]["ov_weighted_cosine_b"] == pytest.approx(np.mean(b.ov.weighted[1]))
+    # B folded, A plain: the salience is absent from A, and the notes say so
+    _, ck = open_model(str(MODELS / "vit"))
+    f = diff_profiles(a, compute_profile(ck, {}, fold_ln=True))
+    assert any("folding differs" in n for n in f.notes) and any("salience_norm absent from A" in n for n in f.notes)
