@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import qkweights
+import qkweights.errors
 from conftest import MODELS, VISION_FIXTURES, edited_fixture
 from qkweights.fold import folded_modes, normalised_tokens
 from qkweights.load import open_model
@@ -359,3 +360,32 @@ def test_diff_reports_the_new_statistics(tmp_path):
     _, ck = open_model(str(MODELS / "vit"))
     f = diff_profiles(a, compute_profile(ck, {}, fold_ln=True))
     assert any("folding differs" in n for n in f.notes) and any("salience_norm absent from A" in n for n in f.notes)
+
+
+def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
+    from qkweights.maps import projection_maps, save_maps
+    from qkweights.synth_o3 import make_o3
+
+    img = make_o3(tmp_path / "o3", n=1, seed=3, size=(48, 48)) / "images" / "synth_0000.jpg"
+    model = qkweights.load_model(str(MODELS / "vit"))
+    layer, head, K = 1, 2, model.dims.head_dim
+    maps = projection_maps(model, img, layer=layer, head=head, modes=range(K), fold_ln=True)
+    assert maps.embedding == "normalised"
+    out = model.forward(model.preprocess(img), attentions=True, layers=[layer])
+    n = normalised_tokens(out.hidden_states[layer][0], eps=model.dims.eps)  # (T, D)
+    r = reference_layer("vit", layer)
+    rows = slice(head * K, (head + 1) * K)
+    x = r["gamma"] * n + r["beta"]  # (T, D) the LayerNorm output, float64
+    bk = load_file(MODELS / "vit" / "model.safetensors")[f"encoder.layer.{layer}.attention.attention.key.bias"].astype(np.float64)[rows]
+    q = x @ r["wq"][rows].T + r["bq"][rows]  # (T, K)
+    k = x @ r["wk"][rows].T + bk
+    # the logits minus their terms of the query token alone and constants: q_i·k_j − q_i·(W_k β + b_k)
+    kept = q @ (k - (r["wk"][rows] @ r["beta"] + bk)).T  # (T, T)
+    a = out.attentions[layer][0, head].astype(np.float64)
+    assert maps.contributions.sum() + maps.salience_contribution == pytest.approx(np.sum(a * kept) / math.sqrt(K), rel=1e-9)
+    with pytest.raises(qkweights.errors.InputError, match="drop --embedding residual"):
+        projection_maps(model, img, layer=layer, head=head, fold_ln=True, embedding="residual")
+    names = {p.name for p in save_maps(maps, tmp_path / "m")}
+    assert names == {"maps_L1_H2.png", "maps_L1_H2.npz"}
+    with np.load(tmp_path / "m" / "maps_L1_H2.npz") as z:
+        assert float(z["salience_contribution"]) == maps.salience_contribution and str(z["embedding"]) == "normalised"
