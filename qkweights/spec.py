@@ -479,7 +479,8 @@ class Checkpoint:
         wo, bo = self.module("attention", "out", i)
         zeros = np.zeros(d)
         return OV(
-            wo=np.asarray(wo, np.float64).reshape(d, h, k).transpose(1, 0, 2),  # (H, D, K)
+            # (H, D, K) as a view of the contiguous (H, K, D) W_o,hᵀ: the layout the QR of the SVD reads fastest
+            wo=np.ascontiguousarray(np.asarray(wo, np.float64).reshape(d, h, k).transpose(1, 2, 0)).transpose(0, 2, 1),
             wv=np.asarray(wv, np.float64).reshape(h, k, d),  # (H, K, D)
             bv=np.asarray(zeros if bv is None else bv, np.float64).reshape(h, k),  # (H, K)
             bo=np.asarray(zeros if bo is None else bo, np.float64),  # (D,)
