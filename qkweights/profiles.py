@@ -22,8 +22,19 @@ from threadpoolctl import threadpool_limits
 from qkweights import __version__
 from qkweights.errors import InputError
 from qkweights.outputs import dumps_json, write_csv, write_json, write_npz
-from qkweights.qk import (DEGENERATE_RTOL, HeadStats, degenerate_blocks, fold_gain, head_stats, key_salience, null_band, ov_svd,
-                          qk_svd, symmetric_fraction, symmetric_null)
+from qkweights.qk import (
+    DEGENERATE_RTOL,
+    HeadStats,
+    degenerate_blocks,
+    fold_gain,
+    head_stats,
+    key_salience,
+    null_band,
+    ov_svd,
+    qk_svd,
+    symmetric_fraction,
+    symmetric_null,
+)
 from qkweights.spec import Checkpoint
 
 SCHEMA = "qkweights.profile/2"

@@ -105,7 +105,7 @@ def reference_layer(name, i):
 
 def _profile(name, fold_ln=False):
     _, _, _, path, part = _read(name)
-    source, ck = open_model(str(path), part=part)
+    _, ck = open_model(str(path), part=part)
     return compute_profile(ck, {}, fold_ln=fold_ln), ck
 
 
@@ -128,7 +128,7 @@ ALL = sorted(REFERENCE) + sorted(PICKLE_REFERENCE)
 def test_symmetry_and_ov_match_dense(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
-    prof, ck = _profile(name)
+    prof, _ = _profile(name)
     K = prof.model.head_dim
     assert prof.model.folded is None and prof.salience is None
     if name == "ijepa-predictor":  # the fixture holds the query-key path only: no attn.proj, so no circuit, and it says so
@@ -158,7 +158,7 @@ def test_symmetry_and_ov_match_dense(name):
 def test_fold_matches_dense(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
-    prof, ck = _profile(name, fold_ln=True)
+    prof, _ = _profile(name, fold_ln=True)
     K = prof.model.head_dim
     assert prof.model.folded == "layernorm"
     for l in range(prof.model.layers):
