@@ -24,6 +24,15 @@ holding one :class:`Check` per measurement. The checks, in report order:
   ``SIGMA_FLOOR``·σ_0 (numerically zero: a rank-deficient head) are measured
   relative to σ_0 instead, so rounding noise on a zero mode cannot fail the check.
 
+- per head, only when their tolerance is given: ``head symmetric fraction``: |Δ| of the
+  head's symmetric_fraction ≤ ``tol_symmetry``; ``head OV weighted cosine``: |Δ| of the
+  λ-weighted cosine of its value-output circuit ≤ ``tol_ov``. A baseline that lacks the
+  statistic (profile/1, or no value-output circuit) skips the check with a note: absent,
+  never invented.
+- ``folding`` (only when they differ): current and baseline are both LayerNorm-folded
+  (``profile --fold-ln``) or both plain; on a mismatch the numeric comparisons are skipped.
+  :func:`check_model` folds the current profile when the baseline is folded.
+
 Heads that fail ``finite weights`` or ``not collapsed`` get no numeric
 comparisons (their statistics are undefined); the report's notes list them.
 A baseline with non-finite or collapsed heads is rejected (InputError), both
@@ -59,6 +68,9 @@ COLLAPSED = "not collapsed"
 HEAD_COSINE = "head weighted cosine"
 HEAD_SIGMA = "head top singular values"
 HEAD_CHECKS = (FINITE, COLLAPSED, HEAD_COSINE, HEAD_SIGMA)
+FOLDING = "folding"
+HEAD_SYMMETRY = "head symmetric fraction"
+HEAD_OV = "head OV weighted cosine"
 
 
 @dataclass(frozen=True)
@@ -194,15 +206,17 @@ class CheckReport:
 
 def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.02, tol_head: float = 0.05,
                   tol_sigma: float = 0.01, top_sigma: int = 5,
-                  causes: Mapping[tuple[int, int], str] | None = None) -> CheckReport:
+                  causes: Mapping[tuple[int, int], str] | None = None,
+                  tol_symmetry: float | None = None, tol_ov: float | None = None) -> CheckReport:
     """Compare ``current`` with ``baseline`` (see the module docstring for each check).
 
     Tolerances are absolute for the cosines (which lie in [−1, 1]) and relative
     for σ. ``causes``: optional text per collapsed (layer, head), from
     :func:`collapse_causes`, added to that check's detail.
     """
-    for name, value in (("tol-layer", tol_layer), ("tol-head", tol_head), ("tol-sigma", tol_sigma)):
-        if not value >= 0:
+    for name, value in (("tol-layer", tol_layer), ("tol-head", tol_head), ("tol-sigma", tol_sigma),
+                        ("tol-symmetry", tol_symmetry), ("tol-ov", tol_ov)):
+        if value is not None and not value >= 0:
             raise InputError(f"--{name} {value}: a tolerance must be a number ≥ 0")
     if top_sigma < 1:
         raise InputError(f"--top-sigma {top_sigma}: compare at least the top 1 singular value")
@@ -212,6 +226,12 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     same = _shape(m) == _shape(mb)
     checks = [Check(ARCHITECTURE, None, None, _shape_text(m), _shape_text(mb), same)]
     notes = [] if same else ["architecture differs from the baseline: numeric comparisons skipped"]
+    if (m.folded or None) != (mb.folded or None):
+        checks.append(Check(FOLDING, None, None, m.folded or "plain", mb.folded or "plain", False,
+                            "profile the model as the baseline was (`profile --fold-ln` or not)"))
+        notes.append("folding differs from the baseline: numeric comparisons skipped")
+        same = False
+    circuit = _circuit_plan(current, baseline, tol_symmetry, tol_ov, notes) if same else {}
     nonfinite = set(current.nonfinite)
     S, Sb = current.singular_values, baseline.singular_values  # (L, H, K)
     N = min(top_sigma, m.head_dim)
@@ -233,6 +253,9 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
                 usable.append(h)
                 head_checks.append(_cosine_check(HEAD_COSINE, l, h, current.weighted[l, h], baseline.weighted[l, h], tol_head))
                 head_checks.append(_sigma_check(l, h, S[l, h, :N], Sb[l, h, :N], tol_sigma))
+                for name, (now, base, tol) in circuit.items():
+                    if np.isfinite(base[l, h]):
+                        head_checks.append(_cosine_check(name, l, h, now[l, h], base[l, h], tol))
         if same:
             both = [h for h in usable if np.isfinite(baseline.weighted[l, h])]
             if both:
@@ -244,6 +267,7 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
                 notes.append(f"L{l}: no head to compare; layer weighted cosine skipped")
         checks += head_checks
     tolerances = {"layer": tol_layer, "head": tol_head, "sigma": tol_sigma, "top_sigma": top_sigma}
+    tolerances.update({k: v for k, v in (("symmetry", tol_symmetry), ("ov", tol_ov)) if v is not None})
     return CheckReport(tuple(checks), tolerances, _side(current), _side(baseline), tuple(notes))
 
 
@@ -256,6 +280,25 @@ def check_baseline(baseline: Profile) -> None:
     if problems:
         raise InputError(f"baseline {_model_id(_side(baseline))}: {'; '.join(problems)}, which check fails in any model; "
                          f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+
+
+def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov, notes: list) -> dict:
+    """{check name: (current (L, H), baseline (L, H), tolerance)} of the requested checks both profiles can give; notes say what is absent."""
+    plan = {}
+    for name, flag, tol, get in ((HEAD_SYMMETRY, "--tol-symmetry", tol_symmetry, lambda p: p.symmetric),
+                                 (HEAD_OV, "--tol-ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted)):
+        if tol is None:
+            continue
+        now, base = get(current), get(baseline)
+        if base is None or not np.isfinite(base).any():
+            notes.append(f"{flag}: the baseline has no {name.removeprefix('head ')} (profile/1 or no value-output circuit): check skipped")
+        elif now is None or not np.isfinite(now).any():
+            notes.append(f"{flag}: the current model has no {name.removeprefix('head ')}: check skipped")
+        else:
+            if not np.isfinite(base).all():
+                notes.append(f"{flag}: heads whose baseline lacks the statistic are not compared")
+            plan[name] = (now, base, tol)
+    return plan
 
 
 def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
@@ -288,7 +331,7 @@ def check_model(model: str, baseline: str | Path, *, model_options: dict | None 
     check_baseline(base)
     source, ck = open_model(model, progress=progress, **(model_options or {}))
     bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
-    current = compute_profile(ck, source_record(source, ck), progress=bar.update)
+    current = compute_profile(ck, source_record(source, ck), progress=bar.update, fold_ln=bool(base.model.folded))
     bar.close()
     bad = set(current.nonfinite)
     collapsed = [(l, h) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]
@@ -318,6 +361,8 @@ def _group(c: Check) -> str:
         return ARCHITECTURE
     if c.name == LAYER_COSINE:
         return f"layer {c.layer} weighted cosine"
+    if c.name == FOLDING:
+        return FOLDING
     return f"layer {c.layer} heads {c.name.removeprefix('head ')}"
 
 

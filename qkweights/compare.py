@@ -29,6 +29,7 @@ from qkweights import figures
 from qkweights.errors import InputError
 from qkweights.outputs import record_outputs, write_csv
 from qkweights.profiles import SCHEMA as PROFILE_SCHEMA
+from qkweights.profiles import SCHEMAS as PROFILE_SCHEMAS
 from qkweights.profiles import Profile, load_profile
 from qkweights.qk import null_band
 
@@ -64,7 +65,8 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
     """The curves of one input: a Profile, a profile.json, an o3_summary.json, or a folder holding either or both.
 
     A profile gives two curves (``weighted_cosine`` with its head range,
-    ``mean_cosine``); an O3 summary gives three (``o3_same``, ``o3_different``,
+    ``mean_cosine``), plus ``symmetric_fraction`` and ``ov_weighted_cosine`` (head ranges) when
+    it holds them (profile/2; a LayerNorm-folded profile is labelled "… [LN-folded]"); an O3 summary gives three (``o3_same``, ``o3_different``,
     ``o3_background``). ``label`` overrides the model id as legend label.
     Anything else raises InputError naming the file and what was expected.
     """
@@ -79,7 +81,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
         return [c for f in found for c in curves_from(f, label=label)]
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
-    if schema == PROFILE_SCHEMA:
+    if schema in PROFILE_SCHEMAS:
         return _profile_curves(load_profile(path, vectors=False), label)
     if schema == O3_SCHEMA:
         return _o3_curves(doc, path, label)
@@ -96,8 +98,11 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     ``compare_cosine.csv`` (model, layer, depth, weighted_cosine, mean_cosine,
     min, max). O3 summaries give ``compare_o3.png`` (panels same / different /
     background, mean ± s.e.m. bands) and ``compare_o3.csv`` (model, layer,
-    depth, then mean/lo/hi of each measure); both CSVs end with the provenance of each
-    model's weights: model_id, commit, weight_files ("name:sha256;…"). ``labels``: one per item. Models
+    depth, then mean/lo/hi of each measure). Profiles holding the statistics beyond the paper
+    also give ``compare_circuits.png`` (panels: symmetric fraction, value-output weighted cosine)
+    and ``compare_circuits.csv`` (model, layer, depth, then value/min/max of each). Every CSV ends
+    with the provenance of each model's weights: model_id, commit, weight_files ("name:sha256;…").
+    ``labels``: one per item. Models
     given twice under one label get " #2", " #3" appended. Returns the paths written.
     """
     if not items:
@@ -110,11 +115,61 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     cosine = [g for g in groups if any(c.kind == "weighted_cosine" for c in g)]
     if cosine:
         written += _write_cosine(cosine, out)
+    circuits = [g for g in groups if any(c.kind in CIRCUIT_KINDS for c in g)]
+    if circuits:
+        written += _write_circuits(circuits, out)
     o3 = [g for g in groups if any(c.kind.startswith("o3_") for c in g)]
     if o3:
         written += _write_o3(o3, out)
     record_outputs(out, "compare", written)  # an earlier run's O3 (or cosine) overlay does not linger
     return written
+
+
+CIRCUIT_KINDS = {"symmetric_fraction": "symmetric fraction of W_qᵀW_k", "ov_weighted_cosine": "value-output weighted cosine p·r"}
+
+
+def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
+    """compare_circuits.png (panels: symmetric fraction, OV weighted cosine) and compare_circuits.csv.
+
+    Profiles without a statistic (profile/1, or no value-output circuit) are left out of that panel
+    and their cells are empty in the table.
+    """
+    panels = {title: [c for g in groups for c in g if c.kind == kind] for kind, title in CIRCUIT_KINDS.items()}
+    panels = {t: cs for t, cs in panels.items() if cs}
+    png = figures.curve_panels_figure(panels, out / "compare_circuits.png", title="Beyond the paper: symmetry and value-output circuit by normalised depth",
+                                      ylabel="mean over heads (band: head range)")
+    header = ["model", "layer", "depth"] + [f"{kind}{part}" for kind in CIRCUIT_KINDS for part in ("", "_min", "_max")]
+    rows = []
+    for g in groups:
+        first = g[0]
+        found = {c.kind: c for c in g}
+        for l in range(len(first.depth)):
+            row = [first.label, l, _num(first.depth[l])]
+            for kind in CIRCUIT_KINDS:
+                c = found.get(kind)
+                row += [_num(c.values[l]), _num(c.lo[l]), _num(c.hi[l])] if c is not None else ["", "", ""]
+            rows.append(row)
+    return [png, write_csv(out / "compare_circuits.csv", header, rows)]
+
+
+def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> list[Path]:
+    """``fold_cosine_by_layer.png``: the weighted cosine of the LayerNorm-folded and of the plain profile of one model.
+
+    ``folded``: a profile computed with ``fold_ln``; ``plain``: without. Both per layer against
+    l/(L−1) with head-range bands and the 95% null band. Returns the paths written.
+    """
+    if not folded.model.folded or plain.model.folded:
+        raise InputError("fold_comparison: pass a LayerNorm-folded profile first and a plain one second")
+    curves = [c for p, lab in ((plain, "plain W_qᵀW_k"), (folded, "LayerNorm-folded Γ W_qᵀW_k Γ"))
+              for c in _profile_curves(p, lab) if c.kind == "weighted_cosine"]
+    D = plain.model.hidden
+    name = folded.source.get("model_id") or folded.model.family
+    name = name if len(name) <= 60 else "…" + name[-59:]
+    png = figures.curves_figure(curves, Path(out_dir) / "fold_cosine_by_layer.png",
+                                title=f"{name}\nweighted query-key cosine, LayerNorm-folded vs plain",
+                                ylabel="weighted cosine u·v (mean over heads)", null_band=float(null_band(D)),
+                                null_label=f"95% null band ±1.96/√D = ±{null_band(D):.3f} (D = {D})")
+    return [png]
 
 
 def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
@@ -152,11 +207,21 @@ def _write_o3(groups: list[list[Curve]], out: Path) -> list[Path]:
 def _profile_curves(profile: Profile, label: str | None) -> list[Curve]:
     st = profile.layer_stats()
     name = label or profile.source.get("model_id") or profile.model.family
+    if label is None and profile.model.folded:
+        name += " [LN-folded]"
     D = profile.model.hidden
-    return [
+    curves = [
         Curve(name, profile.depth, st["weighted_cosine"], st["min"], st["max"], "weighted_cosine", D, profile.source),
         Curve(name, profile.depth, st["mean_cosine"], None, None, "mean_cosine", D, profile.source),
     ]
+    extra = profile.circuit_layer_stats()
+    if "symmetric_fraction" in extra:
+        curves.append(Curve(name, profile.depth, extra["symmetric_fraction"], extra["symmetric_min"], extra["symmetric_max"], "symmetric_fraction", D,
+                            profile.source))
+    if "ov_weighted_cosine" in extra and np.isfinite(extra["ov_weighted_cosine"]).any():
+        curves.append(Curve(name, profile.depth, extra["ov_weighted_cosine"], extra["ov_min"], extra["ov_max"], "ov_weighted_cosine", D,
+                            profile.source))
+    return curves
 
 
 def _o3_curves(doc: dict, path: Path, label: str | None) -> list[Curve]:

@@ -26,6 +26,13 @@ K modes):
   (a head that broke is the largest change of all), and are named in the notes;
   ``python -m qkweights check`` is the tool that flags them.
 
+Beyond the paper (profile/2), each head also reports its symmetric_fraction, the λ-weighted
+cosine of its value-output circuit and (LayerNorm-folded profiles) its key-salience norm in A
+and B, and their changes ``delta_symmetric_fraction``, ``delta_ov_weighted_cosine``,
+``salience_ratio`` (‖w_h‖_B/‖w_h‖_A). They are not part of the score (the ranking stays the
+paper's query-key measures). A statistic one side lacks (a profile/1, no value-output circuit,
+an unfolded profile) is null, and a note says so.
+
 :meth:`DiffResult.save` writes ``diff.json`` (schema ``qkweights.diff/1``),
 ``diff_heads.csv`` (one row per head, ranked) and the figures
 ``diff_heatmaps.png`` (a layer × head map of each measure) and
@@ -64,7 +71,13 @@ MEASURES = {
     "max_angle_v_deg": "largest principal angle between the top-k key (right) singular subspaces, degrees",
     "overlap_u": "mean cos² of the principal angles of the query subspaces, in [0, 1] (1 = same subspace)",
     "overlap_v": "mean cos² of the principal angles of the key subspaces, in [0, 1]",
+    "delta_symmetric_fraction": "symmetric fraction ‖(M+Mᵀ)/2‖²/‖M‖² of B − that of A, in [−1, 1] (not in the score)",
+    "delta_ov_weighted_cosine": "λ-weighted cosine of the value-output circuit W_o,h W_v,h of B − that of A (not in the score)",
+    "salience_ratio": "key-salience norm ‖w_h‖ of B / that of A, LayerNorm-folded profiles (not in the score)",
 }
+CIRCUIT_FIELDS = {"symmetric_fraction": lambda p: p.symmetric,
+                  "ov_weighted_cosine": lambda p: None if p.ov is None or not np.isfinite(p.ov.weighted).any() else p.ov.weighted,
+                  "salience_norm": lambda p: p.salience}
 SCORE = "mean of the available measures scaled to [0, 1]: |delta_weighted_cosine|/2, spectrum_tv, 1 − overlap_u, 1 − overlap_v"
 
 
@@ -128,8 +141,24 @@ class DiffResult:
                 "max_angle_v_deg": float(self.angles_v[l, h, -1]) if vectors else None,
                 "overlap_u": float(ou[l, h]) if vectors else None, "overlap_v": float(ov[l, h]) if vectors else None,
                 "score": float(score[l, h]),
+                **self._circuit_row(l, h),
             })
         return rows
+
+    def _circuit_row(self, l: int, h: int) -> dict:
+        """The statistics beyond the paper of head (l, h) in A and B and their change; None where a side lacks one."""
+        row = {}
+        for name, get in CIRCUIT_FIELDS.items():
+            a, b = get(self.a), get(self.b)
+            va = None if a is None else float(a[l, h])
+            vb = None if b is None else float(b[l, h])
+            row[f"{name}_a"], row[f"{name}_b"] = va, vb
+            if name == "salience_norm":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    row["salience_ratio"] = None if va is None or vb is None else float(np.float64(vb) / va)
+            else:
+                row[f"delta_{name}"] = None if va is None or vb is None else vb - va
+        return row
 
     def to_json(self) -> dict:
         """The ``diff.json`` document (schema ``qkweights.diff/1``); heads in ranking order."""
@@ -139,8 +168,11 @@ class DiffResult:
                 row["angles_u_deg"] = self.angles_u[row["layer"], row["head"]].tolist()
                 row["angles_v_deg"] = self.angles_v[row["layer"], row["head"]].tolist()
         la, lb = self.a.layer_stats()["weighted_cosine"], self.b.layer_stats()["weighted_cosine"]  # (L,)
+        ca, cb = self.a.circuit_layer_stats(), self.b.circuit_layer_stats()
         layers = [{"layer": l, "depth": float(self.a.depth[l]), "weighted_cosine_a": float(la[l]),
-                   "weighted_cosine_b": float(lb[l]), "delta_weighted_cosine": float(lb[l] - la[l])}
+                   "weighted_cosine_b": float(lb[l]), "delta_weighted_cosine": float(lb[l] - la[l]),
+                   **{f"{k}_{side}": float(c[k][l]) for k in ("symmetric_fraction", "ov_weighted_cosine")
+                      for side, c in (("a", ca), ("b", cb)) if k in c}}
                   for l in range(len(la))]
         return {"schema": SCHEMA, "tool_version": self.tool_version, "a": _side(self.a), "b": _side(self.b), "k": self.k,
                 "measures": MEASURES, "score": SCORE, "notes": list(self.notes), "layers": layers, "heads": heads}
@@ -201,6 +233,12 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
     collapsed = [(l, h, side) for side, p in (("A", a), ("B", b)) for l, h in zip(*np.nonzero(p.singular_values[..., 0] == 0))]
     if collapsed:
         notes.append("collapsed heads (σ_0 = 0), measures undefined: " + ", ".join(f"L{l} H{h} ({side})" for l, h, side in collapsed))
+    if (ma.folded or None) != (mb.folded or None):
+        notes.append(f"folding differs (A: {ma.folded or 'plain'}, B: {mb.folded or 'plain'}): the query-key measures compare different matrices")
+    for name, get in CIRCUIT_FIELDS.items():
+        missing = [side for side, p in (("A", a), ("B", b)) if get(p) is None]
+        if len(missing) == 1:
+            notes.append(f"{name} absent from {missing[0]} (profile/1, no value-output circuit, or not LayerNorm-folded): its change is null")
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = b.singular_values.sum(-1) / a.singular_values.sum(-1)
     angles_u = angles_v = None
@@ -229,9 +267,10 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
     return DiffResult(a, b, k, spectrum_tv(a.singular_values, b.singular_values), ratio, angles_u, angles_v, tuple(notes))
 
 
-def profile_for_diff(item: str | Path, *, k: int = 8, progress: bool | None = None, **options) -> Profile:
+def profile_for_diff(item: str | Path, *, k: int = 8, progress: bool | None = None, fold_ln: bool = False, **options) -> Profile:
     """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint (profiled now, with vectors).
 
+    ``fold_ln``: profile a checkpoint LayerNorm-folded (``profile --fold-ln``); a saved profile is read as it is.
     For a checkpoint the singular vectors are kept only for the top ``k`` modes,
     (L, H, D, k) each; while profiling all K are held ((L, H, D, K) float64 twice).
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
@@ -241,7 +280,7 @@ def profile_for_diff(item: str | Path, *, k: int = 8, progress: bool | None = No
         return load_profile(path)
     source, ck = open_model(str(item), progress=progress, **options)
     bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=progress)
-    prof = compute_profile(ck, source_record(source, ck), save_vectors=True, progress=bar.update)
+    prof = compute_profile(ck, source_record(source, ck), save_vectors=True, progress=bar.update, fold_ln=fold_ln)
     bar.close()
     return dataclasses.replace(prof, U=prof.U[..., :k].copy(), V=prof.V[..., :k].copy())
 
@@ -261,6 +300,10 @@ def heatmaps_figure(d: DiffResult) -> Figure:
     if d.angles_u is not None:
         panels += [(f"largest principal angle, query subspace (top {d.k} u), °", d.angles_u[..., -1], "YlOrRd", (0, 90), "{:.0f}"),
                    (f"largest principal angle, key subspace (top {d.k} v), °", d.angles_v[..., -1], "YlOrRd", (0, 90), "{:.0f}")]
+    for key, title in (("symmetric_fraction", "Δ symmetric fraction (B − A)"), ("ov_weighted_cosine", "Δ OV weighted cosine (B − A)")):
+        fa, fb = CIRCUIT_FIELDS[key](d.a), CIRCUIT_FIELDS[key](d.b)
+        if fa is not None and fb is not None:
+            panels.append((title, fb - fa, "RdBu_r", _symmetric(fb - fa), "{:+.2f}"))
     panels.append(("combined score (ranking; #n = rank)", d.score, "YlOrRd", (0, _top(d.score)), "{:.3f}"))
     cols = 3 if len(panels) > 4 else 2
     rows = -(-len(panels) // cols)

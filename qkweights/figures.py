@@ -49,12 +49,16 @@ COS_COLOR = "#c0392b"
 def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
     """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths.
 
+    Profiles holding the statistics beyond the paper add ``symmetry_by_layer.png`` and (when the
+    value-output circuit was computed for some head) ``ov_cosine_by_layer.png``.
+
     The figures are drawn in two processes (:func:`qkweights.outputs.draw_in_parallel`).
     """
     out = Path(out_dir)
     jobs = [(cosine_by_layer_figure, profile, out / "cosine_by_layer.png"),
             (spectrum_grid_figure, profile, out / "spectrum_grid.png"),
             (cosine_hist_figure, profile, out / "cosine_hist.png")]
+    jobs += circuit_figure_jobs(profile, out)
     draw_in_parallel(_draw, jobs)
     return [path for *_, path in jobs]
 
@@ -88,6 +92,74 @@ def cosine_by_layer_figure(profile: Profile) -> Figure:
     _pad_ylim(ax, [st["min"], st["max"], st["mean_cosine"], [-profile.null_band_95, profile.null_band_95]])
     ax.set_ylabel("cosine u·v")
     ax.set_title(_model_title(profile), fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def circuit_figure_jobs(profile: Profile, out: Path) -> list[tuple]:
+    """The (figure function, profile, path) jobs of the figures beyond the paper that ``profile`` can draw."""
+    jobs = []
+    if profile.symmetric is not None and np.isfinite(profile.symmetric).any():
+        jobs.append((symmetry_by_layer_figure, profile, out / "symmetry_by_layer.png"))
+    if profile.ov is not None and np.isfinite(profile.ov.weighted).any():
+        jobs.append((ov_cosine_by_layer_figure, profile, out / "ov_cosine_by_layer.png"))
+    return jobs
+
+
+def symmetry_by_layer_figure(profile: Profile) -> Figure:
+    """``symmetric_fraction`` per layer against l/(L−1), in the style of :func:`cosine_by_layer_figure`.
+
+    Mean over heads with the head range (min–max) as a band; the null reference
+    ½ + 1/(2D) (independent random factors, derived in :func:`qkweights.qk.symmetric_null`)
+    as a dashed line; 1 = symmetric interaction, 0 = antisymmetric.
+    """
+    from qkweights.qk import symmetric_null
+
+    st = profile.circuit_layer_stats()
+    x = profile.depth
+    m = profile.model
+    null = symmetric_null(m.hidden, m.head_dim)
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axhline(null, color="0.45", lw=1.0, ls="--", zorder=1,
+               label=f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)")
+    ax.fill_between(x, st["symmetric_min"], st["symmetric_max"], color="C2", alpha=0.2, lw=0, label="head range (min–max)")
+    ax.plot(x, st["symmetric_fraction"], "o-", color="C2", ms=4,
+            label=r"symmetric fraction $\|(M+M^\top)/2\|_F^2 / \|M\|_F^2$ (mean over heads)")
+    _depth_axes(ax, m.layers)
+    _pad_ylim(ax, [st["symmetric_min"], st["symmetric_max"], [null]])
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -0.02), min(hi, 1.02))
+    ax.set_ylabel("symmetric fraction (1 symmetric, 0.5 none, 0 antisymmetric)")
+    ax.set_title(_model_title(profile), fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def ov_cosine_by_layer_figure(profile: Profile) -> Figure:
+    """The λ-weighted cosine of the value-output circuit per layer, in the style of :func:`cosine_by_layer_figure`.
+
+    ``Σ_n λ_n (p_n·r_n) / Σ_n λ_n`` of ``W_o,h W_v,h = P Λ Rᵀ``, mean over heads with the head
+    range as a band, the 95% null band ±1.96/√D of random unit vectors and a zero line.
+    ≈ 1: heads copy what they read; < 0: they suppress it.
+    """
+    st = profile.circuit_layer_stats()
+    x = profile.depth
+    m = profile.model
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    _null_band(ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {m.hidden})")
+    ax.fill_between(x, st["ov_min"], st["ov_max"], color="C4", alpha=0.2, lw=0, label="head range (min–max)")
+    ax.plot(x, st["ov_weighted_cosine"], "o-", color="C4", ms=4,
+            label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)")
+    missing = int(np.isnan(profile.ov.weighted).sum())
+    if missing:
+        ax.text(0.01, 0.01, f"{missing} head(s) without a value-output circuit left out", transform=ax.transAxes,
+                fontsize=8, color="0.3", va="bottom")
+    _depth_axes(ax, m.layers)
+    _pad_ylim(ax, [st["ov_min"], st["ov_max"], [-profile.null_band_95, profile.null_band_95]])
+    ax.set_ylabel("value-output cosine p·r (1 copies, < 0 suppresses)")
+    ax.set_title(_model_title(profile, fold=False) + "\nvalue-output circuit W_o,h W_v,h (never LayerNorm-folded)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return fig
 
@@ -300,10 +372,11 @@ def _pad_ylim(ax, arrays, pad: float = 0.06) -> None:
     ax.set_ylim(lo - pad * (hi - lo), hi + pad * (hi - lo))
 
 
-def _model_title(profile: Profile) -> str:
+def _model_title(profile: Profile, *, fold: bool = True) -> str:
     m = profile.model
     name = profile.source.get("model_id") or m.family
-    return f"{name} ({m.family}; {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim})"
+    folded = "; LayerNorm-folded Γ W_qᵀW_k Γ" if fold and getattr(m, "folded", None) else ""
+    return f"{name} ({m.family}; {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}{folded})"
 
 
 def _symmetric_range(values: np.ndarray, at_least: float) -> float:

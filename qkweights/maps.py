@@ -17,6 +17,12 @@ profiles' sign convention) and the embeddings x_t of the patch tokens t:
   j over all key tokens, and x always the LayerNorm output (the logits' own input). Then
   ``Σ_n c_n = Σ_{i,j} a_ij · x_iᵀW_qᵀW_k x_j / √K``, the attention-weighted bilinear logit
   summed over query rows. Modes are ranked by ``|c_n|``.
+* ``fold_ln`` (``maps --fold-ln``): the modes of the LayerNorm-folded ``Γ W_qᵀW_k Γ``
+  (:mod:`qkweights.fold`) projected on the normalised tokens n (the residual stream entering
+  the block, normalised as the LayerNorm does before its gain and bias), so the decomposition
+  stays exact: ``x̃_iᵀW_qᵀW_k x̃_j`` plus the bias terms = ``Σ_n σ_n (n_i·u_n)(v_n·n_j) + w_h·n_j``
+  + terms constant along each softmax row. ``c_n`` uses n and the folded modes; the key-salience
+  term's share ``Σ_{i,j} a_ij w_h·n_j / √K`` is ``Maps.salience_contribution``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from qkweights.qk import qk_svd
 EMBEDDINGS = {
     "ln": "LayerNorm output feeding W_q/W_k (attention_inputs[l])",
     "residual": "residual stream entering the block (hidden_states[l])",
+    "normalised": "normalised token n = (x̃ − β)/γ entering the LayerNorm-folded modes of Γ W_qᵀW_k Γ",
 }
 DEFAULT_MODES = 6
 CONTRIBUTION = "c_n = σ_n · Σ_ij a_ij (x_i·u_n)(v_n·x_j) / √K, a = the head's attention probabilities, i and j over all tokens, x = LayerNorm output"
@@ -73,6 +80,7 @@ class Maps:
     ranked: bool
     source: dict = field(default_factory=dict)
     image_path: str | None = None
+    salience_contribution: float | None = None  # Σ_ij a_ij w_h·n_j / √K with fold_ln, else None
 
 
 def choose_signs(query: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -115,23 +123,37 @@ def _check(model, layer: int, head: int, modes, top, embedding: str) -> None:
 
 
 def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int | None = None,
-                    embedding: str = "ln") -> Maps:
+                    embedding: str = "ln", fold_ln: bool = False) -> Maps:
     """Query and key maps of ``image`` on modes of head ``head`` of layer ``layer`` (0-based).
 
     model: a :class:`qkweights.vision.VisionModel`; image: a path, PIL image or uint8
     array (preprocessed with the model's own preprocessing). modes: mode indices (default
     the first 6, clipped to the head dim) or top: the ``top`` modes of largest |c_n|, in
-    that order. embedding: "ln" or "residual" (module docstring).
+    that order. embedding: "ln" or "residual" (module docstring). fold_ln: the LayerNorm-folded
+    modes on the normalised tokens n (module docstring; embedding must stay "ln").
     """
     modes = None if modes is None else [int(n) for n in modes]
     _check(model, layer, head, modes, top, embedding)
+    if fold_ln and embedding != "ln":
+        raise InputError("--fold-ln projects the normalised tokens n onto the folded modes; drop --embedding residual")
     pixels = model.preprocess(image)  # (1, 3, H, W)
     out = model.forward(pixels, attentions=True, layers=[layer])
     x_ln = out.attention_inputs[layer][0].astype(np.float64)  # (T, D)
     x = x_ln if embedding == "ln" else out.hidden_states[layer][0].astype(np.float64)
-    qk = model.checkpoint.qk(layer)
-    u, s, v = qk_svd(qk.wq[head], qk.wk[head])  # (D, K), (K,), (D, K)
-    c = contributions(x_ln, out.attentions[layer][0, head].astype(np.float64), u, s, v)  # (K,)
+    attn = out.attentions[layer][0, head].astype(np.float64)  # (T, T)
+    salience = None
+    if fold_ln:
+        from qkweights.fold import folded_modes, normalised_tokens
+
+        fm = folded_modes(model.checkpoint, layer, [head])
+        u, s, v = fm.u[0], fm.s[0], fm.v[0]  # (D, K), (K,), (D, K)
+        x = x_ln = normalised_tokens(out.hidden_states[layer][0], eps=model.dims.eps)  # (T, D) n
+        salience = float(attn.sum(0) @ (x @ fm.salience[0]) / math.sqrt(u.shape[1]))  # Σ_ij a_ij w·n_j / √K
+        embedding = "normalised"
+    else:
+        qk = model.checkpoint.qk(layer)
+        u, s, v = qk_svd(qk.wq[head], qk.wk[head])  # (D, K), (K,), (D, K)
+    c = contributions(x_ln, attn, u, s, v)  # (K,)
     if top is not None:
         chosen = np.argsort(-np.abs(c), kind="stable")[:top]
     else:
@@ -156,6 +178,7 @@ def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int
         ranked=top is not None,
         source=source_record(model.source, model.checkpoint) if model.source is not None else {},
         image_path=str(Path(image).absolute()) if isinstance(image, (str, os.PathLike)) else None,
+        salience_contribution=salience,
     )
 
 
@@ -191,11 +214,14 @@ def maps_figure(maps: Maps):
     for ax in axes[n + 1:]:
         ax.set_axis_off()
     order = f"top {n} modes by |c_n|" if maps.ranked else "modes " + ",".join(str(int(m)) for m in maps.modes)
-    fig.suptitle(f"{maps.model_id} — layer {maps.layer}, head {maps.head}, {order}\n"
+    folded = ", LayerNorm-folded modes" if maps.embedding == "normalised" else ""
+    fig.suptitle(f"{maps.model_id} — layer {maps.layer}, head {maps.head}, {order}{folded}\n"
                  f"x = {EMBEDDINGS[maps.embedding]}", fontsize=10)
     caption = CAPTION + "; sign shown (+/−) = larger max(x·u)·max(x·v)"
     if maps.ranked:
-        caption += f"\n{CONTRIBUTION}"
+        caption += f"\n{CONTRIBUTION}" + (" (here n and the folded modes)" if maps.embedding == "normalised" else "")
+    if maps.salience_contribution is not None:
+        caption += f"\nkey-salience term Σ_ij a_ij w_h·n_j / √K = {maps.salience_contribution:+.3g} (not in any mode)"
     caption = "\n".join(textwrap.fill(part, width=int(2.6 * cols * 72 / (7 * 0.55))) for part in caption.split("\n"))
     fig.text(0.5, 0.0, caption, ha="center", va="top", fontsize=7, color="0.3")
     return fig
@@ -207,8 +233,9 @@ def save_maps(maps: Maps, out_dir) -> list[Path]:
     The embedding is part of the name, so ``ln`` and ``residual`` maps of one head never
     overwrite each other. The npz holds query, key (N, gh, gw), modes, signs,
     singular_values, cosines, contributions (N,), embedding (str), layer, head,
-    patch_size, image (H, W, 3), and the provenance: model_id, source (the JSON record of
-    the weights: commit, files, sha256) and image_path ("" for an in-memory image).
+    patch_size, image (H, W, 3), the provenance: model_id, source (the JSON record of
+    the weights: commit, files, sha256) and image_path ("" for an in-memory image); with
+    ``fold_ln`` also salience_contribution.
     """
     out = Path(out_dir)
     stem = f"maps_L{maps.layer}_H{maps.head}_{maps.embedding}"
@@ -218,5 +245,6 @@ def save_maps(maps: Maps, out_dir) -> list[Path]:
                     embedding=np.array(maps.embedding), layer=np.array(maps.layer), head=np.array(maps.head),
                     patch_size=np.array(maps.patch_size), image=maps.image.astype(np.float32),
                     model_id=np.array(maps.model_id), source=np.array(json.dumps(maps.source, ensure_ascii=False)),
-                    image_path=np.array(maps.image_path or ""))
+                    image_path=np.array(maps.image_path or ""),
+                    **({} if maps.salience_contribution is None else {"salience_contribution": np.array(maps.salience_contribution)}))
     return [png, npz]

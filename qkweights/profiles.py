@@ -23,12 +23,28 @@ from threadpoolctl import threadpool_limits
 from qkweights import __version__
 from qkweights.errors import InputError
 from qkweights.outputs import dumps_json, record_outputs, write_csv, write_npz, write_text
-from qkweights.qk import DEGENERATE_RTOL, HeadStats, degenerate_blocks, head_stats, null_band, qk_svd
+from qkweights.qk import (
+    DEGENERATE_RTOL,
+    HeadStats,
+    degenerate_blocks,
+    fold_gain,
+    head_stats,
+    key_salience,
+    null_band,
+    ov_svd,
+    qk_svd,
+    symmetric_fraction,
+    symmetric_null,
+)
 from qkweights.spec import Checkpoint
 
-SCHEMA = "qkweights.profile/1"
+SCHEMA = "qkweights.profile/2"
+SCHEMAS = ("qkweights.profile/1", SCHEMA)  # what load_profile reads; /1 lacks symmetric_fraction, ov, salience_norm
 OMITTED = ("query and key biases (b_qᵀW_k x_j is a per-key salience term)", "LayerNorm gain and bias (they act before W_q/W_k)")
 SIGN_CONVENTION = "each (u_n, v_n) pair is flipped together so that the largest-magnitude entry of u_n is positive"
+OMITTED_FOLDED = ("key bias and terms of the query token alone (constant along each softmax row)",
+                  "the key-salience term w_h·n_j (reported as salience_norm = ‖w_h‖, not in the SVD)")
+OV_CONVENTION = "M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P Λ Rᵀ; cos_n = p_n·r_n; pairs (p_n, r_n) flipped together as (u_n, v_n)"
 
 
 @dataclass(frozen=True)
@@ -42,13 +58,38 @@ class ModelInfo:
     head_dim: int
     dtype: str
     omitted: tuple[str, ...] = OMITTED
+    folded: str | None = None  # "layernorm" for a profile of Γ W_qᵀW_k Γ (profile --fold-ln), else None
+    fold: dict | None = None  # what the fold includes (qkweights.fold.fold_description)
+    ov: dict | None = None  # {"available": bool, "note": text}; None for a profile/1 (not computed)
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "family": self.family, "layers": self.layers, "heads": self.heads, "hidden": self.hidden,
             "head_dim": self.head_dim, "dtype": self.dtype, "logit_scale": 1 / np.sqrt(self.head_dim),
             "weight_svd_omits": list(self.omitted),
         }
+        doc["folded"] = self.folded
+        if self.fold is not None:
+            doc["fold"] = self.fold
+        if self.ov is not None:
+            doc["ov"] = self.ov
+        return doc
+
+
+@dataclass(frozen=True)
+class OVProfile:
+    """The value-output circuit ``M_ov = W_o,h W_v,h = P Λ Rᵀ`` of every head (L layers, H heads, K modes).
+
+    ``singular_values`` (L, H, K) Λ; ``cosines`` (L, H, K) ``p_n·r_n``; ``weighted`` (L, H)
+    the λ-weighted cosine ``trace(M_ov)/‖M_ov‖_*``; ``degenerate[l][h]`` tied-λ blocks as
+    :func:`qkweights.qk.degenerate_blocks`. NaN where the weights are not finite or the
+    circuit is unavailable (``ModelInfo.ov``).
+    """
+
+    singular_values: np.ndarray
+    cosines: np.ndarray
+    weighted: np.ndarray
+    degenerate: list
 
 
 @dataclass(frozen=True)
@@ -79,6 +120,9 @@ class Profile:
     U: np.ndarray | None = None
     V: np.ndarray | None = None
     tool_version: str = __version__
+    symmetric: np.ndarray | None = None  # (L, H) symmetric_fraction; None: absent (profile/1)
+    ov: OVProfile | None = None  # None: absent (profile/1)
+    salience: np.ndarray | None = None  # (L, H) ‖w_h‖ of a folded profile; None unless --fold-ln
 
     @property
     def null_band_95(self) -> float:
@@ -100,9 +144,38 @@ class Profile:
                 "min": np.nanmin(w, 1), "max": np.nanmax(w, 1), "std": np.nanstd(w, 1),
             }
 
+    def circuit_layer_stats(self) -> dict[str, np.ndarray]:
+        """Per-layer mean/min/max over heads of the statistics beyond the paper, each (L,); only those the profile holds.
+
+        Keys: ``symmetric_fraction``/``symmetric_min``/``symmetric_max``,
+        ``ov_weighted_cosine``/``ov_min``/``ov_max``, ``salience_norm``/``salience_min``/``salience_max``.
+        """
+        out = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers stay NaN
+            for name, short, a in (("symmetric_fraction", "symmetric", self.symmetric),
+                                   ("ov_weighted_cosine", "ov", None if self.ov is None else self.ov.weighted),
+                                   ("salience_norm", "salience", self.salience)):
+                if a is not None:
+                    out[name], out[short + "_min"], out[short + "_max"] = np.nanmean(a, 1), np.nanmin(a, 1), np.nanmax(a, 1)
+        return out
+
+    def _circuit_head(self, l: int, h: int) -> dict:
+        doc = {}
+        if self.symmetric is not None:
+            doc["symmetric_fraction"] = float(self.symmetric[l, h])
+        if self.ov is not None:
+            doc["ov"] = None if not (self.model.ov or {}).get("available", True) else {
+                "singular_values": self.ov.singular_values[l, h].tolist(), "cosines": self.ov.cosines[l, h].tolist(),
+                "weighted_cosine": float(self.ov.weighted[l, h]), "degenerate_blocks": self.ov.degenerate[l][h]}
+        if self.salience is not None:
+            doc["salience_norm"] = float(self.salience[l, h])
+        return doc
+
     def to_json(self) -> dict:
-        """The ``profile.json`` document (schema ``qkweights.profile/1``)."""
+        """The ``profile.json`` document (schema ``qkweights.profile/2``)."""
         stats = self.layer_stats()
+        extra = {k: v for k, v in self.circuit_layer_stats().items() if k in ("symmetric_fraction", "ov_weighted_cosine", "salience_norm")}
         layers = []
         for l in range(self.model.layers):
             heads = [
@@ -116,10 +189,11 @@ class Profile:
                     "singular_values": self.singular_values[l, h].tolist(),
                     "cosines": self.cosines[l, h].tolist(),
                     "degenerate_blocks": self.degenerate[l][h],
+                    **self._circuit_head(l, h),
                 }
                 for h in range(self.model.heads)
             ]
-            layers.append({"layer": l, **{k: float(v[l]) for k, v in stats.items()}, "heads": heads})
+            layers.append({"layer": l, **{k: float(v[l]) for k, v in stats.items()}, **{k: float(v[l]) for k, v in extra.items()}, "heads": heads})
         return {
             "schema": SCHEMA,
             "tool_version": self.tool_version,
@@ -128,6 +202,8 @@ class Profile:
             "null_band_95": self.null_band_95,
             "sign_convention": SIGN_CONVENTION,
             "degenerate_rtol": DEGENERATE_RTOL,
+            **({"symmetric_null": symmetric_null(self.model.hidden, self.model.head_dim)} if self.symmetric is not None else {}),
+            **({"ov_convention": OV_CONVENTION} if self.ov is not None else {}),
             "nonfinite_heads": [{"layer": l, "head": h} for l, h in self.nonfinite],
             "layers": layers,
         }
@@ -148,7 +224,9 @@ class Profile:
                 rows.append([l, h, _num(self.weighted[l, h]), _num(self.mean[l, h]), _num(self.trace[l, h]),
                              _num(self.nuclear[l, h]), _num(self.effective_rank[l, h]),
                              _num(self.singular_values[l, h, 0]), len(self.degenerate[l][h])])
-        written.append(write_csv(out / "heads.csv", ["layer", "head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "effective_rank", "sigma_0", "degenerate_blocks"], rows))
+        header = ["layer", "head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "effective_rank", "sigma_0", "degenerate_blocks"]
+        header, rows = self._circuit_columns(header, rows)
+        written.append(write_csv(out / "heads.csv", header, rows))
         if self.U is not None:
             written.append(write_npz(out / "modes.npz", U=self.U, V=self.V, S=self.singular_values,
                                      profile_sha256=np.array(_sha256(text))))
@@ -161,6 +239,21 @@ class Profile:
 
     def json_text(self) -> str:
         return dumps_json(self.to_json())
+
+    def _circuit_columns(self, header: list[str], rows: list[list]) -> tuple[list[str], list[list]]:
+        """heads.csv columns beyond the paper, appended in (layer, head) order: the ones this profile holds."""
+        H = self.model.heads
+        if self.symmetric is not None:
+            header = header + ["symmetric_fraction"]
+            rows = [r + [_num(self.symmetric[i // H, i % H])] for i, r in enumerate(rows)]
+        if self.ov is not None:
+            header = header + ["ov_weighted_cosine", "ov_lambda_0", "ov_degenerate_blocks"]
+            rows = [r + [_num(self.ov.weighted[i // H, i % H]), _num(self.ov.singular_values[i // H, i % H, 0]),
+                         len(self.ov.degenerate[i // H][i % H])] for i, r in enumerate(rows)]
+        if self.salience is not None:
+            header = header + ["salience_norm"]
+            rows = [r + [_num(self.salience[i // H, i % H])] for i, r in enumerate(rows)]
+        return header, rows
 
 
 def _num(x: float) -> str:
@@ -180,21 +273,60 @@ class _Layer:
     s: np.ndarray | None  # (H_ok, K)
     u: np.ndarray | None  # (H_ok, D, K)
     v: np.ndarray | None
+    symmetric: np.ndarray | None = None  # (H_ok,)
+    salience: np.ndarray | None = None  # (H_ok,) ‖w_h‖ when folded
+    ov_ok: np.ndarray | None = None  # (H,) heads with finite W_v, W_o; None: the circuit is unavailable
+    ov_stats: HeadStats | None = None
+    ov_s: np.ndarray | None = None  # (H_ov_ok, K)
+    ov_why: str | None = None  # why the circuit is unavailable
 
 
-def _profile_layer(ck: Checkpoint, l: int) -> _Layer:
+def _profile_layer(ck: Checkpoint, l: int, fold_ln: bool = False) -> _Layer:
     qk = ck.qk(l)
-    ok = np.isfinite(qk.wq).all(axis=(1, 2)) & np.isfinite(qk.wk).all(axis=(1, 2))  # (H,)
+    wq, wk = qk.wq, qk.wk  # (H, K, D)
+    if fold_ln:
+        from qkweights.fold import layer_fold
+
+        gamma, beta, _, _ = layer_fold(ck, l)
+        wq, wk = fold_gain(wq, gamma), fold_gain(wk, gamma)  # W Γ: the SVD of Γ W_qᵀW_k Γ
+    ok = np.isfinite(wq).all(axis=(1, 2)) & np.isfinite(wk).all(axis=(1, 2))  # (H,)
+    extra = _ov_layer(ck, l)
     if not ok.any():
-        return _Layer(ok, None, None, None, None)
-    wq, wk = (qk.wq, qk.wk) if ok.all() else (qk.wq[ok], qk.wk[ok])
+        return _Layer(ok, None, None, None, None, **extra)
+    if not ok.all():
+        wq, wk = wq[ok], wk[ok]
     u, s, v = qk_svd(wq, wk)
-    return _Layer(ok, head_stats(u, s, v, wq, wk), s, u, v)
+    salience = None
+    if fold_ln:
+        salience = np.linalg.norm(key_salience(qk.wq[ok], qk.wk[ok], qk.bq[ok], gamma, beta), axis=-1)  # (H_ok,)
+    return _Layer(ok, head_stats(u, s, v, wq, wk), s, u, v, symmetric_fraction(s, wq, wk), salience, **extra)
+
+
+def _ov_layer(ck: Checkpoint, l: int) -> dict:
+    """The value-output circuit of layer ``l``'s heads, as keyword fields of :class:`_Layer`."""
+    if not hasattr(ck, "ov_unavailable"):  # a duck-typed checkpoint offering W_q/W_k only
+        return {"ov_why": "the checkpoint object gives no value/output weights"}
+    why = ck.ov_unavailable(l)
+    if why is not None:
+        return {"ov_why": why}
+    ov = ck.ov(l)
+    ok = np.isfinite(ov.wo).all(axis=(1, 2)) & np.isfinite(ov.wv).all(axis=(1, 2))  # (H,)
+    if not ok.any():
+        return {"ov_ok": ok}
+    wo, wv = (ov.wo, ov.wv) if ok.all() else (ov.wo[ok], ov.wv[ok])  # (H_ok, D, K), (H_ok, K, D)
+    p, lam, r = ov_svd(wo, wv)
+    return {"ov_ok": ok, "ov_stats": head_stats(p, lam, r, np.swapaxes(wo, -1, -2), wv), "ov_s": lam}
 
 
 def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
-                    progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> Profile:
+                    progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+                    fold_ln: bool = False) -> Profile:
     """Profile every head of ``ck``, layer by layer.
+
+    Beyond the paper, each head gets its ``symmetric_fraction`` and its value-output circuit
+    (``Profile.ov``; unavailable, with the reason in ``model.ov``, when the spec cannot give
+    W_v/W_o per head). ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` instead of
+    ``W_qᵀW_k`` and add each head's key-salience norm (:mod:`qkweights.fold`).
 
     Layers run on ``workers`` threads (default: min(2, CPU count)), each with
     single-threaded BLAS: LAPACK releases the GIL, and small batched LAPACK
@@ -212,13 +344,15 @@ def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
     V = np.full((L, H, D, K), np.nan) if save_vectors else None
     degenerate = [[[] for _ in range(H)] for _ in range(L)]
     nonfinite = []
+    circuits = _Circuits.empty(L, H, K, fold_ln)
     workers = workers or min(2, os.cpu_count() or 1)
     with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
-        pending = [pool.submit(_profile_layer, ck, l) for l in range(min(workers, L))]
+        pending = [pool.submit(_profile_layer, ck, l, fold_ln) for l in range(min(workers, L))]
         for l in range(L):
             layer = pending.pop(0).result()
             if l + workers < L:
-                pending.append(pool.submit(_profile_layer, ck, l + workers))
+                pending.append(pool.submit(_profile_layer, ck, l + workers, fold_ln))
+            _merge_circuits(layer, l, circuits)
             ok = layer.ok
             nonfinite += [(l, h) for h in np.flatnonzero(~ok).tolist()]
             if layer.stats is not None:
@@ -231,9 +365,52 @@ def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
                     degenerate[l][h] = degenerate_blocks(layer.s[j], layer.stats.cosines[j])
             if progress:
                 progress(l + 1, L)
-    model = ModelInfo(ck.spec.name, L, H, D, K, ck.dtype(), OMITTED + tuple(ck.spec.logit_terms))
+    omitted = OMITTED_FOLDED if fold_ln else OMITTED
+    fold = None
+    if fold_ln:
+        from qkweights.fold import FOLDED, fold_description
+
+        fold = fold_description(ck)
+    why = "; ".join(f"layer {l}: {w}" for l, w in circuits.why)
+    ov_info = {"available": not circuits.why, "note": (f"value-output circuit not computed ({why})" if why else OV_CONVENTION)}
+    model = ModelInfo(ck.spec.name, L, H, D, K, ck.dtype(), omitted + tuple(ck.spec.logit_terms),
+                      FOLDED if fold_ln else None, fold, ov_info)
     return Profile(model, source, S, cos, per_head["weighted"], per_head["mean"], per_head["trace"],
-                   per_head["nuclear"], per_head["effective_rank"], degenerate, nonfinite, U, V)
+                   per_head["nuclear"], per_head["effective_rank"], degenerate, nonfinite, U, V,
+                   symmetric=circuits.symmetric, ov=OVProfile(circuits.ov_s, circuits.ov_cos, circuits.ov_weighted, circuits.ov_degenerate),
+                   salience=circuits.salience)
+
+
+@dataclass
+class _Circuits:
+    """Accumulators of the statistics beyond the paper, filled layer by layer (NaN where undefined)."""
+
+    symmetric: np.ndarray  # (L, H)
+    salience: np.ndarray | None  # (L, H)
+    ov_s: np.ndarray  # (L, H, K)
+    ov_cos: np.ndarray  # (L, H, K)
+    ov_weighted: np.ndarray  # (L, H)
+    ov_degenerate: list
+    why: list  # [(layer, reason)] of layers without a value-output circuit
+
+    @classmethod
+    def empty(cls, L: int, H: int, K: int, fold_ln: bool) -> _Circuits:
+        return cls(np.full((L, H), np.nan), np.full((L, H), np.nan) if fold_ln else None, np.full((L, H, K), np.nan),
+                   np.full((L, H, K), np.nan), np.full((L, H), np.nan), [[[] for _ in range(H)] for _ in range(L)], [])
+
+
+def _merge_circuits(layer: _Layer, l: int, c: _Circuits) -> None:
+    if layer.symmetric is not None:
+        c.symmetric[l, layer.ok] = layer.symmetric
+    if layer.salience is not None:
+        c.salience[l, layer.ok] = layer.salience
+    if layer.ov_why is not None:
+        c.why.append((l, layer.ov_why))
+    if layer.ov_stats is not None:
+        ok = layer.ov_ok
+        c.ov_s[l, ok], c.ov_cos[l, ok], c.ov_weighted[l, ok] = layer.ov_s, layer.ov_stats.cosines, layer.ov_stats.weighted
+        for j, h in enumerate(np.flatnonzero(ok)):
+            c.ov_degenerate[l][h] = degenerate_blocks(layer.ov_s[j], layer.ov_stats.cosines[j])
 
 
 def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
@@ -255,7 +432,7 @@ def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
         raise InputError(f"{path}: no such profile; write one with `python -m qkweights profile MODEL --out DIR`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not a readable profile.json ({e}); re-run `python -m qkweights profile`") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+    if not isinstance(doc, dict) or doc.get("schema") not in SCHEMAS:
         raise InputError(f"{path}: not a qkweights profile (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})")
     p = _ProfileReader(path, doc)
     U = V = None
@@ -264,7 +441,7 @@ def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
         U, V = _read_modes(npz, path, raw, p.model)
     return Profile(p.model, p.source, p.singular_values, p.cosines, p.grid("weighted_cosine"), p.grid("mean_cosine"),
                    p.grid("trace"), p.grid("nuclear_norm"), p.grid("effective_rank"), p.degenerate, p.nonfinite, U, V,
-                   p.tool_version)
+                   p.tool_version, **_load_circuits(p))
 
 
 class _ProfileReader:
@@ -280,8 +457,12 @@ class _ProfileReader:
         omits = m.get("weight_svd_omits", list(OMITTED))
         if not isinstance(omits, list) or not all(isinstance(x, str) for x in omits):
             self.fail("model.weight_svd_omits", "must be a list of texts")
+        for key, kind in (("folded", str), ("fold", dict), ("ov", dict)):
+            if m.get(key) is not None and not isinstance(m[key], kind):
+                self.fail(f"model.{key}", f"is {_short(m[key])}; expected {_KINDS[kind]} (or null)")
         self.model = ModelInfo(self.field(m, "family", str, "model.family"), ints["layers"], ints["heads"], ints["hidden"],
-                               ints["head_dim"], self.field(m, "dtype", str, "model.dtype"), tuple(omits))
+                               ints["head_dim"], self.field(m, "dtype", str, "model.dtype"), tuple(omits),
+                               m.get("folded"), m.get("fold"), m.get("ov"))
         self.source = self.field(doc, "source", dict)
         self.tool_version = str(doc.get("tool_version", "?"))
         L, H, K = self.model.layers, self.model.heads, self.model.head_dim
@@ -391,3 +572,39 @@ def _read_modes(npz: Path, path: Path, raw: bytes, model: ModelInfo) -> tuple[np
         if a.ndim != 4 or a.shape[:3] != (L, H, D) or not 1 <= a.shape[3] <= model.head_dim:
             raise InputError(f"{npz}: {name} has shape {a.shape}, expected ({L}, {H}, {D}, ≤{model.head_dim}) from {path.name}; {fix}")
     return U, V
+
+
+def _load_circuits(p: _ProfileReader) -> dict:
+    """The statistics beyond the paper of a saved profile, type-checked; a /1 profile (or one without them) leaves them None (absent)."""
+    heads = [hd for hs in p.heads for hd in hs]
+    out = {}
+    if heads and all("symmetric_fraction" in hd for hd in heads):
+        out["symmetric"] = p.grid("symmetric_fraction")
+    if heads and all("salience_norm" in hd for hd in heads):
+        out["salience"] = p.grid("salience_norm")
+    if heads and all("ov" in hd for hd in heads):
+        L, H, K = p.model.layers, p.model.heads, p.model.head_dim
+
+        def ov(l: int, h: int) -> dict:
+            value = p.heads[l][h]["ov"]
+            if value is not None and not isinstance(value, dict):
+                p.fail(f"layers[{l}].heads[{h}].ov", f"is {_short(value)}; expected an object (or null)")
+            return value or {}
+
+        def numbers(l: int, h: int, key: str, n: int) -> list[float]:
+            value, where = ov(l, h).get(key), f"layers[{l}].heads[{h}].ov.{key}"
+            if value is None:
+                return [np.nan] * n
+            if not isinstance(value, list) or len(value) != n:
+                p.fail(where, f"must be a list of {n} numbers")
+            return [p.number(x, f"{where}[{i}]") for i, x in enumerate(value)]
+
+        def number(l: int, h: int, key: str) -> float:
+            return p.number(ov(l, h).get(key), f"layers[{l}].heads[{h}].ov.{key}")
+
+        grid = [(l, h) for l in range(L) for h in range(H)]
+        out["ov"] = OVProfile(np.array([numbers(l, h, "singular_values", K) for l, h in grid]).reshape(L, H, K),
+                              np.array([numbers(l, h, "cosines", K) for l, h in grid]).reshape(L, H, K),
+                              np.array([number(l, h, "weighted_cosine") for l, h in grid]).reshape(L, H),
+                              [[ov(l, h).get("degenerate_blocks", []) for h in range(H)] for l in range(L)])
+    return out

@@ -115,3 +115,72 @@ def null_band(hidden: int, level: float = 0.95) -> float:
     """
     z = {0.95: 1.959963984540054, 0.99: 2.5758293035489004}[level]
     return z / np.sqrt(hidden)
+
+
+# ---------------------------------------------------------------------------- beyond the paper
+# Three weight-only analyses in the same exact, factored, float64 style (never a D×D matrix):
+# the symmetry of W_qᵀW_k, the value-output circuit W_o,h W_v,h, and the LayerNorm/bias fold.
+
+
+def symmetric_fraction(s: np.ndarray, wq: np.ndarray, wk: np.ndarray) -> np.ndarray:
+    """``‖(M + Mᵀ)/2‖_F² / ‖M‖_F²`` of ``M = wqᵀ wk`` for a stack of heads, in [0, 1].
+
+    s: (..., K) the singular values of M; wq, wk: (..., K, D). With ``‖M‖_F² = Σσ_n²``
+    and ``tr(M²) = tr((wk wqᵀ)²)`` (a K×K product): ``(1 + tr(M²)/‖M‖_F²)/2``. 1 for a
+    symmetric M (W_q = W_k), 0 for an antisymmetric one, ½ on average for independent
+    random factors (up to O(1/D), :func:`symmetric_null`). Basis-free. NaN where M = 0.
+    """
+    g = np.asarray(wk, np.float64) @ np.swapaxes(np.asarray(wq, np.float64), -1, -2)  # (..., K, K) W_k W_qᵀ
+    tr2 = np.einsum("...ij,...ji->...", g, g)  # (...) tr(M²)
+    frob2 = (np.asarray(s, np.float64) ** 2).sum(-1)  # (...) ‖M‖_F²
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(frob2 > 0, (1 + tr2 / frob2) / 2, np.nan)
+
+
+def symmetric_null(hidden: int, head_dim: int) -> float:
+    """The null reference of :func:`symmetric_fraction`: independent random factors W_q, W_k.
+
+    Derived, for i.i.d. N(0, 1) entries of W_q, W_k (K×D): ``E tr(M²) = K·D`` and
+    ``E ‖M‖_F² = K·D²`` (only the pairings δ_ik δ_jl survive), so the ratio of
+    expectations is ``½ + 1/(2D)`` — ½ up to O(1/D), independent of K
+    (tests/test_circuits.py checks it by simulation).
+    """
+    del head_dim  # the leading term does not depend on K
+    return 0.5 + 0.5 / hidden
+
+
+def ov_svd(wo: np.ndarray, wv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SVD ``P Λ Rᵀ`` of the value-output circuit ``M_ov = wo wv`` for a stack of heads.
+
+    wo: (..., D, K) the head's columns h·K … (h+1)·K−1 of the output projection (out, in);
+    wv: (..., K, D) the head's rows of the value projection. ``M_ov`` (D×D, rank ≤ K)
+    maps the token a head reads (input direction r_n) to what it writes (output direction
+    p_n): ``cos_n = p_n·r_n`` ≈ 1 copies a feature, < 0 suppresses it. The same QR-core as
+    :func:`qk_svd` (``M_ov = (woᵀ)ᵀ wv``) and the same sign convention (p_n plays u_n).
+    Returns P (..., D, K), Λ (..., K) descending, R (..., D, K), float64; ``trace(M_ov) =
+    ⟨woᵀ, wv⟩_F``, so ``head_stats(P, Λ, R, woᵀ, wv)`` gives its cosines and statistics.
+    """
+    return qk_svd(np.swapaxes(np.asarray(wo, np.float64), -1, -2), wv)
+
+
+def fold_gain(w: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """Rows of ``Wᵀ`` (columns of W) scaled by the LayerNorm gain: ``W Γ`` with Γ = diag(γ).
+
+    w: (..., K, D) query or key weights; gamma: (D,). Then
+    ``(W_q Γ)ᵀ (W_k Γ) = Γ W_qᵀ W_k Γ``, the interaction of the normalised tokens n
+    (x̃ = γ ⊙ n + β), whose SVD :func:`qk_svd` gives from the folded factors.
+    """
+    return np.asarray(w, np.float64) * np.asarray(gamma, np.float64)  # (..., K, D)
+
+
+def key_salience(wq: np.ndarray, wk: np.ndarray, bq: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """The key-salience vector ``w_h = Γ W_k,hᵀ (W_q,h β + b_q,h)`` per head.
+
+    wq, wk: (..., K, D); bq: (..., K); gamma, beta: (D,). With x̃ = γ ⊙ n + β,
+    ``q_i·k_j = n_iᵀ Γ W_qᵀW_k Γ n_j + w_h·n_j + (terms of i alone) + const``: the
+    only term the folded SVD misses that changes a softmax row. Returns (..., D),
+    in the unscaled units of σ (the logits carry a further 1/√K).
+    """
+    wq, wk = np.asarray(wq, np.float64), np.asarray(wk, np.float64)
+    c = np.einsum("...kd,d->...k", wq, np.asarray(beta, np.float64)) + np.asarray(bq, np.float64)  # (..., K) W_q β + b_q
+    return np.einsum("...kd,...k->...d", wk, c) * np.asarray(gamma, np.float64)  # (..., D)

@@ -380,6 +380,34 @@ class QK:
     bk: np.ndarray
 
 
+@dataclass(frozen=True)
+class OV:
+    """Value and output weights of one layer, per head, in float64.
+
+    ``wo``: (H, D, K) head h's columns h·K … (h+1)·K−1 of the output projection (out, in);
+    ``wv``: (H, K, D) head h's rows of the value projection; ``bv``: (H, K); ``bo``: (D,)
+    (zeros where the checkpoint has no bias).
+    """
+
+    wo: np.ndarray
+    wv: np.ndarray
+    bv: np.ndarray
+    bo: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerNormWeights:
+    """The pre-attention LayerNorm of one layer, float64: ``x̃ = γ ⊙ n + β``.
+
+    ``gamma``, ``beta``: (D,); ``has_bias``: whether the checkpoint stores β (an RMSNorm-style
+    norm without bias reads β = 0).
+    """
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    has_bias: bool
+
+
 class Checkpoint:
     """A checkpoint read through its family's spec: weights by role, dims resolved."""
 
@@ -519,6 +547,66 @@ class Checkpoint:
             bq=np.asarray(zeros if bq is None else bq, np.float64).reshape(h, k),  # (H, K)
             bk=np.asarray(zeros if bk is None else bk, np.float64).reshape(h, k),
         )
+
+    def ov_unavailable(self, i: int) -> str | None:
+        """Why :meth:`ov` cannot give layer ``i``'s per-head value/output weights, or None when it can."""
+        att, d = self.spec.attention, self.dims.hidden
+        for role in ("qkv",) if "qkv" in att else ("v",):
+            if role not in att:
+                return f"the spec names no value projection ([attention] v or qkv in {self.spec.path.name})"
+        if "out" not in att:
+            return f"the spec names no attention output projection ([attention] out in {self.spec.path.name})"
+        for role, shape in (("qkv" if "qkv" in att else "v", (3 * d, d) if "qkv" in att else (d, d)), ("out", (d, d))):
+            if not self.has_role("attention", role, i):
+                return f"the checkpoint lacks {self.prefix + _module(att[role], i)[0]}"
+            got = self.store.shape(self.prefix + _module(att[role], i)[0])
+            if tuple(got) != shape:
+                return f"layer {i} {role} weight has shape {tuple(got)}, not {shape}: the spec cannot give it per head"
+        return None
+
+    def ov(self, i: int) -> OV:
+        """Per-head value and output weights and biases of layer ``i`` (float64), read as the forward pass reads them.
+
+        The value rows are those of :func:`qkweights.vision.value_weights` (a separate ``v``
+        module, or rows 2D…3D of the fused ``qkv``; a ``v_bias`` tensor overrides the bias);
+        ``out`` is stored (out, in) = (D, D), head h's input columns h·K … (h+1)·K−1.
+        Raises CheckpointError when :meth:`ov_unavailable` gives a reason.
+        """
+        why = self.ov_unavailable(i)
+        if why is not None:
+            raise CheckpointError(f"{self.spec.name}: no value-output circuit for layer {i}: {why}")
+        d, h, k = self.dims.hidden, self.dims.heads, self.dims.head_dim
+        att = self.spec.attention
+        if "qkv" in att:
+            w, b = self.module("attention", "qkv", i)
+            wv, bv = w[2 * d :], (b[2 * d :] if b is not None else None)
+        else:
+            wv, bv = self.module("attention", "v", i)
+        if "v_bias" in att and self.has(att["v_bias"], i):
+            bv = self.tensor(att["v_bias"], i)
+        wo, bo = self.module("attention", "out", i)
+        zeros = np.zeros(d)
+        return OV(
+            # (H, D, K) as a view of the contiguous (H, K, D) W_o,hᵀ: the layout the QR of the SVD reads fastest
+            wo=np.ascontiguousarray(np.asarray(wo, np.float64).reshape(d, h, k).transpose(1, 2, 0)).transpose(0, 2, 1),
+            wv=np.asarray(wv, np.float64).reshape(h, k, d),  # (H, K, D)
+            bv=np.asarray(zeros if bv is None else bv, np.float64).reshape(h, k),  # (H, K)
+            bo=np.asarray(zeros if bo is None else bo, np.float64),  # (D,)
+        )
+
+    def norm1(self, i: int) -> LayerNormWeights | None:
+        """The LayerNorm feeding layer ``i``'s attention (``[block] norm1``), or None when the spec or the checkpoint has none.
+
+        Post-norm families (BERT: the LayerNorm sits after the attention) and weights-only
+        specs without a ``[block]`` table have none.
+        """
+        if not self.has_role("block", "norm1", i):
+            return None
+        w, b = self.module("block", "norm1", i)
+        d = self.dims.hidden
+        if w.shape != (d,) or (b is not None and b.shape != (d,)):
+            raise CheckpointError(f"{self.spec.name}: layer {i} norm1 has shape {w.shape}/{None if b is None else b.shape}, expected ({d},); the config does not fit the tensors")
+        return LayerNormWeights(np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None)
 
     def _check_shape(self, w: np.ndarray, expected: tuple[int, ...], role: str, i: int) -> None:
         if w.shape != expected:

@@ -73,7 +73,7 @@ def test_depths_6_and_12_and_known_values(tmp_path):
     p6 = profile_of(*weights(6, 3, 4, 16, sign=sign6), "test/six")
     p12 = profile_of(*weights(12, 2, 4, 24, seed=1, sign=sign12), "test/twelve")
     paths = compare([p6, p12], tmp_path)
-    assert [p.name for p in paths] == ["compare_cosine.png", "compare_cosine.csv"]
+    assert [p.name for p in paths] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv"]
     rows = read_csv(tmp_path / "compare_cosine.csv")
     assert list(rows[0]) == ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", "model_id", "commit", "weight_files"]
     for model, sign, L in (("test/six", sign6, 6), ("test/twelve", sign12, 12)):
@@ -115,8 +115,11 @@ def test_round_trip_via_profile_json(tmp_path):
 
 def test_curves_from_profile():
     p = profile_of(*weights(5, 2, 3, 12, seed=4), "test/curves")
-    weighted, mean = curves_from(p)
+    weighted, mean, sym = curves_from(p)  # no value-output circuit from a W_q/W_k-only checkpoint
     assert isinstance(weighted, Curve)
+    assert sym.kind == "symmetric_fraction"
+    np.testing.assert_allclose(sym.values, np.mean(p.symmetric, 1))
+    np.testing.assert_allclose(sym.hi, np.max(p.symmetric, 1))
     assert (weighted.label, weighted.kind, weighted.hidden) == ("test/curves", "weighted_cosine", 12)
     assert mean.kind == "mean_cosine" and mean.lo is None
     np.testing.assert_allclose(weighted.depth, [0, 0.25, 0.5, 0.75, 1])
@@ -154,8 +157,8 @@ def test_folder_with_profile_and_o3(tmp_path):
     p = profile_of(*weights(3, 2, 3, 12, seed=6), "test/both")
     p.save(tmp_path / "both", plots=False)
     write(tmp_path / "both" / "o3_summary.json", o3_doc(3, model_id="test/both"))
-    assert [c.kind for c in curves_from(tmp_path / "both")] == ["weighted_cosine", "mean_cosine", "o3_same", "o3_different", "o3_background"]
-    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == ["compare_cosine.png", "compare_cosine.csv", "compare_o3.png", "compare_o3.csv"]
+    assert [c.kind for c in curves_from(tmp_path / "both")] == ["weighted_cosine", "mean_cosine", "symmetric_fraction", "o3_same", "o3_different", "o3_background"]
+    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv", "compare_o3.png", "compare_o3.csv"]
 
 
 def test_labels_and_duplicates(tmp_path):
@@ -172,7 +175,7 @@ def test_labels_and_duplicates(tmp_path):
 
 def test_rejects_what_is_not_a_profile(tmp_path):
     other = write(tmp_path / "other.json", {"schema": "something/1"})
-    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile or O3 summary .*qkweights\.profile/1"):
+    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile or O3 summary .*qkweights\.profile/2"):
         curves_from(other)
     text = tmp_path / "notes.txt"
     text.write_text("hello")

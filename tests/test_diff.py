@@ -148,7 +148,9 @@ def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
     written = d.save(tmp_path / "out", plots=False)
     assert [p.name for p in written] == ["diff.json", "diff_heads.csv"]
     texts = [t.get_text() for ax in heatmaps_figure(d).axes for t in ax.texts]
-    assert texts.count("n/a") == 2 * 6  # both heads grey-labelled in each of the six panels
+    # both heads grey-labelled in each of the six query-key panels, and in the Δ symmetric fraction panel
+    # (undefined for M = 0 or NaN); their value-output circuits are intact, so the Δ OV panel has values.
+    assert texts.count("n/a") == 2 * 6 + 2
     # the score panel marks measured heads with their rank in the table: #3 … #7 (ranks 1, 2 are the undefined heads)
     assert [t for t in texts if t.startswith("#")] == ["#3", "#4", "#5", "#6", "#7"]
     with open(tmp_path / "out" / "diff_heads.csv", newline="") as f:

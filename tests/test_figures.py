@@ -72,7 +72,8 @@ def test_cosine_by_layer_draws_known_values():
 def test_profile_figures_write_pngs(tmp_path):
     p = profile_of(12, 12, 8, 32, seed=1)
     paths = figures.profile_figures(p, tmp_path)
-    assert [x.name for x in paths] == ["cosine_by_layer.png", "spectrum_grid.png", "cosine_hist.png"]
+    # the test checkpoint offers W_q/W_k only: no value-output circuit, so no ov_cosine_by_layer.png
+    assert [x.name for x in paths] == ["cosine_by_layer.png", "spectrum_grid.png", "cosine_hist.png", "symmetry_by_layer.png"]
     for path in paths:
         with Image.open(path) as im:
             assert im.format == "PNG"
@@ -86,7 +87,7 @@ def test_nan_heads_do_not_crash(tmp_path):
     bad = [(2, 1)] + [(4, h) for h in range(3)]
     p = profile_of(6, 3, 4, 16, seed=2, nan=bad)
     assert sorted(p.nonfinite) == bad
-    assert len(figures.profile_figures(p, tmp_path)) == 3
+    assert len(figures.profile_figures(p, tmp_path)) == 4
     ax = figures.cosine_by_layer_figure(p).axes[0]
     y = line(ax, "weighted cosine").get_ydata()
     assert np.isnan(y[4]) and np.isfinite(np.delete(y, 4)).all()
@@ -98,7 +99,7 @@ def test_nan_heads_do_not_crash(tmp_path):
 
 def test_all_heads_nan(tmp_path):
     p = profile_of(2, 2, 4, 16, nan=[(0, 0), (0, 1), (1, 0), (1, 1)])
-    assert len(figures.profile_figures(p, tmp_path)) == 3
+    assert len(figures.profile_figures(p, tmp_path)) == 3  # no finite symmetric fraction: no symmetry_by_layer.png
 
 
 def test_modes_carrying():

@@ -90,18 +90,21 @@ def test_save_and_load_round_trip(tmp_path):
     written = prof.save(tmp_path, plots=False)
     assert sorted(p.name for p in written) == ["heads.csv", "modes.npz", "profile.json"]
     doc = json.loads((tmp_path / "profile.json").read_text())
-    assert doc["schema"] == "qkweights.profile/1"
+    assert doc["schema"] == "qkweights.profile/2"
     assert doc["model"] == {**doc["model"], "family": "hf-deit", "layers": 2, "heads": 4, "hidden": 32, "head_dim": 8, "dtype": "F32"}
     assert doc["null_band_95"] == pytest.approx(1.959963984540054 / np.sqrt(32))
-    assert set(doc["layers"][0]) == {"layer", "weighted_cosine", "mean_cosine", "min", "max", "std", "heads"}
+    assert set(doc["layers"][0]) == {"layer", "weighted_cosine", "mean_cosine", "min", "max", "std", "symmetric_fraction", "ov_weighted_cosine", "heads"}
     head = doc["layers"][1]["heads"][3]
     assert set(head) >= {"head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "singular_values", "cosines", "degenerate_blocks"}
     assert head["head"] == 3 and len(head["cosines"]) == 8
     assert doc["layers"][1]["weighted_cosine"] == pytest.approx(np.mean(prof.weighted[1]))
     assert doc["source"]["files"][0]["name"] == "model.safetensors" and len(doc["source"]["files"][0]["sha256"]) == 64
     back = load_profile(tmp_path)
-    for field in ("singular_values", "cosines", "weighted", "mean", "trace", "nuclear", "effective_rank", "U", "V"):
+    for field in ("singular_values", "cosines", "weighted", "mean", "trace", "nuclear", "effective_rank", "U", "V", "symmetric"):
         np.testing.assert_array_equal(getattr(back, field), getattr(prof, field))
+    for field in ("singular_values", "cosines", "weighted", "degenerate"):
+        np.testing.assert_array_equal(getattr(back.ov, field), getattr(prof.ov, field))
+    assert back.salience is None and doc["model"]["folded"] is None
     assert back.model == prof.model and back.degenerate == prof.degenerate
     rows = (tmp_path / "heads.csv").read_text().splitlines()
     assert rows[0].startswith("layer,head,weighted_cosine") and len(rows) == 1 + 2 * 4

@@ -15,6 +15,8 @@ def configure(p) -> None:
     p.add_argument("--tol-head", type=float, default=0.05, help="allowed absolute change of a head's weighted cosine (default: 0.05)")
     p.add_argument("--tol-sigma", type=float, default=0.01, help="allowed relative change of each of a head's top singular values (default: 0.01)")
     p.add_argument("--top-sigma", type=int, default=5, metavar="N", help="how many of the largest singular values per head --tol-sigma covers (default: 5)")
+    p.add_argument("--tol-symmetry", type=float, metavar="TOL", help="also check each head's symmetric_fraction: allowed absolute change (default: not checked)")
+    p.add_argument("--tol-ov", type=float, metavar="TOL", help="also check the λ-weighted cosine of each head's value-output circuit: allowed absolute change (default: not checked)")
     p.add_argument("--report", metavar="FILE", help="write every check as JSON (schema qkweights.check/1)")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per check group, for CI test reports")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -26,7 +28,7 @@ def run(args) -> int:
             check_file_target(target)  # a bad report path fails before the profile is computed
     report = check_model(args.model, args.baseline, model_options=model_options(args),
                          progress=False if args.quiet else None, tol_layer=args.tol_layer, tol_head=args.tol_head,
-                         tol_sigma=args.tol_sigma, top_sigma=args.top_sigma)
+                         tol_sigma=args.tol_sigma, top_sigma=args.top_sigma, tol_symmetry=args.tol_symmetry, tol_ov=args.tol_ov)
     if args.report:
         write_json(args.report, report.to_json())
     if args.junit:

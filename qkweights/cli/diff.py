@@ -20,6 +20,7 @@ def configure(p) -> None:
     p.add_argument("--family", help="checkpoint family of both, overriding detection (see `python -m qkweights specs`)")
     add_pickle_arguments(p)
     p.add_argument("--k", type=int, default=8, help="size of the top singular subspaces whose principal angles are compared (default: 8)")
+    p.add_argument("--fold-ln", action="store_true", help="profile checkpoints LayerNorm-folded, as `profile --fold-ln` (saved profiles are read as they are)")
     p.add_argument("--out", default="qkweights-out/diff", help="output folder (default: ./qkweights-out/diff)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -28,8 +29,8 @@ def configure(p) -> None:
 def run(args) -> int:
     progress = False if args.quiet else None
     prepare_dir(args.out)
-    a = profile_for_diff(args.model_a, k=args.k, progress=progress, **model_options(args, args.revision_a))
-    b = profile_for_diff(args.model_b, k=args.k, progress=progress, **model_options(args, args.revision_b))
+    a = profile_for_diff(args.model_a, k=args.k, progress=progress, fold_ln=args.fold_ln, **model_options(args, args.revision_a))
+    b = profile_for_diff(args.model_b, k=args.k, progress=progress, fold_ln=args.fold_ln, **model_options(args, args.revision_b))
     result = diff_profiles(a, b, k=args.k)
     written = result.save(Path(args.out), plots=not args.no_plots)
     if not args.quiet:

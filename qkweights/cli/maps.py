@@ -16,6 +16,7 @@ def configure(p) -> None:
     which.add_argument("--top", type=int, help="draw the TOP modes of largest |c_n|, c_n = the mode's contribution to this image's attention logits in the head (paper Fig. 5)")
     p.add_argument("--embedding", choices=("ln", "residual"), default="ln",
                    help="x projected: ln = the LayerNorm output feeding W_q/W_k (default, exact logit decomposition); residual = the residual stream entering the block (the paper's public code)")
+    p.add_argument("--fold-ln", action="store_true", help="use the LayerNorm-folded modes of Γ W_qᵀW_k Γ on the normalised tokens n (exact with the biases' key-salience term, printed too)")
     p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
 
 
@@ -27,12 +28,14 @@ def run(args) -> int:
     print_notes(model.notes)
     prepare_dir(out_dir(args, model.source.model_id))
     modes = parse_indices(args.modes, model.dims.head_dim, "modes") if args.modes else None
-    maps = projection_maps(model, args.image, layer=args.layer, head=args.head, modes=modes, top=args.top, embedding=args.embedding)
+    maps = projection_maps(model, args.image, layer=args.layer, head=args.head, modes=modes, top=args.top, embedding=args.embedding, fold_ln=args.fold_ln)
     out = out_dir(args, model.source.model_id)
     written = save_maps(maps, out)
     print(f"layer {maps.layer} head {maps.head}, x = {maps.embedding}")
     print(f"{'mode':>4} {'sign':>4} {'sigma':>10} {'cos':>8} {'c_n':>10}")
     for i, n in enumerate(maps.modes):
         print(f"{int(n):>4} {SIGN_CHARS[int(maps.signs[i])]:>4} {maps.singular_values[i]:>10.4g} {maps.cosines[i]:>+8.4f} {maps.contributions[i]:>+10.4g}")
+    if maps.salience_contribution is not None:
+        print(f"key-salience term Σ_ij a_ij w_h·n_j / √K: {maps.salience_contribution:+.4g}")
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")
     return 0

@@ -23,6 +23,9 @@ def configure(p) -> None:
     p.add_argument("--json", action="store_true", help="print profile.json to stdout instead of the table")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--save-vectors", action="store_true", help="also write modes.npz with U, V [L,H,D,K] and S")
+    p.add_argument("--fold-ln", action="store_true",
+                   help="profile the LayerNorm-folded Γ W_qᵀW_k Γ (the interaction of the normalised tokens) and each head's "
+                        "key-salience norm ‖Γ W_kᵀ(W_q β + b_q)‖; also draws fold_cosine_by_layer.png against the plain profile")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -35,10 +38,16 @@ def run(args) -> int:
         record = background.submit(source_record, source, ck)
         if not args.no_plots:
             background.submit(importlib.import_module, "qkweights.figures")
-        prof = compute_profile(ck, {}, save_vectors=args.save_vectors, progress=bar.update)
+        fold_ln = getattr(args, "fold_ln", False)
+        prof = compute_profile(ck, {}, save_vectors=args.save_vectors, progress=bar.update, fold_ln=fold_ln)
         prof = dataclasses.replace(prof, source=record.result())
     bar.close()
     written = prof.save(out, plots=not args.no_plots)
+    if fold_ln and not args.no_plots:
+        from qkweights.compare import fold_comparison
+
+        plain = dataclasses.replace(compute_profile(ck, {}), source=prof.source)
+        written += fold_comparison(prof, plain, out)
     if args.json:
         sys.stdout.write(prof.json_text())
     elif not args.quiet:
@@ -62,9 +71,29 @@ def format_table(prof: Profile) -> str:
     for l in range(m.layers):
         lines.append(f"{l:>5} {prof.depth[l]:>8.3f} {stats['weighted_cosine'][l]:>13.4f} {stats['min'][l]:>9.4f} {stats['max'][l]:>9.4f} {stats['mean_cosine'][l]:>9.4f}")
     lines.append(f"null band (95%, random unit vectors in R^{m.hidden}): ±{prof.null_band_95:.4f}")
+    lines += _circuit_lines(prof)
     n_deg = sum(len(b) for row in prof.degenerate for b in row)
     if n_deg:
         lines.append(f"{n_deg} degenerate σ block(s): individual cosines inside them are not meaningful (see degenerate_blocks in profile.json)")
     if not np.isfinite(prof.weighted).all():
         lines.append("some heads have no statistics (non-finite weights or Σσ = 0)")
     return "\n".join(lines)
+
+
+def _circuit_lines(prof: Profile) -> list[str]:
+    """Per-layer means of the statistics beyond the paper, and what the fold includes or why the OV circuit is absent."""
+    extra = prof.circuit_layer_stats()
+    m = prof.model
+    if not extra:
+        return []
+    cols = [("symmetric_fraction", "sym frac"), ("ov_weighted_cosine", "OV cos"), ("salience_norm", "‖w_h‖")]
+    cols = [(k, t) for k, t in cols if k in extra]
+    lines = [f"{'layer':>5} " + " ".join(f"{t:>9}" for _, t in cols) + "   (means over heads)"]
+    for l in range(m.layers):
+        lines.append(f"{l:>5} " + " ".join(f"{extra[k][l]:>9.4f}" for k, _ in cols))
+    if m.ov is not None and not m.ov.get("available", True):
+        lines.append(m.ov["note"])
+    if m.folded:
+        lines.append("--fold-ln folds: " + "; ".join(m.fold["includes"]))
+        lines += [f"note: {n}" for n in m.fold["notes"]]
+    return lines
