@@ -386,6 +386,6 @@ def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
     with pytest.raises(qkweights.errors.InputError, match="drop --embedding residual"):
         projection_maps(model, img, layer=layer, head=head, fold_ln=True, embedding="residual")
     names = {p.name for p in save_maps(maps, tmp_path / "m")}
-    assert names == {"maps_L1_H2.png", "maps_L1_H2.npz"}
-    with np.load(tmp_path / "m" / "maps_L1_H2.npz") as z:
+    assert names == {"maps_L1_H2_normalised.png", "maps_L1_H2_normalised.npz"}  # the embedding names the files
+    with np.load(tmp_path / "m" / "maps_L1_H2_normalised.npz") as z:
         assert float(z["salience_contribution"]) == maps.salience_contribution and str(z["embedding"]) == "normalised"
