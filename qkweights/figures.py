@@ -577,3 +577,22 @@ def same_object_examples(title: str, rows: list) -> Image.Image:
     for i, line in enumerate(caption_lines):
         draw.text((width // 2, y + 13 * i), line, fill=(80, 80, 80), font=small, anchor="ma")
     return img
+
+
+def same_object_compare_figure(curves: list[Curve], path: str | Path) -> Path:
+    """Several models' same-object probability (mean ± s.e.m. over heads) against l/(L−1), each model's chance
+    level dashed in its colour; write a PNG at ``path``."""
+    fig = Figure(figsize=(10, 5), layout="constrained")
+    ax = fig.add_subplot()
+    colours = _palette([c.label for c in curves])
+    _draw_curves(ax, curves, colours)
+    for c in curves:
+        ax.plot(c.depth, c.chance, "--", color=colours[c.label], lw=1, alpha=0.8)
+    ax.plot([], [], "--", color="0.4", lw=1, label="chance (dashed, each model's colour)")
+    _depth_axes(ax, None)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.set_ylabel("P(query and key pick the same object)\nmean ± s.e.m. over heads")
+    ax.set_title("Same object in the maximum-attention images, by normalised depth (paper Fig. 6)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return save_figure(fig, path, dpi=DPI)

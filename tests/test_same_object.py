@@ -489,3 +489,18 @@ def test_cli_with_figures(tmp_path, capsys, full_release):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width > 600
     assert main(["same-object", str(MODELS / "vit"), str(full_release), "--top", "0", "--out", str(out)]) == 2
+
+
+def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
+    from qkweights.compare import compare
+
+    a = same_object(vit, full_release, tmp_path / "a", layers=[0, 1], modes=[0, 1], top=3, plots=False).doc
+    b = same_object(vit, full_release, tmp_path / "b", layers=[1], modes=[2], top=2, plots=False).doc
+    written = compare([tmp_path / "a", tmp_path / "b" / "same_object.json"], tmp_path / "cmp", labels=["A", "B"])
+    assert [p.name for p in written] == ["compare_same_object.png", "compare_same_object.csv"]
+    rows = read_csv(tmp_path / "cmp" / "compare_same_object.csv")
+    want = [(lab, e) for lab, doc in (("A", a), ("B", b)) for e in doc["layers"]]
+    assert [(r["model"], int(r["layer"])) for r in rows] == [(lab, e["layer"]) for lab, e in want]
+    for r, (_, e) in zip(rows, want):
+        assert float(r["depth"]) == e["layer"] / 1 and float(r["probability"]) == e["probability"]
+        assert float(r["chance"]) == e["chance"] and (r["sem"] == "" if e["sem"] is None else float(r["sem"]) == pytest.approx(e["sem"]))
