@@ -463,7 +463,7 @@ def same_object_figure(doc: dict, path: str | Path) -> Path:
     entries = doc["layers"]
     n_layers = doc["model"]["layers"]
     depth = np.array([e["depth"] for e in entries], np.float64)
-    val = lambda x: np.nan if x is None else float(x)  # noqa: E731
+    val = lambda x: np.nan if x is None else float(x)
     mean = np.array([val(e["probability"]) for e in entries])
     sem = np.nan_to_num(np.array([val(e["sem"]) for e in entries]))
     chance = np.array([val(e["chance"]) for e in entries])

@@ -51,11 +51,25 @@ from typing import ClassVar
 import numpy as np
 
 from qkweights import __version__
-from qkweights.ade20k import LAYOUT_TEXT, NO_CLASS, SegItem, open_segmentation, read_objects
+from qkweights.ade20k import (
+    LAYOUT_TEXT,
+    NO_CLASS,
+    SegItem,
+    open_segmentation,
+    read_objects,
+)
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import write_csv, write_json
 from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
-from qkweights.top_images import READ_ERRORS, _indices, input_size, merge_topk, mode_bank, model_identity, patch_grid
+from qkweights.top_images import (
+    READ_ERRORS,
+    _indices,
+    input_size,
+    merge_topk,
+    mode_bank,
+    model_identity,
+    patch_grid,
+)
 
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"
@@ -500,7 +514,7 @@ def example_picks(doc: dict, n_rows: int = EXAMPLE_ROWS) -> list[tuple[int, int,
     """(layer, head, mode) of the examples figure: the first analysed head's first analysed mode, in up to
     ``n_rows`` analysed layers evenly spread from the first to the last."""
     layers = doc["options"]["layers"]
-    idx = sorted({int(round(i)) for i in np.linspace(0, len(layers) - 1, min(n_rows, len(layers)))})
+    idx = sorted({round(float(i)) for i in np.linspace(0, len(layers) - 1, min(n_rows, len(layers)))})
     return [(layers[i], doc["options"]["heads"][0], doc["options"]["modes"][0]) for i in idx]
 
 

@@ -36,7 +36,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from qkweights.errors import InputError
-from qkweights.o3data import DISTRACTOR_DIRS, FEATURE_FLAGS, PROPERTY_COLUMNS, TARGET_DIRS
+from qkweights.o3data import (
+    DISTRACTOR_DIRS,
+    FEATURE_FLAGS,
+    PROPERTY_COLUMNS,
+    TARGET_DIRS,
+)
 
 FEATURES = ("color", "shape", "size", "orientation")  # the flags a synthetic target differs in
 
@@ -205,7 +210,6 @@ def draw_scene_labels(rng: np.random.Generator, size: tuple[int, int] = (224, 22
         pixels[label == k + 1] = PALETTE[o["color"]]
 
     target_mask = label == 1
-    distractor_mask = label > 1
     rows, cols = np.nonzero(target_mask)
     cx, cy = placed[0][1]
     props = {

@@ -18,12 +18,25 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from qkweights.ade20k import FULL, GENERIC, SCENE, full_release_objects, open_segmentation, read_objects
+from qkweights.ade20k import (
+    FULL,
+    GENERIC,
+    SCENE,
+    full_release_objects,
+    open_segmentation,
+    read_objects,
+)
 from qkweights.cli import main
 from qkweights.errors import InputError
 from qkweights.preprocess import Preprocess
 from qkweights.same_object import (
-    STATE_NAME, SameObjectResult, image_scores, keep_objects, object_choice, patch_fractions, same_object,
+    STATE_NAME,
+    SameObjectResult,
+    image_scores,
+    keep_objects,
+    object_choice,
+    patch_fractions,
+    same_object,
     weighted_probability,
 )
 from qkweights.vision import load_model
@@ -215,7 +228,7 @@ def write_colour_vit(folder: Path, same: bool) -> Path:
     wq, wk = np.zeros((d, d), np.float32), np.zeros((d, d), np.float32)
     wq[0, :2] = [1 / math.sqrt(2), -1 / math.sqrt(2)]
     wk[0, :4] = wq[0, :4] if same else [0, 0, 1 / math.sqrt(2), -1 / math.sqrt(2)]
-    zero = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    zero = lambda *s: np.zeros(s, np.float32)
     pre = "encoder.layer.0."
     tensors = {
         "embeddings.cls_token": zero(1, 1, d), "embeddings.position_embeddings": zero(1, 17, d),
@@ -349,7 +362,7 @@ def brute_force(model, root: Path, layers, heads, modes, top):
                     q, k = xs[l] @ u[:, n], xs[l] @ vt[n]
                     plus, minus = max(q) * max(k), max(-q) * max(-k)
                     sg = 1 if plus >= minus else -1
-                    mean = lambda m, a: sum(ai * mi for ai, mi in zip(a, m)) / sum(a)  # noqa: E731
+                    mean = lambda m, a: sum(ai * mi for ai, mi in zip(a, m)) / sum(a)
                     qo = max(objs, key=lambda o: (mean(sg * q, objs[o]), -o))
                     ko = max(objs, key=lambda o: (mean(sg * k, objs[o]), -o))
                     cands.append((-max(plus, minus), pos, name, qo, ko, len(objs)))
@@ -504,3 +517,17 @@ def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
     for r, (_, e) in zip(rows, want):
         assert float(r["depth"]) == e["layer"] / 1 and float(r["probability"]) == e["probability"]
         assert float(r["chance"]) == e["chance"] and (r["sem"] == "" if e["sem"] is None else float(r["sem"]) == pytest.approx(e["sem"]))
+
+
+def test_synthetic_instance_maps_are_the_painted_objects(tmp_path):
+    from qkweights.synth_o3 import draw_scene, draw_scene_labels, make_o3
+
+    image, target, distractor, _ = draw_scene(np.random.default_rng([4, 1]), (48, 64))
+    image2, labels, _ = draw_scene_labels(np.random.default_rng([4, 1]), (48, 64))
+    assert np.array_equal(np.asarray(image), np.asarray(image2))
+    assert np.array_equal(target, labels == 1) and np.array_equal(distractor, labels > 1) and labels.max() >= 4
+    folder = make_o3(tmp_path / "s", n=2, seed=4, size=(48, 64), instances=True, object_scale=2.0)
+    _, big, _ = draw_scene_labels(np.random.default_rng([4, 1]), (48, 64), object_scale=2.0)
+    assert np.array_equal(np.asarray(Image.open(folder / "instances" / "synth_0001.png")), big)
+    assert (big > 0).sum() > 2 * (labels > 0).sum()
+    assert open_segmentation(folder).layout == GENERIC

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, parse_indices, sweep_options
+from qkweights.cli.common import (
+    add_model_arguments,
+    add_sweep_arguments,
+    model_options,
+    out_dir,
+    parse_indices,
+    sweep_options,
+)
 from qkweights.errors import EXIT_OK
 from qkweights.progress import Progress
 
@@ -51,8 +58,8 @@ def format_table(doc: dict) -> str:
     """Per layer: P(same object) mean ± s.e.m. over heads, and the chance level."""
     data = doc["dataset"]
     lines = [
-        f"{doc['source'].get('model_id')}  {data['layout']}: {data['n_eligible']} eligible images of {data['n_images']} "
-        f"({data['n_ineligible']} with fewer than 2 objects, {data['n_unusable']} unusable); top {doc['options']['top']} per mode",
+        (f"{doc['source'].get('model_id')}  {data['layout']}: {data['n_eligible']} eligible images of {data['n_images']} "
+         f"({data['n_ineligible']} with fewer than 2 objects, {data['n_unusable']} unusable); top {doc['options']['top']} per mode"),
         f"{'layer':>5} {'l/(L-1)':>8} {'P(same object)':>17} {'chance':>7}",
     ]
     for e in doc["layers"]:
