@@ -2,8 +2,9 @@
 
 Inputs are :class:`~qkweights.profiles.Profile` objects, saved ``profile.json``
 files (read with :func:`~qkweights.profiles.load_profile`, never recomputed),
-``o3_summary.json`` files (schema ``qkweights.o3/1``), or folders holding
-either. Models of different depths share the x axis because every curve is
+``o3_summary.json`` files (schema ``qkweights.o3/1``), ``same_object.json`` files
+(schema ``qkweights.same_object/1``: the probability per analysed layer, mean ± s.e.m.
+over heads, paper Fig. 6), or folders holding any of them. Models of different depths share the x axis because every curve is
 drawn against l/(L−1).
 
 ``o3_summary.json`` as read here::
@@ -34,7 +35,9 @@ from qkweights.profiles import Profile, load_profile
 from qkweights.qk import null_band
 
 O3_SCHEMA = "qkweights.o3/1"
-PROVENANCE = ("model_id", "commit", "weight_files")  # the last columns of both CSVs
+PROVENANCE = ("model_id", "commit", "weight_files")  # the last columns of every CSV
+SAME_SCHEMA = "qkweights.same_object/1"
+INPUT_FILES = ("profile.json", "o3_summary.json", "same_object.json")
 O3_MEASURES = {"same": "same object", "different": "different object", "background": "background"}
 
 
@@ -44,11 +47,13 @@ class Curve:
 
     ``depth`` (L,) normalised layer index l/(L−1); ``values`` (L,); ``lo``, ``hi``
     (L,) a band around the values or None — the head range (min–max over heads
-    of the weighted cosine) for a profile, mean ± s.e.m. for an O3 measure;
-    ``kind``: "weighted_cosine", "mean_cosine", "o3_same", "o3_different" or
-    "o3_background"; ``hidden``: the model's width D (for the null band ±1.96/√D),
-    None for O3 curves; ``source``: the provenance record of the weights (model id, commit,
-    files with sha256), as the profile or summary holds it.
+    of the weighted cosine) for a profile, mean ± s.e.m. for an O3 measure or the
+    same-object probability; ``kind``: "weighted_cosine", "mean_cosine", "symmetric_fraction",
+    "ov_weighted_cosine", "o3_same", "o3_different", "o3_background" or "same_object" (its
+    ``chance`` (L,) the chance level, ``layers`` the layer indices of the points); ``hidden``:
+    the model's width D (for the null band ±1.96/√D), None for O3 and same-object curves;
+    ``source``: the provenance record of the weights (model id, commit, files with sha256), as
+    the profile or summary holds it.
     """
 
     label: str
@@ -59,25 +64,28 @@ class Curve:
     kind: str
     hidden: int | None = None
     source: dict | None = None
+    chance: np.ndarray | None = None
+    layers: np.ndarray | None = None  # the layer indices of the points (None: 0 … L−1)
 
 
 def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list[Curve]:
-    """The curves of one input: a Profile, a profile.json, an o3_summary.json, or a folder holding either or both.
+    """The curves of one input: a Profile, a profile.json, an o3_summary.json, a same_object.json, or a folder
+    holding any of them.
 
     A profile gives two curves (``weighted_cosine`` with its head range,
     ``mean_cosine``), plus ``symmetric_fraction`` and ``ov_weighted_cosine`` (head ranges) when
     it holds them (profile/2; a LayerNorm-folded profile is labelled "… [LN-folded]"); an O3 summary gives three (``o3_same``, ``o3_different``,
-    ``o3_background``). ``label`` overrides the model id as legend label.
+    ``o3_background``); a same-object result one (``same_object``). ``label`` overrides the model id as legend label.
     Anything else raises InputError naming the file and what was expected.
     """
     if isinstance(item, Profile):
         return _profile_curves(item, label)
     path = Path(item)
     if path.is_dir():
-        found = [path / name for name in ("profile.json", "o3_summary.json") if (path / name).is_file()]
+        found = [path / name for name in INPUT_FILES if (path / name).is_file()]
         if not found:
-            raise InputError(f"{path}: holds neither profile.json nor o3_summary.json; pass a folder written by "
-                             f"`python -m qkweights profile MODEL --out DIR` or one of those files")
+            raise InputError(f"{path}: holds no profile.json, o3_summary.json or same_object.json; pass a folder written by "
+                             f"`python -m qkweights profile MODEL --out DIR` (or o3, same-object) or one of those files")
         return [c for f in found for c in curves_from(f, label=label)]
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
@@ -85,8 +93,11 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
         return _profile_curves(load_profile(path, vectors=False), label)
     if schema == O3_SCHEMA:
         return _o3_curves(doc, path, label)
-    raise InputError(f"{path}: not a qkweights profile or O3 summary (schema {schema!r}); expected a profile.json "
-                     f"(schema {PROFILE_SCHEMA!r}) or an o3_summary.json (schema {O3_SCHEMA!r})")
+    if schema == SAME_SCHEMA:
+        return [_same_curve(doc, path, label)]
+    raise InputError(f"{path}: not a qkweights profile, O3 summary or same-object result (schema {schema!r}); expected "
+                     f"a profile.json (schema {PROFILE_SCHEMA!r}), an o3_summary.json (schema {O3_SCHEMA!r}) or a "
+                     f"same_object.json (schema {SAME_SCHEMA!r})")
 
 
 def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
@@ -106,7 +117,7 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     given twice under one label get " #2", " #3" appended. Returns the paths written.
     """
     if not items:
-        raise InputError("compare: nothing to compare; pass one or more models, profile.json or o3_summary.json files")
+        raise InputError("compare: nothing to compare; pass one or more models, profile.json, o3_summary.json or same_object.json files")
     if labels is not None and len(labels) != len(items):
         raise InputError(f"--labels: {len(labels)} label(s) for {len(items)} item(s); give one label per item, comma-separated")
     groups = _distinct_labels([curves_from(it, label=lab) for it, lab in zip(items, labels or [None] * len(items))])
@@ -121,6 +132,9 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     o3 = [g for g in groups if any(c.kind.startswith("o3_") for c in g)]
     if o3:
         written += _write_o3(o3, out)
+    same = [g for g in groups if any(c.kind == "same_object" for c in g)]
+    if same:
+        written += _write_same(same, out)
     record_outputs(out, "compare", written)  # an earlier run's O3 (or cosine) overlay does not linger
     return written
 
@@ -138,7 +152,7 @@ def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
     panels = {t: cs for t, cs in panels.items() if cs}
     png = figures.curve_panels_figure(panels, out / "compare_circuits.png", title="Beyond the paper: symmetry and value-output circuit by normalised depth",
                                       ylabel="mean over heads (band: head range)")
-    header = ["model", "layer", "depth"] + [f"{kind}{part}" for kind in CIRCUIT_KINDS for part in ("", "_min", "_max")]
+    header = ["model", "layer", "depth"] + [f"{kind}{part}" for kind in CIRCUIT_KINDS for part in ("", "_min", "_max")] + list(PROVENANCE)
     rows = []
     for g in groups:
         first = g[0]
@@ -148,7 +162,7 @@ def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
             for kind in CIRCUIT_KINDS:
                 c = found.get(kind)
                 row += [_num(c.values[l]), _num(c.lo[l]), _num(c.hi[l])] if c is not None else ["", "", ""]
-            rows.append(row)
+            rows.append(row + _provenance(first))
     return [png, write_csv(out / "compare_circuits.csv", header, rows)]
 
 
@@ -170,6 +184,34 @@ def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> lis
                                 ylabel="weighted cosine u·v (mean over heads)", null_band=float(null_band(D)),
                                 null_label=f"95% null band ±1.96/√D = ±{null_band(D):.3f} (D = {D})")
     return [png]
+
+
+def _write_same(groups: list[list[Curve]], out: Path) -> list[Path]:
+    curves = [_kind(g, "same_object") for g in groups]
+    png = figures.same_object_compare_figure(curves, out / "compare_same_object.png")
+    rows = [[c.label, int(l), _num(c.depth[i]), _num(c.values[i]), _num(c.values[i] - c.lo[i]), _num(c.chance[i])] + _provenance(c)
+            for c in curves for i, l in enumerate(c.layers)]
+    header = ["model", "layer", "depth", "probability", "sem", "chance", *PROVENANCE]
+    return [png, write_csv(out / "compare_same_object.csv", header, rows)]
+
+
+def _same_curve(doc: dict, path: Path, label: str | None) -> Curve:
+    try:
+        entries = sorted(doc["layers"], key=lambda e: int(e["layer"]))
+        n_layers = int(doc["model"]["layers"])
+        layers = np.array([int(e["layer"]) for e in entries])
+        mean = np.array([_float(e["probability"]) for e in entries])
+        sem = np.array([_float(e["sem"]) for e in entries])  # NaN for one head: no band
+        chance = np.array([_float(e["chance"]) for e in entries])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: malformed same-object result ({type(e).__name__}: {e}); each layer entry needs "
+                         "'layer', 'probability', 'sem' and 'chance', and 'model' needs 'layers'") from None
+    if not len(layers):
+        raise InputError(f"{path}: same-object result without layers; re-run same-object to rewrite it")
+    depth = layers / max(n_layers - 1, 1)
+    name = label or (doc.get("source") or {}).get("model_id") or path.resolve().parent.name
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else None
+    return Curve(name, depth, mean, mean - sem, mean + sem, "same_object", source=source, chance=chance, layers=layers)
 
 
 def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:

@@ -14,7 +14,11 @@ scenes of :mod:`qkweights.synth_o3`. :func:`run_demo` runs, with no network:
 4. ``top_images/``: the scenes that drive the first :data:`TOP_MODES` modes of those two
    heads' layers and heads most;
 5. ``o3/``: attention allocation (target / distractor / background) on the scenes;
-6. ``summary.txt``: where to look.
+6. ``same_object/``: do a mode's query and key directions pick the same object (paper Fig. 6),
+   on ``same_object_scenes/``: the same generator and seed with objects :data:`SAME_OBJECT_SCALE`
+   times larger (the O3 scenes' objects are smaller than one 8×8 patch, and the protocol drops
+   such objects), written with their instance maps (``instances/``, 1 = target, 2… = distractors);
+7. ``summary.txt``: where to look.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ SCENE_SEED = 7
 MAP_MODES = 4
 TOP_MODES = 4
 TOP_IMAGES = 6
+SAME_OBJECT_SCALE = 2.0
 SUMMARY_NAME = "summary.txt"
 DEMO_IMAGE = "demo.jpg"
 DEMO_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", DEMO_IMAGE)
@@ -56,19 +61,23 @@ def extreme_heads(weighted: np.ndarray) -> list[tuple[int, int]]:
     return [(int(lo[0]), int(lo[1])), (int(hi[0]), int(hi[1]))]
 
 
-def scene_folder(out: Path, size: tuple[int, int]) -> Path:
-    """``out/scenes``: the synthetic O3 folder, drawn now or kept from an earlier run of the demo."""
+def scene_folder(out: Path, size: tuple[int, int], *, name: str = "scenes", object_scale: float = 1.0) -> Path:
+    """``out/NAME``: the synthetic O3 folder, drawn now or kept from an earlier run of the demo.
+
+    object_scale ≠ 1: objects that much larger, with instance maps (``instances/``).
+    """
     from qkweights.synth_o3 import make_o3
 
-    folder = out / "scenes"
+    folder = out / name
     props = folder / "image_properties.txt"
+    instances = object_scale != 1.0
     if not folder.exists():
-        return make_o3(folder, n=N_SCENES, seed=SCENE_SEED, size=size)
+        return make_o3(folder, n=N_SCENES, seed=SCENE_SEED, size=size, instances=instances, object_scale=object_scale)
     names = []
     if props.is_file():
         with open(props, newline="", encoding="utf-8") as f:
             names = [row.get("image_name") for row in csv.DictReader(f)]
-    if names != [f"synth_{i:04d}.jpg" for i in range(N_SCENES)]:
+    if names != [f"synth_{i:04d}.jpg" for i in range(N_SCENES)] or (instances and not (folder / "instances").is_dir()):
         raise InputError(f"{folder} exists but is not the demo's {N_SCENES} synthetic scenes; remove it or pass another --out")
     return folder
 
@@ -79,7 +88,7 @@ def _card(folder: Path) -> dict:
 
 
 def summary_text(out: Path, folder: Path, card: dict, heads: list[tuple[int, int]], weighted: np.ndarray, o3: dict,
-                 n_scenes: int) -> str:
+                 n_scenes: int, same: dict | None = None) -> str:
     """The lines of ``summary.txt``: what each output folder holds, with the numbers worth a first look."""
     held = card.get("held_out", {})
     last = o3["layers"][-1]
@@ -106,6 +115,18 @@ def summary_text(out: Path, folder: Path, card: dict, heads: list[tuple[int, int
         f"    uniform attention would give same = different = {uni['same']:.3f}, background {uni['background']:.3f}",
         f"{out / 'scenes'}/  the {n_scenes} synthetic scenes (seed {SCENE_SEED}) used by top_images and o3",
     ]
+    if same is not None:
+        first_s, last_s = same["layers"][0], same["layers"][-1]
+        lines[-1:-1] = [
+            f"{out / 'same_object'}/",
+            f"  same_object_by_layer.png  P(query and key directions pick the same object) in the top "
+            f"{same['options']['top']} scenes per mode ({same['dataset']['n_eligible']} eligible scenes):",
+            f"    layer {first_s['layer']}: {first_s['probability']:.3f} (chance {first_s['chance']:.3f}); "
+            f"layer {last_s['layer']}: {last_s['probability']:.3f} (chance {last_s['chance']:.3f})",
+            "  same_object_examples.png  the selected scenes: query object outlined red, key object cyan",
+        ]
+        lines.append(f"{out / 'same_object_scenes'}/  {n_scenes} scenes of the same generator and seed with objects "
+                     f"{SAME_OBJECT_SCALE:g}× larger, and their instance maps, used by same_object")
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +140,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     import qkweights
     from qkweights.maps import projection_maps, save_maps
     from qkweights.o3 import o3_allocation
+    from qkweights.same_object import same_object
     from qkweights.top_images import top_images
     from qkweights.vision import load_model
 
@@ -154,6 +176,12 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     written += result.files
     o3 = result.summary
 
-    text = summary_text(out, folder, _card(folder), heads, prof.weighted, o3, N_SCENES)
+    stage(f"same object: {N_SCENES} scenes with objects {SAME_OBJECT_SCALE:g}× larger and their instance maps")
+    big = scene_folder(out, model.dims.image_size or (224, 224), name="same_object_scenes", object_scale=SAME_OBJECT_SCALE)
+    written.append(big)
+    same = same_object(model, big, out / "same_object", batch_size=16)
+    written += same.files
+
+    text = summary_text(out, folder, _card(folder), heads, prof.weighted, o3, N_SCENES, same.doc)
     written.append(write_text(out / SUMMARY_NAME, text))
     return written

@@ -517,3 +517,155 @@ def o3_figure(summary: dict, path: str | Path) -> Path:
     fig.suptitle(f"O3 attention allocation: {name}\n{summary['images_used']} images, {model['layers']} layers × "
                  f"{model['heads']} heads; top axis: layer index", fontsize=10)
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- same object (paper Fig. 6)
+
+QUERY_RGB = (235, 40, 40)  # the query object's outline: red, as the query maps
+KEY_RGB = (0, 215, 235)  # the key object's outline: cyan, as the key maps
+
+
+def same_object_figure(doc: dict, path: str | Path) -> Path:
+    """Paper Fig. 6 for one model, as a PNG at ``path``.
+
+    Against the normalised layer l/(L−1) (layer index on the top axis): each head's
+    σ-weighted probability P(l, h) as a small dot (the head spread), the mean over heads
+    with a ± s.e.m. band, and the chance level (mean of 1/number of objects over the
+    selected images) dashed. Only the analysed layers are drawn.
+    """
+    entries = doc["layers"]
+    n_layers = doc["model"]["layers"]
+    depth = np.array([e["depth"] for e in entries], np.float64)
+    val = lambda x: np.nan if x is None else float(x)
+    mean = np.array([val(e["probability"]) for e in entries])
+    sem = np.nan_to_num(np.array([val(e["sem"]) for e in entries]))
+    chance = np.array([val(e["chance"]) for e in entries])
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    hx = [d for e, d in zip(entries, depth) for _ in e["heads"]]
+    hy = [val(h["probability"]) for e in entries for h in e["heads"]]
+    ax.scatter(hx, hy, s=14, color="0.45", alpha=0.55, lw=0, zorder=2, label="one head: P = Σσ_n p_n / Σσ_n")
+    ax.fill_between(depth, mean - sem, mean + sem, color="C0", alpha=0.2, lw=0, label="± s.e.m. over heads")
+    ax.plot(depth, mean, "o-", color="C0", ms=4, lw=1.5, zorder=3, label="mean over heads")
+    ax.plot(depth, chance, "--", color="C3", lw=1.2, label="chance: mean of 1 / (objects in the image)")
+    _depth_axes(ax, n_layers)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel("P(query and key pick the same object)")
+    ax.grid(alpha=0.3, lw=0.5)
+    opts, data = doc["options"], doc["dataset"]
+    name = doc["source"].get("model_id") or doc["model"]["family"]
+    ax.set_title(f"Same object in the top {opts['top']} images per mode: {name}\n{data['n_eligible']} eligible images, "
+                 f"{len(opts['heads'])} heads × modes {_ranges(opts['modes'])}", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path, dpi=DPI)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] → "0–2, 5"."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}–{v}")
+            start = None
+    return ", ".join(out)
+
+
+def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The pixels of ``mask`` (h, w) bool within ``width`` pixels of its edge (4-neighbour erosion, repeated)."""
+    inner = mask.copy()
+    for _ in range(width):
+        e = inner.copy()
+        e[1:] &= inner[:-1]
+        e[:-1] &= inner[1:]
+        e[:, 1:] &= inner[:, :-1]
+        e[:, :-1] &= inner[:, 1:]
+        e[[0, -1], :] = False
+        e[:, [0, -1]] = False
+        inner = e
+    return mask & ~inner
+
+
+def same_object_cell(image: np.ndarray, query: np.ndarray, key: np.ndarray, width: int = CELL_PX) -> Image.Image:
+    """One image of the examples grid: ``width`` pixels wide, the image dimmed a little, the query object tinted
+    and outlined red, the key object outlined cyan (inside the red outline when it is the same object).
+
+    image: (h, w, 3) in [0, 1]; query, key: (h, w) bool masks on it.
+    """
+    h, w = image.shape[:2]
+    size = (width, max(1, round(width * h / w)))
+    rgb = Image.fromarray(np.round(image * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    qm = np.asarray(Image.fromarray(query.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    km = np.asarray(Image.fromarray(key.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    px = np.asarray(rgb, np.float64) * 0.7 + 0.3 * 40  # dimmed so the outlines stand out
+    px[qm] = 0.75 * px[qm] + 0.25 * np.array(QUERY_RGB)
+    px[km & ~qm] = 0.8 * px[km & ~qm] + 0.2 * np.array(KEY_RGB)
+    qo = _outline(qm, 2)
+    ko = _outline(km, 4 if (qm == km).all() else 2)
+    if (qm == km).all():
+        ko &= ~qo  # the same object: red outside, cyan inside
+    px[qo] = QUERY_RGB
+    px[ko] = KEY_RGB
+    return Image.fromarray(np.clip(np.round(px), 0, 255).astype(np.uint8))
+
+
+def same_object_examples(title: str, rows: list) -> Image.Image:
+    """Rows of selected images with their query and key objects, composed as one RGB image.
+
+    rows: [(label, [(image (h, w, 3) in [0, 1], query mask (h, w), key mask (h, w), caption), …]), …];
+    each cell is :func:`same_object_cell`, its caption printed in its corner; the rank above
+    each column, the label left of each row, the title above and the colour key below.
+    """
+    from PIL import ImageDraw
+
+    cells = [[(same_object_cell(im, q, k), cap) for im, q, k, cap in row] for _, row in rows]
+    first = next((c for row in cells for c, _ in row), None)
+    cw, ch = first.size if first is not None else (CELL_PX, CELL_PX)
+    k = max((len(row) for row in cells), default=1) or 1
+    title_font, label_font, small = _font(15), _font(12), _font(10)
+    width = LABEL_PX + k * (cw + GRID_GAP) + GRID_GAP
+    title_lines = textwrap.wrap(title, width=max(40, width // 8))
+    key_text = ("red outline (tinted) = query object: largest mean of s·x·u_n over its area; cyan outline = key object: "
+                "largest mean of s·x·v_n; both (red outside, cyan inside) = the same object; s = the image's sign")
+    caption_lines = textwrap.wrap(key_text, width=max(40, width // 6))
+    top = 10 + 19 * len(title_lines) + 18
+    height = top + len(rows) * (ch + GRID_GAP) + 8 + 13 * len(caption_lines) + 6
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(title_lines):
+        draw.text((width // 2, 8 + 19 * i), line, fill="black", font=title_font, anchor="ma")
+    for j in range(k):
+        draw.text((LABEL_PX + j * (cw + GRID_GAP) + cw // 2, top - 4), f"#{j + 1}", fill="black", font=label_font, anchor="md")
+    for r, ((label, _), row) in enumerate(zip(rows, cells)):
+        y = top + r * (ch + GRID_GAP)
+        draw.multiline_text((LABEL_PX - 8, y + ch // 2), label, fill="black", font=label_font, anchor="rm", align="right")
+        for j, (cell, cap) in enumerate(row):
+            x = LABEL_PX + j * (cw + GRID_GAP)
+            img.paste(cell, (x, y))
+            box = draw.textbbox((x + 3, y + ch - 3), cap, font=small, anchor="ld")
+            draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=(40, 40, 40))
+            draw.text((x + 3, y + ch - 3), cap, fill="white", font=small, anchor="ld")
+    y = height - 6 - 13 * len(caption_lines)
+    for i, line in enumerate(caption_lines):
+        draw.text((width // 2, y + 13 * i), line, fill=(80, 80, 80), font=small, anchor="ma")
+    return img
+
+
+def same_object_compare_figure(curves: list[Curve], path: str | Path) -> Path:
+    """Several models' same-object probability (mean ± s.e.m. over heads) against l/(L−1), each model's chance
+    level dashed in its colour; write a PNG at ``path``."""
+    fig = Figure(figsize=(10, 5), layout="constrained")
+    ax = fig.add_subplot()
+    colours = _palette([c.label for c in curves])
+    _draw_curves(ax, curves, colours)
+    for c in curves:
+        ax.plot(c.depth, c.chance, "--", color=colours[c.label], lw=1, alpha=0.8)
+    ax.plot([], [], "--", color="0.4", lw=1, label="chance (dashed, each model's colour)")
+    _depth_axes(ax, None)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.set_ylabel("P(query and key pick the same object)\nmean ± s.e.m. over heads")
+    ax.set_title("Same object in the maximum-attention images, by normalised depth (paper Fig. 6)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return save_figure(fig, path, dpi=DPI)

@@ -517,6 +517,29 @@ class Preprocess:
         out = self._resize_crop(Image.fromarray(values), Image.Resampling.BILINEAR)
         return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
+    def transform_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Put an integer label map on the model's input grid: the image's resize and crop, nearest neighbour.
+
+        labels: (H, W) non-negative integer ids (8-, 16- or 32-bit; bool counts as 0/1) at the
+        image's resolution. The map goes through exactly the geometry of :meth:`geometry`
+        (the image's own resize, then its crop window) with PIL's NEAREST filter on a 32-bit
+        integer image (mode "I"), so no id is ever blended or invented: output pixel (y, x) takes
+        input pixel (floor((y + ½)·H/h), floor((x + ½)·W/w)) of the resized axes, as PIL maps
+        pixel centres. The overhang of a padding crop is 0. Returns (h_out, w_out) int64,
+        aligned pixel for pixel with ``self(image)[0, c]``.
+        """
+        m = np.asarray(labels)
+        if m.ndim != 2 or 0 in m.shape:
+            raise InputError(f"label map has shape {m.shape}; give a 2-D (H, W) map of integer ids")
+        if m.dtype == np.bool_:
+            m = m.astype(np.int32)
+        if not np.issubdtype(m.dtype, np.integer):
+            raise InputError(f"label map has dtype {m.dtype}; give integer ids (8-, 16- or 32-bit)")
+        if m.min() < 0 or m.max() > np.iinfo(np.int32).max:
+            raise InputError(f"label map ids span [{m.min()}, {m.max()}]; give ids in 0–{np.iinfo(np.int32).max}")
+        out = self._resize_crop(Image.fromarray(m.astype(np.int32)), Image.Resampling.NEAREST)  # mode "I"
+        return np.asarray(out, dtype=np.int64)
+
 
 def _hf_size(value, default_to_square: bool) -> tuple[tuple[int, int] | None, int | None]:
     """transformers ``get_size_dict`` for the size forms these processors use: ((h, w), None) or (None, edge)."""

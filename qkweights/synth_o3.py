@@ -169,26 +169,23 @@ def _placed(rng: np.random.Generator, looks: list[dict], h: int, w: int) -> list
     return [(o, c) for o, c in zip(looks, _place(rng, radii, h, w)) if c is not None]
 
 
-def draw_scene(
-    rng: np.random.Generator, size: tuple[int, int] = (224, 224)
-) -> tuple[Image.Image, np.ndarray, np.ndarray, dict]:
-    """Draw one odd-one-out scene.
+def draw_scene_labels(rng: np.random.Generator, size: tuple[int, int] = (224, 224), *,
+                      object_scale: float = 1.0) -> tuple[Image.Image, np.ndarray, dict]:
+    """Draw one odd-one-out scene with its instance map: (image, labels (H, W) uint8, properties).
 
-    ``size`` is (height H, width W) in pixels, at least 48 each. Returns the RGB
-    image (PIL, W×H), the target mask and the distractor mask (bool (H, W),
-    exactly the pixels painted with each object's colour) and the properties:
-    the columns of :data:`PROPERTY_COLUMNS` except ``image_name`` (target_type
-    = target shape, target_subtype = target colour name, target_size = target
-    area in pixels, target_x/target_y = pixel column/row of the target's
-    centre; one flag of :data:`FEATURES` is 1, the rest 0), plus
-    ``feature`` (the flag that is set), ``target_bbox`` (x0, y0, x1, y1), pixel
-    bounds with x1, y1 exclusive, ``target_centre`` (x, y) float pixels,
-    ``distractor_shape``, ``distractor_color`` and ``background`` (noise,
-    stripes or gradient).
+    labels: 0 background, 1 the target, 2, 3, … the distractors (exactly the pixels
+    painted with each object's colour); the rest as :func:`draw_scene`, which draws the
+    same scene from the same ``rng``. object_scale: multiplies every object's radius
+    (1 = the usual scenes; 2 makes objects of about 2.5 patches of 8×8 pixels at 64×64,
+    large enough for ``same-object``, which drops objects smaller than one patch).
     """
     h, w = _check_size(size)
+    if not 0 < object_scale <= 2.5:
+        raise InputError(f"object_scale {object_scale} is out of range; give a factor in (0, 2.5]")
     side = float(min(h, w))
     feature, base, target, num_distractors = _design(rng, side)
+    base["radius"] *= object_scale
+    target["radius"] *= object_scale
     looks = [target] + [
         dict(base, radius=base["radius"] * rng.uniform(0.95, 1.05), angle=base["angle"] + rng.uniform(-4, 4))
         for _ in range(num_distractors)
@@ -209,7 +206,6 @@ def draw_scene(
         pixels[label == k + 1] = PALETTE[o["color"]]
 
     target_mask = label == 1
-    distractor_mask = label > 1
     rows, cols = np.nonzero(target_mask)
     cx, cy = placed[0][1]
     props = {
@@ -227,7 +223,28 @@ def draw_scene(
         "distractor_color": base["color"],
         "background": kind,
     }
-    return Image.fromarray(pixels, "RGB"), target_mask, distractor_mask, props
+    return Image.fromarray(pixels, "RGB"), label, props
+
+
+def draw_scene(
+    rng: np.random.Generator, size: tuple[int, int] = (224, 224)
+) -> tuple[Image.Image, np.ndarray, np.ndarray, dict]:
+    """Draw one odd-one-out scene.
+
+    ``size`` is (height H, width W) in pixels, at least 48 each. Returns the RGB
+    image (PIL, W×H), the target mask and the distractor mask (bool (H, W),
+    exactly the pixels painted with each object's colour) and the properties:
+    the columns of :data:`PROPERTY_COLUMNS` except ``image_name`` (target_type
+    = target shape, target_subtype = target colour name, target_size = target
+    area in pixels, target_x/target_y = pixel column/row of the target's
+    centre; one flag of :data:`FEATURES` is 1, the rest 0), plus
+    ``feature`` (the flag that is set), ``target_bbox`` (x0, y0, x1, y1), pixel
+    bounds with x1, y1 exclusive, ``target_centre`` (x, y) float pixels,
+    ``distractor_shape``, ``distractor_color`` and ``background`` (noise,
+    stripes or gradient). The same draw as :func:`draw_scene_labels`.
+    """
+    image, label, props = draw_scene_labels(rng, size)
+    return image, label == 1, label > 1, props
 
 
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -248,16 +265,20 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_folder(folder: Path, n: int, seed: int, size: tuple[int, int], mask_dirs: tuple[str, str]) -> None:
+def _write_folder(folder: Path, n: int, seed: int, size: tuple[int, int], mask_dirs: tuple[str, str],
+                  instances: bool = False, object_scale: float = 1.0) -> None:
     """Write the n scenes of ``seed`` into the (new, empty) ``folder``."""
     targ_dir, dist_dir = mask_dirs
-    for sub in ("images", targ_dir, dist_dir):
+    for sub in ("images", targ_dir, dist_dir) + (("instances",) if instances else ()):
         (folder / sub).mkdir()
     rows = []
     for i in range(n):
         name = f"synth_{i:04d}"
-        image, target_mask, distractor_mask, props = draw_scene(np.random.default_rng([seed, i]), size)
+        image, label, props = draw_scene_labels(np.random.default_rng([seed, i]), size, object_scale=object_scale)
+        target_mask, distractor_mask = label == 1, label > 1
         (folder / "images" / f"{name}.jpg").write_bytes(_jpeg(image, IMAGE_QUALITY))
+        if instances:
+            Image.fromarray(label, "L").save(folder / "instances" / f"{name}.png")
         for sub, mask in ((targ_dir, target_mask), (dist_dir, distractor_mask)):
             grey = Image.fromarray(mask.astype(np.uint8) * 255, "L")
             (folder / sub / f"{name}.jpg").write_bytes(_jpeg(grey, MASK_QUALITY))
@@ -275,11 +296,17 @@ def make_o3(
     seed: int = 0,
     size: tuple[int, int] = (224, 224),
     mask_dirs: tuple[str, str] = ("targ_images", "dist_images"),
+    instances: bool = False,
+    object_scale: float = 1.0,
 ) -> Path:
     """Write a synthetic O3 folder of ``n`` scenes of ``size`` (height, width) and return its path.
 
     ``mask_dirs`` names the target and distractor mask folders: one of
     ``targ_images``/``targ_labels`` and one of ``dist_images``/``dist_labels``.
+    ``instances``: also write ``instances/NAME.png``, the 8-bit instance map of each
+    scene (0 background, 1 target, 2… distractors; lossless), which makes the folder a
+    generic layout for ``same-object`` (:mod:`qkweights.ade20k`). ``object_scale``:
+    see :func:`draw_scene_labels`.
     The folder is built in a hidden temporary sibling and renamed into place, so
     ``out_dir`` either appears complete or not at all; an existing ``out_dir``
     must be an empty folder.
@@ -303,7 +330,7 @@ def make_o3(
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()
     try:
-        _write_folder(tmp, n, seed, size, tuple(mask_dirs))
+        _write_folder(tmp, n, seed, size, tuple(mask_dirs), instances, object_scale)
         os.replace(tmp, out)  # an empty ``out`` is replaced; a non-empty one makes this fail
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

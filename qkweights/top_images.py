@@ -113,7 +113,7 @@ def load_batch(model, root: Path, paths: list[str], size) -> tuple[np.ndarray | 
 class ModeBank:
     """The chosen modes of the chosen heads, per chosen layer.
 
-    w: per layer (D, 2C) float32, C = H'·N' columns [u_(h,n) … | v_(h,n) …] in (head, mode)
+    w: per layer (D, 2C) float32 (or the dtype asked), C = H'·N' columns [u_(h,n) … | v_(h,n) …] in (head, mode)
     order; sigma, cos: (L', H', N') float64.
     """
 
@@ -125,8 +125,8 @@ class ModeBank:
     cos: np.ndarray
 
 
-def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int]) -> ModeBank:
-    """SVD of the chosen heads of each chosen layer of checkpoint ``ck``, as a :class:`ModeBank`."""
+def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32) -> ModeBank:
+    """SVD of the chosen heads of each chosen layer of checkpoint ``ck``, as a :class:`ModeBank` (columns ``w`` in ``dtype``)."""
     w, sigma, cos = [], [], []
     for l in layers:
         qk = ck.qk(l)
@@ -134,7 +134,7 @@ def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int]) -> Mode
         u, v, s = u[..., modes], v[..., modes], s[:, modes]  # (H', D, N')
         d = u.shape[1]
         cols = [u.transpose(1, 0, 2).reshape(d, -1), v.transpose(1, 0, 2).reshape(d, -1)]  # 2 × (D, H'·N')
-        w.append(np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.float32))
+        w.append(np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=dtype))
         sigma.append(s)
         cos.append(np.einsum("hdn,hdn->hn", u, v))
     return ModeBank(layers, heads, modes, w, np.array(sigma), np.array(cos))

@@ -175,7 +175,7 @@ def test_labels_and_duplicates(tmp_path):
 
 def test_rejects_what_is_not_a_profile(tmp_path):
     other = write(tmp_path / "other.json", {"schema": "something/1"})
-    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile or O3 summary .*qkweights\.profile/2"):
+    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile, O3 summary or same-object result .*qkweights\.profile/2.*qkweights\.same_object/1"):
         curves_from(other)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
@@ -184,7 +184,7 @@ def test_rejects_what_is_not_a_profile(tmp_path):
     with pytest.raises(InputError, match=r"missing\.json: no such file"):
         curves_from(tmp_path / "missing.json")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="empty: holds neither profile.json nor o3_summary.json"):
+    with pytest.raises(InputError, match="empty: holds no profile.json, o3_summary.json or same_object.json"):
         curves_from(tmp_path / "empty")
     bad = o3_doc(2)
     del bad["layers"][1]["same"]["sem"]

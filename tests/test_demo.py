@@ -133,7 +133,8 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     assert str(out / "maps") in printed and "held-out: target cell" in printed
     for name in ("profile/profile.json", "profile/heads.csv", "profile/cosine_by_layer.png",
                  "top_images/top_images.json", "top_images/anisotropy.png", "o3/o3_summary.json", "o3/o3.csv",
-                 "o3/o3_by_layer.png", "summary.txt"):
+                 "o3/o3_by_layer.png", "same_object/same_object.json", "same_object/same_object.csv",
+                 "same_object/same_object_by_layer.png", "same_object/same_object_examples.png", "summary.txt"):
         assert (out / name).is_file(), name
     prof = json.loads((out / "profile" / "profile.json").read_text())
     weighted = np.array([[h["weighted_cosine"] for h in layer["heads"]] for layer in prof["layers"]])
@@ -148,6 +149,10 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     assert o3["images_used"] == N_SCENES
     top = json.loads((out / "top_images" / "top_images.json").read_text())
     assert top["n_images"] == N_SCENES
+    same = json.loads((out / "same_object" / "same_object.json").read_text())
+    assert same["dataset"]["layout"] == "generic" and same["dataset"]["n_eligible"] == N_SCENES
+    assert len(same["layers"]) == 4 and all(0 <= e["probability"] <= 1 and 0 < e["chance"] < 0.5 for e in same["layers"])
+    assert "same_object_by_layer.png" in printed
 
 
 @pytest.mark.slow

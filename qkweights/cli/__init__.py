@@ -28,6 +28,7 @@ COMMANDS = [
     ("maps", "query and key projection maps of one image on one head's modes (red/cyan figure and npz)"),
     ("top-images", "the images of a folder that drive each query-key mode most (resumable), and the anisotropy control"),
     ("o3", "attention allocation on an Odd-One-Out folder: same object / different object / background per layer"),
+    ("same-object", "do a mode's query and key directions pick the same object in its top images? (ADE20K or instance maps; Fig. 6)"),
     ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
     ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]

@@ -9,7 +9,7 @@ from qkweights.outputs import prepare_dir
 
 
 def configure(p) -> None:
-    p.add_argument("items", metavar="MODEL_OR_JSON", nargs="+", help="checkpoints (profiled now), saved profile.json / o3_summary.json files, or folders holding them")
+    p.add_argument("items", metavar="MODEL_OR_JSON", nargs="+", help="checkpoints (profiled now), saved profile.json / o3_summary.json / same_object.json files, or folders holding them")
     add_pickle_arguments(p)
     p.add_argument("--family", help="checkpoint family of the checkpoints given, overriding detection")
     p.add_argument("--labels", help="comma-separated legend labels, one per item")
@@ -18,13 +18,13 @@ def configure(p) -> None:
 
 def run(args) -> int:
     import qkweights
-    from qkweights.compare import compare
+    from qkweights.compare import INPUT_FILES, compare
 
     prepare_dir(args.out)
     items = []
     for item in args.items:
         path = Path(item)
-        if path.suffix == ".json" or (path.is_dir() and ((path / "profile.json").exists() or (path / "o3_summary.json").exists())):
+        if path.suffix == ".json" or (path.is_dir() and any((path / name).exists() for name in INPUT_FILES)):
             items.append(path)
         else:
             items.append(qkweights.profile(item, **model_options(args)))

@@ -1,0 +1,69 @@
+"""``same-object MODEL DATA_DIR``: do a mode's query and key directions pick the same object? (paper Fig. 6)."""
+
+from __future__ import annotations
+
+import sys
+
+from qkweights.cli.common import (
+    add_model_arguments,
+    add_sweep_arguments,
+    model_options,
+    out_dir,
+    parse_indices,
+    sweep_options,
+)
+from qkweights.errors import EXIT_OK
+from qkweights.progress import Progress
+
+
+def configure(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("data_dir", metavar="DATA_DIR", help="ADE20K full release (NAME.jpg + NAME_seg.png), ADE20K SceneParsing "
+                   "(images/ + annotations/) or generic (images/ + instances/) folder")
+    p.add_argument("--layers", help="layers, e.g. 0-3,8 (default: all)")
+    p.add_argument("--heads", help="heads, e.g. 0-3,8 (default: all)")
+    p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
+    p.add_argument("--top", type=int, default=5, help="images selected per layer, head and mode (default: 5)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default: 16)")
+    add_sweep_arguments(p)
+    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
+    p.add_argument("--no-plots", action="store_true", help="write same_object.csv and same_object.json only, no figures")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run(args) -> int:
+    from qkweights.same_object import JSON_NAME, same_object
+    from qkweights.vision import load_model
+
+    model = load_model(args.model, **model_options(args))
+    d = model.dims
+    layers = parse_indices(args.layers, d.layers, "layers") if args.layers else None
+    heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
+    modes = parse_indices(args.modes, 1 << 30, "modes")
+    out = out_dir(args, model.source.model_id)
+    with sweep_options(args) as where, Progress("same-object", unit="images", enabled=False if args.quiet else None) as bar:
+        result = same_object(model, args.data_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
+                             batch_size=args.batch_size, progress=bar.update, plots=not args.no_plots,
+                             notes=lambda text: print(f"qkweights: note: {text}", file=sys.stderr), **where)
+    if not args.quiet:
+        print(format_table(result.doc))
+        print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")
+        if result.skipped:
+            print(f"qkweights: skipped {len(result.skipped)} image(s); the reasons are under 'skipped' in {out / JSON_NAME}",
+                  file=sys.stderr)
+    return EXIT_OK
+
+
+def format_table(doc: dict) -> str:
+    """Per layer: P(same object) mean ± s.e.m. over heads, and the chance level."""
+    data = doc["dataset"]
+    lines = [
+        (f"{doc['source'].get('model_id')}  {data['layout']}: {data['n_eligible']} eligible images of {data['n_images']} "
+         f"({data['n_ineligible']} with fewer than 2 objects, {data['n_unusable']} unusable); top {doc['options']['top']} per mode"),
+        f"{'layer':>5} {'l/(L-1)':>8} {'P(same object)':>17} {'chance':>7}",
+    ]
+    for e in doc["layers"]:
+        p = "nan" if e["probability"] is None else f"{e['probability']:.4f}"
+        sem = "nan" if e["sem"] is None or e["sem"] != e["sem"] else f"{e['sem']:.4f}"
+        lines.append(f"{e['layer']:>5} {e['depth']:>8.3f} {p + ' ± ' + sem:>17} {e['chance']:>7.4f}")
+    return "\n".join(lines)
