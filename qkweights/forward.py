@@ -546,23 +546,23 @@ def check_pixels(pixels, channels: int, patch_size: int) -> np.ndarray:
 
 
 def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool, truncate: bool = False,
-         rows: np.ndarray | None = None, states: bool = True) -> ForwardOutput:
+         rows: np.ndarray | None = None, hidden: bool = True, inputs: bool = True) -> ForwardOutput:
     """The forward pass proper on checked pixels (B, C, H, W); ``keep``: layers whose intermediates are kept.
 
     truncate: stop after the deepest layer of ``keep`` (no last_hidden_state). rows: (B, Q)
-    token indices; the attentions then keep only those query rows, (B, H, Q, T). states:
-    keep the residual streams and attention inputs of ``keep`` (else only attentions).
+    token indices; the attentions then keep only those query rows, (B, H, Q, T). hidden,
+    inputs: keep the residual streams, the attention inputs of ``keep``.
     """
     heads, k = wt.heads, wt.head_dim
     x, layout = embed(wt.embeddings, pixels, wt.eps)  # (B, T, D)
     b, t, d = x.shape
-    hidden, inputs, probs = [], {}, {}
+    residual, normed, probs = [], {}, {}
     depth = max(keep) + 1 if truncate and keep else len(wt.blocks)
     for l, blk in enumerate(wt.blocks[:depth]):
-        hidden.append(x if states and l in keep else None)
+        residual.append(x if hidden and l in keep else None)
         h = layer_norm(x, blk.norm1, wt.eps)  # (B, T, D)
-        if states and l in keep:
-            inputs[l] = h
+        if inputs and l in keep:
+            normed[l] = h
         qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
         q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K); q already scaled by 1/√K
         logits = q @ key.swapaxes(-1, -2)  # (B, H, T, T)
@@ -584,13 +584,13 @@ def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool, t
         m += x
         x = m
     if depth < len(wt.blocks):
-        return ForwardOutput(hidden, inputs, probs, None, layout, None)
-    hidden.append(x)
+        return ForwardOutput(residual, normed, probs, None, layout, None)
+    residual.append(x)
     last = layer_norm(x, wt.final_norm, wt.eps) if wt.final_norm is not None else x
     pooled = None
     if wt.post_norm is not None and layout.cls is not None:
         pooled = layer_norm(last[:, layout.cls], wt.post_norm, wt.eps)  # (B, D)
-    return ForwardOutput(hidden, inputs, probs, last, layout, pooled)
+    return ForwardOutput(residual, normed, probs, last, layout, pooled)
 
 
 def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
@@ -617,7 +617,7 @@ def blas_threads() -> int:
 
 def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False,
             layers: Iterable[int] | None = None, threads: int | None = None, truncate: bool = False,
-            rows: np.ndarray | None = None, states: bool = True) -> ForwardOutput:
+            rows: np.ndarray | None = None, hidden: bool = True, inputs: bool = True) -> ForwardOutput:
     """Run the model on pixels (B, C, H, W) (already preprocessed).
 
     layers: block indices whose attention inputs (and attentions, with ``attentions=True``)
@@ -628,8 +628,9 @@ def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False
     (B·T)-row matrices. truncate: run only the blocks up to the deepest of ``layers``
     (``hidden_states`` then ends there and ``last_hidden_state`` is None). rows: (B, Q)
     token indices; ``attentions[l]`` then holds only those query rows, (B, H, Q, T), so
-    that memory does not grow with T². states=False keeps no residual streams nor
-    attention inputs (only the attentions asked for). Returns a :class:`ForwardOutput`.
+    that memory does not grow with T². hidden=False, inputs=False: keep no residual
+    streams, no attention inputs (``hidden_states`` entries and ``attention_inputs`` stay
+    empty), so that an analysis holds only what it reads. Returns a :class:`ForwardOutput`.
     """
     keep = set(check_layers(layers, len(weights.blocks)))
     emb = weights.embeddings
@@ -638,8 +639,8 @@ def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False
         rows = np.asarray(rows, np.int64).reshape(len(x), -1)  # (B, Q)
     n = min(threads or blas_threads(), len(x))
     if n <= 1:
-        return _run(weights, x, keep, attentions, truncate, rows, states)
+        return _run(weights, x, keep, attentions, truncate, rows, hidden, inputs)
     cuts = np.array_split(np.arange(len(x)), n)
     with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        parts = list(pool.map(lambda i: _run(weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], states), cuts))
+        parts = list(pool.map(lambda i: _run(weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], hidden, inputs), cuts))
     return _concat(parts)

@@ -181,7 +181,8 @@ def forward_rows(model: VisionModel, pixels: np.ndarray, tokens: np.ndarray) -> 
     b, _, h, w = pixels.shape
     p = model.weights.embeddings.patch_size
     layout = token_layout(model.weights.embeddings, (h // p, w // p))
-    fo = model.forward(pixels, attentions=True, rows=layout.patches.start + np.asarray(tokens), states=False)
+    fo = model.forward(pixels, attentions=True, rows=layout.patches.start + np.asarray(tokens),
+                       hidden=False, inputs=False)
     return np.stack([fo.attentions[l][..., layout.patches] for l in sorted(fo.attentions)], axis=1)  # (B, L, H, 2, N)
 
 

@@ -27,17 +27,19 @@ CAPTION = (f"red = query map x·u, cyan = key map x·v, white = both; each map: 
            f"÷ its {CLIP_PERCENTILE:g}th percentile of |value|, clipped to [0, 1]; image dimmed to grey")
 
 
-def scale_map(values: np.ndarray, sign: int = 1) -> np.ndarray:
-    """A map scaled to [0, 1] for display (module docstring, steps 1–3).
+def scale_map(values: np.ndarray, sign=1) -> np.ndarray:
+    """Maps scaled to [0, 1] for display (module docstring, steps 1–3).
 
-    values: (gh, gw) raw projections x_t·u (or x_t·v); sign: +1 or −1.
-    Returns (gh, gw) float64 in [0, 1]; all zeros when the map has no positive side.
+    values: (..., gh, gw) raw projections x_t·u (or x_t·v); sign: +1 or −1, or one per map
+    (...). Returns (..., gh, gw) float64 in [0, 1]; all zeros where a map has no positive side.
     """
     m = np.asarray(values, np.float64)
-    mag = np.abs(m)
-    top = float(mag.max()) if mag.size else 0.0
-    scale = max(float(np.percentile(mag, CLIP_PERCENTILE)), 1e-12 * top) if top > 0 else 1.0
-    return np.clip(np.maximum(sign * m, 0.0) / scale, 0.0, 1.0)
+    mag = np.abs(m).reshape(*m.shape[:-2], -1)  # (..., gh·gw)
+    top = mag.max(-1) if mag.shape[-1] else np.zeros(mag.shape[:-1])
+    scale = np.maximum(np.percentile(mag, CLIP_PERCENTILE, axis=-1), 1e-12 * top) if mag.shape[-1] else top
+    scale = np.where(top > 0, scale, 1.0)[..., None, None]
+    s = np.asarray(sign, np.float64)[..., None, None]
+    return np.clip(np.maximum(s * m, 0.0) / scale, 0.0, 1.0)
 
 
 def display_image(pixels: np.ndarray, mean, std, rescale: float) -> np.ndarray:
@@ -52,11 +54,21 @@ def display_image(pixels: np.ndarray, mean, std, rescale: float) -> np.ndarray:
 
 
 def upsample(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a (gh, gw) map to ``shape`` (H, W) pixels: pixel (y, x) shows patch (y·gh//H, x·gw//W)."""
-    gh, gw = grid.shape
+    """Nearest-neighbour upsampling of (..., gh, gw) maps to ``shape`` (H, W) pixels: pixel (y, x) shows patch (y·gh//H, x·gw//W)."""
+    gh, gw = grid.shape[-2:]
     rows = np.arange(shape[0]) * gh // shape[0]
     cols = np.arange(shape[1]) * gw // shape[1]
-    return grid[rows[:, None], cols[None, :]]
+    return grid[..., rows[:, None], cols[None, :]]
+
+
+def blend(grey: np.ndarray, query01: np.ndarray, key01: np.ndarray) -> np.ndarray:
+    """Screen-blend the overlay colour (q, k, k) on a dimmed grey image: grey (H, W), query01, key01 (H, W) in [0, 1]
+    (scaled maps already upsampled); returns (H, W, 3) in [0, 1], in the dtype of the inputs."""
+    dark = 1 - grey  # (H, W)
+    out = np.empty(grey.shape + (3,), np.result_type(grey, query01, key01))  # (H, W, 3): red = query, green = blue = key
+    out[..., 0] = 1 - dark * (1 - query01)
+    out[..., 1] = out[..., 2] = 1 - dark * (1 - key01)
+    return out
 
 
 def composite(image: np.ndarray, query: np.ndarray, key: np.ndarray, sign: int = 1) -> np.ndarray:
@@ -67,8 +79,4 @@ def composite(image: np.ndarray, query: np.ndarray, key: np.ndarray, sign: int =
     raw maps; sign: ±1, the sign shown. Returns (H, W, 3) float64 in [0, 1].
     """
     shape = image.shape[:2]
-    grey = DIM * (image @ LUMA)  # (H, W)
-    q = upsample(scale_map(query, sign), shape)  # (H, W)
-    k = upsample(scale_map(key, sign), shape)
-    overlay = np.stack([q, k, k], axis=-1)  # (H, W, 3)
-    return 1.0 - (1.0 - grey[..., None]) * (1.0 - overlay)
+    return blend(DIM * (image @ LUMA), upsample(scale_map(query, sign), shape), upsample(scale_map(key, sign), shape))

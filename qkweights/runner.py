@@ -193,10 +193,11 @@ class ShardResult:
     n_items: int
 
 
-def _context(task: Task, model):
-    key = (task.ref, task.analysis.key())
+def context(an: Analysis, ref: ModelRef, model):
+    """``an.setup(model)``, computed once per process (and inherited by workers forked after it)."""
+    key = (ref, an.key())
     if key not in _CONTEXTS:
-        _CONTEXTS[key] = task.analysis.setup(model)
+        _CONTEXTS[key] = an.setup(model)
     return _CONTEXTS[key]
 
 
@@ -204,7 +205,7 @@ def run_shard(task: Task) -> ShardResult:
     """Run one shard in this process: batches of ``batch_size``, the next one decoded while the current one runs."""
     model = task.ref.open()
     an = task.analysis
-    ctx = _context(task, model)
+    ctx = context(an, task.ref, model)
     slices = [(i, min(i + task.batch_size, len(task.items))) for i in range(0, len(task.items), task.batch_size)]
 
     def load(lo_hi):

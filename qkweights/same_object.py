@@ -265,7 +265,7 @@ class SameObjectAnalysis(Analysis):
     def compute(self, model, ctx, batch: Batch) -> SamePartial:
         layers, w = ctx
         prepared: list[Prepared] = batch.data
-        out = model.forward(np.stack([p.pixels for p in prepared]), layers=layers, truncate=True)
+        out = model.forward(np.stack([p.pixels for p in prepared]), layers=layers, truncate=True, hidden=False)
         b = len(prepared)
         scores, slots = [], []
         for li, l in enumerate(layers):

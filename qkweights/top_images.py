@@ -41,7 +41,7 @@ from qkweights.errors import InputError, QkError
 from qkweights.load import source_record
 from qkweights.outputs import prepare_dir, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
-from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
+from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
 
 SCHEMA = "qkweights.top_images/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -113,8 +113,9 @@ def load_batch(model, root: Path, paths: list[str], size) -> tuple[np.ndarray | 
 class ModeBank:
     """The chosen modes of the chosen heads, per chosen layer.
 
-    w: per layer (D, 2C) float32 (or the dtype asked), C = H'·N' columns [u_(h,n) … | v_(h,n) …] in (head, mode)
-    order; sigma, cos: (L', H', N') float64.
+    w: per layer (D, 2C) float32, C = H'·N' columns [u_(h,n) … | v_(h,n) …] in (head, mode)
+    order; sigma, cos: (L', H', N') float64; weighted: (L', H) the σ-weighted cosine
+    Σσ·cos/Σσ of every head of each chosen layer (NaN for an all-zero head).
     """
 
     layers: list[int]
@@ -123,21 +124,32 @@ class ModeBank:
     w: list[np.ndarray]
     sigma: np.ndarray
     cos: np.ndarray
+    weighted: np.ndarray
 
 
 def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32) -> ModeBank:
-    """SVD of the chosen heads of each chosen layer of checkpoint ``ck``, as a :class:`ModeBank` (columns ``w`` in ``dtype``)."""
-    w, sigma, cos = [], [], []
+    """SVD of every head of each chosen layer of checkpoint ``ck``; the chosen heads' and modes' directions as a
+    :class:`ModeBank` (columns ``w`` in ``dtype``).
+
+    The small LAPACK calls run on one BLAS thread: OpenBLAS with more is slower on them.
+    """
+    from threadpoolctl import threadpool_limits
+
+    w, sigma, cos, weighted = [], [], [], []
     for l in layers:
         qk = ck.qk(l)
-        u, s, v = qk_svd(qk.wq[heads], qk.wk[heads])  # (H', D, K), (H', K), (H', D, K)
-        u, v, s = u[..., modes], v[..., modes], s[:, modes]  # (H', D, N')
+        with threadpool_limits(1, user_api="blas"):
+            u, s, v = qk_svd(qk.wq, qk.wk)  # (H, D, K), (H, K), (H, D, K)
+        c = np.einsum("hdk,hdk->hk", u, v)  # (H, K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weighted.append((s * c).sum(-1) / s.sum(-1))  # (H,)
+        u, v, s, c = u[heads][..., modes], v[heads][..., modes], s[heads][:, modes], c[heads][:, modes]  # (H', D, N')
         d = u.shape[1]
         cols = [u.transpose(1, 0, 2).reshape(d, -1), v.transpose(1, 0, 2).reshape(d, -1)]  # 2 × (D, H'·N')
         w.append(np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=dtype))
         sigma.append(s)
-        cos.append(np.einsum("hdn,hdn->hn", u, v))
-    return ModeBank(layers, heads, modes, w, np.array(sigma), np.array(cos))
+        cos.append(c)
+    return ModeBank(layers, heads, modes, w, np.array(sigma), np.array(cos), np.array(weighted))
 
 
 def batch_stats(p: np.ndarray) -> np.ndarray:
@@ -150,9 +162,9 @@ def batch_stats(p: np.ndarray) -> np.ndarray:
     b, t, c2 = p.shape
     c = c2 // 2
     m = min(TOP_MEAN, t)
-    part = np.partition(p, sorted({m - 1, t - m}), axis=1)  # smallest m first, largest m last
-    low = part[:, :m].astype(np.float64)  # (B, m, 2C)
-    high = part[:, t - m:].astype(np.float64)
+    pt = np.ascontiguousarray(p.transpose(0, 2, 1))  # (B, 2C, T): one partition per row is several times faster
+    low = np.partition(pt, m - 1, axis=-1)[..., :m].swapaxes(1, 2).astype(np.float64)  # (B, m, 2C): the m smallest
+    high = -np.partition(-pt, m - 1, axis=-1)[..., :m].swapaxes(1, 2).astype(np.float64)  # the m largest
     mean = p.mean(axis=1, dtype=np.float64)  # (B, 2C)
     plus = np.stack([high.max(1), mean, high.mean(1)], axis=-1)  # (B, 2C, 3): max, mean, top-m mean of x·w
     minus = -np.stack([low.min(1), mean, low.mean(1)], axis=-1)  # the same of −x·w
@@ -272,11 +284,12 @@ class TopImagesAnalysis(Analysis):
                           np.full(lc + (2, self.n_patches), np.nan, np.float32), np.zeros((lc[0], self.hidden), np.int64))
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
-        out = model.forward(batch.data, layers=bank.layers, truncate=True)
+        out = model.forward(batch.data, layers=bank.layers, truncate=True, hidden=False)
         lay = out.layout
         centre = centre_token(lay)
         b = len(batch.positions)
-        scores, stats, maps, sums = [], [], [], []
+        k = min(self.top, b)
+        parts = []
         for li, l in enumerate(bank.layers):
             x = out.attention_inputs[l]  # (B, T, D)
             xp = x[:, lay.patches]  # (B, N, D)
@@ -284,19 +297,30 @@ class TopImagesAnalysis(Analysis):
             p = (xp.reshape(b * n, d) @ bank.w[li]).reshape(b, n, -1)  # (B, N, 2C)
             st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
             c = st.shape[0]
-            qk = p.reshape(b, n, 2, c).transpose(3, 0, 2, 1)  # (C, B, 2, N): query map, key map
-            scores.append(st[..., 0])
-            stats.append(st[..., 1:])
-            maps.append(np.broadcast_to(qk[:, None], (c, 2) + qk.shape[1:]))  # (C, 2, B, 2, N): the same raw maps for both signs
-            sums.append(unit_sum(x[:, centre]))
-        index = np.broadcast_to(batch.positions, np.shape(scores)).astype(np.int64)
-        new = TopPartial(np.array(scores), index, np.array(stats), np.array(maps), np.array(sums), b)
-        return self.merge(self.empty(), new)
+            index = np.broadcast_to(batch.positions, st.shape[:3])  # (C, 2, B)
+            order = np.lexsort((index, -st[..., 0]), axis=-1)[..., :k]  # (C, 2, k): this batch's own top-k
+            cols = np.arange(c)[:, None, None]  # (C, 1, 1)
+            pt = p.transpose(2, 0, 1)  # (2C, B, N)
+            maps = np.stack([pt[cols, order], pt[c + cols, order]], axis=-2)  # (C, 2, k, 2, N): query, key map
+            parts.append((np.take_along_axis(st[..., 0], order, -1), np.take_along_axis(index, order, -1),
+                          np.take_along_axis(st[..., 1:], order[..., None], -2), maps, unit_sum(x[:, centre])))
+        scores, index, stats, maps, sums = (np.array(a) for a in zip(*parts))
+        return TopPartial(scores, index.astype(np.int64), stats, maps, sums, b)
 
     def merge(self, a: TopPartial, b: TopPartial) -> TopPartial:
-        cat = [np.concatenate(pair, axis=3) for pair in zip((a.scores, a.index, a.stats, a.maps), (b.scores, b.index, b.stats, b.maps))]
-        scores, index, stats, maps = merge_topk(*cat, k=self.top)
-        return TopPartial(scores, index, stats, maps, a.centre + b.centre, a.n_scored + b.n_scored)
+        ka = a.scores.shape[-1]
+        scores = np.concatenate([a.scores, b.scores], axis=-1)  # (L', C, 2, ka + kb)
+        index = np.concatenate([a.index, b.index], axis=-1)
+        order = np.lexsort((index, -scores), axis=-1)[..., : self.top]  # (L', C, 2, K)
+        from_b = order >= ka
+        pick = [np.take_along_axis(scores, order, -1), np.take_along_axis(index, order, -1)]
+        for xa, xb in ((a.stats, b.stats), (a.maps, b.maps)):  # gather each side's kept slots, no concatenated copy
+            o = order[(...,) + (None,) * (xa.ndim - 4)]
+            x = np.take_along_axis(xa, np.minimum(o, max(ka - 1, 0)), 3) if ka else np.take_along_axis(xb, o, 3)
+            if ka and from_b.any():
+                x[from_b] = np.take_along_axis(xb, np.maximum(o - ka, 0), 3)[from_b]
+            pick.append(x)
+        return TopPartial(*pick, a.centre + b.centre, a.n_scored + b.n_scored)
 
     def to_arrays(self, p: TopPartial) -> dict[str, np.ndarray]:
         return {"scores": p.scores, "index": p.index, "stats": p.stats, "maps": p.maps, "centre": p.centre,
@@ -337,7 +361,7 @@ class TopImagesResult:
         """Write ``top_images.json`` and ``top_images_maps.npz`` (float16 maps) into ``out_dir``; returns the paths."""
         out = Path(out_dir)
         return [write_npz(out / MAPS_NAME, maps=self.maps.astype(np.float16), fingerprint=np.array(self.doc["fingerprint"])),
-                write_json(out / JSON_NAME, self.doc)]
+                write_json(out / JSON_NAME, self.doc, indent=None)]  # tens of thousands of records: compact
 
     @classmethod
     def load(cls, out_dir) -> TopImagesResult:
@@ -430,7 +454,7 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     ``anisotropy.png``; resumable. InputError when no image could be read (existing
     outputs are left as they are). Returns the :class:`TopImagesResult`.
     """
-    from qkweights.profiles import compute_profile
+    import warnings
 
     d = model.dims
     root, out = Path(image_dir), Path(out_dir)
@@ -457,6 +481,7 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
                            grid[0] * grid[1])
     state_path = out / STATE_NAME
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
+    bank = context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
     sweep = run_sweep(an, ref, paths, state_path=state_path,
                       source=source, model=model, shard_size=shard_size, batch_size=batch_size, workers=workers,
                       client=client, progress=progress)
@@ -469,12 +494,13 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
         state_path.unlink(missing_ok=True)
         raise InputError(f"{root}: none of the {len(paths)} images could be read{first}; existing outputs in {out} are kept")
 
-    weighted = compute_profile(model.checkpoint, source).layer_stats()["weighted_cosine"][layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layer of all-zero heads stays NaN
+        weighted = np.nanmean(bank.weighted, axis=1)  # (L',) as the profile's layer_stats()["weighted_cosine"]
     baseline = mean_pairwise_cosine(st.centre / UNIT, st.n_scored)
     anisotropy = {"token": CENTRE_TEXT, "embedding": EMBEDDING_TEXT, "n_images": st.n_scored, "layers": layers,
                   "mean_cosine": baseline.tolist(), "weighted_cosine": weighted.tolist(),
                   "relative_cosine": (weighted - baseline).tolist()}
-    bank = an.setup(model)
     doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)

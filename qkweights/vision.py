@@ -342,18 +342,18 @@ class VisionModel:
         return prep(images)
 
     def forward(self, pixel_values, *, attentions: bool = False, layers=None, truncate: bool = False, rows=None,
-                states: bool = True) -> ForwardOutput:
+                hidden: bool = True, inputs: bool = True) -> ForwardOutput:
         """Run the model on preprocessed pixels (B, 3, H, W); see :func:`qkweights.forward.forward`.
 
         layers: 0-based block indices whose attention inputs, residual streams and (with
         ``attentions=True``) attention probabilities are kept; None keeps all. Uses as many
         threads as numpy's BLAS may (``threadpoolctl.threadpool_limits`` or
         OPENBLAS_NUM_THREADS set the number). truncate, rows: run only the blocks up to the
-        deepest of ``layers``; keep only these query rows of the attentions; keep no residual
-        streams (see :func:`qkweights.forward.forward`).
+        deepest of ``layers``; keep only these query rows of the attentions; keep the residual
+        streams, the attention inputs (see :func:`qkweights.forward.forward`).
         """
         return forward(self.weights, pixel_values, attentions=attentions, layers=layers, truncate=truncate, rows=rows,
-                       states=states)
+                       hidden=hidden, inputs=inputs)
 
 
 def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
