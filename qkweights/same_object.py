@@ -59,10 +59,11 @@ from qkweights.ade20k import (
     read_objects,
 )
 from qkweights.errors import InputError, QkError
-from qkweights.outputs import write_csv, write_json
-from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
+from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
+from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
 from qkweights.top_images import (
     READ_ERRORS,
+    ModeBank,
     _indices,
     input_size,
     merge_topk,
@@ -236,10 +237,9 @@ class SameObjectAnalysis(Analysis):
         return json.dumps({"layers": self.layers, "heads": self.heads, "modes": self.modes, "top": self.top,
                            "size": self.size, "root": self.root, "preprocessing": self.preprocessing})
 
-    def setup(self, model) -> tuple[list[int], list[np.ndarray]]:
-        """Per chosen layer the (D, 2C) float64 columns [u_(h,n) … | v_(h,n) …] in (head, mode) order."""
-        bank = mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), dtype=np.float64)
-        return bank.layers, bank.w
+    def setup(self, model) -> ModeBank:
+        """The chosen modes; per chosen layer the (D, 2C) float64 columns [u_(h,n) … | v_(h,n) …] in (head, mode) order."""
+        return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), dtype=np.float64)
 
     def item_files(self, item: SegItem) -> list[Path]:
         return [item.image, item.annotation]
@@ -263,7 +263,7 @@ class SameObjectAnalysis(Analysis):
         return SamePartial(np.full(lc, -np.inf), np.full(lc, -1, np.int64), np.zeros(lc + (len(SLOT),), np.int64))
 
     def compute(self, model, ctx, batch: Batch) -> SamePartial:
-        layers, w = ctx
+        layers, w = ctx.layers, ctx.w
         prepared: list[Prepared] = batch.data
         out = model.forward(np.stack([p.pixels for p in prepared]), layers=layers, truncate=True, hidden=False)
         b = len(prepared)
@@ -463,9 +463,10 @@ def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=rang
     patch = model.weights.embeddings.patch_size
     prep_json = json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str)
     an = SameObjectAnalysis(str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, prep_json)
-    state_path = out / STATE_NAME
+    state_path = prepare_dir(out) / STATE_NAME
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
     source = model_identity(model)
+    context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
     sweep = run_sweep(an, ref, items, state_path=state_path, source=source, model=model, shard_size=shard_size,
                       batch_size=batch_size, workers=workers, client=client, progress=progress)
     for text in sweep.notes:
@@ -479,7 +480,7 @@ def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=rang
         first = f" (first: {skipped[0]['image']}: {skipped[0]['reason']})" if skipped else ""
         raise InputError(f"{root}: none of the {len(items) + len(data.missing)} images is eligible{first}; "
                          f"each needs {MIN_OBJECTS} annotated objects of at least one patch; existing outputs in {out} are kept")
-    bank = mode_bank(model.checkpoint, layers, heads, modes)
+    bank = context(an, ref, model)
     n_ineligible = sum(s["reason"].startswith(NOT_ELIGIBLE) for s in skipped)
     gh, gw = patch_grid(model, size)
     doc = {
@@ -503,6 +504,7 @@ def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=rang
     if plots:
         written += draw_same_object(model, result, items, out)
     result.files = written
+    record_outputs(out, "same-object", written)  # figures of an earlier run, after --no-plots, go
     state_path.unlink(missing_ok=True)
     return result
 

@@ -54,6 +54,8 @@ STATS = ("max_query", "max_key", "mean_query", "mean_key", "top5_query", "top5_k
 READ_ERRORS = (QkError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SCORE_TEXT = "max_t(s·x_t·u_n) · max_t(s·x_t·v_n) over patch tokens t, s = +1 for sign '+', −1 for sign '-'"
 EMBEDDING_TEXT = "attention_inputs[l]: the LayerNorm output feeding W_q/W_k"
+FOLDED_TEXT = ("n: the normalised token (x − mean)/√(var + eps) of the residual stream entering block l, scored on the "
+               "LayerNorm-folded modes of Γ W_qᵀW_k Γ (profile --fold-ln)")
 CENTRE_TEXT = "centre patch token: row gh//2, column gw//2 of the patch grid"
 UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free integer sums
 
@@ -127,19 +129,27 @@ class ModeBank:
     weighted: np.ndarray
 
 
-def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32) -> ModeBank:
+def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32, *,
+              fold_ln: bool = False) -> ModeBank:
     """SVD of every head of each chosen layer of checkpoint ``ck``; the chosen heads' and modes' directions as a
-    :class:`ModeBank` (columns ``w`` in ``dtype``).
+    :class:`ModeBank` (columns ``w`` in ``dtype``). fold_ln: the LayerNorm-folded modes of Γ W_qᵀW_k Γ
+    (:func:`qkweights.fold.folded_modes`), which apply to the normalised tokens n.
 
     The small LAPACK calls run on one BLAS thread: OpenBLAS with more is slower on them.
     """
     from threadpoolctl import threadpool_limits
 
+    from qkweights.fold import folded_modes
+
     w, sigma, cos, weighted = [], [], [], []
     for l in layers:
-        qk = ck.qk(l)
         with threadpool_limits(1, user_api="blas"):
-            u, s, v = qk_svd(qk.wq, qk.wk)  # (H, D, K), (H, K), (H, D, K)
+            if fold_ln:
+                f = folded_modes(ck, l)
+                u, s, v = f.u, f.s, f.v  # (H, D, K), (H, K), (H, D, K)
+            else:
+                qk = ck.qk(l)
+                u, s, v = qk_svd(qk.wq, qk.wk)
         c = np.einsum("hdk,hdk->hk", u, v)  # (H, K)
         with np.errstate(invalid="ignore", divide="ignore"):
             weighted.append((s * c).sum(-1) / s.sum(-1))  # (H,)
@@ -262,14 +272,15 @@ class TopImagesAnalysis(Analysis):
     size: tuple[int, int] | None  # None: the checkpoint's own resize and crop
     hidden: int
     n_patches: int
+    fold_ln: bool = False  # the LayerNorm-folded modes, on the normalised tokens n
     name: ClassVar[str] = "top_images"
 
     def key(self) -> str:
         return json.dumps({"layers": self.layers, "heads": self.heads, "modes": self.modes, "top": self.top,
-                           "size": self.size, "root": self.root})
+                           "size": self.size, "root": self.root, "fold_ln": self.fold_ln})
 
     def setup(self, model) -> ModeBank:
-        return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes))
+        return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), fold_ln=self.fold_ln)
 
     def item_files(self, item) -> list[Path]:
         return [Path(self.root) / item]
@@ -284,14 +295,20 @@ class TopImagesAnalysis(Analysis):
                           np.full(lc + (2, self.n_patches), np.nan, np.float32), np.zeros((lc[0], self.hidden), np.int64))
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
-        out = model.forward(batch.data, layers=bank.layers, truncate=True, hidden=False)
+        from qkweights.fold import normalised_tokens
+
+        fold = self.fold_ln
+        out = model.forward(batch.data, layers=bank.layers, truncate=True, hidden=fold, inputs=not fold)
         lay = out.layout
         centre = centre_token(lay)
         b = len(batch.positions)
         k = min(self.top, b)
         parts = []
         for li, l in enumerate(bank.layers):
-            x = out.attention_inputs[l]  # (B, T, D)
+            if fold:  # n = (x − mean)/√(var + eps) of the residual stream: exact whatever γ
+                x = normalised_tokens(out.hidden_states[l], eps=model.weights.eps).astype(np.float32)  # (B, T, D)
+            else:
+                x = out.attention_inputs[l]  # (B, T, D)
             xp = x[:, lay.patches]  # (B, N, D)
             n, d = xp.shape[1:]
             p = (xp.reshape(b * n, d) @ bank.w[li]).reshape(b, n, -1)  # (B, N, 2C)
@@ -420,7 +437,7 @@ def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, 
         "image_dir": str(root),
         "options": options,
         "score": SCORE_TEXT,
-        "embedding": EMBEDDING_TEXT,
+        "embedding": FOLDED_TEXT if options.get("fold_ln") else EMBEDDING_TEXT,
         "tokens": "patch tokens only (CLS, distillation and register tokens excluded)",
         "stats": {"max_query": "max_t s·x_t·u_n", "max_key": "max_t s·x_t·v_n", "mean_query": "mean_t s·x_t·u_n",
                   "mean_key": "mean_t s·x_t·v_n", "top5_query": f"mean of the top {TOP_MEAN} s·x_t·u_n",
@@ -441,7 +458,7 @@ def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, 
 def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=range(10), top: int = 8,
                batch_size: int = 16, shard_size: int = 64, workers: int | None = None, client=None,
                progress: Callable[[int, int], object] | None = None, plots: bool = True,
-               notes: Callable[[str], object] | None = None) -> TopImagesResult:
+               notes: Callable[[str], object] | None = None, fold_ln: bool = False) -> TopImagesResult:
     """Top-``top`` images of ``image_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
 
     model: a :class:`qkweights.vision.VisionModel`. layers, heads: 0-based indices (None:
@@ -451,8 +468,10 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     files consumed, at the start and after each shard; notes(text): what the caller may
     want to tell the user (a resumed or ignored state). Writes ``top_images.json``,
     ``top_images_maps.npz`` and, with ``plots``, ``top_L{l}_H{h}.png`` per head and
-    ``anisotropy.png``; resumable. InputError when no image could be read (existing
-    outputs are left as they are). Returns the :class:`TopImagesResult`.
+    ``anisotropy.png``; resumable. fold_ln: score the LayerNorm-folded modes on the
+    normalised tokens n (:mod:`qkweights.fold`), so that the decomposition of the logits
+    stays exact. InputError when no image could be read (existing outputs are left as they
+    are). Returns the :class:`TopImagesResult`.
     """
     import warnings
 
@@ -476,9 +495,9 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     size = input_size(model)
     grid = patch_grid(model, size)
     options = {"layers": layers, "heads": heads, "modes": modes, "top": top, "batch_size": batch_size,
-               "shard_size": shard_size, "input_size": list(size or ())}
+               "shard_size": shard_size, "input_size": list(size or ()), "fold_ln": fold_ln}
     an = TopImagesAnalysis(str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, d.hidden,
-                           grid[0] * grid[1])
+                           grid[0] * grid[1], fold_ln)
     state_path = out / STATE_NAME
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
     bank = context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
@@ -498,7 +517,7 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
         warnings.simplefilter("ignore", RuntimeWarning)  # a layer of all-zero heads stays NaN
         weighted = np.nanmean(bank.weighted, axis=1)  # (L',) as the profile's layer_stats()["weighted_cosine"]
     baseline = mean_pairwise_cosine(st.centre / UNIT, st.n_scored)
-    anisotropy = {"token": CENTRE_TEXT, "embedding": EMBEDDING_TEXT, "n_images": st.n_scored, "layers": layers,
+    anisotropy = {"token": CENTRE_TEXT, "embedding": FOLDED_TEXT if fold_ln else EMBEDDING_TEXT, "n_images": st.n_scored, "layers": layers,
                   "mean_cosine": baseline.tolist(), "weighted_cosine": weighted.tolist(),
                   "relative_cosine": (weighted - baseline).tolist()}
     doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
@@ -593,8 +612,9 @@ def draw_top_images(ref: ModelRef, result: TopImagesResult, root: Path, out: Pat
                          for j, w in enumerate(m["signs"][sign])]
                 label = f"L{hd['layer']} H{hd['head']} M{m['mode']} {'+' if si == 0 else '−'}\ncos {m['cosine']:+.3f}  σ {m['sigma']:.3g}"
                 rows.append((label, cells))
+        x = "x = normalised token n, LayerNorm-folded modes" if opts.get("fold_ln") else "x = LayerNorm output"
         title = (f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {opts['top']} of {doc['n_images']} images "
-                 "per mode and sign (x = LayerNorm output)")
+                 f"per mode and sign ({x})")
         jobs.append(GridJob(ref, str(Path(root).resolve()), size, title, rows, out / f"top_L{hd['layer']}_H{hd['head']}.png"))
     run_jobs(draw_grid, jobs, workers=workers, client=client)
     paths = [job.path for job in jobs]

@@ -225,3 +225,30 @@ def test_figures_and_cli(folder, tmp_path):
 def test_empty_folder(vit, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["top-images", str(MODELS / "vit"), str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, tmp_path):
+    # Reference: dense SVD of Γ W_qᵀ W_k Γ (D×D, numpy), n = (x − mean)/√(var + eps) of the residual stream by hand,
+    # each image alone. A pair's sign is arbitrary, so each image's two scores (+, −) are compared as a set.
+    layer, head, modes = 1, 2, [0, 1]
+    paths = list_images(folder)
+    doc = top_images(vit, folder, tmp_path, layers=[layer], heads=[head], modes=modes, top=len(paths), batch_size=4,
+                     plots=False, fold_ln=True).doc
+    assert doc["options"]["fold_ln"] and doc["embedding"].startswith("n: the normalised token")
+    ck = vit.checkpoint
+    qk = ck.qk(layer)
+    norm = ck.norm1(layer)
+    m = (norm.gamma[:, None] * (qk.wq[head].T @ qk.wk[head])) * norm.gamma[None, :]  # Γ W_qᵀ W_k Γ (D, D)
+    u, s, vt = np.linalg.svd(m)
+    for n in modes:
+        got = {w["path"]: [] for w in doc["heads"][0]["modes"][n]["signs"]["+"]}
+        for sign in ("+", "-"):
+            for w in doc["heads"][0]["modes"][n]["signs"][sign]:
+                got[w["path"]].append(w["score"])
+        for rel in paths:
+            out = vit.forward(vit.preprocess(folder / rel), layers=[layer])
+            x = out.hidden_states[layer][0, out.layout.patches].astype(np.float64)  # (N, D)
+            nt = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + vit.weights.eps)
+            pq, pk = nt @ u[:, n], nt @ vt[n]
+            ref = sorted([pq.max() * pk.max(), (-pq).max() * (-pk).max()])
+            np.testing.assert_allclose(sorted(got[rel]), ref, rtol=1e-4, atol=1e-5)

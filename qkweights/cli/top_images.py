@@ -15,6 +15,7 @@ def configure(p) -> None:
     p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
     p.add_argument("--top", type=int, default=8, help="images kept per layer, head, mode and sign (default: 8)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--fold-ln", action="store_true", help="score the LayerNorm-folded modes of Γ W_qᵀW_k Γ on the normalised tokens (as profile --fold-ln)")
     add_sweep_arguments(p)
     p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
     p.add_argument("--no-plots", action="store_true", help="write top_images.json only, no figures")
@@ -35,7 +36,7 @@ def run(args) -> int:
     with sweep_options(args) as where, Progress("top-images", unit="images", enabled=False if args.quiet else None) as bar:
         result = top_images(model, args.image_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
                             batch_size=args.batch_size, progress=bar.update, plots=not args.no_plots,
-                            notes=lambda text: print_notes([text]), **where)
+                            notes=lambda text: print_notes([text]), fold_ln=args.fold_ln, **where)
     doc = result.doc
     if not args.quiet:
         print(f"scored {doc['n_images']} of {doc['n_files']} images ({len(doc['skipped'])} skipped) on "
