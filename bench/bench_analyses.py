@@ -1,6 +1,7 @@
-"""Benchmarks of the image analyses: O3 attention allocation (``bench_o3``) and top images (``bench_top_images``).
+"""Benchmark of the O3 analysis's overhead over the forward pass (``bench_o3``); the sweeps' throughput,
+executors, memory and figures are measured by ``bench_sweep.py``.
 
-Run from the repository root:  python bench/bench_analyses.py [o3] [top-images] [--reps N]
+Run from the repository root:  python bench/bench_analyses.py [o3] [--reps N]
 (no name runs every ``bench_*`` function of this file). Checkpoints and synthetic datasets are
 written once into ``bench/out/`` (git-ignored) and reused; the ViT-B-shaped random hf-vit
 checkpoint is the one bench_profile.py writes (``make_vit``), shared here.
@@ -91,79 +92,6 @@ def bench_o3(args) -> None:
         print(f"    overhead      : {o_med / f_med - 1:+8.1%} of the forward time (best/best {min(o3) / min(forward) - 1:+.1%}); "
               f"of it, preparing images and masks {t_prepare / n * 1e3:.1f} ms/image")
         print(f"    once per run  : figure {t_figure:.2f} s, weight digest for the fingerprint {t_digest:.2f} s (not in the rounds)")
-
-
-TOP_IMAGES_SETS = {"tiny": (256, 256), "vit-b": (32, 448)}  # (images, side in px) of the synthetic folders
-
-
-def bench_top_images(args) -> None:
-    """images/s of the ``top-images`` scan against the forward pass alone on the same batches.
-
-    Per model, defaults of the command (all layers and heads, modes 0–9, top 8), batches of
-    ``--batch`` images: the images are decoded and preprocessed once (``load_batch``, timed);
-    then ``--reps`` rounds alternate (a) the forward passes alone over those batches and
-    (b) the scan end to end (``scan``: decoding, forward, scores, running top-K, anisotropy,
-    the state file after each batch). Overhead = (median(b) − decoding) / median(a) − 1.
-    A third, instrumented pass times the analysis alone per batch (``score_batch`` and
-    ``save_state`` against ``forward`` on the same batch, back to back, so machine load hits
-    both alike). The winners' maps and figures are timed once (``top_images`` minus the scan).
-    """
-    from qkweights.top_images import (
-        STATE_NAME, ScanState, fingerprint, input_size, list_images, load_batch, mode_bank, model_identity,
-        save_state, scan, score_batch, top_images,
-    )
-    from qkweights.vision import load_model
-
-    print(f"top-images: all layers and heads, modes 0-9, top 8, batch {args.batch}, {args.reps} rounds; median (best) over rounds")
-    for label, folder, key in (("tiny vit fixture (D 32, 2 layers × 4 heads, 32², T 17)", TINY_VIT, "tiny"),
-                               ("ViT-B/16 random (D 768, 12 layers × 12 heads, 224², T 197)", vit_b_random(), "vit-b")):
-        n_images, side = TOP_IMAGES_SETS[key]
-        root = synthetic_o3(n_images, side) / "images"
-        model = load_model(str(folder))
-        d = model.dims
-        layers, heads, modes = list(range(d.layers)), list(range(d.heads)), [n for n in range(10) if n < d.head_dim]
-        paths = list_images(root)
-        t0 = time.perf_counter()
-        batches = [load_batch(model, root, paths[i : i + args.batch], input_size(model))[0] for i in range(0, len(paths), args.batch)]
-        t_load = time.perf_counter() - t0
-        bank = mode_bank(model.checkpoint, layers, heads, modes)
-        source = model_identity(model)
-        options = {"layers": layers, "heads": heads, "modes": modes, "top": 8, "batch_size": args.batch}
-        fp = fingerprint(source, root, paths, options)
-        forward, scans = [], []
-        with tempfile.TemporaryDirectory() as tmp:
-            for r in range(args.reps):
-                t0 = time.perf_counter()
-                for x in batches:
-                    model.forward(x, layers=layers)
-                forward.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                scan(model, root, paths, bank, 8, args.batch, Path(tmp) / f"scan{r}" / STATE_NAME, fp)
-                scans.append(time.perf_counter() - t0)
-            st = ScanState.empty(len(layers), len(heads) * len(modes), 8, d.hidden)
-            t_fwd = t_score = t_save = 0.0
-            for b, x in enumerate(batches):
-                t0 = time.perf_counter()
-                out = model.forward(x, layers=layers)
-                t1 = time.perf_counter()
-                score_batch(bank, st, out, np.arange(b * args.batch, b * args.batch + len(x)))
-                t2 = time.perf_counter()
-                save_state(Path(tmp) / STATE_NAME, st, fp)
-                t3 = time.perf_counter()
-                t_fwd, t_score, t_save = t_fwd + t1 - t0, t_score + t2 - t1, t_save + t3 - t2
-            t0 = time.perf_counter()
-            top_images(model, root, Path(tmp) / "full", layers=layers, heads=heads, modes=modes, top=8, batch_size=args.batch)
-            t_full = time.perf_counter() - t0
-        n = len(paths)
-        f_med, s_med = statistics.median(forward), statistics.median(scans)
-        print(f"  {label}: {n} synthetic JPEGs of {side}×{side} px")
-        print(f"    forward alone     : {n / f_med:8.2f} images/s ({n / min(forward):.2f})   {f_med / n * 1e3:9.1f} ms/image")
-        print(f"    top-images scan   : {n / s_med:8.2f} images/s ({n / min(scans):.2f})   {s_med / n * 1e3:9.1f} ms/image")
-        print(f"    decoding+preproc. : {t_load / n * 1e3:9.1f} ms/image")
-        print(f"    overhead          : {(s_med - t_load) / f_med - 1:+8.1%} of the forward time (scan − decoding vs forward, medians)")
-        print(f"    analysis alone    : scores + top-K {t_score / t_fwd:+.1%}, state file {t_save / t_fwd:+.1%} of the forward time "
-              f"(same batches, back to back; {t_save / len(batches) * 1e3:.1f} ms per state write)")
-        print(f"    maps + figures    : {t_full - s_med:.1f} s ({d.layers * d.heads} grid figures + anisotropy), once per run")
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from threadpoolctl import threadpool_info
 
 ROOT = Path(__file__).resolve().parents[1]
