@@ -128,7 +128,7 @@ def main() -> None:
     if not args.no_dask and not args.scaling:
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+        cluster = LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
         client = Client(cluster)
         runs[f"top-images --scheduler (loopback Dask, {cores} workers × 1 thread)"] = []
     print(f"top-images --no-plots: {n} photos 500×375, ViT-B/16 shape, all 12 layers × 12 heads, modes 0-9, top 8, "

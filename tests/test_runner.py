@@ -104,7 +104,7 @@ def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
     o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address="127.0.0.1:0") as cluster, distributed.Client(cluster) as client:
         _equal_top(top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
         o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, plots=False, client=client)
         # figures drawn on the cluster's workers
@@ -194,7 +194,7 @@ def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
     kw = {**TOP, "shard_size": 2}
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **kw)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address="127.0.0.1:0") as cluster, distributed.Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
         state = {"killed": False}
 

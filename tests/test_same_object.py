@@ -458,7 +458,7 @@ def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
     distributed = pytest.importorskip("distributed")
     kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3, plots=False)
     same_object(vit, full_release, tmp_path / "here", **kw)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             distributed.Client(cluster) as client:
         same_object(vit, full_release, tmp_path / "dask", client=client, **kw)
     for name in ("same_object.csv", "same_object.json"):
