@@ -421,27 +421,24 @@ def _font(size: int):
         return ImageFont.load_default(size)
 
 
-def top_images_grid(title: str, rows: list, thumb) -> Image.Image:
-    """Rows of top images with their red/cyan overlays, composed as one RGB image (no matplotlib figure).
+def image_grid(title: str, caption: str, rows: list) -> Image.Image:
+    """Rows of image cells with labels, composed as one RGB image (no matplotlib figure).
 
-    rows: [(label, [(image path, score, query (gh, gw), key (gh, gw), sign), …]), …];
-    thumb(path): the image as the patch grid covers it, ``CELL_PX`` wide, (h, w, 3) in
-    [0, 1]. Each cell is the red/cyan overlay of :mod:`qkweights.overlay` on it; the score is printed in the cell's corner, the rank above each column,
-    the label left of each row, the title above and the colour key below.
+    rows: [(label, [(cell (h, w, 3) uint8 or PIL image, corner text), …]), …], every cell of
+    one size. The label is left of each row, the corner text in each cell's lower left corner,
+    the rank (#1, #2, …) above each column, the title above and the caption below; text is
+    drawn once, directly on the pixels.
     """
     from PIL import ImageDraw
 
-    from qkweights.overlay import CAPTION, DIM, LUMA, blend, scale_map, upsample
-
-    cells = [c for _, row in rows for c in row]
-    h0, w0 = thumb(cells[0][0]).shape[:2] if cells else (1, 1)
-    ch, cw = h0, w0
-    k = max((len(row) for _, row in rows), default=1) or 1
+    tiles = [[(c if isinstance(c, Image.Image) else Image.fromarray(c), text) for c, text in row] for _, row in rows]
+    first = next((c for row in tiles for c, _ in row), None)
+    cw, ch = first.size if first is not None else (CELL_PX, CELL_PX)
+    k = max((len(row) for row in tiles), default=1) or 1
     title_font, label_font, small = _font(15), _font(12), _font(10)
     width = LABEL_PX + k * (cw + GRID_GAP) + GRID_GAP
-    title_lines = textwrap.wrap(title, width=max(40, width // 8))
-    caption_lines = textwrap.wrap(CAPTION + "; score (corner) = max_t(s·x·u)·max_t(s·x·v) over patch tokens, s = the row's sign",
-                                  width=max(40, width // 6))
+    title_lines = textwrap.wrap(title, width=max(40, width // 9))
+    caption_lines = textwrap.wrap(caption, width=max(40, width // 6))
     top = 10 + 19 * len(title_lines) + 18
     height = top + len(rows) * (ch + GRID_GAP) + 8 + 13 * len(caption_lines) + 6
     img = Image.new("RGB", (width, height), "white")
@@ -450,20 +447,12 @@ def top_images_grid(title: str, rows: list, thumb) -> Image.Image:
         draw.text((width // 2, 8 + 19 * i), line, fill="black", font=title_font, anchor="ma")
     for j in range(k):
         draw.text((LABEL_PX + j * (cw + GRID_GAP) + cw // 2, top - 4), f"#{j + 1}", fill="black", font=label_font, anchor="md")
-    if cells:  # every cell's maps scaled in one call (small arrays), then each cell blended on its grey image
-        signs = np.array([c[4] for c in cells])
-        q01 = upsample(scale_map(np.stack([c[2] for c in cells]), signs), (ch, cw)).astype(np.float32)  # (n, h, w)
-        k01 = upsample(scale_map(np.stack([c[3] for c in cells]), signs), (ch, cw)).astype(np.float32)
-    i = 0
-    for r, (label, row) in enumerate(rows):
+    for r, ((label, _), row) in enumerate(zip(rows, tiles)):
         y = top + r * (ch + GRID_GAP)
         draw.multiline_text((LABEL_PX - 8, y + ch // 2), label, fill="black", font=label_font, anchor="rm", align="right")
-        for j, (path, score, *_) in enumerate(row):
+        for j, (cell, text) in enumerate(row):
             x = LABEL_PX + j * (cw + GRID_GAP)
-            grey = DIM * (thumb(path) @ LUMA).astype(np.float32)  # (h, w)
-            img.paste(Image.fromarray((blend(grey, q01[i], k01[i]) * 255 + 0.5).astype(np.uint8)), (x, y))
-            i += 1
-            text = f"{score:.3g}"
+            img.paste(cell, (x, y))
             box = draw.textbbox((x + 3, y + ch - 3), text, font=small, anchor="ld")
             draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=(40, 40, 40))
             draw.text((x + 3, y + ch - 3), text, fill="white", font=small, anchor="ld")
@@ -471,6 +460,34 @@ def top_images_grid(title: str, rows: list, thumb) -> Image.Image:
     for i, line in enumerate(caption_lines):
         draw.text((width // 2, y + 13 * i), line, fill=(80, 80, 80), font=small, anchor="ma")
     return img
+
+
+def top_images_grid(title: str, rows: list, thumb) -> Image.Image:
+    """Rows of top images with their red/cyan overlays (paper Fig. 4, S5–S19), as one RGB image (:func:`image_grid`).
+
+    rows: [(label, [(image path, score, query (gh, gw), key (gh, gw), sign), …]), …];
+    thumb(path): the image as the patch grid covers it, ``CELL_PX`` wide, (h, w, 3) in
+    [0, 1]. Each cell is the red/cyan overlay of :mod:`qkweights.overlay` on it, its score
+    in the corner.
+    """
+    from qkweights.overlay import CAPTION, DIM, LUMA, blend, scale_map, upsample
+
+    cells = [c for _, row in rows for c in row]
+    out, i = [], 0
+    if cells:  # every cell's maps scaled in one call (small arrays), then each cell blended on its grey image
+        ch, cw = thumb(cells[0][0]).shape[:2]
+        signs = np.array([c[4] for c in cells])
+        q01 = upsample(scale_map(np.stack([c[2] for c in cells]), signs), (ch, cw)).astype(np.float32)  # (n, h, w)
+        k01 = upsample(scale_map(np.stack([c[3] for c in cells]), signs), (ch, cw)).astype(np.float32)
+    for label, row in rows:
+        tiles = []
+        for path, score, *_ in row:
+            grey = DIM * (thumb(path) @ LUMA).astype(np.float32)  # (h, w)
+            tiles.append(((blend(grey, q01[i], k01[i]) * 255 + 0.5).astype(np.uint8), f"{score:.3g}"))
+            i += 1
+        out.append((label, tiles))
+    caption = CAPTION + "; score (corner) = max_t(s·x·u)·max_t(s·x·v) over patch tokens, s = the row's sign"
+    return image_grid(title, caption, out)
 
 
 def save_png(image, path) -> Path:
@@ -617,45 +634,15 @@ def same_object_cell(image: np.ndarray, query: np.ndarray, key: np.ndarray, widt
 
 
 def same_object_examples(title: str, rows: list) -> Image.Image:
-    """Rows of selected images with their query and key objects, composed as one RGB image.
+    """Rows of selected images with their query and key objects, as one RGB image (:func:`image_grid`).
 
     rows: [(label, [(image (h, w, 3) in [0, 1], query mask (h, w), key mask (h, w), caption), …]), …];
-    each cell is :func:`same_object_cell`, its caption printed in its corner; the rank above
-    each column, the label left of each row, the title above and the colour key below.
+    each cell is :func:`same_object_cell`, its caption printed in its corner.
     """
-    from PIL import ImageDraw
-
-    cells = [[(same_object_cell(im, q, k), cap) for im, q, k, cap in row] for _, row in rows]
-    first = next((c for row in cells for c, _ in row), None)
-    cw, ch = first.size if first is not None else (CELL_PX, CELL_PX)
-    k = max((len(row) for row in cells), default=1) or 1
-    title_font, label_font, small = _font(15), _font(12), _font(10)
-    width = LABEL_PX + k * (cw + GRID_GAP) + GRID_GAP
-    title_lines = textwrap.wrap(title, width=max(40, width // 8))
     key_text = ("red outline (tinted) = query object: largest mean of s·x·u_n over its area; cyan outline = key object: "
                 "largest mean of s·x·v_n; both (red outside, cyan inside) = the same object; s = the image's sign")
-    caption_lines = textwrap.wrap(key_text, width=max(40, width // 6))
-    top = 10 + 19 * len(title_lines) + 18
-    height = top + len(rows) * (ch + GRID_GAP) + 8 + 13 * len(caption_lines) + 6
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    for i, line in enumerate(title_lines):
-        draw.text((width // 2, 8 + 19 * i), line, fill="black", font=title_font, anchor="ma")
-    for j in range(k):
-        draw.text((LABEL_PX + j * (cw + GRID_GAP) + cw // 2, top - 4), f"#{j + 1}", fill="black", font=label_font, anchor="md")
-    for r, ((label, _), row) in enumerate(zip(rows, cells)):
-        y = top + r * (ch + GRID_GAP)
-        draw.multiline_text((LABEL_PX - 8, y + ch // 2), label, fill="black", font=label_font, anchor="rm", align="right")
-        for j, (cell, cap) in enumerate(row):
-            x = LABEL_PX + j * (cw + GRID_GAP)
-            img.paste(cell, (x, y))
-            box = draw.textbbox((x + 3, y + ch - 3), cap, font=small, anchor="ld")
-            draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=(40, 40, 40))
-            draw.text((x + 3, y + ch - 3), cap, fill="white", font=small, anchor="ld")
-    y = height - 6 - 13 * len(caption_lines)
-    for i, line in enumerate(caption_lines):
-        draw.text((width // 2, y + 13 * i), line, fill=(80, 80, 80), font=small, anchor="ma")
-    return img
+    return image_grid(title, key_text, [(label, [(same_object_cell(im, q, k), cap) for im, q, k, cap in row])
+                                        for label, row in rows])
 
 
 def same_object_compare_figure(curves: list[Curve], path: str | Path) -> Path:
