@@ -65,6 +65,7 @@ from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
 from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
+from qkweights.top_images import READ_ERRORS
 from qkweights.vision import VisionModel, load_model
 
 SCHEMA = "qkweights.o3/1"
@@ -220,8 +221,9 @@ class O3Analysis(Analysis):
             try:
                 prepared.append(prepare(model, item))
                 ok.append(pos)
-            except InputError as exc:
-                skipped.append({"path": item.name, "reason": str(exc)})
+            except READ_ERRORS as exc:
+                skipped.append({"path": item.name, "reason": str(exc) if isinstance(exc, InputError) else
+                                " ".join(f"{type(exc).__name__}: {exc}".split())})
         return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
 
     def compute(self, model, ctx, batch: Batch) -> O3Partial:

@@ -75,7 +75,7 @@ def _image_files(folder: Path) -> dict[str, Path]:
     """Stem -> path of the image files (jpg/jpeg/png, any case, not hidden) in ``folder``."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or path.is_dir():  # broken links stay: skipped and listed
             continue
         if path.stem in found:
             raise InputError(

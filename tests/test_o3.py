@@ -410,3 +410,16 @@ def test_cli_make_o3_and_o3(tmp_path, capsys):
     assert doc["images_used"] + len(doc["skipped"]) == 3
     assert main(["make-o3", str(tmp_path / "bad"), "--size", "48x"]) == 2
     assert main(["o3", str(MODELS / "vit"), str(tmp_path / "data"), "--batch-size", "0"]) == 2
+
+
+def test_a_broken_link_is_skipped_and_listed(tmp_path, vit, square):
+    import shutil
+
+    root = tmp_path / "o3"
+    shutil.copytree(square, root)
+    for sub in ("targ_images", "dist_images"):
+        shutil.copy(root / sub / "synth_0000.jpg", root / sub / "broken.jpg")
+    (root / "images" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    summary = o3_allocation(vit, root, tmp_path / "out", plots=False).summary
+    assert [s["image"] for s in summary["skipped"]] == ["broken"]
+    assert "no such image file" in summary["skipped"][0]["reason"]

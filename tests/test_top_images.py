@@ -252,3 +252,29 @@ def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, t
             pq, pk = nt @ u[:, n], nt @ vt[n]
             ref = sorted([pq.max() * pk.max(), (-pq).max() * (-pk).max()])
             np.testing.assert_allclose(sorted(got[rel]), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_no_readable_image_is_an_error_and_keeps_the_outputs(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(MODELS / "vit"), "--layers", "0", "--heads", "0", "--modes", "0", "--out", str(out), "--quiet"]
+    assert main(["top-images", args[0], str(folder / "images"), *args[1:]]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_text("not a jpeg")
+    (bad / "b.png").symlink_to(tmp_path / "nowhere.png")  # a broken link
+    assert main(["top-images", args[0], str(bad), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkweights: error: {bad}: none of the 2 images could be read (first: a.jpg: ") and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for p in sorted((folder / "images").iterdir())[:3]:
+        (root / p.name).write_bytes(p.read_bytes())
+    (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    doc = top_images(vit, root, tmp_path / "out", layers=[0], heads=[0], modes=[0], plots=False).doc
+    assert doc["n_images"] == 3 and [s["path"] for s in doc["skipped"]] == ["broken.jpg"]
+    assert "no such image file" in doc["skipped"][0]["reason"]

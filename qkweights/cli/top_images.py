@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, print_notes, parse_indices, sweep_options
+from qkweights.outputs import plural
 from qkweights.progress import Progress
 
 
@@ -39,8 +40,9 @@ def run(args) -> int:
                             notes=lambda text: print_notes([text]), fold_ln=args.fold_ln, **where)
     doc = result.doc
     if not args.quiet:
-        print(f"scored {doc['n_images']} of {doc['n_files']} images ({len(doc['skipped'])} skipped) on "
-              f"{len(doc['options']['layers'])} layers × {len(doc['options']['heads'])} heads × modes {doc['options']['modes']}")
+        opts = doc["options"]
+        print(f"scored {doc['n_images']} of {plural(doc['n_files'], 'image')} ({len(doc['skipped'])} skipped) on "
+              f"{plural(len(opts['layers']), 'layer')} × {plural(len(opts['heads']), 'head')} × modes {opts['modes']}")
         for s in doc["skipped"][:10]:
             print(f"  skipped {s['path']}: {s['reason']}")
         print(f"wrote {', '.join(sorted({p.name if not p.name.startswith('top_L') else 'top_L*_H*.png' for p in result.files}))} to {out}/")
