@@ -30,17 +30,17 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import disable_progress_bars, httpx
 
 from qkweights.errors import QkError, SourceError
-from qkweights.source import (
+from qkweights.folders import (
     CONFIG_NAMES,
     INDEX_NAME,
     PICKLE_NOTE,
     SUFFIX,
     Source,
-    _configs,
-    _folder_names,
-    _listing,
-    _pickle_names,
-    _weight_names,
+    configs_in,
+    folder_names,
+    listing,
+    pickle_names,
+    weight_names,
 )
 
 # Title and author of the safetensors conversion PRs, as in transformers' safetensors_conversion.py.
@@ -74,7 +74,7 @@ def _hub_source(repo_id: str, revision: str | None, allow_pickle: bool = False) 
         kind="hub",
         folder=folder,
         weight_files=tuple(folder / n for n in weights),
-        config_files=_configs(folder, _folder_names(folder)),
+        config_files=configs_in(folder, folder_names(folder)),
         revision=rev,
         commit=folder.name,
     )
@@ -84,7 +84,7 @@ def _hub_files(repo_id: str, rev: str) -> tuple[Path, list[str]]:
     """Fetch configs and index, then the chosen weight files; (snapshot folder, weight names or [])."""
     folder = _download(repo_id, rev, [*CONFIG_NAMES, INDEX_NAME])
     names, complete = _hub_listing(repo_id, folder)
-    weights = _weight_names(folder, [n for n in names if "/" not in n], f"{repo_id}@{rev}")
+    weights = weight_names(folder, [n for n in names if "/" not in n], f"{repo_id}@{rev}")
     if not weights:
         return folder, []
     # By commit when the tree listing is cached (no network call for cached files); otherwise the
@@ -105,7 +105,7 @@ def _hub_pickles(repo_id: str, rev: str) -> tuple[Path, list[str]]:
     """Fetch the PyTorch weights of a repo without safetensors; (snapshot folder, weight names or [])."""
     folder = _download(repo_id, rev, list(CONFIG_NAMES))
     names, _ = _hub_listing(repo_id, folder)
-    weights = _pickle_names(names)
+    weights = pickle_names(names)
     if weights:
         folder = _download(repo_id, rev, weights, cached=folder)
         print(f"qkweights: {repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", file=sys.stderr)
@@ -140,7 +140,7 @@ def _hub_listing(repo_id: str, folder: Path) -> tuple[list[str], bool]:
     try:
         return sorted(f.path for f in get_cached_repo_tree(repo_id, revision=folder.name)), True
     except CachedRepoTreeNotFoundError:
-        return _folder_names(folder), False
+        return folder_names(folder), False
 
 
 def _no_hub_safetensors(repo_id: str, rev: str, folder: Path) -> SourceError:
@@ -148,7 +148,7 @@ def _no_hub_safetensors(repo_id: str, rev: str, folder: Path) -> SourceError:
     if not complete and constants.is_offline_mode():
         return _offline_error(repo_id, rev, ["*.safetensors"])
     return SourceError(
-        f"{repo_id}@{rev} (commit {folder.name}) has no .safetensors weights (files: {_listing(names)}); "
+        f"{repo_id}@{rev} (commit {folder.name}) has no .safetensors weights (files: {listing(names)}); "
         f"{PICKLE_NOTE}, or pass --revision with a safetensors branch (e.g. refs/pr/N)"
     )
 
