@@ -22,7 +22,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
 HASH_CHUNK = 1 << 20
 LISTED_NAMES = 10
-PICKLE_NOTE = "PyTorch pickles are fetched from the Hub only with --allow-pickle (they are read without running code)"
+PICKLE_NOTE = "PyTorch pickles are fetched from the Hub only with allow_pickle=True (they are read without running code)"
 
 
 @dataclass(frozen=True)

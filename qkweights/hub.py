@@ -10,7 +10,7 @@ does; PyTorch pickles only with ``allow_pickle``. Every Hub error becomes one So
 from __future__ import annotations
 
 import contextlib
-import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import disable_progress_bars, httpx
 
-from qkweights.errors import QkError, SourceError
+from qkweights.errors import QkError, QkWarning, SourceError
 from qkweights.folders import (
     CONFIG_NAMES,
     INDEX_NAME,
@@ -61,7 +61,7 @@ def _hub_source(repo_id: str, revision: str | None, allow_pickle: bool = False) 
         offline = constants.is_offline_mode()
         pr_ref = _cached_conversion_ref(repo_id) if offline else _conversion_ref(repo_id, folder.name)
         if pr_ref is not None:
-            print(f"qkweights: main has no safetensors; using {pr_ref} (safetensors conversion)", file=sys.stderr)
+            warnings.warn(f"main has no safetensors; using {pr_ref} (safetensors conversion)", QkWarning, stacklevel=2)
             rev = pr_ref
             folder, weights = _hub_files(repo_id, rev)
     if not weights and allow_pickle:
@@ -108,7 +108,7 @@ def _hub_pickles(repo_id: str, rev: str) -> tuple[Path, list[str]]:
     weights = pickle_names(names)
     if weights:
         folder = _download(repo_id, rev, weights, cached=folder)
-        print(f"qkweights: {repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", file=sys.stderr)
+        warnings.warn(f"{repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", QkWarning, stacklevel=2)
     return folder, weights
 
 
@@ -149,7 +149,7 @@ def _no_hub_safetensors(repo_id: str, rev: str, folder: Path) -> SourceError:
         return _offline_error(repo_id, rev, ["*.safetensors"])
     return SourceError(
         f"{repo_id}@{rev} (commit {folder.name}) has no .safetensors weights (files: {listing(names)}); "
-        f"{PICKLE_NOTE}, or pass --revision with a safetensors branch (e.g. refs/pr/N)"
+        f"{PICKLE_NOTE}, or pass revision=REF of a safetensors branch (e.g. refs/pr/N)"
     )
 
 
@@ -247,11 +247,12 @@ def _hub_errors(repo_id: str, rev: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress_bars(progress: bool | None) -> Iterator[None]:
-    """huggingface_hub's own bars when stderr is a terminal and progress is not False; silenced otherwise.
+    """huggingface_hub's own bars when ``progress`` is True (the caller decides: the command line, on a terminal);
+    silenced otherwise.
 
     HF_HUB_DISABLE_PROGRESS_BARS, when set, keeps priority as in huggingface_hub.
     """
-    show = progress is not False and sys.stderr is not None and sys.stderr.isatty()
+    show = progress is True
     if show or constants.HF_HUB_DISABLE_PROGRESS_BARS is not None:
         yield
         return

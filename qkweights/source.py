@@ -47,7 +47,7 @@ def resolve(model: str, *, revision: str | None = None, progress: bool | None = 
     path = Path(model).expanduser()
     if path.is_dir() or path.is_file():
         if revision is not None:
-            raise InputError(f"{model}: --revision applies to Hub repo ids only; drop it for a local path")
+            raise InputError(f"{model}: revision=… applies to Hub repo ids only; drop it for a local path")
         return _folder_source(path.absolute()) if path.is_dir() else _file_source(path.absolute())
     if _looks_like_path(model):
         raise SourceError(f"{model}: no such file or folder; check the path")
