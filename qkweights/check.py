@@ -31,7 +31,7 @@ holding one :class:`Check` per measurement. The checks, in report order:
   never invented.
 - ``folding`` (only when they differ): current and baseline are both LayerNorm-folded
   (``profile --fold-ln``) or both plain; on a mismatch the numeric comparisons are skipped.
-  :func:`check_model` folds the current profile when the baseline is folded.
+  :func:`qkweights.workflow.check` folds the current profile when the baseline is folded.
 
 Heads that fail ``finite weights`` or ``not collapsed`` get no numeric
 comparisons (their statistics are undefined); the report's notes list them.
@@ -46,16 +46,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from qkweights import __version__
 from qkweights.errors import InputError
-from qkweights.load import open_model, source_record
 from qkweights.outputs import plural
-from qkweights.profiles import Profile, compute_profile, load_profile
-from qkweights.progress import Progress
+from qkweights.profiles import Profile
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.check/1"
 SIGMA_FLOOR = 1e-9  # baseline σ_n below this × σ_0 count as zero modes (see the module docstring)
@@ -214,12 +211,12 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     for σ. ``causes``: optional text per collapsed (layer, head), from
     :func:`collapse_causes`, added to that check's detail.
     """
-    for name, value in (("tol-layer", tol_layer), ("tol-head", tol_head), ("tol-sigma", tol_sigma),
-                        ("tol-symmetry", tol_symmetry), ("tol-ov", tol_ov)):
+    for name, value in (("tol_layer", tol_layer), ("tol_head", tol_head), ("tol_sigma", tol_sigma),
+                        ("tol_symmetry", tol_symmetry), ("tol_ov", tol_ov)):
         if value is not None and not value >= 0:
-            raise InputError(f"--{name} {value}: a tolerance must be a number ≥ 0")
+            raise InputError(f"{name}={value}: a tolerance must be a number ≥ 0")
     if top_sigma < 1:
-        raise InputError(f"--top-sigma {top_sigma}: compare at least the top 1 singular value")
+        raise InputError(f"top_sigma={top_sigma}: compare at least the top 1 singular value")
     check_baseline(baseline)
     causes = causes or {}
     m, mb = current.model, baseline.model
@@ -228,7 +225,7 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     notes = [] if same else ["architecture differs from the baseline: numeric comparisons skipped"]
     if (m.folded or None) != (mb.folded or None):
         checks.append(Check(FOLDING, None, None, m.folded or "plain", mb.folded or "plain", False,
-                            "profile the model as the baseline was (`profile --fold-ln` or not)"))
+                            "profile the model as the baseline was (fold_ln=True or not)"))
         notes.append("folding differs from the baseline: numeric comparisons skipped")
         same = False
     circuit = _circuit_plan(current, baseline, tol_symmetry, tol_ov, notes) if same else {}
@@ -285,8 +282,8 @@ def check_baseline(baseline: Profile) -> None:
 def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov, notes: list) -> dict:
     """{check name: (current (L, H), baseline (L, H), tolerance)} of the requested checks both profiles can give; notes say what is absent."""
     plan = {}
-    for name, flag, tol, get in ((HEAD_SYMMETRY, "--tol-symmetry", tol_symmetry, lambda p: p.symmetric),
-                                 (HEAD_OV, "--tol-ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted)):
+    for name, flag, tol, get in ((HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric),
+                                 (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted)):
         if tol is None:
             continue
         now, base = get(current), get(baseline)
@@ -315,27 +312,6 @@ def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
             out[l, h] = ("W_q and W_k all zero" if zq and zk else "W_q all zero" if zq else "W_k all zero" if zk
                          else "W_qᵀW_k = 0 with non-zero W_q and W_k")
     return out
-
-
-def check_model(model: str, baseline: str | Path, *, model_options: dict | None = None,
-                progress: bool | None = None, **tolerances) -> CheckReport:
-    """Profile ``model`` (Hub id, folder or .safetensors file) and check it against the saved ``baseline``.
-
-    ``baseline``: a profile.json or the folder holding it, read first so a bad
-    path, or a baseline with non-finite or collapsed heads, fails before the weights are read. ``model_options``: ``revision``,
-    ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`). ``progress``: show download and
-    per-layer progress on stderr (None: only on a terminal). ``tolerances``:
-    the keyword options of :func:`check_profile`.
-    """
-    base = load_profile(baseline, vectors=False)
-    check_baseline(base)
-    source, ck = open_model(model, progress=progress, **(model_options or {}))
-    bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
-    current = compute_profile(ck, source_record(source, ck), progress=bar.update, fold_ln=bool(base.model.folded))
-    bar.close()
-    bad = set(current.nonfinite)
-    collapsed = [(l, h) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]
-    return check_profile(current, base, causes=collapse_causes(ck, [(int(l), int(h)) for l, h in collapsed]), **tolerances)
 
 
 def _cosine_check(name: str, l: int, h: int | None, now: float, base: float, tol: float) -> Check:

@@ -85,7 +85,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
         found = [path / name for name in INPUT_FILES if (path / name).is_file()]
         if not found:
             raise InputError(f"{path}: holds no profile.json, o3_summary.json or same_object.json; pass a folder written by "
-                             f"`python -m qkweights profile MODEL --out DIR` (or o3, same-object) or one of those files")
+                             "the profile, o3 or same-object workflow or one of those files")
         return [c for f in found for c in curves_from(f, label=label)]
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
@@ -119,7 +119,7 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     if not items:
         raise InputError("compare: nothing to compare; pass one or more models, profile.json, o3_summary.json or same_object.json files")
     if labels is not None and len(labels) != len(items):
-        raise InputError(f"--labels: {len(labels)} label(s) for {len(items)} item(s); give one label per item, comma-separated")
+        raise InputError(f"labels=…: {len(labels)} label(s) for {len(items)} item(s); give one label per item")
     groups = _distinct_labels([curves_from(it, label=lab) for it, lab in zip(items, labels or [None] * len(items))])
     out = Path(out_dir)
     written = []

@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from qkweights import __version__
 from qkweights.errors import InputError
 from qkweights.outputs import dumps_json, record_outputs, write_csv, write_npz, write_text
 from qkweights.qk import (
@@ -37,6 +36,7 @@ from qkweights.qk import (
     symmetric_null,
 )
 from qkweights.spec import Checkpoint
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.profile/2"
 SCHEMAS = ("qkweights.profile/1", SCHEMA)  # what load_profile reads; /1 lacks symmetric_fraction, ov, salience_norm
@@ -208,9 +208,10 @@ class Profile:
             "layers": layers,
         }
 
-    def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
-        """Write profile.json, heads.csv, modes.npz (if vectors) and the figures into ``out``.
+    def save(self, out: str | Path) -> list[Path]:
+        """Write profile.json, heads.csv and modes.npz (if vectors) into ``out``; return their paths.
 
+        Figures are the caller's: :func:`qkweights.workflow.save_profile` draws them too.
         modes.npz records the sha256 of the profile.json it belongs to (``load_profile``
         checks it); files of an earlier profile run into ``out`` that this one does not
         write again (modes.npz, figures) are removed (:func:`qkweights.outputs.record_outputs`).
@@ -230,10 +231,6 @@ class Profile:
         if self.U is not None:
             written.append(write_npz(out / "modes.npz", U=self.U, V=self.V, S=self.singular_values,
                                      profile_sha256=np.array(_sha256(text))))
-        if plots:
-            from qkweights import figures
-
-            written += figures.profile_figures(self, out)
         record_outputs(out, "profile", written)
         return written
 
@@ -429,7 +426,7 @@ def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
         raw = path.read_bytes()
         doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: no such profile; write one with `python -m qkweights profile MODEL --out DIR`") from None
+        raise InputError(f"{path}: no such profile; write one with the profile command or qkweights.save_profile") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not a readable profile.json ({e}); re-run `python -m qkweights profile`") from None
     if not isinstance(doc, dict) or doc.get("schema") not in SCHEMAS:
@@ -555,7 +552,7 @@ def _short(value) -> str:
 
 def _read_modes(npz: Path, path: Path, raw: bytes, model: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
     """U, V of ``npz``, refused unless it was written with this profile.json (``raw``) and has its shapes."""
-    fix = f"re-run `python -m qkweights profile MODEL --save-vectors --out {path.parent}`, or delete {npz.name}"
+    fix = f"profile again with save_vectors=True into {path.parent}, or delete {npz.name}"
     try:
         with np.load(npz) as z:
             owner = str(z["profile_sha256"]) if "profile_sha256" in z.files else None
