@@ -162,3 +162,21 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c")]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+DOCS = ROOT.parent / "docs"
+_CITATION = re.compile(r"\bmethod(?:\.md)? §(\d+)")
+
+
+def test_every_method_citation_names_a_section_of_docs_method_md():
+    """``method.md §N`` (or ``method §N``) in the package and the tests names a ``## N.`` section of docs/method.md;
+    ``checkpoints.md`` cited anywhere exists in docs/."""
+    sections = set(re.findall(r"^## (\d+)\.", (DOCS / "method.md").read_text(encoding="utf-8"), re.M))
+    cited, checkpoints = {}, False
+    for path in sorted(ROOT.rglob("*.py")) + sorted((ROOT.parent / "tests").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        checkpoints |= "checkpoints.md" in text
+        for n in _CITATION.findall(text):
+            cited.setdefault(n, path.name)
+    assert cited and not {n: f for n, f in cited.items() if n not in sections}
+    assert not checkpoints or (DOCS / "checkpoints.md").is_file()
