@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkweights.errors import InputError
-from qkweights.outputs import plural
+from qkweights.outputs import model_name, plural
 from qkweights.profiles import Profile
 from qkweights.version import __version__
 
@@ -141,7 +141,7 @@ class CheckReport:
     def summary(self, limit: int = SUMMARY_LINES) -> str:
         """A headline, then one line per failed check (at most ``limit``, then "... and N more")."""
         t = self.tolerances
-        against = f"{_model_id(self.current)} against baseline {_model_id(self.baseline)}"
+        against = f"{model_name(self.current)} against baseline {model_name(self.baseline)}"
         if self.passed:
             K = self.current["model"]["head_dim"]  # the σ check covers at most the K modes a head has
             top = f"the top {plural(t['top_sigma'], 'mode')}" if t["top_sigma"] <= K else f"all {K} modes (a head has {K})"
@@ -184,10 +184,10 @@ class CheckReport:
             groups.setdefault(_group(c), []).append(c)
         n_failed = sum(any(not c.passed for c in g) for g in groups.values())
         suites = ET.Element("testsuites", name="qkweights check", tests=str(len(groups)), failures=str(n_failed))
-        suite = ET.SubElement(suites, "testsuite", name=f"qkweights check {_model_id(self.current)}",
+        suite = ET.SubElement(suites, "testsuite", name=f"qkweights check {model_name(self.current)}",
                               tests=str(len(groups)), failures=str(n_failed), errors="0", skipped="0")
         props = ET.SubElement(suite, "properties")
-        for key, value in [("baseline", _model_id(self.baseline))] + [(f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()]:
+        for key, value in [("baseline", model_name(self.baseline))] + [(f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()]:
             ET.SubElement(props, "property", name=key, value=value)
         for name, checks in groups.items():
             case = ET.SubElement(suite, "testcase", classname="qkweights.check", name=name)
@@ -220,8 +220,8 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     check_baseline(baseline)
     causes = causes or {}
     m, mb = current.model, baseline.model
-    same = _shape(m) == _shape(mb)
-    checks = [Check(ARCHITECTURE, None, None, _shape_text(m), _shape_text(mb), same)]
+    same = (m.family, *m.shape) == (mb.family, *mb.shape)
+    checks = [Check(ARCHITECTURE, None, None, m.shape_text(), mb.shape_text(), same)]
     notes = [] if same else ["architecture differs from the baseline: numeric comparisons skipped"]
     if (m.folded or None) != (mb.folded or None):
         checks.append(Check(FOLDING, None, None, m.folded or "plain", mb.folded or "plain", False,
@@ -265,7 +265,7 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
         checks += head_checks
     tolerances = {"layer": tol_layer, "head": tol_head, "sigma": tol_sigma, "top_sigma": top_sigma}
     tolerances.update({k: v for k, v in (("symmetry", tol_symmetry), ("ov", tol_ov)) if v is not None})
-    return CheckReport(tuple(checks), tolerances, _side(current), _side(baseline), tuple(notes))
+    return CheckReport(tuple(checks), tolerances, current.side(), baseline.side(), tuple(notes))
 
 
 def check_baseline(baseline: Profile) -> None:
@@ -275,7 +275,7 @@ def check_baseline(baseline: Profile) -> None:
     problems = [f"{what} in {', '.join(f'L{l} H{h}' for l, h in heads)}"
                 for what, heads in (("non-finite weights", sorted(bad)), ("collapsed heads (σ_0 = 0)", collapsed)) if heads]
     if problems:
-        raise InputError(f"baseline {_model_id(_side(baseline))}: {'; '.join(problems)}, which check fails in any model; "
+        raise InputError(f"baseline {baseline.name}: {'; '.join(problems)}, which check fails in any model; "
                          f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
 
 
@@ -340,22 +340,6 @@ def _group(c: Check) -> str:
     if c.name == FOLDING:
         return FOLDING
     return f"layer {c.layer} heads {c.name.removeprefix('head ')}"
-
-
-def _shape(m) -> tuple:
-    return m.family, m.layers, m.heads, m.hidden, m.head_dim
-
-
-def _shape_text(m) -> str:
-    return f"{m.family}, {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}"
-
-
-def _side(p: Profile) -> dict:
-    return {"source": p.source, "model": p.model.to_json()}
-
-
-def _model_id(side: dict) -> str:
-    return side["source"].get("model_id") or side["model"]["family"]
 
 
 def _fmt(x) -> str:

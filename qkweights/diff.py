@@ -172,7 +172,7 @@ class DiffResult:
                    **{f"{k}_{side}": float(c[k][l]) for k in ("symmetric_fraction", "ov_weighted_cosine")
                       for side, c in (("a", ca), ("b", cb)) if k in c}}
                   for l in range(len(la))]
-        return {"schema": SCHEMA, "tool_version": self.tool_version, "a": _side(self.a), "b": _side(self.b), "k": self.k,
+        return {"schema": SCHEMA, "tool_version": self.tool_version, "a": self.a.side(), "b": self.b.side(), "k": self.k,
                 "measures": MEASURES, "score": SCORE, "notes": list(self.notes), "layers": layers, "heads": heads}
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
@@ -217,8 +217,8 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
     vectors stored). Raises InputError when the shapes differ or k < 1.
     """
     ma, mb = a.model, b.model
-    if _shape(ma) != _shape(mb):
-        raise InputError(f"diff: A ({_shape_text(a)}) and B ({_shape_text(b)}) differ in shape; "
+    if ma.shape != mb.shape:
+        raise InputError(f"diff: A ({a.name}: {ma.shape_text()}) and B ({b.name}: {mb.shape_text()}) differ in shape; "
                          f"diff compares two checkpoints of the same architecture")
     if k < 1:
         raise InputError(f"k={k}: compare subspaces of at least 1 mode")
@@ -316,14 +316,14 @@ def heatmaps_figure(d: DiffResult) -> Figure:
                             bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    names = f"A = {_model_id(_side(d.a))}   B = {_model_id(_side(d.b))}"
+    names = f"A = {d.a.name}   B = {d.b.name}"
     fig.suptitle(f"How each head changed from A to B ({plural(L, 'layer')} × {plural(H, 'head')})\n{names}", fontsize=10)
     return fig
 
 
 def cosine_figure(a: Profile, b: Profile, path: str | Path) -> Path:
     """Paper Fig. 3 for both models: per-layer weighted cosine with head-range bands, against l/(L−1)."""
-    curves = [c for p, side in ((a, "A"), (b, "B")) for c in curves_from(p, label=f"{side}: {_model_id(_side(p))}")
+    curves = [c for p, side in ((a, "A"), (b, "B")) for c in curves_from(p, label=f"{side}: {p.name}")
               if c.kind == "weighted_cosine"]
     D = a.model.hidden
     return figures.curves_figure(curves, path, title="Weighted query-key cosine by normalised depth, A vs B",
@@ -346,23 +346,6 @@ def _top(values: np.ndarray) -> float:
     v = values[np.isfinite(values)]
     t = float(v.max()) if v.size else 0.0
     return t if t > 0 else 1e-3
-
-
-def _shape(m) -> tuple:
-    return m.layers, m.heads, m.hidden, m.head_dim
-
-
-def _shape_text(p: Profile) -> str:
-    m = p.model
-    return f"{_model_id(_side(p))}: {m.family}, {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}"
-
-
-def _side(p: Profile) -> dict:
-    return {"source": p.source, "model": p.model.to_json()}
-
-
-def _model_id(side: dict) -> str:
-    return side["source"].get("model_id") or side["model"]["family"]
 
 
 def _cell(x) -> str:
