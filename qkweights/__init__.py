@@ -1,22 +1,38 @@
-"""qkweights: what the attention heads of a Vision Transformer do, read from their query-key weights."""
+"""qkweights: what the attention heads of a Vision Transformer do, read from their query-key weights.
 
-__version__ = "0.1.0"
+The functions here are the Python API; each is a thin door into :mod:`qkweights.workflow`,
+imported on first use so that ``import qkweights`` stays light.
+"""
+
+from qkweights.version import __version__
+
+__all__ = ["__version__", "load_model", "load_profile", "profile", "save_profile"]
 
 
-def profile(model: str, *, save_vectors: bool = False, progress: bool | None = None, fold_ln: bool = False, **options):
+def profile(model: str, *, save_vectors: bool = False, progress: bool | None = None, fold_ln: bool = False,
+            reporter=None, **options):
     """Profile every head of ``model`` (Hub id, local folder, .safetensors or PyTorch file).
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see
     :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
     per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
-    ``.save(dir)``, ``.to_json()``. ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ``
-    and add the key-salience norms (:mod:`qkweights.fold`).
+    ``.save(dir)`` writes its data files, :func:`save_profile` its figures too; ``.to_json()``.
+    ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` and add the key-salience norms
+    (:mod:`qkweights.fold`). ``progress``: True lets huggingface_hub draw its download bars
+    on stderr (the library draws none of its own). ``reporter``: a :class:`qkweights.workflow.Reporter` for per-layer
+    progress and notes (its ``downloads`` then replaces ``progress``).
     """
-    from qkweights.load import open_model, source_record
-    from qkweights.profiles import compute_profile
+    from qkweights.workflow import Reporter
+    from qkweights.workflow import profile as _profile
 
-    source, ck = open_model(model, progress=progress, **options)
-    return compute_profile(ck, source_record(source, ck), save_vectors=save_vectors, fold_ln=fold_ln)
+    return _profile(model, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter or Reporter(downloads=progress), **options)
+
+
+def save_profile(prof, out, *, plots: bool = True):
+    """Write ``prof`` into the folder ``out``: profile.json, heads.csv, modes.npz (with vectors) and, with ``plots``, the figures."""
+    from qkweights.workflow import save_profile as _save
+
+    return _save(prof, out, plots=plots)
 
 
 def load_profile(path, *, vectors: bool = True):

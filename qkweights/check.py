@@ -31,7 +31,7 @@ holding one :class:`Check` per measurement. The checks, in report order:
   never invented.
 - ``folding`` (only when they differ): current and baseline are both LayerNorm-folded
   (``profile --fold-ln``) or both plain; on a mismatch the numeric comparisons are skipped.
-  :func:`check_model` folds the current profile when the baseline is folded.
+  :func:`qkweights.workflow.check` folds the current profile when the baseline is folded.
 
 Heads that fail ``finite weights`` or ``not collapsed`` get no numeric
 comparisons (their statistics are undefined); the report's notes list them.
@@ -46,16 +46,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from qkweights import __version__
 from qkweights.errors import InputError
-from qkweights.load import open_model, source_record
-from qkweights.outputs import plural
-from qkweights.profiles import Profile, compute_profile, load_profile
-from qkweights.progress import Progress
+from qkweights.outputs import model_name, plural
+from qkweights.profiles import Profile
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.check/1"
 SIGMA_FLOOR = 1e-9  # baseline σ_n below this × σ_0 count as zero modes (see the module docstring)
@@ -144,7 +141,7 @@ class CheckReport:
     def summary(self, limit: int = SUMMARY_LINES) -> str:
         """A headline, then one line per failed check (at most ``limit``, then "... and N more")."""
         t = self.tolerances
-        against = f"{_model_id(self.current)} against baseline {_model_id(self.baseline)}"
+        against = f"{model_name(self.current)} against baseline {model_name(self.baseline)}"
         if self.passed:
             K = self.current["model"]["head_dim"]  # the σ check covers at most the K modes a head has
             top = f"the top {plural(t['top_sigma'], 'mode')}" if t["top_sigma"] <= K else f"all {K} modes (a head has {K})"
@@ -187,10 +184,10 @@ class CheckReport:
             groups.setdefault(_group(c), []).append(c)
         n_failed = sum(any(not c.passed for c in g) for g in groups.values())
         suites = ET.Element("testsuites", name="qkweights check", tests=str(len(groups)), failures=str(n_failed))
-        suite = ET.SubElement(suites, "testsuite", name=f"qkweights check {_model_id(self.current)}",
+        suite = ET.SubElement(suites, "testsuite", name=f"qkweights check {model_name(self.current)}",
                               tests=str(len(groups)), failures=str(n_failed), errors="0", skipped="0")
         props = ET.SubElement(suite, "properties")
-        for key, value in [("baseline", _model_id(self.baseline))] + [(f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()]:
+        for key, value in [("baseline", model_name(self.baseline))] + [(f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()]:
             ET.SubElement(props, "property", name=key, value=value)
         for name, checks in groups.items():
             case = ET.SubElement(suite, "testcase", classname="qkweights.check", name=name)
@@ -214,21 +211,21 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     for σ. ``causes``: optional text per collapsed (layer, head), from
     :func:`collapse_causes`, added to that check's detail.
     """
-    for name, value in (("tol-layer", tol_layer), ("tol-head", tol_head), ("tol-sigma", tol_sigma),
-                        ("tol-symmetry", tol_symmetry), ("tol-ov", tol_ov)):
+    for name, value in (("tol_layer", tol_layer), ("tol_head", tol_head), ("tol_sigma", tol_sigma),
+                        ("tol_symmetry", tol_symmetry), ("tol_ov", tol_ov)):
         if value is not None and not value >= 0:
-            raise InputError(f"--{name} {value}: a tolerance must be a number ≥ 0")
+            raise InputError(f"{name}={value}: a tolerance must be a number ≥ 0")
     if top_sigma < 1:
-        raise InputError(f"--top-sigma {top_sigma}: compare at least the top 1 singular value")
+        raise InputError(f"top_sigma={top_sigma}: compare at least the top 1 singular value")
     check_baseline(baseline)
     causes = causes or {}
     m, mb = current.model, baseline.model
-    same = _shape(m) == _shape(mb)
-    checks = [Check(ARCHITECTURE, None, None, _shape_text(m), _shape_text(mb), same)]
+    same = (m.family, *m.shape) == (mb.family, *mb.shape)
+    checks = [Check(ARCHITECTURE, None, None, m.shape_text(), mb.shape_text(), same)]
     notes = [] if same else ["architecture differs from the baseline: numeric comparisons skipped"]
     if (m.folded or None) != (mb.folded or None):
         checks.append(Check(FOLDING, None, None, m.folded or "plain", mb.folded or "plain", False,
-                            "profile the model as the baseline was (`profile --fold-ln` or not)"))
+                            "profile the model as the baseline was (fold_ln=True or not)"))
         notes.append("folding differs from the baseline: numeric comparisons skipped")
         same = False
     circuit = _circuit_plan(current, baseline, tol_symmetry, tol_ov, notes) if same else {}
@@ -268,7 +265,7 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
         checks += head_checks
     tolerances = {"layer": tol_layer, "head": tol_head, "sigma": tol_sigma, "top_sigma": top_sigma}
     tolerances.update({k: v for k, v in (("symmetry", tol_symmetry), ("ov", tol_ov)) if v is not None})
-    return CheckReport(tuple(checks), tolerances, _side(current), _side(baseline), tuple(notes))
+    return CheckReport(tuple(checks), tolerances, current.side(), baseline.side(), tuple(notes))
 
 
 def check_baseline(baseline: Profile) -> None:
@@ -278,15 +275,15 @@ def check_baseline(baseline: Profile) -> None:
     problems = [f"{what} in {', '.join(f'L{l} H{h}' for l, h in heads)}"
                 for what, heads in (("non-finite weights", sorted(bad)), ("collapsed heads (σ_0 = 0)", collapsed)) if heads]
     if problems:
-        raise InputError(f"baseline {_model_id(_side(baseline))}: {'; '.join(problems)}, which check fails in any model; "
+        raise InputError(f"baseline {baseline.name}: {'; '.join(problems)}, which check fails in any model; "
                          f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
 
 
 def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov, notes: list) -> dict:
     """{check name: (current (L, H), baseline (L, H), tolerance)} of the requested checks both profiles can give; notes say what is absent."""
     plan = {}
-    for name, flag, tol, get in ((HEAD_SYMMETRY, "--tol-symmetry", tol_symmetry, lambda p: p.symmetric),
-                                 (HEAD_OV, "--tol-ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted)):
+    for name, flag, tol, get in ((HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric),
+                                 (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted)):
         if tol is None:
             continue
         now, base = get(current), get(baseline)
@@ -317,27 +314,6 @@ def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
     return out
 
 
-def check_model(model: str, baseline: str | Path, *, model_options: dict | None = None,
-                progress: bool | None = None, **tolerances) -> CheckReport:
-    """Profile ``model`` (Hub id, folder or .safetensors file) and check it against the saved ``baseline``.
-
-    ``baseline``: a profile.json or the folder holding it, read first so a bad
-    path, or a baseline with non-finite or collapsed heads, fails before the weights are read. ``model_options``: ``revision``,
-    ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`). ``progress``: show download and
-    per-layer progress on stderr (None: only on a terminal). ``tolerances``:
-    the keyword options of :func:`check_profile`.
-    """
-    base = load_profile(baseline, vectors=False)
-    check_baseline(base)
-    source, ck = open_model(model, progress=progress, **(model_options or {}))
-    bar = Progress(ck.dims.layers, "check", unit="layers", enabled=progress)
-    current = compute_profile(ck, source_record(source, ck), progress=bar.update, fold_ln=bool(base.model.folded))
-    bar.close()
-    bad = set(current.nonfinite)
-    collapsed = [(l, h) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]
-    return check_profile(current, base, causes=collapse_causes(ck, [(int(l), int(h)) for l, h in collapsed]), **tolerances)
-
-
 def _cosine_check(name: str, l: int, h: int | None, now: float, base: float, tol: float) -> Check:
     if not np.isfinite(base):
         return Check(name, l, h, None, tol, False, f"current {now:.4g}, baseline undefined (Σσ = 0)")
@@ -364,22 +340,6 @@ def _group(c: Check) -> str:
     if c.name == FOLDING:
         return FOLDING
     return f"layer {c.layer} heads {c.name.removeprefix('head ')}"
-
-
-def _shape(m) -> tuple:
-    return m.family, m.layers, m.heads, m.hidden, m.head_dim
-
-
-def _shape_text(m) -> str:
-    return f"{m.family}, {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}"
-
-
-def _side(p: Profile) -> dict:
-    return {"source": p.source, "model": p.model.to_json()}
-
-
-def _model_id(side: dict) -> str:
-    return side["source"].get("model_id") or side["model"]["family"]
 
 
 def _fmt(x) -> str:

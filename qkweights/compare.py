@@ -28,17 +28,18 @@ import numpy as np
 
 from qkweights import figures
 from qkweights.errors import InputError
-from qkweights.outputs import record_outputs, write_csv
+from qkweights.o3 import MEASURES as O3_RATIOS
+from qkweights.o3 import SCHEMA as O3_SCHEMA
+from qkweights.outputs import csv_number, record_outputs, write_csv
 from qkweights.profiles import SCHEMA as PROFILE_SCHEMA
 from qkweights.profiles import SCHEMAS as PROFILE_SCHEMAS
 from qkweights.profiles import Profile, load_profile
 from qkweights.qk import null_band
+from qkweights.same_object import SCHEMA as SAME_SCHEMA
 
-O3_SCHEMA = "qkweights.o3/1"
 PROVENANCE = ("model_id", "commit", "weight_files")  # the last columns of every CSV
-SAME_SCHEMA = "qkweights.same_object/1"
 INPUT_FILES = ("profile.json", "o3_summary.json", "same_object.json")
-O3_MEASURES = {"same": "same object", "different": "different object", "background": "background"}
+O3_MEASURES = {key: key if key == "background" else f"{key} object" for key in O3_RATIOS}  # measure → panel title
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +86,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
         found = [path / name for name in INPUT_FILES if (path / name).is_file()]
         if not found:
             raise InputError(f"{path}: holds no profile.json, o3_summary.json or same_object.json; pass a folder written by "
-                             f"`python -m qkweights profile MODEL --out DIR` (or o3, same-object) or one of those files")
+                             "the profile, o3 or same-object workflow or one of those files")
         return [c for f in found for c in curves_from(f, label=label)]
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
@@ -119,7 +120,7 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     if not items:
         raise InputError("compare: nothing to compare; pass one or more models, profile.json, o3_summary.json or same_object.json files")
     if labels is not None and len(labels) != len(items):
-        raise InputError(f"--labels: {len(labels)} label(s) for {len(items)} item(s); give one label per item, comma-separated")
+        raise InputError(f"labels=…: {len(labels)} label(s) for {len(items)} item(s); give one label per item")
     groups = _distinct_labels([curves_from(it, label=lab) for it, lab in zip(items, labels or [None] * len(items))])
     out = Path(out_dir)
     written = []
@@ -158,10 +159,10 @@ def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
         first = g[0]
         found = {c.kind: c for c in g}
         for l in range(len(first.depth)):
-            row = [first.label, l, _num(first.depth[l])]
+            row = [first.label, l, csv_number(first.depth[l])]
             for kind in CIRCUIT_KINDS:
                 c = found.get(kind)
-                row += [_num(c.values[l]), _num(c.lo[l]), _num(c.hi[l])] if c is not None else ["", "", ""]
+                row += [csv_number(c.values[l]), csv_number(c.lo[l]), csv_number(c.hi[l])] if c is not None else ["", "", ""]
             rows.append(row + _provenance(first))
     return [png, write_csv(out / "compare_circuits.csv", header, rows)]
 
@@ -177,7 +178,7 @@ def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> lis
     curves = [c for p, lab in ((plain, "plain W_qᵀW_k"), (folded, "LayerNorm-folded Γ W_qᵀW_k Γ"))
               for c in _profile_curves(p, lab) if c.kind == "weighted_cosine"]
     D = plain.model.hidden
-    name = folded.source.get("model_id") or folded.model.family
+    name = folded.name
     name = name if len(name) <= 60 else "…" + name[-59:]
     png = figures.curves_figure(curves, Path(out_dir) / "fold_cosine_by_layer.png",
                                 title=f"{name}\nweighted query-key cosine, LayerNorm-folded vs plain",
@@ -189,7 +190,7 @@ def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> lis
 def _write_same(groups: list[list[Curve]], out: Path) -> list[Path]:
     curves = [_kind(g, "same_object") for g in groups]
     png = figures.same_object_compare_figure(curves, out / "compare_same_object.png")
-    rows = [[c.label, int(l), _num(c.depth[i]), _num(c.values[i]), _num(c.values[i] - c.lo[i]), _num(c.chance[i])] + _provenance(c)
+    rows = [[c.label, int(l), csv_number(c.depth[i]), csv_number(c.values[i]), csv_number(c.values[i] - c.lo[i]), csv_number(c.chance[i])] + _provenance(c)
             for c in curves for i, l in enumerate(c.layers)]
     header = ["model", "layer", "depth", "probability", "sem", "chance", *PROVENANCE]
     return [png, write_csv(out / "compare_same_object.csv", header, rows)]
@@ -226,7 +227,7 @@ def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
     for g in groups:
         w, m = _kind(g, "weighted_cosine"), _kind(g, "mean_cosine")
         for l in range(len(w.depth)):
-            rows.append([w.label, l, _num(w.depth[l]), _num(w.values[l]), _num(m.values[l]), _num(w.lo[l]), _num(w.hi[l])]
+            rows.append([w.label, l, csv_number(w.depth[l]), csv_number(w.values[l]), csv_number(m.values[l]), csv_number(w.lo[l]), csv_number(w.hi[l])]
                         + _provenance(w))
     csv = write_csv(out / "compare_cosine.csv", ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", *PROVENANCE], rows)
     return [png, csv]
@@ -241,14 +242,14 @@ def _write_o3(groups: list[list[Curve]], out: Path) -> list[Path]:
     for g in groups:
         curves = [_kind(g, f"o3_{key}") for key in O3_MEASURES]
         for l in range(len(curves[0].depth)):
-            rows.append([curves[0].label, l, _num(curves[0].depth[l])]
-                        + [_num(a[l]) for c in curves for a in (c.values, c.lo, c.hi)] + _provenance(curves[0]))
+            rows.append([curves[0].label, l, csv_number(curves[0].depth[l])]
+                        + [csv_number(a[l]) for c in curves for a in (c.values, c.lo, c.hi)] + _provenance(curves[0]))
     return [png, write_csv(out / "compare_o3.csv", header, rows)]
 
 
 def _profile_curves(profile: Profile, label: str | None) -> list[Curve]:
     st = profile.layer_stats()
-    name = label or profile.source.get("model_id") or profile.model.family
+    name = label or profile.name
     if label is None and profile.model.folded:
         name += " [LN-folded]"
     D = profile.model.hidden
@@ -328,5 +329,3 @@ def _float(x) -> float:
     return np.nan if x is None else float(x)
 
 
-def _num(x: float) -> str:
-    return repr(float(x)) if np.isfinite(x) else ""

@@ -78,7 +78,7 @@ def scene_folder(out: Path, size: tuple[int, int], *, name: str = "scenes", obje
         with open(props, newline="", encoding="utf-8") as f:
             names = [row.get("image_name") for row in csv.DictReader(f)]
     if names != [f"synth_{i:04d}.jpg" for i in range(N_SCENES)] or (instances and not (folder / "instances").is_dir()):
-        raise InputError(f"{folder} exists but is not the demo's {N_SCENES} synthetic scenes; remove it or pass another --out")
+        raise InputError(f"{folder} exists but is not the demo's {N_SCENES} synthetic scenes; remove it or choose another output folder")
     return folder
 
 
@@ -137,12 +137,12 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     returned list ends with ``summary.txt``. Re-running into the same folder reuses its
     scenes and overwrites the other outputs.
     """
-    import qkweights
     from qkweights.maps import projection_maps, save_maps
     from qkweights.o3 import o3_allocation
     from qkweights.same_object import same_object
     from qkweights.top_images import top_images
     from qkweights.vision import load_model
+    from qkweights.workflow import Reporter, profile, save_profile
 
     def stage(text: str) -> None:
         if progress is not None:
@@ -151,8 +151,8 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     out = Path(out_dir)
     folder = demo_model_folder()
     stage(f"profile of the demo model ({folder})")
-    prof = qkweights.profile(str(folder), progress=False)
-    written = prof.save(out / "profile")
+    prof = profile(str(folder), reporter=Reporter(downloads=False))
+    written = save_profile(prof, out / "profile")
     heads = extreme_heads(prof.weighted)
     model = load_model(str(folder))
 

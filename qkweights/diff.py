@@ -41,7 +41,6 @@ an unfolded profile) is null, and a note says so.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +49,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from qkweights import __version__, figures
+from qkweights import figures
 from qkweights.compare import curves_from
 from qkweights.errors import InputError
-from qkweights.load import open_model, source_record
 from qkweights.outputs import plural, record_outputs, save_figure, write_csv, write_json
-from qkweights.profiles import Profile, compute_profile, load_profile
-from qkweights.progress import Progress
+from qkweights.profiles import Profile
 from qkweights.qk import null_band
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.diff/1"
 ANNOTATE_MAX_CELLS = 256  # heatmap cells carry their value when a panel has at most this many
@@ -174,7 +172,7 @@ class DiffResult:
                    **{f"{k}_{side}": float(c[k][l]) for k in ("symmetric_fraction", "ov_weighted_cosine")
                       for side, c in (("a", ca), ("b", cb)) if k in c}}
                   for l in range(len(la))]
-        return {"schema": SCHEMA, "tool_version": self.tool_version, "a": _side(self.a), "b": _side(self.b), "k": self.k,
+        return {"schema": SCHEMA, "tool_version": self.tool_version, "a": self.a.side(), "b": self.b.side(), "k": self.k,
                 "measures": MEASURES, "score": SCORE, "notes": list(self.notes), "layers": layers, "heads": heads}
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
@@ -219,11 +217,11 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
     vectors stored). Raises InputError when the shapes differ or k < 1.
     """
     ma, mb = a.model, b.model
-    if _shape(ma) != _shape(mb):
-        raise InputError(f"diff: A ({_shape_text(a)}) and B ({_shape_text(b)}) differ in shape; "
+    if ma.shape != mb.shape:
+        raise InputError(f"diff: A ({a.name}: {ma.shape_text()}) and B ({b.name}: {mb.shape_text()}) differ in shape; "
                          f"diff compares two checkpoints of the same architecture")
     if k < 1:
-        raise InputError(f"--k {k}: compare subspaces of at least 1 mode")
+        raise InputError(f"k={k}: compare subspaces of at least 1 mode")
     notes = []
     if ma.family != mb.family:
         notes.append(f"families differ (A: {ma.family}, B: {mb.family}); the shapes match, so heads are compared by index")
@@ -246,7 +244,7 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
         k = min(k, ma.head_dim)
         missing = " and ".join(side for side, p in (("A", a), ("B", b)) if p.U is None)
         notes.append(f"no singular vectors for {missing} (profile without modes.npz): subspace angles omitted; "
-                     f"profile with `--save-vectors` or pass the checkpoints")
+                     f"profile with save_vectors=True or pass the checkpoints")
     else:
         kk = min(k, ma.head_dim, a.U.shape[-1], b.U.shape[-1])
         if kk < k:
@@ -265,24 +263,6 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
             if tied:
                 notes.append(f"σ tied across modes {k - 1}/{k}, top-{k} subspace not unique: " + ", ".join(tied))
     return DiffResult(a, b, k, spectrum_tv(a.singular_values, b.singular_values), ratio, angles_u, angles_v, tuple(notes))
-
-
-def profile_for_diff(item: str | Path, *, k: int = 8, progress: bool | None = None, fold_ln: bool = False, **options) -> Profile:
-    """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint (profiled now, with vectors).
-
-    ``fold_ln``: profile a checkpoint LayerNorm-folded (``profile --fold-ln``); a saved profile is read as it is.
-    For a checkpoint the singular vectors are kept only for the top ``k`` modes,
-    (L, H, D, k) each; while profiling all K are held ((L, H, D, K) float64 twice).
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
-    """
-    path = Path(item)
-    if path.suffix == ".json" or (path.is_dir() and (path / "profile.json").is_file()):
-        return load_profile(path)
-    source, ck = open_model(str(item), progress=progress, **options)
-    bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=progress)
-    prof = compute_profile(ck, source_record(source, ck), save_vectors=True, progress=bar.update, fold_ln=fold_ln)
-    bar.close()
-    return dataclasses.replace(prof, U=prof.U[..., :k].copy(), V=prof.V[..., :k].copy())
 
 
 def heatmaps_figure(d: DiffResult) -> Figure:
@@ -336,14 +316,14 @@ def heatmaps_figure(d: DiffResult) -> Figure:
                             bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    names = f"A = {_model_id(_side(d.a))}   B = {_model_id(_side(d.b))}"
+    names = f"A = {d.a.name}   B = {d.b.name}"
     fig.suptitle(f"How each head changed from A to B ({plural(L, 'layer')} × {plural(H, 'head')})\n{names}", fontsize=10)
     return fig
 
 
 def cosine_figure(a: Profile, b: Profile, path: str | Path) -> Path:
     """Paper Fig. 3 for both models: per-layer weighted cosine with head-range bands, against l/(L−1)."""
-    curves = [c for p, side in ((a, "A"), (b, "B")) for c in curves_from(p, label=f"{side}: {_model_id(_side(p))}")
+    curves = [c for p, side in ((a, "A"), (b, "B")) for c in curves_from(p, label=f"{side}: {p.name}")
               if c.kind == "weighted_cosine"]
     D = a.model.hidden
     return figures.curves_figure(curves, path, title="Weighted query-key cosine by normalised depth, A vs B",
@@ -366,23 +346,6 @@ def _top(values: np.ndarray) -> float:
     v = values[np.isfinite(values)]
     t = float(v.max()) if v.size else 0.0
     return t if t > 0 else 1e-3
-
-
-def _shape(m) -> tuple:
-    return m.layers, m.heads, m.hidden, m.head_dim
-
-
-def _shape_text(p: Profile) -> str:
-    m = p.model
-    return f"{_model_id(_side(p))}: {m.family}, {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}"
-
-
-def _side(p: Profile) -> dict:
-    return {"source": p.source, "model": p.model.to_json()}
-
-
-def _model_id(side: dict) -> str:
-    return side["source"].get("model_id") or side["model"]["family"]
 
 
 def _cell(x) -> str:

@@ -1,19 +1,15 @@
-"""Errors of qkweights, and the exit codes the CLI maps them to.
+"""Errors and warnings of qkweights.
 
-Every error carries a one-line message that names the problem and the fix.
-Each class also inherits the closest builtin, so callers may catch either
-(``except FileNotFoundError`` catches a missing file whatever raised it).
+Every error carries a one-line message that names the problem and the fix, worded for the
+Python API (``family=…``, ``part=…``); the command line words options as flags and maps
+errors to exit codes (:mod:`qkweights.cli`). Each class also inherits the closest builtin,
+so callers may catch either (``except FileNotFoundError`` catches a missing file whatever
+raised it).
 """
-
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_USAGE = 2
 
 
 class QkError(Exception):
-    """Base class: a problem with the user's input or environment (exit code 2)."""
-
-    exit_code = EXIT_USAGE
+    """Base class: a problem with the user's input or environment."""
 
 
 class SourceError(QkError, FileNotFoundError):
@@ -29,4 +25,12 @@ class SpecError(QkError, ValueError):
 
 
 class InputError(QkError, ValueError):
-    """A command-line value or an input file (image, mask, profile) is unusable."""
+    """An option value or an input file (image, mask, profile) is unusable."""
+
+
+class QkWarning(UserWarning):
+    """A note for the user, not an error: a choice made for them while reading their input.
+
+    :mod:`qkweights.workflow` hands these to its reporter's ``note``; without one they are
+    ordinary Python warnings.
+    """

@@ -28,7 +28,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from qkweights.outputs import draw_in_parallel, plural, save_figure
+from qkweights.outputs import draw_in_parallel, model_name, plural, save_figure
 
 if TYPE_CHECKING:
     from qkweights.compare import Curve
@@ -374,7 +374,7 @@ def _pad_ylim(ax, arrays, pad: float = 0.06) -> None:
 
 def _model_title(profile: Profile, *, fold: bool = True) -> str:
     m = profile.model
-    name = profile.source.get("model_id") or m.family
+    name = profile.name
     folded = "; LayerNorm-folded Γ W_qᵀW_k Γ" if fold and getattr(m, "folded", None) else ""
     return f"{name} ({m.family}; {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}{folded})"
 
@@ -536,7 +536,7 @@ def o3_figure(summary: dict, path: str | Path) -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     model = summary["model"]
-    name = summary["source"].get("model_id") or model["family"]
+    name = model_name(summary)
     fig.suptitle(f"O3 attention allocation: {name}\n{summary['images_used']} images, {model['layers']} layers × "
                  f"{model['heads']} heads; top axis: layer index", fontsize=10)
     return save_figure(fig, path)
@@ -576,7 +576,7 @@ def same_object_figure(doc: dict, path: str | Path) -> Path:
     ax.set_ylabel("P(query and key pick the same object)")
     ax.grid(alpha=0.3, lw=0.5)
     opts, data = doc["options"], doc["dataset"]
-    name = doc["source"].get("model_id") or doc["model"]["family"]
+    name = model_name(doc)
     ax.set_title(f"Same object in the top {opts['top']} images per mode: {name}\n{data['n_eligible']} eligible images, "
                  f"{len(opts['heads'])} heads × modes {_ranges(opts['modes'])}", fontsize=10)
     ax.legend(fontsize=8, loc="best")

@@ -10,7 +10,7 @@ does; PyTorch pickles only with ``allow_pickle``. Every Hub error becomes one So
 from __future__ import annotations
 
 import contextlib
-import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,18 +29,18 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import disable_progress_bars, httpx
 
-from qkweights.errors import QkError, SourceError
-from qkweights.source import (
+from qkweights.errors import QkError, QkWarning, SourceError
+from qkweights.folders import (
     CONFIG_NAMES,
     INDEX_NAME,
     PICKLE_NOTE,
     SUFFIX,
     Source,
-    _configs,
-    _folder_names,
-    _listing,
-    _pickle_names,
-    _weight_names,
+    configs_in,
+    folder_names,
+    listing,
+    pickle_names,
+    weight_names,
 )
 
 # Title and author of the safetensors conversion PRs, as in transformers' safetensors_conversion.py.
@@ -61,7 +61,7 @@ def _hub_source(repo_id: str, revision: str | None, allow_pickle: bool = False) 
         offline = constants.is_offline_mode()
         pr_ref = _cached_conversion_ref(repo_id) if offline else _conversion_ref(repo_id, folder.name)
         if pr_ref is not None:
-            print(f"qkweights: main has no safetensors; using {pr_ref} (safetensors conversion)", file=sys.stderr)
+            warnings.warn(f"main has no safetensors; using {pr_ref} (safetensors conversion)", QkWarning, stacklevel=2)
             rev = pr_ref
             folder, weights = _hub_files(repo_id, rev)
     if not weights and allow_pickle:
@@ -74,7 +74,7 @@ def _hub_source(repo_id: str, revision: str | None, allow_pickle: bool = False) 
         kind="hub",
         folder=folder,
         weight_files=tuple(folder / n for n in weights),
-        config_files=_configs(folder, _folder_names(folder)),
+        config_files=configs_in(folder, folder_names(folder)),
         revision=rev,
         commit=folder.name,
     )
@@ -84,7 +84,7 @@ def _hub_files(repo_id: str, rev: str) -> tuple[Path, list[str]]:
     """Fetch configs and index, then the chosen weight files; (snapshot folder, weight names or [])."""
     folder = _download(repo_id, rev, [*CONFIG_NAMES, INDEX_NAME])
     names, complete = _hub_listing(repo_id, folder)
-    weights = _weight_names(folder, [n for n in names if "/" not in n], f"{repo_id}@{rev}")
+    weights = weight_names(folder, [n for n in names if "/" not in n], f"{repo_id}@{rev}")
     if not weights:
         return folder, []
     # By commit when the tree listing is cached (no network call for cached files); otherwise the
@@ -105,10 +105,10 @@ def _hub_pickles(repo_id: str, rev: str) -> tuple[Path, list[str]]:
     """Fetch the PyTorch weights of a repo without safetensors; (snapshot folder, weight names or [])."""
     folder = _download(repo_id, rev, list(CONFIG_NAMES))
     names, _ = _hub_listing(repo_id, folder)
-    weights = _pickle_names(names)
+    weights = pickle_names(names)
     if weights:
         folder = _download(repo_id, rev, weights, cached=folder)
-        print(f"qkweights: {repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", file=sys.stderr)
+        warnings.warn(f"{repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", QkWarning, stacklevel=2)
     return folder, weights
 
 
@@ -140,7 +140,7 @@ def _hub_listing(repo_id: str, folder: Path) -> tuple[list[str], bool]:
     try:
         return sorted(f.path for f in get_cached_repo_tree(repo_id, revision=folder.name)), True
     except CachedRepoTreeNotFoundError:
-        return _folder_names(folder), False
+        return folder_names(folder), False
 
 
 def _no_hub_safetensors(repo_id: str, rev: str, folder: Path) -> SourceError:
@@ -148,8 +148,8 @@ def _no_hub_safetensors(repo_id: str, rev: str, folder: Path) -> SourceError:
     if not complete and constants.is_offline_mode():
         return _offline_error(repo_id, rev, ["*.safetensors"])
     return SourceError(
-        f"{repo_id}@{rev} (commit {folder.name}) has no .safetensors weights (files: {_listing(names)}); "
-        f"{PICKLE_NOTE}, or pass --revision with a safetensors branch (e.g. refs/pr/N)"
+        f"{repo_id}@{rev} (commit {folder.name}) has no .safetensors weights (files: {listing(names)}); "
+        f"{PICKLE_NOTE}, or pass revision=REF of a safetensors branch (e.g. refs/pr/N)"
     )
 
 
@@ -247,11 +247,12 @@ def _hub_errors(repo_id: str, rev: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress_bars(progress: bool | None) -> Iterator[None]:
-    """huggingface_hub's own bars when stderr is a terminal and progress is not False; silenced otherwise.
+    """huggingface_hub's own bars when ``progress`` is True (the caller decides: the command line, on a terminal);
+    silenced otherwise.
 
     HF_HUB_DISABLE_PROGRESS_BARS, when set, keeps priority as in huggingface_hub.
     """
-    show = progress is not False and sys.stderr is not None and sys.stderr.isatty()
+    show = progress is True
     if show or constants.HF_HUB_DISABLE_PROGRESS_BARS is not None:
         yield
         return

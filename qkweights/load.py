@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import sys
+import warnings
 
-from qkweights.errors import CheckpointError
-from qkweights.source import SUFFIX, Source, resolve
+from qkweights.errors import CheckpointError, QkWarning
+from qkweights.folders import SUFFIX, Source
+from qkweights.source import resolve
 from qkweights.spec import Checkpoint, open_checkpoint
 from qkweights.tensors import TensorStore
 from qkweights.torch_pickle import TorchStore
 
 # Research checkpoints that hold several networks (I-JEPA: encoder, target_encoder, predictor) are
-# read through this part unless --part names another.
+# read through this part unless part= names another.
 DEFAULT_PART = "encoder"
 
 
@@ -20,7 +21,7 @@ def open_store(source: Source, *, part: str | None = None):
     files = source.weight_files
     if all(f.name.endswith(SUFFIX) for f in files):
         if part is not None:
-            raise CheckpointError(f"--part {part!r} applies to PyTorch training checkpoints; {files[0].name} is safetensors, drop --part")
+            raise CheckpointError(f"part={part} applies to PyTorch training checkpoints; {files[0].name} is safetensors, drop part={part}")
         return TensorStore.open(files)
     if len(files) != 1:
         raise CheckpointError(f"{source.model_id}: sharded PyTorch checkpoints ({', '.join(f.name for f in files)}) are not supported; convert them to safetensors")
@@ -28,7 +29,8 @@ def open_store(source: Source, *, part: str | None = None):
     if part is not None:
         return store.select(part)
     if DEFAULT_PART in store.parts() and len(store.parts()) > 1:
-        print(f"qkweights: {files[0].name} holds {', '.join(store.parts())}; reading {DEFAULT_PART!r} (choose with --part)", file=sys.stderr)
+        warnings.warn(f"{files[0].name} holds {', '.join(store.parts())}; reading {DEFAULT_PART!r} (choose another with part=NAME)",
+                      QkWarning, stacklevel=2)
         store = store.select(DEFAULT_PART)
     return store
 

@@ -135,7 +135,7 @@ def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int
     modes = None if modes is None else [int(n) for n in modes]
     _check(model, layer, head, modes, top, embedding)
     if fold_ln and embedding != "ln":
-        raise InputError("--fold-ln projects the normalised tokens n onto the folded modes; drop --embedding residual")
+        raise InputError("fold_ln=True projects the normalised tokens n onto the folded modes; drop embedding=residual")
     pixels = model.preprocess(image)  # (1, 3, H, W)
     out = model.forward(pixels, attentions=True, layers=[layer])
     x_ln = out.attention_inputs[layer][0].astype(np.float64)  # (T, D)

@@ -1,6 +1,6 @@
 """Reading an Odd-One-Out (O3) folder as found in the wild.
 
-Layout (Kotseruba et al., BMVC 2019; see the reference notes, method §6)::
+Layout (Kotseruba et al., BMVC 2019; docs/method.md §6)::
 
     ROOT/images/NAME.jpg                 RGB photo
     ROOT/targ_images/NAME.jpg            target mask      (or targ_labels/)

@@ -167,6 +167,19 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def csv_number(x: float) -> str:
+    """A CSV cell: the shortest exact text of a finite float (repr), empty for NaN/inf."""
+    return repr(float(x)) if np.isfinite(x) else ""
+
+
+def model_name(doc: dict) -> str:
+    """The name of the model a result is about: its model id, or its spec (family) name when the source has none.
+
+    ``doc``: a result's {"source": …, "model": {"family": …}} (profile sides, O3 summaries, same-object results).
+    """
+    return (doc.get("source") or {}).get("model_id") or doc["model"]["family"]
+
+
 def manifest_path(out_dir, command: str) -> Path:
     """The manifest of ``command``'s outputs in ``out_dir``: ``.qkweights-<command>.json``."""
     return Path(out_dir) / f".qkweights-{command}.json"

@@ -20,9 +20,8 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from qkweights import __version__
 from qkweights.errors import InputError
-from qkweights.outputs import dumps_json, record_outputs, write_csv, write_npz, write_text
+from qkweights.outputs import csv_number, dumps_json, model_name, plural, record_outputs, write_csv, write_npz, write_text
 from qkweights.qk import (
     DEGENERATE_RTOL,
     HeadStats,
@@ -37,6 +36,7 @@ from qkweights.qk import (
     symmetric_null,
 )
 from qkweights.spec import Checkpoint
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.profile/2"
 SCHEMAS = ("qkweights.profile/1", SCHEMA)  # what load_profile reads; /1 lacks symmetric_fraction, ov, salience_norm
@@ -61,6 +61,15 @@ class ModelInfo:
     folded: str | None = None  # "layernorm" for a profile of Γ W_qᵀW_k Γ (profile --fold-ln), else None
     fold: dict | None = None  # what the fold includes (qkweights.fold.fold_description)
     ov: dict | None = None  # {"available": bool, "note": text}; None for a profile/1 (not computed)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(layers L, heads H, width D, head dim K): what two profiles must share to be compared head by head."""
+        return self.layers, self.heads, self.hidden, self.head_dim
+
+    def shape_text(self) -> str:
+        """"vit, 12 layers × 12 heads, D = 768, K = 64"."""
+        return f"{self.family}, {plural(self.layers, 'layer')} × {plural(self.heads, 'head')}, D = {self.hidden}, K = {self.head_dim}"
 
     def to_json(self) -> dict:
         doc = {
@@ -123,6 +132,15 @@ class Profile:
     symmetric: np.ndarray | None = None  # (L, H) symmetric_fraction; None: absent (profile/1)
     ov: OVProfile | None = None  # None: absent (profile/1)
     salience: np.ndarray | None = None  # (L, H) ‖w_h‖ of a folded profile; None unless --fold-ln
+
+    def side(self) -> dict:
+        """{"source": …, "model": …}: what reports and figures say about this profile's model."""
+        return {"source": self.source, "model": self.model.to_json()}
+
+    @property
+    def name(self) -> str:
+        """The model id, or the family when the source has none."""
+        return model_name(self.side())
 
     @property
     def null_band_95(self) -> float:
@@ -208,9 +226,10 @@ class Profile:
             "layers": layers,
         }
 
-    def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
-        """Write profile.json, heads.csv, modes.npz (if vectors) and the figures into ``out``.
+    def save(self, out: str | Path) -> list[Path]:
+        """Write profile.json, heads.csv and modes.npz (if vectors) into ``out``; return their paths.
 
+        Figures are the caller's: :func:`qkweights.workflow.save_profile` draws them too.
         modes.npz records the sha256 of the profile.json it belongs to (``load_profile``
         checks it); files of an earlier profile run into ``out`` that this one does not
         write again (modes.npz, figures) are removed (:func:`qkweights.outputs.record_outputs`).
@@ -221,19 +240,15 @@ class Profile:
         rows = []
         for l in range(self.model.layers):
             for h in range(self.model.heads):
-                rows.append([l, h, _num(self.weighted[l, h]), _num(self.mean[l, h]), _num(self.trace[l, h]),
-                             _num(self.nuclear[l, h]), _num(self.effective_rank[l, h]),
-                             _num(self.singular_values[l, h, 0]), len(self.degenerate[l][h])])
+                rows.append([l, h, csv_number(self.weighted[l, h]), csv_number(self.mean[l, h]), csv_number(self.trace[l, h]),
+                             csv_number(self.nuclear[l, h]), csv_number(self.effective_rank[l, h]),
+                             csv_number(self.singular_values[l, h, 0]), len(self.degenerate[l][h])])
         header = ["layer", "head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "effective_rank", "sigma_0", "degenerate_blocks"]
         header, rows = self._circuit_columns(header, rows)
         written.append(write_csv(out / "heads.csv", header, rows))
         if self.U is not None:
             written.append(write_npz(out / "modes.npz", U=self.U, V=self.V, S=self.singular_values,
                                      profile_sha256=np.array(_sha256(text))))
-        if plots:
-            from qkweights import figures
-
-            written += figures.profile_figures(self, out)
         record_outputs(out, "profile", written)
         return written
 
@@ -245,19 +260,15 @@ class Profile:
         H = self.model.heads
         if self.symmetric is not None:
             header = header + ["symmetric_fraction"]
-            rows = [r + [_num(self.symmetric[i // H, i % H])] for i, r in enumerate(rows)]
+            rows = [r + [csv_number(self.symmetric[i // H, i % H])] for i, r in enumerate(rows)]
         if self.ov is not None:
             header = header + ["ov_weighted_cosine", "ov_lambda_0", "ov_degenerate_blocks"]
-            rows = [r + [_num(self.ov.weighted[i // H, i % H]), _num(self.ov.singular_values[i // H, i % H, 0]),
+            rows = [r + [csv_number(self.ov.weighted[i // H, i % H]), csv_number(self.ov.singular_values[i // H, i % H, 0]),
                          len(self.ov.degenerate[i // H][i % H])] for i, r in enumerate(rows)]
         if self.salience is not None:
             header = header + ["salience_norm"]
-            rows = [r + [_num(self.salience[i // H, i % H])] for i, r in enumerate(rows)]
+            rows = [r + [csv_number(self.salience[i // H, i % H])] for i, r in enumerate(rows)]
         return header, rows
-
-
-def _num(x: float) -> str:
-    return repr(float(x)) if np.isfinite(x) else ""
 
 
 def _sha256(text: str) -> str:
@@ -429,7 +440,7 @@ def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
         raw = path.read_bytes()
         doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: no such profile; write one with `python -m qkweights profile MODEL --out DIR`") from None
+        raise InputError(f"{path}: no such profile; write one with the profile command or qkweights.save_profile") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not a readable profile.json ({e}); re-run `python -m qkweights profile`") from None
     if not isinstance(doc, dict) or doc.get("schema") not in SCHEMAS:
@@ -555,7 +566,7 @@ def _short(value) -> str:
 
 def _read_modes(npz: Path, path: Path, raw: bytes, model: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
     """U, V of ``npz``, refused unless it was written with this profile.json (``raw``) and has its shapes."""
-    fix = f"re-run `python -m qkweights profile MODEL --save-vectors --out {path.parent}`, or delete {npz.name}"
+    fix = f"profile again with save_vectors=True into {path.parent}, or delete {npz.name}"
     try:
         with np.load(npz) as z:
             owner = str(z["profile_sha256"]) if "profile_sha256" in z.files else None

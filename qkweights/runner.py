@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 
-from qkweights import __version__
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import write_npz
+from qkweights.version import __version__
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
 DASK_INSTALL = 'pip install "qkweights[dask]"'

@@ -50,7 +50,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights import __version__
 from qkweights.ade20k import (
     LAYOUT_TEXT,
     NO_CLASS,
@@ -71,6 +70,7 @@ from qkweights.top_images import (
     model_identity,
     patch_grid,
 )
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"

@@ -36,12 +36,12 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from qkweights import __version__
 from qkweights.errors import InputError, QkError
 from qkweights.load import source_record
 from qkweights.outputs import prepare_dir, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
 from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
+from qkweights.version import __version__
 
 SCHEMA = "qkweights.top_images/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

@@ -766,7 +766,7 @@ class TorchStore(Store):
         tensors = {n[len(head):]: t for n, t in self._entries.items() if n.startswith(head)}
         if part not in self.parts() or not tensors:
             if not self.parts():
-                raise CheckpointError(f"{self.files[0].name}: is a flat state dict with no parts; drop --part {part}")
+                raise CheckpointError(f"{self.files[0].name}: is a flat state dict with no parts; drop part={part}")
             shown = ", ".join(_printable(p, 40) for p in self.parts()[:20])
             raise CheckpointError(f"{self.files[0].name}: has no part {part!r} (parts: {shown}); choose one of those")
         return TorchStore(_strip_module(tensors), self.files, {**self.metadata, "part": part})

@@ -49,7 +49,7 @@ def dense_head(folder, l, h):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
-    qkweights.profile(str(VIT)).save(out, plots=False)
+    qkweights.profile(str(VIT)).save(out)
     return out / "profile.json"
 
 
@@ -157,7 +157,7 @@ def test_nonfinite_weights_fail(tmp_path, baseline, capsys):
 
 def test_architecture_mismatch_skips_numeric_checks(tmp_path, capsys):
     other = tmp_path / "h3"
-    qkweights.profile(str(FIXTURES / "vit-h3")).save(other, plots=False)
+    qkweights.profile(str(FIXTURES / "vit-h3")).save(other)
     code, lines, _ = run(capsys, VIT, "--baseline", other, "--report", tmp_path / "r.json")
     assert code == 1
     # Shapes from the fixtures' config.json files: vit 32 wide with 4 heads, vit-h3 48 wide with 3 heads of 16.
@@ -256,7 +256,7 @@ def test_baseline_with_collapsed_heads_is_rejected_like_nonfinite(tmp_path, base
         t[name(1, "query")][rows(1, 2)] = 0  # W_q all zero: σ_0 = 0
 
     bad_dir = tmp_path / "bad"
-    qkweights.profile(str(edited(tmp_path, "spoilt", spoil))).save(bad_dir, plots=False)
+    qkweights.profile(str(edited(tmp_path, "spoilt", spoil))).save(bad_dir)
     bad = load_profile(bad_dir)
     message = (f"baseline {model_id(tmp_path / 'spoilt')}: non-finite weights in L0 H0; collapsed heads (σ_0 = 0) in L1 H2, "
                f"which check fails in any model; write the baseline from a healthy checkpoint with `python -m qkweights profile`")

@@ -271,7 +271,7 @@ def test_folded_bilinear_plus_salience_reproduces_the_softmax(name):
 
 def test_profile1_is_read_with_the_new_statistics_absent(tmp_path):
     prof = qkweights.profile(str(MODELS / "vit"))
-    prof.save(tmp_path / "p2", plots=False)
+    prof.save(tmp_path / "p2")
     doc = (tmp_path / "p2" / "profile.json").read_text()
     import json
 
@@ -299,43 +299,45 @@ def _flip_value_head(t, l=1, h=2, K=8):
 
 
 def test_check_new_tolerances(tmp_path):
-    from qkweights.check import HEAD_OV, HEAD_SYMMETRY, check_model
+    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+    from qkweights.workflow import check as check_model
 
     base = tmp_path / "base"
-    qkweights.profile(str(MODELS / "vit")).save(base, plots=False)
-    same = check_model(str(MODELS / "vit"), base, progress=False, tol_symmetry=1e-12, tol_ov=1e-12)
+    qkweights.profile(str(MODELS / "vit")).save(base)
+    same = check_model(str(MODELS / "vit"), base, tol_symmetry=1e-12, tol_ov=1e-12)
     assert same.passed and same.tolerances["symmetry"] == 1e-12
     assert sum(c.name == HEAD_SYMMETRY for c in same.checks) == 8 and sum(c.name == HEAD_OV for c in same.checks) == 8
     flipped = edited_fixture(tmp_path, "flipped", _flip_value_head)
-    report = check_model(str(flipped), base, progress=False, tol_symmetry=1e-12, tol_ov=1e-12)
+    report = check_model(str(flipped), base, tol_symmetry=1e-12, tol_ov=1e-12)
     assert [(c.name, c.layer, c.head) for c in report.failures] == [(HEAD_OV, 1, 2)]
     ov = qkweights.profile(str(MODELS / "vit")).ov.weighted[1, 2]
     assert report.failures[0].measured == pytest.approx(2 * abs(ov), abs=1e-12)  # weighted cosine w → −w
-    plain = check_model(str(flipped), base, progress=False)  # without the new tolerances: not checked
+    plain = check_model(str(flipped), base)  # without the new tolerances: not checked
     assert plain.passed and not any(c.name in (HEAD_OV, HEAD_SYMMETRY) for c in plain.checks)
 
 
 def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
     import json
 
-    from qkweights.check import FOLDING, HEAD_OV, check_model, check_profile
+    from qkweights.check import FOLDING, HEAD_OV, check_profile
+    from qkweights.workflow import check as check_model
 
-    qkweights.profile(str(MODELS / "vit")).save(tmp_path / "b1", plots=False)
+    qkweights.profile(str(MODELS / "vit")).save(tmp_path / "b1")
     doc = json.loads((tmp_path / "b1" / "profile.json").read_text())
     doc["schema"] = "qkweights.profile/1"
     for ly in doc["layers"]:
         for hd in ly["heads"]:
             del hd["symmetric_fraction"], hd["ov"]
     (tmp_path / "b1" / "profile.json").write_text(json.dumps(doc))
-    report = check_model(str(MODELS / "vit"), tmp_path / "b1", progress=False, tol_symmetry=0.01, tol_ov=0.01)
+    report = check_model(str(MODELS / "vit"), tmp_path / "b1", tol_symmetry=0.01, tol_ov=0.01)
     assert report.passed and not any(c.name == HEAD_OV for c in report.checks)
-    assert any("--tol-symmetry: the baseline has no symmetric fraction" in n for n in report.notes)
-    assert any("--tol-ov: the baseline has no OV weighted cosine" in n for n in report.notes)
+    assert any("tol_symmetry: the baseline has no symmetric fraction" in n for n in report.notes)
+    assert any("tol_ov: the baseline has no OV weighted cosine" in n for n in report.notes)
     # a folded baseline: check_model folds the current model too
     _, ck = open_model(str(MODELS / "vit"))
     folded = compute_profile(ck, {"model_id": "vit"}, fold_ln=True)
-    folded.save(tmp_path / "bf", plots=False)
-    assert check_model(str(MODELS / "vit"), tmp_path / "bf", progress=False, tol_symmetry=1e-12).passed
+    folded.save(tmp_path / "bf")
+    assert check_model(str(MODELS / "vit"), tmp_path / "bf", tol_symmetry=1e-12).passed
     mixed = check_profile(compute_profile(ck, {"model_id": "vit"}), load_profile(tmp_path / "bf"))
     assert [(c.name, c.measured, c.allowed) for c in mixed.failures] == [(FOLDING, "plain", "layernorm")]
 
@@ -383,7 +385,7 @@ def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
     kept = q @ (k - (r["wk"][rows] @ r["beta"] + bk)).T  # (T, T)
     a = out.attentions[layer][0, head].astype(np.float64)
     assert maps.contributions.sum() + maps.salience_contribution == pytest.approx(np.sum(a * kept) / math.sqrt(K), rel=1e-9)
-    with pytest.raises(qkweights.errors.InputError, match="drop --embedding residual"):
+    with pytest.raises(qkweights.errors.InputError, match="drop embedding=residual"):
         projection_maps(model, img, layer=layer, head=head, fold_ln=True, embedding="residual")
     names = {p.name for p in save_maps(maps, tmp_path / "m")}
     assert names == {"maps_L1_H2_normalised.png", "maps_L1_H2_normalised.npz"}  # the embedding names the files

@@ -104,7 +104,7 @@ def test_random_weights_match_dense_svd(tmp_path):
 
 def test_round_trip_via_profile_json(tmp_path):
     p = profile_of(*weights(4, 2, 3, 12, seed=3), "test/saved")
-    p.save(tmp_path / "saved", plots=False)
+    p.save(tmp_path / "saved")
     compare([p], tmp_path / "a")
     compare([tmp_path / "saved" / "profile.json"], tmp_path / "b")
     compare([str(tmp_path / "saved")], tmp_path / "c")  # the folder holding profile.json
@@ -155,7 +155,7 @@ def test_o3_summaries(tmp_path):
 
 def test_folder_with_profile_and_o3(tmp_path):
     p = profile_of(*weights(3, 2, 3, 12, seed=6), "test/both")
-    p.save(tmp_path / "both", plots=False)
+    p.save(tmp_path / "both")
     write(tmp_path / "both" / "o3_summary.json", o3_doc(3, model_id="test/both"))
     assert [c.kind for c in curves_from(tmp_path / "both")] == ["weighted_cosine", "mean_cosine", "symmetric_fraction", "o3_same", "o3_different", "o3_background"]
     assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv", "compare_o3.png", "compare_o3.csv"]

@@ -118,12 +118,12 @@ def test_top_k_subspaces(pair):
 
 def test_saved_profiles_without_vectors(pair, tmp_path):
     a, b = pair
-    qkweights.profile(str(a), save_vectors=True).save(tmp_path / "pa", plots=False)
-    qkweights.profile(str(b)).save(tmp_path / "pb", plots=False)
+    qkweights.profile(str(a), save_vectors=True).save(tmp_path / "pa")
+    qkweights.profile(str(b)).save(tmp_path / "pb")
     assert main(["diff", str(tmp_path / "pa"), str(tmp_path / "pb" / "profile.json"), "--out", str(tmp_path / "d"), "--quiet", "--no-plots"]) == 0
     doc = json.loads((tmp_path / "d" / "diff.json").read_text())
     assert doc["notes"] == ["no singular vectors for B (profile without modes.npz): subspace angles omitted; "
-                            "profile with `--save-vectors` or pass the checkpoints"]
+                            "profile with save_vectors=True or pass the checkpoints"]
     top = doc["heads"][0]
     assert top["max_angle_u_deg"] is None and "angles_u_deg" not in top
     # Without angles the score is the mean of |Δw|/2 and the spectrum TV; L1 H2 still ranks first.

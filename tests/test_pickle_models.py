@@ -20,7 +20,7 @@ import pytest
 import qkweights
 from conftest import FIXTURES, GOLDEN, MODELS
 from hubcache import make_hub_cache
-from qkweights.errors import CheckpointError, InputError, SourceError
+from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
 from qkweights.load import open_model
 from qkweights.tensors import TensorStore
 from qkweights.torch_pickle import TorchStore
@@ -145,9 +145,15 @@ def test_training_checkpoint_part_model_equals_the_whole_file(reference_profiles
 
 
 def test_ijepa_default_part_is_the_encoder(capsys, reference_profiles):
-    prof = qkweights.profile(str(IJEPA), save_vectors=True)
-    err = capsys.readouterr().err
-    assert err == "qkweights: IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, target_encoder; reading 'encoder' (choose with --part)\n"
+    with pytest.warns(QkWarning) as caught:
+        prof = qkweights.profile(str(IJEPA), save_vectors=True)
+    note = "IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, target_encoder; reading 'encoder' (choose another with part=NAME)"
+    assert [str(w.message) for w in caught] == [note] and capsys.readouterr().err == ""
+    from qkweights.cli import main  # the command line prints the note, with the option as a flag
+
+    assert main(["inspect", str(IJEPA)]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == ("qkweights: note: IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, "
+                                                      "target_encoder; reading 'encoder' (choose another with --part NAME)")
     assert prof.source["part"] == "encoder" and prof.model.family == "timm-vit"
     assert_same_profile(prof, reference_profiles("ijepa"))  # hf ijepa fixture: the same weights
     explicit = qkweights.profile(str(IJEPA), part="encoder", save_vectors=True)
@@ -204,7 +210,7 @@ def test_hub_pickle_needs_allow_pickle(hub_cache, reference_profiles):
     make_hub_cache(hub_cache, "qkw-test/vit-pickle", files, commit="d" * 40, tree=True)
     with pytest.raises(SourceError) as err:
         qkweights.profile("qkw-test/vit-pickle")
-    assert "--allow-pickle" in str(err.value) and "\n" not in str(err.value)
+    assert "allow_pickle=True" in str(err.value) and "\n" not in str(err.value)
     prof = qkweights.profile("qkw-test/vit-pickle", allow_pickle=True, save_vectors=True)
     assert_same_profile(prof, reference_profiles("vit"))
     assert prof.source["kind"] == "hub" and prof.source["commit"] == "d" * 40

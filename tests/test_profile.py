@@ -87,7 +87,7 @@ def test_bf16_and_f16_profiles_are_close_to_f32():
 
 def test_save_and_load_round_trip(tmp_path):
     prof = qkweights.profile(str(MODELS / "deit"), save_vectors=True)
-    written = prof.save(tmp_path, plots=False)
+    written = prof.save(tmp_path)
     assert sorted(p.name for p in written) == ["heads.csv", "modes.npz", "profile.json"]
     doc = json.loads((tmp_path / "profile.json").read_text())
     assert doc["schema"] == "qkweights.profile/2"
@@ -183,11 +183,11 @@ def test_rerun_with_no_plots_removes_the_old_figures(tmp_path, capsys):
 def test_modes_npz_of_another_run_is_refused(tmp_path, capsys):
     """A modes.npz beside a profile.json it was not written with (copied, or an older qkweights) is never paired with it."""
     a, b = tmp_path / "a", tmp_path / "b"
-    qkweights.profile(str(MODELS / "vit"), save_vectors=True).save(a, plots=False)
-    qkweights.profile(str(MODELS / "vit-cls"), save_vectors=True).save(b, plots=False)
+    qkweights.profile(str(MODELS / "vit"), save_vectors=True).save(a)
+    qkweights.profile(str(MODELS / "vit-cls"), save_vectors=True).save(b)
     shutil.copy(a / "modes.npz", b / "modes.npz")
-    with pytest.raises(InputError, match=rf"^{b / 'modes.npz'}: belongs to another run than profile.json beside it .*; re-run "
-                                         rf"`python -m qkweights profile MODEL --save-vectors --out {b}`, or delete modes.npz$"):
+    with pytest.raises(InputError, match=rf"^{b / 'modes.npz'}: belongs to another run than profile.json beside it .*; "
+                                         rf"profile again with save_vectors=True into {b}, or delete modes.npz$"):
         load_profile(b)
     assert load_profile(b, vectors=False).U is None
     assert main(["diff", str(b), str(a), "--out", str(tmp_path / "d"), "--no-plots"]) == 2
@@ -205,7 +205,7 @@ def test_modes_npz_of_another_run_is_refused(tmp_path, capsys):
     (lambda d: d["layers"][0]["heads"][0].update(degenerate_blocks=[{"start": 3}]), "field layers[0].heads[0].degenerate_blocks[0] must hold integers"),
 ])
 def test_hand_edited_baseline_is_one_line_naming_the_field(tmp_path, capsys, edit, message):
-    qkweights.profile(str(MODELS / "vit")).save(tmp_path, plots=False)
+    qkweights.profile(str(MODELS / "vit")).save(tmp_path)
     doc = json.loads((tmp_path / "profile.json").read_text())
     edit(doc)
     (tmp_path / "profile.json").write_text(json.dumps(doc))
@@ -222,7 +222,7 @@ def test_all_zero_head_has_no_mean_cosine(tmp_path):
     prof = qkweights.profile(str(edited_fixture(tmp_path, "zero", zero_head)))
     assert np.isnan(prof.weighted[0, 0]) and np.isnan(prof.mean[0, 0])
     assert np.isfinite(prof.mean[0, 1:]).all()
-    prof.save(tmp_path / "out", plots=False)
+    prof.save(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "profile.json").read_text())["layers"][0]["heads"][0]["mean_cosine"] is None
 
 

@@ -23,7 +23,7 @@ from huggingface_hub import constants
 from safetensors.numpy import save_file
 
 from hubcache import git_blob_sha1, make_hub_cache
-from qkweights.errors import CheckpointError, InputError, SourceError
+from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
 from qkweights.hub import _progress_bars
 from qkweights.source import Source, resolve
 
@@ -212,7 +212,7 @@ def test_path_looking_argument_that_does_not_exist(tmp_path, monkeypatch, arg):
 
 def test_revision_with_a_local_path_is_refused(tmp_path):
     folder = write(tmp_path / "vit", {"model.safetensors": b""})
-    with pytest.raises(InputError, match="--revision applies to Hub repo ids only"):
+    with pytest.raises(InputError, match="revision=… applies to Hub repo ids only"):
         resolve(str(folder), revision="main")
 
 
@@ -347,10 +347,12 @@ def test_hub_id_offline_main_without_safetensors_uses_cached_conversion_pr(tmp_p
     )
     # huggingface_hub stores the ref "refs/pr/1" at refs/refs/pr/1
     assert (hub_cache / "models--acme--tiny-vit" / "refs" / "refs" / "pr" / "1").read_text() == PR_SHA
-    src = resolve(REPO)
+    with pytest.warns(QkWarning) as caught:  # a note for the user: the library says it, the command line prints it
+        src = resolve(REPO)
     assert (src.revision, src.commit, src.folder) == ("refs/pr/1", PR_SHA, pr_snapshot)
     assert src.weight_files == (pr_snapshot / "model.safetensors",)
-    assert capsys.readouterr().err == "qkweights: main has no safetensors; using refs/pr/1 (safetensors conversion)\n"
+    assert [str(w.message) for w in caught] == ["main has no safetensors; using refs/pr/1 (safetensors conversion)"]
+    assert capsys.readouterr().err == ""
 
 
 def test_conversion_pr_not_used_when_revision_is_explicit(hub_cache):
@@ -368,16 +370,16 @@ def test_hub_repo_without_safetensors_lists_its_files(hub_cache):
         resolve(REPO)
     assert str(err.value) == (
         f"{REPO}@main (commit {MAIN_SHA}) has no .safetensors weights (files: config.json, pytorch_model.bin, tf_model.h5); "
-        "PyTorch pickles are fetched from the Hub only with --allow-pickle (they are read without running code), "
-        "or pass --revision with a safetensors branch (e.g. refs/pr/N)"
+        "PyTorch pickles are fetched from the Hub only with allow_pickle=True (they are read without running code), "
+        "or pass revision=REF of a safetensors branch (e.g. refs/pr/N)"
     )
 
 
 def test_hub_repo_without_safetensors_with_allow_pickle(hub_cache, capsys):
     make_hub_cache(hub_cache, REPO, {"config.json": CONFIG, "pytorch_model.bin": b"pickle"}, commit=MAIN_SHA, tree=True)
-    src = resolve(REPO, allow_pickle=True)
+    with pytest.warns(QkWarning, match="has no safetensors; reading pytorch_model.bin with the restricted unpickler"):
+        src = resolve(REPO, allow_pickle=True)
     assert [p.name for p in src.weight_files] == ["pytorch_model.bin"] and src.commit == MAIN_SHA and src.revision == "main"
-    assert "has no safetensors; reading pytorch_model.bin with the restricted unpickler" in capsys.readouterr().err
 
 
 def test_invalid_repo_id(hub_cache):
@@ -501,15 +503,20 @@ class _Terminal:
 
 
 @pytest.mark.skipif(constants.HF_HUB_DISABLE_PROGRESS_BARS is not None, reason="HF_HUB_DISABLE_PROGRESS_BARS has priority")
-@pytest.mark.parametrize(("tty", "progress", "shown"), [(False, None, False), (True, None, True), (True, False, False)])
-def test_progress_bars_only_on_a_terminal(monkeypatch, tty, progress, shown):
+@pytest.mark.parametrize(("tty", "quiet", "shown"), [(False, False, False), (True, False, True), (True, True, False)])
+def test_progress_bars_only_on_a_terminal(monkeypatch, tty, quiet, shown):
+    """The command line decides (a terminal, not --quiet); the library shows huggingface_hub's bars only when told."""
     from huggingface_hub.utils import are_progress_bars_disabled
+
+    from qkweights.cli.progress import Terminal
 
     if tty:
         monkeypatch.setattr(sys, "stderr", _Terminal())
-    with _progress_bars(progress):
+    with _progress_bars(Terminal(quiet=quiet).downloads):
         assert are_progress_bars_disabled() is not shown
     assert not are_progress_bars_disabled()
+    with _progress_bars(None):
+        assert are_progress_bars_disabled()
 
 
 def test_symlink_out_of_the_folder_is_refused(tmp_path):

@@ -2,9 +2,9 @@
 
 Each command is a module of this package with ``configure(parser)`` and
 ``run(args) -> int``; this module parses arguments, dispatches, and is the one
-place where errors become messages and exit codes:
-0 ok, 1 findings (e.g. non-finite weights, a failed check), 2 usage or input
-error, 130 interrupted.
+place where errors become messages (options worded as flags, :mod:`qkweights.cli.words`)
+and exit codes (:mod:`qkweights.cli.exits`): 0 ok, 1 findings (e.g. non-finite weights,
+a failed check), 2 usage or input error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import os
 import sys
 import traceback
 
-from qkweights import __version__
-from qkweights.errors import EXIT_USAGE, QkError
+from qkweights.cli.exits import EXIT_INTERRUPTED, EXIT_USAGE
+from qkweights.cli.words import flag_words
+from qkweights.errors import QkError
+from qkweights.version import __version__
 
 COMMANDS = [
     ("profile", "per-head query-key SVD of a checkpoint: table, profile.json, heads.csv, figures"),
@@ -68,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except QkError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"qkweights: error: {e}", file=sys.stderr)
-        return e.exit_code
+        print(f"qkweights: error: {flag_words(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         resume = "; re-run the same command to resume where it stopped" if args.command in RESUMABLE else ""
         print(f"qkweights: interrupted{resume}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as e:

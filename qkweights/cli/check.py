@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from qkweights.check import SUMMARY_LINES, check_model
+from qkweights.check import SUMMARY_LINES
 from qkweights.cli.common import add_model_arguments, model_options
-from qkweights.errors import EXIT_FINDINGS, EXIT_OK
+from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
+from qkweights.cli.progress import Terminal
+from qkweights.cli.words import flag_words
 from qkweights.outputs import check_file_target, write_json, write_text
+from qkweights.workflow import check
 
 
 def configure(p) -> None:
@@ -26,13 +29,14 @@ def run(args) -> int:
     for target in (args.report, args.junit):
         if target:
             check_file_target(target)  # a bad report path fails before the profile is computed
-    report = check_model(args.model, args.baseline, model_options=model_options(args),
-                         progress=False if args.quiet else None, tol_layer=args.tol_layer, tol_head=args.tol_head,
-                         tol_sigma=args.tol_sigma, top_sigma=args.top_sigma, tol_symmetry=args.tol_symmetry, tol_ov=args.tol_ov)
+    with Terminal(quiet=args.quiet) as reporter:
+        report = check(args.model, args.baseline, reporter=reporter, model_options=model_options(args),
+                       tol_layer=args.tol_layer, tol_head=args.tol_head, tol_sigma=args.tol_sigma, top_sigma=args.top_sigma,
+                       tol_symmetry=args.tol_symmetry, tol_ov=args.tol_ov)
     if args.report:
         write_json(args.report, report.to_json())
     if args.junit:
         write_text(args.junit, report.to_junit())
     if not args.quiet:
-        print(report.summary(SUMMARY_LINES))
+        print(flag_words(report.summary(SUMMARY_LINES)))
     return EXIT_OK if report.passed else EXIT_FINDINGS

@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from qkweights.cli.words import flag_words
 from qkweights.errors import InputError
 from qkweights.outputs import plural
 
@@ -51,7 +52,7 @@ def model_slug(model_id: str) -> str:
 def print_notes(notes) -> None:
     """The library's notes for the user, one ``qkweights: note:`` line each on stderr."""
     for note in notes:
-        print(f"qkweights: note: {note}", file=sys.stderr)
+        print(f"qkweights: note: {flag_words(note)}", file=sys.stderr)
 
 
 def out_dir(args, model_id: str) -> Path:

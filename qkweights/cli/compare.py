@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from qkweights.cli.common import add_pickle_arguments, model_options
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
 from qkweights.outputs import prepare_dir
+from qkweights.workflow import compare
 
 
 def configure(p) -> None:
@@ -17,18 +20,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    import qkweights
-    from qkweights.compare import INPUT_FILES, compare
-
     prepare_dir(args.out)
-    items = []
-    for item in args.items:
-        path = Path(item)
-        if path.suffix == ".json" or (path.is_dir() and any((path / name).exists() for name in INPUT_FILES)):
-            items.append(path)
-        else:
-            items.append(qkweights.profile(item, **model_options(args)))
     labels = args.labels.split(",") if args.labels else None
-    written = compare(items, Path(args.out), labels=labels)
+    with Terminal() as reporter:
+        written = compare(args.items, Path(args.out), labels=labels, reporter=reporter, **model_options(args))
     print(f"wrote {', '.join(p.name for p in written)} to {args.out}/")
-    return 0
+    return EXIT_OK

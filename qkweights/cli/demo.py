@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
 
 DEFAULT_OUT = Path("qkweights-out") / "demo"
 
@@ -17,8 +19,7 @@ def run(args) -> int:
     from qkweights.demo import SUMMARY_NAME, run_demo
 
     out = Path(args.out) if args.out else DEFAULT_OUT
-    report = None if args.quiet else (lambda text: print(f"qkweights demo: {text}", file=sys.stderr, flush=True))
-    run_demo(out, progress=report)
+    run_demo(out, progress=Terminal(quiet=args.quiet, name="qkweights demo").stage)
     if not args.quiet:
         print((out / SUMMARY_NAME).read_text(encoding="utf-8"), end="")
-    return 0
+    return EXIT_OK

@@ -6,8 +6,11 @@ import math
 from pathlib import Path
 
 from qkweights.cli.common import add_pickle_arguments, model_options
-from qkweights.diff import diff_profiles, profile_for_diff
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
+from qkweights.cli.words import flag_words
 from qkweights.outputs import prepare_dir
+from qkweights.workflow import diff
 
 SHOWN = 10  # ranked heads printed
 
@@ -27,18 +30,17 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    progress = False if args.quiet else None
     prepare_dir(args.out)
-    a = profile_for_diff(args.model_a, k=args.k, progress=progress, fold_ln=args.fold_ln, **model_options(args, args.revision_a))
-    b = profile_for_diff(args.model_b, k=args.k, progress=progress, fold_ln=args.fold_ln, **model_options(args, args.revision_b))
-    result = diff_profiles(a, b, k=args.k)
+    with Terminal(quiet=args.quiet) as reporter:
+        result = diff(args.model_a, args.model_b, k=args.k, fold_ln=args.fold_ln, reporter=reporter,
+                      options_a=model_options(args, args.revision_a), options_b=model_options(args, args.revision_b))
     written = result.save(Path(args.out), plots=not args.no_plots)
     if not args.quiet:
         print(format_ranking(result.head_rows()[:SHOWN]))
         for note in result.notes:
-            print(f"note: {note}")
+            print(f"note: {flag_words(note)}")
         print(f"wrote {', '.join(p.name for p in written)} to {args.out}/")
-    return 0
+    return EXIT_OK
 
 
 def format_ranking(rows: list[dict]) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from qkweights.cli.common import add_model_arguments, model_options, print_notes
-from qkweights.load import open_model
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural
 from qkweights.vision import checkpoint_notes, patch_size_used
 
@@ -13,7 +14,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    source, ck = open_model(args.model, **model_options(args))
+    from qkweights.workflow import open_model
+
+    source, ck = open_model(args.model, reporter=Terminal(), **model_options(args))
     d = ck.dims
     patch = patch_size_used(ck) or d.patch_size  # what the forward pass uses
     print(f"model     {source.model_id}" + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else ""))
@@ -29,4 +32,4 @@ def run(args) -> int:
     if ck.spec.logit_terms:
         print(f"note      the logits also hold {', '.join(ck.spec.logit_terms)}, which the weight SVD does not see")
     print_notes(checkpoint_notes(ck))
-    return 0
+    return EXIT_OK

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from qkweights.errors import EXIT_OK, InputError
+from qkweights.cli.exits import EXIT_OK
+from qkweights.errors import InputError
 from qkweights.synth_o3 import make_o3
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, model_options, out_dir, parse_indices, print_notes
+from qkweights.cli.common import add_model_arguments, model_options, out_dir, parse_indices
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
 from qkweights.outputs import prepare_dir
 
 
@@ -22,10 +24,9 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from qkweights.maps import SIGN_CHARS, projection_maps, save_maps
-    from qkweights.vision import load_model
+    from qkweights.workflow import load_model
 
-    model = load_model(args.model, **model_options(args))
-    print_notes(model.notes)
+    model = load_model(args.model, reporter=Terminal(), **model_options(args))
     prepare_dir(out_dir(args, model.source.model_id))
     modes = parse_indices(args.modes, model.dims.head_dim, "modes") if args.modes else None
     maps = projection_maps(model, args.image, layer=args.layer, head=args.head, modes=modes, top=args.top, embedding=args.embedding, fold_ln=args.fold_ln)
@@ -38,4 +39,4 @@ def run(args) -> int:
     if maps.salience_contribution is not None:
         print(f"key-salience term Σ_ij a_ij w_h·n_j / √K: {maps.salience_contribution:+.4g}")
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")
-    return 0
+    return EXIT_OK

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, print_notes, sweep_options
-from qkweights.errors import EXIT_OK
-from qkweights.o3 import SUMMARY_NAME, o3_allocation
-from qkweights.progress import Progress
-from qkweights.vision import load_model
+from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, sweep_options
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
+from qkweights.o3 import SUMMARY_NAME
+from qkweights.workflow import load_model, o3
 
 
 def configure(p) -> None:
@@ -23,13 +23,12 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    model = load_model(args.model, **model_options(args))
-    print_notes(model.notes)
-    out = out_dir(args, model.source.model_id)
-    with sweep_options(args) as where, Progress(label="o3", unit="images", enabled=None if not args.quiet else False) as bar:
-        result = o3_allocation(model, args.o3_dir, out, max_images=args.max_images, batch_size=args.batch_size,
-                               progress=bar.update, plots=not args.no_plots,
-                               notes=lambda text: print_notes([text]), **where)
+    with Terminal(quiet=args.quiet) as reporter:
+        model = load_model(args.model, reporter=reporter, **model_options(args))
+        out = out_dir(args, model.source.model_id)
+        with sweep_options(args) as where:
+            result = o3(model, args.o3_dir, out, reporter=reporter, max_images=args.max_images, batch_size=args.batch_size,
+                        plots=not args.no_plots, **where)
     summary = result.summary
     if not args.quiet:
         print(format_table(summary))

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from qkweights.cli.common import add_model_arguments, model_options, out_dir
-from qkweights.errors import EXIT_FINDINGS, EXIT_OK
-from qkweights.load import open_model, source_record
+from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
+from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural, prepare_dir
-from qkweights.profiles import Profile, compute_profile
-from qkweights.progress import Progress
+from qkweights.profiles import Profile
+from qkweights.workflow import open_model, profile_checkpoint, save_profile
 
 
 def configure(p) -> None:
@@ -30,24 +27,12 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    source, ck = open_model(args.model, progress=not args.quiet, **model_options(args))
-    out = prepare_dir(out_dir(args, source.model_id))
-    bar = Progress(ck.dims.layers, "profile", unit="layers", enabled=None if not args.quiet else False)
-    # Hashing the weight files and importing matplotlib overlap the math (both release the GIL or wait on it).
-    with ThreadPoolExecutor(2) as background:
-        record = background.submit(source_record, source, ck)
-        if not args.no_plots:
-            background.submit(importlib.import_module, "qkweights.figures")
-        fold_ln = getattr(args, "fold_ln", False)
-        prof = compute_profile(ck, {}, save_vectors=args.save_vectors, progress=bar.update, fold_ln=fold_ln)
-        prof = dataclasses.replace(prof, source=record.result())
-    bar.close()
-    written = prof.save(out, plots=not args.no_plots)
-    if fold_ln and not args.no_plots:
-        from qkweights.compare import fold_comparison
-
-        plain = dataclasses.replace(compute_profile(ck, {}), source=prof.source)
-        written += fold_comparison(prof, plain, out)
+    with Terminal(quiet=args.quiet) as reporter:
+        source, ck = open_model(args.model, reporter=reporter, **model_options(args))
+        out = prepare_dir(out_dir(args, source.model_id))
+        prof = profile_checkpoint(source, ck, save_vectors=args.save_vectors, fold_ln=args.fold_ln, reporter=reporter,
+                                  warm_figures=not args.no_plots)
+    written = save_profile(prof, out, plots=not args.no_plots, checkpoint=ck)
     if args.json:
         sys.stdout.write(prof.json_text())
     elif not args.quiet:

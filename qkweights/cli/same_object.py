@@ -12,8 +12,8 @@ from qkweights.cli.common import (
     parse_indices,
     sweep_options,
 )
-from qkweights.errors import EXIT_OK
-from qkweights.progress import Progress
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
 
 
 def configure(p) -> None:
@@ -32,19 +32,19 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.same_object import JSON_NAME, same_object
-    from qkweights.vision import load_model
+    from qkweights.same_object import JSON_NAME
+    from qkweights.workflow import load_model, same_object
 
-    model = load_model(args.model, **model_options(args))
+    reporter = Terminal(quiet=args.quiet)
+    model = load_model(args.model, reporter=reporter, **model_options(args))
     d = model.dims
     layers = parse_indices(args.layers, d.layers, "layers") if args.layers else None
     heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
     modes = parse_indices(args.modes, 1 << 30, "modes")
     out = out_dir(args, model.source.model_id)
-    with sweep_options(args) as where, Progress("same-object", unit="images", enabled=False if args.quiet else None) as bar:
-        result = same_object(model, args.data_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
-                             batch_size=args.batch_size, progress=bar.update, plots=not args.no_plots,
-                             notes=lambda text: print(f"qkweights: note: {text}", file=sys.stderr), **where)
+    with sweep_options(args) as where, reporter:
+        result = same_object(model, args.data_dir, out, reporter=reporter, layers=layers, heads=heads, modes=modes,
+                             top=args.top, batch_size=args.batch_size, plots=not args.no_plots, **where)
     if not args.quiet:
         print(format_table(result.doc))
         print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, print_notes, parse_indices, sweep_options
+from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, parse_indices, sweep_options
+from qkweights.cli.exits import EXIT_OK
+from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural
-from qkweights.progress import Progress
 
 
 def configure(p) -> None:
@@ -24,20 +24,18 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.top_images import top_images
-    from qkweights.vision import load_model
+    from qkweights.workflow import load_model, top_images
 
-    model = load_model(args.model, **model_options(args))
+    reporter = Terminal(quiet=args.quiet)
+    model = load_model(args.model, reporter=reporter, **model_options(args))
     d = model.dims
     layers = parse_indices(args.layers, d.layers, "layers") if args.layers else None
     heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
     modes = parse_indices(args.modes, 1 << 30, "modes")
-    print_notes(model.notes)
     out = out_dir(args, model.source.model_id)
-    with sweep_options(args) as where, Progress("top-images", unit="images", enabled=False if args.quiet else None) as bar:
-        result = top_images(model, args.image_dir, out, layers=layers, heads=heads, modes=modes, top=args.top,
-                            batch_size=args.batch_size, progress=bar.update, plots=not args.no_plots,
-                            notes=lambda text: print_notes([text]), fold_ln=args.fold_ln, **where)
+    with sweep_options(args) as where, reporter:
+        result = top_images(model, args.image_dir, out, reporter=reporter, layers=layers, heads=heads, modes=modes,
+                            top=args.top, batch_size=args.batch_size, plots=not args.no_plots, fold_ln=args.fold_ln, **where)
     doc = result.doc
     if not args.quiet:
         opts = doc["options"]
@@ -46,4 +44,4 @@ def run(args) -> int:
         for s in doc["skipped"][:10]:
             print(f"  skipped {s['path']}: {s['reason']}")
         print(f"wrote {', '.join(sorted({p.name if not p.name.startswith('top_L') else 'top_L*_H*.png' for p in result.files}))} to {out}/")
-    return 0
+    return EXIT_OK

@@ -1,0 +1,25 @@
+"""The library words options as the Python API does (``part=encoder``, ``fold_ln=True``); the command line as flags.
+
+:func:`flag_words` turns the first into the second in every error and note the command line
+writes, so the library never spells a flag and the user always reads one.
+"""
+
+from __future__ import annotations
+
+import re
+
+# The keyword options of the API that the command line offers as flags (``name`` → ``--name`` with - for _).
+OPTIONS = ("allow_pickle", "batch_size", "embedding", "family", "fold_ln", "heads", "k", "labels", "layers", "max_images",
+           "modes", "part", "revision", "save_vectors", "shard_size", "tol_head", "tol_layer", "tol_ov", "tol_sigma",
+           "tol_symmetry", "top", "top_sigma", "workers")
+_OPTION = re.compile(r"(?<![\w.'\"-])(" + "|".join(sorted(OPTIONS, key=len, reverse=True)) + r")=([^\s,;:)]*)")
+
+
+def flag_words(text: str) -> str:
+    """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``revision=…`` → ``--revision``."""
+
+    def flag(m: re.Match) -> str:
+        name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        return name if value in ("", "…", "True") else f"{name} {value}"
+
+    return _OPTION.sub(flag, text)

@@ -1,0 +1,253 @@
+"""The workflows: open a model, report through one callback protocol, compute, return results.
+
+``qkweights.profile`` and every command of :mod:`qkweights.cli` call these functions; the
+command line only parses arguments, draws progress bars, prints and picks exit codes.
+
+**The callback protocol** is :class:`Reporter`. A workflow calls
+
+- ``reporter.progress(task, done, total, unit)`` as work finishes: ``done`` of ``total``
+  ``unit``\\ s of ``task`` ("profile", "check", "o3", "top-images", "same-object"), ``total``
+  None while unknown;
+- ``reporter.note(text)`` with one line the user should know: a choice made for them (the
+  part read from a training checkpoint, the safetensors conversion branch used), a
+  disagreement between config and tensors, a skipped input;
+- ``reporter.stage(text)`` at the start of each stage of a long run (the demo).
+
+``reporter.downloads`` says whether huggingface_hub may draw its own download bars (True) or
+not (False, None). The base class is silent. Library modules that have something
+to say while opening a model (:mod:`qkweights.load`, :mod:`qkweights.hub`) issue a
+:class:`~qkweights.errors.QkWarning`; the workflows hand those to ``reporter.note`` when the
+reporter takes notes, and otherwise let them through as ordinary Python warnings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from qkweights.errors import QkWarning
+from qkweights.folders import Source
+from qkweights.load import open_model as _open_model
+from qkweights.load import source_record
+from qkweights.profiles import Profile, compute_profile, load_profile
+from qkweights.spec import Checkpoint
+
+PROFILE_FILE = "profile.json"
+
+
+class Reporter:
+    """How a workflow reports while it works (see the module docstring); this base class is silent."""
+
+    def __init__(self, *, downloads: bool | None = None):
+        self.downloads = downloads
+
+    def progress(self, task: str, done: int, total: int | None, unit: str) -> None:
+        """``done`` of ``total`` ``unit``\\ s of ``task`` are finished."""
+
+    def note(self, text: str) -> None:
+        """One line the user should know."""
+
+    def stage(self, text: str) -> None:
+        """A long run starts the stage ``text``."""
+
+    def counter(self, task: str, unit: str):
+        """``update(done, total=None)`` for the analyses' ``progress`` callbacks, reporting as ``task``."""
+        return lambda done, total=None: self.progress(task, done, total, unit)
+
+
+    def takes_notes(self) -> bool:
+        """Whether :meth:`note` does anything (a subclass overrides it)."""
+        return type(self).note is not Reporter.note
+
+
+QUIET = Reporter()
+
+
+@contextlib.contextmanager
+def notes_to(reporter: Reporter | None) -> Iterator[None]:
+    """Hand the :class:`QkWarning` notes issued inside the block to ``reporter.note``; other warnings pass on."""
+    reporter = reporter or QUIET
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QkWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, QkWarning) and reporter.takes_notes():
+            reporter.note(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def open_model(model: str, *, reporter: Reporter | None = None, **options) -> tuple[Source, Checkpoint]:
+    """Resolve ``model`` (Hub id, folder or file) and bind its spec; notes go to ``reporter``.
+
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
+    """
+    reporter = reporter or QUIET
+    with notes_to(reporter):
+        return _open_model(model, progress=reporter.downloads, **options)
+
+
+def load_model(model: str, *, reporter: Reporter | None = None, **options):
+    """The vision tower of ``model`` for the forward pass (:class:`qkweights.vision.VisionModel`).
+
+    Its notes (preprocessing defaults, config and tensors disagreeing) go to ``reporter`` too.
+    """
+    from qkweights.vision import load_model as _load
+
+    reporter = reporter or QUIET
+    with notes_to(reporter):
+        vm = _load(model, **options)
+    if reporter.takes_notes():
+        for text in vm.notes:
+            reporter.note(text)
+    return vm
+
+
+def profile_checkpoint(source: Source, ck: Checkpoint, *, save_vectors: bool = False, fold_ln: bool = False,
+                       reporter: Reporter | None = None, task: str = "profile", warm_figures: bool = False) -> Profile:
+    """Profile every head of an opened checkpoint; ``progress(task, l, L, "layers")`` after each layer.
+
+    The weight files are hashed (for the provenance record) while the math runs;
+    ``warm_figures``: also import matplotlib meanwhile, for a caller about to draw.
+    """
+    reporter = reporter or QUIET
+    with ThreadPoolExecutor(2) as background:  # hashing and importing release the GIL or wait on it
+        record = background.submit(source_record, source, ck)
+        if warm_figures:
+            background.submit(importlib.import_module, "qkweights.figures")
+        prof = compute_profile(ck, {}, save_vectors=save_vectors, progress=reporter.counter(task, "layers"), fold_ln=fold_ln)
+        return dataclasses.replace(prof, source=record.result())
+
+
+def profile(model: str, *, save_vectors: bool = False, fold_ln: bool = False, reporter: Reporter | None = None,
+            **options) -> Profile:
+    """Open ``model`` and profile every head (:func:`profile_checkpoint`); ``options`` as :func:`open_model`."""
+    source, ck = open_model(model, reporter=reporter, **options)
+    return profile_checkpoint(source, ck, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter)
+
+
+def save_profile(prof: Profile, out: str | Path, *, plots: bool = True, checkpoint: Checkpoint | None = None) -> list[Path]:
+    """Write ``prof`` (:meth:`Profile.save`) and, with ``plots``, its figures into ``out``; return the paths.
+
+    ``checkpoint``: the one ``prof`` was computed from; with it, a LayerNorm-folded profile also
+    gets ``fold_cosine_by_layer.png`` against the plain profile of the same weights.
+    """
+    out = Path(out)
+    written = prof.save(out)
+    if plots:
+        from qkweights.figures import profile_figures
+        from qkweights.outputs import record_outputs
+
+        written += profile_figures(prof, out)
+        if prof.model.folded and checkpoint is not None:
+            from qkweights.compare import fold_comparison
+
+            plain = dataclasses.replace(compute_profile(checkpoint, {}), source=prof.source)
+            written += fold_comparison(prof, plain, out)
+        record_outputs(out, "profile", written)
+    return written
+
+
+def saved_file(item: str | Path, names: tuple[str, ...] = (PROFILE_FILE,)) -> Path | None:
+    """``item`` as a saved result: a ``.json`` file, or a folder holding one of ``names``; None for a model."""
+    path = Path(item)
+    if path.suffix == ".json" or (path.is_dir() and any((path / name).is_file() for name in names)):
+        return path
+    return None
+
+
+def profile_or_saved(item: str | Path, *, reporter: Reporter | None = None, save_vectors: bool = False,
+                     fold_ln: bool = False, **options) -> Profile:
+    """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint, profiled now."""
+    saved = saved_file(item)
+    if saved is not None:
+        return load_profile(saved)
+    return profile(str(item), save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter, **options)
+
+
+def check(model: str, baseline: str | Path, *, reporter: Reporter | None = None, model_options: dict | None = None,
+          **tolerances):
+    """Profile ``model`` and check it against the saved ``baseline`` (:func:`qkweights.check.check_profile`).
+
+    ``baseline``: a profile.json or the folder holding it, read first so a bad path, or a
+    baseline with non-finite or collapsed heads, fails before the weights are read; the current
+    profile is LayerNorm-folded when the baseline is. ``model_options``: as :func:`open_model`;
+    ``tolerances``: the keyword options of :func:`~qkweights.check.check_profile`.
+    """
+    from qkweights.check import check_baseline, check_profile, collapse_causes
+
+    base = load_profile(baseline, vectors=False)
+    check_baseline(base)
+    source, ck = open_model(model, reporter=reporter, **(model_options or {}))
+    current = profile_checkpoint(source, ck, fold_ln=bool(base.model.folded), reporter=reporter, task="check")
+    bad = set(current.nonfinite)
+    collapsed = [(int(l), int(h)) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]
+    return check_profile(current, base, causes=collapse_causes(ck, collapsed), **tolerances)
+
+
+def diff_input(item: str | Path, *, k: int = 8, reporter: Reporter | None = None, fold_ln: bool = False, **options) -> Profile:
+    """One side of a diff: a saved profile as it is, or a checkpoint profiled now with its top ``k`` singular vectors.
+
+    For a checkpoint the vectors are kept for the top ``k`` modes only, (L, H, D, k) each; while
+    profiling all K are held ((L, H, D, K) float64 twice). ``fold_ln`` applies to checkpoints only.
+    """
+    saved = saved_file(item)
+    if saved is not None:
+        return load_profile(saved)
+    prof = profile(str(item), save_vectors=True, fold_ln=fold_ln, reporter=reporter, **options)
+    return dataclasses.replace(prof, U=prof.U[..., :k].copy(), V=prof.V[..., :k].copy())
+
+
+def diff(a: str | Path, b: str | Path, *, k: int = 8, fold_ln: bool = False, reporter: Reporter | None = None,
+         options_a: dict | None = None, options_b: dict | None = None):
+    """How each head changed from ``a`` to ``b`` (:class:`qkweights.diff.DiffResult`); each a checkpoint or a saved profile.
+
+    ``options_a``/``options_b``: the options of :func:`open_model` for each side.
+    """
+    from qkweights.diff import diff_profiles
+
+    pa = diff_input(a, k=k, reporter=reporter, fold_ln=fold_ln, **(options_a or {}))
+    pb = diff_input(b, k=k, reporter=reporter, fold_ln=fold_ln, **(options_b or {}))
+    return diff_profiles(pa, pb, k=k)
+
+
+def compare(items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None,
+            **options) -> list[Path]:
+    """Overlay the layer curves of ``items`` (:func:`qkweights.compare.compare`): saved results are read,
+    checkpoints profiled now with ``options`` (as :func:`open_model`)."""
+    from qkweights.compare import INPUT_FILES
+    from qkweights.compare import compare as _compare
+
+    inputs = [saved_file(item, INPUT_FILES) or profile(str(item), reporter=reporter, **options) for item in items]
+    return _compare(inputs, Path(out), labels=labels)
+
+
+def o3(model, o3_dir, out, *, reporter: Reporter | None = None, **options):
+    """:func:`qkweights.o3.o3_allocation`, reporting progress as "o3" images and notes to ``reporter``."""
+    from qkweights.o3 import o3_allocation
+
+    reporter = reporter or QUIET
+    return o3_allocation(model, o3_dir, out, progress=reporter.counter("o3", "images"), notes=reporter.note if reporter.takes_notes() else None, **options)
+
+
+def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **options):
+    """:func:`qkweights.top_images.top_images`, reporting progress as "top-images" images and notes to ``reporter``."""
+    from qkweights.top_images import top_images as _top_images
+
+    reporter = reporter or QUIET
+    return _top_images(model, image_dir, out, progress=reporter.counter("top-images", "images"), notes=reporter.note if reporter.takes_notes() else None, **options)
+
+
+def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **options):
+    """:func:`qkweights.same_object.same_object`, reporting progress as "same-object" images and notes to ``reporter``."""
+    from qkweights.same_object import same_object as _same_object
+
+    reporter = reporter or QUIET
+    return _same_object(model, data_dir, out, progress=reporter.counter("same-object", "images"), notes=reporter.note if reporter.takes_notes() else None, **options)
