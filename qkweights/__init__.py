@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 def profile(model: str, *, save_vectors: bool = False, progress: bool | None = None, fold_ln: bool = False, **options):
     """Profile every head of ``model`` (Hub id, local folder, .safetensors or PyTorch file).
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see
-    :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (a folder, or a
+    list of folders, of user spec files; see :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
     per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
     ``.save(dir)``, ``.to_json()``. ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ``
     and add the key-salience norms (:mod:`qkweights.fold`).
@@ -29,7 +29,7 @@ def load_profile(path, *, vectors: bool = True):
 def load_model(model: str, **options):
     """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`).
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see :func:`qkweights.load.open_model`).
     """
     from qkweights.vision import load_model as _load
 

@@ -6,17 +6,17 @@ import sys
 
 from qkweights.errors import CheckpointError
 from qkweights.source import SUFFIX, Source, resolve
-from qkweights.spec import Checkpoint, open_checkpoint
+from qkweights.spec import Checkpoint, default_parts, load_specs, open_checkpoint
 from qkweights.tensors import TensorStore
 from qkweights.torch_pickle import TorchStore
 
-# Research checkpoints that hold several networks (I-JEPA: encoder, target_encoder, predictor) are
-# read through this part unless --part names another.
-DEFAULT_PART = "encoder"
 
+def open_store(source: Source, *, part: str | None = None, defaults: tuple[str, ...] = ()):
+    """The tensors of ``source``: safetensors files, or one PyTorch file read by the restricted unpickler.
 
-def open_store(source: Source, *, part: str | None = None):
-    """The tensors of ``source``: safetensors files, or one PyTorch file read by the restricted unpickler."""
+    A research checkpoint holding several networks (I-JEPA: encoder, target_encoder, predictor) is read
+    through ``part``, else through the first of ``defaults`` it holds (the specs' ``default_part``).
+    """
     files = source.weight_files
     if all(f.name.endswith(SUFFIX) for f in files):
         if part is not None:
@@ -27,9 +27,10 @@ def open_store(source: Source, *, part: str | None = None):
     store = TorchStore.open(files[0])
     if part is not None:
         return store.select(part)
-    if DEFAULT_PART in store.parts() and len(store.parts()) > 1:
-        print(f"qkweights: {files[0].name} holds {', '.join(store.parts())}; reading {DEFAULT_PART!r} (choose with --part)", file=sys.stderr)
-        store = store.select(DEFAULT_PART)
+    default = next((p for p in defaults if p in store.parts()), None)
+    if default is not None and len(store.parts()) > 1:
+        print(f"qkweights: {files[0].name} holds {', '.join(store.parts())}; reading {default!r} (choose with --part)", file=sys.stderr)
+        store = store.select(default)
     return store
 
 
@@ -40,7 +41,13 @@ def source_record(source: Source, ck: Checkpoint) -> dict:
 
 
 def open_model(model: str, *, revision: str | None = None, family: str | None = None, part: str | None = None,
-               allow_pickle: bool = False, progress: bool | None = None) -> tuple[Source, Checkpoint]:
-    """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec."""
+               allow_pickle: bool = False, progress: bool | None = None, spec_dir=None) -> tuple[Source, Checkpoint]:
+    """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec.
+
+    ``spec_dir``: a folder (or a list of folders) of user spec files, searched before ``QKWEIGHTS_SPEC_PATH``
+    and the shipped specs (see :func:`qkweights.spec.load_specs`).
+    """
+    specs = load_specs(spec_dir=spec_dir)
     source = resolve(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
-    return source, open_checkpoint(open_store(source, part=part), source.config_files, family=family)
+    store = open_store(source, part=part, defaults=default_parts(specs))
+    return source, open_checkpoint(store, source.config_files, family=family, specs=specs)

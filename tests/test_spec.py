@@ -51,11 +51,11 @@ def test_every_fixture_is_listed():
 @pytest.mark.parametrize("spec", sorted(load_specs()), ids=str)
 def test_spec_file_is_complete_and_has_a_fixture(spec):
     s = load_specs()[spec]
-    assert s.example and s.description and s.detect.get("require")
-    assert {"layers", "hidden", "heads"} <= set(s.dims)
-    assert "qkv" in s.attention or {"q", "k"} <= set(s.attention)
+    assert s.example and s.description and s.detect.require
+    assert None not in (s.dims.layers, s.dims.hidden, s.dims.heads)
+    assert s.attention.qkv is not None or None not in (s.attention.q, s.attention.k)
     if s.modality == "vision":
-        assert {"norm1", "norm2"} <= set(s.block) and "tokens" in s.embeddings and "patch" in s.embeddings
+        assert None not in (s.block.norm1, s.block.norm2, s.embeddings.patch) and "patches" in s.embeddings.tokens
     families = {f for f, *_ in EXPECTED.values()} | {f for f, *_ in PICKLE_EXPECTED.values()}
     assert spec in families, f"add a fixture for {spec} to tests/fixtures/make_fixtures.py"
 
