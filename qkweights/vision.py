@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from qkweights.forward import (
 from qkweights.preprocess import Preprocess
 from qkweights.runner import ModelRef, remember
 from qkweights.source import Source
-from qkweights.spec import Checkpoint, Dims
+from qkweights.spec import Checkpoint, Dims, user_spec_dirs
 
 # Config activation names (transformers' ACT2FN keys, open_clip's quick_gelu) → forward.ACTIVATIONS.
 ACTIVATION_NAMES = {
@@ -322,6 +323,8 @@ def load_model(model: str, **options) -> VisionModel:
     """
     from qkweights.load import open_model
 
+    if options.get("spec_dir") is not None:  # a hashable, absolute form for the ModelRef workers open the model by
+        options["spec_dir"] = tuple(str(Path(d).expanduser().absolute()) for d in user_spec_dirs(options["spec_dir"]))
     source, ck = open_model(model, **options)
     vm = vision_model(ck, source)
     ref = ModelRef.of(model, **{**options, "revision": source.commit or options.get("revision")})

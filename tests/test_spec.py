@@ -22,6 +22,7 @@ EXPECTED = {
     "dinov2": ("hf-dinov2", "", 2, 4, 32), "dinov2-reg": ("hf-dinov2", "", 2, 4, 32), "dinov2-swiglu": ("hf-dinov2", "", 2, 4, 32),
     "ijepa": ("hf-ijepa", "", 2, 4, 32), "bert": ("hf-bert", "", 2, 4, 32), "roberta-mlm": ("hf-bert", "roberta.", 2, 4, 32),
     "timm-vit": ("timm-vit", "", 2, 3, 48), "timm-vit-reg": ("timm-vit", "", 2, 4, 32), "open-clip": ("open-clip", "visual.", 2, 4, 32),
+    "deit-h3": ("hf-deit", "deit.", 2, 3, 48), "timm-deit": ("timm-deit", "", 2, 3, 48), "timm-beit": ("timm-beit", "", 2, 4, 32),
     # the other transformers classes, built from a config and saved by transformers 5 (make_fixtures.build_small)
     "clip-vision-bare": ("hf-clip", "", 2, 2, 16), "deit-model": ("hf-deit", "", 2, 2, 16),
     "dinov2-cls": ("hf-dinov2", "dinov2.", 2, 2, 16), "dinov2-reg-cls": ("hf-dinov2", "dinov2_with_registers.", 2, 2, 16),
