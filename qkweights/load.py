@@ -6,7 +6,7 @@ import sys
 
 from qkweights.errors import CheckpointError
 from qkweights.source import SUFFIX, Source, resolve
-from qkweights.spec import Checkpoint, default_parts, load_specs, open_checkpoint
+from qkweights.spec import Checkpoint, config_names, default_parts, load_specs, open_checkpoint
 from qkweights.tensors import TensorStore
 from qkweights.torch_pickle import TorchStore
 
@@ -50,4 +50,15 @@ def open_model(model: str, *, revision: str | None = None, family: str | None = 
     specs = load_specs(spec_dir=spec_dir)
     source = resolve(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
     store = open_store(source, part=part, defaults=default_parts(specs))
-    return source, open_checkpoint(store, source.config_files, family=family, specs=specs)
+    return source, open_checkpoint(store, {**_declared_configs(source, specs), **source.config_files}, family=family, specs=specs)
+
+
+def _declared_configs(source: Source, specs) -> dict:
+    """Config files that (user) specs name beyond the usual ones, found inside a local checkpoint folder."""
+    folder = source.folder.resolve()
+    found = {}
+    for name in config_names(specs):
+        path = source.folder / name
+        if name not in source.config_files and path.is_file() and path.resolve().is_relative_to(folder):
+            found[name] = path
+    return found

@@ -572,6 +572,12 @@ def load_specs(folder: Path | None = None, *, spec_dir=None) -> dict[str, Spec]:
     return specs
 
 
+def config_names(specs: dict[str, Spec]) -> tuple[str, ...]:
+    """Every JSON file name the specs read beside the weights (``config_file``, ``[preprocess] config_file``)."""
+    names = [n for s in specs.values() for n in (s.config_file, s.preprocess.config_file) if n]
+    return tuple(dict.fromkeys(names))
+
+
 def default_parts(specs: dict[str, Spec]) -> tuple[str, ...]:
     """The parts of multi-network training checkpoints read by default, as the specs declare them (``default_part``)."""
     return tuple(dict.fromkeys(s.default_part for s in specs.values() if s.default_part))

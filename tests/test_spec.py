@@ -85,7 +85,7 @@ def test_dims_details():
     assert open_fixture("vit").dims.eps == 1e-12 and open_fixture("vit").dims.patch_size == 8
 
 
-@pytest.mark.parametrize("fused, separate", [("timm-vit", "vit-h3"), ("open-clip", "clip")])
+@pytest.mark.parametrize("fused, separate", [("timm-vit", "vit-h3"), ("open-clip", "clip"), ("timm-deit", "deit-h3")])
 def test_fused_qkv_rows_equal_separate_projections(fused, separate):
     # The timm/open_clip fixtures hold the same weights as their HF sources (make_fixtures.py renames them).
     for l in range(2):
@@ -312,3 +312,25 @@ def test_single_safetensors_file_without_config_asks_for_it(tmp_path):
     with pytest.raises(SpecError, match=r"^hf-vit: no config.json beside the weights; the head count \(num_attention_heads\) cannot be "
                                         r"read from the tensors: put the model's config.json next to the weight file, or pass the folder that holds both$"):
         open_fixture_path(tmp_path / "model.safetensors")
+
+
+def test_timm_beit_is_told_from_simmim_by_its_config(tmp_path):
+    # The same tensor names (make_fixtures.hf_beit_to_timm): timm's config.json decides; without it the tensors
+    # alone are SimMIM's research layout, as before timm-beit existed.
+    import qkweights
+
+    ck = open_fixture("timm-beit")
+    assert (ck.spec.name, ck.spec.logit_terms) == ("timm-beit", ("relative position bias",))
+    assert qkweights.profile(str(MODELS / "timm-beit")).model.omitted[-1] == "relative position bias"
+    shutil.copy(MODELS / "timm-beit" / "model.safetensors", tmp_path / "model.safetensors")
+    assert open_fixture_path(tmp_path / "model.safetensors").spec.name == "simmim-vit"
+    assert open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {}, family="timm-beit").dims.heads == 4
+
+
+def test_timm_vit_refuses_a_distilled_deit_and_timm_deit_reads_it():
+    # Before timm-deit, the distillation token made timm-vit fail ("the position table's 17 patch rows form no
+    # square grid"); now the dist_token is a signature of its own family.
+    with pytest.raises(SpecError, match=r"^the checkpoint is not of family 'timm-vit'"):
+        open_fixture("timm-deit", family="timm-vit")
+    ck = open_fixture("timm-deit")
+    assert ck.spec.embeddings.tokens == ("cls", "dist", "patches") and ck.dims.eps == 1e-6
