@@ -234,58 +234,49 @@ def _config_key(r) -> str | None:
 # Every field of a section carries its kind in ``metadata["kind"]``; :func:`_parse_value` reads each kind.
 
 
-def _f(kind: str, default=None, **extra):
-    """A section field of ``kind`` (see :data:`_KINDS`); ``default=dataclasses.MISSING`` makes it required."""
-    return field(default=default, metadata={"kind": kind, **extra})
-
-
-def _required(kind: str, **extra):
-    return field(metadata={"kind": kind, **extra})
-
-
 @dataclass(frozen=True)
 class DetectSection:
     """``[detect]``: how a checkpoint of the family is recognised (templates with ``{i}`` = 0)."""
 
-    require: tuple[str, ...] = _required("tensors")  # signature tensors that must all exist
-    model_type: tuple[str, ...] = _f("texts", ())  # accepted config model_type values
-    config_has: tuple[str, ...] = _f("texts", ())  # keys the config must hold
-    require_any: tuple[str, ...] = _f("tensors", ())  # at least one of these must exist
-    forbid: tuple[str, ...] = _f("tensors", ())  # none of these may exist
-    in_memory: tuple[str, ...] = _f("tensors", ())  # transformers ≥ 5 in-memory names: refused with a hint
-    config_required: bool = _f("bool", False)  # match only when the config test passes, never by tensors alone
+    require: tuple[str, ...] = field(metadata={"kind": "tensors"})  # signature tensors that must all exist
+    model_type: tuple[str, ...] = field(default=(), metadata={"kind": "texts"})  # accepted config model_type values
+    config_has: tuple[str, ...] = field(default=(), metadata={"kind": "texts"})  # keys the config must hold
+    require_any: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # at least one of these must exist
+    forbid: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # none of these may exist
+    in_memory: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # transformers ≥ 5 in-memory names: refused with a hint
+    config_required: bool = field(default=False, metadata={"kind": "bool"})  # match only when the config test passes, never by tensors alone
 
 
 @dataclass(frozen=True)
 class DimsSection:
     """``[dims]``: a resolver for each dimension (None: the family has no such thing)."""
 
-    layers: Any = _required("resolver")
-    hidden: Any = _required("resolver")
-    heads: Any = _required("resolver")
-    head_dim: Any = _f("resolver")  # default: hidden / heads
-    eps: Any = _f("resolver")
-    act: Any = _f("resolver")
-    patch_size: Any = _f("resolver")
-    image_size: Any = _f("resolver")  # an int, [H, W] or timm's [C, H, W]: the stored grid and preprocessing defaults
-    swiglu: Any = _f("resolver")
-    interpolation: Any = _f("resolver")  # position-table resampling: one of INTERPOLATIONS (default "bicubic")
+    layers: Any = field(metadata={"kind": "resolver"})
+    hidden: Any = field(metadata={"kind": "resolver"})
+    heads: Any = field(metadata={"kind": "resolver"})
+    head_dim: Any = field(default=None, metadata={"kind": "resolver"})  # default: hidden / heads
+    eps: Any = field(default=None, metadata={"kind": "resolver"})
+    act: Any = field(default=None, metadata={"kind": "resolver"})
+    patch_size: Any = field(default=None, metadata={"kind": "resolver"})
+    image_size: Any = field(default=None, metadata={"kind": "resolver"})  # an int, [H, W] or timm's [C, H, W]: the stored grid and preprocessing defaults
+    swiglu: Any = field(default=None, metadata={"kind": "resolver"})
+    interpolation: Any = field(default=None, metadata={"kind": "resolver"})  # position-table resampling: one of INTERPOLATIONS (default "bicubic")
 
 
 @dataclass(frozen=True)
 class AttentionSection:
     """``[attention]``: separate ``q``/``k``/``v`` or one fused ``qkv`` (rows [q | k | v], head-major), and ``out``."""
 
-    q: ModuleRef | None = _f("module")
-    k: ModuleRef | None = _f("module")
-    v: ModuleRef | None = _f("module")
-    qkv: ModuleRef | None = _f("module")
-    out: ModuleRef | None = _f("module")
-    q_bias: str | None = _f("tensor")  # separate bias tensors overriding the module's (BEiT-style)
-    k_bias: str | None = _f("tensor")
-    v_bias: str | None = _f("tensor")
-    relative_position_bias: tuple[str, ...] = _f("tensors", ())  # tables ((2Wh−1)(2Ww−1) + 3, H) added to the logits
-    relative_position_index: tuple[str, ...] = _f("tensors", ())  # stored index buffers, checked
+    q: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    k: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    v: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    qkv: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    out: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    q_bias: str | None = field(default=None, metadata={"kind": "tensor"})  # separate bias tensors overriding the module's (BEiT-style)
+    k_bias: str | None = field(default=None, metadata={"kind": "tensor"})
+    v_bias: str | None = field(default=None, metadata={"kind": "tensor"})
+    relative_position_bias: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # tables ((2Wh−1)(2Ww−1) + 3, H) added to the logits
+    relative_position_index: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # stored index buffers, checked
 
     def check(self, where: str) -> None:
         if self.qkv is not None and any(r is not None for r in (self.q, self.k, self.v)):
@@ -300,31 +291,31 @@ class AttentionSection:
 class BlockSection:
     """``[block]``: the LayerNorms, MLP and layer scales of block ``{i}``."""
 
-    norm1: ModuleRef | None = _f("module")  # feeds the attention (also read by profile --fold-ln)
-    norm2: ModuleRef | None = _f("module")
-    fc1: ModuleRef | None = _f("module")
-    fc2: ModuleRef | None = _f("module")
-    swiglu_in: ModuleRef | None = _f("module")  # used when dims.swiglu is true: (2F, D), gate rows first
-    swiglu_out: ModuleRef | None = _f("module")
-    scale1: str | None = _f("tensor")  # layer-scale vectors (D,) multiplying the attention and MLP branches
-    scale2: str | None = _f("tensor")
+    norm1: ModuleRef | None = field(default=None, metadata={"kind": "module"})  # feeds the attention (also read by profile --fold-ln)
+    norm2: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    fc1: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    fc2: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    swiglu_in: ModuleRef | None = field(default=None, metadata={"kind": "module"})  # used when dims.swiglu is true: (2F, D), gate rows first
+    swiglu_out: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    scale1: str | None = field(default=None, metadata={"kind": "tensor"})  # layer-scale vectors (D,) multiplying the attention and MLP branches
+    scale2: str | None = field(default=None, metadata={"kind": "tensor"})
 
 
 @dataclass(frozen=True)
 class EmbeddingsSection:
     """``[embeddings]``: tokens, patch embedding, positions and the norms around the blocks."""
 
-    tokens: tuple[str, ...] = _f("tokens", ("patches",))  # sequence order
-    patch: ModuleRef | None = _f("module")
-    cls: str | None = _f("tensor")
-    dist: str | None = _f("tensor")
-    registers: str | None = _f("tensor")
-    position: str | None = _f("tensor")
-    position_tokens: tuple[str, ...] = _f("tokens", ("patches",))  # the tokens the position table covers, in order
-    no_embed_class: bool | str = _f("no_embed_class", False)  # true: patches only; "rows": decided by the row count
-    pre_norm: ModuleRef | None = _f("module")
-    final_norm: ModuleRef | None = _f("module")
-    post_norm: ModuleRef | None = _f("module")
+    tokens: tuple[str, ...] = field(default=("patches",), metadata={"kind": "tokens"})  # sequence order
+    patch: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    cls: str | None = field(default=None, metadata={"kind": "tensor"})
+    dist: str | None = field(default=None, metadata={"kind": "tensor"})
+    registers: str | None = field(default=None, metadata={"kind": "tensor"})
+    position: str | None = field(default=None, metadata={"kind": "tensor"})
+    position_tokens: tuple[str, ...] = field(default=("patches",), metadata={"kind": "tokens"})  # the tokens the position table covers, in order
+    no_embed_class: bool | str = field(default=False, metadata={"kind": "no_embed_class"})  # true: patches only; "rows": decided by the row count
+    pre_norm: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    final_norm: ModuleRef | None = field(default=None, metadata={"kind": "module"})
+    post_norm: ModuleRef | None = field(default=None, metadata={"kind": "module"})
 
     def check(self, where: str) -> None:
         if "patches" not in self.tokens:
@@ -345,9 +336,9 @@ class PreprocessSection:
     inside it (None: the whole file). Without it, the format's defaults at the model's image size.
     """
 
-    format: str = _f("choice", "hf", choices=PREPROCESS_FORMATS)
-    config_file: str | None = _f("text")
-    key: str | None = _f("text")
+    format: str = field(default="hf", metadata={"kind": "choice", "choices": PREPROCESS_FORMATS})
+    config_file: str | None = field(default=None, metadata={"kind": "text"})
+    key: str | None = field(default=None, metadata={"kind": "text"})
 
 
 SECTIONS = {"detect": DetectSection, "dims": DimsSection, "attention": AttentionSection, "block": BlockSection,
@@ -359,21 +350,21 @@ _REQUIRED_SECTIONS = ("detect", "dims", "attention")
 class Spec:
     """One family, as its TOML file says (see ``model_specs/README.md``), parsed and checked."""
 
-    name: str = _required("text")
-    description: str = _required("text")
-    example: str = _required("text")
-    detect: DetectSection = _required("section")
-    dims: DimsSection = _required("section")
-    attention: AttentionSection = _required("section")
-    modality: str = _f("text", "vision")  # "vision" (forward pass available), or a weights-only kind ("text", …)
-    config_file: str | None = _f("text")  # the JSON config beside the weights
-    config_root: str = _f("text", "")  # dotted path inside it where bare dimension keys are looked up
-    prefixes: tuple[str, ...] = _f("texts", ("",))  # tensor-name prefixes, tried in order
-    default_part: str | None = _f("text")  # the network read from a multi-network training checkpoint
+    name: str = field(metadata={"kind": "text"})
+    description: str = field(metadata={"kind": "text"})
+    example: str = field(metadata={"kind": "text"})
+    detect: DetectSection = field(metadata={"kind": "section"})
+    dims: DimsSection = field(metadata={"kind": "section"})
+    attention: AttentionSection = field(metadata={"kind": "section"})
+    modality: str = field(default="vision", metadata={"kind": "text"})  # "vision" (forward pass available), or a weights-only kind ("text", …)
+    config_file: str | None = field(default=None, metadata={"kind": "text"})  # the JSON config beside the weights
+    config_root: str = field(default="", metadata={"kind": "text"})  # dotted path inside it where bare dimension keys are looked up
+    prefixes: tuple[str, ...] = field(default=("",), metadata={"kind": "texts"})  # tensor-name prefixes, tried in order
+    default_part: str | None = field(default=None, metadata={"kind": "text"})  # the network read from a multi-network training checkpoint
     block: BlockSection = field(default_factory=BlockSection, metadata={"kind": "section"})
     embeddings: EmbeddingsSection = field(default_factory=EmbeddingsSection, metadata={"kind": "section"})
     preprocess: PreprocessSection = field(default_factory=PreprocessSection, metadata={"kind": "section"})
-    path: Path = field(default=Path("."), metadata={"kind": "internal"})
+    path: Path = field(default=Path(), metadata={"kind": "internal"})
     user: bool = field(default=False, metadata={"kind": "internal"})  # from a user folder, not model_specs/
     overrides: Path | None = field(default=None, metadata={"kind": "internal"})  # the built-in spec it replaces
 
@@ -464,8 +455,8 @@ def _parse_fields(cls, data: dict, file: str, section: str | None) -> dict:
     if not isinstance(data, dict):
         raise SpecError(f"{label} must be a table ({SEE})")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind") not in ("internal",)}
-    for key in data:
-        if key not in fields or (section is None and fields[key].metadata["kind"] == "section" and not isinstance(data[key], dict)):
+    for key, value in data.items():
+        if key not in fields or (section is None and fields[key].metadata["kind"] == "section" and not isinstance(value, dict)):
             if key in fields:
                 raise SpecError(f"{file}: {key} must be a table [{key}] ({SEE})")
             where = f"[{section}]" if section else "the top level"

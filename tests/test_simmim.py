@@ -30,7 +30,7 @@ from qkweights.forward import relative_position_bias, relative_position_index, r
 from qkweights.load import open_model
 from qkweights.profiles import compute_profile
 from qkweights.qk import qk_svd
-from qkweights.spec import Checkpoint, load_specs, open_checkpoint, relative_window, spec_dir
+from qkweights.spec import load_specs, open_checkpoint, relative_window, spec_dir
 from qkweights.torch_pickle import TorchStore, read_torch_checkpoint
 from qkweights.vision import load_model, vision_model
 

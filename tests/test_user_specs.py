@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,7 +236,7 @@ def readme_tables(readme: str) -> tuple[dict[str, set[str]], set[str]]:
         if line.startswith("## "):
             m = re.search(r"`\[(\w+)\]`", line)
             section, table = (m.group(1) if m else "" if line == "## Top level" else None), None
-        elif line.startswith("| key |") or line.startswith("| resolver |"):
+        elif line.startswith(("| key |", "| resolver |")):
             table = line.split("|")[1].strip()
         elif line.startswith("| ") and table == "key" and section is not None:
             keys.setdefault(section, set()).update(re.findall(r"`(\w+)`", line.split(" | ")[0]))
