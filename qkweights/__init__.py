@@ -13,8 +13,8 @@ def profile(model: str, *, save_vectors: bool = False, progress: bool | None = N
             reporter=None, **options):
     """Profile every head of ``model`` (Hub id, local folder, .safetensors or PyTorch file).
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see
-    :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (a folder, or a
+    list of folders, of user spec files; see :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
     per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
     ``.save(dir)`` writes its data files, :func:`save_profile` its figures too; ``.to_json()``.
     ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` and add the key-salience norms
@@ -45,7 +45,7 @@ def load_profile(path, *, vectors: bool = True):
 def load_model(model: str, **options):
     """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`).
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see :func:`qkweights.load.open_model`).
     """
     from qkweights.vision import load_model as _load
 

@@ -162,7 +162,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
         written += save_maps(maps, out / "maps")
 
     stage(f"{N_SCENES} synthetic scenes (seed {SCENE_SEED})")
-    scenes = scene_folder(out, model.dims.image_size or (224, 224))
+    scenes = scene_folder(out, model.dims.image_size)
     written.append(scenes)
 
     stage(f"top images over the {N_SCENES} scenes")
@@ -177,7 +177,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     o3 = result.summary
 
     stage(f"same object: {N_SCENES} scenes with objects {SAME_OBJECT_SCALE:g}× larger and their instance maps")
-    big = scene_folder(out, model.dims.image_size or (224, 224), name="same_object_scenes", object_scale=SAME_OBJECT_SCALE)
+    big = scene_folder(out, model.dims.image_size, name="same_object_scenes", object_scale=SAME_OBJECT_SCALE)
     written.append(big)
     same = same_object(model, big, out / "same_object", batch_size=16)
     written += same.files

@@ -7,17 +7,17 @@ import warnings
 from qkweights.errors import CheckpointError, QkWarning
 from qkweights.folders import SUFFIX, Source
 from qkweights.source import resolve
-from qkweights.spec import Checkpoint, open_checkpoint
+from qkweights.spec import Checkpoint, config_names, default_parts, load_specs, open_checkpoint
 from qkweights.tensors import TensorStore
 from qkweights.torch_pickle import TorchStore
 
-# Research checkpoints that hold several networks (I-JEPA: encoder, target_encoder, predictor) are
-# read through this part unless part= names another.
-DEFAULT_PART = "encoder"
 
+def open_store(source: Source, *, part: str | None = None, defaults: tuple[str, ...] = ()):
+    """The tensors of ``source``: safetensors files, or one PyTorch file read by the restricted unpickler.
 
-def open_store(source: Source, *, part: str | None = None):
-    """The tensors of ``source``: safetensors files, or one PyTorch file read by the restricted unpickler."""
+    A research checkpoint holding several networks (I-JEPA: encoder, target_encoder, predictor) is read
+    through ``part``, else through the first of ``defaults`` it holds (the specs' ``default_part``).
+    """
     files = source.weight_files
     if all(f.name.endswith(SUFFIX) for f in files):
         if part is not None:
@@ -28,10 +28,11 @@ def open_store(source: Source, *, part: str | None = None):
     store = TorchStore.open(files[0])
     if part is not None:
         return store.select(part)
-    if DEFAULT_PART in store.parts() and len(store.parts()) > 1:
-        warnings.warn(f"{files[0].name} holds {', '.join(store.parts())}; reading {DEFAULT_PART!r} (choose another with part=NAME)",
+    default = next((p for p in defaults if p in store.parts()), None)
+    if default is not None and len(store.parts()) > 1:
+        warnings.warn(f"{files[0].name} holds {', '.join(store.parts())}; reading {default!r} (choose another with part=NAME)",
                       QkWarning, stacklevel=2)
-        store = store.select(DEFAULT_PART)
+        store = store.select(default)
     return store
 
 
@@ -42,7 +43,24 @@ def source_record(source: Source, ck: Checkpoint) -> dict:
 
 
 def open_model(model: str, *, revision: str | None = None, family: str | None = None, part: str | None = None,
-               allow_pickle: bool = False, progress: bool | None = None) -> tuple[Source, Checkpoint]:
-    """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec."""
+               allow_pickle: bool = False, progress: bool | None = None, spec_dir=None) -> tuple[Source, Checkpoint]:
+    """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec.
+
+    ``spec_dir``: a folder (or a list of folders) of user spec files, searched before ``QKWEIGHTS_SPEC_PATH``
+    and the shipped specs (see :func:`qkweights.spec.load_specs`).
+    """
+    specs = load_specs(spec_dir=spec_dir)
     source = resolve(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
-    return source, open_checkpoint(open_store(source, part=part), source.config_files, family=family)
+    store = open_store(source, part=part, defaults=default_parts(specs))
+    return source, open_checkpoint(store, {**_declared_configs(source, specs), **source.config_files}, family=family, specs=specs)
+
+
+def _declared_configs(source: Source, specs) -> dict:
+    """Config files that (user) specs name beyond the usual ones, found inside a local checkpoint folder."""
+    folder = source.folder.resolve()
+    found = {}
+    for name in config_names(specs):
+        path = source.folder / name
+        if name not in source.config_files and path.is_file() and path.resolve().is_relative_to(folder):
+            found[name] = path
+    return found

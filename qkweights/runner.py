@@ -80,6 +80,7 @@ class ModelRef:
     family: str | None = None
     part: str | None = None
     allow_pickle: bool = False
+    spec_dir: tuple[str, ...] | None = None  # user spec folders (absolute), as load_model(spec_dir=…) took them
 
     @classmethod
     def of(cls, model: str, **options) -> ModelRef:
@@ -95,7 +96,7 @@ class ModelRef:
             from qkweights.vision import load_model
 
             model = _MODELS[self] = load_model(self.model, revision=self.revision, family=self.family,
-                                               part=self.part, allow_pickle=self.allow_pickle)
+                                               part=self.part, allow_pickle=self.allow_pickle, spec_dir=self.spec_dir)
         return model
 
 

@@ -89,7 +89,7 @@ def input_size(model) -> tuple[int, int] | None:
     prep = model.preprocessing
     if prep.crop is not None or prep.size is not None:
         return None
-    return model.dims.image_size or (224, 224)
+    return model.dims.image_size
 
 
 def load_batch(model, root: Path, paths: list[str], size) -> tuple[np.ndarray | None, list[int], list[dict]]:

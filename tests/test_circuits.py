@@ -16,6 +16,7 @@ import qkweights
 import qkweights.errors
 from conftest import MODELS, VISION_FIXTURES, edited_fixture
 from qkweights.fold import folded_modes, normalised_tokens
+from qkweights.forward import relative_position_bias
 from qkweights.load import open_model
 from qkweights.profiles import compute_profile, load_profile
 from qkweights.qk import head_stats, ov_svd, qk_svd, symmetric_fraction, symmetric_null
@@ -42,7 +43,10 @@ REFERENCE = {
     "deit": _hf("deit."), "ijepa": _hf(), "dinov2": _hf(norm="norm1"), "dinov2-reg": _hf(norm="norm1"),
     "dinov2-swiglu": _hf(norm="norm1"), "clip": _CLIP, "clip-vision": _CLIP, "bert": _BERT,
     "roberta-mlm": {k: v and "roberta." + v for k, v in _BERT.items()},
-    "timm-vit": {**_TIMM, "heads": 3}, "timm-vit-reg": _TIMM,
+    "timm-vit": {**_TIMM, "heads": 3}, "timm-vit-reg": _TIMM, "deit-h3": {**_hf("deit."), "heads": 3},
+    "timm-deit": {**_TIMM, "heads": 3},
+    "timm-beit": {"qkv": {"weight": "blocks.{i}.attn.qkv.weight", "bias": "(none)"}, "q_bias": "blocks.{i}.attn.q_bias",
+                  "out": "blocks.{i}.attn.proj", "norm": "blocks.{i}.norm1"},
     "open-clip": {"qkv": {"weight": "visual.transformer.resblocks.{i}.attn.in_proj_weight", "bias": "visual.transformer.resblocks.{i}.attn.in_proj_bias"},
                   "out": "visual.transformer.resblocks.{i}.attn.out_proj", "norm": "visual.transformer.resblocks.{i}.ln_1"},
 }
@@ -263,6 +267,9 @@ def test_folded_bilinear_plus_salience_reproduces_the_softmax(name):
         b = np.einsum("btd,hdk->bhtk", n, fm.v)  # (B, H, T, K) n_j·v_n
         logits = np.einsum("bhik,hk,bhjk->bhij", a, fm.s, b) + np.einsum("btd,hd->bht", n, fm.salience)[:, :, None, :]
         logits /= math.sqrt(d.head_dim)
+        rel = model.weights.blocks[l].rel_pos
+        if rel is not None:  # BEiT's relative position bias (timm-beit): the logit term the weight SVD omits, after 1/√K
+            logits += relative_position_bias(rel, model.weights.embeddings.grid, out.layout.grid)  # (H, T, T)
         logits -= logits.max(-1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(-1, keepdims=True)

@@ -27,8 +27,10 @@ REFERENCE_NAMES = {
     "roberta-mlm": ("roberta.encoder.layer.{i}.attention.self.{p}.weight", "query", "key"),
     "timm-vit": ("blocks.{i}.attn.qkv.weight", None, None), "timm-vit-reg": ("blocks.{i}.attn.qkv.weight", None, None),
     "open-clip": ("visual.transformer.resblocks.{i}.attn.in_proj_weight", None, None),
+    "deit-h3": ("deit." + HF[0], "query", "key"), "timm-deit": ("blocks.{i}.attn.qkv.weight", None, None),
+    "timm-beit": ("blocks.{i}.attn.qkv.weight", None, None),
 }
-HEADS = {"vit-h3": 3, "timm-vit": 3}
+HEADS = {"vit-h3": 3, "timm-vit": 3, "deit-h3": 3, "timm-deit": 3}
 
 
 def reference_weights(name):

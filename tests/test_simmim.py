@@ -30,7 +30,7 @@ from qkweights.forward import relative_position_bias, relative_position_index, r
 from qkweights.load import open_model
 from qkweights.profiles import compute_profile
 from qkweights.qk import qk_svd
-from qkweights.spec import Checkpoint, load_specs, open_checkpoint, relative_window, spec_dir
+from qkweights.spec import load_specs, open_checkpoint, relative_window, spec_dir
 from qkweights.torch_pickle import TorchStore, read_torch_checkpoint
 from qkweights.vision import load_model, vision_model
 
@@ -281,16 +281,17 @@ def test_stored_index_of_another_layout_is_refused():
         vision_model(ck)
 
 
-def test_a_logit_term_the_forward_pass_lacks_is_refused(tmp_path):
+def test_logit_terms_follow_the_relative_position_fields(tmp_path):
+    # The logit terms the weight SVD omits are derived from [attention] relative_position_bias, which the forward
+    # pass adds; a spec cannot declare free-text terms (it would be refused as an unknown key).
+    specs = load_specs()
+    assert specs["simmim-vit"].logit_terms == ("relative position bias",) and specs["timm-vit"].logit_terms == ()
     folder = shutil.copytree(spec_dir(), tmp_path / "specs")
     spec = folder / "simmim-vit.toml"
-    spec.write_text(spec.read_text().replace('logit_terms = ["relative position bias"]',
-                                             'logit_terms = ["relative position bias", "rotary embedding"]'))
-    ck = open_checkpoint(TorchStore.open(path("simmim-finetune")), {}, specs=load_specs(folder))
-    with pytest.raises(SpecError, match=r"^simmim-vit: the forward pass does not add rotary embedding to the attention logits"):
-        vision_model(ck)
-    assert isinstance(ck, Checkpoint) and ck.dims.heads == 4  # the weight profile still opens it
-    spec.write_text(spec.read_text().replace('logit_terms = ["relative position bias", "rotary embedding"]\n', ""))
-    ck = open_checkpoint(TorchStore.open(path("simmim-finetune")), {}, specs=load_specs(folder))
-    with pytest.raises(SpecError, match=r"^simmim-vit.toml: \[attention\] relative_position_bias and logit_terms \"relative position bias\" go together"):
-        vision_model(ck)
+    spec.write_text('logit_terms = ["rotary embedding"]\n' + spec.read_text())
+    with pytest.raises(SpecError, match=r"^simmim-vit.toml: unknown key 'logit_terms' in the top level; known: name, "):
+        load_specs(folder)
+    spec.write_text(spec.read_text().replace('logit_terms = ["rotary embedding"]\n', "").replace(
+        '\ntokens = ["cls", "patches"]', '\ntokens = ["cls", "dist", "patches"]\ndist = "dist_token"'))
+    with pytest.raises(SpecError, match=r"^simmim-vit.toml: \[attention\] relative_position_bias needs \[embeddings\] tokens"):
+        load_specs(folder)

@@ -22,6 +22,7 @@ EXPECTED = {
     "dinov2": ("hf-dinov2", "", 2, 4, 32), "dinov2-reg": ("hf-dinov2", "", 2, 4, 32), "dinov2-swiglu": ("hf-dinov2", "", 2, 4, 32),
     "ijepa": ("hf-ijepa", "", 2, 4, 32), "bert": ("hf-bert", "", 2, 4, 32), "roberta-mlm": ("hf-bert", "roberta.", 2, 4, 32),
     "timm-vit": ("timm-vit", "", 2, 3, 48), "timm-vit-reg": ("timm-vit", "", 2, 4, 32), "open-clip": ("open-clip", "visual.", 2, 4, 32),
+    "deit-h3": ("hf-deit", "deit.", 2, 3, 48), "timm-deit": ("timm-deit", "", 2, 3, 48), "timm-beit": ("timm-beit", "", 2, 4, 32),
     # the other transformers classes, built from a config and saved by transformers 5 (make_fixtures.build_small)
     "clip-vision-bare": ("hf-clip", "", 2, 2, 16), "deit-model": ("hf-deit", "", 2, 2, 16),
     "dinov2-cls": ("hf-dinov2", "dinov2.", 2, 2, 16), "dinov2-reg-cls": ("hf-dinov2", "dinov2_with_registers.", 2, 2, 16),
@@ -51,11 +52,11 @@ def test_every_fixture_is_listed():
 @pytest.mark.parametrize("spec", sorted(load_specs()), ids=str)
 def test_spec_file_is_complete_and_has_a_fixture(spec):
     s = load_specs()[spec]
-    assert s.example and s.description and s.detect.get("require")
-    assert {"layers", "hidden", "heads"} <= set(s.dims)
-    assert "qkv" in s.attention or {"q", "k"} <= set(s.attention)
+    assert s.example and s.description and s.detect.require
+    assert None not in (s.dims.layers, s.dims.hidden, s.dims.heads)
+    assert s.attention.qkv is not None or None not in (s.attention.q, s.attention.k)
     if s.modality == "vision":
-        assert {"norm1", "norm2"} <= set(s.block) and "tokens" in s.embeddings and "patch" in s.embeddings
+        assert None not in (s.block.norm1, s.block.norm2, s.embeddings.patch) and "patches" in s.embeddings.tokens
     families = {f for f, *_ in EXPECTED.values()} | {f for f, *_ in PICKLE_EXPECTED.values()}
     assert spec in families, f"add a fixture for {spec} to tests/fixtures/make_fixtures.py"
 
@@ -84,7 +85,7 @@ def test_dims_details():
     assert open_fixture("vit").dims.eps == 1e-12 and open_fixture("vit").dims.patch_size == 8
 
 
-@pytest.mark.parametrize("fused, separate", [("timm-vit", "vit-h3"), ("open-clip", "clip")])
+@pytest.mark.parametrize("fused, separate", [("timm-vit", "vit-h3"), ("open-clip", "clip"), ("timm-deit", "deit-h3")])
 def test_fused_qkv_rows_equal_separate_projections(fused, separate):
     # The timm/open_clip fixtures hold the same weights as their HF sources (make_fixtures.py renames them).
     for l in range(2):
@@ -311,3 +312,25 @@ def test_single_safetensors_file_without_config_asks_for_it(tmp_path):
     with pytest.raises(SpecError, match=r"^hf-vit: no config.json beside the weights; the head count \(num_attention_heads\) cannot be "
                                         r"read from the tensors: put the model's config.json next to the weight file, or pass the folder that holds both$"):
         open_fixture_path(tmp_path / "model.safetensors")
+
+
+def test_timm_beit_is_told_from_simmim_by_its_config(tmp_path):
+    # The same tensor names (make_fixtures.hf_beit_to_timm): timm's config.json decides; without it the tensors
+    # alone are SimMIM's research layout, as before timm-beit existed.
+    import qkweights
+
+    ck = open_fixture("timm-beit")
+    assert (ck.spec.name, ck.spec.logit_terms) == ("timm-beit", ("relative position bias",))
+    assert qkweights.profile(str(MODELS / "timm-beit")).model.omitted[-1] == "relative position bias"
+    shutil.copy(MODELS / "timm-beit" / "model.safetensors", tmp_path / "model.safetensors")
+    assert open_fixture_path(tmp_path / "model.safetensors").spec.name == "simmim-vit"
+    assert open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {}, family="timm-beit").dims.heads == 4
+
+
+def test_timm_vit_refuses_a_distilled_deit_and_timm_deit_reads_it():
+    # Before timm-deit, the distillation token made timm-vit fail ("the position table's 17 patch rows form no
+    # square grid"); now the dist_token is a signature of its own family.
+    with pytest.raises(SpecError, match=r"^the checkpoint is not of family 'timm-vit'"):
+        open_fixture("timm-deit", family="timm-vit")
+    ck = open_fixture("timm-deit")
+    assert ck.spec.embeddings.tokens == ("cls", "dist", "patches") and ck.dims.eps == 1e-6

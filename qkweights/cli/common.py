@@ -17,7 +17,7 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    """MODEL, --revision and --family, as every command that reads a checkpoint takes them."""
+    """MODEL, --revision, --family, --part, --allow-pickle and --spec-dir, as every command that reads a checkpoint takes them."""
     if optional:
         p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"Hub repo id, local folder, .safetensors or PyTorch file (default: {DEFAULT_MODEL})")
     else:
@@ -28,15 +28,23 @@ def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -
 
 
 def add_pickle_arguments(p: argparse.ArgumentParser) -> None:
-    """--part and --allow-pickle, for PyTorch checkpoints."""
+    """--part and --allow-pickle, for PyTorch checkpoints, and --spec-dir (every command that opens a model takes these)."""
     p.add_argument("--part", help="the network to read from a PyTorch training checkpoint holding several (I-JEPA: encoder (default), target_encoder, predictor)")
     p.add_argument("--allow-pickle", action="store_true", help="let a Hub repo without safetensors fall back to its pytorch_model.bin (read without running code)")
+    add_spec_dir_argument(p)
+
+
+def add_spec_dir_argument(p: argparse.ArgumentParser) -> None:
+    """--spec-dir DIR (repeatable): folders of user spec files."""
+    p.add_argument("--spec-dir", action="append", metavar="DIR",
+                   help="a folder of spec files (.toml) for more checkpoint families; repeatable, earlier folders win, "
+                        "all of them over QKWEIGHTS_SPEC_PATH and the shipped specs")
 
 
 def model_options(args, revision: str | None = None) -> dict:
     """The keyword options of qkweights.load.open_model given on the command line."""
     return {"revision": revision if revision is not None else getattr(args, "revision", None), "family": args.family,
-            "part": args.part, "allow_pickle": args.allow_pickle}
+            "part": args.part, "allow_pickle": args.allow_pickle, "spec_dir": args.spec_dir}
 
 
 def model_slug(model_id: str) -> str:

@@ -1,18 +1,23 @@
-"""``specs``: the checkpoint families, one line each."""
+"""``specs``: the checkpoint families, one line each, with the file each comes from."""
 
 from __future__ import annotations
 
+from qkweights.cli.common import add_spec_dir_argument
 from qkweights.spec import load_specs
 
 
 def configure(p) -> None:
-    pass
+    add_spec_dir_argument(p)
 
 
 def run(args) -> int:
-    specs = load_specs()
+    specs = load_specs(spec_dir=args.spec_dir)
     width = max(len(n) for n in specs)
     for name, spec in specs.items():
         kind = "" if spec.modality == "vision" else f" [{spec.modality}: weights only]"
-        print(f"{name:<{width}}  {spec.example:<48} {spec.description}{kind}")
+        if spec.user:
+            origin = f"{spec.path}" + (f", replacing the built-in {spec.overrides.name}" if spec.overrides else "")
+        else:
+            origin = spec.path.name
+        print(f"{name:<{width}}  {spec.example:<48} {spec.description}{kind}  ({origin})")
     return 0
