@@ -54,6 +54,7 @@ import numpy as np
 
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import write_npz
+from qkweights.vision import ModelRef, remember
 from qkweights.version import __version__
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
@@ -64,49 +65,10 @@ class ShardError(QkError, RuntimeError):
     """A shard raised an error that is not a bad image (a bug, or a worker that keeps dying)."""
 
 
-# ----------------------------------------------------------------------------- the model, once per process
+# ----------------------------------------------------------------------------- per-process caches
+# The open models live in qkweights.vision (ModelRef.open, remember); the analyses' contexts here.
 
-
-@dataclass(frozen=True)
-class ModelRef:
-    """How a worker opens the model: the MODEL argument (absolute path or Hub id) and the load options.
-
-    Workers open the model by this reference, so MODEL must be reachable from every
-    worker by the same path or Hub id (shared filesystem, or each worker's own HF cache).
-    """
-
-    model: str
-    revision: str | None = None
-    family: str | None = None
-    part: str | None = None
-    allow_pickle: bool = False
-    spec_dir: tuple[str, ...] | None = None  # user spec folders (absolute), as load_model(spec_dir=…) took them
-
-    @classmethod
-    def of(cls, model: str, **options) -> ModelRef:
-        """A reference to MODEL as given on the command line; local paths are made absolute."""
-        path = Path(model).expanduser()
-        text = str(path.resolve()) if path.exists() else str(model)
-        return cls(text, **{k: v for k, v in options.items() if v is not None})
-
-    def open(self):
-        """The :class:`~qkweights.vision.VisionModel`, loaded once per process."""
-        model = _MODELS.get(self)
-        if model is None:
-            from qkweights.vision import load_model
-
-            model = _MODELS[self] = load_model(self.model, revision=self.revision, family=self.family,
-                                               part=self.part, allow_pickle=self.allow_pickle, spec_dir=self.spec_dir)
-        return model
-
-
-_MODELS: dict[ModelRef, Any] = {}  # this process's open models
 _CONTEXTS: dict[tuple, Any] = {}  # this process's analysis contexts: (ModelRef, Analysis.key()) → setup(model)
-
-
-def remember(ref: ModelRef, model) -> None:
-    """Make ``model`` the open model of ``ref`` in this process (and in workers forked from it)."""
-    _MODELS[ref] = model
 
 
 # ----------------------------------------------------------------------------- the interface of an analysis

@@ -738,7 +738,7 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
         return found[0]
     if len(found) > 1:
         names = ", ".join(s.name for s, _ in found)
-        raise SpecError(f"the checkpoint matches several families ({names}); choose one with --family")
+        raise SpecError(f"the checkpoint matches several families ({names}); choose one with family=NAME")
     in_memory = _in_memory_match(store, [specs[family]] if family is not None else list(specs.values()))
     if in_memory is not None:
         raise SpecError(f"transformers ≥ 5 in-memory names ({in_memory}), not the names save_pretrained writes; "
@@ -754,7 +754,7 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
            else f"which lacks {_signature_text(spec)}")
     others = "".join(f", {s.name}" for s, _ in close[1:])
     raise SpecError(f"unknown checkpoint: no family matches its tensors (closest: {spec.name}, {why}{others}); "
-                    f"pass --family (`python -m qkweights specs` lists them) or add a spec file")
+                    f"pass family=NAME (`python -m qkweights specs` lists them) or add a spec file")
 
 
 def _in_memory_match(store, specs: list[Spec]) -> str | None:
@@ -883,11 +883,11 @@ class Checkpoint:
                 heads = _config_key(self.spec.dims.heads)
                 raise SpecError(f"{self.spec.name}: no {where} beside the weights; the head count ({heads or 'heads'}) cannot be read "
                                 f"from the tensors: put the model's {where} next to the weight file, or pass the folder that holds both")
-            raise SpecError(f"{self.spec.name}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); add it to {where} or pass --family")
+            raise SpecError(f"{self.spec.name}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); add it to {where} or pass family=NAME")
         self._check_layer_count(values["layers"], origin["layers"])
         hidden, heads = values.pop("hidden"), values.pop("heads")
         if hidden % heads:
-            raise CheckpointError(f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the config or choose another --family")
+            raise CheckpointError(f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the config or choose another family=NAME")
         image = values.pop("image_size", None)
         if isinstance(image, (list, tuple)):
             image = tuple(image[-2:])  # (H, W), or timm's (C, H, W)
@@ -920,7 +920,7 @@ class Checkpoint:
             held += 1
         if held != layers:
             raise CheckpointError(f"{self.spec.name}: {origin} is {layers}, but the weight files hold {held} layer{'s' * (held != 1)} "
-                                  f"({self.prefix + template.format(i='N')}); fix the config or choose another --family")
+                                  f"({self.prefix + template.format(i='N')}); fix the config or choose another family=NAME")
 
     # names -----------------------------------------------------------------
 

@@ -140,7 +140,7 @@ class Store(ABC):
         try:
             return self._entries[name]
         except KeyError:
-            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is incomplete or of another family (try --family)") from None
+            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is incomplete or of another family (try family=NAME)") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info(name).shape

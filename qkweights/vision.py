@@ -27,7 +27,6 @@ from qkweights.forward import (
     relative_position_index,
 )
 from qkweights.preprocess import Preprocess
-from qkweights.runner import ModelRef, remember
 from qkweights.source import Source
 from qkweights.spec import Checkpoint, Dims, user_spec_dirs
 
@@ -81,7 +80,7 @@ def relative_position_table(ck: Checkpoint, i: int, window: tuple[int, int]) -> 
     rows = (2 * wh - 1) * (2 * ww - 1) + 3
     tables = ck.relative_position_tables(i)
     if not tables:
-        raise CheckpointError(f"{ck.spec.name}: layer {i} has none of the relative position tables {', '.join(att.relative_position_bias)}; the checkpoint is incomplete or of another family (try --family)")
+        raise CheckpointError(f"{ck.spec.name}: layer {i} has none of the relative position tables {', '.join(att.relative_position_bias)}; the checkpoint is incomplete or of another family (try family=NAME)")
     total = np.zeros((rows, heads), np.float64)
     for name, table in tables:
         if table.shape != (rows, heads):
@@ -253,6 +252,45 @@ def preprocessing_for(ck: Checkpoint) -> tuple[Preprocess, str]:
         return _FROM_CONFIG[fmt](cfg, image), origin
     what, default = _DEFAULT_PREPROCESS[fmt]
     return default(image), f"{what} at {image[0]}×{image[1]} (no {origin})"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How a worker opens the model: the MODEL argument (absolute path or Hub id) and the load options.
+
+    Workers open the model by this reference, so MODEL must be reachable from every
+    worker by the same path or Hub id (shared filesystem, or each worker's own HF cache).
+    """
+
+    model: str
+    revision: str | None = None
+    family: str | None = None
+    part: str | None = None
+    allow_pickle: bool = False
+    spec_dir: tuple[str, ...] | None = None  # user spec folders (absolute), as load_model(spec_dir=…) took them
+
+    @classmethod
+    def of(cls, model: str, **options) -> ModelRef:
+        """A reference to MODEL as given on the command line; local paths are made absolute."""
+        path = Path(model).expanduser()
+        text = str(path.resolve()) if path.exists() else str(model)
+        return cls(text, **{k: v for k, v in options.items() if v is not None})
+
+    def open(self):
+        """The :class:`~qkweights.vision.VisionModel`, loaded once per process."""
+        model = _MODELS.get(self)
+        if model is None:
+            model = _MODELS[self] = load_model(self.model, revision=self.revision, family=self.family,
+                                               part=self.part, allow_pickle=self.allow_pickle, spec_dir=self.spec_dir)
+        return model
+
+
+_MODELS: dict[ModelRef, VisionModel] = {}  # this process's open models
+
+
+def remember(ref: ModelRef, model) -> None:
+    """Make ``model`` the open model of ``ref`` in this process (and in workers forked from it)."""
+    _MODELS[ref] = model
 
 
 @dataclass(frozen=True)

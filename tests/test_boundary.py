@@ -23,13 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent / "qkweights"
 CLI = ROOT / "cli"
 LIBRARY = sorted(p for p in ROOT.rglob("*.py") if CLI not in p.parents and p.name != "__main__.py")  # __main__: the CLI entry
 
-# Deferred cycles in modules other work owns (runner.py: sweep performance; vision.py: typed specs):
-# runner.ModelRef.open imports vision.load_model inside a function, vision imports runner.ModelRef.
-# Each entry is a cycle's modules, sorted; remove it when the cycle is gone.
-KNOWN_CYCLES = [("qkweights.runner", "qkweights.vision")]
+# Cycles allowed for now (each a cycle's modules, sorted): none.
+KNOWN_CYCLES = []
 
-# Library files whose messages still spell --family (owned by the typed-spec work; the CLI words them as flags anyway).
-FLAG_WORDING_PENDING = {"spec.py", "tensors.py", "vision.py"}
 
 
 def _module(path: Path) -> str:
@@ -75,7 +71,7 @@ def test_progress_bars_and_exit_codes_live_in_the_cli():
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 
 
-@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in FLAG_WORDING_PENDING], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
 def test_library_messages_word_options_for_the_api(path):
     """Strings in ``raise …(…)`` and ``warnings.warn(…)`` name no flag (``--part``); commands of other tools may."""
     found = []

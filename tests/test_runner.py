@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from qkweights.o3 import O3Analysis, o3_allocation, select_items
-from qkweights.runner import ModelRef, ShardError, Task, run_shard, run_sweep
+from qkweights.runner import ShardError, Task, run_shard, run_sweep
+from qkweights.vision import ModelRef
 from qkweights.synth_o3 import make_o3
 from qkweights.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
 from qkweights.vision import load_model

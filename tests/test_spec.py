@@ -120,7 +120,7 @@ def test_unknown_checkpoint_names_the_three_closest_families(tmp_path):
     with pytest.raises(SpecError) as e:
         open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {})
     assert str(e.value) == ("unknown checkpoint: no family matches its tensors (closest: hf-vit, which lacks "
-                            "encoder.layer.0.layernorm_before.weight, hf-ijepa, hf-deit); pass --family "
+                            "encoder.layer.0.layernorm_before.weight, hf-ijepa, hf-deit); pass family=NAME "
                             "(`python -m qkweights specs` lists them) or add a spec file")
     save_file({"foo.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(SpecError) as e:

@@ -296,7 +296,7 @@ def test_store_interface_matches_tensor_store():
     a = store.get("bf16")
     a[...] = 0
     assert store.get("bf16").any()
-    with pytest.raises(CheckpointError, match=r"^tensor 'nope' is missing from dtypes.pt; the checkpoint is incomplete or of another family \(try --family\)$"):
+    with pytest.raises(CheckpointError, match=r"^tensor 'nope' is missing from dtypes.pt; the checkpoint is incomplete or of another family \(try family=NAME\)$"):
         store.get("nope")
 
 

@@ -13,14 +13,21 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+from conftest import GOLDEN, MODELS
 from safetensors.numpy import load_file, save_file
 
 import qkweights
-from conftest import GOLDEN, MODELS
 from qkweights.cli import main
 from qkweights.errors import SpecError
-from qkweights.runner import _MODELS
-from qkweights.spec import RESOLVERS, SECTIONS, SPEC_PATH_ENV, Spec, load_specs, spec_dir
+from qkweights.spec import (
+    RESOLVERS,
+    SECTIONS,
+    SPEC_PATH_ENV,
+    Spec,
+    load_specs,
+    spec_dir,
+)
+from qkweights.vision import _MODELS
 
 # The renaming of the hidden family: transformers ViT name → the hidden checkpoint's name.
 RENAMES = [
