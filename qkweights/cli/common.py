@@ -85,6 +85,28 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
     return out
 
 
+def add_mode_arguments(p: argparse.ArgumentParser, *, top: int, top_help: str) -> None:
+    """--layers, --heads, --modes, --top: which modes an image analysis scans, and how many images it keeps."""
+    p.add_argument("--layers", help="layers, e.g. 0-3,8 (default: all)")
+    p.add_argument("--heads", help="heads, e.g. 0-3,8 (default: all)")
+    p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
+    p.add_argument("--top", type=int, default=top, help=f"{top_help} (default: {top})")
+
+
+def chosen_modes(args, dims) -> dict:
+    """The layers, heads and modes keyword options of an image analysis from --layers/--heads/--modes."""
+    return {"layers": parse_indices(args.layers, dims.layers, "layers") if args.layers else None,
+            "heads": parse_indices(args.heads, dims.heads, "heads") if args.heads else None,
+            "modes": parse_indices(args.modes, 1 << 30, "modes")}
+
+
+def add_output_arguments(p: argparse.ArgumentParser, *, no_plots: str) -> None:
+    """--out, --no-plots (``no_plots``: what is written without figures) and --quiet."""
+    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
+    p.add_argument("--no-plots", action="store_true", help=no_plots)
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """Where the image analyses run: --workers, --scheduler, --scheduler-file, --shard-size."""
     g = p.add_argument_group("where it runs (results are the same whichever is chosen)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, sweep_options
+from qkweights.cli.common import add_model_arguments, add_output_arguments, add_sweep_arguments, model_options, out_dir, sweep_options
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.o3 import SUMMARY_NAME
@@ -17,9 +17,7 @@ def configure(p) -> None:
     p.add_argument("--max-images", type=int, metavar="N", help="use the first N images by name (default: all)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: 8)")
     add_sweep_arguments(p)
-    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
-    p.add_argument("--no-plots", action="store_true", help="skip o3_by_layer.png")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_output_arguments(p, no_plots="write o3.csv and o3_summary.json only, no o3_by_layer.png")
 
 
 def run(args) -> int:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 
 from qkweights.cli.common import (
+    add_mode_arguments,
     add_model_arguments,
+    add_output_arguments,
     add_sweep_arguments,
+    chosen_modes,
     model_options,
     out_dir,
-    parse_indices,
     sweep_options,
 )
 from qkweights.cli.exits import EXIT_OK
@@ -20,15 +22,10 @@ def configure(p) -> None:
     add_model_arguments(p)
     p.add_argument("data_dir", metavar="DATA_DIR", help="ADE20K full release (NAME.jpg + NAME_seg.png), ADE20K SceneParsing "
                    "(images/ + annotations/) or generic (images/ + instances/) folder")
-    p.add_argument("--layers", help="layers, e.g. 0-3,8 (default: all)")
-    p.add_argument("--heads", help="heads, e.g. 0-3,8 (default: all)")
-    p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
-    p.add_argument("--top", type=int, default=5, help="images selected per layer, head and mode (default: 5)")
+    add_mode_arguments(p, top=5, top_help="images selected per layer, head and mode")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default: 16)")
     add_sweep_arguments(p)
-    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
-    p.add_argument("--no-plots", action="store_true", help="write same_object.csv and same_object.json only, no figures")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_output_arguments(p, no_plots="write same_object.csv and same_object.json only, no figures")
 
 
 def run(args) -> int:
@@ -37,14 +34,10 @@ def run(args) -> int:
 
     reporter = Terminal(quiet=args.quiet)
     model = load_model(args.model, reporter=reporter, **model_options(args))
-    d = model.dims
-    layers = parse_indices(args.layers, d.layers, "layers") if args.layers else None
-    heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
-    modes = parse_indices(args.modes, 1 << 30, "modes")
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, reporter:
-        result = same_object(model, args.data_dir, out, reporter=reporter, layers=layers, heads=heads, modes=modes,
-                             top=args.top, batch_size=args.batch_size, plots=not args.no_plots, **where)
+        result = same_object(model, args.data_dir, out, reporter=reporter, **chosen_modes(args, model.dims), top=args.top,
+                             batch_size=args.batch_size, plots=not args.no_plots, **where)
     if not args.quiet:
         print(format_table(result.doc))
         print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, add_sweep_arguments, model_options, out_dir, parse_indices, sweep_options
+from qkweights.cli.common import (
+    add_mode_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    add_sweep_arguments,
+    chosen_modes,
+    model_options,
+    out_dir,
+    sweep_options,
+)
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural
@@ -11,16 +20,11 @@ from qkweights.outputs import plural
 def configure(p) -> None:
     add_model_arguments(p)
     p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (jpg, jpeg, png, webp; searched recursively)")
-    p.add_argument("--layers", help="layers, e.g. 0-3,8 (default: all)")
-    p.add_argument("--heads", help="heads, e.g. 0-3,8 (default: all)")
-    p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
-    p.add_argument("--top", type=int, default=8, help="images kept per layer, head, mode and sign (default: 8)")
+    add_mode_arguments(p, top=8, top_help="images kept per layer, head, mode and sign")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--fold-ln", action="store_true", help="score the LayerNorm-folded modes of Γ W_qᵀW_k Γ on the normalised tokens (as profile --fold-ln)")
     add_sweep_arguments(p)
-    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
-    p.add_argument("--no-plots", action="store_true", help="write top_images.json only, no figures")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_output_arguments(p, no_plots="write top_images.json and top_images_maps.npz only, no figures")
 
 
 def run(args) -> int:
@@ -28,14 +32,10 @@ def run(args) -> int:
 
     reporter = Terminal(quiet=args.quiet)
     model = load_model(args.model, reporter=reporter, **model_options(args))
-    d = model.dims
-    layers = parse_indices(args.layers, d.layers, "layers") if args.layers else None
-    heads = parse_indices(args.heads, d.heads, "heads") if args.heads else None
-    modes = parse_indices(args.modes, 1 << 30, "modes")
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, reporter:
-        result = top_images(model, args.image_dir, out, reporter=reporter, layers=layers, heads=heads, modes=modes,
-                            top=args.top, batch_size=args.batch_size, plots=not args.no_plots, fold_ln=args.fold_ln, **where)
+        result = top_images(model, args.image_dir, out, reporter=reporter, **chosen_modes(args, model.dims), top=args.top,
+                            batch_size=args.batch_size, plots=not args.no_plots, fold_ln=args.fold_ln, **where)
     doc = result.doc
     if not args.quiet:
         opts = doc["options"]
