@@ -7,7 +7,13 @@ import warnings
 from qkweights.errors import CheckpointError, QkWarning
 from qkweights.folders import SUFFIX, Source
 from qkweights.source import resolve
-from qkweights.spec import Checkpoint, config_names, default_parts, load_specs, open_checkpoint
+from qkweights.spec import (
+    Checkpoint,
+    config_names,
+    default_parts,
+    load_specs,
+    open_checkpoint,
+)
 from qkweights.tensors import TensorStore
 from qkweights.torch_pickle import TorchStore
 

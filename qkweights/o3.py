@@ -206,9 +206,6 @@ class O3Analysis(Analysis):
     preprocessing: str  # JSON of the model's preprocessing (it decides the masks' geometry)
     name: ClassVar[str] = "o3"
 
-    def key(self) -> str:
-        return self.preprocessing
-
     def item_files(self, item: O3Item) -> list[Path]:
         return [item.image, item.target_mask, item.distractor_mask]
 

@@ -21,7 +21,16 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qkweights.errors import InputError
-from qkweights.outputs import csv_number, dumps_json, model_name, plural, record_outputs, write_csv, write_npz, write_text
+from qkweights.outputs import (
+    csv_number,
+    dumps_json,
+    model_name,
+    plural,
+    record_outputs,
+    write_csv,
+    write_npz,
+    write_text,
+)
 from qkweights.qk import (
     DEGENERATE_RTOL,
     HeadStats,

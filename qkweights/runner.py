@@ -39,6 +39,7 @@ and returns notes for the caller to show.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,8 +55,8 @@ import numpy as np
 
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import write_npz
-from qkweights.vision import ModelRef, remember
 from qkweights.version import __version__
+from qkweights.vision import ModelRef, remember
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
 DASK_INSTALL = 'pip install "qkweights[dask]"'
@@ -92,9 +93,10 @@ class Analysis(ABC):
 
     name: str = "analysis"  # the state file is .<name>_state.npz
 
-    @abstractmethod
     def key(self) -> str:
-        """A string that identifies the options the results depend on (for the fingerprint and per-process caches)."""
+        """A string that identifies the options the results depend on (for the fingerprint and per-process caches):
+        by default every field of the (dataclass) analysis, as JSON."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
 
     def setup(self, model) -> Any:
         """Per-process preparation from the model (e.g. the SVD of the chosen heads); cached by the runner."""

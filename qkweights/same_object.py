@@ -59,10 +59,11 @@ from qkweights.ade20k import (
 )
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
-from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
+from qkweights.runner import Batch, ModelRef, context, run_sweep
 from qkweights.top_images import (
     READ_ERRORS,
     ModeBank,
+    ModeSweep,
     _indices,
     input_size,
     merge_topk,
@@ -221,21 +222,11 @@ class SamePartial:
 
 
 @dataclass(frozen=True)
-class SameObjectAnalysis(Analysis):
+class SameObjectAnalysis(ModeSweep):
     """same-object as a :class:`~qkweights.runner.Analysis`: items are :class:`~qkweights.ade20k.SegItem`."""
 
-    root: str
-    layers: tuple[int, ...]
-    heads: tuple[int, ...]
-    modes: tuple[int, ...]
-    top: int
-    size: tuple[int, int] | None  # None: the checkpoint's own resize and crop
     preprocessing: str  # JSON of the model's preprocessing (it decides the label maps' geometry)
     name: ClassVar[str] = "same_object"
-
-    def key(self) -> str:
-        return json.dumps({"layers": self.layers, "heads": self.heads, "modes": self.modes, "top": self.top,
-                           "size": self.size, "root": self.root, "preprocessing": self.preprocessing})
 
     def setup(self, model) -> ModeBank:
         """The chosen modes; per chosen layer the (D, 2C) float64 columns [u_(h,n) … | v_(h,n) …] in (head, mode) order."""

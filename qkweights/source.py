@@ -51,7 +51,9 @@ def resolve(model: str, *, revision: str | None = None, progress: bool | None = 
         return _folder_source(path.absolute()) if path.is_dir() else _file_source(path.absolute())
     if _looks_like_path(model):
         raise SourceError(f"{model}: no such file or folder; check the path")
-    from qkweights.hub import hub_source  # huggingface_hub's download stack loads only for Hub ids
+    from qkweights.hub import (
+        hub_source,  # huggingface_hub's download stack loads only for Hub ids
+    )
 
     return hub_source(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
 

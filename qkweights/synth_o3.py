@@ -36,7 +36,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from qkweights.errors import InputError
-from qkweights.o3data import DISTRACTOR_DIRS, FEATURE_FLAGS, PROPERTY_COLUMNS, TARGET_DIRS
+from qkweights.o3data import (
+    DISTRACTOR_DIRS,
+    FEATURE_FLAGS,
+    PROPERTY_COLUMNS,
+    TARGET_DIRS,
+)
 from qkweights.outputs import prepare_dir
 
 FEATURES = ("color", "shape", "size", "orientation")  # the flags a synthetic target differs in

@@ -261,23 +261,25 @@ class TopPartial:
 
 
 @dataclass(frozen=True)
-class TopImagesAnalysis(Analysis):
-    """top-images as a :class:`~qkweights.runner.Analysis`: items are relative paths under ``root``."""
+class ModeSweep(Analysis):
+    """The options every analysis of the top images of chosen modes shares (top-images, same-object)."""
 
-    root: str
+    root: str  # the image folder (absolute)
     layers: tuple[int, ...]
     heads: tuple[int, ...]
     modes: tuple[int, ...]
-    top: int
+    top: int  # images kept per mode
     size: tuple[int, int] | None  # None: the checkpoint's own resize and crop
+
+
+@dataclass(frozen=True)
+class TopImagesAnalysis(ModeSweep):
+    """top-images as a :class:`~qkweights.runner.Analysis`: items are relative paths under ``root``."""
+
     hidden: int
     n_patches: int
     fold_ln: bool = False  # the LayerNorm-folded modes, on the normalised tokens n
     name: ClassVar[str] = "top_images"
-
-    def key(self) -> str:
-        return json.dumps({"layers": self.layers, "heads": self.heads, "modes": self.modes, "top": self.top,
-                           "size": self.size, "root": self.root, "fold_ln": self.fold_ln})
 
     def setup(self, model) -> ModeBank:
         return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), fold_ln=self.fold_ln)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, model_options, out_dir, parse_indices
+from qkweights.cli.common import (
+    add_model_arguments,
+    model_options,
+    out_dir,
+    parse_indices,
+)
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.outputs import prepare_dir

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from qkweights.cli.common import add_model_arguments, add_output_arguments, add_sweep_arguments, model_options, out_dir, sweep_options
+from qkweights.cli.common import (
+    add_model_arguments,
+    add_output_arguments,
+    add_sweep_arguments,
+    model_options,
+    out_dir,
+    sweep_options,
+)
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.o3 import SUMMARY_NAME
