@@ -122,13 +122,20 @@ def _explain(path: Path, n: int, data_size: int) -> str | None:
     return None
 
 
-def _library_message(path: Path, reason: str, n: int, data_size: int) -> str:
-    """A one-line message naming ``path`` for the safetensors library's rejection ``reason``."""
+def _library_message(path: Path, reason: str) -> str:
+    """A one-line message naming ``path`` for the safetensors library's rejection ``reason``.
+
+    The 8-byte prefix is checked first (its own messages give the lengths); the
+    library's reasons are then worded with the file's name, and the tensor's where
+    the library does not name it.
+    """
     name = path.name
+    size, n = _prefix(path)
+    data_size = size - 8 - n
     reason = reason.removeprefix(_LIBRARY_PREFIX)
-    if m := re.search(r"unknown variant `(.*?)`, expected one of", reason, re.S):
+    if m := re.search(r"unknown variant `(.*?)`, expected one of", reason, re.DOTALL):
         return f"{name}: a tensor has unsupported dtype {m.group(1)!r} (known: {', '.join(DTYPES)})"
-    if m := re.fullmatch(r"invalid offset for tensor `(.*)`", reason, re.S):
+    if m := re.fullmatch(r"invalid offset for tensor `(.*)`", reason, re.DOTALL):
         return f"{name}: tensor {m.group(1)!r} does not start where the tensor before it ends (overlap or gap); the file is corrupt"
     if reason.startswith(("incomplete metadata", "invalid shape, data type, or offset")):
         if (why := _explain(path, n, data_size)) is not None:
@@ -140,12 +147,12 @@ def _library_message(path: Path, reason: str, n: int, data_size: int) -> str:
 
 
 @contextmanager
-def _open(path: Path, n: int, data_size: int):
-    """``safe_open(path)`` (numpy), its errors as :class:`CheckpointError`; the memory map closes on exit."""
+def _open(path: Path):
+    """``safe_open(path)`` (numpy; the header validated again), its errors as :class:`CheckpointError`; the memory map closes on exit."""
     try:
         f = safe_open(path, framework="numpy")
     except SafetensorError as e:
-        raise CheckpointError(_library_message(path, str(e), n, data_size)) from None
+        raise CheckpointError(_library_message(path, str(e))) from None
     except OSError as e:
         raise CheckpointError(f"{path.name}: cannot read ({e.strerror}); check the path and permissions") from None
     with f:
@@ -159,8 +166,8 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
     Raises :class:`CheckpointError` naming the file and the problem.
     """
     path = Path(path)
-    size, n = _prefix(path)
-    with _open(path, n, size - 8 - n) as f:
+    _prefix(path)  # the hostile-input limits, before the library reads the header
+    with _open(path) as f:
         metadata = f.metadata() or {}
         infos = []
         for key in f.offset_keys():
@@ -226,7 +233,7 @@ class TensorStore(Store):
     """
 
     @classmethod
-    def open(cls, files: list[Path] | tuple[Path, ...]) -> "TensorStore":
+    def open(cls, files: list[Path] | tuple[Path, ...]) -> TensorStore:
         """Validate the headers of ``files`` (safetensors) and index their tensors."""
         infos: dict[str, TensorInfo] = {}
         metadata: dict = {}
@@ -245,7 +252,7 @@ class TensorStore(Store):
         t = self.info(name)
         if t.dtype == "BF16":
             return self._bf16(t, None)
-        with self._open(t.file) as (f, _):
+        with _open(t.file) as f:
             return f.get_tensor(name)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -259,16 +266,8 @@ class TensorStore(Store):
             return self._bf16(t, (start, stop))
         if start == stop:  # the library refuses empty slices
             return np.empty((0, *t.shape[1:]), DTYPES[t.dtype].newbyteorder("="))
-        with self._open(t.file) as (f, _):
+        with _open(t.file) as f:
             return f.get_slice(name)[start:stop]
-
-    @staticmethod
-    @contextmanager
-    def _open(path: Path):
-        """The library's handle on ``path``, re-validated (the file may have changed since :meth:`open`)."""
-        size, n = _prefix(path)
-        with _open(path, n, size - 8 - n) as f:
-            yield f, n
 
     def _bf16(self, t: TensorInfo, rows: tuple[int, int] | None) -> np.ndarray:
         """BF16 tensor ``t`` (or its rows ``[start, stop)``) by a positioned read of its bytes, widened to float32.
@@ -276,7 +275,8 @@ class TensorStore(Store):
         numpy has no bfloat16, so the library cannot give these values; its header
         validation still runs first, and the offset comes from the header's JSON.
         """
-        with self._open(t.file) as (_, n):
+        with _open(t.file):  # validates the header as for any other tensor
+            _, n = _prefix(t.file)
             entry = (_header_json(t.file, n) or {}).get(t.name)
         try:
             begin, end = entry["data_offsets"]
