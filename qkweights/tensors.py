@@ -71,7 +71,7 @@ def widen_bf16(raw: np.ndarray) -> np.ndarray:
 
 def _one_line(text: str, limit: int = 200) -> str:
     """``text`` with control characters escaped and cut to ``limit`` characters (library messages quote file content)."""
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -134,9 +134,9 @@ def _library_message(path: Path, reason: str) -> str:
     data_size = size - 8 - n
     reason = reason.removeprefix(_LIBRARY_PREFIX)
     if m := re.search(r"unknown variant `(.*?)`, expected one of", reason, re.DOTALL):
-        return f"{name}: a tensor has unsupported dtype {m.group(1)!r} (known: {', '.join(DTYPES)})"
+        return _one_line(f"{name}: a tensor has unsupported dtype {m.group(1)!r} (known: {', '.join(DTYPES)})", 400)
     if m := re.fullmatch(r"invalid offset for tensor `(.*)`", reason, re.DOTALL):
-        return f"{name}: tensor {m.group(1)!r} does not start where the tensor before it ends (overlap or gap); the file is corrupt"
+        return _one_line(f"{name}: tensor {m.group(1)!r} does not start where the tensor before it ends (overlap or gap); the file is corrupt", 400)
     if reason.startswith(("incomplete metadata", "invalid shape, data type, or offset")):
         if (why := _explain(path, n, data_size)) is not None:
             return _one_line(f"{name}: {why}", 400)
@@ -277,12 +277,15 @@ class TensorStore(Store):
         """
         with _open(t.file):  # validates the header as for any other tensor
             _, n = _prefix(t.file)
-            entry = (_header_json(t.file, n) or {}).get(t.name)
+            header = _header_json(t.file, n)
+        entry = header.get(t.name) if isinstance(header, dict) else None
         try:
             begin, end = entry["data_offsets"]
-            assert entry["dtype"] == t.dtype and tuple(entry["shape"]) == t.shape and end - begin == t.nbytes
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{t.file.name}: tensor {t.name!r} changed since the file was opened; open the checkpoint again") from None
+            same = entry["dtype"] == t.dtype and tuple(entry["shape"]) == t.shape and end - begin == t.nbytes
+        except (KeyError, TypeError, ValueError):
+            same = False
+        if not same:
+            raise CheckpointError(f"{t.file.name}: tensor {t.name!r} changed since the file was opened; open the checkpoint again")
         shape, offset = t.shape, 8 + n + begin
         if rows is not None:
             row = prod(t.shape[1:]) * DTYPES["BF16"].itemsize  # bytes per row
