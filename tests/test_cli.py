@@ -79,3 +79,16 @@ def test_out_of_range_index_says_of_what():
         parse_indices("0-12", 8, "modes")
     with pytest.raises(InputError, match=r"^--layers '3': layer 3 is out of range: the model has 1 layer \(0–0\)$"):
         parse_indices("3", 1, "layers")
+
+
+@pytest.mark.parametrize("command", ["top-images", "o3", "same-object"])
+def test_image_analyses_refuse_an_out_that_is_a_file(tmp_path, capsys, command):
+    from qkweights.synth_o3 import make_o3
+
+    data = make_o3(tmp_path / "data", n=2, seed=1, size=(32, 32), instances=True)
+    (tmp_path / "afile").write_text("not a folder")
+    source = data / "images" if command == "top-images" else data
+    assert main([command, str(MODELS / "vit"), str(source), "--out", str(tmp_path / "afile"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkweights: error: {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder")
+    assert err.count("\n") == 1

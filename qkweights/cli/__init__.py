@@ -34,7 +34,7 @@ COMMANDS = [
     ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
     ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]
-RESUMABLE = {"top-images", "o3"}  # commands that continue where an interrupted run stopped
+RESUMABLE = {"top-images", "o3", "same-object"}  # commands that continue where an interrupted run stopped
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
