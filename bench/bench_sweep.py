@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,17 +85,27 @@ def sweep(model, root: Path, out: Path, **where) -> float:
     return time.perf_counter() - t0
 
 
+# The o3 command in a child process that reports its own peak RSS (RUSAGE_SELF: this benchmark's other children,
+# the forked top-images workers, do not count).
+O3_CHILD = """import resource, sys
+from qkweights.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def o3_peak_rss(model_dir: Path, data: Path, batch: int) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of ``python -m qkweights o3 … --batch-size batch --no-plots`` in a child process."""
+    """(peak RSS in MB, seconds) of the command ``o3 … --batch-size batch --no-plots`` in a child process."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "qkweights", "o3", str(model_dir), str(data), "--batch-size", str(batch),
+        proc = subprocess.run([sys.executable, "-c", O3_CHILD, "o3", str(model_dir), str(data), "--batch-size", str(batch),
                                "--no-plots", "--quiet", "--out", tmp], env={**os.environ, "PYTHONPATH": str(ROOT)},
                               capture_output=True, text=True)
         seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(proc.stderr)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
+    return int(proc.stderr.split()[-1]) / 1024, seconds
 
 
 def main() -> None:
@@ -116,8 +125,25 @@ def main() -> None:
     cores = os.cpu_count()
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; BLAS {blas}")
     vit_dir = make_vit(OUT / "vit-b-random", 768, 12, 12)
+    if not args.no_o3 and not args.scaling:
+        rss, seconds = o3_peak_rss(vit_dir, o3_set(64), 32)
+        print(f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, "
+              f"{64 / seconds:.2f} img/s (a child process, import and model load included)")
     model = load_model(str(vit_dir))
     root = photos(args.images)
+    if not args.no_figures and not args.scaling:  # before any worker thread or cluster: figures draw in forked processes
+        from qkweights.top_images import TopImagesResult, draw_top_images
+
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp) / "figures"
+            sweep(model, root, saved)
+            result = TopImagesResult.load(saved)
+            t0 = time.perf_counter()
+            draw_top_images(model.ref, result, root, saved)
+            seconds = time.perf_counter() - t0
+        k = len(result.doc["heads"]) + 1
+        print(f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per "
+              "figure beyond the scan")
     n = args.images
     workers = [int(w) for w in (args.scaling or args.workers).split(",")]
     runs: dict[str, list[float]] = {"bare forward": []}
@@ -152,21 +178,6 @@ def main() -> None:
         for label, times in runs.items():
             med = statistics.median(times)
             print(f"  {label:58s} {n / med:7.2f} img/s (best {n / min(times):.2f})   ratio to the bare forward {ref / med:5.2f}")
-        if not args.no_figures and not args.scaling:
-            from qkweights.top_images import TopImagesResult, draw_top_images
-
-            saved = Path(tmp) / "figures"
-            sweep(model, root, saved)
-            result = TopImagesResult.load(saved)
-            t0 = time.perf_counter()
-            draw_top_images(model.ref, result, root, saved)
-            seconds = time.perf_counter() - t0
-            k = len(result.doc["heads"]) + 1
-            print(f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per figure")
-    if not args.no_o3 and not args.scaling:
-        rss, seconds = o3_peak_rss(vit_dir, o3_set(64), 32)
-        print(f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, {64 / seconds:.2f} img/s "
-              "(child process, import and model load included)")
 
 
 if __name__ == "__main__":
