@@ -5,11 +5,11 @@ direction ``u_n`` with a key direction ``v_n``; ``cos_n = u_n·v_n``. The SVD is
 computed without forming the D×D product (method.md §3): thin QR of
 ``A = W_qᵀ`` and ``B = W_kᵀ`` (D×K each), SVD of the K×K core ``R_a R_bᵀ``,
 then ``U = Q_a U_c``, ``V = Q_b V_c`` — O(D·K² + K³) per head, batched over
-heads, in float64. Each LAPACK call goes where it is fastest at one BLAS thread
-on ViT-B/L shapes (bench/bench_lapack.py; README, development): the thin QRs
-through ``scipy.linalg.qr`` one head at a time (1.05–1.16× numpy's batched call),
-the K×K SVDs through numpy's batched ``np.linalg.svd`` (gesdd; scipy looped is
-0.89–0.96× with gesdd, 0.5× with gesvd). Both are exact to rounding.
+heads, in float64. Both LAPACK calls are numpy's batched ones: the K×K SVD
+(gesdd) beats scipy looped (gesdd 0.89–0.96×, gesvd 0.5×); scipy's looped thin
+QR is 1.05–1.16× faster on ViT-B/L shapes, a few per cent of a layer's math,
+but loading scipy (and its second OpenBLAS) raised the peak RSS of ``profile``
+by about 13 MiB, so numpy keeps it (bench/bench_lapack.py; README, development).
 
 Sign convention: the pair (u_n, v_n) is flipped together so that the entry of
 largest magnitude of u_n is positive (the first such entry on ties). Flipping
@@ -33,37 +33,16 @@ def qk_svd(wq: np.ndarray, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     ``wq[h].T @ wk[h] == U[h] @ diag(S[h]) @ V[h].T`` and the sign convention of
     the module docstring.
     """
-    qa, ra = thin_qr_t(wq)  # (..., D, K), (..., K, K)
-    qb, rb = thin_qr_t(wk)
+    a = np.swapaxes(np.asarray(wq, np.float64), -1, -2)  # (..., D, K)
+    b = np.swapaxes(np.asarray(wk, np.float64), -1, -2)  # (..., D, K)
+    qa, ra = np.linalg.qr(a)  # (..., D, K), (..., K, K)
+    qb, rb = np.linalg.qr(b)
     core = ra @ np.swapaxes(rb, -1, -2)  # (..., K, K)
-    uc, s, vct = np.linalg.svd(core)  # numpy's batched gesdd
+    uc, s, vct = np.linalg.svd(core)
     u = qa @ uc  # (..., D, K)
     v = qb @ np.swapaxes(vct, -1, -2)  # (..., D, K)
     u, v = _fix_signs(u, v)
     return u, s, v
-
-
-def thin_qr_t(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Thin QR of ``wᵀ`` for a stack of matrices, in float64.
-
-    w: (..., K, D). Returns Q (..., D, M) and R (..., M, K), M = min(D, K), with
-    ``wᵀ == Q R``, as ``np.linalg.qr(wᵀ)`` does, but through ``scipy.linalg.qr``
-    (economic, ``check_finite=False``) one matrix at a time, overwriting a C-ordered
-    float64 copy of ``w`` whose transposes are Fortran-ordered, so LAPACK copies
-    nothing. ``w`` itself is never written.
-    """
-    import scipy.linalg
-
-    w = np.array(w, dtype=np.float64, order="C", copy=True)  # (..., K, D), ours to overwrite
-    *batch, k, d = w.shape
-    if w.size == 0:
-        return np.linalg.qr(np.swapaxes(w, -1, -2))
-    m = min(k, d)
-    a = np.swapaxes(w.reshape(-1, k, d), -1, -2)  # (B, D, K), each a[i] Fortran-ordered
-    q, r = np.empty((a.shape[0], d, m)), np.empty((a.shape[0], m, k))  # (B, D, M), (B, M, K)
-    for i in range(a.shape[0]):
-        q[i], r[i] = scipy.linalg.qr(a[i], mode="economic", check_finite=False, overwrite_a=True)
-    return q.reshape(*batch, d, m), r.reshape(*batch, m, k)
 
 
 def _fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
