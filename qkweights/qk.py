@@ -126,7 +126,9 @@ def degenerate_blocks(s: np.ndarray, cos: np.ndarray, rtol: float = DEGENERATE_R
             while stop < len(tied) and tied[stop]:
                 stop += 1
             stop += 1
-            blocks.append({"start": n, "stop": stop, "sigma": float(s[n:stop].mean()), "cos_sum": float(cos[n:stop].sum())})
+            blocks.append(
+                {"start": n, "stop": stop, "sigma": float(s[n:stop].mean()), "cos_sum": float(cos[n:stop].sum())}
+            )
             n = stop
         else:
             n += 1
@@ -207,5 +209,7 @@ def key_salience(wq: np.ndarray, wk: np.ndarray, bq: np.ndarray, gamma: np.ndarr
     in the unscaled units of σ (the logits carry a further 1/√K).
     """
     wq, wk = np.asarray(wq, np.float64), np.asarray(wk, np.float64)
-    c = np.einsum("...kd,d->...k", wq, np.asarray(beta, np.float64)) + np.asarray(bq, np.float64)  # (..., K) W_q β + b_q
+    c = np.einsum("...kd,d->...k", wq, np.asarray(beta, np.float64)) + np.asarray(
+        bq, np.float64
+    )  # (..., K) W_q β + b_q
     return np.einsum("...kd,...k->...d", wk, c) * np.asarray(gamma, np.float64)  # (..., D)
