@@ -57,10 +57,14 @@ def bench_o3(args) -> None:
     from qkweights.vision import load_model
 
     data = synthetic_o3(args.o3_images, args.o3_size)
-    print(f"o3: {args.o3_images} synthetic images of {args.o3_size}×{args.o3_size} px (JPEG), batch {args.batch}, "
-          f"{args.reps} rounds; median (best) over rounds")
-    for label, folder in (("tiny vit fixture (D 32, 2 layers × 4 heads, 32², T 17)", TINY_VIT),
-                          ("ViT-B/16 random (D 768, 12 layers × 12 heads, 224², T 197)", vit_b_random())):
+    print(
+        f"o3: {args.o3_images} synthetic images of {args.o3_size}×{args.o3_size} px (JPEG), batch {args.batch}, "
+        f"{args.reps} rounds; median (best) over rounds"
+    )
+    for label, folder in (
+        ("tiny vit fixture (D 32, 2 layers × 4 heads, 32², T 17)", TINY_VIT),
+        ("ViT-B/16 random (D 768, 12 layers × 12 heads, 224², T 197)", vit_b_random()),
+    ):
         model = load_model(str(folder))
         t0 = time.perf_counter()
         model.source.to_json()  # sha256 of the weight files for the resume fingerprint: once per run, cached
@@ -69,7 +73,9 @@ def bench_o3(args) -> None:
         t0 = time.perf_counter()
         prepared = [prepare(model, item) for item in items]
         t_prepare = time.perf_counter() - t0
-        batches = [np.stack([p.pixels for p in prepared[i : i + args.batch]]) for i in range(0, len(prepared), args.batch)]
+        batches = [
+            np.stack([p.pixels for p in prepared[i : i + args.batch]]) for i in range(0, len(prepared), args.batch)
+        ]
         forward, o3 = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.reps):
@@ -87,22 +93,40 @@ def bench_o3(args) -> None:
         n = len(items)
         f_med, o_med = statistics.median(forward), statistics.median(o3)
         print(f"  {label}")
-        print(f"    forward alone : {n / f_med:8.2f} images/s ({n / min(forward):.2f})   {f_med / n * 1e3:9.1f} ms/image")
+        print(
+            f"    forward alone : {n / f_med:8.2f} images/s ({n / min(forward):.2f})   {f_med / n * 1e3:9.1f} ms/image"
+        )
         print(f"    o3 end to end : {n / o_med:8.2f} images/s ({n / min(o3):.2f})   {o_med / n * 1e3:9.1f} ms/image")
-        print(f"    overhead      : {o_med / f_med - 1:+8.1%} of the forward time (best/best {min(o3) / min(forward) - 1:+.1%}); "
-              f"of it, preparing images and masks {t_prepare / n * 1e3:.1f} ms/image")
-        print(f"    once per run  : figure {t_figure:.2f} s, weight digest for the fingerprint {t_digest:.2f} s (not in the rounds)")
+        print(
+            f"    overhead      : {o_med / f_med - 1:+8.1%} of the forward time (best/best "
+            f"{min(o3) / min(forward) - 1:+.1%}); "
+            f"of it, preparing images and masks {t_prepare / n * 1e3:.1f} ms/image"
+        )
+        print(
+            f"    once per run  : figure {t_figure:.2f} s, weight digest for the fingerprint {t_digest:.2f} s "
+            "(not in the rounds)"
+        )
 
 
 def main() -> None:
-    benches = {name[len("bench_"):].replace("_", "-"): fn for name, fn in globals().items()
-               if name.startswith("bench_") and callable(fn)}
+    benches = {
+        name[len("bench_") :].replace("_", "-"): fn
+        for name, fn in globals().items()
+        if name.startswith("bench_") and callable(fn)
+    }
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(sorted(benches))} (default: all)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(sorted(benches))} (default: all)"
+    )
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per measurement (default: 3)")
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--o3-images", type=int, default=16, help="images in the synthetic O3 set (default: 16)")
-    parser.add_argument("--o3-size", type=int, default=1024, help="side of the synthetic O3 images, px (default: 1024, as the public O3 example)")
+    parser.add_argument(
+        "--o3-size",
+        type=int,
+        default=1024,
+        help="side of the synthetic O3 images, px (default: 1024, as the public O3 example)",
+    )
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in benches]
     if unknown:

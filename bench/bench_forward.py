@@ -38,14 +38,26 @@ sys.path.insert(0, str(ROOT))
 
 from qkweights.vision import load_model  # noqa: E402
 
-VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-               image_size=224, patch_size=16, num_channels=3)
+VIT_B16 = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+)
 
 
 def write_vit(folder: Path, cfg: dict, seed: int = 0) -> None:
     """config.json + model.safetensors of a ViTModel with random weights (HF key names, (out, in) layout)."""
     rng = np.random.default_rng(seed)
-    d, f, p, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"], (cfg["image_size"] // cfg["patch_size"]) ** 2
+    d, f, p, n = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["patch_size"],
+        (cfg["image_size"] // cfg["patch_size"]) ** 2,
+    )
 
     def normal(*shape, std=0.02):
         return (std * rng.standard_normal(shape)).astype(np.float32)
@@ -69,8 +81,16 @@ def write_vit(folder: Path, cfg: dict, seed: int = 0) -> None:
         for norm in ("layernorm_before", "layernorm_after"):
             t[pre + norm + ".weight"], t[pre + norm + ".bias"] = 1 + normal(d), normal(d)
     save_file(t, str(folder / "model.safetensors"))
-    config = {"model_type": "vit", "architectures": ["ViTModel"], "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-              "qkv_bias": True, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **cfg}
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTModel"],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        **cfg,
+    }
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -154,14 +174,17 @@ def main() -> None:
             import torch
             from transformers import ViTModel
 
-            tm = {impl: ViTModel.from_pretrained(str(folder), attn_implementation=impl, add_pooling_layer=False).eval()
-                  for impl in ("sdpa", "eager")}
+            tm = {
+                impl: ViTModel.from_pretrained(str(folder), attn_implementation=impl, add_pooling_layer=False).eval()
+                for impl in ("sdpa", "eager")
+            }
             tx = torch.from_numpy(pixels)
 
             def torch_runner(m):
                 def run():
                     with torch.inference_mode():
                         return m(pixel_values=tx).last_hidden_state
+
                 return run
 
             runners |= {f"torch-{impl}": torch_runner(m) for impl, m in tm.items()}
@@ -170,8 +193,13 @@ def main() -> None:
             diff = float(np.abs(model.forward(pixels).last_hidden_state - ref).max())
             print(f"check: max |qkweights - torch eager| on last_hidden_state = {diff:.2e}")
 
-        blas = sorted({(i["internal_api"], i.get("version"), i.get("architecture")) for i in threadpool_info()}, key=str)
-        print(f"numpy {np.__version__}, BLAS {blas}; batch {args.batch}, ViT-B/16 224x224, {flops / args.batch / 1e9:.1f} GFLOP/image")
+        blas = sorted(
+            {(i["internal_api"], i.get("version"), i.get("architecture")) for i in threadpool_info()}, key=str
+        )
+        print(
+            f"numpy {np.__version__}, BLAS {blas}; batch {args.batch}, ViT-B/16 224x224, "
+            f"{flops / args.batch / 1e9:.1f} GFLOP/image"
+        )
         results = {}
         for n in args.threads:
             if not args.no_torch:
@@ -189,16 +217,23 @@ def main() -> None:
             for name, ts in times.items():
                 med, best = statistics.median(ts), min(ts)
                 gflops = flops / med / 1e9
-                print(f"  {name:10s} median {med * 1e3:7.0f} ms  best {best * 1e3:7.0f} ms  "
-                      f"{args.batch / med:6.2f} img/s  {gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)")
+                print(
+                    f"  {name:10s} median {med * 1e3:7.0f} ms  best {best * 1e3:7.0f} ms  "
+                    f"{args.batch / med:6.2f} img/s  {gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)"
+                )
             if not args.no_torch:
                 q = statistics.median(times["qkweights"])
                 for impl in ("sdpa", "eager"):
-                    print(f"  qkweights / torch-{impl} throughput: {statistics.median(times['torch-' + impl]) / q:.2f}x")
+                    print(
+                        f"  qkweights / torch-{impl} throughput: {statistics.median(times['torch-' + impl]) / q:.2f}x"
+                    )
         mem = peak_memory(folder, args.batch, args.threads[0])
-        print(f"\nmemory, forward(attentions=True, all 12 layers), batch {args.batch}: "
-              f"tracemalloc peak {mem['tracemalloc_peak_mb']:.0f} MB (outputs kept {mem['outputs_mb']:.0f} MB), "
-              f"RSS {mem['rss_before_mb']:.0f} MB before (weights loaded) -> peak {mem['rss_peak_mb']:.0f} MB during the call")
+        print(
+            f"\nmemory, forward(attentions=True, all 12 layers), batch {args.batch}: "
+            f"tracemalloc peak {mem['tracemalloc_peak_mb']:.0f} MB (outputs kept {mem['outputs_mb']:.0f} MB), "
+            f"RSS {mem['rss_before_mb']:.0f} MB before (weights loaded) -> peak {mem['rss_peak_mb']:.0f} MB "
+            "during the call"
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def qr_scipy_loop(a):
 
 
 def qr_scipy_loop_overwrite(a):
-    a = np.swapaxes(np.swapaxes(a, -1, -2).copy(), -1, -2)  # our own copy (the caller's W still serves head_stats); a[i] F-contiguous
+    a = np.swapaxes(
+        np.swapaxes(a, -1, -2).copy(), -1, -2
+    )  # our own copy (the caller's W still serves head_stats); a[i] F-contiguous
     out = [sl.qr(a[i], mode="economic", check_finite=False, overwrite_a=True) for i in range(a.shape[0])]
     return np.stack([q for q, _ in out]), np.stack([r for _, r in out])
 
@@ -79,8 +81,12 @@ def svd_numpy(c):
 def svd_scipy_loop(driver, overwrite):
     def run(c):
         c = c.copy() if overwrite else c
-        out = [sl.svd(c[i], full_matrices=False, check_finite=False, overwrite_a=overwrite, lapack_driver=driver) for i in range(c.shape[0])]
+        out = [
+            sl.svd(c[i], full_matrices=False, check_finite=False, overwrite_a=overwrite, lapack_driver=driver)
+            for i in range(c.shape[0])
+        ]
         return np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), np.stack([o[2] for o in out])
+
     return run
 
 
@@ -99,7 +105,9 @@ def svd_lapack_loop(c):
 def check_qr(a, ref, got) -> float:
     """max |R − R_ref| after matching row signs, and ‖Q R − A‖ (both relative)."""
     q, r = got
-    sign = np.sign(np.diagonal(r, axis1=-2, axis2=-1) * np.diagonal(ref[1], axis1=-2, axis2=-1))[..., :, None]  # (H, K, 1)
+    sign = np.sign(np.diagonal(r, axis1=-2, axis2=-1) * np.diagonal(ref[1], axis1=-2, axis2=-1))[
+        ..., :, None
+    ]  # (H, K, 1)
     err_r = np.abs(r * sign - ref[1]).max() / np.abs(ref[1]).max()
     err_a = np.abs(q @ r - a).max() / np.abs(a).max()
     return max(err_r, err_a)
@@ -131,12 +139,25 @@ def main() -> None:
     args = parser.parse_args()
     blas = [(i["internal_api"], i.get("version"), os.path.basename(i["filepath"])) for i in threadpool_info()]
     print(f"machine: {os.cpu_count()} cores; numpy {np.__version__}, scipy {scipy.__version__}; BLAS {blas}")
-    print(f"1 BLAS thread; median over {args.rounds} interleaved rounds of {args.reps} calls; times per layer (all heads)\n")
-    qr_variants = {"numpy batched": qr_numpy, "scipy looped": qr_scipy_loop, "scipy looped, overwrite_a": qr_scipy_loop_overwrite,
-                   "scipy batched": qr_scipy_batched, "scipy.linalg.lapack looped": qr_lapack_loop}
-    svd_variants = {"numpy batched (gesdd)": svd_numpy, "scipy looped gesdd": svd_scipy_loop("gesdd", False),
-                    "scipy looped gesdd, overwrite_a": svd_scipy_loop("gesdd", True), "scipy looped gesvd": svd_scipy_loop("gesvd", False),
-                    "scipy batched gesdd": svd_scipy_batched, "scipy.linalg.lapack dgesdd looped": svd_lapack_loop}
+    print(
+        f"1 BLAS thread; median over {args.rounds} interleaved rounds of {args.reps} calls; times per layer "
+        "(all heads)\n"
+    )
+    qr_variants = {
+        "numpy batched": qr_numpy,
+        "scipy looped": qr_scipy_loop,
+        "scipy looped, overwrite_a": qr_scipy_loop_overwrite,
+        "scipy batched": qr_scipy_batched,
+        "scipy.linalg.lapack looped": qr_lapack_loop,
+    }
+    svd_variants = {
+        "numpy batched (gesdd)": svd_numpy,
+        "scipy looped gesdd": svd_scipy_loop("gesdd", False),
+        "scipy looped gesdd, overwrite_a": svd_scipy_loop("gesdd", True),
+        "scipy looped gesvd": svd_scipy_loop("gesvd", False),
+        "scipy batched gesdd": svd_scipy_batched,
+        "scipy.linalg.lapack dgesdd looped": svd_lapack_loop,
+    }
     with threadpool_limits(1):
         for label, (h, d, k) in SHAPES.items():
             a = factors(h, d, k)

@@ -46,21 +46,42 @@ def make_vit(folder: Path, hidden: int, layers: int, heads: int) -> Path:
     def w(*shape):
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
 
-    t = {"embeddings.cls_token": w(1, 1, hidden), "embeddings.position_embeddings": w(1, 1 + (image // patch) ** 2, hidden),
-         "embeddings.patch_embeddings.projection.weight": w(hidden, 3, patch, patch), "embeddings.patch_embeddings.projection.bias": w(hidden),
-         "layernorm.weight": 1 + w(hidden), "layernorm.bias": w(hidden)}
+    t = {
+        "embeddings.cls_token": w(1, 1, hidden),
+        "embeddings.position_embeddings": w(1, 1 + (image // patch) ** 2, hidden),
+        "embeddings.patch_embeddings.projection.weight": w(hidden, 3, patch, patch),
+        "embeddings.patch_embeddings.projection.bias": w(hidden),
+        "layernorm.weight": 1 + w(hidden),
+        "layernorm.bias": w(hidden),
+    }
     for i in range(layers):
         p = f"encoder.layer.{i}."
-        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"):
+        for name in (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+        ):
             t[p + name + ".weight"], t[p + name + ".bias"] = w(hidden, hidden), w(hidden)
         t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = w(mlp, hidden), w(mlp)
         t[p + "output.dense.weight"], t[p + "output.dense.bias"] = w(hidden, mlp), w(hidden)
         for ln in ("layernorm_before", "layernorm_after"):
             t[p + ln + ".weight"], t[p + ln + ".bias"] = 1 + w(hidden), w(hidden)
     save_file(t, str(folder / "model.safetensors"))
-    config = {"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": hidden, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "intermediate_size": mlp, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-              "image_size": image, "patch_size": patch, "num_channels": 3, "qkv_bias": True}
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTModel"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": mlp,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "image_size": image,
+        "patch_size": patch,
+        "num_channels": 3,
+        "qkv_bias": True,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -75,7 +96,8 @@ def best_of(fn, repeat: int) -> float:
 
 
 def bench_math(folder: Path) -> None:
-    """compute_profile (weights read from the file included) against the dense SVD of each D×D product (weights in memory)."""
+    """compute_profile (weights read from the file included) against the dense SVD of each D×D product (weights in
+    memory)."""
     ck = open_checkpoint(TensorStore.open([folder / "model.safetensors"]), {"config.json": folder / "config.json"})
     weights = [ck.qk(l) for l in range(ck.dims.layers)]
     k = ck.dims.head_dim
@@ -91,8 +113,10 @@ def bench_math(folder: Path) -> None:
         t_ours = best_of(lambda: compute_profile(ck, {}, workers=cores), 5)  # its own setting: 1 BLAS thread per worker
         with threadpool_limits(cores):
             t_dense = best_of(dense, 1)
-        print(f"  {cores} core(s): qkweights {t_ours * 1e3:8.1f} ms ({cores} worker(s) × 1 BLAS thread)   "
-              f"dense SVD {t_dense * 1e3:9.1f} ms ({cores} BLAS thread(s))   speed-up {t_dense / t_ours:6.1f}x")
+        print(
+            f"  {cores} core(s): qkweights {t_ours * 1e3:8.1f} ms ({cores} worker(s) × 1 BLAS thread)   "
+            f"dense SVD {t_dense * 1e3:9.1f} ms ({cores} BLAS thread(s))   speed-up {t_dense / t_ours:6.1f}x"
+        )
 
 
 def bench_end_to_end(folder: Path) -> None:
@@ -103,17 +127,42 @@ def bench_end_to_end(folder: Path) -> None:
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=ROOT)
             times.append(time.perf_counter() - t0)
-    print(f"end to end `python -m qkweights profile` (ViT-B F32, plots included): best {min(times):.2f} s, runs {', '.join(f'{t:.2f}' for t in times)} s")
+    print(
+        f"end to end `python -m qkweights profile` (ViT-B F32, plots included): best {min(times):.2f} s, runs "
+        f"{', '.join(f'{t:.2f}' for t in times)} s"
+    )
 
 
 def bench_rss(folder: Path) -> None:
     size = (folder / "model.safetensors").stat().st_size
     with tempfile.TemporaryDirectory() as out:
-        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        res = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "qkweights", "profile", str(folder), "--out", out, "--quiet"],
-                             check=True, cwd=ROOT, capture_output=True, text=True)
-    print(f"peak RSS of `profile` on a ViT-L-shaped file ({size / 2**30:.2f} GiB F32, 24 layers, D 1024): {int(res.stdout.split()[-1]) / 1024:.0f} MiB")
+        code = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                sys.executable,
+                "-m",
+                "qkweights",
+                "profile",
+                str(folder),
+                "--out",
+                out,
+                "--quiet",
+            ],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+    print(
+        f"peak RSS of `profile` on a ViT-L-shaped file ({size / 2**30:.2f} GiB F32, 24 layers, D 1024): "
+        f"{int(res.stdout.split()[-1]) / 1024:.0f} MiB"
+    )
 
 
 def main() -> None:

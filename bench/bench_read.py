@@ -53,6 +53,7 @@ def pread_reader(path: Path):
         with open(path, "rb") as f:
             assert os.preadv(f.fileno(), [out.reshape(-1).view(np.uint8)], 8 + n + begin) == end - begin
         return out
+
     return get
 
 
@@ -94,11 +95,21 @@ def main() -> None:
                 for i in range(layers):
                     read(i)
                 times[way].append((time.perf_counter() - t0) / layers)
-        print(f"{label} ({layers} layers, D {hidden}, F32, {path.stat().st_size / 2**20:.0f} MiB): q, k, v, out weights per layer")
+        print(
+            f"{label} ({layers} layers, D {hidden}, F32, {path.stat().st_size / 2**20:.0f} MiB): q, k, v, out "
+            "weights per layer"
+        )
         for way, t in times.items():
-            rss = subprocess.run([sys.executable, __file__, "--child", str(path), str(layers), "64", way],
-                                 check=True, capture_output=True, text=True).stdout.split()[-1]
-            print(f"  {way:32s} median {np.median(t) * 1e3:6.2f} ms/layer   peak RSS of the whole read {int(rss) / 1024:5.0f} MiB")
+            rss = subprocess.run(
+                [sys.executable, __file__, "--child", str(path), str(layers), "64", way],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()[-1]
+            print(
+                f"  {way:32s} median {np.median(t) * 1e3:6.2f} ms/layer   peak RSS of the whole read "
+                f"{int(rss) / 1024:5.0f} MiB"
+            )
 
 
 if __name__ == "__main__":

@@ -99,9 +99,25 @@ def o3_peak_rss(model_dir: Path, data: Path, batch: int) -> tuple[float, float]:
     """(peak RSS in MB, seconds) of the command ``o3 … --batch-size batch --no-plots`` in a child process."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", O3_CHILD, "o3", str(model_dir), str(data), "--batch-size", str(batch),
-                               "--no-plots", "--quiet", "--out", tmp], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                O3_CHILD,
+                "o3",
+                str(model_dir),
+                str(data),
+                "--batch-size",
+                str(batch),
+                "--no-plots",
+                "--quiet",
+                "--out",
+                tmp,
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(proc.stderr)
@@ -113,7 +129,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160, help="photos in the top-images set (default: 160)")
     parser.add_argument("--reps", type=int, default=2, help="timed rounds (default: 2)")
     parser.add_argument("--workers", default="1,2", help="--workers values to time (default: 1,2)")
-    parser.add_argument("--scaling", metavar="LIST", help="instead: only the bare forward and --workers N for each N, e.g. 1,2,4,8,16")
+    parser.add_argument(
+        "--scaling", metavar="LIST", help="instead: only the bare forward and --workers N for each N, e.g. 1,2,4,8,16"
+    )
     parser.add_argument("--no-dask", action="store_true", help="skip the loopback Dask cluster")
     parser.add_argument("--no-o3", action="store_true", help="skip the o3 memory measurement")
     parser.add_argument("--no-figures", action="store_true", help="skip the figure timing")
@@ -127,11 +145,15 @@ def main() -> None:
     vit_dir = make_vit(OUT / "vit-b-random", 768, 12, 12)
     if not args.no_o3 and not args.scaling:
         rss, seconds = o3_peak_rss(vit_dir, o3_set(64), 32)
-        print(f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, "
-              f"{64 / seconds:.2f} img/s (a child process, import and model load included)")
+        print(
+            f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, "
+            f"{64 / seconds:.2f} img/s (a child process, import and model load included)"
+        )
     model = load_model(str(vit_dir))
     root = photos(args.images)
-    if not args.no_figures and not args.scaling:  # before any worker thread or cluster: figures draw in forked processes
+    if (
+        not args.no_figures and not args.scaling
+    ):  # before any worker thread or cluster: figures draw in forked processes
         from qkweights.top_images import TopImagesResult, draw_top_images
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -142,8 +164,10 @@ def main() -> None:
             draw_top_images(model.ref, result, root, saved)
             seconds = time.perf_counter() - t0
         k = len(result.doc["heads"]) + 1
-        print(f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per "
-              "figure beyond the scan")
+        print(
+            f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per "
+            "figure beyond the scan"
+        )
     n = args.images
     workers = [int(w) for w in (args.scaling or args.workers).split(",")]
     runs: dict[str, list[float]] = {"bare forward": []}
@@ -154,11 +178,15 @@ def main() -> None:
     if not args.no_dask and not args.scaling:
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        cluster = LocalCluster(
+            n_workers=cores, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        )
         client = Client(cluster)
         runs[f"top-images --scheduler (loopback Dask, {cores} workers × 1 thread)"] = []
-    print(f"top-images --no-plots: {n} photos 500×375, ViT-B/16 shape, all 12 layers × 12 heads, modes 0-9, top 8, "
-          f"batch {BATCH}, shard {SHARD}; {args.reps} rounds")
+    print(
+        f"top-images --no-plots: {n} photos 500×375, ViT-B/16 shape, all 12 layers × 12 heads, modes 0-9, top 8, "
+        f"batch {BATCH}, shard {SHARD}; {args.reps} rounds"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.reps):
             for label in runs:
@@ -177,7 +205,10 @@ def main() -> None:
         ref = statistics.median(runs["bare forward"])
         for label, times in runs.items():
             med = statistics.median(times)
-            print(f"  {label:58s} {n / med:7.2f} img/s (best {n / min(times):.2f})   ratio to the bare forward {ref / med:5.2f}")
+            print(
+                f"  {label:58s} {n / med:7.2f} img/s (best {n / min(times):.2f})   ratio to the bare forward "
+                f"{ref / med:5.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -9,12 +9,20 @@ from qkweights.version import __version__
 __all__ = ["__version__", "load_model", "load_profile", "profile", "save_profile"]
 
 
-def profile(model: str, *, save_vectors: bool = False, progress: bool | None = None, fold_ln: bool = False,
-            reporter=None, **options):
+def profile(
+    model: str,
+    *,
+    save_vectors: bool = False,
+    progress: bool | None = None,
+    fold_ln: bool = False,
+    reporter=None,
+    **options,
+):
     """Profile every head of ``model`` (Hub id, local folder, .safetensors or PyTorch file).
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (a folder, or a
-    list of folders, of user spec files; see :func:`qkweights.load.open_model`). Returns a :class:`qkweights.profiles.Profile`:
+    list of folders, of user spec files; see :func:`qkweights.load.open_model`). Returns a
+    :class:`qkweights.profiles.Profile`:
     per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
     ``.save(dir)`` writes its data files, :func:`save_profile` its figures too; ``.to_json()``.
     ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` and add the key-salience norms
@@ -25,11 +33,14 @@ def profile(model: str, *, save_vectors: bool = False, progress: bool | None = N
     from qkweights.workflow import Reporter
     from qkweights.workflow import profile as _profile
 
-    return _profile(model, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter or Reporter(downloads=progress), **options)
+    return _profile(
+        model, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter or Reporter(downloads=progress), **options
+    )
 
 
 def save_profile(prof, out, *, plots: bool = True):
-    """Write ``prof`` into the folder ``out``: profile.json, heads.csv, modes.npz (with vectors) and, with ``plots``, the figures."""
+    """Write ``prof`` into the folder ``out``: profile.json, heads.csv, modes.npz (with vectors) and, with ``plots``,
+    the figures."""
     from qkweights.workflow import save_profile as _save
 
     return _save(prof, out, plots=plots)
@@ -45,7 +56,8 @@ def load_profile(path, *, vectors: bool = True):
 def load_model(model: str, **options):
     """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`).
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see :func:`qkweights.load.open_model`).
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
+    :func:`qkweights.load.open_model`).
     """
     from qkweights.vision import load_model as _load
 

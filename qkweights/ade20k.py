@@ -42,8 +42,10 @@ LAYOUT_TEXT = {
     SCENE: "ADE20K SceneParsing: images/…/NAME.jpg + annotations/…/NAME.png (one object per class id > 0)",
     GENERIC: "generic: images/NAME.* + instances/NAME.png (8- or 16-bit instance ids, 0 = none)",
 }
-LOOKED_FOR = ("images/ + instances/ (generic), images/ + annotations/ (ADE20K SceneParsing, also under "
-              "ADEChallengeData2016/), or NAME.jpg with NAME_seg.png beside it (ADE20K full release)")
+LOOKED_FOR = (
+    "images/ + instances/ (generic), images/ + annotations/ (ADE20K SceneParsing, also under "
+    "ADEChallengeData2016/), or NAME.jpg with NAME_seg.png beside it (ADE20K full release)"
+)
 FULL_IMAGE_SUFFIXES = (".jpg", ".jpeg")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SEG_SUFFIX = "_seg.png"
@@ -111,8 +113,14 @@ def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | N
     if (root / "images").is_dir() and (root / "instances").is_dir():
         data = _paired(root, root / "images", root / "instances", GENERIC, IMAGE_SUFFIXES, skip)
     else:
-        base = next((b for b in (root, root / "ADEChallengeData2016")
-                     if (b / "images").is_dir() and (b / "annotations").is_dir()), None)
+        base = next(
+            (
+                b
+                for b in (root, root / "ADEChallengeData2016")
+                if (b / "images").is_dir() and (b / "annotations").is_dir()
+            ),
+            None,
+        )
         if base is not None:
             data = _paired(root, base / "images", base / "annotations", SCENE, IMAGE_SUFFIXES, skip)
         else:
@@ -129,8 +137,10 @@ def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | N
                     missing.append((name, f"no annotation {seg.name} beside it"))
             data = SegDataset(root, FULL, items, sorted(missing))
     if not data.items and not data.missing:
-        raise InputError(f"{root}: the {LAYOUT_TEXT[data.layout].split(':')[0]} layout holds no image; "
-                         "give the folder that holds the images")
+        raise InputError(
+            f"{root}: the {LAYOUT_TEXT[data.layout].split(':')[0]} layout holds no image; "
+            "give the folder that holds the images"
+        )
     return data
 
 
@@ -143,7 +153,9 @@ def _open(path: Path) -> Image.Image:
             im.load()
             return im.copy()
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise InputError(f"annotation {path.name} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        raise InputError(
+            f"annotation {path.name} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from None
 
 
 def full_release_objects(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,16 +189,22 @@ def read_objects(item: SegItem, image_size: tuple[int, int]) -> tuple[np.ndarray
     """
     im = _open(item.annotation)
     if im.size != tuple(image_size):
-        raise InputError(f"annotation {item.annotation.name} is {im.size[0]}x{im.size[1]} but the image is "
-                         f"{image_size[0]}x{image_size[1]} (width x height); it must match its image pixel for pixel")
+        raise InputError(
+            f"annotation {item.annotation.name} is {im.size[0]}x{im.size[1]} but the image is "
+            f"{image_size[0]}x{image_size[1]} (width x height); it must match its image pixel for pixel"
+        )
     if item.layout == FULL:
         if im.mode not in ("RGB", "RGBA", "P"):
-            raise InputError(f"seg PNG {item.annotation.name} has pixel mode {im.mode}; the ADE20K full release stores RGB")
+            raise InputError(
+                f"seg PNG {item.annotation.name} has pixel mode {im.mode}; the ADE20K full release stores RGB"
+            )
         ids, classes = full_release_objects(np.asarray(im.convert("RGB")))
         return ids, {o + 1: int(c) for o, c in enumerate(classes)}
     if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
-        raise InputError(f"annotation {item.annotation.name} has pixel mode {im.mode}; "
-                         "save it as a single-channel 8- or 16-bit integer PNG")
+        raise InputError(
+            f"annotation {item.annotation.name} has pixel mode {im.mode}; "
+            "save it as a single-channel 8- or 16-bit integer PNG"
+        )
     ids = np.asarray(im).astype(np.int64)  # (H, W): P gives its palette indices, as ids
     if ids.min() < 0:
         raise InputError(f"annotation {item.annotation.name} holds negative ids; ids must be 0 (none) or positive")

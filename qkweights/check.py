@@ -91,13 +91,14 @@ class Check:
 
     @property
     def where(self) -> str:
-        """"model", "L3" or "L3 H2"."""
+        """ "model", "L3" or "L3 H2"."""
         if self.layer is None:
             return "model"
         return f"L{self.layer}" if self.head is None else f"L{self.layer} H{self.head}"
 
     def line(self) -> str:
-        """One human-readable line, e.g. ``L1 H2  head top singular values: 0.5 > allowed 0.01 — mode 0: σ 3.908 → 5.863``."""
+        """One human-readable line, e.g. ``L1 H2  head top singular values: 0.5 > allowed 0.01 — mode 0: σ 3.908 →
+        5.863``."""
         if isinstance(self.allowed, str):
             text = f"{_fmt(self.measured)} (allowed: {self.allowed})"
         else:
@@ -106,12 +107,28 @@ class Check:
         return f"{self.where:<6} {self.name}: {text}" + (f" — {self.detail}" if self.detail else "")
 
     def to_json(self) -> dict:
-        return {"name": self.name, "where": self.where, "layer": self.layer, "head": self.head,
-                "measured": self.measured, "allowed": self.allowed, "passed": self.passed, "detail": self.detail}
+        return {
+            "name": self.name,
+            "where": self.where,
+            "layer": self.layer,
+            "head": self.head,
+            "measured": self.measured,
+            "allowed": self.allowed,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
 
     @classmethod
     def from_json(cls, doc: dict) -> Check:
-        return cls(doc["name"], doc["layer"], doc["head"], doc["measured"], doc["allowed"], doc["passed"], doc.get("detail", ""))
+        return cls(
+            doc["name"],
+            doc["layer"],
+            doc["head"],
+            doc["measured"],
+            doc["allowed"],
+            doc["passed"],
+            doc.get("detail", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -144,9 +161,15 @@ class CheckReport:
         against = f"{model_name(self.current)} against baseline {model_name(self.baseline)}"
         if self.passed:
             K = self.current["model"]["head_dim"]  # the σ check covers at most the K modes a head has
-            top = f"the top {plural(t['top_sigma'], 'mode')}" if t["top_sigma"] <= K else f"all {K} modes (a head has {K})"
-            return (f"check passed: {len(self.checks)} checks, {against} (tolerances: layer {t['layer']:g}, "
-                    f"head {t['head']:g}, σ {t['sigma']:g} over {top})")
+            top = (
+                f"the top {plural(t['top_sigma'], 'mode')}"
+                if t["top_sigma"] <= K
+                else f"all {K} modes (a head has {K})"
+            )
+            return (
+                f"check passed: {len(self.checks)} checks, {against} (tolerances: layer {t['layer']:g}, "
+                f"head {t['head']:g}, σ {t['sigma']:g} over {top})"
+            )
         fails = self.failures
         lines = [f"check FAILED: {len(fails)} of {len(self.checks)} checks, {against}"]
         lines += [c.line() for c in fails[:limit]]
@@ -157,19 +180,33 @@ class CheckReport:
     def to_json(self) -> dict:
         """The report document (schema ``qkweights.check/1``)."""
         return {
-            "schema": SCHEMA, "tool_version": self.tool_version, "passed": self.passed,
+            "schema": SCHEMA,
+            "tool_version": self.tool_version,
+            "passed": self.passed,
             "counts": {"checks": len(self.checks), "failed": len(self.failures)},
-            "tolerances": self.tolerances, "current": self.current, "baseline": self.baseline,
-            "notes": list(self.notes), "checks": [c.to_json() for c in self.checks],
+            "tolerances": self.tolerances,
+            "current": self.current,
+            "baseline": self.baseline,
+            "notes": list(self.notes),
+            "checks": [c.to_json() for c in self.checks],
         }
 
     @classmethod
     def from_json(cls, doc: dict) -> CheckReport:
         """Read back :meth:`to_json` (after a JSON round trip)."""
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-            raise InputError(f"not a qkweights check report (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})")
-        return cls(tuple(Check.from_json(c) for c in doc["checks"]), doc["tolerances"], doc["current"], doc["baseline"],
-                   tuple(doc["notes"]), doc["tool_version"])
+            raise InputError(
+                "not a qkweights check report (schema "
+                f"{doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})"
+            )
+        return cls(
+            tuple(Check.from_json(c) for c in doc["checks"]),
+            doc["tolerances"],
+            doc["current"],
+            doc["baseline"],
+            tuple(doc["notes"]),
+            doc["tool_version"],
+        )
 
     def to_junit(self) -> str:
         """JUnit XML: one testsuite, one testcase per group of checks.
@@ -184,35 +221,61 @@ class CheckReport:
             groups.setdefault(_group(c), []).append(c)
         n_failed = sum(any(not c.passed for c in g) for g in groups.values())
         suites = ET.Element("testsuites", name="qkweights check", tests=str(len(groups)), failures=str(n_failed))
-        suite = ET.SubElement(suites, "testsuite", name=f"qkweights check {model_name(self.current)}",
-                              tests=str(len(groups)), failures=str(n_failed), errors="0", skipped="0")
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            name=f"qkweights check {model_name(self.current)}",
+            tests=str(len(groups)),
+            failures=str(n_failed),
+            errors="0",
+            skipped="0",
+        )
         props = ET.SubElement(suite, "properties")
-        for key, value in [("baseline", model_name(self.baseline))] + [(f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()]:
+        for key, value in [("baseline", model_name(self.baseline))] + [
+            (f"tolerance_{k}", str(v)) for k, v in self.tolerances.items()
+        ]:
             ET.SubElement(props, "property", name=key, value=value)
         for name, checks in groups.items():
             case = ET.SubElement(suite, "testcase", classname="qkweights.check", name=name)
             failed = [c for c in checks if not c.passed]
             if failed:
-                short = "; ".join(f"{c.where}: {_fmt(c.measured)}" + ("" if isinstance(c.allowed, str) else f" > {_fmt(c.allowed)}")
-                                  for c in failed)
+                short = "; ".join(
+                    f"{c.where}: {_fmt(c.measured)}" + ("" if isinstance(c.allowed, str) else f" > {_fmt(c.allowed)}")
+                    for c in failed
+                )
                 message = f"{len(failed)} of {len(checks)} failed: {short}" if len(checks) > 1 else failed[0].line()
-                ET.SubElement(case, "failure", message=message, type=checks[0].name).text = "\n".join(c.line() for c in failed)
+                ET.SubElement(case, "failure", message=message, type=checks[0].name).text = "\n".join(
+                    c.line() for c in failed
+                )
         ET.indent(suites)
         return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.02, tol_head: float = 0.05,
-                  tol_sigma: float = 0.01, top_sigma: int = 5,
-                  causes: Mapping[tuple[int, int], str] | None = None,
-                  tol_symmetry: float | None = None, tol_ov: float | None = None) -> CheckReport:
+def check_profile(
+    current: Profile,
+    baseline: Profile,
+    *,
+    tol_layer: float = 0.02,
+    tol_head: float = 0.05,
+    tol_sigma: float = 0.01,
+    top_sigma: int = 5,
+    causes: Mapping[tuple[int, int], str] | None = None,
+    tol_symmetry: float | None = None,
+    tol_ov: float | None = None,
+) -> CheckReport:
     """Compare ``current`` with ``baseline`` (see the module docstring for each check).
 
     Tolerances are absolute for the cosines (which lie in [−1, 1]) and relative
     for σ. ``causes``: optional text per collapsed (layer, head), from
     :func:`collapse_causes`, added to that check's detail.
     """
-    for name, value in (("tol_layer", tol_layer), ("tol_head", tol_head), ("tol_sigma", tol_sigma),
-                        ("tol_symmetry", tol_symmetry), ("tol_ov", tol_ov)):
+    for name, value in (
+        ("tol_layer", tol_layer),
+        ("tol_head", tol_head),
+        ("tol_sigma", tol_sigma),
+        ("tol_symmetry", tol_symmetry),
+        ("tol_ov", tol_ov),
+    ):
         if value is not None and not value >= 0:
             raise InputError(f"{name}={value}: a tolerance must be a number ≥ 0")
     if top_sigma < 1:
@@ -224,8 +287,17 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
     checks = [Check(ARCHITECTURE, None, None, m.shape_text(), mb.shape_text(), same)]
     notes = [] if same else ["architecture differs from the baseline: numeric comparisons skipped"]
     if (m.folded or None) != (mb.folded or None):
-        checks.append(Check(FOLDING, None, None, m.folded or "plain", mb.folded or "plain", False,
-                            "profile the model as the baseline was (fold_ln=True or not)"))
+        checks.append(
+            Check(
+                FOLDING,
+                None,
+                None,
+                m.folded or "plain",
+                mb.folded or "plain",
+                False,
+                "profile the model as the baseline was (fold_ln=True or not)",
+            )
+        )
         notes.append("folding differs from the baseline: numeric comparisons skipped")
         same = False
     circuit = _circuit_plan(current, baseline, tol_symmetry, tol_ov, notes) if same else {}
@@ -248,7 +320,9 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
                 continue
             if same:
                 usable.append(h)
-                head_checks.append(_cosine_check(HEAD_COSINE, l, h, current.weighted[l, h], baseline.weighted[l, h], tol_head))
+                head_checks.append(
+                    _cosine_check(HEAD_COSINE, l, h, current.weighted[l, h], baseline.weighted[l, h], tol_head)
+                )
                 head_checks.append(_sigma_check(l, h, S[l, h, :N], Sb[l, h, :N], tol_sigma))
                 for name, (now, base, tol) in circuit.items():
                     if np.isfinite(base[l, h]):
@@ -256,8 +330,16 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
         if same:
             both = [h for h in usable if np.isfinite(baseline.weighted[l, h])]
             if both:
-                checks.append(_cosine_check(LAYER_COSINE, l, None, current.weighted[l, both].mean(),
-                                            baseline.weighted[l, both].mean(), tol_layer))
+                checks.append(
+                    _cosine_check(
+                        LAYER_COSINE,
+                        l,
+                        None,
+                        current.weighted[l, both].mean(),
+                        baseline.weighted[l, both].mean(),
+                        tol_layer,
+                    )
+                )
                 if len(both) < m.heads:
                     notes.append(f"L{l}: layer mean over heads {', '.join(map(str, both))} only")
             else:
@@ -271,24 +353,37 @@ def check_profile(current: Profile, baseline: Profile, *, tol_layer: float = 0.0
 def check_baseline(baseline: Profile) -> None:
     """Raise InputError when the baseline has non-finite or collapsed (σ_0 = 0) heads: both are refused alike."""
     bad = set(baseline.nonfinite)
-    collapsed = [(int(l), int(h)) for l, h in zip(*np.nonzero(~(baseline.singular_values[..., 0] > 0))) if (l, h) not in bad]
-    problems = [f"{what} in {', '.join(f'L{l} H{h}' for l, h in heads)}"
-                for what, heads in (("non-finite weights", sorted(bad)), ("collapsed heads (σ_0 = 0)", collapsed)) if heads]
+    collapsed = [
+        (int(l), int(h)) for l, h in zip(*np.nonzero(~(baseline.singular_values[..., 0] > 0))) if (l, h) not in bad
+    ]
+    problems = [
+        f"{what} in {', '.join(f'L{l} H{h}' for l, h in heads)}"
+        for what, heads in (("non-finite weights", sorted(bad)), ("collapsed heads (σ_0 = 0)", collapsed))
+        if heads
+    ]
     if problems:
-        raise InputError(f"baseline {baseline.name}: {'; '.join(problems)}, which check fails in any model; "
-                         f"write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+        raise InputError(
+            f"baseline {baseline.name}: {'; '.join(problems)}, which check fails in any model; "
+            f"write the baseline from a healthy checkpoint with `python -m qkweights profile`"
+        )
 
 
 def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov, notes: list) -> dict:
-    """{check name: (current (L, H), baseline (L, H), tolerance)} of the requested checks both profiles can give; notes say what is absent."""
+    """{check name: (current (L, H), baseline (L, H), tolerance)} of the requested checks both profiles can give; notes
+    say what is absent."""
     plan = {}
-    for name, flag, tol, get in ((HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric),
-                                 (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted)):
+    for name, flag, tol, get in (
+        (HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric),
+        (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted),
+    ):
         if tol is None:
             continue
         now, base = get(current), get(baseline)
         if base is None or not np.isfinite(base).any():
-            notes.append(f"{flag}: the baseline has no {name.removeprefix('head ')} (profile/1 or no value-output circuit): check skipped")
+            notes.append(
+                f"{flag}: the baseline has no {name.removeprefix('head ')} (profile/1 or no value-output "
+                "circuit): check skipped"
+            )
         elif now is None or not np.isfinite(now).any():
             notes.append(f"{flag}: the current model has no {name.removeprefix('head ')}: check skipped")
         else:
@@ -309,8 +404,15 @@ def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
         qk = ck.qk(l)  # wq, wk: (H, K, D)
         for h in sorted(h for ll, h in heads if ll == l):
             zq, zk = not qk.wq[h].any(), not qk.wk[h].any()
-            out[l, h] = ("W_q and W_k all zero" if zq and zk else "W_q all zero" if zq else "W_k all zero" if zk
-                         else "W_qᵀW_k = 0 with non-zero W_q and W_k")
+            out[l, h] = (
+                "W_q and W_k all zero"
+                if zq and zk
+                else "W_q all zero"
+                if zq
+                else "W_k all zero"
+                if zk
+                else "W_qᵀW_k = 0 with non-zero W_q and W_k"
+            )
     return out
 
 

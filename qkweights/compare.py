@@ -4,8 +4,8 @@ Inputs are :class:`~qkweights.profiles.Profile` objects, saved ``profile.json``
 files (read with :func:`~qkweights.profiles.load_profile`, never recomputed),
 ``o3_summary.json`` files (schema ``qkweights.o3/1``), ``same_object.json`` files
 (schema ``qkweights.same_object/1``: the probability per analysed layer, mean ± s.e.m.
-over heads, paper Fig. 6), or folders holding any of them. Models of different depths share the x axis because every curve is
-drawn against l/(L−1).
+over heads, paper Fig. 6), or folders holding any of them. Models of different depths
+share the x axis because every curve is drawn against l/(L−1).
 
 ``o3_summary.json`` as read here::
 
@@ -75,8 +75,9 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
 
     A profile gives two curves (``weighted_cosine`` with its head range,
     ``mean_cosine``), plus ``symmetric_fraction`` and ``ov_weighted_cosine`` (head ranges) when
-    it holds them (profile/2; a LayerNorm-folded profile is labelled "… [LN-folded]"); an O3 summary gives three (``o3_same``, ``o3_different``,
-    ``o3_background``); a same-object result one (``same_object``). ``label`` overrides the model id as legend label.
+    it holds them (profile/2; a LayerNorm-folded profile is labelled "… [LN-folded]"); an O3 summary gives three
+    (``o3_same``, ``o3_different``, ``o3_background``); a same-object result one (``same_object``). ``label`` overrides
+    the model id as legend label.
     Anything else raises InputError naming the file and what was expected.
     """
     if isinstance(item, Profile):
@@ -85,8 +86,10 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
     if path.is_dir():
         found = [path / name for name in INPUT_FILES if (path / name).is_file()]
         if not found:
-            raise InputError(f"{path}: holds no profile.json, o3_summary.json or same_object.json; pass a folder written by "
-                             "the profile, o3 or same-object workflow or one of those files")
+            raise InputError(
+                f"{path}: holds no profile.json, o3_summary.json or same_object.json; pass a folder written by "
+                "the profile, o3 or same-object workflow or one of those files"
+            )
         return [c for f in found for c in curves_from(f, label=label)]
     doc = _read_json(path)
     schema = doc.get("schema") if isinstance(doc, dict) else None
@@ -96,9 +99,11 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
         return _o3_curves(doc, path, label)
     if schema == SAME_SCHEMA:
         return [_same_curve(doc, path, label)]
-    raise InputError(f"{path}: not a qkweights profile, O3 summary or same-object result (schema {schema!r}); expected "
-                     f"a profile.json (schema {PROFILE_SCHEMA!r}), an o3_summary.json (schema {O3_SCHEMA!r}) or a "
-                     f"same_object.json (schema {SAME_SCHEMA!r})")
+    raise InputError(
+        f"{path}: not a qkweights profile, O3 summary or same-object result (schema {schema!r}); expected "
+        f"a profile.json (schema {PROFILE_SCHEMA!r}), an o3_summary.json (schema {O3_SCHEMA!r}) or a "
+        f"same_object.json (schema {SAME_SCHEMA!r})"
+    )
 
 
 def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
@@ -118,7 +123,10 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     given twice under one label get " #2", " #3" appended. Returns the paths written.
     """
     if not items:
-        raise InputError("compare: nothing to compare; pass one or more models, profile.json, o3_summary.json or same_object.json files")
+        raise InputError(
+            "compare: nothing to compare; pass one or more models, profile.json, o3_summary.json or "
+            "same_object.json files"
+        )
     if labels is not None and len(labels) != len(items):
         raise InputError(f"labels=…: {len(labels)} label(s) for {len(items)} item(s); give one label per item")
     groups = _distinct_labels([curves_from(it, label=lab) for it, lab in zip(items, labels or [None] * len(items))])
@@ -140,7 +148,10 @@ def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None
     return written
 
 
-CIRCUIT_KINDS = {"symmetric_fraction": "symmetric fraction of W_qᵀW_k", "ov_weighted_cosine": "value-output weighted cosine p·r"}
+CIRCUIT_KINDS = {
+    "symmetric_fraction": "symmetric fraction of W_qᵀW_k",
+    "ov_weighted_cosine": "value-output weighted cosine p·r",
+}
 
 
 def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
@@ -151,9 +162,17 @@ def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
     """
     panels = {title: [c for g in groups for c in g if c.kind == kind] for kind, title in CIRCUIT_KINDS.items()}
     panels = {t: cs for t, cs in panels.items() if cs}
-    png = figures.curve_panels_figure(panels, out / "compare_circuits.png", title="Beyond the paper: symmetry and value-output circuit by normalised depth",
-                                      ylabel="mean over heads (band: head range)")
-    header = ["model", "layer", "depth"] + [f"{kind}{part}" for kind in CIRCUIT_KINDS for part in ("", "_min", "_max")] + list(PROVENANCE)
+    png = figures.curve_panels_figure(
+        panels,
+        out / "compare_circuits.png",
+        title="Beyond the paper: symmetry and value-output circuit by normalised depth",
+        ylabel="mean over heads (band: head range)",
+    )
+    header = (
+        ["model", "layer", "depth"]
+        + [f"{kind}{part}" for kind in CIRCUIT_KINDS for part in ("", "_min", "_max")]
+        + list(PROVENANCE)
+    )
     rows = []
     for g in groups:
         first = g[0]
@@ -162,7 +181,11 @@ def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
             row = [first.label, l, csv_number(first.depth[l])]
             for kind in CIRCUIT_KINDS:
                 c = found.get(kind)
-                row += [csv_number(c.values[l]), csv_number(c.lo[l]), csv_number(c.hi[l])] if c is not None else ["", "", ""]
+                row += (
+                    [csv_number(c.values[l]), csv_number(c.lo[l]), csv_number(c.hi[l])]
+                    if c is not None
+                    else ["", "", ""]
+                )
             rows.append(row + _provenance(first))
     return [png, write_csv(out / "compare_circuits.csv", header, rows)]
 
@@ -175,23 +198,42 @@ def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> lis
     """
     if not folded.model.folded or plain.model.folded:
         raise InputError("fold_comparison: pass a LayerNorm-folded profile first and a plain one second")
-    curves = [c for p, lab in ((plain, "plain W_qᵀW_k"), (folded, "LayerNorm-folded Γ W_qᵀW_k Γ"))
-              for c in _profile_curves(p, lab) if c.kind == "weighted_cosine"]
+    curves = [
+        c
+        for p, lab in ((plain, "plain W_qᵀW_k"), (folded, "LayerNorm-folded Γ W_qᵀW_k Γ"))
+        for c in _profile_curves(p, lab)
+        if c.kind == "weighted_cosine"
+    ]
     D = plain.model.hidden
     name = folded.name
     name = name if len(name) <= 60 else "…" + name[-59:]
-    png = figures.curves_figure(curves, Path(out_dir) / "fold_cosine_by_layer.png",
-                                title=f"{name}\nweighted query-key cosine, LayerNorm-folded vs plain",
-                                ylabel="weighted cosine u·v (mean over heads)", null_band=float(null_band(D)),
-                                null_label=f"95% null band ±1.96/√D = ±{null_band(D):.3f} (D = {D})")
+    png = figures.curves_figure(
+        curves,
+        Path(out_dir) / "fold_cosine_by_layer.png",
+        title=f"{name}\nweighted query-key cosine, LayerNorm-folded vs plain",
+        ylabel="weighted cosine u·v (mean over heads)",
+        null_band=float(null_band(D)),
+        null_label=f"95% null band ±1.96/√D = ±{null_band(D):.3f} (D = {D})",
+    )
     return [png]
 
 
 def _write_same(groups: list[list[Curve]], out: Path) -> list[Path]:
     curves = [_kind(g, "same_object") for g in groups]
     png = figures.same_object_compare_figure(curves, out / "compare_same_object.png")
-    rows = [[c.label, int(l), csv_number(c.depth[i]), csv_number(c.values[i]), csv_number(c.values[i] - c.lo[i]), csv_number(c.chance[i])] + _provenance(c)
-            for c in curves for i, l in enumerate(c.layers)]
+    rows = [
+        [
+            c.label,
+            int(l),
+            csv_number(c.depth[i]),
+            csv_number(c.values[i]),
+            csv_number(c.values[i] - c.lo[i]),
+            csv_number(c.chance[i]),
+        ]
+        + _provenance(c)
+        for c in curves
+        for i, l in enumerate(c.layers)
+    ]
     header = ["model", "layer", "depth", "probability", "sem", "chance", *PROVENANCE]
     return [png, write_csv(out / "compare_same_object.csv", header, rows)]
 
@@ -205,8 +247,10 @@ def _same_curve(doc: dict, path: Path, label: str | None) -> Curve:
         sem = np.array([_float(e["sem"]) for e in entries])  # NaN for one head: no band
         chance = np.array([_float(e["chance"]) for e in entries])
     except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: malformed same-object result ({type(e).__name__}: {e}); each layer entry needs "
-                         "'layer', 'probability', 'sem' and 'chance', and 'model' needs 'layers'") from None
+        raise InputError(
+            f"{path}: malformed same-object result ({type(e).__name__}: {e}); each layer entry needs "
+            "'layer', 'probability', 'sem' and 'chance', and 'model' needs 'layers'"
+        ) from None
     if not len(layers):
         raise InputError(f"{path}: same-object result without layers; re-run same-object to rewrite it")
     depth = layers / max(n_layers - 1, 1)
@@ -221,29 +265,60 @@ def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
     label = f"95% null band ±1.96/√D = ±{null_band(widths[0]):.3f} (D = {widths[0]})"
     if len(widths) > 1:
         label += "\n(the widest; also " + ", ".join(f"D = {d}: ±{null_band(d):.3f}" for d in widths[1:]) + ")"
-    png = figures.curves_figure(weighted, out / "compare_cosine.png", title="Weighted query-key cosine by normalised depth",
-                                ylabel="weighted cosine u·v (mean over heads)", null_band=null_band(widths[0]), null_label=label)
+    png = figures.curves_figure(
+        weighted,
+        out / "compare_cosine.png",
+        title="Weighted query-key cosine by normalised depth",
+        ylabel="weighted cosine u·v (mean over heads)",
+        null_band=null_band(widths[0]),
+        null_label=label,
+    )
     rows = []
     for g in groups:
         w, m = _kind(g, "weighted_cosine"), _kind(g, "mean_cosine")
         for l in range(len(w.depth)):
-            rows.append([w.label, l, csv_number(w.depth[l]), csv_number(w.values[l]), csv_number(m.values[l]), csv_number(w.lo[l]), csv_number(w.hi[l])]
-                        + _provenance(w))
-    csv = write_csv(out / "compare_cosine.csv", ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", *PROVENANCE], rows)
+            rows.append(
+                [
+                    w.label,
+                    l,
+                    csv_number(w.depth[l]),
+                    csv_number(w.values[l]),
+                    csv_number(m.values[l]),
+                    csv_number(w.lo[l]),
+                    csv_number(w.hi[l]),
+                ]
+                + _provenance(w)
+            )
+    csv = write_csv(
+        out / "compare_cosine.csv",
+        ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", *PROVENANCE],
+        rows,
+    )
     return [png, csv]
 
 
 def _write_o3(groups: list[list[Curve]], out: Path) -> list[Path]:
     panels = {title: [_kind(g, f"o3_{key}") for g in groups] for key, title in O3_MEASURES.items()}
-    png = figures.curve_panels_figure(panels, out / "compare_o3.png", title="O3 attention allocation by normalised depth",
-                                      ylabel="share of attention (mean ± s.e.m.)")
-    header = ["model", "layer", "depth"] + [f"{key}_{part}" for key in O3_MEASURES for part in ("mean", "lo", "hi")] + list(PROVENANCE)
+    png = figures.curve_panels_figure(
+        panels,
+        out / "compare_o3.png",
+        title="O3 attention allocation by normalised depth",
+        ylabel="share of attention (mean ± s.e.m.)",
+    )
+    header = (
+        ["model", "layer", "depth"]
+        + [f"{key}_{part}" for key in O3_MEASURES for part in ("mean", "lo", "hi")]
+        + list(PROVENANCE)
+    )
     rows = []
     for g in groups:
         curves = [_kind(g, f"o3_{key}") for key in O3_MEASURES]
         for l in range(len(curves[0].depth)):
-            rows.append([curves[0].label, l, csv_number(curves[0].depth[l])]
-                        + [csv_number(a[l]) for c in curves for a in (c.values, c.lo, c.hi)] + _provenance(curves[0]))
+            rows.append(
+                [curves[0].label, l, csv_number(curves[0].depth[l])]
+                + [csv_number(a[l]) for c in curves for a in (c.values, c.lo, c.hi)]
+                + _provenance(curves[0])
+            )
     return [png, write_csv(out / "compare_o3.csv", header, rows)]
 
 
@@ -259,11 +334,31 @@ def _profile_curves(profile: Profile, label: str | None) -> list[Curve]:
     ]
     extra = profile.circuit_layer_stats()
     if "symmetric_fraction" in extra:
-        curves.append(Curve(name, profile.depth, extra["symmetric_fraction"], extra["symmetric_min"], extra["symmetric_max"], "symmetric_fraction", D,
-                            profile.source))
+        curves.append(
+            Curve(
+                name,
+                profile.depth,
+                extra["symmetric_fraction"],
+                extra["symmetric_min"],
+                extra["symmetric_max"],
+                "symmetric_fraction",
+                D,
+                profile.source,
+            )
+        )
     if "ov_weighted_cosine" in extra and np.isfinite(extra["ov_weighted_cosine"]).any():
-        curves.append(Curve(name, profile.depth, extra["ov_weighted_cosine"], extra["ov_min"], extra["ov_max"], "ov_weighted_cosine", D,
-                            profile.source))
+        curves.append(
+            Curve(
+                name,
+                profile.depth,
+                extra["ov_weighted_cosine"],
+                extra["ov_min"],
+                extra["ov_max"],
+                "ov_weighted_cosine",
+                D,
+                profile.source,
+            )
+        )
     return curves
 
 
@@ -274,28 +369,42 @@ def _o3_curves(doc: dict, path: Path, label: str | None) -> list[Curve]:
     try:
         entries = sorted(entries, key=lambda e: int(e["layer"]))
         layers = [int(e["layer"]) for e in entries]
-        stats = {key: np.array([[_float(e[key]["mean"]), _float(e[key]["sem"])] for e in entries]) for key in O3_MEASURES}  # (L, 2)
+        stats = {
+            key: np.array([[_float(e[key]["mean"]), _float(e[key]["sem"])] for e in entries]) for key in O3_MEASURES
+        }  # (L, 2)
         given = [e.get("depth") for e in entries]
         depth = np.array(given, np.float64) if all(d is not None for d in given) else None
     except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: malformed O3 layer entry ({type(e).__name__}: {e}); each needs 'layer' and "
-                         f"'same'/'different'/'background' with 'mean' and 'sem'") from None
+        raise InputError(
+            f"{path}: malformed O3 layer entry ({type(e).__name__}: {e}); each needs 'layer' and "
+            f"'same'/'different'/'background' with 'mean' and 'sem'"
+        ) from None
     if layers != list(range(len(layers))):
-        raise InputError(f"{path}: O3 summary layers {layers} are not 0…{len(layers) - 1}; it must hold every layer once")
+        raise InputError(
+            f"{path}: O3 summary layers {layers} are not 0…{len(layers) - 1}; it must hold every layer once"
+        )
     if depth is None:
         depth = np.arange(len(layers)) / max(len(layers) - 1, 1)
     name = label or (doc.get("source") or {}).get("model_id") or path.resolve().parent.name
     source = doc.get("source") if isinstance(doc.get("source"), dict) else None
-    return [Curve(name, depth, s[:, 0], s[:, 0] - s[:, 1], s[:, 0] + s[:, 1], f"o3_{key}", source=source) for key, s in stats.items()]
+    return [
+        Curve(name, depth, s[:, 0], s[:, 0] - s[:, 1], s[:, 0] + s[:, 1], f"o3_{key}", source=source)
+        for key, s in stats.items()
+    ]
 
 
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file; expected a profile.json, an o3_summary.json or a folder holding one") from None
+        raise InputError(
+            f"{path}: no such file; expected a profile.json, an o3_summary.json or a folder holding one"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a JSON file ({type(e).__name__}); expected a profile.json or an o3_summary.json written by qkweights") from None
+        raise InputError(
+            f"{path}: not a JSON file ({type(e).__name__}); expected a profile.json or an o3_summary.json "
+            "written by qkweights"
+        ) from None
 
 
 def _distinct_labels(groups: list[list[Curve]]) -> list[list[Curve]]:
@@ -327,5 +436,3 @@ def _kind(group: list[Curve], kind: str) -> Curve:
 
 def _float(x) -> float:
     return np.nan if x is None else float(x)
-
-

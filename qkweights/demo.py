@@ -50,7 +50,10 @@ def demo_model_folder() -> Path:
     folder = Path(str(importlib.resources.files("qkweights") / "demo_model"))
     missing = [name for name in DEMO_FILES if not (folder / name).is_file()]
     if missing:
-        raise SourceError(f"{folder}: the demo model lacks {', '.join(missing)}; reinstall qkweights (its package data must include qkweights/demo_model/)")
+        raise SourceError(
+            f"{folder}: the demo model lacks {', '.join(missing)}; reinstall qkweights (its package data must "
+            "include qkweights/demo_model/)"
+        )
     return folder
 
 
@@ -78,7 +81,10 @@ def scene_folder(out: Path, size: tuple[int, int], *, name: str = "scenes", obje
         with open(props, newline="", encoding="utf-8") as f:
             names = [row.get("image_name") for row in csv.DictReader(f)]
     if names != [f"synth_{i:04d}.jpg" for i in range(N_SCENES)] or (instances and not (folder / "instances").is_dir()):
-        raise InputError(f"{folder} exists but is not the demo's {N_SCENES} synthetic scenes; remove it or choose another output folder")
+        raise InputError(
+            f"{folder} exists but is not the demo's {N_SCENES} synthetic scenes; remove it or choose another "
+            "output folder"
+        )
     return folder
 
 
@@ -87,8 +93,16 @@ def _card(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("qkweights_demo", {})
 
 
-def summary_text(out: Path, folder: Path, card: dict, heads: list[tuple[int, int]], weighted: np.ndarray, o3: dict,
-                 n_scenes: int, same: dict | None = None) -> str:
+def summary_text(
+    out: Path,
+    folder: Path,
+    card: dict,
+    heads: list[tuple[int, int]],
+    weighted: np.ndarray,
+    o3: dict,
+    n_scenes: int,
+    same: dict | None = None,
+) -> str:
     """The lines of ``summary.txt``: what each output folder holds, with the numbers worth a first look."""
     held = card.get("held_out", {})
     last = o3["layers"][-1]
@@ -98,20 +112,25 @@ def summary_text(out: Path, folder: Path, card: dict, heads: list[tuple[int, int
     lines = [
         f"qkweights demo: the shipped demo model (model card: {folder / 'README.md'})",
         f"  a {o3['model']['layers']}-layer ViT trained to find the odd one out in synthetic scenes; held-out: "
-        f"target cell {held.get('where_accuracy', float('nan')):.1%} (chance {held.get('chance_where_uniform_cell', float('nan')):.1%}, "
+        f"target cell {held.get('where_accuracy', float('nan')):.1%} (chance "
+        f"{held.get('chance_where_uniform_cell', float('nan')):.1%}, "
         f"random object {held.get('chance_where_random_object', float('nan')):.1%})",
         "",
         f"{out / 'profile'}/",
         "  cosine_by_layer.png  σ-weighted cosine u_n·v_n per layer (paper Fig. 3); profile.json, heads.csv per head",
         f"{out / 'maps'}/",
-        f"  maps_L{l0}_H{h0}_ln.png  lowest weighted cosine ({weighted[l0, h0]:+.3f}): query (red) and key (cyan) maps on demo.jpg",
-        f"  maps_L{l1}_H{h1}_ln.png  highest weighted cosine ({weighted[l1, h1]:+.3f}), top {MAP_MODES} modes by contribution to the logits",
+        f"  maps_L{l0}_H{h0}_ln.png  lowest weighted cosine ({weighted[l0, h0]:+.3f}): query (red) and key "
+        "(cyan) maps on demo.jpg",
+        f"  maps_L{l1}_H{h1}_ln.png  highest weighted cosine ({weighted[l1, h1]:+.3f}), top {MAP_MODES} modes "
+        "by contribution to the logits",
         f"{out / 'top_images'}/",
         f"  top_L*_H*.png  the {TOP_IMAGES} of {n_scenes} scenes that drive each mode most; anisotropy.png",
         f"{out / 'o3'}/",
         f"  o3_by_layer.png  where attention goes from the target and a distractor token ({o3['images_used']} scenes):",
-        f"    layer {first['layer']}: same object {first['same']['mean']:.3f}, different object {first['different']['mean']:.3f}, background {first['background']['mean']:.3f}",
-        f"    layer {last['layer']}: same object {last['same']['mean']:.3f}, different object {last['different']['mean']:.3f}, background {last['background']['mean']:.3f}",
+        f"    layer {first['layer']}: same object {first['same']['mean']:.3f}, different object "
+        f"{first['different']['mean']:.3f}, background {first['background']['mean']:.3f}",
+        f"    layer {last['layer']}: same object {last['same']['mean']:.3f}, different object "
+        f"{last['different']['mean']:.3f}, background {last['background']['mean']:.3f}",
         f"    uniform attention would give same = different = {uni['same']:.3f}, background {uni['background']:.3f}",
         f"{out / 'scenes'}/  the {n_scenes} synthetic scenes (seed {SCENE_SEED}) used by top_images and o3",
     ]
@@ -125,8 +144,10 @@ def summary_text(out: Path, folder: Path, card: dict, heads: list[tuple[int, int
             f"layer {last_s['layer']}: {last_s['probability']:.3f} (chance {last_s['chance']:.3f})",
             "  same_object_examples.png  the selected scenes: query object outlined red, key object cyan",
         ]
-        lines.append(f"{out / 'same_object_scenes'}/  {n_scenes} scenes of the same generator and seed with objects "
-                     f"{SAME_OBJECT_SCALE:g}× larger, and their instance maps, used by same_object")
+        lines.append(
+            f"{out / 'same_object_scenes'}/  {n_scenes} scenes of the same generator and seed with objects "
+            f"{SAME_OBJECT_SCALE:g}× larger, and their instance maps, used by same_object"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +189,16 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     stage(f"top images over the {N_SCENES} scenes")
     layers, head_ids = sorted({l for l, _ in heads}), sorted({h for _, h in heads})
     top_dir = out / "top_images"
-    written += top_images(model, scenes / "images", top_dir, layers=layers, heads=head_ids, modes=range(TOP_MODES),
-                          top=TOP_IMAGES, batch_size=16).files
+    written += top_images(
+        model,
+        scenes / "images",
+        top_dir,
+        layers=layers,
+        heads=head_ids,
+        modes=range(TOP_MODES),
+        top=TOP_IMAGES,
+        batch_size=16,
+    ).files
 
     stage(f"O3 attention allocation on the {N_SCENES} scenes")
     result = o3_allocation(model, scenes, out / "o3", batch_size=16)

@@ -70,13 +70,20 @@ MEASURES = {
     "overlap_u": "mean cos² of the principal angles of the query subspaces, in [0, 1] (1 = same subspace)",
     "overlap_v": "mean cos² of the principal angles of the key subspaces, in [0, 1]",
     "delta_symmetric_fraction": "symmetric fraction ‖(M+Mᵀ)/2‖²/‖M‖² of B − that of A, in [−1, 1] (not in the score)",
-    "delta_ov_weighted_cosine": "λ-weighted cosine of the value-output circuit W_o,h W_v,h of B − that of A (not in the score)",
+    "delta_ov_weighted_cosine": (
+        "λ-weighted cosine of the value-output circuit W_o,h W_v,h of B − that of A (not in the score)"
+    ),
     "salience_ratio": "key-salience norm ‖w_h‖ of B / that of A, LayerNorm-folded profiles (not in the score)",
 }
-CIRCUIT_FIELDS = {"symmetric_fraction": lambda p: p.symmetric,
-                  "ov_weighted_cosine": lambda p: None if p.ov is None or not np.isfinite(p.ov.weighted).any() else p.ov.weighted,
-                  "salience_norm": lambda p: p.salience}
-SCORE = "mean of the available measures scaled to [0, 1]: |delta_weighted_cosine|/2, spectrum_tv, 1 − overlap_u, 1 − overlap_v"
+CIRCUIT_FIELDS = {
+    "symmetric_fraction": lambda p: p.symmetric,
+    "ov_weighted_cosine": lambda p: None if p.ov is None or not np.isfinite(p.ov.weighted).any() else p.ov.weighted,
+    "salience_norm": lambda p: p.salience,
+}
+SCORE = (
+    "mean of the available measures scaled to [0, 1]: |delta_weighted_cosine|/2, spectrum_tv, 1 − overlap_u, 1 − "
+    "overlap_v"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,29 +125,38 @@ class DiffResult:
         return np.mean(terms, axis=0)
 
     def ranking(self) -> list[tuple[int, int]]:
-        """(layer, head) pairs: heads with undefined (NaN) scores first, then by score, largest first; ties in (layer, head) order."""
+        """(layer, head) pairs: heads with undefined (NaN) scores first, then by score, largest first; ties in (layer,
+        head) order."""
         s = self.score.ravel()
         order = np.lexsort((np.arange(s.size), -np.nan_to_num(s, nan=np.inf)))
         H = self.score.shape[1]
         return [(int(i // H), int(i % H)) for i in order]
 
     def head_rows(self) -> list[dict]:
-        """One dict per head, in ranking order, with the keys of ``MEASURES`` plus rank, layer, head, A/B values, score."""
+        """One dict per head, in ranking order, with the keys of ``MEASURES`` plus rank, layer, head, A/B values,
+        score."""
         ou, ov, score = self.overlap_u, self.overlap_v, self.score
         vectors = self.angles_u is not None
         rows = []
         for rank, (l, h) in enumerate(self.ranking(), 1):
-            rows.append({
-                "rank": rank, "layer": l, "head": h,
-                "weighted_cosine_a": float(self.a.weighted[l, h]), "weighted_cosine_b": float(self.b.weighted[l, h]),
-                "delta_weighted_cosine": float(self.delta_weighted[l, h]), "spectrum_tv": float(self.spectrum_tv[l, h]),
-                "sigma_ratio": float(self.sigma_ratio[l, h]),
-                "max_angle_u_deg": float(self.angles_u[l, h, -1]) if vectors else None,
-                "max_angle_v_deg": float(self.angles_v[l, h, -1]) if vectors else None,
-                "overlap_u": float(ou[l, h]) if vectors else None, "overlap_v": float(ov[l, h]) if vectors else None,
-                "score": float(score[l, h]),
-                **self._circuit_row(l, h),
-            })
+            rows.append(
+                {
+                    "rank": rank,
+                    "layer": l,
+                    "head": h,
+                    "weighted_cosine_a": float(self.a.weighted[l, h]),
+                    "weighted_cosine_b": float(self.b.weighted[l, h]),
+                    "delta_weighted_cosine": float(self.delta_weighted[l, h]),
+                    "spectrum_tv": float(self.spectrum_tv[l, h]),
+                    "sigma_ratio": float(self.sigma_ratio[l, h]),
+                    "max_angle_u_deg": float(self.angles_u[l, h, -1]) if vectors else None,
+                    "max_angle_v_deg": float(self.angles_v[l, h, -1]) if vectors else None,
+                    "overlap_u": float(ou[l, h]) if vectors else None,
+                    "overlap_v": float(ov[l, h]) if vectors else None,
+                    "score": float(score[l, h]),
+                    **self._circuit_row(l, h),
+                }
+            )
         return rows
 
     def _circuit_row(self, l: int, h: int) -> dict:
@@ -167,16 +183,38 @@ class DiffResult:
                 row["angles_v_deg"] = self.angles_v[row["layer"], row["head"]].tolist()
         la, lb = self.a.layer_stats()["weighted_cosine"], self.b.layer_stats()["weighted_cosine"]  # (L,)
         ca, cb = self.a.circuit_layer_stats(), self.b.circuit_layer_stats()
-        layers = [{"layer": l, "depth": float(self.a.depth[l]), "weighted_cosine_a": float(la[l]),
-                   "weighted_cosine_b": float(lb[l]), "delta_weighted_cosine": float(lb[l] - la[l]),
-                   **{f"{k}_{side}": float(c[k][l]) for k in ("symmetric_fraction", "ov_weighted_cosine")
-                      for side, c in (("a", ca), ("b", cb)) if k in c}}
-                  for l in range(len(la))]
-        return {"schema": SCHEMA, "tool_version": self.tool_version, "a": self.a.side(), "b": self.b.side(), "k": self.k,
-                "measures": MEASURES, "score": SCORE, "notes": list(self.notes), "layers": layers, "heads": heads}
+        layers = [
+            {
+                "layer": l,
+                "depth": float(self.a.depth[l]),
+                "weighted_cosine_a": float(la[l]),
+                "weighted_cosine_b": float(lb[l]),
+                "delta_weighted_cosine": float(lb[l] - la[l]),
+                **{
+                    f"{k}_{side}": float(c[k][l])
+                    for k in ("symmetric_fraction", "ov_weighted_cosine")
+                    for side, c in (("a", ca), ("b", cb))
+                    if k in c
+                },
+            }
+            for l in range(len(la))
+        ]
+        return {
+            "schema": SCHEMA,
+            "tool_version": self.tool_version,
+            "a": self.a.side(),
+            "b": self.b.side(),
+            "k": self.k,
+            "measures": MEASURES,
+            "score": SCORE,
+            "notes": list(self.notes),
+            "layers": layers,
+            "heads": heads,
+        }
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
-        """Write diff.json, diff_heads.csv and (with ``plots``) diff_heatmaps.png and diff_cosine.png; return their paths."""
+        """Write diff.json, diff_heads.csv and (with ``plots``) diff_heatmaps.png and diff_cosine.png; return their
+        paths."""
         out = Path(out_dir)
         written = [write_json(out / "diff.json", self.to_json())]
         rows = self.head_rows()
@@ -218,37 +256,57 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
     """
     ma, mb = a.model, b.model
     if ma.shape != mb.shape:
-        raise InputError(f"diff: A ({a.name}: {ma.shape_text()}) and B ({b.name}: {mb.shape_text()}) differ in shape; "
-                         f"diff compares two checkpoints of the same architecture")
+        raise InputError(
+            f"diff: A ({a.name}: {ma.shape_text()}) and B ({b.name}: {mb.shape_text()}) differ in shape; "
+            f"diff compares two checkpoints of the same architecture"
+        )
     if k < 1:
         raise InputError(f"k={k}: compare subspaces of at least 1 mode")
     notes = []
     if ma.family != mb.family:
-        notes.append(f"families differ (A: {ma.family}, B: {mb.family}); the shapes match, so heads are compared by index")
+        notes.append(
+            f"families differ (A: {ma.family}, B: {mb.family}); the shapes match, so heads are compared by index"
+        )
     bad = sorted(set(a.nonfinite) | set(b.nonfinite))
     if bad:
         notes.append("non-finite weights, measures undefined: " + ", ".join(f"L{l} H{h}" for l, h in bad))
-    collapsed = [(l, h, side) for side, p in (("A", a), ("B", b)) for l, h in zip(*np.nonzero(p.singular_values[..., 0] == 0))]
+    collapsed = [
+        (l, h, side) for side, p in (("A", a), ("B", b)) for l, h in zip(*np.nonzero(p.singular_values[..., 0] == 0))
+    ]
     if collapsed:
-        notes.append("collapsed heads (σ_0 = 0), measures undefined: " + ", ".join(f"L{l} H{h} ({side})" for l, h, side in collapsed))
+        notes.append(
+            "collapsed heads (σ_0 = 0), measures undefined: "
+            + ", ".join(f"L{l} H{h} ({side})" for l, h, side in collapsed)
+        )
     if (ma.folded or None) != (mb.folded or None):
-        notes.append(f"folding differs (A: {ma.folded or 'plain'}, B: {mb.folded or 'plain'}): the query-key measures compare different matrices")
+        notes.append(
+            f"folding differs (A: {ma.folded or 'plain'}, B: {mb.folded or 'plain'}): the query-key measures "
+            "compare different matrices"
+        )
     for name, get in CIRCUIT_FIELDS.items():
         missing = [side for side, p in (("A", a), ("B", b)) if get(p) is None]
         if len(missing) == 1:
-            notes.append(f"{name} absent from {missing[0]} (profile/1, no value-output circuit, or not LayerNorm-folded): its change is null")
+            notes.append(
+                f"{name} absent from {missing[0]} (profile/1, no value-output circuit, or not "
+                "LayerNorm-folded): its change is null"
+            )
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = b.singular_values.sum(-1) / a.singular_values.sum(-1)
     angles_u = angles_v = None
     if a.U is None or b.U is None:
         k = min(k, ma.head_dim)
         missing = " and ".join(side for side, p in (("A", a), ("B", b)) if p.U is None)
-        notes.append(f"no singular vectors for {missing} (profile without modes.npz): subspace angles omitted; "
-                     f"profile with save_vectors=True or pass the checkpoints")
+        notes.append(
+            f"no singular vectors for {missing} (profile without modes.npz): subspace angles omitted; "
+            f"profile with save_vectors=True or pass the checkpoints"
+        )
     else:
         kk = min(k, ma.head_dim, a.U.shape[-1], b.U.shape[-1])
         if kk < k:
-            notes.append(f"k reduced from {k} to {kk} (head dim K = {ma.head_dim}, vectors stored: {min(a.U.shape[-1], b.U.shape[-1])})")
+            notes.append(
+                f"k reduced from {k} to {kk} (head dim K = {ma.head_dim}, vectors stored: "
+                f"{min(a.U.shape[-1], b.U.shape[-1])})"
+            )
         k = kk
         ok = np.ones((ma.layers, ma.heads), bool)  # (L, H) heads finite (SVD of NaN fails) and not collapsed in both
         for l, h, *_ in bad + collapsed:
@@ -258,11 +316,18 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
         angles_u[ok] = np.degrees(principal_angles(a.U[ok][..., :k], b.U[ok][..., :k]))  # (M, k)
         angles_v[ok] = np.degrees(principal_angles(a.V[ok][..., :k], b.V[ok][..., :k]))
         if k < ma.head_dim:
-            tied = [f"L{l} H{h} ({side})" for side, p in (("A", a), ("B", b)) for l in range(ma.layers) for h in range(ma.heads)
-                    if any(blk["start"] < k < blk["stop"] for blk in p.degenerate[l][h])]
+            tied = [
+                f"L{l} H{h} ({side})"
+                for side, p in (("A", a), ("B", b))
+                for l in range(ma.layers)
+                for h in range(ma.heads)
+                if any(blk["start"] < k < blk["stop"] for blk in p.degenerate[l][h])
+            ]
             if tied:
                 notes.append(f"σ tied across modes {k - 1}/{k}, top-{k} subspace not unique: " + ", ".join(tied))
-    return DiffResult(a, b, k, spectrum_tv(a.singular_values, b.singular_values), ratio, angles_u, angles_v, tuple(notes))
+    return DiffResult(
+        a, b, k, spectrum_tv(a.singular_values, b.singular_values), ratio, angles_u, angles_v, tuple(notes)
+    )
 
 
 def heatmaps_figure(d: DiffResult) -> Figure:
@@ -275,12 +340,35 @@ def heatmaps_figure(d: DiffResult) -> Figure:
     panels = [
         ("Δ weighted cosine (B − A)", d.delta_weighted, "RdBu_r", _symmetric(d.delta_weighted), "{:+.2f}"),
         ("spectrum change: total variation of σ/Σσ", d.spectrum_tv, "YlOrRd", (0, _top(d.spectrum_tv)), "{:.3f}"),
-        ("strength: log₂(Σσ_B / Σσ_A)", np.log2(d.sigma_ratio), "PuOr_r", _symmetric(np.log2(d.sigma_ratio)), "{:+.2f}"),
+        (
+            "strength: log₂(Σσ_B / Σσ_A)",
+            np.log2(d.sigma_ratio),
+            "PuOr_r",
+            _symmetric(np.log2(d.sigma_ratio)),
+            "{:+.2f}",
+        ),
     ]
     if d.angles_u is not None:
-        panels += [(f"largest principal angle, query subspace (top {d.k} u), °", d.angles_u[..., -1], "YlOrRd", (0, 90), "{:.0f}"),
-                   (f"largest principal angle, key subspace (top {d.k} v), °", d.angles_v[..., -1], "YlOrRd", (0, 90), "{:.0f}")]
-    for key, title in (("symmetric_fraction", "Δ symmetric fraction (B − A)"), ("ov_weighted_cosine", "Δ OV weighted cosine (B − A)")):
+        panels += [
+            (
+                f"largest principal angle, query subspace (top {d.k} u), °",
+                d.angles_u[..., -1],
+                "YlOrRd",
+                (0, 90),
+                "{:.0f}",
+            ),
+            (
+                f"largest principal angle, key subspace (top {d.k} v), °",
+                d.angles_v[..., -1],
+                "YlOrRd",
+                (0, 90),
+                "{:.0f}",
+            ),
+        ]
+    for key, title in (
+        ("symmetric_fraction", "Δ symmetric fraction (B − A)"),
+        ("ov_weighted_cosine", "Δ OV weighted cosine (B − A)"),
+    ):
         fa, fb = CIRCUIT_FIELDS[key](d.a), CIRCUIT_FIELDS[key](d.b)
         if fa is not None and fb is not None:
             panels.append((title, fb - fa, "RdBu_r", _symmetric(fb - fa), "{:+.2f}"))
@@ -291,10 +379,14 @@ def heatmaps_figure(d: DiffResult) -> Figure:
     fig = Figure(figsize=(cw * cols, ch * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     annotate = L * H <= ANNOTATE_MAX_CELLS
-    top = [(rank, lh) for rank, lh in enumerate(d.ranking(), 1) if np.isfinite(d.score[lh])][:TOP_MARKED]  # measured heads
+    top = [(rank, lh) for rank, lh in enumerate(d.ranking(), 1) if np.isfinite(d.score[lh])][
+        :TOP_MARKED
+    ]  # measured heads
     for i, (ax, (title, values, cmap_name, (lo, hi), fmt)) in enumerate(zip(axes, panels)):
         cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="0.85")
-        im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_invalid(values), cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest"
+        )
         fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(H), [f"H{h}" for h in range(H)], fontsize=7, rotation=90 if H > 12 else 0)
@@ -306,29 +398,55 @@ def heatmaps_figure(d: DiffResult) -> Figure:
                     v = values[l, h]
                     rgba = cmap(norm(v)) if np.isfinite(v) else (0.85, 0.85, 0.85, 1)
                     dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-                    ax.text(h, l, fmt.format(v) if np.isfinite(v) else "n/a", ha="center", va="center",
-                            fontsize=6 if H > 8 else 7, color="white" if dark else "black")
+                    ax.text(
+                        h,
+                        l,
+                        fmt.format(v) if np.isfinite(v) else "n/a",
+                        ha="center",
+                        va="center",
+                        fontsize=6 if H > 8 else 7,
+                        color="white" if dark else "black",
+                    )
         if i == len(panels) - 1:
             for rank, (l, h) in top:
                 if values[l, h] > MARK_MIN_SCORE:
                     ax.add_patch(_cell_box(h, l))
-                    ax.text(h - 0.42, l - 0.42, f"#{rank}", ha="left", va="top", fontsize=6, color="#08306b",
-                            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
-    for ax in axes[len(panels):]:
+                    ax.text(
+                        h - 0.42,
+                        l - 0.42,
+                        f"#{rank}",
+                        ha="left",
+                        va="top",
+                        fontsize=6,
+                        color="#08306b",
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+                    )
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     names = f"A = {d.a.name}   B = {d.b.name}"
-    fig.suptitle(f"How each head changed from A to B ({plural(L, 'layer')} × {plural(H, 'head')})\n{names}", fontsize=10)
+    fig.suptitle(
+        f"How each head changed from A to B ({plural(L, 'layer')} × {plural(H, 'head')})\n{names}", fontsize=10
+    )
     return fig
 
 
 def cosine_figure(a: Profile, b: Profile, path: str | Path) -> Path:
     """Paper Fig. 3 for both models: per-layer weighted cosine with head-range bands, against l/(L−1)."""
-    curves = [c for p, side in ((a, "A"), (b, "B")) for c in curves_from(p, label=f"{side}: {p.name}")
-              if c.kind == "weighted_cosine"]
+    curves = [
+        c
+        for p, side in ((a, "A"), (b, "B"))
+        for c in curves_from(p, label=f"{side}: {p.name}")
+        if c.kind == "weighted_cosine"
+    ]
     D = a.model.hidden
-    return figures.curves_figure(curves, path, title="Weighted query-key cosine by normalised depth, A vs B",
-                                 ylabel="weighted cosine u·v (mean over heads)", null_band=float(null_band(D)),
-                                 null_label=f"95% null band ±1.96/√D = ±{null_band(D):.3f} (D = {D})")
+    return figures.curves_figure(
+        curves,
+        path,
+        title="Weighted query-key cosine by normalised depth, A vs B",
+        ylabel="weighted cosine u·v (mean over heads)",
+        null_band=float(null_band(D)),
+        null_label=f"95% null band ±1.96/√D = ±{null_band(D):.3f} (D = {D})",
+    )
 
 
 def _cell_box(h: int, l: int) -> Rectangle:

@@ -47,7 +47,7 @@ COS_COLOR = "#c0392b"
 
 
 def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
-    """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return their paths.
+    """Write ``cosine_by_layer.png``, ``spectrum_grid.png`` and ``cosine_hist.png`` into ``out_dir``; return the paths.
 
     Profiles holding the statistics beyond the paper add ``symmetry_by_layer.png`` and (when the
     value-output circuit was computed for some head) ``ov_cosine_by_layer.png``.
@@ -55,9 +55,11 @@ def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
     The figures are drawn in two processes (:func:`qkweights.outputs.draw_in_parallel`).
     """
     out = Path(out_dir)
-    jobs = [(cosine_by_layer_figure, profile, out / "cosine_by_layer.png"),
-            (spectrum_grid_figure, profile, out / "spectrum_grid.png"),
-            (cosine_hist_figure, profile, out / "cosine_hist.png")]
+    jobs = [
+        (cosine_by_layer_figure, profile, out / "cosine_by_layer.png"),
+        (spectrum_grid_figure, profile, out / "spectrum_grid.png"),
+        (cosine_hist_figure, profile, out / "cosine_hist.png"),
+    ]
     jobs += circuit_figure_jobs(profile, out)
     draw_in_parallel(_draw, jobs)
     return [path for *_, path in jobs]
@@ -80,14 +82,38 @@ def cosine_by_layer_figure(profile: Profile) -> Figure:
     L, D = profile.model.layers, profile.model.hidden
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    _null_band(ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {D})")
-    ax.fill_between(x, st["min"], st["max"], color="C0", alpha=0.2, lw=0, label="head range (min–max of the weighted cosine)")
-    ax.plot(x, st["weighted_cosine"], "o-", color="C0", ms=4,
-            label=r"weighted cosine $\Sigma_n \sigma_n \cos_n / \Sigma_n \sigma_n$ (mean over heads)")
-    ax.plot(x, st["mean_cosine"], "s--", color="C1", ms=3, label=r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)")
+    _null_band(
+        ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {D})"
+    )
+    ax.fill_between(
+        x, st["min"], st["max"], color="C0", alpha=0.2, lw=0, label="head range (min–max of the weighted cosine)"
+    )
+    ax.plot(
+        x,
+        st["weighted_cosine"],
+        "o-",
+        color="C0",
+        ms=4,
+        label=r"weighted cosine $\Sigma_n \sigma_n \cos_n / \Sigma_n \sigma_n$ (mean over heads)",
+    )
+    ax.plot(
+        x,
+        st["mean_cosine"],
+        "s--",
+        color="C1",
+        ms=3,
+        label=r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)",
+    )
     if profile.nonfinite:
-        ax.text(0.01, 0.01, f"{len(profile.nonfinite)} head(s) with non-finite weights left out", transform=ax.transAxes,
-                fontsize=8, color="0.3", va="bottom")
+        ax.text(
+            0.01,
+            0.01,
+            f"{len(profile.nonfinite)} head(s) with non-finite weights left out",
+            transform=ax.transAxes,
+            fontsize=8,
+            color="0.3",
+            va="bottom",
+        )
     _depth_axes(ax, L)
     _pad_ylim(ax, [st["min"], st["max"], st["mean_cosine"], [-profile.null_band_95, profile.null_band_95]])
     ax.set_ylabel("cosine u·v")
@@ -121,11 +147,25 @@ def symmetry_by_layer_figure(profile: Profile) -> Figure:
     null = symmetric_null(m.hidden, m.head_dim)
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.axhline(null, color="0.45", lw=1.0, ls="--", zorder=1,
-               label=f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)")
-    ax.fill_between(x, st["symmetric_min"], st["symmetric_max"], color="C2", alpha=0.2, lw=0, label="head range (min–max)")
-    ax.plot(x, st["symmetric_fraction"], "o-", color="C2", ms=4,
-            label=r"symmetric fraction $\|(M+M^\top)/2\|_F^2 / \|M\|_F^2$ (mean over heads)")
+    ax.axhline(
+        null,
+        color="0.45",
+        lw=1.0,
+        ls="--",
+        zorder=1,
+        label=f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)",
+    )
+    ax.fill_between(
+        x, st["symmetric_min"], st["symmetric_max"], color="C2", alpha=0.2, lw=0, label="head range (min–max)"
+    )
+    ax.plot(
+        x,
+        st["symmetric_fraction"],
+        "o-",
+        color="C2",
+        ms=4,
+        label=r"symmetric fraction $\|(M+M^\top)/2\|_F^2 / \|M\|_F^2$ (mean over heads)",
+    )
     _depth_axes(ax, m.layers)
     _pad_ylim(ax, [st["symmetric_min"], st["symmetric_max"], [null]])
     lo, hi = ax.get_ylim()
@@ -148,18 +188,35 @@ def ov_cosine_by_layer_figure(profile: Profile) -> Figure:
     m = profile.model
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    _null_band(ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {m.hidden})")
+    _null_band(
+        ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {m.hidden})"
+    )
     ax.fill_between(x, st["ov_min"], st["ov_max"], color="C4", alpha=0.2, lw=0, label="head range (min–max)")
-    ax.plot(x, st["ov_weighted_cosine"], "o-", color="C4", ms=4,
-            label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)")
+    ax.plot(
+        x,
+        st["ov_weighted_cosine"],
+        "o-",
+        color="C4",
+        ms=4,
+        label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)",
+    )
     missing = int(np.isnan(profile.ov.weighted).sum())
     if missing:
-        ax.text(0.01, 0.01, f"{missing} head(s) without a value-output circuit left out", transform=ax.transAxes,
-                fontsize=8, color="0.3", va="bottom")
+        ax.text(
+            0.01,
+            0.01,
+            f"{missing} head(s) without a value-output circuit left out",
+            transform=ax.transAxes,
+            fontsize=8,
+            color="0.3",
+            va="bottom",
+        )
     _depth_axes(ax, m.layers)
     _pad_ylim(ax, [st["ov_min"], st["ov_max"], [-profile.null_band_95, profile.null_band_95]])
     ax.set_ylabel("value-output cosine p·r (1 copies, < 0 suppresses)")
-    ax.set_title(_model_title(profile, fold=False) + "\nvalue-output circuit W_o,h W_v,h (never LayerNorm-folded)", fontsize=10)
+    ax.set_title(
+        _model_title(profile, fold=False) + "\nvalue-output circuit W_o,h W_v,h (never LayerNorm-folded)", fontsize=10
+    )
     ax.legend(fontsize=8, loc="best")
     return fig
 
@@ -197,8 +254,10 @@ def spectrum_grid_figure(profile: Profile) -> Figure:
     inner = 1 - 2 * GRID_PAD
     n = K if cw * DPI * inner / K >= MIN_PX_PER_MODE else min(K, modes_carrying(S))
     shown = f"modes n = 0…{n - 1}" if n == K else f"modes n = 0…{n - 1} of {K} (they carry ≥95% of Σσ in every head)"
-    note = (f"Each cell: one head; x = {shown}; vertical scale −1 (bottom) … 0 (centre line) … +1 (top), dotted lines "
-            f"at ±0.5. Blue-grey bars: σ_n/σ_0 of W_qᵀW_k. Red dots: cos_n = u_n·v_n.")
+    note = (
+        f"Each cell: one head; x = {shown}; vertical scale −1 (bottom) … 0 (centre line) … +1 (top), dotted lines "
+        f"at ±0.5. Blue-grey bars: σ_n/σ_0 of W_qᵀW_k. Red dots: cos_n = u_n·v_n."
+    )
     left, right, bottom = 0.55, 0.15, 0.2  # inches around the grid
     W = cw * H + left + right
     note = textwrap.fill(note, max(40, int(W * 72 / 5.2)))  # ≈ 5.2 pt per character at 8 pt
@@ -230,7 +289,9 @@ def spectrum_grid_figure(profile: Profile) -> Figure:
         ax.hlines(y(level, row), 0, H, color="0.88", lw=0.4, ls=":", zorder=0)
     ax.hlines(y(0.0, row[ll]), hh + GRID_PAD, hh + 1 - GRID_PAD, color="0.35", lw=0.5)
     dot = float(np.clip((cw * 72 * step * 0.9) ** 2, 1.0, 16.0))  # marker area (pt²) fitting one mode's slot
-    ax.scatter((x0[hh] + step / 2).ravel(), y(cos[ll, hh], row[ll][:, None]).ravel(), s=dot, c=COS_COLOR, lw=0, zorder=3)
+    ax.scatter(
+        (x0[hh] + step / 2).ravel(), y(cos[ll, hh], row[ll][:, None]).ravel(), s=dot, c=COS_COLOR, lw=0, zorder=3
+    )
     for l, h in zip(*np.nonzero(~ok)):
         ax.add_patch(Rectangle((h, row[l]), 1, 1, facecolor="0.93", edgecolor="0.6", hatch="///", lw=0))
         ax.text(h + 0.5, row[l] + 0.5, "non-finite", ha="center", va="center", fontsize=7, color="0.3")
@@ -271,15 +332,27 @@ def cosine_hist_figure(profile: Profile) -> Figure:
     norm = Normalize(0, max(L - 1, 1))
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
-    titles = ("unweighted: every mode of every head", r"σ-weighted: mode n of a head weighted by $\sigma_n / \Sigma_m \sigma_m$")
+    titles = (
+        "unweighted: every mode of every head",
+        r"σ-weighted: mode n of a head weighted by $\sigma_n / \Sigma_m \sigma_m$",
+    )
     for ax, weighted, title in zip(axes, (False, True), titles):
-        ax.axvspan(-band, band, color=NULL_COLOR, alpha=0.6, lw=0, zorder=0,
-                   label=f"95% null band ±{band:.3f} (D = {profile.model.hidden})")
+        ax.axvspan(
+            -band,
+            band,
+            color=NULL_COLOR,
+            alpha=0.6,
+            lw=0,
+            zorder=0,
+            label=f"95% null band ±{band:.3f} (D = {profile.model.hidden})",
+        )
         ax.axvline(0, color="k", lw=0.7, zorder=1)
         for l in range(L):
             m = finite[l]
             if m.any() and (not weighted or w[l][m].sum() > 0):
-                dens, _ = np.histogram(np.clip(C[l][m], -r, r), edges, weights=w[l][m] if weighted else None, density=True)
+                dens, _ = np.histogram(
+                    np.clip(C[l][m], -r, r), edges, weights=w[l][m] if weighted else None, density=True
+                )
                 ax.plot(centres, dens, color=cmap(norm(l)), lw=1.2)
         ax.set_xlim(-r, r)
         ax.set_ylim(bottom=0)
@@ -294,8 +367,15 @@ def cosine_hist_figure(profile: Profile) -> Figure:
     return fig
 
 
-def curves_figure(curves: list[Curve], path: str | Path, *, title: str, ylabel: str,
-                  null_band: float | None = None, null_label: str | None = None) -> Path:
+def curves_figure(
+    curves: list[Curve],
+    path: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    null_band: float | None = None,
+    null_label: str | None = None,
+) -> Path:
     """Overlay per-layer curves (each (L,) against its depth l/(L−1)) with their bands; write a PNG.
 
     ``null_band``: half-width of a grey band around 0 (labelled ``null_label``).
@@ -376,13 +456,18 @@ def _model_title(profile: Profile, *, fold: bool = True) -> str:
     m = profile.model
     name = profile.name
     folded = "; LayerNorm-folded Γ W_qᵀW_k Γ" if fold and getattr(m, "folded", None) else ""
-    return f"{name} ({m.family}; {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = {m.head_dim}{folded})"
+    return (
+        f"{name} ({m.family}; {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}, D = {m.hidden}, K = "
+        f"{m.head_dim}{folded})"
+    )
 
 
 def _symmetric_range(values: np.ndarray, at_least: float) -> float:
     """Half-width r ≤ 1 of a symmetric range covering ``values`` and ``at_least``, rounded up to 0.05."""
     top = max(float(np.abs(values).max()) if values.size else 1.0, at_least)
     return float(min(1.0, np.ceil(top * 1.02 / 0.05) * 0.05))
+
+
 def anisotropy_figure(title: str, layers: list[int], n_layers: int, baseline: np.ndarray, weighted: np.ndarray):
     """Paper Fig. S4: per layer, the profile's weighted cosine, the centre-token baseline and their difference."""
     from matplotlib.figure import Figure
@@ -392,7 +477,14 @@ def anisotropy_figure(title: str, layers: list[int], n_layers: int, baseline: np
     ax = fig.add_subplot()
     ax.axhline(0, color="0.6", lw=0.8)
     ax.plot(x, weighted, "o-", color="C0", ms=4, label="weighted cosine Σσ·cos/Σσ (profile, mean over heads)")
-    ax.plot(x, baseline, "s--", color="C2", ms=4, label="anisotropy: mean cos between centre-token embeddings of different images")
+    ax.plot(
+        x,
+        baseline,
+        "s--",
+        color="C2",
+        ms=4,
+        label="anisotropy: mean cos between centre-token embeddings of different images",
+    )
     ax.plot(x, weighted - baseline, "^-", color="C3", ms=4, label="relative cosine = weighted − anisotropy")
     ax.set_xlabel("normalised layer l/(L−1)")
     ax.set_ylabel("cosine")
@@ -446,10 +538,14 @@ def image_grid(title: str, caption: str, rows: list) -> Image.Image:
     for i, line in enumerate(title_lines):
         draw.text((width // 2, 8 + 19 * i), line, fill="black", font=title_font, anchor="ma")
     for j in range(k):
-        draw.text((LABEL_PX + j * (cw + GRID_GAP) + cw // 2, top - 4), f"#{j + 1}", fill="black", font=label_font, anchor="md")
+        draw.text(
+            (LABEL_PX + j * (cw + GRID_GAP) + cw // 2, top - 4), f"#{j + 1}", fill="black", font=label_font, anchor="md"
+        )
     for r, ((label, _), row) in enumerate(zip(rows, tiles)):
         y = top + r * (ch + GRID_GAP)
-        draw.multiline_text((LABEL_PX - 8, y + ch // 2), label, fill="black", font=label_font, anchor="rm", align="right")
+        draw.multiline_text(
+            (LABEL_PX - 8, y + ch // 2), label, fill="black", font=label_font, anchor="rm", align="right"
+        )
         for j, (cell, text) in enumerate(row):
             x = LABEL_PX + j * (cw + GRID_GAP)
             img.paste(cell, (x, y))
@@ -499,7 +595,7 @@ def save_png(image, path) -> Path:
     return Path(path)
 
 
-# ----------------------------------------------------------------------------- O3 attention allocation (paper Fig. 2 B–D)
+# --------------------------------------------------------------------------- O3 attention allocation (paper Fig. 2 B–D)
 
 
 MEASURE_TITLES = {"same": "same object", "different": "different object", "background": "background"}
@@ -519,8 +615,9 @@ def o3_figure(summary: dict, path: str | Path) -> Path:
     axes = fig.subplots(1, 3)
     axes[1].sharey(axes[0])
     for ax, (key, title) in zip(axes, MEASURE_TITLES.items()):
-        mean, sem = (np.array([np.nan if e[key][s] is None else e[key][s] for e in layers], np.float64)
-                     for s in ("mean", "sem"))
+        mean, sem = (
+            np.array([np.nan if e[key][s] is None else e[key][s] for e in layers], np.float64) for s in ("mean", "sem")
+        )
         ax.fill_between(depth, mean - sem, mean + sem, color="C0", alpha=0.2, lw=0, label="± s.e.m. over images")
         ax.plot(depth, mean, "o-", color="C0", ms=3.5, lw=1.5, label="mean over images and heads")
         ax.axhline(summary["uniform"][key], color="0.4", ls="--", lw=1, label="uniform attention over the patches")
@@ -537,8 +634,11 @@ def o3_figure(summary: dict, path: str | Path) -> Path:
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     model = summary["model"]
     name = model_name(summary)
-    fig.suptitle(f"O3 attention allocation: {name}\n{summary['images_used']} images, {model['layers']} layers × "
-                 f"{model['heads']} heads; top axis: layer index", fontsize=10)
+    fig.suptitle(
+        f"O3 attention allocation: {name}\n{summary['images_used']} images, {model['layers']} layers × "
+        f"{model['heads']} heads; top axis: layer index",
+        fontsize=10,
+    )
     return save_figure(fig, path)
 
 
@@ -577,8 +677,11 @@ def same_object_figure(doc: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3, lw=0.5)
     opts, data = doc["options"], doc["dataset"]
     name = model_name(doc)
-    ax.set_title(f"Same object in the top {opts['top']} images per mode: {name}\n{data['n_eligible']} eligible images, "
-                 f"{len(opts['heads'])} heads × modes {_ranges(opts['modes'])}", fontsize=10)
+    ax.set_title(
+        f"Same object in the top {opts['top']} images per mode: {name}\n{data['n_eligible']} eligible images, "
+        f"{len(opts['heads'])} heads × modes {_ranges(opts['modes'])}",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path, dpi=DPI)
 
@@ -639,10 +742,13 @@ def same_object_examples(title: str, rows: list) -> Image.Image:
     rows: [(label, [(image (h, w, 3) in [0, 1], query mask (h, w), key mask (h, w), caption), …]), …];
     each cell is :func:`same_object_cell`, its caption printed in its corner.
     """
-    key_text = ("red outline (tinted) = query object: largest mean of s·x·u_n over its area; cyan outline = key object: "
-                "largest mean of s·x·v_n; both (red outside, cyan inside) = the same object; s = the image's sign")
-    return image_grid(title, key_text, [(label, [(same_object_cell(im, q, k), cap) for im, q, k, cap in row])
-                                        for label, row in rows])
+    key_text = (
+        "red outline (tinted) = query object: largest mean of s·x·u_n over its area; cyan outline = key object: "
+        "largest mean of s·x·v_n; both (red outside, cyan inside) = the same object; s = the image's sign"
+    )
+    return image_grid(
+        title, key_text, [(label, [(same_object_cell(im, q, k), cap) for im, q, k, cap in row]) for label, row in rows]
+    )
 
 
 def same_object_compare_figure(curves: list[Curve], path: str | Path) -> Path:

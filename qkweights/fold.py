@@ -54,7 +54,8 @@ class FoldedModes:
 
 
 def layer_fold(ck: Checkpoint, layer: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-    """(γ (D,), β (D,), has LayerNorm, has LayerNorm bias) of ``layer``'s pre-attention norm; γ = 1, β = 0 without one."""
+    """(γ (D,), β (D,), has LayerNorm, has LayerNorm bias) of ``layer``'s pre-attention norm; γ = 1, β = 0 without
+    one."""
     norm = ck.norm1(layer)
     d = ck.dims.hidden
     if norm is None:
@@ -74,15 +75,18 @@ def folded_modes(ck: Checkpoint, layer: int, heads=None) -> FoldedModes:
     H = ck.dims.heads
     heads = np.arange(H) if heads is None else np.asarray(heads, dtype=int).reshape(-1)
     if heads.size and (heads.min() < 0 or heads.max() >= H):
-        raise InputError(f"head {int(heads[(heads < 0) | (heads >= H)][0])} is out of range: the model has {H} heads (0–{H - 1})")
+        raise InputError(
+            f"head {int(heads[(heads < 0) | (heads >= H)][0])} is out of range: the model has {H} heads (0–{H - 1})"
+        )
     gamma, beta, has_norm, _ = layer_fold(ck, layer)
     wq, wk, bq = qk.wq[heads], qk.wk[heads], qk.bq[heads]
     u, s, v = qk_svd(fold_gain(wq, gamma), fold_gain(wk, gamma))
     return FoldedModes(layer, heads, u, s, v, key_salience(wq, wk, bq, gamma, beta), gamma, beta, has_norm)
 
 
-def normalised_tokens(x: np.ndarray, *, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
-                      eps: float | None = None) -> np.ndarray:
+def normalised_tokens(
+    x: np.ndarray, *, gamma: np.ndarray | None = None, beta: np.ndarray | None = None, eps: float | None = None
+) -> np.ndarray:
     """The normalised tokens n (…, D) the folded modes apply to, float64.
 
     Either from the LayerNorm output x̃ (``attention_inputs[l]`` of the forward pass) with
@@ -93,12 +97,17 @@ def normalised_tokens(x: np.ndarray, *, gamma: np.ndarray | None = None, beta: n
     x = np.asarray(x, np.float64)
     if eps is not None:
         if gamma is not None or beta is not None:
-            raise InputError("normalised_tokens: give either gamma and beta (from the LayerNorm output) or eps (from the residual stream)")
+            raise InputError(
+                "normalised_tokens: give either gamma and beta (from the LayerNorm output) or eps (from the "
+                "residual stream)"
+            )
         mean = x.mean(-1, keepdims=True)
         var = ((x - mean) ** 2).mean(-1, keepdims=True)
         return (x - mean) / np.sqrt(var + eps)
     if gamma is None or beta is None:
-        raise InputError("normalised_tokens: give gamma and beta (from the LayerNorm output) or eps (from the residual stream)")
+        raise InputError(
+            "normalised_tokens: give gamma and beta (from the LayerNorm output) or eps (from the residual stream)"
+        )
     return (x - beta) / gamma
 
 
@@ -116,15 +125,28 @@ def fold_description(ck: Checkpoint) -> dict:
     includes, notes = [], []
     if len(without) < L:
         includes.append("LayerNorm gain γ in the bilinear term Γ W_qᵀW_k Γ (σ, cosines and every statistic)")
-        includes.append("LayerNorm bias β in the key-salience term w_h = Γ W_kᵀ(W_q β + b_q)" if len(no_bias) < L - len(without)
-                        else "no LayerNorm bias (the norm stores none: β = 0)")
-    includes.append("query bias b_q in the key-salience term" if qbias else "query bias (zero or absent in this checkpoint)")
+        includes.append(
+            "LayerNorm bias β in the key-salience term w_h = Γ W_kᵀ(W_q β + b_q)"
+            if len(no_bias) < L - len(without)
+            else "no LayerNorm bias (the norm stores none: β = 0)"
+        )
+    includes.append(
+        "query bias b_q in the key-salience term" if qbias else "query bias (zero or absent in this checkpoint)"
+    )
     if without:
         where = "any layer" if len(without) == L else "layers " + ", ".join(map(str, without))
-        notes.append(f"{ck.spec.name}: the spec gives no pre-attention LayerNorm ([block] norm1) for {where} "
-                     f"(post-norm or weights-only family): γ = 1, β = 0 there, only the query bias is folded (w_h = W_kᵀ b_q)")
+        notes.append(
+            f"{ck.spec.name}: the spec gives no pre-attention LayerNorm ([block] norm1) for {where} "
+            f"(post-norm or weights-only family): γ = 1, β = 0 there, only the query bias is folded (w_h = W_kᵀ b_q)"
+        )
     if no_bias:
         notes.append("norm without bias (RMSNorm-style) in layers " + ", ".join(map(str, no_bias)) + ": β = 0")
     notes.append("key bias b_k and terms of the query token alone are constant along each softmax row and are left out")
-    return {"layernorm_gain": len(without) < L, "layernorm_bias": len(no_bias) < L - len(without), "query_bias": bool(qbias),
-            "layers_without_norm": without, "includes": includes, "notes": notes}
+    return {
+        "layernorm_gain": len(without) < L,
+        "layernorm_bias": len(no_bias) < L - len(without),
+        "query_bias": bool(qbias),
+        "layers_without_norm": without,
+        "includes": includes,
+        "notes": notes,
+    }

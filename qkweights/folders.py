@@ -22,7 +22,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
 HASH_CHUNK = 1 << 20
 LISTED_NAMES = 10
-PICKLE_NOTE = "PyTorch pickles are fetched from the Hub only with allow_pickle=True (they are read without running code)"
+PICKLE_NOTE = (
+    "PyTorch pickles are fetched from the Hub only with allow_pickle=True (they are read without running code)"
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,7 @@ class Source:
     def _digests(self) -> tuple[tuple[str, int, str], ...]:
         """(name relative to folder, size in bytes, sha256 hex) of each weight file, computed once."""
         return tuple(
-            (path.relative_to(self.folder).as_posix(), path.stat().st_size, sha256(path))
-            for path in self.weight_files
+            (path.relative_to(self.folder).as_posix(), path.stat().st_size, sha256(path)) for path in self.weight_files
         )
 
     def to_json(self) -> dict:
@@ -66,7 +67,13 @@ def pickle_names(names: list[str]) -> list[str]:
     for preferred in PICKLE_WEIGHTS:
         if preferred in names:
             return [preferred]
-    candidates = [n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n and not n.startswith(("training_args", "optimizer", "scheduler"))]
+    candidates = [
+        n
+        for n in names
+        if n.endswith(PICKLE_SUFFIXES)
+        and "/" not in n
+        and not n.startswith(("training_args", "optimizer", "scheduler"))
+    ]
     return candidates if len(candidates) == 1 else []
 
 
@@ -110,7 +117,8 @@ def folder_names(folder: Path) -> list[str]:
         return sorted(p.name for p in folder.iterdir() if p.is_file())
     except PermissionError as err:
         raise SourceError(
-            f"{folder}: permission denied listing the folder; grant read access (chmod u+rx) or copy the model elsewhere"
+            f"{folder}: permission denied listing the folder; grant read access (chmod u+rx) or copy the model "
+            "elsewhere"
         ) from err
 
 

@@ -241,7 +241,8 @@ def gelu_erf(x: np.ndarray) -> np.ndarray:
 
 
 def activation_(x: np.ndarray, act: str) -> np.ndarray:
-    """The MLP activation ``act`` applied to x (F columns; SwiGLU: 2F, gate first), in place where it can. Returns (..., F)."""
+    """The MLP activation ``act`` applied to x (F columns; SwiGLU: 2F, gate first), in place where it can. Returns
+    (..., F)."""
     with np.errstate(over="ignore"):  # e^{−v} → inf for v ≪ 0 gives the right limit, 0
         return _activation(x, act)
 
@@ -539,14 +540,24 @@ def check_pixels(pixels, channels: int, patch_size: int) -> np.ndarray:
     if x.ndim != 4 or x.shape[1] != channels:
         raise InputError(f"pixel_values has shape {x.shape}; expected (batch, {channels}, height, width)")
     if x.shape[0] == 0 or x.shape[2] < patch_size or x.shape[3] < patch_size:
-        raise InputError(f"pixel_values has shape {x.shape}; give at least one image of at least {patch_size}×{patch_size} pixels")
+        raise InputError(
+            f"pixel_values has shape {x.shape}; give at least one image of at least {patch_size}×{patch_size} pixels"
+        )
     if not np.isfinite(x).all():
         raise InputError("pixel_values holds NaN or infinite values; check the images and their preprocessing")
     return x
 
 
-def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool, truncate: bool = False,
-         rows: np.ndarray | None = None, hidden: bool = True, inputs: bool = True) -> ForwardOutput:
+def _run(
+    wt: ViTWeights,
+    pixels: np.ndarray,
+    keep: set[int],
+    attentions: bool,
+    truncate: bool = False,
+    rows: np.ndarray | None = None,
+    hidden: bool = True,
+    inputs: bool = True,
+) -> ForwardOutput:
     """The forward pass proper on checked pixels (B, C, H, W); ``keep``: layers whose intermediates are kept.
 
     truncate: stop after the deepest layer of ``keep`` (no last_hidden_state). rows: (B, Q)
@@ -570,7 +581,9 @@ def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool, t
             logits += relative_position_bias(blk.rel_pos, wt.embeddings.grid, layout.grid)  # (H, T, T)
         att = softmax_(logits)
         if attentions and l in keep:
-            probs[l] = att if rows is None else att[np.arange(b)[:, None], :, rows].transpose(0, 2, 1, 3)  # (B, H, Q, T)
+            probs[l] = (
+                att if rows is None else att[np.arange(b)[:, None], :, rows].transpose(0, 2, 1, 3)
+            )  # (B, H, Q, T)
         ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)
         a = _linear(ctx, blk.out, blk.out_bias)  # (B, T, D)
         if blk.scale1 is not None:
@@ -595,9 +608,9 @@ def _run(wt: ViTWeights, pixels: np.ndarray, keep: set[int], attentions: bool, t
 
 def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
     """Join forward outputs of consecutive batch shards along B."""
+
     def cat(arrays):
         return None if arrays[0] is None else np.concatenate(arrays)
-
 
     first = parts[0]
     return ForwardOutput(
@@ -615,9 +628,18 @@ def blas_threads() -> int:
     return max([lib["num_threads"] for lib in _BLAS.select(user_api="blas").info()] or [1])
 
 
-def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False,
-            layers: Iterable[int] | None = None, threads: int | None = None, truncate: bool = False,
-            rows: np.ndarray | None = None, hidden: bool = True, inputs: bool = True) -> ForwardOutput:
+def forward(
+    weights: ViTWeights,
+    pixels: np.ndarray,
+    *,
+    attentions: bool = False,
+    layers: Iterable[int] | None = None,
+    threads: int | None = None,
+    truncate: bool = False,
+    rows: np.ndarray | None = None,
+    hidden: bool = True,
+    inputs: bool = True,
+) -> ForwardOutput:
     """Run the model on pixels (B, C, H, W) (already preprocessed).
 
     layers: block indices whose attention inputs (and attentions, with ``attentions=True``)
@@ -642,5 +664,12 @@ def forward(weights: ViTWeights, pixels: np.ndarray, *, attentions: bool = False
         return _run(weights, x, keep, attentions, truncate, rows, hidden, inputs)
     cuts = np.array_split(np.arange(len(x)), n)
     with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        parts = list(pool.map(lambda i: _run(weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], hidden, inputs), cuts))
+        parts = list(
+            pool.map(
+                lambda i: _run(
+                    weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], hidden, inputs
+                ),
+                cuts,
+            )
+        )
     return _concat(parts)

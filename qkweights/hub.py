@@ -48,8 +48,11 @@ CONVERSION_PR_TITLE = "Adding `safetensors` variant of this model"
 CONVERSION_PR_AUTHOR = "SFconvertbot"
 
 
-def hub_source(repo_id: str, *, revision: str | None = None, progress: bool | None = None, allow_pickle: bool = False) -> Source:
-    """The local files of Hub repo ``repo_id`` (downloaded into the cache if needed); see :func:`qkweights.source.resolve`."""
+def hub_source(
+    repo_id: str, *, revision: str | None = None, progress: bool | None = None, allow_pickle: bool = False
+) -> Source:
+    """The local files of Hub repo ``repo_id`` (downloaded into the cache if needed); see
+    :func:`qkweights.source.resolve`."""
     with _progress_bars(progress), _hub_errors(repo_id, revision or constants.DEFAULT_REVISION):
         return _hub_source(repo_id, revision, allow_pickle)
 
@@ -108,7 +111,11 @@ def _hub_pickles(repo_id: str, rev: str) -> tuple[Path, list[str]]:
     weights = pickle_names(names)
     if weights:
         folder = _download(repo_id, rev, weights, cached=folder)
-        warnings.warn(f"{repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler", QkWarning, stacklevel=2)
+        warnings.warn(
+            f"{repo_id} has no safetensors; reading {', '.join(weights)} with the restricted unpickler",
+            QkWarning,
+            stacklevel=2,
+        )
     return folder, weights
 
 

@@ -27,17 +27,25 @@ def open_store(source: Source, *, part: str | None = None, defaults: tuple[str, 
     files = source.weight_files
     if all(f.name.endswith(SUFFIX) for f in files):
         if part is not None:
-            raise CheckpointError(f"part={part} applies to PyTorch training checkpoints; {files[0].name} is safetensors, drop part={part}")
+            raise CheckpointError(
+                f"part={part} applies to PyTorch training checkpoints; {files[0].name} is safetensors, drop part={part}"
+            )
         return TensorStore.open(files)
     if len(files) != 1:
-        raise CheckpointError(f"{source.model_id}: sharded PyTorch checkpoints ({', '.join(f.name for f in files)}) are not supported; convert them to safetensors")
+        raise CheckpointError(
+            f"{source.model_id}: sharded PyTorch checkpoints ({', '.join(f.name for f in files)}) are not "
+            "supported; convert them to safetensors"
+        )
     store = TorchStore.open(files[0])
     if part is not None:
         return store.select(part)
     default = next((p for p in defaults if p in store.parts()), None)
     if default is not None and len(store.parts()) > 1:
-        warnings.warn(f"{files[0].name} holds {', '.join(store.parts())}; reading {default!r} (choose another with part=NAME)",
-                      QkWarning, stacklevel=2)
+        warnings.warn(
+            f"{files[0].name} holds {', '.join(store.parts())}; reading {default!r} (choose another with part=NAME)",
+            QkWarning,
+            stacklevel=2,
+        )
         store = store.select(default)
     return store
 
@@ -48,8 +56,16 @@ def source_record(source: Source, ck: Checkpoint) -> dict:
     return {**source.to_json(), **({"part": part} if part else {})}
 
 
-def open_model(model: str, *, revision: str | None = None, family: str | None = None, part: str | None = None,
-               allow_pickle: bool = False, progress: bool | None = None, spec_dir=None) -> tuple[Source, Checkpoint]:
+def open_model(
+    model: str,
+    *,
+    revision: str | None = None,
+    family: str | None = None,
+    part: str | None = None,
+    allow_pickle: bool = False,
+    progress: bool | None = None,
+    spec_dir=None,
+) -> tuple[Source, Checkpoint]:
     """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec.
 
     ``spec_dir``: a folder (or a list of folders) of user spec files, searched before ``QKWEIGHTS_SPEC_PATH``
@@ -58,7 +74,9 @@ def open_model(model: str, *, revision: str | None = None, family: str | None = 
     specs = load_specs(spec_dir=spec_dir)
     source = resolve(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
     store = open_store(source, part=part, defaults=default_parts(specs))
-    return source, open_checkpoint(store, {**_declared_configs(source, specs), **source.config_files}, family=family, specs=specs)
+    return source, open_checkpoint(
+        store, {**_declared_configs(source, specs), **source.config_files}, family=family, specs=specs
+    )
 
 
 def _declared_configs(source: Source, specs) -> dict:

@@ -47,7 +47,10 @@ EMBEDDINGS = {
     "normalised": "normalised token n = (x̃ − β)/γ entering the LayerNorm-folded modes of Γ W_qᵀW_k Γ",
 }
 DEFAULT_MODES = 6
-CONTRIBUTION = "c_n = σ_n · Σ_ij a_ij (x_i·u_n)(v_n·x_j) / √K, a = the head's attention probabilities, i and j over all tokens, x = LayerNorm output"
+CONTRIBUTION = (
+    "c_n = σ_n · Σ_ij a_ij (x_i·u_n)(v_n·x_j) / √K, a = the head's attention probabilities, i and j over all tokens, "
+    "x = LayerNorm output"
+)
 SIGN_CHARS = {1: "+", -1: "−"}
 
 
@@ -122,8 +125,17 @@ def _check(model, layer: int, head: int, modes, top, embedding: str) -> None:
         raise InputError(f"mode {bad[0]} is out of range: a head has {d.head_dim} modes (0–{d.head_dim - 1})")
 
 
-def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int | None = None,
-                    embedding: str = "ln", fold_ln: bool = False) -> Maps:
+def projection_maps(
+    model,
+    image,
+    *,
+    layer: int,
+    head: int,
+    modes=None,
+    top: int | None = None,
+    embedding: str = "ln",
+    fold_ln: bool = False,
+) -> Maps:
     """Query and key maps of ``image`` on modes of head ``head`` of layer ``layer`` (0-based).
 
     model: a :class:`qkweights.vision.VisionModel`; image: a path, PIL image or uint8
@@ -168,11 +180,16 @@ def projection_maps(model, image, *, layer: int, head: int, modes=None, top: int
 
     return Maps(
         model_id=model.source.model_id if model.source is not None else model.checkpoint.spec.name,
-        layer=layer, head=head, embedding=embedding,
-        modes=chosen, signs=choose_signs(query, key),
-        singular_values=s[chosen], cosines=np.einsum("dn,dn->n", u[:, chosen], v[:, chosen]),
+        layer=layer,
+        head=head,
+        embedding=embedding,
+        modes=chosen,
+        signs=choose_signs(query, key),
+        singular_values=s[chosen],
+        cosines=np.einsum("dn,dn->n", u[:, chosen], v[:, chosen]),
         contributions=c[chosen],
-        query=query.reshape(-1, gh, gw), key=key.reshape(-1, gh, gw),
+        query=query.reshape(-1, gh, gw),
+        key=key.reshape(-1, gh, gw),
         image=display_image(pixels[0], prep.mean, prep.std, prep.rescale),
         patch_size=model.weights.embeddings.patch_size,
         ranked=top is not None,
@@ -202,21 +219,32 @@ def maps_figure(maps: Maps):
     axes[0].set_title(f"input {gw * p}×{gh * p} px\n{gh}×{gw} patches", fontsize=9)
     for i in range(n):
         ax = axes[i + 1]
-        ax.imshow(composite(maps.image[: gh * p, : gw * p], maps.query[i], maps.key[i], int(maps.signs[i])), interpolation="nearest")
-        title = mode_title(maps.layer, maps.head, int(maps.modes[i]), int(maps.signs[i]),
-                           float(maps.singular_values[i]), float(maps.cosines[i]))
+        ax.imshow(
+            composite(maps.image[: gh * p, : gw * p], maps.query[i], maps.key[i], int(maps.signs[i])),
+            interpolation="nearest",
+        )
+        title = mode_title(
+            maps.layer,
+            maps.head,
+            int(maps.modes[i]),
+            int(maps.signs[i]),
+            float(maps.singular_values[i]),
+            float(maps.cosines[i]),
+        )
         if maps.ranked:
             title += f"   c {maps.contributions[i]:+.3g}"
         ax.set_title(title, fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in axes[n + 1:]:
+    for ax in axes[n + 1 :]:
         ax.set_axis_off()
     order = f"top {n} modes by |c_n|" if maps.ranked else "modes " + ",".join(str(int(m)) for m in maps.modes)
     folded = ", LayerNorm-folded modes" if maps.embedding == "normalised" else ""
-    fig.suptitle(f"{maps.model_id} — layer {maps.layer}, head {maps.head}, {order}{folded}\n"
-                 f"x = {EMBEDDINGS[maps.embedding]}", fontsize=10)
+    fig.suptitle(
+        f"{maps.model_id} — layer {maps.layer}, head {maps.head}, {order}{folded}\nx = {EMBEDDINGS[maps.embedding]}",
+        fontsize=10,
+    )
     caption = CAPTION + "; sign shown (+/−) = larger max(x·u)·max(x·v)"
     if maps.ranked:
         caption += f"\n{CONTRIBUTION}" + (" (here n and the folded modes)" if maps.embedding == "normalised" else "")
@@ -240,11 +268,27 @@ def save_maps(maps: Maps, out_dir) -> list[Path]:
     out = Path(out_dir)
     stem = f"maps_L{maps.layer}_H{maps.head}_{maps.embedding}"
     png = save_figure(maps_figure(maps), out / f"{stem}.png", dpi=120)
-    npz = write_npz(out / f"{stem}.npz", query=maps.query, key=maps.key, modes=maps.modes, signs=maps.signs,
-                    singular_values=maps.singular_values, cosines=maps.cosines, contributions=maps.contributions,
-                    embedding=np.array(maps.embedding), layer=np.array(maps.layer), head=np.array(maps.head),
-                    patch_size=np.array(maps.patch_size), image=maps.image.astype(np.float32),
-                    model_id=np.array(maps.model_id), source=np.array(json.dumps(maps.source, ensure_ascii=False)),
-                    image_path=np.array(maps.image_path or ""),
-                    **({} if maps.salience_contribution is None else {"salience_contribution": np.array(maps.salience_contribution)}))
+    npz = write_npz(
+        out / f"{stem}.npz",
+        query=maps.query,
+        key=maps.key,
+        modes=maps.modes,
+        signs=maps.signs,
+        singular_values=maps.singular_values,
+        cosines=maps.cosines,
+        contributions=maps.contributions,
+        embedding=np.array(maps.embedding),
+        layer=np.array(maps.layer),
+        head=np.array(maps.head),
+        patch_size=np.array(maps.patch_size),
+        image=maps.image.astype(np.float32),
+        model_id=np.array(maps.model_id),
+        source=np.array(json.dumps(maps.source, ensure_ascii=False)),
+        image_path=np.array(maps.image_path or ""),
+        **(
+            {}
+            if maps.salience_contribution is None
+            else {"salience_contribution": np.array(maps.salience_contribution)}
+        ),
+    )
     return [png, npz]

@@ -119,7 +119,9 @@ def allocation(rows: np.ndarray, masks: np.ndarray) -> np.ndarray:
     r = np.asarray(rows, np.float64)
     m = np.asarray(masks, np.float64).reshape(3, -1)  # (3, N)
     if r.ndim < 2 or r.shape[-2] != 2 or r.shape[-1] != m.shape[1]:
-        raise InputError(f"attention rows {r.shape} do not fit masks {np.shape(masks)}; expected (..., 2, {m.shape[1]})")
+        raise InputError(
+            f"attention rows {r.shape} do not fit masks {np.shape(masks)}; expected (..., 2, {m.shape[1]})"
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         ratios = (r @ m.T) / r.sum(axis=-1, keepdims=True)  # (..., 2, 3)
     return ratios.reshape(*r.shape[:-2], 6)
@@ -165,8 +167,9 @@ def prepare(model: VisionModel, item: O3Item) -> Prepared:
     for k, (what, full) in enumerate((("target", target), ("distractor", distractor))):
         if not masks[k].any():
             raise InputError(
-                f"{what} mask is empty: no pixel >= {MASK_THRESHOLD}" if not full.any() else
-                f"{what} mask is empty on the {masks.shape[1]}×{masks.shape[2]} patch grid "
+                f"{what} mask is empty: no pixel >= {MASK_THRESHOLD}"
+                if not full.any()
+                else f"{what} mask is empty on the {masks.shape[1]}×{masks.shape[2]} patch grid "
                 f"(the object lies outside the model's {pixels.shape[1]}×{pixels.shape[2]} input)"
             )
     return Prepared(pixels, masks, token_choice(masks))
@@ -182,8 +185,9 @@ def forward_rows(model: VisionModel, pixels: np.ndarray, tokens: np.ndarray) -> 
     b, _, h, w = pixels.shape
     p = model.weights.embeddings.patch_size
     layout = token_layout(model.weights.embeddings, (h // p, w // p))
-    fo = model.forward(pixels, attentions=True, rows=layout.patches.start + np.asarray(tokens),
-                       hidden=False, inputs=False)
+    fo = model.forward(
+        pixels, attentions=True, rows=layout.patches.start + np.asarray(tokens), hidden=False, inputs=False
+    )
     return np.stack([fo.attentions[l][..., layout.patches] for l in sorted(fo.attentions)], axis=1)  # (B, L, H, 2, N)
 
 
@@ -219,8 +223,14 @@ class O3Analysis(Analysis):
                 prepared.append(prepare(model, item))
                 ok.append(pos)
             except READ_ERRORS as exc:
-                skipped.append({"path": item.name, "reason": str(exc) if isinstance(exc, InputError) else
-                                " ".join(f"{type(exc).__name__}: {exc}".split())})
+                skipped.append(
+                    {
+                        "path": item.name,
+                        "reason": str(exc)
+                        if isinstance(exc, InputError)
+                        else " ".join(f"{type(exc).__name__}: {exc}".split()),
+                    }
+                )
         return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
 
     def compute(self, model, ctx, batch: Batch) -> O3Partial:
@@ -233,15 +243,21 @@ class O3Analysis(Analysis):
             rows = forward_rows(model, pixels, np.stack([prepared[i].tokens for i in group]))  # (B, L, H, 2, N)
             for i, r in zip(group, rows):
                 values[i] = allocation(r, prepared[i].masks)  # (L, H, 6)
-        return O3Partial(batch.positions, np.stack(values), np.array([p.masks.reshape(3, -1).mean(axis=1) for p in prepared]))
+        return O3Partial(
+            batch.positions, np.stack(values), np.array([p.masks.reshape(3, -1).mean(axis=1) for p in prepared])
+        )
 
     def empty(self) -> O3Partial:
         return O3Partial(np.empty(0, np.int64), np.empty((0, self.n_layers, self.heads, len(RATIOS))), np.empty((0, 3)))
 
     def merge(self, a: O3Partial, b: O3Partial) -> O3Partial:
         order = np.argsort(np.concatenate([a.positions, b.positions]), kind="stable")
-        return O3Partial(*(np.concatenate([x, y])[order] for x, y in ((a.positions, b.positions), (a.values, b.values),
-                                                                        (a.areas, b.areas))))
+        return O3Partial(
+            *(
+                np.concatenate([x, y])[order]
+                for x, y in ((a.positions, b.positions), (a.values, b.values), (a.areas, b.areas))
+            )
+        )
 
     def to_arrays(self, p: O3Partial) -> dict[str, np.ndarray]:
         return {"positions": p.positions, "values": p.values, "areas": p.areas}
@@ -269,8 +285,10 @@ class O3Result:
     def save(self, out_dir) -> list[Path]:
         """Write ``o3.csv`` and ``o3_summary.json`` into ``out_dir``; returns the paths."""
         out = Path(out_dir)
-        return [write_csv(out / CSV_NAME, ["image", "layer", "head", *RATIOS], _csv_rows(self.names, self.values)),
-                write_json(out / SUMMARY_NAME, self.summary)]
+        return [
+            write_csv(out / CSV_NAME, ["image", "layer", "head", *RATIOS], _csv_rows(self.names, self.values)),
+            write_json(out / SUMMARY_NAME, self.summary),
+        ]
 
     @classmethod
     def load(cls, out_dir) -> O3Result:
@@ -327,14 +345,18 @@ def _protocol(model: VisionModel, batch_size: int, max_images: int | None) -> di
         "mask_downscale": "the image's resize and crop with a bilinear filter, then the mean over each patch",
         "background": "clip(1 - target - distractor, 0, 1)",
         "token_choice": "argmax of the patch mask, first in raster order on ties",
-        "attention": "softmax over all tokens (special tokens included); the row restricted to patch tokens and renormalised to sum 1",
+        "attention": (
+            "softmax over all tokens (special tokens included); the row restricted to patch tokens and renormalised "
+            "to sum 1"
+        ),
         "batch_size": batch_size,
         "max_images": max_images,
     }
 
 
-def summarise(model: VisionModel, values: np.ndarray, areas: np.ndarray, skipped: list[dict], dataset: dict,
-              protocol: dict) -> dict:
+def summarise(
+    model: VisionModel, values: np.ndarray, areas: np.ndarray, skipped: list[dict], dataset: dict, protocol: dict
+) -> dict:
     """The ``o3_summary.json`` document from the ratios (I, L, H, 6) and mask areas (I, 3) of the images used."""
     n_layers = values.shape[1]
     stats = layer_statistics(values)
@@ -343,26 +365,47 @@ def summarise(model: VisionModel, values: np.ndarray, areas: np.ndarray, skipped
     return {
         "schema": SCHEMA,
         "source": _source_json(model),
-        "model": {"family": model.checkpoint.spec.name, "layers": dims.layers, "heads": dims.heads,
-                  "hidden": dims.hidden, "patch_size": protocol["patch_size"]},
+        "model": {
+            "family": model.checkpoint.spec.name,
+            "layers": dims.layers,
+            "heads": dims.heads,
+            "hidden": dims.hidden,
+            "patch_size": protocol["patch_size"],
+        },
         "protocol": protocol,
         "dataset": dataset,
         "images_used": int(values.shape[0]),
         "skipped": skipped,
-        "uniform": {"same": float(uniform[:2].mean()), "different": float(uniform[:2].mean()),
-                    "background": float(uniform[2])},
+        "uniform": {
+            "same": float(uniform[:2].mean()),
+            "different": float(uniform[:2].mean()),
+            "background": float(uniform[2]),
+        },
         "layers": [
-            {"layer": l, "depth": l / (n_layers - 1) if n_layers > 1 else 0.0,
-             **{name: {"mean": float(mean[l]), "sem": float(sem[l])} for name, (mean, sem) in stats.items()}}
+            {
+                "layer": l,
+                "depth": l / (n_layers - 1) if n_layers > 1 else 0.0,
+                **{name: {"mean": float(mean[l]), "sem": float(sem[l])} for name, (mean, sem) in stats.items()},
+            }
             for l in range(n_layers)
         ],
     }
 
 
-def o3_allocation(model: VisionModel | str, o3_dir: str | Path, out_dir: str | Path, *, max_images: int | None = None,
-                  batch_size: int = 8, shard_size: int = 64, workers: int | None = None, client=None,
-                  progress: Callable[[int, int], object] | None = None, plots: bool = True,
-                  notes: Callable[[str], object] | None = None) -> O3Result:
+def o3_allocation(
+    model: VisionModel | str,
+    o3_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    max_images: int | None = None,
+    batch_size: int = 8,
+    shard_size: int = 64,
+    workers: int | None = None,
+    client=None,
+    progress: Callable[[int, int], object] | None = None,
+    plots: bool = True,
+    notes: Callable[[str], object] | None = None,
+) -> O3Result:
     """Run the O3 protocol (module docstring) and write o3.csv, o3_summary.json and (if ``plots``) o3_by_layer.png.
 
     model: a :class:`VisionModel` or a MODEL argument for :func:`load_model`.
@@ -385,11 +428,25 @@ def o3_allocation(model: VisionModel | str, o3_dir: str | Path, out_dir: str | P
     items, missing, n_found = select_items(o3_dir, max_images)
     out = prepare_dir(out_dir)
     state_path = out / STATE_NAME
-    an = O3Analysis(len(model.weights.blocks), model.weights.heads,
-                    json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str))
+    an = O3Analysis(
+        len(model.weights.blocks),
+        model.weights.heads,
+        json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str),
+    )
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
-    sweep = run_sweep(an, ref, items, state_path=state_path, source=_source_json(model), model=model,
-                      shard_size=shard_size, batch_size=batch_size, workers=workers, client=client, progress=progress)
+    sweep = run_sweep(
+        an,
+        ref,
+        items,
+        state_path=state_path,
+        source=_source_json(model),
+        model=model,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        workers=workers,
+        client=client,
+        progress=progress,
+    )
     for text in sweep.notes:
         if notes:
             notes(text)
@@ -399,10 +456,22 @@ def o3_allocation(model: VisionModel | str, o3_dir: str | Path, out_dir: str | P
     if not names:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         state_path.unlink(missing_ok=True)
-        raise InputError(f"{o3_dir}: none of the {len(items) + len(missing)} selected images is usable{first}; check the masks")
-    dataset = {"root": str(Path(o3_dir).resolve()), "images_found": n_found, "images_selected": len(items) + len(missing)}
-    summary = summarise(model, part.values, part.areas, [{"image": n, "reason": why} for n, why in skipped], dataset,
-                        _protocol(model, batch_size, max_images))
+        raise InputError(
+            f"{o3_dir}: none of the {len(items) + len(missing)} selected images is usable{first}; check the masks"
+        )
+    dataset = {
+        "root": str(Path(o3_dir).resolve()),
+        "images_found": n_found,
+        "images_selected": len(items) + len(missing),
+    }
+    summary = summarise(
+        model,
+        part.values,
+        part.areas,
+        [{"image": n, "reason": why} for n, why in skipped],
+        dataset,
+        _protocol(model, batch_size, max_images),
+    )
     result = O3Result(summary, names, part.values)
     result.files = result.save(out)
     if plots:

@@ -39,9 +39,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The columns of the real image_properties.txt; the last seven are 0/1 flags of
 # the feature in which the target differs from the distractors.
 PROPERTY_COLUMNS = (
-    "image_name", "num_distractors", "target_type", "target_subtype", "target_size",
-    "target_x", "target_y", "orientation", "color", "focus", "shape", "size",
-    "location", "pattern",
+    "image_name",
+    "num_distractors",
+    "target_type",
+    "target_subtype",
+    "target_size",
+    "target_x",
+    "target_y",
+    "orientation",
+    "color",
+    "focus",
+    "shape",
+    "size",
+    "location",
+    "pattern",
 )
 FEATURE_FLAGS = PROPERTY_COLUMNS[-7:]
 TARGET_DIRS = ("targ_images", "targ_labels")
@@ -75,7 +86,9 @@ def _image_files(folder: Path) -> dict[str, Path]:
     """Stem -> path of the image files (jpg/jpeg/png, any case, not hidden) in ``folder``."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or path.is_dir():  # broken links stay: skipped and listed
+        if (
+            path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or path.is_dir()
+        ):  # broken links stay: skipped and listed
             continue
         if path.stem in found:
             raise InputError(

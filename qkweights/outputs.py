@@ -163,7 +163,7 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
 
 
 def plural(n: int, noun: str) -> str:
-    """"1 layer", "12 layers": a count with its noun, for messages and titles."""
+    """ "1 layer", "12 layers": a count with its noun, for messages and titles."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
@@ -206,7 +206,13 @@ def record_outputs(out_dir, command: str, written, *, keep=()) -> list[Path]:
     removed = []
     for name in old:
         # Only plain names inside the folder: a hand-edited manifest cannot delete anything else.
-        if not isinstance(name, str) or name in names or name in keep or Path(name).name != name or name in ("", ".", ".."):
+        if (
+            not isinstance(name, str)
+            or name in names
+            or name in keep
+            or Path(name).name != name
+            or name in ("", ".", "..")
+        ):
             continue
         stale = out / name
         if stale.is_file() and not stale.is_symlink():

@@ -23,8 +23,10 @@ import numpy as np
 CLIP_PERCENTILE = 99.0
 DIM = 0.45  # luminance factor of the grey background image
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B
-CAPTION = (f"red = query map x·u, cyan = key map x·v, white = both; each map: positive side of the shown sign, "
-           f"÷ its {CLIP_PERCENTILE:g}th percentile of |value|, clipped to [0, 1]; image dimmed to grey")
+CAPTION = (
+    f"red = query map x·u, cyan = key map x·v, white = both; each map: positive side of the shown sign, "
+    f"÷ its {CLIP_PERCENTILE:g}th percentile of |value|, clipped to [0, 1]; image dimmed to grey"
+)
 
 
 def scale_map(values: np.ndarray, sign=1) -> np.ndarray:
@@ -54,7 +56,8 @@ def display_image(pixels: np.ndarray, mean, std, rescale: float) -> np.ndarray:
 
 
 def upsample(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of (..., gh, gw) maps to ``shape`` (H, W) pixels: pixel (y, x) shows patch (y·gh//H, x·gw//W)."""
+    """Nearest-neighbour upsampling of (..., gh, gw) maps to ``shape`` (H, W) pixels: pixel (y, x) shows patch
+    (y·gh//H, x·gw//W)."""
     gh, gw = grid.shape[-2:]
     rows = np.arange(shape[0]) * gh // shape[0]
     cols = np.arange(shape[1]) * gw // shape[1]
@@ -65,7 +68,9 @@ def blend(grey: np.ndarray, query01: np.ndarray, key01: np.ndarray) -> np.ndarra
     """Screen-blend the overlay colour (q, k, k) on a dimmed grey image: grey (H, W), query01, key01 (H, W) in [0, 1]
     (scaled maps already upsampled); returns (H, W, 3) in [0, 1], in the dtype of the inputs."""
     dark = 1 - grey  # (H, W)
-    out = np.empty(grey.shape + (3,), np.result_type(grey, query01, key01))  # (H, W, 3): red = query, green = blue = key
+    out = np.empty(
+        grey.shape + (3,), np.result_type(grey, query01, key01)
+    )  # (H, W, 3): red = query, green = blue = key
     out[..., 0] = 1 - dark * (1 - query01)
     out[..., 1] = out[..., 2] = 1 - dark * (1 - key01)
     return out

@@ -66,23 +66,40 @@ PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4
 # models/*/image_processing_pil_*.py); a key missing or null in a config takes these.
 _HF_DEFAULTS = {
     "ViTImageProcessor": dict(
-        size={"height": 224, "width": 224}, resample=2, do_center_crop=False, crop_size=None,
-        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, default_to_square=True,
+        size={"height": 224, "width": 224},
+        resample=2,
+        do_center_crop=False,
+        crop_size=None,
+        image_mean=IMAGENET_STANDARD_MEAN,
+        image_std=IMAGENET_STANDARD_STD,
+        default_to_square=True,
     ),
     "DeiTImageProcessor": dict(
-        size={"height": 256, "width": 256}, resample=3, do_center_crop=True,
+        size={"height": 256, "width": 256},
+        resample=3,
+        do_center_crop=True,
         crop_size={"height": 224, "width": 224},
-        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, default_to_square=True,
+        image_mean=IMAGENET_STANDARD_MEAN,
+        image_std=IMAGENET_STANDARD_STD,
+        default_to_square=True,
     ),
     "CLIPImageProcessor": dict(
-        size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+        size={"shortest_edge": 224},
+        resample=3,
+        do_center_crop=True,
         crop_size={"height": 224, "width": 224},
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, default_to_square=False,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        default_to_square=False,
     ),
     "BitImageProcessor": dict(
-        size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+        size={"shortest_edge": 224},
+        resample=3,
+        do_center_crop=True,
         crop_size={"height": 224, "width": 224},
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, default_to_square=False,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        default_to_square=False,
     ),
 }
 _HF_COMMON = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True)
@@ -103,14 +120,13 @@ def _read_file(path: Path) -> Image.Image:
             return ImageOps.exif_transpose(im)
     except Image.DecompressionBombError:
         raise InputError(
-            f"{path}: the image is larger than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow decodes (a guard against "
+            f"{path}: the image is larger than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow decodes (a "
+            "guard against "
             f"decompression bombs); downscale it (the model sees at most a few hundred pixels a side)"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise InputError(
-            f"{path}: cannot decode the image ({reason}); give a complete PNG or JPEG file"
-        ) from None
+        raise InputError(f"{path}: cannot decode the image ({reason}); give a complete PNG or JPEG file") from None
 
 
 def _check_array(image: np.ndarray) -> None:
@@ -119,9 +135,7 @@ def _check_array(image: np.ndarray) -> None:
             f"image array has dtype {image.dtype}; give uint8 values 0-255 of shape (H, W), (H, W, 3) or (H, W, 4)"
         )
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))) or 0 in image.shape:
-        raise InputError(
-            f"image array has shape {image.shape}; give uint8 of shape (H, W), (H, W, 3) or (H, W, 4)"
-        )
+        raise InputError(f"image array has shape {image.shape}; give uint8 of shape (H, W), (H, W, 3) or (H, W, 4)")
 
 
 def open_image(image) -> Image.Image:
@@ -248,8 +262,16 @@ def _pair(value, what: str) -> tuple[int, int] | None:
 
 def _triple(value, what: str) -> tuple[float, float, float]:
     real = (int, float, np.integer, np.floating)
-    values = (value,) * 3 if isinstance(value, real) else tuple(value) if isinstance(value, (list, tuple, np.ndarray)) else ()
-    if len(values) != 3 or not all(isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    values = (
+        (value,) * 3
+        if isinstance(value, real)
+        else tuple(value)
+        if isinstance(value, (list, tuple, np.ndarray))
+        else ()
+    )
+    if len(values) != 3 or not all(
+        isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
         raise SpecError(f"preprocess {what} is {value!r}; give three finite numbers (R, G, B)")
     return tuple(float(v) for v in values)
 
@@ -508,9 +530,7 @@ class Preprocess:
             values = m.astype(np.float32) if m.max() <= 1 else m.astype(np.float32) / np.float32(255)
         elif np.issubdtype(m.dtype, np.floating):
             if not np.all(np.isfinite(m)) or m.min() < 0 or m.max() > 1:
-                raise InputError(
-                    f"mask values span [{np.nanmin(m)}, {np.nanmax(m)}]; give finite values in [0, 1]"
-                )
+                raise InputError(f"mask values span [{np.nanmin(m)}, {np.nanmax(m)}]; give finite values in [0, 1]")
             values = m.astype(np.float32)
         else:
             raise InputError(f"mask has dtype {m.dtype}; give bool, uint8 or float values in [0, 1]")

@@ -49,11 +49,19 @@ from qkweights.version import __version__
 
 SCHEMA = "qkweights.profile/2"
 SCHEMAS = ("qkweights.profile/1", SCHEMA)  # what load_profile reads; /1 lacks symmetric_fraction, ov, salience_norm
-OMITTED = ("query and key biases (b_qᵀW_k x_j is a per-key salience term)", "LayerNorm gain and bias (they act before W_q/W_k)")
+OMITTED = (
+    "query and key biases (b_qᵀW_k x_j is a per-key salience term)",
+    "LayerNorm gain and bias (they act before W_q/W_k)",
+)
 SIGN_CONVENTION = "each (u_n, v_n) pair is flipped together so that the largest-magnitude entry of u_n is positive"
-OMITTED_FOLDED = ("key bias and terms of the query token alone (constant along each softmax row)",
-                  "the key-salience term w_h·n_j (reported as salience_norm = ‖w_h‖, not in the SVD)")
-OV_CONVENTION = "M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P Λ Rᵀ; cos_n = p_n·r_n; pairs (p_n, r_n) flipped together as (u_n, v_n)"
+OMITTED_FOLDED = (
+    "key bias and terms of the query token alone (constant along each softmax row)",
+    "the key-salience term w_h·n_j (reported as salience_norm = ‖w_h‖, not in the SVD)",
+)
+OV_CONVENTION = (
+    "M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P Λ Rᵀ; cos_n = p_n·r_n; pairs (p_n, r_n) flipped together as (u_n, "
+    "v_n)"
+)
 
 
 @dataclass(frozen=True)
@@ -77,13 +85,21 @@ class ModelInfo:
         return self.layers, self.heads, self.hidden, self.head_dim
 
     def shape_text(self) -> str:
-        """"vit, 12 layers × 12 heads, D = 768, K = 64"."""
-        return f"{self.family}, {plural(self.layers, 'layer')} × {plural(self.heads, 'head')}, D = {self.hidden}, K = {self.head_dim}"
+        """ "vit, 12 layers × 12 heads, D = 768, K = 64"."""
+        return (
+            f"{self.family}, {plural(self.layers, 'layer')} × {plural(self.heads, 'head')}, D = {self.hidden}, K = "
+            f"{self.head_dim}"
+        )
 
     def to_json(self) -> dict:
         doc = {
-            "family": self.family, "layers": self.layers, "heads": self.heads, "hidden": self.hidden,
-            "head_dim": self.head_dim, "dtype": self.dtype, "logit_scale": 1 / np.sqrt(self.head_dim),
+            "family": self.family,
+            "layers": self.layers,
+            "heads": self.heads,
+            "hidden": self.hidden,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "logit_scale": 1 / np.sqrt(self.head_dim),
             "weight_svd_omits": list(self.omitted),
         }
         doc["folded"] = self.folded
@@ -167,12 +183,16 @@ class Profile:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers (non-finite weights) stay NaN
             return {
-                "weighted_cosine": np.nanmean(w, 1), "mean_cosine": np.nanmean(self.mean, 1),
-                "min": np.nanmin(w, 1), "max": np.nanmax(w, 1), "std": np.nanstd(w, 1),
+                "weighted_cosine": np.nanmean(w, 1),
+                "mean_cosine": np.nanmean(self.mean, 1),
+                "min": np.nanmin(w, 1),
+                "max": np.nanmax(w, 1),
+                "std": np.nanstd(w, 1),
             }
 
     def circuit_layer_stats(self) -> dict[str, np.ndarray]:
-        """Per-layer mean/min/max over heads of the statistics beyond the paper, each (L,); only those the profile holds.
+        """Per-layer mean/min/max over heads of the statistics beyond the paper, each (L,); only those the profile
+        holds.
 
         Keys: ``symmetric_fraction``/``symmetric_min``/``symmetric_max``,
         ``ov_weighted_cosine``/``ov_min``/``ov_max``, ``salience_norm``/``salience_min``/``salience_max``.
@@ -180,11 +200,17 @@ class Profile:
         out = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers stay NaN
-            for name, short, a in (("symmetric_fraction", "symmetric", self.symmetric),
-                                   ("ov_weighted_cosine", "ov", None if self.ov is None else self.ov.weighted),
-                                   ("salience_norm", "salience", self.salience)):
+            for name, short, a in (
+                ("symmetric_fraction", "symmetric", self.symmetric),
+                ("ov_weighted_cosine", "ov", None if self.ov is None else self.ov.weighted),
+                ("salience_norm", "salience", self.salience),
+            ):
                 if a is not None:
-                    out[name], out[short + "_min"], out[short + "_max"] = np.nanmean(a, 1), np.nanmin(a, 1), np.nanmax(a, 1)
+                    out[name], out[short + "_min"], out[short + "_max"] = (
+                        np.nanmean(a, 1),
+                        np.nanmin(a, 1),
+                        np.nanmax(a, 1),
+                    )
         return out
 
     def _circuit_head(self, l: int, h: int) -> dict:
@@ -192,9 +218,16 @@ class Profile:
         if self.symmetric is not None:
             doc["symmetric_fraction"] = float(self.symmetric[l, h])
         if self.ov is not None:
-            doc["ov"] = None if not (self.model.ov or {}).get("available", True) else {
-                "singular_values": self.ov.singular_values[l, h].tolist(), "cosines": self.ov.cosines[l, h].tolist(),
-                "weighted_cosine": float(self.ov.weighted[l, h]), "degenerate_blocks": self.ov.degenerate[l][h]}
+            doc["ov"] = (
+                None
+                if not (self.model.ov or {}).get("available", True)
+                else {
+                    "singular_values": self.ov.singular_values[l, h].tolist(),
+                    "cosines": self.ov.cosines[l, h].tolist(),
+                    "weighted_cosine": float(self.ov.weighted[l, h]),
+                    "degenerate_blocks": self.ov.degenerate[l][h],
+                }
+            )
         if self.salience is not None:
             doc["salience_norm"] = float(self.salience[l, h])
         return doc
@@ -202,7 +235,11 @@ class Profile:
     def to_json(self) -> dict:
         """The ``profile.json`` document (schema ``qkweights.profile/2``)."""
         stats = self.layer_stats()
-        extra = {k: v for k, v in self.circuit_layer_stats().items() if k in ("symmetric_fraction", "ov_weighted_cosine", "salience_norm")}
+        extra = {
+            k: v
+            for k, v in self.circuit_layer_stats().items()
+            if k in ("symmetric_fraction", "ov_weighted_cosine", "salience_norm")
+        }
         layers = []
         for l in range(self.model.layers):
             heads = [
@@ -220,7 +257,14 @@ class Profile:
                 }
                 for h in range(self.model.heads)
             ]
-            layers.append({"layer": l, **{k: float(v[l]) for k, v in stats.items()}, **{k: float(v[l]) for k, v in extra.items()}, "heads": heads})
+            layers.append(
+                {
+                    "layer": l,
+                    **{k: float(v[l]) for k, v in stats.items()},
+                    **{k: float(v[l]) for k, v in extra.items()},
+                    "heads": heads,
+                }
+            )
         return {
             "schema": SCHEMA,
             "tool_version": self.tool_version,
@@ -229,7 +273,11 @@ class Profile:
             "null_band_95": self.null_band_95,
             "sign_convention": SIGN_CONVENTION,
             "degenerate_rtol": DEGENERATE_RTOL,
-            **({"symmetric_null": symmetric_null(self.model.hidden, self.model.head_dim)} if self.symmetric is not None else {}),
+            **(
+                {"symmetric_null": symmetric_null(self.model.hidden, self.model.head_dim)}
+                if self.symmetric is not None
+                else {}
+            ),
             **({"ov_convention": OV_CONVENTION} if self.ov is not None else {}),
             "nonfinite_heads": [{"layer": l, "head": h} for l, h in self.nonfinite],
             "layers": layers,
@@ -249,15 +297,42 @@ class Profile:
         rows = []
         for l in range(self.model.layers):
             for h in range(self.model.heads):
-                rows.append([l, h, csv_number(self.weighted[l, h]), csv_number(self.mean[l, h]), csv_number(self.trace[l, h]),
-                             csv_number(self.nuclear[l, h]), csv_number(self.effective_rank[l, h]),
-                             csv_number(self.singular_values[l, h, 0]), len(self.degenerate[l][h])])
-        header = ["layer", "head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "effective_rank", "sigma_0", "degenerate_blocks"]
+                rows.append(
+                    [
+                        l,
+                        h,
+                        csv_number(self.weighted[l, h]),
+                        csv_number(self.mean[l, h]),
+                        csv_number(self.trace[l, h]),
+                        csv_number(self.nuclear[l, h]),
+                        csv_number(self.effective_rank[l, h]),
+                        csv_number(self.singular_values[l, h, 0]),
+                        len(self.degenerate[l][h]),
+                    ]
+                )
+        header = [
+            "layer",
+            "head",
+            "weighted_cosine",
+            "mean_cosine",
+            "trace",
+            "nuclear_norm",
+            "effective_rank",
+            "sigma_0",
+            "degenerate_blocks",
+        ]
         header, rows = self._circuit_columns(header, rows)
         written.append(write_csv(out / "heads.csv", header, rows))
         if self.U is not None:
-            written.append(write_npz(out / "modes.npz", U=self.U, V=self.V, S=self.singular_values,
-                                     profile_sha256=np.array(_sha256(text))))
+            written.append(
+                write_npz(
+                    out / "modes.npz",
+                    U=self.U,
+                    V=self.V,
+                    S=self.singular_values,
+                    profile_sha256=np.array(_sha256(text)),
+                )
+            )
         record_outputs(out, "profile", written)
         return written
 
@@ -272,8 +347,15 @@ class Profile:
             rows = [r + [csv_number(self.symmetric[i // H, i % H])] for i, r in enumerate(rows)]
         if self.ov is not None:
             header = header + ["ov_weighted_cosine", "ov_lambda_0", "ov_degenerate_blocks"]
-            rows = [r + [csv_number(self.ov.weighted[i // H, i % H]), csv_number(self.ov.singular_values[i // H, i % H, 0]),
-                         len(self.ov.degenerate[i // H][i % H])] for i, r in enumerate(rows)]
+            rows = [
+                r
+                + [
+                    csv_number(self.ov.weighted[i // H, i % H]),
+                    csv_number(self.ov.singular_values[i // H, i % H, 0]),
+                    len(self.ov.degenerate[i // H][i % H]),
+                ]
+                for i, r in enumerate(rows)
+            ]
         if self.salience is not None:
             header = header + ["salience_norm"]
             rows = [r + [csv_number(self.salience[i // H, i % H])] for i, r in enumerate(rows)]
@@ -338,9 +420,15 @@ def _ov_layer(ck: Checkpoint, l: int) -> dict:
     return {"ov_ok": ok, "ov_stats": head_stats(p, lam, r, np.swapaxes(wo, -1, -2), wv), "ov_s": lam}
 
 
-def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
-                    progress: Callable[[int, int], None] | None = None, workers: int | None = None,
-                    fold_ln: bool = False) -> Profile:
+def compute_profile(
+    ck: Checkpoint,
+    source: dict,
+    *,
+    save_vectors: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+    fold_ln: bool = False,
+) -> Profile:
     """Profile every head of ``ck``, layer by layer.
 
     Beyond the paper, each head gets its ``symmetric_fraction`` and its value-output circuit
@@ -392,13 +480,40 @@ def compute_profile(ck: Checkpoint, source: dict, *, save_vectors: bool = False,
 
         fold = fold_description(ck)
     why = "; ".join(f"layer {l}: {w}" for l, w in circuits.why)
-    ov_info = {"available": not circuits.why, "note": (f"value-output circuit not computed ({why})" if why else OV_CONVENTION)}
-    model = ModelInfo(ck.spec.name, L, H, D, K, ck.dtype(), omitted + tuple(ck.spec.logit_terms),
-                      FOLDED if fold_ln else None, fold, ov_info)
-    return Profile(model, source, S, cos, per_head["weighted"], per_head["mean"], per_head["trace"],
-                   per_head["nuclear"], per_head["effective_rank"], degenerate, nonfinite, U, V,
-                   symmetric=circuits.symmetric, ov=OVProfile(circuits.ov_s, circuits.ov_cos, circuits.ov_weighted, circuits.ov_degenerate),
-                   salience=circuits.salience)
+    ov_info = {
+        "available": not circuits.why,
+        "note": (f"value-output circuit not computed ({why})" if why else OV_CONVENTION),
+    }
+    model = ModelInfo(
+        ck.spec.name,
+        L,
+        H,
+        D,
+        K,
+        ck.dtype(),
+        omitted + tuple(ck.spec.logit_terms),
+        FOLDED if fold_ln else None,
+        fold,
+        ov_info,
+    )
+    return Profile(
+        model,
+        source,
+        S,
+        cos,
+        per_head["weighted"],
+        per_head["mean"],
+        per_head["trace"],
+        per_head["nuclear"],
+        per_head["effective_rank"],
+        degenerate,
+        nonfinite,
+        U,
+        V,
+        symmetric=circuits.symmetric,
+        ov=OVProfile(circuits.ov_s, circuits.ov_cos, circuits.ov_weighted, circuits.ov_degenerate),
+        salience=circuits.salience,
+    )
 
 
 @dataclass
@@ -415,8 +530,15 @@ class _Circuits:
 
     @classmethod
     def empty(cls, L: int, H: int, K: int, fold_ln: bool) -> _Circuits:
-        return cls(np.full((L, H), np.nan), np.full((L, H), np.nan) if fold_ln else None, np.full((L, H, K), np.nan),
-                   np.full((L, H, K), np.nan), np.full((L, H), np.nan), [[[] for _ in range(H)] for _ in range(L)], [])
+        return cls(
+            np.full((L, H), np.nan),
+            np.full((L, H), np.nan) if fold_ln else None,
+            np.full((L, H, K), np.nan),
+            np.full((L, H, K), np.nan),
+            np.full((L, H), np.nan),
+            [[[] for _ in range(H)] for _ in range(L)],
+            [],
+        )
 
 
 def _merge_circuits(layer: _Layer, l: int, c: _Circuits) -> None:
@@ -428,7 +550,11 @@ def _merge_circuits(layer: _Layer, l: int, c: _Circuits) -> None:
         c.why.append((l, layer.ov_why))
     if layer.ov_stats is not None:
         ok = layer.ov_ok
-        c.ov_s[l, ok], c.ov_cos[l, ok], c.ov_weighted[l, ok] = layer.ov_s, layer.ov_stats.cosines, layer.ov_stats.weighted
+        c.ov_s[l, ok], c.ov_cos[l, ok], c.ov_weighted[l, ok] = (
+            layer.ov_s,
+            layer.ov_stats.cosines,
+            layer.ov_stats.weighted,
+        )
         for j, h in enumerate(np.flatnonzero(ok)):
             c.ov_degenerate[l][h] = degenerate_blocks(layer.ov_s[j], layer.ov_stats.cosines[j])
 
@@ -449,19 +575,38 @@ def load_profile(path: str | Path, *, vectors: bool = True) -> Profile:
         raw = path.read_bytes()
         doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: no such profile; write one with the profile command or qkweights.save_profile") from None
+        raise InputError(
+            f"{path}: no such profile; write one with the profile command or qkweights.save_profile"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not a readable profile.json ({e}); re-run `python -m qkweights profile`") from None
     if not isinstance(doc, dict) or doc.get("schema") not in SCHEMAS:
-        raise InputError(f"{path}: not a qkweights profile (schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})")
+        raise InputError(
+            f"{path}: not a qkweights profile (schema "
+            f"{doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})"
+        )
     p = _ProfileReader(path, doc)
     U = V = None
     npz = path.parent / "modes.npz"
     if vectors and npz.exists():
         U, V = _read_modes(npz, path, raw, p.model)
-    return Profile(p.model, p.source, p.singular_values, p.cosines, p.grid("weighted_cosine"), p.grid("mean_cosine"),
-                   p.grid("trace"), p.grid("nuclear_norm"), p.grid("effective_rank"), p.degenerate, p.nonfinite, U, V,
-                   p.tool_version, **_load_circuits(p))
+    return Profile(
+        p.model,
+        p.source,
+        p.singular_values,
+        p.cosines,
+        p.grid("weighted_cosine"),
+        p.grid("mean_cosine"),
+        p.grid("trace"),
+        p.grid("nuclear_norm"),
+        p.grid("effective_rank"),
+        p.degenerate,
+        p.nonfinite,
+        U,
+        V,
+        p.tool_version,
+        **_load_circuits(p),
+    )
 
 
 class _ProfileReader:
@@ -480,9 +625,18 @@ class _ProfileReader:
         for key, kind in (("folded", str), ("fold", dict), ("ov", dict)):
             if m.get(key) is not None and not isinstance(m[key], kind):
                 self.fail(f"model.{key}", f"is {_short(m[key])}; expected {_KINDS[kind]} (or null)")
-        self.model = ModelInfo(self.field(m, "family", str, "model.family"), ints["layers"], ints["heads"], ints["hidden"],
-                               ints["head_dim"], self.field(m, "dtype", str, "model.dtype"), tuple(omits),
-                               m.get("folded"), m.get("fold"), m.get("ov"))
+        self.model = ModelInfo(
+            self.field(m, "family", str, "model.family"),
+            ints["layers"],
+            ints["heads"],
+            ints["hidden"],
+            ints["head_dim"],
+            self.field(m, "dtype", str, "model.dtype"),
+            tuple(omits),
+            m.get("folded"),
+            m.get("fold"),
+            m.get("ov"),
+        )
         self.source = self.field(doc, "source", dict)
         self.tool_version = str(doc.get("tool_version", "?"))
         L, H, K = self.model.layers, self.model.heads, self.model.head_dim
@@ -508,13 +662,20 @@ class _ProfileReader:
         self.degenerate = [[self.blocks(l, h) for h in range(H)] for l in range(L)]
         self.nonfinite = []
         for i, x in enumerate(self.field(doc, "nonfinite_heads", list) if "nonfinite_heads" in doc else []):
-            if not (isinstance(x, dict) and _is_int(x.get("layer")) and _is_int(x.get("head"))
-                    and 0 <= x["layer"] < L and 0 <= x["head"] < H):
-                self.fail(f"nonfinite_heads[{i}]", f"must be {{\"layer\": 0…{L - 1}, \"head\": 0…{H - 1}}}")
+            if not (
+                isinstance(x, dict)
+                and _is_int(x.get("layer"))
+                and _is_int(x.get("head"))
+                and 0 <= x["layer"] < L
+                and 0 <= x["head"] < H
+            ):
+                self.fail(f"nonfinite_heads[{i}]", f'must be {{"layer": 0…{L - 1}, "head": 0…{H - 1}}}')
             self.nonfinite.append((x["layer"], x["head"]))
 
     def fail(self, field: str, problem: str):
-        raise InputError(f"{self.path}: field {field} {problem}; re-run `python -m qkweights profile` to rewrite the file")
+        raise InputError(
+            f"{self.path}: field {field} {problem}; re-run `python -m qkweights profile` to rewrite the file"
+        )
 
     def field(self, obj: dict, key: str, kind: type, where: str | None = None):
         where = where or key
@@ -535,9 +696,18 @@ class _ProfileReader:
 
     def grid(self, key: str) -> np.ndarray:
         """(L, H) one number per head."""
-        return np.array([[self.number(self.field(hd, key, object, f"layers[{l}].heads[{h}].{key}"), f"layers[{l}].heads[{h}].{key}")
-                          for h, hd in enumerate(hs)] for l, hs in enumerate(self.heads)], dtype=np.float64).reshape(
-            self.model.layers, self.model.heads)
+        return np.array(
+            [
+                [
+                    self.number(
+                        self.field(hd, key, object, f"layers[{l}].heads[{h}].{key}"), f"layers[{l}].heads[{h}].{key}"
+                    )
+                    for h, hd in enumerate(hs)
+                ]
+                for l, hs in enumerate(self.heads)
+            ],
+            dtype=np.float64,
+        ).reshape(self.model.layers, self.model.heads)
 
     def modes(self, key: str, K: int) -> np.ndarray:
         """(L, H, K) K numbers per head."""
@@ -556,7 +726,12 @@ class _ProfileReader:
         blocks = self.field(self.heads[l][h], "degenerate_blocks", list, where)
         K = self.model.head_dim
         for i, b in enumerate(blocks):
-            if not (isinstance(b, dict) and _is_int(b.get("start")) and _is_int(b.get("stop")) and 0 <= b["start"] < b["stop"] <= K):
+            if not (
+                isinstance(b, dict)
+                and _is_int(b.get("start"))
+                and _is_int(b.get("stop"))
+                and 0 <= b["start"] < b["stop"] <= K
+            ):
                 self.fail(f"{where}[{i}]", f"must hold integers start < stop ≤ {K}")
         return blocks
 
@@ -580,8 +755,10 @@ def _read_modes(npz: Path, path: Path, raw: bytes, model: ModelInfo) -> tuple[np
         with np.load(npz) as z:
             owner = str(z["profile_sha256"]) if "profile_sha256" in z.files else None
             if owner != hashlib.sha256(raw).hexdigest():
-                raise InputError(f"{npz}: belongs to another run than {path.name} beside it (its vectors would be paired with "
-                                 f"another profile's statistics); {fix}")
+                raise InputError(
+                    f"{npz}: belongs to another run than {path.name} beside it (its vectors would be paired with "
+                    f"another profile's statistics); {fix}"
+                )
             U, V = z["U"], z["V"]
     except InputError:
         raise
@@ -590,12 +767,16 @@ def _read_modes(npz: Path, path: Path, raw: bytes, model: ModelInfo) -> tuple[np
     L, H, D = model.layers, model.heads, model.hidden
     for name, a in (("U", U), ("V", V)):
         if a.ndim != 4 or a.shape[:3] != (L, H, D) or not 1 <= a.shape[3] <= model.head_dim:
-            raise InputError(f"{npz}: {name} has shape {a.shape}, expected ({L}, {H}, {D}, ≤{model.head_dim}) from {path.name}; {fix}")
+            raise InputError(
+                f"{npz}: {name} has shape {a.shape}, expected ({L}, {H}, {D}, ≤{model.head_dim}) from "
+                f"{path.name}; {fix}"
+            )
     return U, V
 
 
 def _load_circuits(p: _ProfileReader) -> dict:
-    """The statistics beyond the paper of a saved profile, type-checked; a /1 profile (or one without them) leaves them None (absent)."""
+    """The statistics beyond the paper of a saved profile, type-checked; a /1 profile (or one without them) leaves them
+    None (absent)."""
     heads = [hd for hs in p.heads for hd in hs]
     out = {}
     if heads and all("symmetric_fraction" in hd for hd in heads):
@@ -623,8 +804,10 @@ def _load_circuits(p: _ProfileReader) -> dict:
             return p.number(ov(l, h).get(key), f"layers[{l}].heads[{h}].ov.{key}")
 
         grid = [(l, h) for l in range(L) for h in range(H)]
-        out["ov"] = OVProfile(np.array([numbers(l, h, "singular_values", K) for l, h in grid]).reshape(L, H, K),
-                              np.array([numbers(l, h, "cosines", K) for l, h in grid]).reshape(L, H, K),
-                              np.array([number(l, h, "weighted_cosine") for l, h in grid]).reshape(L, H),
-                              [[ov(l, h).get("degenerate_blocks", []) for h in range(H)] for l in range(L)])
+        out["ov"] = OVProfile(
+            np.array([numbers(l, h, "singular_values", K) for l, h in grid]).reshape(L, H, K),
+            np.array([numbers(l, h, "cosines", K) for l, h in grid]).reshape(L, H, K),
+            np.array([number(l, h, "weighted_cosine") for l, h in grid]).reshape(L, H),
+            [[ov(l, h).get("degenerate_blocks", []) for h in range(H)] for l in range(L)],
+        )
     return out

@@ -8,8 +8,8 @@ then ``U = Q_a U_c``, ``V = Q_b V_c`` — O(D·K² + K³) per head, batched over
 heads, in float64. Both LAPACK calls are numpy's batched ones: the K×K SVD
 (gesdd) beats scipy looped (gesdd 0.89–0.96×, gesvd 0.5×); scipy's looped thin
 QR is 1.05–1.16× faster on ViT-B/L shapes, a few per cent of a layer's math,
-but loading scipy (and its second OpenBLAS) raised the peak RSS of ``profile``
-by about 13 MiB, so numpy keeps it (bench/bench_lapack.py; README, development).
+but importing scipy costs 0.4 s, ~13 MiB and a second OpenBLAS whose threads
+are not limited with numpy's, so numpy keeps it (bench/bench_lapack.py; README).
 
 Sign convention: the pair (u_n, v_n) is flipped together so that the entry of
 largest magnitude of u_n is positive (the first such entry on ties). Flipping
@@ -105,7 +105,9 @@ def degenerate_blocks(s: np.ndarray, cos: np.ndarray, rtol: float = DEGENERATE_R
             while stop < len(tied) and tied[stop]:
                 stop += 1
             stop += 1
-            blocks.append({"start": n, "stop": stop, "sigma": float(s[n:stop].mean()), "cos_sum": float(cos[n:stop].sum())})
+            blocks.append(
+                {"start": n, "stop": stop, "sigma": float(s[n:stop].mean()), "cos_sum": float(cos[n:stop].sum())}
+            )
             n = stop
         else:
             n += 1
@@ -186,5 +188,7 @@ def key_salience(wq: np.ndarray, wk: np.ndarray, bq: np.ndarray, gamma: np.ndarr
     in the unscaled units of σ (the logits carry a further 1/√K).
     """
     wq, wk = np.asarray(wq, np.float64), np.asarray(wk, np.float64)
-    c = np.einsum("...kd,d->...k", wq, np.asarray(beta, np.float64)) + np.asarray(bq, np.float64)  # (..., K) W_q β + b_q
+    c = np.einsum("...kd,d->...k", wq, np.asarray(beta, np.float64)) + np.asarray(
+        bq, np.float64
+    )  # (..., K) W_q β + b_q
     return np.einsum("...kd,...k->...d", wk, c) * np.asarray(gamma, np.float64)  # (..., D)

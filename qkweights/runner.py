@@ -77,7 +77,8 @@ _CONTEXTS: dict[tuple, Any] = {}  # this process's analysis contexts: (ModelRef,
 
 @dataclass(frozen=True)
 class Batch:
-    """Images of a shard decoded and ready for the model: ``positions`` in the input list, ``data`` as ``load`` made it."""
+    """Images of a shard decoded and ready for the model: ``positions`` in the input list, ``data`` as ``load`` made
+    it."""
 
     positions: np.ndarray
     data: Any
@@ -104,7 +105,8 @@ class Analysis(ABC):
 
     @abstractmethod
     def load(self, model, items: Sequence, positions: np.ndarray) -> tuple[Batch | None, list[dict]]:
-        """Decode and preprocess ``items``; returns the batch (None when no item is usable) and ``{"path", "reason"}`` of each skipped."""
+        """Decode and preprocess ``items``; returns the batch (None when no item is usable) and ``{"path", "reason"}``
+        of each skipped."""
 
     @abstractmethod
     def compute(self, model, ctx, batch: Batch) -> Any:
@@ -208,8 +210,15 @@ def fingerprint(an: Analysis, source: dict, items: Sequence, shard_size: int, ba
                 files.append([str(f), st.st_size, st.st_mtime_ns])
             except OSError:
                 files.append([str(f), None, None])
-    doc = {"tool": __version__, "analysis": an.name, "key": an.key(), "source": source, "shard_size": shard_size,
-           "batch_size": batch_size, "files": files}
+    doc = {
+        "tool": __version__,
+        "analysis": an.name,
+        "key": an.key(),
+        "source": source,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "files": files,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -225,18 +234,28 @@ class SweepState:
 
 def save_state(path: Path, an: Analysis, fp: str, st: SweepState) -> None:
     arrays = {f"p_{k}": v for k, v in an.to_arrays(st.partial).items()}
-    write_npz(path, fingerprint=np.array(fp), done=np.array(sorted(st.done), np.int64), n_done=np.array(st.n_done),
-              skipped=np.array(json.dumps(st.skipped)), **arrays)
+    write_npz(
+        path,
+        fingerprint=np.array(fp),
+        done=np.array(sorted(st.done), np.int64),
+        n_done=np.array(st.n_done),
+        skipped=np.array(json.dumps(st.skipped)),
+        **arrays,
+    )
 
 
 def load_state(path: Path, an: Analysis, fp: str) -> tuple[SweepState | None, str | None]:
-    """(the saved state, None) if ``path`` holds one of this fingerprint; else (None, a note saying why it was ignored, or None)."""
+    """(the saved state, None) if ``path`` holds one of this fingerprint; else (None, a note saying why it was ignored,
+    or None)."""
     if not path.exists():
         return None, None
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["fingerprint"]) != fp:
-                return None, f"{path} is from another run (options, model or images differ); ignoring it and starting over"
+                return (
+                    None,
+                    f"{path} is from another run (options, model or images differ); ignoring it and starting over",
+                )
             partial = an.from_arrays({k[2:]: z[k] for k in z.files if k.startswith("p_")})
             st = SweepState(partial, set(int(i) for i in z["done"]), json.loads(str(z["skipped"])), int(z["n_done"]))
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
@@ -275,16 +294,22 @@ def dask_client(address: str | None = None, scheduler_file: str | None = None):
     try:
         from distributed import Client
     except ImportError as e:
-        raise InputError(f"a Dask scheduler needs the optional 'distributed' package; install it with: {DASK_INSTALL}") from e
+        raise InputError(
+            f"a Dask scheduler needs the optional 'distributed' package; install it with: {DASK_INSTALL}"
+        ) from e
     try:
         if scheduler_file is not None:
             if not Path(scheduler_file).is_file():
-                raise InputError(f"{scheduler_file}: no such scheduler file; give the file `dask scheduler --scheduler-file` wrote")
+                raise InputError(
+                    f"{scheduler_file}: no such scheduler file; give the file `dask scheduler --scheduler-file` wrote"
+                )
             return Client(scheduler_file=scheduler_file, timeout="20s")
         return Client(address, timeout="20s")
     except (OSError, TimeoutError) as e:
-        raise InputError(f"could not reach the Dask scheduler {address or scheduler_file} ({type(e).__name__}: {e}); "
-                         "start it with `dask scheduler` and check the address") from e
+        raise InputError(
+            f"could not reach the Dask scheduler {address or scheduler_file} ({type(e).__name__}: {e}); "
+            "start it with `dask scheduler` and check the address"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -301,9 +326,20 @@ class Sweep:
     fingerprint: str
 
 
-def run_sweep(an: Analysis, ref: ModelRef, items: Sequence, *, state_path: str | Path, source: dict, model=None,
-              shard_size: int = 64, batch_size: int = 16, workers: int | None = None, client=None,
-              progress: Callable[[int, int], object] | None = None) -> Sweep:
+def run_sweep(
+    an: Analysis,
+    ref: ModelRef,
+    items: Sequence,
+    *,
+    state_path: str | Path,
+    source: dict,
+    model=None,
+    shard_size: int = 64,
+    batch_size: int = 16,
+    workers: int | None = None,
+    client=None,
+    progress: Callable[[int, int], object] | None = None,
+) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
     model: the model of ``ref``, already open here (reused in-process and by forked
@@ -325,7 +361,9 @@ def run_sweep(an: Analysis, ref: ModelRef, items: Sequence, *, state_path: str |
         st = SweepState(an.empty())
     elif st.done:
         notes.append(f"resuming from {state_path}: {st.n_done} of {n} images already done")
-    shards = [Task(an, ref, j, tuple(items[i : i + shard_size]), i, batch_size) for j, i in enumerate(range(0, n, shard_size))]
+    shards = [
+        Task(an, ref, j, tuple(items[i : i + shard_size]), i, batch_size) for j, i in enumerate(range(0, n, shard_size))
+    ]
     todo = [t for t in shards if t.shard not in st.done]
     if progress:
         progress(st.n_done, n)
@@ -333,7 +371,9 @@ def run_sweep(an: Analysis, ref: ModelRef, items: Sequence, *, state_path: str |
     def absorb(res: ShardResult) -> None:
         st.partial = an.merge(st.partial, res.partial)
         task = shards[res.shard]
-        st.skipped = sorted(st.skipped + _positioned(res.skipped, task.items, task.first, an), key=lambda s: s["position"])
+        st.skipped = sorted(
+            st.skipped + _positioned(res.skipped, task.items, task.first, an), key=lambda s: s["position"]
+        )
         st.done.add(res.shard)
         st.n_done += res.n_items
         save_state(state_path, an, fp, st)
@@ -363,8 +403,10 @@ def _guarded(task: Task, an: Analysis) -> ShardResult:
 def _shard_failure(task: Task, an: Analysis, e: BaseException) -> str:
     names = [an.item_name(it) for it in task.items]
     shown = ", ".join(names[:3]) + (f" … ({len(names)} images)" if len(names) > 3 else "")
-    return (f"shard {task.shard} (images {task.first}–{task.first + len(names) - 1}: {shown}) failed: "
-            f"{type(e).__name__}: {' '.join(str(e).split())}; the shards finished before it are kept, a re-run resumes")
+    return (
+        f"shard {task.shard} (images {task.first}–{task.first + len(names) - 1}: {shown}) failed: "
+        f"{type(e).__name__}: {' '.join(str(e).split())}; the shards finished before it are kept, a re-run resumes"
+    )
 
 
 def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absorb, an: Analysis) -> None:
@@ -407,8 +449,15 @@ def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absor
                 breaks += 1
                 if breaks >= MAX_POOL_RESTARTS:
                     first = pending[min(pending)]
-                    raise ShardError(_shard_failure(first, an, RuntimeError(
-                        f"worker processes died {breaks} times in a row with no shard finished (out of memory?)")))
+                    raise ShardError(
+                        _shard_failure(
+                            first,
+                            an,
+                            RuntimeError(
+                                f"worker processes died {breaks} times in a row with no shard finished (out of memory?)"
+                            ),
+                        )
+                    )
                 executor.shutdown(wait=False, cancel_futures=True)
                 executor = None
     finally:

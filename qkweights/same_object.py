@@ -80,8 +80,21 @@ FIGURE_NAME, EXAMPLES_NAME = "same_object_by_layer.png", "same_object_examples.p
 MIN_OBJECTS = 2
 NOT_ELIGIBLE = "not eligible"  # the start of a skip reason of an image with fewer than MIN_OBJECTS objects
 SLOT = ("sign", "query_object", "key_object", "query_class", "key_class", "n_objects")  # int fields of a top-K slot
-CSV_HEADER = ["layer", "head", "mode", "rank", "image", "sign", "score", "query_object", "key_object", "query_class",
-              "key_class", "same", "n_objects"]
+CSV_HEADER = [
+    "layer",
+    "head",
+    "mode",
+    "rank",
+    "image",
+    "sign",
+    "score",
+    "query_object",
+    "key_object",
+    "query_class",
+    "key_class",
+    "same",
+    "n_objects",
+]
 EXAMPLE_ROWS = 6  # rows of the examples figure
 
 
@@ -101,17 +114,25 @@ def patch_fractions(ids: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray
     gh, gw = m.shape[0] // patch, m.shape[1] // patch
     if gh == 0 or gw == 0:
         raise InputError(f"a label map of {m.shape[0]}×{m.shape[1]} pixels holds no whole {patch}×{patch} patch")
-    m = m[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch).transpose(0, 2, 1, 3).reshape(gh * gw, patch * patch)  # (N, P²)
+    m = (
+        m[: gh * patch, : gw * patch]
+        .reshape(gh, patch, gw, patch)
+        .transpose(0, 2, 1, 3)
+        .reshape(gh * gw, patch * patch)
+    )  # (N, P²)
     objects, inverse = np.unique(m, return_inverse=True)
     inverse = inverse.reshape(m.shape)  # (N, P²) index into objects
     n = gh * gw
-    counts = np.bincount((inverse * n + np.arange(n)[:, None]).ravel(), minlength=len(objects) * n).reshape(len(objects), n)
+    counts = np.bincount((inverse * n + np.arange(n)[:, None]).ravel(), minlength=len(objects) * n).reshape(
+        len(objects), n
+    )
     keep = objects > 0
     return objects[keep].astype(np.int64), counts[keep] / float(patch * patch)
 
 
 def keep_objects(objects: np.ndarray, a: np.ndarray, min_area: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """The objects covering at least ``min_area`` patches in all (``Σ_p a[o, p] ≥ min_area``): (objects (M',), a (M', N))."""
+    """The objects covering at least ``min_area`` patches in all (``Σ_p a[o, p] ≥ min_area``): (objects (M',), a (M',
+    N))."""
     keep = a.sum(axis=1) >= min_area
     return objects[keep], a[keep]
 
@@ -199,8 +220,10 @@ def prepare(model, item: SegItem, size) -> Prepared:
     n_all = len(objects)
     objects, a = keep_objects(objects, a)
     if len(objects) < MIN_OBJECTS:
-        raise InputError(f"{NOT_ELIGIBLE}: {len(objects)} object(s) cover at least one patch "
-                         f"({n_all} on the model input, {len(classes)} annotated); {MIN_OBJECTS} are needed")
+        raise InputError(
+            f"{NOT_ELIGIBLE}: {len(objects)} object(s) cover at least one patch "
+            f"({n_all} on the model input, {len(classes)} annotated); {MIN_OBJECTS} are needed"
+        )
     return Prepared(pixels, objects, np.array([classes[int(o)] for o in objects], np.int64), a)
 
 
@@ -229,7 +252,8 @@ class SameObjectAnalysis(ModeSweep):
     name: ClassVar[str] = "same_object"
 
     def setup(self, model) -> ModeBank:
-        """The chosen modes; per chosen layer the (D, 2C) float64 columns [u_(h,n) … | v_(h,n) …] in (head, mode) order."""
+        """The chosen modes; per chosen layer the (D, 2C) float64 columns [u_(h,n) … | v_(h,n) …] in (head, mode)
+        order."""
         return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), dtype=np.float64)
 
     def item_files(self, item: SegItem) -> list[Path]:
@@ -268,8 +292,17 @@ class SameObjectAnalysis(ModeSweep):
             for i, pr in enumerate(prepared):
                 s = sign[i].astype(np.float64)  # (C,)
                 iq, ik = object_choice(pr.a, p[i, :, :c] * s, p[i, :, c:] * s)  # (C,) each
-                slot[i] = np.stack([sign[i], pr.objects[iq], pr.objects[ik], pr.classes[iq], pr.classes[ik],
-                                    np.full(c, len(pr.objects))], axis=-1)
+                slot[i] = np.stack(
+                    [
+                        sign[i],
+                        pr.objects[iq],
+                        pr.objects[ik],
+                        pr.classes[iq],
+                        pr.classes[ik],
+                        np.full(c, len(pr.objects)),
+                    ],
+                    axis=-1,
+                )
             scores.append(score.T)  # (C, B)
             slots.append(slot.transpose(1, 0, 2))  # (C, B, 6)
         index = np.broadcast_to(batch.positions, (len(layers), scores[0].shape[0], b)).astype(np.int64)
@@ -318,8 +351,10 @@ class SameObjectResult:
     def save(self, out_dir) -> list[Path]:
         """Write ``same_object.csv`` and ``same_object.json`` into ``out_dir``; returns the paths."""
         out = Path(out_dir)
-        cells = [[("" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k]) for k in CSV_HEADER]
-                 for r in self.rows]
+        cells = [
+            [("" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k]) for k in CSV_HEADER]
+            for r in self.rows
+        ]
         return [write_csv(out / CSV_NAME, CSV_HEADER, cells), write_json(out / JSON_NAME, self.doc)]
 
     @classmethod
@@ -331,7 +366,9 @@ class SameObjectResult:
             with open(out / CSV_NAME, newline="", encoding="utf-8") as f:
                 rows = [_typed(r) for r in csv.DictReader(f)]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{out}: no readable same-object result ({type(e).__name__}: {e}); run same-object into it") from e
+            raise InputError(
+                f"{out}: no readable same-object result ({type(e).__name__}: {e}); run same-object into it"
+            ) from e
         if doc.get("schema") != SCHEMA:
             raise InputError(f"{out / JSON_NAME}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
         return cls(doc, rows)
@@ -355,15 +392,29 @@ def build_rows(items: list[SegItem], st: SamePartial, layers, heads, modes) -> l
                     if pos < 0:
                         continue
                     sign, qo, ko, qc, kc, m = (int(v) for v in st.slots[li, ci, rank])
-                    rows.append({"layer": l, "head": h, "mode": n, "rank": rank, "image": items[pos].name, "sign": sign,
-                                 "score": float(st.scores[li, ci, rank]), "query_object": qo, "key_object": ko,
-                                 "query_class": None if qc == NO_CLASS else qc, "key_class": None if kc == NO_CLASS else kc,
-                                 "same": int(qo == ko), "n_objects": m})
+                    rows.append(
+                        {
+                            "layer": l,
+                            "head": h,
+                            "mode": n,
+                            "rank": rank,
+                            "image": items[pos].name,
+                            "sign": sign,
+                            "score": float(st.scores[li, ci, rank]),
+                            "query_object": qo,
+                            "key_object": ko,
+                            "query_class": None if qc == NO_CLASS else qc,
+                            "key_class": None if kc == NO_CLASS else kc,
+                            "same": int(qo == ko),
+                            "n_objects": m,
+                        }
+                    )
     return rows
 
 
-def summarise(st: SamePartial, layers: list[int], heads: list[int], modes: list[int], sigma: np.ndarray,
-              n_layers: int) -> list[dict]:
+def summarise(
+    st: SamePartial, layers: list[int], heads: list[int], modes: list[int], sigma: np.ndarray, n_layers: int
+) -> list[dict]:
     """The ``layers`` entries of the document: per layer P mean, s.e.m., chance and the heads' and modes' values.
 
     sigma: (L', H', N') of the analysed modes.
@@ -378,15 +429,31 @@ def summarise(st: SamePartial, layers: list[int], heads: list[int], modes: list[
     for li, l in enumerate(layers):
         mean, sem = mean_sem(big[li])
         chance = float(inv[li].sum() / valid[li].sum()) if valid[li].any() else math.nan
-        entries.append({
-            "layer": l, "depth": l / (n_layers - 1) if n_layers > 1 else 0.0, "probability": mean, "sem": sem,
-            "chance": chance,
-            "heads": [{"head": h, "probability": float(big[li, hi]),
-                       "modes": [{"mode": n, "sigma": float(sigma[li, hi, ni]), "probability": float(p[li, hi, ni]),
-                                  "n_images": int(valid[li, hi, ni].sum())}
-                                 for ni, n in enumerate(modes)]}
-                      for hi, h in enumerate(heads)],
-        })
+        entries.append(
+            {
+                "layer": l,
+                "depth": l / (n_layers - 1) if n_layers > 1 else 0.0,
+                "probability": mean,
+                "sem": sem,
+                "chance": chance,
+                "heads": [
+                    {
+                        "head": h,
+                        "probability": float(big[li, hi]),
+                        "modes": [
+                            {
+                                "mode": n,
+                                "sigma": float(sigma[li, hi, ni]),
+                                "probability": float(p[li, hi, ni]),
+                                "n_images": int(valid[li, hi, ni].sum()),
+                            }
+                            for ni, n in enumerate(modes)
+                        ],
+                    }
+                    for hi, h in enumerate(heads)
+                ],
+            }
+        )
     return entries
 
 
@@ -401,11 +468,17 @@ def protocol_text(model, size, patch: int) -> dict:
         "object_area": "a[o,p] = share of patch p's pixels in object o; objects with sum_p a[o,p] < 1 are dropped",
         "eligible": f"images with at least {MIN_OBJECTS} objects left",
         "embedding": "attention_inputs[l]: the LayerNorm output feeding W_q/W_k, patch tokens only",
-        "score": "max over s = +1, -1 of max_p(s x_p.u_n) * max_p(s x_p.v_n); the larger, with its sign (+1 on equality)",
+        "score": (
+            "max over s = +1, -1 of max_p(s x_p.u_n) * max_p(s x_p.v_n); the larger, with its sign (+1 on equality)"
+        ),
         "ties": "equal scores: the earlier image (sorted relative paths) first",
-        "objects": "Q_o = sum_p a[o,p] q_p / sum_p a[o,p] with q_p = s x_p.u_n (K_o with v_n); argmax, the lowest id on ties",
-        "probability": "p = mean of same over the selected images; P = sum_n sigma_n p_n / sum_n sigma_n; per layer mean "
-                       "and s.e.m. (ddof 1) over heads",
+        "objects": (
+            "Q_o = sum_p a[o,p] q_p / sum_p a[o,p] with q_p = s x_p.u_n (K_o with v_n); argmax, the lowest id on ties"
+        ),
+        "probability": (
+            "p = mean of same over the selected images; P = sum_n sigma_n p_n / sum_n sigma_n; per layer mean "
+            "and s.e.m. (ddof 1) over heads"
+        ),
         "chance": "per layer, the mean over the selected images of 1 / (number of objects)",
         "sign_convention": SIGN_CONVENTION,
     }
@@ -414,10 +487,23 @@ def protocol_text(model, size, patch: int) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=range(10), top: int = 5,
-                batch_size: int = 16, shard_size: int = 64, workers: int | None = None, client=None,
-                progress: Callable[[int, int], object] | None = None, plots: bool = True,
-                notes: Callable[[str], object] | None = None) -> SameObjectResult:
+def same_object(
+    model,
+    data_dir,
+    out_dir,
+    *,
+    layers=None,
+    heads=None,
+    modes=range(10),
+    top: int = 5,
+    batch_size: int = 16,
+    shard_size: int = 64,
+    workers: int | None = None,
+    client=None,
+    progress: Callable[[int, int], object] | None = None,
+    plots: bool = True,
+    notes: Callable[[str], object] | None = None,
+) -> SameObjectResult:
     """Run the same-object protocol (module docstring) on ``data_dir``; write the outputs into ``out_dir``.
 
     model: a :class:`qkweights.vision.VisionModel` or a MODEL argument for
@@ -442,7 +528,9 @@ def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=rang
     heads = _indices(heads, d.heads, "head", range(d.heads))
     kept = [int(n) for n in modes if 0 <= int(n) < d.head_dim]
     if not kept:
-        raise InputError(f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}")
+        raise InputError(
+            f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
+        )
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
@@ -458,19 +546,35 @@ def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=rang
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
     source = model_identity(model)
     context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
-    sweep = run_sweep(an, ref, items, state_path=state_path, source=source, model=model, shard_size=shard_size,
-                      batch_size=batch_size, workers=workers, client=client, progress=progress)
+    sweep = run_sweep(
+        an,
+        ref,
+        items,
+        state_path=state_path,
+        source=source,
+        model=model,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        workers=workers,
+        client=client,
+        progress=progress,
+    )
     for text in sweep.notes:
         if notes:
             notes(text)
     st: SamePartial = sweep.partial
-    skipped = sorted([{"image": s["path"], "reason": s["reason"]} for s in sweep.skipped]
-                     + [{"image": name, "reason": why} for name, why in data.missing], key=lambda s: s["image"])
+    skipped = sorted(
+        [{"image": s["path"], "reason": s["reason"]} for s in sweep.skipped]
+        + [{"image": name, "reason": why} for name, why in data.missing],
+        key=lambda s: s["image"],
+    )
     if st.n_scored == 0:
         state_path.unlink(missing_ok=True)
         first = f" (first: {skipped[0]['image']}: {skipped[0]['reason']})" if skipped else ""
-        raise InputError(f"{root}: none of the {len(items) + len(data.missing)} images is eligible{first}; "
-                         f"each needs {MIN_OBJECTS} annotated objects of at least one patch; existing outputs in {out} are kept")
+        raise InputError(
+            f"{root}: none of the {len(items) + len(data.missing)} images is eligible{first}; "
+            f"each needs {MIN_OBJECTS} annotated objects of at least one patch; existing outputs in {out} are kept"
+        )
     bank = context(an, ref, model)
     n_ineligible = sum(s["reason"].startswith(NOT_ELIGIBLE) for s in skipped)
     gh, gw = patch_grid(model, size)
@@ -478,13 +582,33 @@ def same_object(model, data_dir, out_dir, *, layers=None, heads=None, modes=rang
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": source,
-        "model": {"family": model.checkpoint.spec.name, "layers": d.layers, "heads": d.heads, "hidden": d.hidden,
-                  "head_dim": d.head_dim, "patch_size": patch, "grid": [gh, gw]},
-        "dataset": {"root": str(root.resolve()), "layout": data.layout, "layout_text": LAYOUT_TEXT[data.layout],
-                    "n_images": len(items) + len(data.missing), "n_eligible": st.n_scored, "n_ineligible": n_ineligible,
-                    "n_unusable": len(skipped) - n_ineligible},
-        "options": {"layers": layers, "heads": heads, "modes": modes, "top": top, "batch_size": batch_size,
-                    "shard_size": shard_size, "input_size": list(size or ())},
+        "model": {
+            "family": model.checkpoint.spec.name,
+            "layers": d.layers,
+            "heads": d.heads,
+            "hidden": d.hidden,
+            "head_dim": d.head_dim,
+            "patch_size": patch,
+            "grid": [gh, gw],
+        },
+        "dataset": {
+            "root": str(root.resolve()),
+            "layout": data.layout,
+            "layout_text": LAYOUT_TEXT[data.layout],
+            "n_images": len(items) + len(data.missing),
+            "n_eligible": st.n_scored,
+            "n_ineligible": n_ineligible,
+            "n_unusable": len(skipped) - n_ineligible,
+        },
+        "options": {
+            "layers": layers,
+            "heads": heads,
+            "modes": modes,
+            "top": top,
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+            "input_size": list(size or ()),
+        },
         "protocol": protocol_text(model, size, patch),
         "fingerprint": sweep.fingerprint,
         "skipped": skipped,
@@ -511,7 +635,9 @@ def example_picks(doc: dict, n_rows: int = EXAMPLE_ROWS) -> list[tuple[int, int,
     return [(layers[i], doc["options"]["heads"][0], doc["options"]["modes"][0]) for i in idx]
 
 
-def example_cell(model, item: SegItem, size, query_object: int, key_object: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def example_cell(
+    model, item: SegItem, size, query_object: int, key_object: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model input of one image as the patch grid covers it ((h, w, 3) in [0, 1]) with the query and key
     objects' masks (h, w) bool on it."""
     from qkweights.overlay import display_image
@@ -543,11 +669,20 @@ def draw_same_object(model, result: SameObjectResult, items: list[SegItem], out:
             img, qm, km = example_cell(model, by_name[r["image"]], size, r["query_object"], r["key_object"])
             verdict = "same" if r["same"] else "different"
             cells.append((img, qm, km, f"{verdict} · {r['n_objects']} obj"))
-        entry = next(m for e in doc["layers"] if e["layer"] == l for hd in e["heads"] if hd["head"] == h
-                     for m in hd["modes"] if m["mode"] == n)
+        entry = next(
+            m
+            for e in doc["layers"]
+            if e["layer"] == l
+            for hd in e["heads"]
+            if hd["head"] == h
+            for m in hd["modes"]
+            if m["mode"] == n
+        )
         rows.append((f"L{l} H{h} M{n}\nσ {entry['sigma']:.3g}\np = {entry['probability']:.2f}", cells))
     name = doc["source"].get("model_id") or doc["model"]["family"]
-    title = (f"{name} — the top {doc['options']['top']} of {doc['dataset']['n_eligible']} eligible images per mode: "
-             "query object (largest mean s·x·u over its area) outlined red, key object (s·x·v) cyan")
+    title = (
+        f"{name} — the top {doc['options']['top']} of {doc['dataset']['n_eligible']} eligible images per mode: "
+        "query object (largest mean s·x·u over its area) outlined red, key object (s·x·v) cyan"
+    )
     paths.append(save_png(same_object_examples(title, rows), out / EXAMPLES_NAME))
     return paths

@@ -33,7 +33,9 @@ from qkweights.folders import (
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def resolve(model: str, *, revision: str | None = None, progress: bool | None = None, allow_pickle: bool = False) -> Source:
+def resolve(
+    model: str, *, revision: str | None = None, progress: bool | None = None, allow_pickle: bool = False
+) -> Source:
     """Find or fetch the files of MODEL.
 
     MODEL is an existing folder (save_pretrained output, Hub cache snapshot, open_clip folder),
@@ -70,7 +72,10 @@ def _looks_like_path(model: str) -> bool:
 
 def _file_source(path: Path) -> Source:
     if not path.name.endswith((SUFFIX, *PICKLE_SUFFIXES)):
-        raise SourceError(f"{path}: not a weight file (.safetensors, or a PyTorch {', '.join(PICKLE_SUFFIXES)}); pass the checkpoint file or its folder")
+        raise SourceError(
+            f"{path}: not a weight file (.safetensors, or a PyTorch {', '.join(PICKLE_SUFFIXES)}); pass the "
+            "checkpoint file or its folder"
+        )
     _check_readable(path)
     folder = path.parent
     names = folder_names(folder)
@@ -90,7 +95,8 @@ def _folder_source(folder: Path) -> Source:
     weights = weight_names(folder, names, str(folder)) or pickle_names(names)
     if not weights:
         raise SourceError(
-            f"{folder}: no weight file (.safetensors or pytorch_model.bin) among its files ({listing(names)}); pass the folder that holds the checkpoint"
+            f"{folder}: no weight file (.safetensors or pytorch_model.bin) among its files ({listing(names)}); "
+            "pass the folder that holds the checkpoint"
         )
     missing = [n for n in weights if not (folder / n).is_file()]
     if missing:
@@ -128,11 +134,12 @@ def _snapshot_identity(folder: Path) -> tuple[str | None, str | None]:
 def _check_inside(path: Path, root: Path) -> None:
     """Refuse a file that is a symlink leading out of the model's folder."""
     if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
-        raise SourceError(f"{path}: is a symlink to {path.resolve()}, outside the model folder; copy the file into the folder if it is really part of the model")
+        raise SourceError(
+            f"{path}: is a symlink to {path.resolve()}, outside the model folder; copy the file into the "
+            "folder if it is really part of the model"
+        )
 
 
 def _check_readable(path: Path) -> None:
     if not os.access(path, os.R_OK):
         raise SourceError(f"{path}: permission denied reading the file; grant read access (chmod u+r)")
-
-

@@ -198,7 +198,9 @@ def _check_resolver(r, where: str) -> None:
     allowed = dict(kind.options)
     for key in r:
         if key != heads[0] and key not in allowed:
-            raise SpecError(f"{where}: unknown key {key!r} in {{{heads[0]} = …}}{_did_you_mean(key, [heads[0], *allowed])}; {SEE}")
+            raise SpecError(
+                f"{where}: unknown key {key!r} in {{{heads[0]} = …}}{_did_you_mean(key, [heads[0], *allowed])}; {SEE}"
+            )
     for key in kind.required:
         if key not in r:
             raise SpecError(f"{where}: {{{heads[0]} = …}} needs {key!r}; {SEE}")
@@ -243,8 +245,12 @@ class DetectSection:
     config_has: tuple[str, ...] = field(default=(), metadata={"kind": "texts"})  # keys the config must hold
     require_any: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # at least one of these must exist
     forbid: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # none of these may exist
-    in_memory: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # transformers ≥ 5 in-memory names: refused with a hint
-    config_required: bool = field(default=False, metadata={"kind": "bool"})  # match only when the config test passes, never by tensors alone
+    in_memory: tuple[str, ...] = field(
+        default=(), metadata={"kind": "tensors"}
+    )  # transformers ≥ 5 in-memory names: refused with a hint
+    config_required: bool = field(
+        default=False, metadata={"kind": "bool"}
+    )  # match only when the config test passes, never by tensors alone
 
 
 @dataclass(frozen=True)
@@ -258,9 +264,13 @@ class DimsSection:
     eps: Any = field(default=None, metadata={"kind": "resolver"})
     act: Any = field(default=None, metadata={"kind": "resolver"})
     patch_size: Any = field(default=None, metadata={"kind": "resolver"})
-    image_size: Any = field(default=None, metadata={"kind": "resolver"})  # an int, [H, W] or timm's [C, H, W]: the stored grid and preprocessing defaults
+    image_size: Any = field(
+        default=None, metadata={"kind": "resolver"}
+    )  # an int, [H, W] or timm's [C, H, W]: the stored grid and preprocessing defaults
     swiglu: Any = field(default=None, metadata={"kind": "resolver"})
-    interpolation: Any = field(default=None, metadata={"kind": "resolver"})  # position-table resampling: one of INTERPOLATIONS (default "bicubic")
+    interpolation: Any = field(
+        default=None, metadata={"kind": "resolver"}
+    )  # position-table resampling: one of INTERPOLATIONS (default "bicubic")
 
 
 @dataclass(frozen=True)
@@ -272,11 +282,17 @@ class AttentionSection:
     v: ModuleRef | None = field(default=None, metadata={"kind": "module"})
     qkv: ModuleRef | None = field(default=None, metadata={"kind": "module"})
     out: ModuleRef | None = field(default=None, metadata={"kind": "module"})
-    q_bias: str | None = field(default=None, metadata={"kind": "tensor"})  # separate bias tensors overriding the module's (BEiT-style)
+    q_bias: str | None = field(
+        default=None, metadata={"kind": "tensor"}
+    )  # separate bias tensors overriding the module's (BEiT-style)
     k_bias: str | None = field(default=None, metadata={"kind": "tensor"})
     v_bias: str | None = field(default=None, metadata={"kind": "tensor"})
-    relative_position_bias: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # tables ((2Wh−1)(2Ww−1) + 3, H) added to the logits
-    relative_position_index: tuple[str, ...] = field(default=(), metadata={"kind": "tensors"})  # stored index buffers, checked
+    relative_position_bias: tuple[str, ...] = field(
+        default=(), metadata={"kind": "tensors"}
+    )  # tables ((2Wh−1)(2Ww−1) + 3, H) added to the logits
+    relative_position_index: tuple[str, ...] = field(
+        default=(), metadata={"kind": "tensors"}
+    )  # stored index buffers, checked
 
     def check(self, where: str) -> None:
         if self.qkv is not None and any(r is not None for r in (self.q, self.k, self.v)):
@@ -291,13 +307,19 @@ class AttentionSection:
 class BlockSection:
     """``[block]``: the LayerNorms, MLP and layer scales of block ``{i}``."""
 
-    norm1: ModuleRef | None = field(default=None, metadata={"kind": "module"})  # feeds the attention (also read by profile --fold-ln)
+    norm1: ModuleRef | None = field(
+        default=None, metadata={"kind": "module"}
+    )  # feeds the attention (also read by profile --fold-ln)
     norm2: ModuleRef | None = field(default=None, metadata={"kind": "module"})
     fc1: ModuleRef | None = field(default=None, metadata={"kind": "module"})
     fc2: ModuleRef | None = field(default=None, metadata={"kind": "module"})
-    swiglu_in: ModuleRef | None = field(default=None, metadata={"kind": "module"})  # used when dims.swiglu is true: (2F, D), gate rows first
+    swiglu_in: ModuleRef | None = field(
+        default=None, metadata={"kind": "module"}
+    )  # used when dims.swiglu is true: (2F, D), gate rows first
     swiglu_out: ModuleRef | None = field(default=None, metadata={"kind": "module"})
-    scale1: str | None = field(default=None, metadata={"kind": "tensor"})  # layer-scale vectors (D,) multiplying the attention and MLP branches
+    scale1: str | None = field(
+        default=None, metadata={"kind": "tensor"}
+    )  # layer-scale vectors (D,) multiplying the attention and MLP branches
     scale2: str | None = field(default=None, metadata={"kind": "tensor"})
 
 
@@ -311,8 +333,12 @@ class EmbeddingsSection:
     dist: str | None = field(default=None, metadata={"kind": "tensor"})
     registers: str | None = field(default=None, metadata={"kind": "tensor"})
     position: str | None = field(default=None, metadata={"kind": "tensor"})
-    position_tokens: tuple[str, ...] = field(default=("patches",), metadata={"kind": "tokens"})  # the tokens the position table covers, in order
-    no_embed_class: bool | str = field(default=False, metadata={"kind": "no_embed_class"})  # true: patches only; "rows": decided by the row count
+    position_tokens: tuple[str, ...] = field(
+        default=("patches",), metadata={"kind": "tokens"}
+    )  # the tokens the position table covers, in order
+    no_embed_class: bool | str = field(
+        default=False, metadata={"kind": "no_embed_class"}
+    )  # true: patches only; "rows": decided by the row count
     pre_norm: ModuleRef | None = field(default=None, metadata={"kind": "module"})
     final_norm: ModuleRef | None = field(default=None, metadata={"kind": "module"})
     post_norm: ModuleRef | None = field(default=None, metadata={"kind": "module"})
@@ -322,7 +348,7 @@ class EmbeddingsSection:
             raise SpecError(f"{where}: tokens must list 'patches' (found {list(self.tokens)})")
         for kind in self.tokens:
             if kind != "patches" and getattr(self, kind) is None:
-                raise SpecError(f"{where}: tokens lists {kind!r} but no {kind} tensor is named; add {kind} = \"…\"")
+                raise SpecError(f'{where}: tokens lists {kind!r} but no {kind} tensor is named; add {kind} = "…"')
         stray = [t for t in self.position_tokens if t not in self.tokens]
         if stray:
             raise SpecError(f"{where}: position_tokens {stray} are not in tokens {list(self.tokens)}")
@@ -341,8 +367,14 @@ class PreprocessSection:
     key: str | None = field(default=None, metadata={"kind": "text"})
 
 
-SECTIONS = {"detect": DetectSection, "dims": DimsSection, "attention": AttentionSection, "block": BlockSection,
-            "embeddings": EmbeddingsSection, "preprocess": PreprocessSection}
+SECTIONS = {
+    "detect": DetectSection,
+    "dims": DimsSection,
+    "attention": AttentionSection,
+    "block": BlockSection,
+    "embeddings": EmbeddingsSection,
+    "preprocess": PreprocessSection,
+}
 _REQUIRED_SECTIONS = ("detect", "dims", "attention")
 
 
@@ -356,11 +388,17 @@ class Spec:
     detect: DetectSection = field(metadata={"kind": "section"})
     dims: DimsSection = field(metadata={"kind": "section"})
     attention: AttentionSection = field(metadata={"kind": "section"})
-    modality: str = field(default="vision", metadata={"kind": "text"})  # "vision" (forward pass available), or a weights-only kind ("text", …)
+    modality: str = field(
+        default="vision", metadata={"kind": "text"}
+    )  # "vision" (forward pass available), or a weights-only kind ("text", …)
     config_file: str | None = field(default=None, metadata={"kind": "text"})  # the JSON config beside the weights
-    config_root: str = field(default="", metadata={"kind": "text"})  # dotted path inside it where bare dimension keys are looked up
+    config_root: str = field(
+        default="", metadata={"kind": "text"}
+    )  # dotted path inside it where bare dimension keys are looked up
     prefixes: tuple[str, ...] = field(default=("",), metadata={"kind": "texts"})  # tensor-name prefixes, tried in order
-    default_part: str | None = field(default=None, metadata={"kind": "text"})  # the network read from a multi-network training checkpoint
+    default_part: str | None = field(
+        default=None, metadata={"kind": "text"}
+    )  # the network read from a multi-network training checkpoint
     block: BlockSection = field(default_factory=BlockSection, metadata={"kind": "section"})
     embeddings: EmbeddingsSection = field(default_factory=EmbeddingsSection, metadata={"kind": "section"})
     preprocess: PreprocessSection = field(default_factory=PreprocessSection, metadata={"kind": "section"})
@@ -404,11 +442,17 @@ def _module(v, where: str) -> ModuleRef:
     if isinstance(v, dict):
         stray = [k for k in v if k not in ("weight", "bias")]
         if stray:
-            raise SpecError(f"{where}: unknown key {stray[0]!r} in a module table; give weight = \"…\" and optionally bias = \"…\"")
+            raise SpecError(
+                f'{where}: unknown key {stray[0]!r} in a module table; give weight = "…" and optionally bias = "…"'
+            )
         if not isinstance(v.get("weight"), str) or not isinstance(v.get("bias", ""), str):
-            raise SpecError(f"{where} is {_show(v)}; a module table needs weight = \"…\" (and optionally bias = \"…\") as texts")
+            raise SpecError(
+                f'{where} is {_show(v)}; a module table needs weight = "…" (and optionally bias = "…") as texts'
+            )
         return ModuleRef(v["weight"], v.get("bias") or None)
-    raise SpecError(f"{where} is {_show(v)}; it must be a module: \"path\" (path.weight, path.bias) or {{ weight = \"…\", bias = \"…\" }}")
+    raise SpecError(
+        f'{where} is {_show(v)}; it must be a module: "path" (path.weight, path.bias) or {{ weight = "…", bias = "…" }}'
+    )
 
 
 def _parse_value(kind: str, v, where: str, meta) -> Any:
@@ -444,7 +488,7 @@ def _parse_value(kind: str, v, where: str, meta) -> Any:
         return v
     if kind == "no_embed_class":
         if not (isinstance(v, bool) or v == "rows"):
-            raise SpecError(f"{where} is {_show(v)}; it must be true, false or \"rows\"")
+            raise SpecError(f'{where} is {_show(v)}; it must be true, false or "rows"')
         return v
     raise AssertionError(kind)  # pragma: no cover - a field without a known kind
 
@@ -456,18 +500,24 @@ def _parse_fields(cls, data: dict, file: str, section: str | None) -> dict:
         raise SpecError(f"{label} must be a table ({SEE})")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind") not in ("internal",)}
     for key, value in data.items():
-        if key not in fields or (section is None and fields[key].metadata["kind"] == "section" and not isinstance(value, dict)):
+        if key not in fields or (
+            section is None and fields[key].metadata["kind"] == "section" and not isinstance(value, dict)
+        ):
             if key in fields:
                 raise SpecError(f"{file}: {key} must be a table [{key}] ({SEE})")
             where = f"[{section}]" if section else "the top level"
-            raise SpecError(f"{file}: unknown key {key!r} in {where}{_did_you_mean(key, fields)}; known: {', '.join(fields)}")
+            raise SpecError(
+                f"{file}: unknown key {key!r} in {where}{_did_you_mean(key, fields)}; known: {', '.join(fields)}"
+            )
     values = {}
     for name, f in fields.items():
         kind = f.metadata["kind"]
         if kind == "section":
             continue
         if name in data:
-            values[name] = _parse_value(kind, data[name], f"{label} {name}" if section else f"{file}: {name}", f.metadata)
+            values[name] = _parse_value(
+                kind, data[name], f"{label} {name}" if section else f"{file}: {name}", f.metadata
+            )
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SpecError(f"{label} missing required key {name!r}; {SEE}")
     return values
@@ -495,17 +545,31 @@ def parse_spec(path: Path, data: dict, *, user: bool = False) -> Spec:
 def _check_spec(spec: Spec) -> None:
     """Cross-section rules: what the forward pass needs of a vision family."""
     if spec.embeddings.tokens != ("cls", "patches") and spec.logit_terms:
-        raise SpecError(f"{spec.file}: [attention] relative_position_bias needs [embeddings] tokens = [\"cls\", \"patches\"] "
-                        f"(its 3 extra entries are CLS biases)")
+        raise SpecError(
+            f'{spec.file}: [attention] relative_position_bias needs [embeddings] tokens = ["cls", "patches"] '
+            f"(its 3 extra entries are CLS biases)"
+        )
     if not spec.is_vision:
         return
-    needs = [("block", "norm1"), ("block", "norm2"), ("embeddings", "patch"), ("dims", "eps"), ("dims", "act"),
-             ("dims", "image_size")]
-    needs += [("block", "swiglu_in"), ("block", "swiglu_out")] if spec.block.fc1 is None else [("block", "fc1"), ("block", "fc2")]
+    needs = [
+        ("block", "norm1"),
+        ("block", "norm2"),
+        ("embeddings", "patch"),
+        ("dims", "eps"),
+        ("dims", "act"),
+        ("dims", "image_size"),
+    ]
+    needs += (
+        [("block", "swiglu_in"), ("block", "swiglu_out")]
+        if spec.block.fc1 is None
+        else [("block", "fc1"), ("block", "fc2")]
+    )
     for section, key in needs:
         if getattr(getattr(spec, section), key) is None:
-            raise SpecError(f"{spec.file}: [{section}] lacks {key!r}, which the forward pass of a vision family needs; "
-                            f"add it, or set modality to a weights-only kind such as \"text\"")
+            raise SpecError(
+                f"{spec.file}: [{section}] lacks {key!r}, which the forward pass of a vision family needs; "
+                f'add it, or set modality to a weights-only kind such as "text"'
+            )
 
 
 def spec_dir() -> Path:
@@ -541,10 +605,14 @@ def user_spec_dirs(spec_dir=None) -> tuple[Path, ...]:
     """
     given = [] if spec_dir is None else [spec_dir] if isinstance(spec_dir, (str, os.PathLike)) else list(spec_dir)
     dirs = [(Path(d).expanduser(), "spec_dir") for d in given]
-    dirs += [(Path(d).expanduser(), SPEC_PATH_ENV) for d in os.environ.get(SPEC_PATH_ENV, "").split(os.pathsep) if d.strip()]
+    dirs += [
+        (Path(d).expanduser(), SPEC_PATH_ENV) for d in os.environ.get(SPEC_PATH_ENV, "").split(os.pathsep) if d.strip()
+    ]
     for d, origin in dirs:
         if not d.is_dir():
-            raise SpecError(f"spec folder {d} (from {origin}) does not exist or is not a folder; give a folder of .toml spec files")
+            raise SpecError(
+                f"spec folder {d} (from {origin}) does not exist or is not a folder; give a folder of .toml spec files"
+            )
     return tuple(dict.fromkeys(d for d, _ in dirs))
 
 
@@ -594,12 +662,21 @@ class Dims:
 # The type of each resolved dimension: (check, what the message asks for).
 _INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
 _DIM_TYPES = {
-    "layers": _INT, "hidden": _INT, "heads": _INT, "head_dim": _INT, "patch_size": _INT,
-    "eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1, "a number between 0 and 1"),
-    "act": (lambda v: isinstance(v, str), "a text such as \"gelu\""),
+    "layers": _INT,
+    "hidden": _INT,
+    "heads": _INT,
+    "head_dim": _INT,
+    "patch_size": _INT,
+    "eps": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+        "a number between 0 and 1",
+    ),
+    "act": (lambda v: isinstance(v, str), 'a text such as "gelu"'),
     "swiglu": (lambda v: isinstance(v, bool), "true or false"),
-    "image_size": (lambda v: _INT[0](v) or (isinstance(v, list) and 2 <= len(v) <= 3 and all(_INT[0](x) for x in v)),
-                   "a positive integer or a list [height, width]"),
+    "image_size": (
+        lambda v: _INT[0](v) or (isinstance(v, list) and 2 <= len(v) <= 3 and all(_INT[0](x) for x in v)),
+        "a positive integer or a list [height, width]",
+    ),
     "interpolation": (lambda v: v in INTERPOLATIONS, "one of " + ", ".join(INTERPOLATIONS)),
 }
 
@@ -614,7 +691,9 @@ def _typed(spec: Spec, key: str, value, origin: str):
         value = [int(x) if isinstance(x, float) and x.is_integer() else x for x in value]
     if not check(value):
         shown = json.dumps(value, ensure_ascii=False) if value is not None else "not usable"
-        fix = "fix the config" if origin.startswith(spec.config_file or "config") else f"fix [dims] {key} in {spec.file}"
+        fix = (
+            "fix the config" if origin.startswith(spec.config_file or "config") else f"fix [dims] {key} in {spec.file}"
+        )
         raise CheckpointError(f"{spec.name}: {origin} is {shown}; it must be {wanted} ({key}); {fix}")
     return value
 
@@ -682,8 +761,11 @@ def _signature_prefix(spec: Spec, store) -> str | None:
     require_any = [t.format(i=0) for t in det.require_any]
     forbid = [t.format(i=0) for t in det.forbid]
     for prefix in spec.prefixes:
-        if (all(prefix + t in store for t in require) and not any(prefix + t in store for t in forbid)
-                and (not require_any or any(prefix + t in store for t in require_any))):
+        if (
+            all(prefix + t in store for t in require)
+            and not any(prefix + t in store for t in forbid)
+            and (not require_any or any(prefix + t in store for t in require_any))
+        ):
             return prefix
     return None
 
@@ -708,7 +790,9 @@ def _config_matches(spec: Spec, configs: dict[str, dict]) -> bool:
     return bool(det.model_type or det.config_has)
 
 
-def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], family: str | None = None) -> tuple[Spec, str]:
+def detect_family(
+    store, configs: dict[str, dict], specs: dict[str, Spec], family: str | None = None
+) -> tuple[Spec, str]:
     """Choose the spec (and tensor-name prefix) for a checkpoint.
 
     With ``family`` given, only that spec is tried. Otherwise a spec matches
@@ -720,7 +804,9 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
     if family is not None:
         if family not in specs:
             close = difflib.get_close_matches(family, list(specs), n=3, cutoff=0.0)
-            raise SpecError(f"unknown family {family!r} (closest: {', '.join(close)}); `python -m qkweights specs` lists them all")
+            raise SpecError(
+                f"unknown family {family!r} (closest: {', '.join(close)}); `python -m qkweights specs` lists them all"
+            )
         candidates = [specs[family]]
     else:
         candidates = list(specs.values())
@@ -741,20 +827,32 @@ def detect_family(store, configs: dict[str, dict], specs: dict[str, Spec], famil
         raise SpecError(f"the checkpoint matches several families ({names}); choose one with family=NAME")
     in_memory = _in_memory_match(store, [specs[family]] if family is not None else list(specs.values()))
     if in_memory is not None:
-        raise SpecError(f"transformers ≥ 5 in-memory names ({in_memory}), not the names save_pretrained writes; "
-                        f"save the model with save_pretrained() instead of torch.save(state_dict)")
+        raise SpecError(
+            f"transformers ≥ 5 in-memory names ({in_memory}), not the names save_pretrained writes; "
+            f"save the model with save_pretrained() instead of torch.save(state_dict)"
+        )
     if family is not None:
         looked = _signature_text(specs[family])
-        raise SpecError(f"the checkpoint is not of family {family!r}: it lacks one of {looked} (with prefixes {', '.join(repr(p) for p in specs[family].prefixes)})")
+        raise SpecError(
+            f"the checkpoint is not of family {family!r}: it lacks one of {looked} (with prefixes "
+            f"{', '.join(repr(p) for p in specs[family].prefixes)})"
+        )
     close = _closest(store, specs)
     spec, prefix = close[0]
     missing = [prefix + t.format(i=0) for t in spec.detect.require if prefix + t.format(i=0) not in store]
     extra = [prefix + t.format(i=0) for t in spec.detect.forbid if prefix + t.format(i=0) in store]
-    why = (f"which lacks {missing[0]}" if missing else f"which must not hold {extra[0]}" if extra
-           else f"which lacks {_signature_text(spec)}")
+    why = (
+        f"which lacks {missing[0]}"
+        if missing
+        else f"which must not hold {extra[0]}"
+        if extra
+        else f"which lacks {_signature_text(spec)}"
+    )
     others = "".join(f", {s.name}" for s, _ in close[1:])
-    raise SpecError(f"unknown checkpoint: no family matches its tensors (closest: {spec.name}, {why}{others}); "
-                    f"pass family=NAME (`python -m qkweights specs` lists them) or add a spec file")
+    raise SpecError(
+        f"unknown checkpoint: no family matches its tensors (closest: {spec.name}, {why}{others}); "
+        f"pass family=NAME (`python -m qkweights specs` lists them) or add a spec file"
+    )
 
 
 def _in_memory_match(store, specs: list[Spec]) -> str | None:
@@ -841,8 +939,13 @@ class LayerNormWeights:
 
 
 # The section of each LayerNorm role (:meth:`Checkpoint.norm`).
-NORM_ROLES = {"norm1": "block", "norm2": "block", "pre_norm": "embeddings", "final_norm": "embeddings",
-              "post_norm": "embeddings"}
+NORM_ROLES = {
+    "norm1": "block",
+    "norm2": "block",
+    "pre_norm": "embeddings",
+    "final_norm": "embeddings",
+    "post_norm": "embeddings",
+}
 
 
 class Checkpoint:
@@ -881,13 +984,23 @@ class Checkpoint:
             key, looked = next(iter(unresolved.items()))
             if self.spec.config_file and self.spec.config_file not in self.configs:
                 heads = _config_key(self.spec.dims.heads)
-                raise SpecError(f"{self.spec.name}: no {where} beside the weights; the head count ({heads or 'heads'}) cannot be read "
-                                f"from the tensors: put the model's {where} next to the weight file, or pass the folder that holds both")
-            raise SpecError(f"{self.spec.name}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); add it to {where} or pass family=NAME")
+                raise SpecError(
+                    f"{self.spec.name}: no {where} beside the weights; the head count ({heads or 'heads'}) "
+                    "cannot be read "
+                    f"from the tensors: put the model's {where} next to the weight file, or pass the folder "
+                    "that holds both"
+                )
+            raise SpecError(
+                f"{self.spec.name}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); "
+                f"add it to {where} or pass family=NAME"
+            )
         self._check_layer_count(values["layers"], origin["layers"])
         hidden, heads = values.pop("hidden"), values.pop("heads")
         if hidden % heads:
-            raise CheckpointError(f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the config or choose another family=NAME")
+            raise CheckpointError(
+                f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the "
+                "config or choose another family=NAME"
+            )
         image = values.pop("image_size", None)
         if isinstance(image, (list, tuple)):
             image = tuple(image[-2:])  # (H, W), or timm's (C, H, W)
@@ -895,7 +1008,10 @@ class Checkpoint:
             image = (image, image)
         head_dim = values.pop("head_dim", hidden // heads)
         if head_dim * heads != hidden:
-            raise CheckpointError(f"{self.spec.name}: {heads} heads of width {head_dim} do not make the width {hidden}; the config disagrees with the tensors")
+            raise CheckpointError(
+                f"{self.spec.name}: {heads} heads of width {head_dim} do not make the width {hidden}; the "
+                "config disagrees with the tensors"
+            )
         interpolation = values.get("interpolation")
         return Dims(
             layers=values.pop("layers"),
@@ -919,8 +1035,10 @@ class Checkpoint:
         while self.prefix + template.format(i=held) in self.store:
             held += 1
         if held != layers:
-            raise CheckpointError(f"{self.spec.name}: {origin} is {layers}, but the weight files hold {held} layer{'s' * (held != 1)} "
-                                  f"({self.prefix + template.format(i='N')}); fix the config or choose another family=NAME")
+            raise CheckpointError(
+                f"{self.spec.name}: {origin} is {layers}, but the weight files hold {held} layer{'s' * (held != 1)} "
+                f"({self.prefix + template.format(i='N')}); fix the config or choose another family=NAME"
+            )
 
     # names -----------------------------------------------------------------
 
@@ -967,10 +1085,15 @@ class Checkpoint:
 
     def _expect(self, a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
         if a.shape != shape:
-            raise CheckpointError(f"{self.spec.name}: {what} has shape {a.shape}, expected {shape} from the config (hidden {self.dims.hidden}); the config does not fit the tensors")
+            raise CheckpointError(
+                f"{self.spec.name}: {what} has shape {a.shape}, expected {shape} from the config (hidden "
+                f"{self.dims.hidden}); the config does not fit the tensors"
+            )
         return a
 
-    def linear(self, section: str, role: str, i: int | None, rows: int | None, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    def linear(
+        self, section: str, role: str, i: int | None, rows: int | None, cols: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(weight (out, in), bias (out,)) of a linear module, shape-checked (rows None: any), zero bias when absent."""
         w, b = self.module(section, role, i)
         where = role if i is None else f"layer {i} {role}"
@@ -1080,11 +1203,15 @@ class Checkpoint:
 
     def relative_position_tables(self, i: int) -> list[tuple[str, np.ndarray]]:
         """(name, table) of every ``[attention] relative_position_bias`` table the checkpoint holds for layer ``i``."""
-        return [(self.name(t, i), self.tensor(t, i)) for t in self.spec.attention.relative_position_bias if self.has(t, i)]
+        return [
+            (self.name(t, i), self.tensor(t, i)) for t in self.spec.attention.relative_position_bias if self.has(t, i)
+        ]
 
     def relative_position_indices(self, i: int) -> list[tuple[str, np.ndarray]]:
         """(name, index) of every stored ``[attention] relative_position_index`` buffer of layer ``i``."""
-        return [(self.name(t, i), self.tensor(t, i)) for t in self.spec.attention.relative_position_index if self.has(t, i)]
+        return [
+            (self.name(t, i), self.tensor(t, i)) for t in self.spec.attention.relative_position_index if self.has(t, i)
+        ]
 
     # block -------------------------------------------------------------------
 
@@ -1108,10 +1235,13 @@ class Checkpoint:
         where = role if i is None else f"layer {i} {role}"
         w = self._expect(w, (d,), f"{where} weight")
         b = None if b is None else self._expect(b, (d,), f"{where} bias")
-        return LayerNormWeights(np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None)
+        return LayerNormWeights(
+            np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None
+        )
 
     def norm1(self, i: int) -> LayerNormWeights | None:
-        """The LayerNorm feeding layer ``i``'s attention (``[block] norm1``), or None when the spec or the checkpoint has none.
+        """The LayerNorm feeding layer ``i``'s attention (``[block] norm1``), or None when the spec or the checkpoint
+        has none.
 
         Post-norm families (BERT: the LayerNorm sits after the attention) and weights-only
         specs without a ``[block]`` table have none.
@@ -1121,8 +1251,13 @@ class Checkpoint:
         w, b = self.module("block", "norm1", i)
         d = self.dims.hidden
         if w.shape != (d,) or (b is not None and b.shape != (d,)):
-            raise CheckpointError(f"{self.spec.name}: layer {i} norm1 has shape {w.shape}/{None if b is None else b.shape}, expected ({d},); the config does not fit the tensors")
-        return LayerNormWeights(np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None)
+            raise CheckpointError(
+                f"{self.spec.name}: layer {i} norm1 has shape {w.shape}/{None if b is None else b.shape}, "
+                f"expected ({d},); the config does not fit the tensors"
+            )
+        return LayerNormWeights(
+            np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None
+        )
 
     def layer_scale(self, role: str, i: int) -> np.ndarray | None:
         """Layer ``i``'s layer-scale vector (D,) ``scale1`` (attention branch) or ``scale2`` (MLP), or None."""
@@ -1138,7 +1273,9 @@ class Checkpoint:
         w, b = self.module("embeddings", "patch")
         d = self.dims.hidden
         if w.ndim != 4 or w.shape[0] != d or w.shape[2] != w.shape[3]:
-            raise CheckpointError(f"{self.spec.name}: patch embedding weight has shape {w.shape}, expected ({d}, channels, P, P)")
+            raise CheckpointError(
+                f"{self.spec.name}: patch embedding weight has shape {w.shape}, expected ({d}, channels, P, P)"
+            )
         return w, None if b is None else self._expect(b, (d,), "patch embedding bias")
 
     def patch_size_stored(self) -> int | None:
@@ -1153,8 +1290,11 @@ class Checkpoint:
     def special_tokens(self) -> dict[str, np.ndarray]:
         """Each non-patch token of ``[embeddings] tokens`` the checkpoint holds: kind → (n, D) (cls, dist: n = 1)."""
         emb, d = self.spec.embeddings, self.dims.hidden
-        return {kind: self.tensor(getattr(emb, kind)).reshape(-1, d)  # (n, D)
-                for kind in emb.tokens if kind != "patches" and self.has(getattr(emb, kind))}
+        return {
+            kind: self.tensor(getattr(emb, kind)).reshape(-1, d)  # (n, D)
+            for kind in emb.tokens
+            if kind != "patches" and self.has(getattr(emb, kind))
+        }
 
     def position_embedding(self) -> np.ndarray | None:
         """The absolute position table (rows, D), or None when the spec or the checkpoint has none."""
@@ -1182,7 +1322,10 @@ class Checkpoint:
 
     def _check_shape(self, w: np.ndarray, expected: tuple[int, ...], role: str, i: int) -> None:
         if w.shape != expected:
-            raise CheckpointError(f"{self.spec.name}: layer {i} {role} weight has shape {w.shape}, expected {expected} from the config (hidden {self.dims.hidden}); the config does not fit the tensors")
+            raise CheckpointError(
+                f"{self.spec.name}: layer {i} {role} weight has shape {w.shape}, expected {expected} from the "
+                f"config (hidden {self.dims.hidden}); the config does not fit the tensors"
+            )
 
     def dtype(self) -> str:
         """The stored dtype of the attention weights ("F32", "BF16", …)."""
@@ -1200,8 +1343,14 @@ def read_configs(files: dict[str, Path]) -> dict[str, dict]:
     return configs
 
 
-def open_checkpoint(store, config_files: dict[str, Path], *, family: str | None = None, specs: dict[str, Spec] | None = None,
-                    spec_dir=None) -> Checkpoint:
+def open_checkpoint(
+    store,
+    config_files: dict[str, Path],
+    *,
+    family: str | None = None,
+    specs: dict[str, Spec] | None = None,
+    spec_dir=None,
+) -> Checkpoint:
     """Detect the family of ``store`` (with its config files) and bind the spec.
 
     ``specs``: the families to choose from (default: :func:`load_specs` with ``spec_dir``).

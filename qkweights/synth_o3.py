@@ -174,8 +174,9 @@ def _placed(rng: np.random.Generator, looks: list[dict], h: int, w: int) -> list
     return [(o, c) for o, c in zip(looks, _place(rng, radii, h, w)) if c is not None]
 
 
-def draw_scene_labels(rng: np.random.Generator, size: tuple[int, int] = (224, 224), *,
-                      object_scale: float = 1.0) -> tuple[Image.Image, np.ndarray, dict]:
+def draw_scene_labels(
+    rng: np.random.Generator, size: tuple[int, int] = (224, 224), *, object_scale: float = 1.0
+) -> tuple[Image.Image, np.ndarray, dict]:
     """Draw one odd-one-out scene with its instance map: (image, labels (H, W) uint8, properties).
 
     labels: 0 background, 1 the target, 2, 3, … the distractors (exactly the pixels
@@ -270,8 +271,15 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_folder(folder: Path, n: int, seed: int, size: tuple[int, int], mask_dirs: tuple[str, str],
-                  instances: bool = False, object_scale: float = 1.0) -> None:
+def _write_folder(
+    folder: Path,
+    n: int,
+    seed: int,
+    size: tuple[int, int],
+    mask_dirs: tuple[str, str],
+    instances: bool = False,
+    object_scale: float = 1.0,
+) -> None:
     """Write the n scenes of ``seed`` into the (new, empty) ``folder``."""
     targ_dir, dist_dir = mask_dirs
     for sub in ("images", targ_dir, dist_dir) + (("instances",) if instances else ()):

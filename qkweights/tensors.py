@@ -70,7 +70,8 @@ def widen_bf16(raw: np.ndarray) -> np.ndarray:
 
 
 def _one_line(text: str, limit: int = 200) -> str:
-    """``text`` with control characters escaped and cut to ``limit`` characters (library messages quote file content)."""
+    """``text`` with control characters escaped and cut to ``limit`` characters (library messages quote file
+    content)."""
     text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -85,12 +86,20 @@ def _prefix(path: Path) -> tuple[int, int]:
     except OSError as e:
         raise CheckpointError(f"{name}: cannot read ({e.strerror}); check the path and permissions") from None
     if len(head) < 8:
-        raise CheckpointError(f"{name}: file is {size} bytes, too short to be safetensors (8-byte header length expected); the file is truncated")
+        raise CheckpointError(
+            f"{name}: file is {size} bytes, too short to be safetensors (8-byte header length expected); the "
+            "file is truncated"
+        )
     n = int.from_bytes(head, "little")
     if n > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{name}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; the file is corrupt or not safetensors")
+        raise CheckpointError(
+            f"{name}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; the file is corrupt or not "
+            "safetensors"
+        )
     if 8 + n > size:
-        raise CheckpointError(f"{name}: header length {n} exceeds the file size ({size} bytes); the file is truncated or not safetensors")
+        raise CheckpointError(
+            f"{name}: header length {n} exceeds the file size ({size} bytes); the file is truncated or not safetensors"
+        )
     return size, n
 
 
@@ -105,7 +114,8 @@ def _header_json(path: Path, n: int):
 
 
 def _explain(path: Path, n: int, data_size: int) -> str | None:
-    """The first tensor whose offsets run past the data or disagree with its shape, for messages the library words without a name."""
+    """The first tensor whose offsets run past the data or disagree with its shape, for messages the library words
+    without a name."""
     header = _header_json(path, n)
     if not isinstance(header, dict):
         return None
@@ -113,10 +123,16 @@ def _explain(path: Path, n: int, data_size: int) -> str | None:
         try:
             (begin, end), dtype, shape = e["data_offsets"], e["dtype"], e["shape"]
             if not 0 <= begin <= end <= data_size:
-                return f"tensor {key!r} offsets [{begin}, {end}] lie outside the data section ({data_size} bytes); the file is truncated or corrupt"
+                return (
+                    f"tensor {key!r} offsets [{begin}, {end}] lie outside the data section ({data_size} bytes); the "
+                    "file is truncated or corrupt"
+                )
             need = prod(shape) * DTYPES[dtype].itemsize
             if need != end - begin:
-                return f"tensor {key!r} shape {shape} of {dtype} needs {need} bytes but its offsets span {end - begin}; the file is corrupt"
+                return (
+                    f"tensor {key!r} shape {shape} of {dtype} needs {need} bytes but its offsets span {end - begin}; "
+                    "the file is corrupt"
+                )
         except (KeyError, TypeError, ValueError):
             continue
     return None
@@ -136,19 +152,30 @@ def _library_message(path: Path, reason: str) -> str:
     if m := re.search(r"unknown variant `(.*?)`, expected one of", reason, re.DOTALL):
         return _one_line(f"{name}: a tensor has unsupported dtype {m.group(1)!r} (known: {', '.join(DTYPES)})", 400)
     if m := re.fullmatch(r"invalid offset for tensor `(.*)`", reason, re.DOTALL):
-        return _one_line(f"{name}: tensor {m.group(1)!r} does not start where the tensor before it ends (overlap or gap); the file is corrupt", 400)
+        return _one_line(
+            f"{name}: tensor {m.group(1)!r} does not start where the tensor before it ends (overlap or gap); "
+            "the file is corrupt",
+            400,
+        )
     if reason.startswith(("incomplete metadata", "invalid shape, data type, or offset")):
         if (why := _explain(path, n, data_size)) is not None:
             return _one_line(f"{name}: {why}", 400)
-        return f"{name}: the tensors do not cover the {data_size}-byte data section exactly ({_one_line(reason)}); the file is truncated or corrupt"
+        return (
+            f"{name}: the tensors do not cover the {data_size}-byte data section exactly ({_one_line(reason)}); the "
+            "file is truncated or corrupt"
+        )
     if reason.startswith("invalid JSON in header: "):
-        return f"{name}: header is not valid JSON for safetensors ({_one_line(reason.removeprefix('invalid JSON in header: '))}); the file is corrupt or not safetensors"
+        return (
+            f"{name}: header is not valid JSON for safetensors "
+            f"({_one_line(reason.removeprefix('invalid JSON in header: '))}); the file is corrupt or not safetensors"
+        )
     return f"{name}: {_one_line(reason)}; the file is corrupt or not safetensors"
 
 
 @contextmanager
 def _open(path: Path):
-    """``safe_open(path)`` (numpy; the header validated again), its errors as :class:`CheckpointError`; the memory map closes on exit."""
+    """``safe_open(path)`` (numpy; the header validated again), its errors as :class:`CheckpointError`; the memory map
+    closes on exit."""
     try:
         f = safe_open(path, framework="numpy")
     except SafetensorError as e:
@@ -174,7 +201,11 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
             view = f.get_slice(key)
             dtype = view.get_dtype()
             if dtype not in DTYPES:
-                raise CheckpointError(_one_line(f"{path.name}: tensor {key!r} has unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})", 400))
+                raise CheckpointError(
+                    _one_line(
+                        f"{path.name}: tensor {key!r} has unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})", 400
+                    )
+                )
             infos.append(TensorInfo(key, dtype, tuple(view.get_shape()), path))
     return infos, metadata
 
@@ -201,7 +232,10 @@ class Store(ABC):
         try:
             return self._entries[name]
         except KeyError:
-            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is incomplete or of another family (try family=NAME)") from None
+            raise CheckpointError(
+                f"tensor {name!r} is missing from {', '.join(f.name for f in self.files)}; the checkpoint is "
+                "incomplete or of another family (try family=NAME)"
+            ) from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info(name).shape
@@ -243,7 +277,9 @@ class TensorStore(Store):
             metadata.update(meta)
             for t in tensors:
                 if t.name in infos:
-                    raise CheckpointError(f"{path.name}: tensor {t.name!r} is also in {infos[t.name].file.name}; the shards overlap")
+                    raise CheckpointError(
+                        f"{path.name}: tensor {t.name!r} is also in {infos[t.name].file.name}; the shards overlap"
+                    )
                 infos[t.name] = t
         return cls(infos, tuple(Path(f) for f in files), metadata)
 
@@ -256,7 +292,8 @@ class TensorStore(Store):
             return f.get_tensor(name)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of ``name`` (axis 0, clipped as a slice is): only their bytes are read (``get_slice``)."""
+        """Rows ``start:stop`` of ``name`` (axis 0, clipped as a slice is): only their bytes are read
+        (``get_slice``)."""
         t = self.info(name)
         if not t.shape:
             raise CheckpointError(f"{t.file.name}: tensor {name!r} is a scalar; it has no rows")
@@ -285,7 +322,9 @@ class TensorStore(Store):
         except (KeyError, TypeError, ValueError):
             same = False
         if not same:
-            raise CheckpointError(f"{t.file.name}: tensor {t.name!r} changed since the file was opened; open the checkpoint again")
+            raise CheckpointError(
+                f"{t.file.name}: tensor {t.name!r} changed since the file was opened; open the checkpoint again"
+            )
         shape, offset = t.shape, 8 + n + begin
         if rows is not None:
             row = prod(t.shape[1:]) * DTYPES["BF16"].itemsize  # bytes per row
@@ -295,5 +334,7 @@ class TensorStore(Store):
         with open(t.file, "rb") as f:
             got = os.preadv(f.fileno(), [buf], offset) if buf.size else 0
         if got != buf.size:
-            raise CheckpointError(f"{t.file.name}: tensor {t.name!r} is cut short ({got} of {buf.size} bytes); the file is truncated")
+            raise CheckpointError(
+                f"{t.file.name}: tensor {t.name!r} is cut short ({got} of {buf.size} bytes); the file is truncated"
+            )
         return widen_bf16(raw)

@@ -54,8 +54,10 @@ STATS = ("max_query", "max_key", "mean_query", "mean_key", "top5_query", "top5_k
 READ_ERRORS = (QkError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SCORE_TEXT = "max_t(s·x_t·u_n) · max_t(s·x_t·v_n) over patch tokens t, s = +1 for sign '+', −1 for sign '-'"
 EMBEDDING_TEXT = "attention_inputs[l]: the LayerNorm output feeding W_q/W_k"
-FOLDED_TEXT = ("n: the normalised token (x − mean)/√(var + eps) of the residual stream entering block l, scored on the "
-               "LayerNorm-folded modes of Γ W_qᵀW_k Γ (profile --fold-ln)")
+FOLDED_TEXT = (
+    "n: the normalised token (x − mean)/√(var + eps) of the residual stream entering block l, scored on the "
+    "LayerNorm-folded modes of Γ W_qᵀW_k Γ (profile --fold-ln)"
+)
 CENTRE_TEXT = "centre patch token: row gh//2, column gw//2 of the patch grid"
 UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free integer sums
 
@@ -129,8 +131,9 @@ class ModeBank:
     weighted: np.ndarray
 
 
-def mode_bank(ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32, *,
-              fold_ln: bool = False) -> ModeBank:
+def mode_bank(
+    ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32, *, fold_ln: bool = False
+) -> ModeBank:
     """SVD of every head of each chosen layer of checkpoint ``ck``; the chosen heads' and modes' directions as a
     :class:`ModeBank` (columns ``w`` in ``dtype``). fold_ln: the LayerNorm-folded modes of Γ W_qᵀW_k Γ
     (:func:`qkweights.fold.folded_modes`), which apply to the normalised tokens n.
@@ -215,7 +218,8 @@ def unit_sum(x: np.ndarray) -> np.ndarray:
 
 
 def mean_pairwise_cosine(s: np.ndarray, n: int) -> np.ndarray:
-    """Mean cosine over ordered pairs i ≠ j of n unit vectors with sum s (..., D): (|s|² − n)/(n(n − 1)); NaN if n < 2."""
+    """Mean cosine over ordered pairs i ≠ j of n unit vectors with sum s (..., D): (|s|² − n)/(n(n − 1)); NaN if n <
+    2."""
     if n < 2:
         return np.full(s.shape[:-1], np.nan)
     return (np.einsum("...d,...d->...", s, s) - n) / (n * (n - 1))
@@ -229,8 +233,10 @@ def model_identity(model) -> dict:
     if model.source is not None:
         return source_record(model.source, model.checkpoint)
     files = [Path(f) for f in model.checkpoint.store.files]
-    return {"model_id": model.checkpoint.spec.name,
-            "files": [{"name": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]}
+    return {
+        "model_id": model.checkpoint.spec.name,
+        "files": [{"name": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
+    }
 
 
 def centre_token(layout) -> int:
@@ -293,8 +299,13 @@ class TopImagesAnalysis(ModeSweep):
 
     def empty(self) -> TopPartial:
         lc = (len(self.layers), len(self.heads) * len(self.modes), 2, 0)
-        return TopPartial(np.full(lc, -np.inf), np.full(lc, -1, np.int64), np.full(lc + (len(STATS),), np.nan),
-                          np.full(lc + (2, self.n_patches), np.nan, np.float32), np.zeros((lc[0], self.hidden), np.int64))
+        return TopPartial(
+            np.full(lc, -np.inf),
+            np.full(lc, -1, np.int64),
+            np.full(lc + (len(STATS),), np.nan),
+            np.full(lc + (2, self.n_patches), np.nan, np.float32),
+            np.zeros((lc[0], self.hidden), np.int64),
+        )
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
         from qkweights.fold import normalised_tokens
@@ -321,8 +332,15 @@ class TopImagesAnalysis(ModeSweep):
             cols = np.arange(c)[:, None, None]  # (C, 1, 1)
             pt = p.transpose(2, 0, 1)  # (2C, B, N)
             maps = np.stack([pt[cols, order], pt[c + cols, order]], axis=-2)  # (C, 2, k, 2, N): query, key map
-            parts.append((np.take_along_axis(st[..., 0], order, -1), np.take_along_axis(index, order, -1),
-                          np.take_along_axis(st[..., 1:], order[..., None], -2), maps, unit_sum(x[:, centre])))
+            parts.append(
+                (
+                    np.take_along_axis(st[..., 0], order, -1),
+                    np.take_along_axis(index, order, -1),
+                    np.take_along_axis(st[..., 1:], order[..., None], -2),
+                    maps,
+                    unit_sum(x[:, centre]),
+                )
+            )
         scores, index, stats, maps, sums = (np.array(a) for a in zip(*parts))
         return TopPartial(scores, index.astype(np.int64), stats, maps, sums, b)
 
@@ -342,8 +360,14 @@ class TopImagesAnalysis(ModeSweep):
         return TopPartial(*pick, a.centre + b.centre, a.n_scored + b.n_scored)
 
     def to_arrays(self, p: TopPartial) -> dict[str, np.ndarray]:
-        return {"scores": p.scores, "index": p.index, "stats": p.stats, "maps": p.maps, "centre": p.centre,
-                "n_scored": np.array(p.n_scored)}
+        return {
+            "scores": p.scores,
+            "index": p.index,
+            "stats": p.stats,
+            "maps": p.maps,
+            "centre": p.centre,
+            "n_scored": np.array(p.n_scored),
+        }
 
     def from_arrays(self, z) -> TopPartial:
         return TopPartial(z["scores"], z["index"], z["stats"], z["maps"], z["centre"], int(z["n_scored"]))
@@ -379,8 +403,12 @@ class TopImagesResult:
     def save(self, out_dir) -> list[Path]:
         """Write ``top_images.json`` and ``top_images_maps.npz`` (float16 maps) into ``out_dir``; returns the paths."""
         out = Path(out_dir)
-        return [write_npz(out / MAPS_NAME, maps=self.maps.astype(np.float16), fingerprint=np.array(self.doc["fingerprint"])),
-                write_json(out / JSON_NAME, self.doc, indent=None)]  # tens of thousands of records: compact
+        return [
+            write_npz(
+                out / MAPS_NAME, maps=self.maps.astype(np.float16), fingerprint=np.array(self.doc["fingerprint"])
+            ),
+            write_json(out / JSON_NAME, self.doc, indent=None),
+        ]  # tens of thousands of records: compact
 
     @classmethod
     def load(cls, out_dir) -> TopImagesResult:
@@ -391,9 +419,13 @@ class TopImagesResult:
             with np.load(out / MAPS_NAME, allow_pickle=False) as z:
                 maps, fp = z["maps"].astype(np.float32), str(z["fingerprint"])
         except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{out}: no readable top-images result ({type(e).__name__}: {e}); run top-images into it") from e
+            raise InputError(
+                f"{out}: no readable top-images result ({type(e).__name__}: {e}); run top-images into it"
+            ) from e
         if doc.get("schema") != SCHEMA or doc.get("fingerprint") != fp:
-            raise InputError(f"{out / MAPS_NAME} does not belong to {out / JSON_NAME} (another run); run top-images again")
+            raise InputError(
+                f"{out / MAPS_NAME} does not belong to {out / JSON_NAME} (another run); run top-images again"
+            )
         return cls(doc, maps)
 
 
@@ -414,8 +446,17 @@ def _winner(st: TopPartial, paths: list[str], li: int, ci: int, si: int, j: int)
     return rec
 
 
-def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, st: TopPartial, skipped: list[dict],
-                   options: dict, anisotropy: dict) -> dict:
+def build_document(
+    model,
+    source: dict,
+    root,
+    paths: list[str],
+    bank: ModeBank,
+    st: TopPartial,
+    skipped: list[dict],
+    options: dict,
+    anisotropy: dict,
+) -> dict:
     """The ``top_images.json`` document (schema ``qkweights.top_images/1``)."""
     from qkweights.profiles import SIGN_CONVENTION
 
@@ -426,24 +467,48 @@ def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, 
             modes = []
             for ni, n in enumerate(bank.modes):
                 ci = hi * n_modes + ni
-                signs = {sign: [_winner(st, paths, li, ci, si, j) for j in range(st.index.shape[-1]) if st.index[li, ci, si, j] >= 0]
-                         for si, sign in enumerate(SIGNS)}
-                modes.append({"mode": n, "sigma": float(bank.sigma[li, hi, ni]), "cosine": float(bank.cos[li, hi, ni]), "signs": signs})
+                signs = {
+                    sign: [
+                        _winner(st, paths, li, ci, si, j)
+                        for j in range(st.index.shape[-1])
+                        if st.index[li, ci, si, j] >= 0
+                    ]
+                    for si, sign in enumerate(SIGNS)
+                }
+                modes.append(
+                    {
+                        "mode": n,
+                        "sigma": float(bank.sigma[li, hi, ni]),
+                        "cosine": float(bank.cos[li, hi, ni]),
+                        "signs": signs,
+                    }
+                )
             heads.append({"layer": l, "head": h, "modes": modes})
     d = model.dims
     return {
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": source,
-        "model": {"family": model.checkpoint.spec.name, "layers": d.layers, "heads": d.heads, "hidden": d.hidden, "head_dim": d.head_dim},
+        "model": {
+            "family": model.checkpoint.spec.name,
+            "layers": d.layers,
+            "heads": d.heads,
+            "hidden": d.hidden,
+            "head_dim": d.head_dim,
+        },
         "image_dir": str(root),
         "options": options,
         "score": SCORE_TEXT,
         "embedding": FOLDED_TEXT if options.get("fold_ln") else EMBEDDING_TEXT,
         "tokens": "patch tokens only (CLS, distillation and register tokens excluded)",
-        "stats": {"max_query": "max_t s·x_t·u_n", "max_key": "max_t s·x_t·v_n", "mean_query": "mean_t s·x_t·u_n",
-                  "mean_key": "mean_t s·x_t·v_n", "top5_query": f"mean of the top {TOP_MEAN} s·x_t·u_n",
-                  "top5_key": f"mean of the top {TOP_MEAN} s·x_t·v_n"},
+        "stats": {
+            "max_query": "max_t s·x_t·u_n",
+            "max_key": "max_t s·x_t·v_n",
+            "mean_query": "mean_t s·x_t·u_n",
+            "mean_key": "mean_t s·x_t·v_n",
+            "top5_query": f"mean of the top {TOP_MEAN} s·x_t·u_n",
+            "top5_key": f"mean of the top {TOP_MEAN} s·x_t·v_n",
+        },
         "sign_convention": SIGN_CONVENTION,
         "ties": "equal scores: the earlier path (sorted relative paths) first",
         "n_files": len(paths),
@@ -457,10 +522,24 @@ def build_document(model, source: dict, root, paths: list[str], bank: ModeBank, 
 # ----------------------------------------------------------------------------- the command
 
 
-def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=range(10), top: int = 8,
-               batch_size: int = 16, shard_size: int = 64, workers: int | None = None, client=None,
-               progress: Callable[[int, int], object] | None = None, plots: bool = True,
-               notes: Callable[[str], object] | None = None, fold_ln: bool = False) -> TopImagesResult:
+def top_images(
+    model,
+    image_dir,
+    out_dir,
+    *,
+    layers=None,
+    heads=None,
+    modes=range(10),
+    top: int = 8,
+    batch_size: int = 16,
+    shard_size: int = 64,
+    workers: int | None = None,
+    client=None,
+    progress: Callable[[int, int], object] | None = None,
+    plots: bool = True,
+    notes: Callable[[str], object] | None = None,
+    fold_ln: bool = False,
+) -> TopImagesResult:
     """Top-``top`` images of ``image_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
 
     model: a :class:`qkweights.vision.VisionModel`. layers, heads: 0-based indices (None:
@@ -483,7 +562,9 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     heads = _indices(heads, d.heads, "head", range(d.heads))
     kept = [int(n) for n in modes if 0 <= int(n) < d.head_dim]
     if not kept:
-        raise InputError(f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}")
+        raise InputError(
+            f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
+        )
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
@@ -491,21 +572,42 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
         raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     paths = list_images(root, exclude=out)
     if not paths:
-        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)")
+        raise InputError(
+            f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)"
+        )
     prepare_dir(out)
     source = model_identity(model)
     size = input_size(model)
     grid = patch_grid(model, size)
-    options = {"layers": layers, "heads": heads, "modes": modes, "top": top, "batch_size": batch_size,
-               "shard_size": shard_size, "input_size": list(size or ()), "fold_ln": fold_ln}
-    an = TopImagesAnalysis(str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, d.hidden,
-                           grid[0] * grid[1], fold_ln)
+    options = {
+        "layers": layers,
+        "heads": heads,
+        "modes": modes,
+        "top": top,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "input_size": list(size or ()),
+        "fold_ln": fold_ln,
+    }
+    an = TopImagesAnalysis(
+        str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, d.hidden, grid[0] * grid[1], fold_ln
+    )
     state_path = out / STATE_NAME
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
     bank = context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
-    sweep = run_sweep(an, ref, paths, state_path=state_path,
-                      source=source, model=model, shard_size=shard_size, batch_size=batch_size, workers=workers,
-                      client=client, progress=progress)
+    sweep = run_sweep(
+        an,
+        ref,
+        paths,
+        state_path=state_path,
+        source=source,
+        model=model,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        workers=workers,
+        client=client,
+        progress=progress,
+    )
     for text in sweep.notes:
         if notes:
             notes(text)
@@ -513,15 +615,23 @@ def top_images(model, image_dir, out_dir, *, layers=None, heads=None, modes=rang
     if st.n_scored == 0:
         first = f" (first: {sweep.skipped[0]['path']}: {sweep.skipped[0]['reason']})" if sweep.skipped else ""
         state_path.unlink(missing_ok=True)
-        raise InputError(f"{root}: none of the {len(paths)} images could be read{first}; existing outputs in {out} are kept")
+        raise InputError(
+            f"{root}: none of the {len(paths)} images could be read{first}; existing outputs in {out} are kept"
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a layer of all-zero heads stays NaN
         weighted = np.nanmean(bank.weighted, axis=1)  # (L',) as the profile's layer_stats()["weighted_cosine"]
     baseline = mean_pairwise_cosine(st.centre / UNIT, st.n_scored)
-    anisotropy = {"token": CENTRE_TEXT, "embedding": FOLDED_TEXT if fold_ln else EMBEDDING_TEXT, "n_images": st.n_scored, "layers": layers,
-                  "mean_cosine": baseline.tolist(), "weighted_cosine": weighted.tolist(),
-                  "relative_cosine": (weighted - baseline).tolist()}
+    anisotropy = {
+        "token": CENTRE_TEXT,
+        "embedding": FOLDED_TEXT if fold_ln else EMBEDDING_TEXT,
+        "n_images": st.n_scored,
+        "layers": layers,
+        "mean_cosine": baseline.tolist(),
+        "weighted_cosine": weighted.tolist(),
+        "relative_cosine": (weighted - baseline).tolist(),
+    }
     doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)
@@ -584,15 +694,18 @@ def _thumbnailer(model, root: str, size):
             px = model.preprocess(Path(root) / rel, size=size)[0]  # (3, H, W)
             h, w = px.shape[1] // p * p, px.shape[2] // p * p
             img = display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
-            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize((CELL_PX, max(1, round(CELL_PX * h / w))),
-                                                                               Image.Resampling.LANCZOS)
+            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(
+                (CELL_PX, max(1, round(CELL_PX * h / w))), Image.Resampling.LANCZOS
+            )
             _THUMBS[key] = np.asarray(small) / 255.0
         return _THUMBS[key]
 
     return thumb
 
 
-def draw_top_images(ref: ModelRef, result: TopImagesResult, root: Path, out: Path, *, workers=None, client=None) -> list[Path]:
+def draw_top_images(
+    ref: ModelRef, result: TopImagesResult, root: Path, out: Path, *, workers=None, client=None
+) -> list[Path]:
     """Write ``top_L{l}_H{h}.png`` per head and ``anisotropy.png``; grids are drawn on the sweep's executor."""
     from qkweights.figures import anisotropy_figure
     from qkweights.outputs import save_figure
@@ -610,19 +723,38 @@ def draw_top_images(ref: ModelRef, result: TopImagesResult, root: Path, out: Pat
         for ni, m in enumerate(hd["modes"]):
             ci = hi * len(modes) + ni
             for si, sign in enumerate(SIGNS):
-                cells = [(w["path"], w["score"], result.maps[li, ci, si, j, 0], result.maps[li, ci, si, j, 1], 1 - 2 * si)
-                         for j, w in enumerate(m["signs"][sign])]
-                label = f"L{hd['layer']} H{hd['head']} M{m['mode']} {'+' if si == 0 else '−'}\ncos {m['cosine']:+.3f}  σ {m['sigma']:.3g}"
+                cells = [
+                    (w["path"], w["score"], result.maps[li, ci, si, j, 0], result.maps[li, ci, si, j, 1], 1 - 2 * si)
+                    for j, w in enumerate(m["signs"][sign])
+                ]
+                label = (
+                    f"L{hd['layer']} H{hd['head']} M{m['mode']} {'+' if si == 0 else '−'}\ncos {m['cosine']:+.3f}  σ "
+                    f"{m['sigma']:.3g}"
+                )
                 rows.append((label, cells))
         x = "x = normalised token n, LayerNorm-folded modes" if opts.get("fold_ln") else "x = LayerNorm output"
-        title = (f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {opts['top']} of {doc['n_images']} images "
-                 f"per mode and sign ({x})")
-        jobs.append(GridJob(ref, str(Path(root).resolve()), size, title, rows, out / f"top_L{hd['layer']}_H{hd['head']}.png"))
+        title = (
+            f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {opts['top']} of {doc['n_images']} images "
+            f"per mode and sign ({x})"
+        )
+        jobs.append(
+            GridJob(ref, str(Path(root).resolve()), size, title, rows, out / f"top_L{hd['layer']}_H{hd['head']}.png")
+        )
     run_jobs(draw_grid, jobs, workers=workers, client=client)
     paths = [job.path for job in jobs]
     ani = doc["anisotropy"]
     n_layers = doc["model"]["layers"]
-    paths.append(save_figure(anisotropy_figure(f"{model_id} — anisotropy control ({doc['n_images']} images)", layers, n_layers,
-                                               np.array(ani["mean_cosine"], float), np.array(ani["weighted_cosine"], float)),
-                             out / "anisotropy.png", dpi=120))
+    paths.append(
+        save_figure(
+            anisotropy_figure(
+                f"{model_id} — anisotropy control ({doc['n_images']} images)",
+                layers,
+                n_layers,
+                np.array(ani["mean_cosine"], float),
+                np.array(ani["weighted_cosine"], float),
+            ),
+            out / "anisotropy.png",
+            dpi=120,
+        )
+    )
     return paths

@@ -81,22 +81,51 @@ STORAGE_TYPES = {
     "BoolStorage": "BOOL",
 }
 TORCH_DTYPES = {
-    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 # dtypes torch 2.13 can write that qkweights does not read: inert names, for a clear message
 OTHER_TORCH_DTYPES = (
-    "uint16", "uint32", "uint64", "complex32", "complex64", "complex128", "float8_e4m3fn",
-    "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2",
-    "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "qint8", "quint8", "qint32", "quint4x2", "quint2x4",
+    "uint16",
+    "uint32",
+    "uint64",
+    "complex32",
+    "complex64",
+    "complex128",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bits16",
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
 )
-RECORD_CLASSES = frozenset({
-    "argparse.Namespace",
-    "yacs.config.CfgNode",
-    "pathlib.PosixPath",
-    "pathlib.WindowsPath",
-    "torch.device",
-})
+RECORD_CLASSES = frozenset(
+    {
+        "argparse.Namespace",
+        "yacs.config.CfgNode",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "torch.device",
+    }
+)
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickle of torch's legacy magic number
 _NUMPY_DTYPE = re.compile(r"(b1|[iu][1248]|f[248]|c8|c16)")
@@ -177,7 +206,12 @@ class _NumpyDtype:
         self.dtype = dtype
 
     def __setstate__(self, state):
-        if not (type(state) is tuple and len(state) in (8, 9) and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)):
+        if not (
+            type(state) is tuple
+            and len(state) in (8, 9)
+            and state[1] in ("<", ">", "|", "=")
+            and state[2:5] == (None, None, None)
+        ):
             raise pickle.UnpicklingError("numpy dtype state is not that of a plain numeric dtype")
         self.dtype = self.dtype.newbyteorder(state[1]) if self.dtype.itemsize > 1 else self.dtype
 
@@ -275,25 +309,35 @@ class _Archive:
         except OSError as e:
             raise CheckpointError(f"{name}: cannot read ({e.strerror or e}); check the path and permissions") from None
         except (ValueError, EOFError, struct.error, NotImplementedError, OverflowError, UnicodeError) as e:
-            raise CheckpointError(f"{name}: the zip directory is corrupt ({_short(e)}); the file is truncated or not written by torch.save") from None
+            raise CheckpointError(
+                f"{name}: the zip directory is corrupt ({_short(e)}); the file is truncated or not written by "
+                "torch.save"
+            ) from None
         names = [i.filename for i in infos]
         if len(set(names)) != len(names):
-            raise CheckpointError(f"{name}: the zip archive lists an entry twice; the file is corrupt or was tampered with")
+            raise CheckpointError(
+                f"{name}: the zip archive lists an entry twice; the file is corrupt or was tampered with"
+            )
         pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pickles) != 1:
             if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
                 raise CheckpointError(_torchscript_message(name))
             found = "no" if not pickles else f"{len(pickles)}"
-            raise CheckpointError(f"{name}: zip archive with {found} top-level <folder>/data.pkl; not a torch.save checkpoint (re-save with torch.save or convert to safetensors)")
+            raise CheckpointError(
+                f"{name}: zip archive with {found} top-level <folder>/data.pkl; not a torch.save checkpoint "
+                "(re-save with torch.save or convert to safetensors)"
+            )
         prefix = pickles[0][: -len("data.pkl")]
-        members = {n[len(prefix):]: i for n, i in zip(names, infos) if n.startswith(prefix)}
+        members = {n[len(prefix) :]: i for n, i in zip(names, infos) if n.startswith(prefix)}
         if "constants.pkl" in members or any(n.startswith("code/") for n in members):
             raise CheckpointError(_torchscript_message(name))
         archive = cls(path, size, prefix, members)
         if "byteorder" in members:
             order = archive.read_member("byteorder", 64)
             if order not in (b"little", b"big"):
-                raise CheckpointError(f"{name}: byteorder record is {order[:16]!r}, not b'little' or b'big'; the file is corrupt")
+                raise CheckpointError(
+                    f"{name}: byteorder record is {order[:16]!r}, not b'little' or b'big'; the file is corrupt"
+                )
             archive.byteorder = order.decode()
         if "version" in members:
             archive.version = archive.read_member("version", 64).decode("ascii", "replace").strip()
@@ -303,7 +347,10 @@ class _Archive:
         """The whole entry ``member`` (name below the top folder), at most ``limit`` bytes, CRC-checked."""
         info = self.members[member]
         if info.file_size > limit:
-            raise CheckpointError(f"{self.name}: {member} is {info.file_size} bytes, over the {limit}-byte limit; the file is corrupt or not a plain checkpoint")
+            raise CheckpointError(
+                f"{self.name}: {member} is {info.file_size} bytes, over the {limit}-byte limit; the file is "
+                "corrupt or not a plain checkpoint"
+            )
         data = bytes(self._read(info, 0, info.file_size))
         if zlib.crc32(data) != info.CRC:
             raise CheckpointError(f"{self.name}: {member} fails its CRC check; the file is corrupt")
@@ -313,56 +360,103 @@ class _Archive:
         """Check that ``data/<key>`` exists, is readable and holds ``numel`` elements of ``dtype``."""
         info = self.members.get(f"data/{key}")
         if info is None:
-            raise CheckpointError(f"{self.name}: data.pkl refers to storage data/{_printable(key)}, which the archive lacks; the file is truncated or corrupt")
+            raise CheckpointError(
+                f"{self.name}: data.pkl refers to storage data/{_printable(key)}, which the archive lacks; the "
+                "file is truncated or corrupt"
+            )
         need = numel * DTYPES[dtype].itemsize
         if info.file_size < need:
-            raise CheckpointError(f"{self.name}: storage data/{_printable(key)} holds {info.file_size} bytes but data.pkl declares {numel} {dtype} elements ({need} bytes); the file is corrupt")
+            raise CheckpointError(
+                f"{self.name}: storage data/{_printable(key)} holds {info.file_size} bytes but data.pkl "
+                f"declares {numel} {dtype} elements ({need} bytes); the file is corrupt"
+            )
         if info.compress_type == zipfile.ZIP_STORED:
             self._data_offset(info)
         return LazyStorage(self, key, dtype, numel)
 
     def read_elements(self, storage: LazyStorage, dtype: str, first: int, count: int) -> np.ndarray:
-        """Elements ``first`` to ``first + count`` of ``storage`` viewed as ``dtype``: a raw (count,) array in the file's byte order."""
+        """Elements ``first`` to ``first + count`` of ``storage`` viewed as ``dtype``: a raw (count,) array in the
+        file's byte order."""
         raw = DTYPES[dtype]
         if self.byteorder == "big" and raw.itemsize > 1:
             raw = raw.newbyteorder(">")
         buf = self._read(self.members[f"data/{storage.key}"], first * raw.itemsize, count * raw.itemsize)
         if len(buf) != count * raw.itemsize:
-            raise CheckpointError(f"{self.name}: storage data/{_printable(storage.key)} is shorter than its tensors need; the file is corrupt")
+            raise CheckpointError(
+                f"{self.name}: storage data/{_printable(storage.key)} is shorter than its tensors need; the "
+                "file is corrupt"
+            )
         return np.frombuffer(buf, dtype=raw)
 
     def _read(self, info: zipfile.ZipInfo, start: int, count: int) -> bytearray | bytes:
         if info.flag_bits & 0x61:  # encrypted (bits 0, 6) or patched data (bit 5)
-            raise CheckpointError(f"{self.name}: entry {_printable(info.filename)} is encrypted or patched (zip flags {info.flag_bits:#x}), which torch.save never writes; the file is not a plain checkpoint")
+            raise CheckpointError(
+                f"{self.name}: entry {_printable(info.filename)} is encrypted or patched (zip flags "
+                f"{info.flag_bits:#x}), which torch.save never writes; the file is not a plain checkpoint"
+            )
         if info.compress_type == zipfile.ZIP_STORED:
             if info.compress_size != info.file_size:
-                raise CheckpointError(f"{self.name}: stored entry {_printable(info.filename)} has sizes {info.compress_size} and {info.file_size}; the zip directory is corrupt")
+                raise CheckpointError(
+                    f"{self.name}: stored entry {_printable(info.filename)} has sizes {info.compress_size} and "
+                    f"{info.file_size}; the zip directory is corrupt"
+                )
             return self._pread(self._data_offset(info) + start, count, info.filename)
         if info.compress_type != zipfile.ZIP_DEFLATED:
-            raise CheckpointError(f"{self.name}: entry {_printable(info.filename)} uses zip compression method {info.compress_type}; torch.save writes entries uncompressed (re-save with torch.save)")
+            raise CheckpointError(
+                f"{self.name}: entry {_printable(info.filename)} uses zip compression method "
+                f"{info.compress_type}; torch.save writes entries uncompressed (re-save with torch.save)"
+            )
         if info.file_size > MAX_INFLATED_BYTES:
-            raise CheckpointError(f"{self.name}: compressed entry {_printable(info.filename)} declares {info.file_size} bytes, over the {MAX_INFLATED_BYTES}-byte limit (a zip bomb?); torch.save writes entries uncompressed (re-save with torch.save)")
+            raise CheckpointError(
+                f"{self.name}: compressed entry {_printable(info.filename)} declares {info.file_size} bytes, "
+                f"over the {MAX_INFLATED_BYTES}-byte limit (a zip bomb?); torch.save writes entries "
+                "uncompressed (re-save with torch.save)"
+            )
         try:
             with zipfile.ZipFile(self.path) as z, z.open(info) as f:
                 data = f.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, struct.error, NotImplementedError, RuntimeError) as e:
-            raise CheckpointError(f"{self.name}: compressed entry {_printable(info.filename)} cannot be inflated ({_short(e)}); the file is corrupt") from None
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            ValueError,
+            EOFError,
+            zlib.error,
+            struct.error,
+            NotImplementedError,
+            RuntimeError,
+        ) as e:
+            raise CheckpointError(
+                f"{self.name}: compressed entry {_printable(info.filename)} cannot be inflated ({_short(e)}); "
+                "the file is corrupt"
+            ) from None
         if len(data) != info.file_size:
-            raise CheckpointError(f"{self.name}: compressed entry {_printable(info.filename)} inflates to {len(data)} bytes, not the declared {info.file_size}; the file is corrupt")
-        return data[start:start + count]
+            raise CheckpointError(
+                f"{self.name}: compressed entry {_printable(info.filename)} inflates to {len(data)} bytes, not "
+                f"the declared {info.file_size}; the file is corrupt"
+            )
+        return data[start : start + count]
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         """Absolute offset of a stored entry's bytes: after its local header, name and extra field."""
         head = self._pread(info.header_offset, 30, info.filename)
         signature, _, _, _, _, _, _, _, _, n_name, n_extra = struct.unpack("<4s5H3L2H", head)
         if signature != b"PK\x03\x04":
-            raise CheckpointError(f"{self.name}: entry {_printable(info.filename)} has no local header at offset {info.header_offset}; the file is truncated or corrupt")
+            raise CheckpointError(
+                f"{self.name}: entry {_printable(info.filename)} has no local header at offset "
+                f"{info.header_offset}; the file is truncated or corrupt"
+            )
         raw_name = self._pread(info.header_offset + 30, n_name, info.filename)
         if raw_name.decode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace") != info.orig_filename:
-            raise CheckpointError(f"{self.name}: entry {_printable(info.filename)} is named differently in its local header; the file is corrupt or was tampered with")
+            raise CheckpointError(
+                f"{self.name}: entry {_printable(info.filename)} is named differently in its local header; the "
+                "file is corrupt or was tampered with"
+            )
         start = info.header_offset + 30 + n_name + n_extra
         if start + info.file_size > self.size:
-            raise CheckpointError(f"{self.name}: entry {_printable(info.filename)} ends at byte {start + info.file_size}, past the end of the file ({self.size} bytes); the file is truncated")
+            raise CheckpointError(
+                f"{self.name}: entry {_printable(info.filename)} ends at byte {start + info.file_size}, past "
+                f"the end of the file ({self.size} bytes); the file is truncated"
+            )
         return start
 
     @contextmanager
@@ -377,7 +471,10 @@ class _Archive:
 
     def _pread(self, offset: int, count: int, what: str) -> bytearray:
         if not 0 <= offset <= self.size:
-            raise CheckpointError(f"{self.name}: {_printable(what)} lies at offset {offset}, outside the file ({self.size} bytes); the zip directory is corrupt")
+            raise CheckpointError(
+                f"{self.name}: {_printable(what)} lies at offset {offset}, outside the file ({self.size} "
+                "bytes); the zip directory is corrupt"
+            )
         buf = bytearray(count)
         view = memoryview(buf)
         got = 0
@@ -389,24 +486,38 @@ class _Archive:
                         break
                     got += n
         except OSError as e:
-            raise CheckpointError(f"{self.name}: cannot read {_printable(what)} ({e.strerror or e}); check the file") from None
+            raise CheckpointError(
+                f"{self.name}: cannot read {_printable(what)} ({e.strerror or e}); check the file"
+            ) from None
         if got != count:
-            raise CheckpointError(f"{self.name}: {_printable(what)} is cut short ({got} of {count} bytes); the file is truncated")
+            raise CheckpointError(
+                f"{self.name}: {_printable(what)} is cut short ({got} of {count} bytes); the file is truncated"
+            )
         return buf
 
 
 def _not_zip_message(name: str, head: bytes) -> str:
     if head.startswith(_LEGACY_MAGIC):
-        return (f"{name}: legacy (pre-zip) torch.save format, which qkweights does not read; re-save it with "
-                f"torch.save(torch.load(...), ..., _use_new_zipfile_serialization=True) or convert it to safetensors")
+        return (
+            f"{name}: legacy (pre-zip) torch.save format, which qkweights does not read; re-save it with "
+            f"torch.save(torch.load(...), ..., _use_new_zipfile_serialization=True) or convert it to safetensors"
+        )
     if head[:1] == b"\x80":
-        return f"{name}: a bare pickle, not a torch.save zip archive; qkweights reads only zip checkpoints (re-save with torch.save or convert to safetensors)"
-    return f"{name}: not a zip archive (no end-of-central-directory record); the file is truncated or not written by torch.save"
+        return (
+            f"{name}: a bare pickle, not a torch.save zip archive; qkweights reads only zip checkpoints (re-save with "
+            "torch.save or convert to safetensors)"
+        )
+    return (
+        f"{name}: not a zip archive (no end-of-central-directory record); the file is truncated or not written by "
+        "torch.save"
+    )
 
 
 def _torchscript_message(name: str) -> str:
-    return (f"{name}: a TorchScript archive (torch.jit.save), which qkweights does not read; save the weights with "
-            f"torch.save(model.state_dict(), ...) or convert them to safetensors")
+    return (
+        f"{name}: a TorchScript archive (torch.jit.save), which qkweights does not read; save the weights with "
+        f"torch.save(model.state_dict(), ...) or convert them to safetensors"
+    )
 
 
 def _printable(text: str, limit: int = 120) -> str:
@@ -433,7 +544,9 @@ def _rebuild_tensor(storage, offset, size, stride, dtype: str) -> LazyTensor:
     """Validate a view (elements) of ``storage`` and return it lazily."""
     if not isinstance(storage, LazyStorage):
         raise pickle.UnpicklingError(f"tensor storage is a {type(storage).__name__}, not a storage")
-    if not (type(offset) is int and 0 <= offset < 2**63 and _int64s(size) and _int64s(stride) and len(size) == len(stride)):
+    if not (
+        type(offset) is int and 0 <= offset < 2**63 and _int64s(size) and _int64s(stride) and len(size) == len(stride)
+    ):
         raise pickle.UnpicklingError("tensor offset/size/stride are not int64 values >= 0 of matching length")
     name = storage.archive.name
     itemsize = DTYPES[dtype].itemsize
@@ -441,13 +554,22 @@ def _rebuild_tensor(storage, offset, size, stride, dtype: str) -> LazyTensor:
     numel = prod(size)
     if numel == 0:
         if offset > elements or prod(n for n in size if n) * itemsize >= 2**62:
-            raise CheckpointError(f"{name}: empty tensor of shape {size} at offset {offset} of a {elements}-element storage; the file is corrupt")
+            raise CheckpointError(
+                f"{name}: empty tensor of shape {size} at offset {offset} of a {elements}-element storage; the "
+                "file is corrupt"
+            )
         return LazyTensor(storage, offset, size, stride, dtype)
     span = 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if offset + span > elements:
-        raise CheckpointError(f"{name}: tensor view (offset {offset}, shape {size}, stride {stride}) reaches element {offset + span - 1} of a {elements}-element storage; the file is corrupt")
+        raise CheckpointError(
+            f"{name}: tensor view (offset {offset}, shape {size}, stride {stride}) reaches element "
+            f"{offset + span - 1} of a {elements}-element storage; the file is corrupt"
+        )
     if numel > span and numel * itemsize > MAX_EXPANDED_BYTES:
-        raise CheckpointError(f"{name}: tensor of shape {size} with stride {stride} expands {span} stored elements to {numel}, over {MAX_EXPANDED_BYTES} bytes; the file is corrupt or hostile")
+        raise CheckpointError(
+            f"{name}: tensor of shape {size} with stride {stride} expands {span} stored elements to {numel}, "
+            f"over {MAX_EXPANDED_BYTES} bytes; the file is corrupt or hostile"
+        )
     return LazyTensor(storage, offset, size, stride, dtype)
 
 
@@ -464,7 +586,10 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtyp
         raise pickle.UnpicklingError("tensor dtype is not a torch dtype")
     if dtype.dtype is None:
         name = storage.archive.name if isinstance(storage, LazyStorage) else "checkpoint"
-        raise CheckpointError(f"{name}: holds a tensor of dtype {dtype.name}, which qkweights does not read ({', '.join(DTYPES)}); convert it with torch (tensor.float()) and re-save")
+        raise CheckpointError(
+            f"{name}: holds a tensor of dtype {dtype.name}, which qkweights does not read "
+            f"({', '.join(DTYPES)}); convert it with torch (tensor.float()) and re-save"
+        )
     return _rebuild_tensor(storage, offset, size, stride, dtype.dtype)
 
 
@@ -561,7 +686,10 @@ class _SafeUnpickler(pickle.Unpickler):
             if full not in self._record_types:
                 self._record_types[full] = type(name, (Record,), {"__slots__": (), "_qualname": full})
             return self._record_types[full]
-        raise CheckpointError(f"{self._archive.name}: refuses to load global {_printable(full)} (not a tensor or a known checkpoint container); qkweights never runs code from checkpoints")
+        raise CheckpointError(
+            f"{self._archive.name}: refuses to load global {_printable(full)} (not a tensor or a known "
+            "checkpoint container); qkweights never runs code from checkpoints"
+        )
 
     def persistent_load(self, pid):
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
@@ -569,14 +697,20 @@ class _SafeUnpickler(pickle.Unpickler):
         _, stype, key, _location, numel = pid
         if not (isinstance(stype, _Sentinel) and stype.name in _STORAGE_SENTINELS):
             what = stype.name if isinstance(stype, (_Safe, _Sentinel)) else f"a {type(stype).__name__}"
-            raise CheckpointError(f"{self._archive.name}: a storage's type slot holds {what}, not a torch storage class; the file is corrupt or hostile")
+            raise CheckpointError(
+                f"{self._archive.name}: a storage's type slot holds {what}, not a torch storage class; the "
+                "file is corrupt or hostile"
+            )
         if type(key) is not str or type(numel) is not int or not 0 <= numel < 2**63:
             raise pickle.UnpicklingError("storage key is not a string or its size not an int64 value >= 0")
         known = self._storages.get(key)
         if known is None:
             known = self._storages[key] = self._archive.storage(key, stype.dtype, numel)
         elif known.dtype != stype.dtype:
-            raise CheckpointError(f"{self._archive.name}: storage data/{_printable(key)} is declared as both {known.dtype} and {stype.dtype}; the file is corrupt")
+            raise CheckpointError(
+                f"{self._archive.name}: storage data/{_printable(key)} is declared as both {known.dtype} and "
+                f"{stype.dtype}; the file is corrupt"
+            )
         return known
 
 
@@ -586,17 +720,35 @@ _TUPLE_OPS = {"EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 _CALL_OPS = {"REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX", "INST", "OBJ", "BINPERSID"}  # may return an argument
 _KEY_OPS = {"SETITEM": 1, "SETITEMS": 1, "DICT": 0, "ADDITEMS": 1, "FROZENSET": 0}  # first key, step 2 for dicts
 _SAFE_PUSH_OPS = {
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE",
-    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "UNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "NONE",
+    "NEWTRUE",
+    "NEWFALSE",
+    "BININT",
+    "BININT1",
+    "BININT2",
 }
 _INT_OPS = {"INT", "LONG", "LONG1", "LONG4"}
 _PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 # opcode -> (pops down to a MARK?, items popped below the mark, items pushed), from pickletools' descriptions
 _SHAPES = {
-    op.name: (pickletools.markobject in op.stack_before,
-              op.stack_before.index(pickletools.markobject) if pickletools.markobject in op.stack_before else len(op.stack_before),
-              len(op.stack_after))
+    op.name: (
+        pickletools.markobject in op.stack_before,
+        op.stack_before.index(pickletools.markobject)
+        if pickletools.markobject in op.stack_before
+        else len(op.stack_before),
+        len(op.stack_after),
+    )
     for op in pickletools.opcodes
 }
 
@@ -652,7 +804,9 @@ def _scan_pickle(data: bytes) -> None:
             keys = popped[first::2] if name in ("SETITEM", "SETITEMS", "DICT") else popped[first:]
             unsafe_keys += sum(not safe for _, safe in keys)
             if unsafe_keys > MAX_UNSAFE_KEYS:
-                raise pickle.UnpicklingError(f"over {MAX_UNSAFE_KEYS} dictionary keys are not strings or small integers")
+                raise pickle.UnpicklingError(
+                    f"over {MAX_UNSAFE_KEYS} dictionary keys are not strings or small integers"
+                )
         if name == "DUP":
             stack.extend(popped * 2)
         elif name in _TUPLE_OPS:
@@ -675,9 +829,23 @@ def _load(path: Path, records: frozenset[str]) -> tuple[object, _Archive]:
             return _SafeUnpickler(io.BytesIO(data), archive, records).load(), archive
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError, EOFError,
-            RecursionError, OverflowError, UnicodeError, struct.error) as e:
-        raise CheckpointError(f"{archive.name}: data.pkl is not a valid checkpoint pickle ({type(e).__name__}: {_short(e)}); the file is corrupt or not written by torch.save") from None
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        EOFError,
+        RecursionError,
+        OverflowError,
+        UnicodeError,
+        struct.error,
+    ) as e:
+        raise CheckpointError(
+            f"{archive.name}: data.pkl is not a valid checkpoint pickle ({type(e).__name__}: {_short(e)}); the "
+            "file is corrupt or not written by torch.save"
+        ) from None
 
 
 def read_torch_checkpoint(path, *, records: frozenset[str] = RECORD_CLASSES) -> object:
@@ -707,7 +875,10 @@ def flatten_tensors(obj, source: str = "checkpoint") -> dict[str, LazyTensor]:
         prefix, node = todo.pop()
         if isinstance(node, LazyTensor):
             if prefix in out:
-                raise CheckpointError(f"{source}: tensor name {_printable(prefix)} occurs twice in the checkpoint (a key holds a dot); the file is ambiguous")
+                raise CheckpointError(
+                    f"{source}: tensor name {_printable(prefix)} occurs twice in the checkpoint (a key holds a "
+                    "dot); the file is ambiguous"
+                )
             out[prefix] = node
             continue
         if not isinstance(node, (dict, list, tuple)) or id(node) in seen:
@@ -724,7 +895,7 @@ def flatten_tensors(obj, source: str = "checkpoint") -> dict[str, LazyTensor]:
 def _strip_module(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
     """Drop a ``module.`` prefix shared by every name (DistributedDataParallel)."""
     if all(n.startswith("module.") for n in tensors):
-        return {n[len("module."):]: t for n, t in tensors.items()}
+        return {n[len("module.") :]: t for n, t in tensors.items()}
     return tensors
 
 
@@ -735,8 +906,13 @@ class TorchStore(Store):
     into a fresh array (BF16 -> float32).
     """
 
-    def __init__(self, tensors: dict[str, LazyTensor], files: tuple[Path, ...], metadata: dict | None = None,
-                 parts: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tensors: dict[str, LazyTensor],
+        files: tuple[Path, ...],
+        metadata: dict | None = None,
+        parts: tuple[str, ...] = (),
+    ):
         super().__init__(tensors, files, metadata)
         self._parts = list(parts)
 
@@ -752,8 +928,23 @@ class TorchStore(Store):
         if not tensors:
             raise CheckpointError(f"{path.name}: holds no tensors; the file is not a model checkpoint")
         # The networks of a training checkpoint: top-level keys holding a dict of tensors (a flat state dict has none).
-        parts = tuple(sorted(k for k, v in obj.items() if type(k) is str and isinstance(v, dict) and flatten_tensors(v, path.name))) if isinstance(obj, dict) else ()
-        store = cls(_strip_module(tensors), (path,), {"format": "pt", "byteorder": archive.byteorder, "version": archive.version}, parts)
+        parts = (
+            tuple(
+                sorted(
+                    k
+                    for k, v in obj.items()
+                    if type(k) is str and isinstance(v, dict) and flatten_tensors(v, path.name)
+                )
+            )
+            if isinstance(obj, dict)
+            else ()
+        )
+        store = cls(
+            _strip_module(tensors),
+            (path,),
+            {"format": "pt", "byteorder": archive.byteorder, "version": archive.version},
+            parts,
+        )
         return store.select(part) if part is not None else store
 
     def parts(self) -> list[str]:
@@ -763,7 +954,7 @@ class TorchStore(Store):
     def select(self, part: str) -> "TorchStore":
         """The tensors named ``part.…``, without that prefix (nor a ``module.`` below it)."""
         head = part + "."
-        tensors = {n[len(head):]: t for n, t in self._entries.items() if n.startswith(head)}
+        tensors = {n[len(head) :]: t for n, t in self._entries.items() if n.startswith(head)}
         if part not in self.parts() or not tensors:
             if not self.parts():
                 raise CheckpointError(f"{self.files[0].name}: is a flat state dict with no parts; drop part={part}")
@@ -774,5 +965,3 @@ class TorchStore(Store):
     def get(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new numpy array (BF16 -> float32)."""
         return self.info(name).numpy()
-
-

@@ -61,7 +61,10 @@ def _activation(ck: Checkpoint) -> str:
         return "swiglu"
     act = ck.dims.act
     if act not in ACTIVATION_NAMES:
-        raise SpecError(f"{ck.spec.name}: activation {act!r} is not supported by the forward pass (supported: {', '.join(ACTIVATION_NAMES)}); fix hidden_act in the config or [dims] act in {ck.spec.file}")
+        raise SpecError(
+            f"{ck.spec.name}: activation {act!r} is not supported by the forward pass (supported: "
+            f"{', '.join(ACTIVATION_NAMES)}); fix hidden_act in the config or [dims] act in {ck.spec.file}"
+        )
     return ACTIVATION_NAMES[act]
 
 
@@ -80,16 +83,27 @@ def relative_position_table(ck: Checkpoint, i: int, window: tuple[int, int]) -> 
     rows = (2 * wh - 1) * (2 * ww - 1) + 3
     tables = ck.relative_position_tables(i)
     if not tables:
-        raise CheckpointError(f"{ck.spec.name}: layer {i} has none of the relative position tables {', '.join(att.relative_position_bias)}; the checkpoint is incomplete or of another family (try family=NAME)")
+        raise CheckpointError(
+            f"{ck.spec.name}: layer {i} has none of the relative position tables "
+            f"{', '.join(att.relative_position_bias)}; the checkpoint is incomplete or of another family (try "
+            "family=NAME)"
+        )
     total = np.zeros((rows, heads), np.float64)
     for name, table in tables:
         if table.shape != (rows, heads):
-            raise CheckpointError(f"{ck.spec.name}: relative position table {name} (for a {wh}×{ww} patch grid) has shape {table.shape}, expected {(rows, heads)} from the config (hidden {ck.dims.hidden}); the config does not fit the tensors")
+            raise CheckpointError(
+                f"{ck.spec.name}: relative position table {name} (for a {wh}×{ww} patch grid) has shape "
+                f"{table.shape}, expected {(rows, heads)} from the config (hidden {ck.dims.hidden}); the "
+                "config does not fit the tensors"
+            )
         total += table
     expected = relative_position_index(window)
     for name, index in ck.relative_position_indices(i):
         if not np.array_equal(index, expected):
-            raise CheckpointError(f"{ck.spec.name}: {name} differs from BEiT's relative position index for a {wh}×{ww} patch grid; the checkpoint was built for another grid or indexes its table differently")
+            raise CheckpointError(
+                f"{ck.spec.name}: {name} differs from BEiT's relative position index for a {wh}×{ww} patch "
+                "grid; the checkpoint was built for another grid or indexes its table differently"
+            )
     return _f32(total)
 
 
@@ -108,8 +122,13 @@ def block_weights(ck: Checkpoint, i: int, window: tuple[int, int]) -> BlockWeigh
     w1, b1, w2, b2 = ck.mlp(i)  # (F, D) / SwiGLU (2F, D), (D, F)
     norm1, norm2 = _norm(ck, "norm1", i), _norm(ck, "norm2", i)
     if norm1 is None or norm2 is None:
-        names = ", ".join(ck.name(ref.weight.removesuffix(".weight"), i) for ref in (ck.spec.block.norm1, ck.spec.block.norm2))
-        raise CheckpointError(f"{ck.spec.name}: layer {i} lacks its norm1/norm2 LayerNorm ({names}); the checkpoint is incomplete or of another family")
+        names = ", ".join(
+            ck.name(ref.weight.removesuffix(".weight"), i) for ref in (ck.spec.block.norm1, ck.spec.block.norm2)
+        )
+        raise CheckpointError(
+            f"{ck.spec.name}: layer {i} lacks its norm1/norm2 LayerNorm ({names}); the checkpoint is "
+            "incomplete or of another family"
+        )
     return BlockWeights(
         norm1=norm1,
         qkv=_f32(wqkv.T),
@@ -137,7 +156,10 @@ def checkpoint_notes(ck: Checkpoint) -> list[str]:
     used, said = patch_size_used(ck), ck.dims.patch_size
     if used is not None and said is not None and used != said:
         where = ck.spec.config_file or "config"
-        return [f"{where} says patch_size {said}, but the patch embedding's kernel is {used}×{used}; the forward pass uses {used}"]
+        return [
+            f"{where} says patch_size {said}, but the patch embedding's kernel is {used}×{used}; the forward "
+            f"pass uses {used}"
+        ]
     return []
 
 
@@ -148,7 +170,10 @@ def _stored_grid(ck: Checkpoint, n: int) -> tuple[int, int]:
         return image[0] // p, image[1] // p
     side = math.isqrt(n)
     if side * side != n:
-        raise CheckpointError(f"{ck.spec.name}: the position table's {n} patch rows form no square grid and do not match the image size {image} / patch {p}; set image_size in the config")
+        raise CheckpointError(
+            f"{ck.spec.name}: the position table's {n} patch rows form no square grid and do not match the "
+            f"image size {image} / patch {p}; set image_size in the config"
+        )
     return side, side
 
 
@@ -189,7 +214,9 @@ def embedding_weights(ck: Checkpoint) -> EmbeddingWeights:
     position, covered = _f32(ck.position_embedding()), ()  # (rows, D)
     if position is not None:
         listed = tuple(t for t in emb.position_tokens if t == "patches" or t in special)
-        covered = _position_cover(ck, position.shape[0], sum(len(special[t]) for t in listed if t != "patches"), listed, p)
+        covered = _position_cover(
+            ck, position.shape[0], sum(len(special[t]) for t in listed if t != "patches"), listed, p
+        )
         grid = _stored_grid(ck, position.shape[0] - sum(len(special[t]) for t in covered if t != "patches"))
     else:
         image = ck.dims.image_size or (p, p)
@@ -213,7 +240,10 @@ def vit_weights(ck: Checkpoint) -> ViTWeights:
     dims = ck.dims
     emb = embedding_weights(ck)
     if ck.spec.attention.relative_position_bias and emb.tokens != ("cls", "patches"):
-        raise CheckpointError(f"{ck.spec.name}: a relative position bias needs the tokens [cls, patches] (its 3 extra entries are CLS biases), the checkpoint gives {list(emb.tokens)}")
+        raise CheckpointError(
+            f"{ck.spec.name}: a relative position bias needs the tokens [cls, patches] (its 3 extra entries "
+            f"are CLS biases), the checkpoint gives {list(emb.tokens)}"
+        )
     return ViTWeights(
         embeddings=emb,
         blocks=tuple(block_weights(ck, i, emb.grid) for i in range(dims.layers)),
@@ -228,8 +258,12 @@ def vit_weights(ck: Checkpoint) -> ViTWeights:
 
 # The defaults of each [preprocess] format without its config: what it calls them, and the config they stand for.
 _DEFAULT_PREPROCESS = {
-    "hf": ("ViT processor defaults", lambda image: Preprocess.from_hf(
-        {"image_processor_type": "ViTImageProcessor", "size": {"height": image[0], "width": image[1]}})),
+    "hf": (
+        "ViT processor defaults",
+        lambda image: Preprocess.from_hf(
+            {"image_processor_type": "ViTImageProcessor", "size": {"height": image[0], "width": image[1]}}
+        ),
+    ),
     "timm": ("timm defaults", lambda image: Preprocess.from_timm({"input_size": [3, *image]})),
     "open_clip": ("open_clip defaults", lambda image: Preprocess.from_open_clip({}, image)),
 }
@@ -280,8 +314,14 @@ class ModelRef:
         """The :class:`~qkweights.vision.VisionModel`, loaded once per process."""
         model = _MODELS.get(self)
         if model is None:
-            model = _MODELS[self] = load_model(self.model, revision=self.revision, family=self.family,
-                                               part=self.part, allow_pickle=self.allow_pickle, spec_dir=self.spec_dir)
+            model = _MODELS[self] = load_model(
+                self.model,
+                revision=self.revision,
+                family=self.family,
+                part=self.part,
+                allow_pickle=self.allow_pickle,
+                spec_dir=self.spec_dir,
+            )
         return model
 
 
@@ -322,8 +362,17 @@ class VisionModel:
             prep = prep.with_size(h, w)
         return prep(images)
 
-    def forward(self, pixel_values, *, attentions: bool = False, layers=None, truncate: bool = False, rows=None,
-                hidden: bool = True, inputs: bool = True) -> ForwardOutput:
+    def forward(
+        self,
+        pixel_values,
+        *,
+        attentions: bool = False,
+        layers=None,
+        truncate: bool = False,
+        rows=None,
+        hidden: bool = True,
+        inputs: bool = True,
+    ) -> ForwardOutput:
         """Run the model on preprocessed pixels (B, 3, H, W); see :func:`qkweights.forward.forward`.
 
         layers: 0-based block indices whose attention inputs, residual streams and (with
@@ -333,8 +382,16 @@ class VisionModel:
         deepest of ``layers``; keep only these query rows of the attentions; keep the residual
         streams, the attention inputs (see :func:`qkweights.forward.forward`).
         """
-        return forward(self.weights, pixel_values, attentions=attentions, layers=layers, truncate=truncate, rows=rows,
-                       hidden=hidden, inputs=inputs)
+        return forward(
+            self.weights,
+            pixel_values,
+            attentions=attentions,
+            layers=layers,
+            truncate=truncate,
+            rows=rows,
+            hidden=hidden,
+            inputs=inputs,
+        )
 
 
 def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
@@ -345,19 +402,24 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
     """
     if not ck.spec.is_vision:
         name = source.model_id if source is not None else ck.spec.name
-        raise InputError(f"{name} is a {ck.spec.modality} model: weights-only analysis (profile) is available, not the forward pass")
+        raise InputError(
+            f"{name} is a {ck.spec.modality} model: weights-only analysis (profile) is available, not the forward pass"
+        )
     prep, origin = preprocessing_for(ck)
     notes = checkpoint_notes(ck)
     if "defaults" in origin:
-        notes.append(f"no preprocessing config beside the weights: images are preprocessed with {origin}; "
-                     f"add the model's preprocessing config if it was trained otherwise")
+        notes.append(
+            f"no preprocessing config beside the weights: images are preprocessed with {origin}; "
+            f"add the model's preprocessing config if it was trained otherwise"
+        )
     return VisionModel(ck, source, vit_weights(ck), prep, origin, tuple(notes))
 
 
 def load_model(model: str, **options) -> VisionModel:
     """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see :func:`qkweights.load.open_model`).
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
+    :func:`qkweights.load.open_model`).
     """
     from qkweights.load import open_model
 

@@ -61,7 +61,6 @@ class Reporter:
         """``update(done, total=None)`` for the analyses' ``progress`` callbacks, reporting as ``task``."""
         return lambda done, total=None: self.progress(task, done, total, unit)
 
-
     def takes_notes(self) -> bool:
         """Whether :meth:`note` does anything (a subclass overrides it)."""
         return type(self).note is not Reporter.note
@@ -110,8 +109,16 @@ def load_model(model: str, *, reporter: Reporter | None = None, **options):
     return vm
 
 
-def profile_checkpoint(source: Source, ck: Checkpoint, *, save_vectors: bool = False, fold_ln: bool = False,
-                       reporter: Reporter | None = None, task: str = "profile", warm_figures: bool = False) -> Profile:
+def profile_checkpoint(
+    source: Source,
+    ck: Checkpoint,
+    *,
+    save_vectors: bool = False,
+    fold_ln: bool = False,
+    reporter: Reporter | None = None,
+    task: str = "profile",
+    warm_figures: bool = False,
+) -> Profile:
     """Profile every head of an opened checkpoint; ``progress(task, l, L, "layers")`` after each layer.
 
     The weight files are hashed (for the provenance record) while the math runs;
@@ -122,18 +129,23 @@ def profile_checkpoint(source: Source, ck: Checkpoint, *, save_vectors: bool = F
         record = background.submit(source_record, source, ck)
         if warm_figures:
             background.submit(importlib.import_module, "qkweights.figures")
-        prof = compute_profile(ck, {}, save_vectors=save_vectors, progress=reporter.counter(task, "layers"), fold_ln=fold_ln)
+        prof = compute_profile(
+            ck, {}, save_vectors=save_vectors, progress=reporter.counter(task, "layers"), fold_ln=fold_ln
+        )
         return dataclasses.replace(prof, source=record.result())
 
 
-def profile(model: str, *, save_vectors: bool = False, fold_ln: bool = False, reporter: Reporter | None = None,
-            **options) -> Profile:
+def profile(
+    model: str, *, save_vectors: bool = False, fold_ln: bool = False, reporter: Reporter | None = None, **options
+) -> Profile:
     """Open ``model`` and profile every head (:func:`profile_checkpoint`); ``options`` as :func:`open_model`."""
     source, ck = open_model(model, reporter=reporter, **options)
     return profile_checkpoint(source, ck, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter)
 
 
-def save_profile(prof: Profile, out: str | Path, *, plots: bool = True, checkpoint: Checkpoint | None = None) -> list[Path]:
+def save_profile(
+    prof: Profile, out: str | Path, *, plots: bool = True, checkpoint: Checkpoint | None = None
+) -> list[Path]:
     """Write ``prof`` (:meth:`Profile.save`) and, with ``plots``, its figures into ``out``; return the paths.
 
     ``checkpoint``: the one ``prof`` was computed from; with it, a LayerNorm-folded profile also
@@ -163,8 +175,9 @@ def saved_file(item: str | Path, names: tuple[str, ...] = (PROFILE_FILE,)) -> Pa
     return None
 
 
-def profile_or_saved(item: str | Path, *, reporter: Reporter | None = None, save_vectors: bool = False,
-                     fold_ln: bool = False, **options) -> Profile:
+def profile_or_saved(
+    item: str | Path, *, reporter: Reporter | None = None, save_vectors: bool = False, fold_ln: bool = False, **options
+) -> Profile:
     """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint, profiled now."""
     saved = saved_file(item)
     if saved is not None:
@@ -172,8 +185,14 @@ def profile_or_saved(item: str | Path, *, reporter: Reporter | None = None, save
     return profile(str(item), save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter, **options)
 
 
-def check(model: str, baseline: str | Path, *, reporter: Reporter | None = None, model_options: dict | None = None,
-          **tolerances):
+def check(
+    model: str,
+    baseline: str | Path,
+    *,
+    reporter: Reporter | None = None,
+    model_options: dict | None = None,
+    **tolerances,
+):
     """Profile ``model`` and check it against the saved ``baseline`` (:func:`qkweights.check.check_profile`).
 
     ``baseline``: a profile.json or the folder holding it, read first so a bad path, or a
@@ -188,11 +207,15 @@ def check(model: str, baseline: str | Path, *, reporter: Reporter | None = None,
     source, ck = open_model(model, reporter=reporter, **(model_options or {}))
     current = profile_checkpoint(source, ck, fold_ln=bool(base.model.folded), reporter=reporter, task="check")
     bad = set(current.nonfinite)
-    collapsed = [(int(l), int(h)) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad]
+    collapsed = [
+        (int(l), int(h)) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad
+    ]
     return check_profile(current, base, causes=collapse_causes(ck, collapsed), **tolerances)
 
 
-def diff_input(item: str | Path, *, k: int = 8, reporter: Reporter | None = None, fold_ln: bool = False, **options) -> Profile:
+def diff_input(
+    item: str | Path, *, k: int = 8, reporter: Reporter | None = None, fold_ln: bool = False, **options
+) -> Profile:
     """One side of a diff: a saved profile as it is, or a checkpoint profiled now with its top ``k`` singular vectors.
 
     For a checkpoint the vectors are kept for the top ``k`` modes only, (L, H, D, k) each; while
@@ -205,9 +228,18 @@ def diff_input(item: str | Path, *, k: int = 8, reporter: Reporter | None = None
     return dataclasses.replace(prof, U=prof.U[..., :k].copy(), V=prof.V[..., :k].copy())
 
 
-def diff(a: str | Path, b: str | Path, *, k: int = 8, fold_ln: bool = False, reporter: Reporter | None = None,
-         options_a: dict | None = None, options_b: dict | None = None):
-    """How each head changed from ``a`` to ``b`` (:class:`qkweights.diff.DiffResult`); each a checkpoint or a saved profile.
+def diff(
+    a: str | Path,
+    b: str | Path,
+    *,
+    k: int = 8,
+    fold_ln: bool = False,
+    reporter: Reporter | None = None,
+    options_a: dict | None = None,
+    options_b: dict | None = None,
+):
+    """How each head changed from ``a`` to ``b`` (:class:`qkweights.diff.DiffResult`); each a checkpoint or a saved
+    profile.
 
     ``options_a``/``options_b``: the options of :func:`open_model` for each side.
     """
@@ -218,8 +250,9 @@ def diff(a: str | Path, b: str | Path, *, k: int = 8, fold_ln: bool = False, rep
     return diff_profiles(pa, pb, k=k)
 
 
-def compare(items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None,
-            **options) -> list[Path]:
+def compare(
+    items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None, **options
+) -> list[Path]:
     """Overlay the layer curves of ``items`` (:func:`qkweights.compare.compare`): saved results are read,
     checkpoints profiled now with ``options`` (as :func:`open_model`)."""
     from qkweights.compare import INPUT_FILES
@@ -234,7 +267,14 @@ def o3(model, o3_dir, out, *, reporter: Reporter | None = None, **options):
     from qkweights.o3 import o3_allocation
 
     reporter = reporter or QUIET
-    return o3_allocation(model, o3_dir, out, progress=reporter.counter("o3", "images"), notes=reporter.note if reporter.takes_notes() else None, **options)
+    return o3_allocation(
+        model,
+        o3_dir,
+        out,
+        progress=reporter.counter("o3", "images"),
+        notes=reporter.note if reporter.takes_notes() else None,
+        **options,
+    )
 
 
 def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **options):
@@ -242,12 +282,27 @@ def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **opt
     from qkweights.top_images import top_images as _top_images
 
     reporter = reporter or QUIET
-    return _top_images(model, image_dir, out, progress=reporter.counter("top-images", "images"), notes=reporter.note if reporter.takes_notes() else None, **options)
+    return _top_images(
+        model,
+        image_dir,
+        out,
+        progress=reporter.counter("top-images", "images"),
+        notes=reporter.note if reporter.takes_notes() else None,
+        **options,
+    )
 
 
 def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.same_object.same_object`, reporting progress as "same-object" images and notes to ``reporter``."""
+    """:func:`qkweights.same_object.same_object`, reporting progress as "same-object" images and notes to
+    ``reporter``."""
     from qkweights.same_object import same_object as _same_object
 
     reporter = reporter or QUIET
-    return _same_object(model, data_dir, out, progress=reporter.counter("same-object", "images"), notes=reporter.note if reporter.takes_notes() else None, **options)
+    return _same_object(
+        model,
+        data_dir,
+        out,
+        progress=reporter.counter("same-object", "images"),
+        notes=reporter.note if reporter.takes_notes() else None,
+        **options,
+    )

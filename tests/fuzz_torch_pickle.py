@@ -1,7 +1,7 @@
 """Long mutational fuzz run of qkweights.torch_pickle (a script: pytest does not collect it).
 
 Run from the repository root:
-    python tests/fuzz_torch_pickle.py --inputs 200000 --seed 1          # about 3 minutes per 100k inputs on an idle core
+    python tests/fuzz_torch_pickle.py --inputs 200000 --seed 1          # 3 minutes per 100k inputs on an idle core
     python tests/fuzz_torch_pickle.py --seed 1 --start 4711 --inputs 1  # replay input 4711 of seed 1
 
 Input i of seed s comes from random.Random(f"{s}:{i}") and is one of:
@@ -51,23 +51,98 @@ from qkweights.torch_pickle import LazyTensor, flatten_tensors, read_torch_check
 FIX = Path(__file__).resolve().parent / "pickle_fixtures"
 MARKERS = Path("/tmp/qkweights-pwned")
 FRAGMENTS = [
-    b"(", b")", b"t", b"R", b"b", b"s", b"u", b"e", b"a", b"l", b"d", b"0", b"1", b"2", b"\x85", b"\x86", b"\x87",
-    b"}", b"]", b"N", b"\x88", b"\x89", b"\x81", b"\x92", b"Q", b"P0\n", b"h\x00", b"h\x05", b"j\xff\xff\xff\x7f",
-    b"q\x07", b"r\xff\xff\xff\x7f", b"\x94", b"\x8f", b"\x90", b"\x91", b"\x95\x00\x00\x00\x00\x00\x00\x00\x00",
-    b"J\xff\xff\xff\x7f", b"J\xff\xff\xff\xff", b"K\x00", b"M\xff\xff", b"\x8a\x09" + b"\xff" * 9, b"\x8a\x08" + b"\x7f" * 8,
-    b"\x8b\xff\xff\x00\x00" + b"\x01" * 10, b"X\x01\x00\x00\x000", b"X\xff\xff\xff\x7f", b"B\x04\x00\x00\x00abcd",
-    b"G\x7f\xf0\x00\x00\x00\x00\x00\x00", b"ctorch\nFloatStorage\n", b"ctorch\nBFloat16Storage\n",
-    b"ctorch\nBoolStorage\n", b"ctorch.storage\nUntypedStorage\n", b"ctorch\nfloat16\n",
-    b"ctorch._utils\n_rebuild_tensor_v2\n", b"ctorch._utils\n_rebuild_tensor_v3\n", b"ctorch._utils\n_rebuild_parameter\n",
-    b"ccollections\nOrderedDict\n", b"c__builtin__\nset\n", b"c_codecs\nencode\n", b"cargparse\nNamespace\n",
-    b"cyacs.config\nCfgNode\n", b"cnumpy\ndtype\n", b"cnumpy._core.multiarray\nscalar\n", b"\x8c\x05torch\x8c\x05Size\x93",
+    b"(",
+    b")",
+    b"t",
+    b"R",
+    b"b",
+    b"s",
+    b"u",
+    b"e",
+    b"a",
+    b"l",
+    b"d",
+    b"0",
+    b"1",
+    b"2",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"}",
+    b"]",
+    b"N",
+    b"\x88",
+    b"\x89",
+    b"\x81",
+    b"\x92",
+    b"Q",
+    b"P0\n",
+    b"h\x00",
+    b"h\x05",
+    b"j\xff\xff\xff\x7f",
+    b"q\x07",
+    b"r\xff\xff\xff\x7f",
+    b"\x94",
+    b"\x8f",
+    b"\x90",
+    b"\x91",
+    b"\x95\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"J\xff\xff\xff\x7f",
+    b"J\xff\xff\xff\xff",
+    b"K\x00",
+    b"M\xff\xff",
+    b"\x8a\x09" + b"\xff" * 9,
+    b"\x8a\x08" + b"\x7f" * 8,
+    b"\x8b\xff\xff\x00\x00" + b"\x01" * 10,
+    b"X\x01\x00\x00\x000",
+    b"X\xff\xff\xff\x7f",
+    b"B\x04\x00\x00\x00abcd",
+    b"G\x7f\xf0\x00\x00\x00\x00\x00\x00",
+    b"ctorch\nFloatStorage\n",
+    b"ctorch\nBFloat16Storage\n",
+    b"ctorch\nBoolStorage\n",
+    b"ctorch.storage\nUntypedStorage\n",
+    b"ctorch\nfloat16\n",
+    b"ctorch._utils\n_rebuild_tensor_v2\n",
+    b"ctorch._utils\n_rebuild_tensor_v3\n",
+    b"ctorch._utils\n_rebuild_parameter\n",
+    b"ccollections\nOrderedDict\n",
+    b"c__builtin__\nset\n",
+    b"c_codecs\nencode\n",
+    b"cargparse\nNamespace\n",
+    b"cyacs.config\nCfgNode\n",
+    b"cnumpy\ndtype\n",
+    b"cnumpy._core.multiarray\nscalar\n",
+    b"\x8c\x05torch\x8c\x05Size\x93",
     b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQ",
 ]
-INTS = [0, 1, 2, 3, 6, 7, -1, 2**31 - 1, -2**31, 2**30, 255, 65535]
+INTS = [0, 1, 2, 3, 6, 7, -1, 2**31 - 1, -(2**31), 2**30, 255, 65535]
 INT_OPERANDS = {"BININT1": 1, "BININT2": 2, "BININT": 4}
-STORAGES = [b"FloatStorage", b"HalfStorage", b"BFloat16Storage", b"DoubleStorage", b"LongStorage", b"IntStorage",
-            b"ShortStorage", b"CharStorage", b"ByteStorage", b"BoolStorage", b"ComplexFloatStorage"]
-TORCH_DTYPE_NAMES = [b"uint16", b"float32", b"float16", b"bfloat16", b"float64", b"int64", b"int8", b"uint8", b"bool", b"complex64"]
+STORAGES = [
+    b"FloatStorage",
+    b"HalfStorage",
+    b"BFloat16Storage",
+    b"DoubleStorage",
+    b"LongStorage",
+    b"IntStorage",
+    b"ShortStorage",
+    b"CharStorage",
+    b"ByteStorage",
+    b"BoolStorage",
+    b"ComplexFloatStorage",
+]
+TORCH_DTYPE_NAMES = [
+    b"uint16",
+    b"float32",
+    b"float16",
+    b"bfloat16",
+    b"float64",
+    b"int64",
+    b"int8",
+    b"uint8",
+    b"bool",
+    b"complex64",
+]
 
 
 def mutate_bytes(rng: random.Random, data: bytes, donors: list[bytes], rounds: int) -> bytes:
@@ -80,20 +155,20 @@ def mutate_bytes(rng: random.Random, data: bytes, donors: list[bytes], rounds: i
         elif kind == 1 and out:
             out[min(pos, len(out) - 1)] ^= 1 << rng.randrange(8)
         elif kind == 2:
-            del out[pos:pos + rng.randint(1, 64)]
+            del out[pos : pos + rng.randint(1, 64)]
         elif kind == 3:
             out[pos:pos] = rng.choice(FRAGMENTS)
         elif kind == 4:
-            out[pos:pos] = out[pos:pos + rng.randint(1, 256)]
+            out[pos:pos] = out[pos : pos + rng.randint(1, 256)]
         elif kind == 5:
             donor = rng.choice(donors)
             start = rng.randrange(len(donor))
-            out[pos:pos] = donor[start:start + rng.randint(1, 128)]
+            out[pos:pos] = donor[start : start + rng.randint(1, 128)]
         elif kind == 6:
             hits = [j for j in range(len(out)) if out[j] == ord("J")]
             if hits:
                 j = rng.choice(hits)
-                out[j + 1:j + 5] = rng.choice(INTS).to_bytes(4, "little", signed=True)
+                out[j + 1 : j + 5] = rng.choice(INTS).to_bytes(4, "little", signed=True)
         elif kind == 7:
             del out[pos:]
         else:
@@ -102,7 +177,8 @@ def mutate_bytes(rng: random.Random, data: bytes, donors: list[bytes], rounds: i
 
 
 def mutate_operands(rng: random.Random, pkl: bytes, rounds: int) -> bytes:
-    """Keep the pickle well-formed: change integer operands (shapes, strides, offsets, numels), storage types and dtypes."""
+    """Keep the pickle well-formed: change integer operands (shapes, strides, offsets, numels), storage types and
+    dtypes."""
     out = bytearray(pkl)
     try:
         ints = [(pos, INT_OPERANDS[op.name]) for op, _, pos in pickletools.genops(pkl) if op.name in INT_OPERANDS]
@@ -111,8 +187,8 @@ def mutate_operands(rng: random.Random, pkl: bytes, rounds: int) -> bytes:
     for _ in range(rounds):
         if ints and rng.random() < 0.8:
             pos, size = rng.choice(ints)
-            value = rng.choice(INTS + [rng.randrange(256 ** size)]) % 256 ** size
-            out[pos + 1:pos + 1 + size] = value.to_bytes(size, "little")
+            value = rng.choice(INTS + [rng.randrange(256**size)]) % 256**size
+            out[pos + 1 : pos + 1 + size] = value.to_bytes(size, "little")
         else:
             old, new = rng.sample(rng.choice([STORAGES, TORCH_DTYPE_NAMES]), 2)
             out = bytearray(bytes(out).replace(b"ctorch\n" + old + b"\n", b"ctorch\n" + new + b"\n", 1))
@@ -120,7 +196,8 @@ def mutate_operands(rng: random.Random, pkl: bytes, rounds: int) -> bytes:
 
 
 def rezip(rng: random.Random, archive: bytes, pkl: bytes, edit_entries: bool) -> bytes:
-    """The archive with ``pkl`` as data.pkl and valid CRCs; optionally storages cut, grown or dropped, byteorder changed."""
+    """The archive with ``pkl`` as data.pkl and valid CRCs; optionally storages cut, grown or dropped, byteorder
+    changed."""
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(archive)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
@@ -129,7 +206,11 @@ def rezip(rng: random.Random, archive: bytes, pkl: bytes, edit_entries: bool) ->
                 choice = rng.randrange(4)
                 if choice == 0:
                     continue
-                raw = (raw[:rng.randrange(len(raw) + 1)], raw + rng.randbytes(rng.randint(1, 8)), rng.choice([b"big", b"little", b"middle"]))[choice - 1]
+                raw = (
+                    raw[: rng.randrange(len(raw) + 1)],
+                    raw + rng.randbytes(rng.randint(1, 8)),
+                    rng.choice([b"big", b"little", b"middle"]),
+                )[choice - 1]
             zout.writestr(info.filename, raw)
     return out.getvalue()
 
@@ -222,8 +303,12 @@ def main() -> None:
     signal.signal(signal.SIGALRM, on_alarm)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = [p.read_bytes() for p in sorted(FIX.glob("*.pt")) if zipfile.is_zipfile(p)]
-    corpus = [c for c in corpus if any(n.endswith("/data.pkl") for n in zipfile.ZipFile(io.BytesIO(c)).namelist())
-              and not any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(io.BytesIO(c)).namelist())]
+    corpus = [
+        c
+        for c in corpus
+        if any(n.endswith("/data.pkl") for n in zipfile.ZipFile(io.BytesIO(c)).namelist())
+        and not any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(io.BytesIO(c)).namelist())
+    ]
     pickles = [data_pkl(c) for c in corpus]
     findings: dict[str, list[int]] = {}
     slowest = (0.0, -1)
@@ -231,7 +316,10 @@ def main() -> None:
     began = time.monotonic()
     for index in range(args.start, args.start + args.inputs):
         if index % 5000 == 0:
-            print(f"input {index} ({time.monotonic() - began:.0f} s, {sum(map(len, findings.values()))} findings)", flush=True)
+            print(
+                f"input {index} ({time.monotonic() - began:.0f} s, {sum(map(len, findings.values()))} findings)",
+                flush=True,
+            )
         data = make_input(random.Random(f"{args.seed}:{index}"), corpus, pickles)
         work.write_bytes(data)
         t0 = time.monotonic()
@@ -243,8 +331,10 @@ def main() -> None:
         if finding:
             findings.setdefault(finding, []).append(index)
             (args.out / f"{args.seed}-{index}.pt").write_bytes(data)
-    print(f"{args.inputs} inputs (seed {args.seed}, from {args.start}) in {time.monotonic() - began:.0f} s; "
-          f"slowest input {slowest[1]} took {slowest[0]:.2f} s")
+    print(
+        f"{args.inputs} inputs (seed {args.seed}, from {args.start}) in {time.monotonic() - began:.0f} s; "
+        f"slowest input {slowest[1]} took {slowest[0]:.2f} s"
+    )
     for finding, indices in sorted(findings.items(), key=lambda kv: -len(kv[1])):
         print(f"{len(indices):6d} x {finding}   e.g. --start {indices[0]}")
     if not findings:

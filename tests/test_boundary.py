@@ -21,11 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "qkweights"
 CLI = ROOT / "cli"
-LIBRARY = sorted(p for p in ROOT.rglob("*.py") if CLI not in p.parents and p.name != "__main__.py")  # __main__: the CLI entry
+LIBRARY = sorted(
+    p for p in ROOT.rglob("*.py") if CLI not in p.parents and p.name != "__main__.py"
+)  # __main__: the CLI entry
 
 # Cycles allowed for now (each a cycle's modules, sorted): none.
 KNOWN_CYCLES = []
-
 
 
 def _module(path: Path) -> str:
@@ -41,8 +42,12 @@ def _tree(path: Path) -> ast.Module:
 
 
 def _is_std_stream(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr")
-            and isinstance(node.value, ast.Name) and node.value.id == "sys")
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr in ("stdout", "stderr")
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+    )
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
@@ -53,7 +58,9 @@ def test_library_module_never_prints(path):
             found.append(f"line {node.lineno}: {node.func.id}(")
         if _is_std_stream(node):
             found.append(f"line {node.lineno}: sys.{node.attr}")
-    assert not found, f"{path.name} writes to the terminal ({'; '.join(found)}); report through a Reporter or a QkWarning"
+    assert not found, (
+        f"{path.name} writes to the terminal ({'; '.join(found)}); report through a Reporter or a QkWarning"
+    )
 
 
 def test_progress_bars_and_exit_codes_live_in_the_cli():
@@ -96,7 +103,8 @@ def _imports(path: Path) -> set[str]:
         def visit_If(self, node):
             test = node.test
             if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-                    isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            ):
                 for child in node.orelse:
                     self.visit(child)
                 return

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import edited_fixture, vit_qk_name
 from safetensors.numpy import load_file
 
 import qkweights
-from conftest import edited_fixture, vit_qk_name
 from qkweights.check import CheckReport, check_profile
 from qkweights.cli import main
 from qkweights.errors import InputError
@@ -64,10 +64,14 @@ def run(capsys, *argv):
 
 
 def test_unchanged_model_passes_and_writes_reports(tmp_path, baseline, capsys):
-    code, lines, _ = run(capsys, VIT, "--baseline", baseline, "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml")
+    code, lines, _ = run(
+        capsys, VIT, "--baseline", baseline, "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml"
+    )
     assert code == 0
-    assert lines == [f"check passed: {N_CHECKS} checks, {model_id(VIT)} against baseline {model_id(VIT)} "
-                     "(tolerances: layer 0.02, head 0.05, σ 0.01 over the top 5 modes)"]
+    assert lines == [
+        f"check passed: {N_CHECKS} checks, {model_id(VIT)} against baseline {model_id(VIT)} "
+        "(tolerances: layer 0.02, head 0.05, σ 0.01 over the top 5 modes)"
+    ]
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["schema"] == "qkweights.check/1" and doc["passed"] is True
     assert doc["counts"] == {"checks": N_CHECKS, "failed": 0}
@@ -95,7 +99,13 @@ def test_scaled_key_fails_sigma_check_only(tmp_path, baseline, capsys):
     ]
     doc = json.loads((tmp_path / "r.json").read_text())
     [fail] = [c for c in doc["checks"] if not c["passed"]]
-    assert (fail["name"], fail["where"], fail["layer"], fail["head"], fail["allowed"]) == ("head top singular values", "L1 H2", 1, 2, 0.01)
+    assert (fail["name"], fail["where"], fail["layer"], fail["head"], fail["allowed"]) == (
+        "head top singular values",
+        "L1 H2",
+        1,
+        2,
+        0.01,
+    )
     assert fail["measured"] == pytest.approx(rel.max(), abs=1e-9) and fail["measured"] == pytest.approx(0.5, abs=1e-6)
     # The weighted cosine is scale-invariant (it is ⟨W_q, W_k⟩_F / ‖W_qᵀW_k‖_*): that head check passes, measured ≈ 0.
     [head] = [c for c in doc["checks"] if c["name"] == "head weighted cosine" and c["where"] == "L1 H2"]
@@ -111,11 +121,14 @@ def test_negated_key_flips_the_weighted_cosine(tmp_path, baseline, capsys):
     code, lines, _ = run(capsys, model, "--baseline", baseline, "--report", tmp_path / "r.json")
     assert code == 1
     assert lines[1:] == [
-        f"L0     layer weighted cosine: {2 * abs(w) / 4:.4g} > allowed 0.02 — current {np.mean(load_profile(baseline).weighted[0]) - 2 * w / 4:.4g}, "
+        f"L0     layer weighted cosine: {2 * abs(w) / 4:.4g} > allowed 0.02 — current "
+        f"{np.mean(load_profile(baseline).weighted[0]) - 2 * w / 4:.4g}, "
         f"baseline {np.mean(load_profile(baseline).weighted[0]):.4g}",
         f"L0 H3  head weighted cosine: {2 * abs(w):.4g} > allowed 0.05 — current {-w:.4g}, baseline {w:.4g}",
     ]
-    failed = {c["where"]: c["measured"] for c in json.loads((tmp_path / "r.json").read_text())["checks"] if not c["passed"]}
+    failed = {
+        c["where"]: c["measured"] for c in json.loads((tmp_path / "r.json").read_text())["checks"] if not c["passed"]
+    }
     assert failed == pytest.approx({"L0": 2 * abs(w) / 4, "L0 H3": 2 * abs(w)}, abs=1e-9)
     # A looser layer tolerance passes the layer; the head still fails.
     code, lines, _ = run(capsys, model, "--baseline", baseline, "--tol-layer", 0.1)
@@ -161,18 +174,24 @@ def test_architecture_mismatch_skips_numeric_checks(tmp_path, capsys):
     code, lines, _ = run(capsys, VIT, "--baseline", other, "--report", tmp_path / "r.json")
     assert code == 1
     # Shapes from the fixtures' config.json files: vit 32 wide with 4 heads, vit-h3 48 wide with 3 heads of 16.
-    assert lines[1:] == ["model  architecture: hf-vit, 2 layers × 4 heads, D = 32, K = 8 (allowed: hf-vit, 2 layers × 3 heads, D = 48, K = 16)"]
+    assert lines[1:] == [
+        "model  architecture: hf-vit, 2 layers × 4 heads, D = 32, K = 8 (allowed: hf-vit, 2 layers × 3 heads, "
+        "D = 48, K = 16)"
+    ]
     doc = json.loads((tmp_path / "r.json").read_text())
     assert {c["name"] for c in doc["checks"]} == {"architecture", "finite weights", "not collapsed"}
     assert len(doc["checks"]) == 1 + 2 * 4 * 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--baseline", "{tmp}/missing.json"], "missing.json: no such profile"),
-    (["--baseline", "{tmp}/bad.json"], "not a qkweights profile"),
-    (["--baseline", "{base}", "--tol-head", "-1"], "--tol-head -1.0: a tolerance must be a number ≥ 0"),
-    (["--baseline", "{base}", "--top-sigma", "0"], "--top-sigma 0: compare at least the top 1 singular value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--baseline", "{tmp}/missing.json"], "missing.json: no such profile"),
+        (["--baseline", "{tmp}/bad.json"], "not a qkweights profile"),
+        (["--baseline", "{base}", "--tol-head", "-1"], "--tol-head -1.0: a tolerance must be a number ≥ 0"),
+        (["--baseline", "{base}", "--top-sigma", "0"], "--top-sigma 0: compare at least the top 1 singular value"),
+    ],
+)
 def test_input_errors_exit_2(tmp_path, baseline, capsys, argv, message):
     (tmp_path / "bad.json").write_text('{"schema": "something/1"}')
     argv = [a.format(tmp=tmp_path, base=baseline) for a in argv]
@@ -199,8 +218,17 @@ def test_junit_groups_heads_per_layer(tmp_path, baseline, capsys):
     root = ET.parse(tmp_path / "j.xml").getroot()
     suite = root.find("testsuite")
     cases = {c.get("name"): c for c in suite.iter("testcase")}
-    assert list(cases) == ["architecture"] + [f"layer {l} {what}" for l in (0, 1) for what in (
-        "weighted cosine", "heads finite weights", "heads not collapsed", "heads weighted cosine", "heads top singular values")]
+    assert list(cases) == ["architecture"] + [
+        f"layer {l} {what}"
+        for l in (0, 1)
+        for what in (
+            "weighted cosine",
+            "heads finite weights",
+            "heads not collapsed",
+            "heads weighted cosine",
+            "heads top singular values",
+        )
+    ]
     failed = [n for n, c in cases.items() if c.find("failure") is not None]
     assert failed == ["layer 0 weighted cosine", "layer 0 heads weighted cosine", "layer 1 heads top singular values"]
     assert suite.get("tests") == "11" and suite.get("failures") == "3"
@@ -246,7 +274,9 @@ def test_summary_is_capped(baseline):
 
 def test_top_sigma_beyond_the_head_dim_is_not_echoed(baseline, capsys):
     code, lines, _ = run(capsys, VIT, "--baseline", baseline, "--top-sigma", 100)
-    assert code == 0 and lines[0].endswith("(tolerances: layer 0.02, head 0.05, σ 0.01 over all 8 modes (a head has 8))")
+    assert code == 0 and lines[0].endswith(
+        "(tolerances: layer 0.02, head 0.05, σ 0.01 over all 8 modes (a head has 8))"
+    )
 
 
 def test_baseline_with_collapsed_heads_is_rejected_like_nonfinite(tmp_path, baseline, capsys):
@@ -258,8 +288,11 @@ def test_baseline_with_collapsed_heads_is_rejected_like_nonfinite(tmp_path, base
     bad_dir = tmp_path / "bad"
     qkweights.profile(str(edited(tmp_path, "spoilt", spoil))).save(bad_dir)
     bad = load_profile(bad_dir)
-    message = (f"baseline {model_id(tmp_path / 'spoilt')}: non-finite weights in L0 H0; collapsed heads (σ_0 = 0) in L1 H2, "
-               f"which check fails in any model; write the baseline from a healthy checkpoint with `python -m qkweights profile`")
+    message = (
+        f"baseline {model_id(tmp_path / 'spoilt')}: non-finite weights in L0 H0; collapsed heads (σ_0 = 0) in L1 H2, "
+        "which check fails in any model; write the baseline from a healthy checkpoint with `python -m "
+        "qkweights profile`"
+    )
     with pytest.raises(InputError) as e:
         check_profile(load_profile(baseline), bad)
     assert str(e.value) == message
@@ -274,8 +307,11 @@ def test_baseline_with_collapsed_heads_is_rejected_like_nonfinite(tmp_path, base
 
 
 def _with(prof, weighted=None, sigma=None):
-    return dataclasses.replace(prof, weighted=prof.weighted if weighted is None else weighted,
-                               singular_values=prof.singular_values if sigma is None else sigma)
+    return dataclasses.replace(
+        prof,
+        weighted=prof.weighted if weighted is None else weighted,
+        singular_values=prof.singular_values if sigma is None else sigma,
+    )
 
 
 def test_profile_against_itself_passes_at_zero_tolerances(baseline):
@@ -288,28 +324,28 @@ def test_profile_against_itself_passes_at_zero_tolerances(baseline):
 @pytest.mark.parametrize("step, passed", [(0, True), (1, False)])
 def test_head_and_layer_cosine_exactly_at_the_tolerance(baseline, step, passed):
     base = load_profile(baseline)
-    tol = 2.0 ** -6
+    tol = 2.0**-6
     w0 = np.full_like(base.weighted, 0.25)
     w1 = w0.copy()
-    w1[1, 2] += tol + step * 2.0 ** -40  # one head: Δ = tol, or just above
+    w1[1, 2] += tol + step * 2.0**-40  # one head: Δ = tol, or just above
     report = check_profile(_with(base, w1), _with(base, w0), tol_head=tol, tol_layer=1, tol_sigma=0)
     [head] = [c for c in report.checks if c.name == "head weighted cosine" and c.where == "L1 H2"]
-    assert (head.measured, head.passed, report.passed) == (tol + step * 2.0 ** -40, passed, passed)
-    w1 = w0 + tol + step * 2.0 ** -40  # every head: each layer's mean moves by exactly the same Δ
+    assert (head.measured, head.passed, report.passed) == (tol + step * 2.0**-40, passed, passed)
+    w1 = w0 + tol + step * 2.0**-40  # every head: each layer's mean moves by exactly the same Δ
     report = check_profile(_with(base, w1), _with(base, w0), tol_layer=tol, tol_head=1, tol_sigma=0)
     layers = [c for c in report.checks if c.name == "layer weighted cosine"]
-    assert [(c.measured, c.passed) for c in layers] == [(tol + step * 2.0 ** -40, passed)] * 2
+    assert [(c.measured, c.passed) for c in layers] == [(tol + step * 2.0**-40, passed)] * 2
     assert report.passed == passed
 
 
-@pytest.mark.parametrize("grow, passed", [(2.0 ** -7, True), (2.0 ** -7 - 2.0 ** -30, True), (2.0 ** -7 + 2.0 ** -30, False)])
+@pytest.mark.parametrize("grow, passed", [(2.0**-7, True), (2.0**-7 - 2.0**-30, True), (2.0**-7 + 2.0**-30, False)])
 def test_sigma_drift_at_just_below_and_just_above_tol_sigma(baseline, grow, passed):
     base = load_profile(baseline)
     S0 = base.singular_values.copy()
     S0[0, 1, :] = [4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
     S1 = S0.copy()
     S1[0, 1, 2] *= 1 + grow  # mode 2: σ 1 → 1 + grow (relative change = grow exactly)
-    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=2.0 ** -7, top_sigma=5)
+    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=2.0**-7, top_sigma=5)
     [c] = [c for c in report.checks if c.name == "head top singular values" and c.where == "L0 H1"]
     assert (c.measured, c.passed, report.passed) == (grow, passed, passed)
     assert c.detail == f"mode 2: σ 1 → {1 + grow:.4g}"

@@ -10,11 +10,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import MODELS, VISION_FIXTURES, edited_fixture
 from safetensors.numpy import load_file
 
 import qkweights
 import qkweights.errors
-from conftest import MODELS, VISION_FIXTURES, edited_fixture
 from qkweights.fold import folded_modes, normalised_tokens
 from qkweights.forward import relative_position_bias
 from qkweights.load import open_model
@@ -26,37 +26,92 @@ PICKLES = MODELS.parent / "pickles"
 
 def _hf(prefix="", norm="layernorm_before"):
     a = prefix + "encoder.layer.{i}.attention."
-    return {"q": a + "attention.query", "k": a + "attention.key", "v": a + "attention.value", "out": a + "output.dense",
-            "norm": prefix + "encoder.layer.{i}." + norm}
+    return {
+        "q": a + "attention.query",
+        "k": a + "attention.key",
+        "v": a + "attention.value",
+        "out": a + "output.dense",
+        "norm": prefix + "encoder.layer.{i}." + norm,
+    }
 
 
-_CLIP = {"q": "vision_model.encoder.layers.{i}.self_attn.q_proj", "k": "vision_model.encoder.layers.{i}.self_attn.k_proj",
-         "v": "vision_model.encoder.layers.{i}.self_attn.v_proj", "out": "vision_model.encoder.layers.{i}.self_attn.out_proj",
-         "norm": "vision_model.encoder.layers.{i}.layer_norm1"}
-_BERT = {"q": "encoder.layer.{i}.attention.self.query", "k": "encoder.layer.{i}.attention.self.key",
-         "v": "encoder.layer.{i}.attention.self.value", "out": "encoder.layer.{i}.attention.output.dense", "norm": None}
+_CLIP = {
+    "q": "vision_model.encoder.layers.{i}.self_attn.q_proj",
+    "k": "vision_model.encoder.layers.{i}.self_attn.k_proj",
+    "v": "vision_model.encoder.layers.{i}.self_attn.v_proj",
+    "out": "vision_model.encoder.layers.{i}.self_attn.out_proj",
+    "norm": "vision_model.encoder.layers.{i}.layer_norm1",
+}
+_BERT = {
+    "q": "encoder.layer.{i}.attention.self.query",
+    "k": "encoder.layer.{i}.attention.self.key",
+    "v": "encoder.layer.{i}.attention.self.value",
+    "out": "encoder.layer.{i}.attention.output.dense",
+    "norm": None,
+}
 _TIMM = {"qkv": "blocks.{i}.attn.qkv", "out": "blocks.{i}.attn.proj", "norm": "blocks.{i}.norm1"}
 # Independent of model_specs/: tensor names per fixture (tests/fixtures/make_fixtures.py, make_pickle_models.py,
 # make_simmim_fixtures.py); "norm": the LayerNorm feeding the attention (None: post-norm BERT), "heads".
 REFERENCE = {
-    "vit": _hf(), "vit-bf16": _hf(), "vit-f16": _hf(), "vit-h3": {**_hf(), "heads": 3}, "vit-cls": _hf("vit."),
-    "deit": _hf("deit."), "ijepa": _hf(), "dinov2": _hf(norm="norm1"), "dinov2-reg": _hf(norm="norm1"),
-    "dinov2-swiglu": _hf(norm="norm1"), "clip": _CLIP, "clip-vision": _CLIP, "bert": _BERT,
+    "vit": _hf(),
+    "vit-bf16": _hf(),
+    "vit-f16": _hf(),
+    "vit-h3": {**_hf(), "heads": 3},
+    "vit-cls": _hf("vit."),
+    "deit": _hf("deit."),
+    "ijepa": _hf(),
+    "dinov2": _hf(norm="norm1"),
+    "dinov2-reg": _hf(norm="norm1"),
+    "dinov2-swiglu": _hf(norm="norm1"),
+    "clip": _CLIP,
+    "clip-vision": _CLIP,
+    "bert": _BERT,
     "roberta-mlm": {k: v and "roberta." + v for k, v in _BERT.items()},
-    "timm-vit": {**_TIMM, "heads": 3}, "timm-vit-reg": _TIMM, "deit-h3": {**_hf("deit."), "heads": 3},
+    "timm-vit": {**_TIMM, "heads": 3},
+    "timm-vit-reg": _TIMM,
+    "deit-h3": {**_hf("deit."), "heads": 3},
     "timm-deit": {**_TIMM, "heads": 3},
-    "timm-beit": {"qkv": {"weight": "blocks.{i}.attn.qkv.weight", "bias": "(none)"}, "q_bias": "blocks.{i}.attn.q_bias",
-                  "out": "blocks.{i}.attn.proj", "norm": "blocks.{i}.norm1"},
-    "open-clip": {"qkv": {"weight": "visual.transformer.resblocks.{i}.attn.in_proj_weight", "bias": "visual.transformer.resblocks.{i}.attn.in_proj_bias"},
-                  "out": "visual.transformer.resblocks.{i}.attn.out_proj", "norm": "visual.transformer.resblocks.{i}.ln_1"},
+    "timm-beit": {
+        "qkv": {"weight": "blocks.{i}.attn.qkv.weight", "bias": "(none)"},
+        "q_bias": "blocks.{i}.attn.q_bias",
+        "out": "blocks.{i}.attn.proj",
+        "norm": "blocks.{i}.norm1",
+    },
+    "open-clip": {
+        "qkv": {
+            "weight": "visual.transformer.resblocks.{i}.attn.in_proj_weight",
+            "bias": "visual.transformer.resblocks.{i}.attn.in_proj_bias",
+        },
+        "out": "visual.transformer.resblocks.{i}.attn.out_proj",
+        "norm": "visual.transformer.resblocks.{i}.ln_1",
+    },
 }
 # PyTorch research fixtures, read with torch.load: (path, part, key prefix, names, heads)
 PICKLE_REFERENCE = {
-    "simmim-pretrain": ("simmim-pretrain/ckpt_epoch_5.pth", "model", "encoder.",
-                        {"qkv": "blocks.{i}.attn.qkv", "q_bias": "blocks.{i}.attn.q_bias", "v_bias": "blocks.{i}.attn.v_bias",
-                         "out": "blocks.{i}.attn.proj", "norm": "blocks.{i}.norm1"}, 4),
-    "ijepa-predictor": ("ijepa-research/IN1K-vit-tiny.pth.tar", "predictor", "module.",
-                        {"qkv": "predictor_blocks.{i}.attn.qkv", "out": "predictor_blocks.{i}.attn.proj", "norm": "predictor_blocks.{i}.norm1"}, 2),
+    "simmim-pretrain": (
+        "simmim-pretrain/ckpt_epoch_5.pth",
+        "model",
+        "encoder.",
+        {
+            "qkv": "blocks.{i}.attn.qkv",
+            "q_bias": "blocks.{i}.attn.q_bias",
+            "v_bias": "blocks.{i}.attn.v_bias",
+            "out": "blocks.{i}.attn.proj",
+            "norm": "blocks.{i}.norm1",
+        },
+        4,
+    ),
+    "ijepa-predictor": (
+        "ijepa-research/IN1K-vit-tiny.pth.tar",
+        "predictor",
+        "module.",
+        {
+            "qkv": "predictor_blocks.{i}.attn.qkv",
+            "out": "predictor_blocks.{i}.attn.proj",
+            "norm": "predictor_blocks.{i}.norm1",
+        },
+        2,
+    ),
 }
 
 
@@ -66,7 +121,11 @@ def _read(name):
         torch = pytest.importorskip("torch")
         path, part, prefix, names, heads = PICKLE_REFERENCE[name]
         obj = torch.load(PICKLES / path, map_location="cpu", weights_only=False)[part]
-        tensors = {k[len(prefix):]: v.double().numpy() for k, v in obj.items() if k.startswith(prefix) and hasattr(v, "double")}
+        tensors = {
+            k[len(prefix) :]: v.double().numpy()
+            for k, v in obj.items()
+            if k.startswith(prefix) and hasattr(v, "double")
+        }
         return tensors, names, heads, PICKLES / path, (part if part == "predictor" else None)
     folder = MODELS / name
     tensors = {}
@@ -103,8 +162,16 @@ def reference_layer(name, i):
     if names["norm"]:
         gamma, beta = t[names["norm"].format(i=i) + ".weight"], t[names["norm"].format(i=i) + ".bias"]
     wo = t.get(names["out"].format(i=i) + ".weight")  # None: the fixture has no output projection
-    return {"wq": wq, "wk": wk, "wv": wv, "wo": wo, "bq": np.zeros(d) if bq is None else bq,
-            "gamma": gamma, "beta": beta, "heads": heads}
+    return {
+        "wq": wq,
+        "wk": wk,
+        "wv": wv,
+        "wo": wo,
+        "bq": np.zeros(d) if bq is None else bq,
+        "gamma": gamma,
+        "beta": beta,
+        "heads": heads,
+    }
 
 
 def _profile(name, fold_ln=False):
@@ -135,7 +202,9 @@ def test_symmetry_and_ov_match_dense(name):
     prof, _ = _profile(name)
     K = prof.model.head_dim
     assert prof.model.folded is None and prof.salience is None
-    if name == "ijepa-predictor":  # the fixture holds the query-key path only: no attn.proj, so no circuit, and it says so
+    if (
+        name == "ijepa-predictor"
+    ):  # the fixture holds the query-key path only: no attn.proj, so no circuit, and it says so
         assert not prof.model.ov["available"] and "lacks predictor_blocks.0.attn.proj.weight" in prof.model.ov["note"]
         assert np.isnan(prof.ov.weighted).all() and all(hd["ov"] is None for hd in prof.to_json()["layers"][0]["heads"])
     else:
@@ -155,7 +224,9 @@ def test_symmetry_and_ov_match_dense(name):
             keep = _untied(prof.ov.degenerate[l][h], K)
             np.testing.assert_allclose(prof.ov.cosines[l, h][keep], cos[keep], atol=1e-8)
             assert prof.ov.weighted[l, h] == pytest.approx(np.trace(mov) / s.sum(), abs=1e-10)  # trace(M_ov)/‖M_ov‖_*
-            assert prof.weighted[l, h] == pytest.approx(np.trace(m) / np.linalg.svd(m, compute_uv=False).sum(), abs=1e-10)
+            assert prof.weighted[l, h] == pytest.approx(
+                np.trace(m) / np.linalg.svd(m, compute_uv=False).sum(), abs=1e-10
+            )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -227,7 +298,9 @@ def test_symmetric_null_is_half_plus_one_over_2d_by_simulation():
     s = np.linalg.svd(np.swapaxes(wq, -1, -2) @ wk, compute_uv=False)[:, :K]  # (n, K) dense
     f = symmetric_fraction(s, wq, wk)
     assert symmetric_null(D, K) == 0.5 + 1 / 64
-    assert abs(f.mean() - symmetric_null(D, K)) < 4 * f.std() / math.sqrt(n)  # simulated mean within 4 s.e. (s.e. ≈ 3.5e-4)
+    assert abs(f.mean() - symmetric_null(D, K)) < 4 * f.std() / math.sqrt(
+        n
+    )  # simulated mean within 4 s.e. (s.e. ≈ 3.5e-4)
 
 
 def test_ov_svd_hand_computed_and_trace_identity():
@@ -262,13 +335,17 @@ def test_folded_bilinear_plus_salience_reproduces_the_softmax(name):
         fm = folded_modes(model.checkpoint, l)
         n = normalised_tokens(out.hidden_states[l], eps=d.eps)  # (B, T, D) from the residual stream
         # the same n from the LayerNorm output, where γ is away from 0
-        np.testing.assert_allclose(normalised_tokens(out.attention_inputs[l], gamma=fm.gamma, beta=fm.beta), n, atol=2e-4)
+        np.testing.assert_allclose(
+            normalised_tokens(out.attention_inputs[l], gamma=fm.gamma, beta=fm.beta), n, atol=2e-4
+        )
         a = np.einsum("btd,hdk->bhtk", n, fm.u)  # (B, H, T, K) n_i·u_n
         b = np.einsum("btd,hdk->bhtk", n, fm.v)  # (B, H, T, K) n_j·v_n
         logits = np.einsum("bhik,hk,bhjk->bhij", a, fm.s, b) + np.einsum("btd,hd->bht", n, fm.salience)[:, :, None, :]
         logits /= math.sqrt(d.head_dim)
         rel = model.weights.blocks[l].rel_pos
-        if rel is not None:  # BEiT's relative position bias (timm-beit): the logit term the weight SVD omits, after 1/√K
+        if (
+            rel is not None
+        ):  # BEiT's relative position bias (timm-beit): the logit term the weight SVD omits, after 1/√K
             logits += relative_position_bias(rel, model.weights.embeddings.grid, out.layout.grid)  # (H, T, T)
         logits -= logits.max(-1, keepdims=True)
         probs = np.exp(logits)
@@ -301,7 +378,8 @@ def test_profile1_is_read_with_the_new_statistics_absent(tmp_path):
 
 
 def _flip_value_head(t, l=1, h=2, K=8):
-    """Negate head h's rows of layer l's value weight (vit fixture): its OV circuit flips sign, its query-key part is unchanged."""
+    """Negate head h's rows of layer l's value weight (vit fixture): its OV circuit flips sign, its query-key part is
+    unchanged."""
     t[f"encoder.layer.{l}.attention.attention.value.weight"][h * K : (h + 1) * K] *= -1
 
 
@@ -360,7 +438,10 @@ def test_diff_reports_the_new_statistics(tmp_path):
     rows = {(r["layer"], r["head"]): r for r in d.head_rows()}
     assert rows[1, 2]["delta_ov_weighted_cosine"] == pytest.approx(-2 * a.ov.weighted[1, 2], abs=1e-12)
     assert all(r["delta_ov_weighted_cosine"] == pytest.approx(0, abs=1e-12) for k, r in rows.items() if k != (1, 2))
-    assert all(r["delta_symmetric_fraction"] == 0 and r["salience_norm_a"] is None and r["salience_ratio"] is None for r in rows.values())
+    assert all(
+        r["delta_symmetric_fraction"] == 0 and r["salience_norm_a"] is None and r["salience_ratio"] is None
+        for r in rows.values()
+    )
     assert not any("absent" in n or "folding" in n for n in d.notes)
     d.save(tmp_path / "out", plots=False)
     doc = json.loads((tmp_path / "out" / "diff.json").read_text())
@@ -385,13 +466,17 @@ def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
     r = reference_layer("vit", layer)
     rows = slice(head * K, (head + 1) * K)
     x = r["gamma"] * n + r["beta"]  # (T, D) the LayerNorm output, float64
-    bk = load_file(MODELS / "vit" / "model.safetensors")[f"encoder.layer.{layer}.attention.attention.key.bias"].astype(np.float64)[rows]
+    bk = load_file(MODELS / "vit" / "model.safetensors")[f"encoder.layer.{layer}.attention.attention.key.bias"].astype(
+        np.float64
+    )[rows]
     q = x @ r["wq"][rows].T + r["bq"][rows]  # (T, K)
     k = x @ r["wk"][rows].T + bk
     # the logits minus their terms of the query token alone and constants: q_i·k_j − q_i·(W_k β + b_k)
     kept = q @ (k - (r["wk"][rows] @ r["beta"] + bk)).T  # (T, T)
     a = out.attentions[layer][0, head].astype(np.float64)
-    assert maps.contributions.sum() + maps.salience_contribution == pytest.approx(np.sum(a * kept) / math.sqrt(K), rel=1e-9)
+    assert maps.contributions.sum() + maps.salience_contribution == pytest.approx(
+        np.sum(a * kept) / math.sqrt(K), rel=1e-9
+    )
     with pytest.raises(qkweights.errors.InputError, match="drop embedding=residual"):
         projection_maps(model, img, layer=layer, head=head, fold_ln=True, embedding="residual")
     names = {p.name for p in save_maps(maps, tmp_path / "m")}

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import MODELS
 
 import qkweights.cli.o3
 import qkweights.cli.profile
-from conftest import MODELS
 from qkweights.cli import COMMANDS, build_parser, main
 from qkweights.cli.common import parse_indices
 from qkweights.errors import InputError
@@ -38,20 +38,40 @@ def test_specs_lists_every_family(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("hf-bert ") and "google/vit-base-patch16-224" in out
 
+
 IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
 
 
-@pytest.mark.parametrize("argv, where, problem", [
-    (["profile", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder; remove it or choose another output folder"),
-    (["profile", "{vit}", "--out", "{file}/sub", "--no-plots"], "{file}/sub", "{file} is a file, not a folder"),
-    (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder"),
-    (["compare", "{vit}", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
-    (["maps", "{vit}", str(IMAGE), "--layer", "0", "--head", "0", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
-    (["check", "{vit}", "--baseline", "{vit}/config.json", "--report", "{tmp}"], "{tmp}", "is a folder; give a file name"),
-    (["check", "{vit}", "--baseline", "{vit}/config.json", "--junit", "{file}/j.xml"], "{file}", "{file} is a file, not a folder"),
-    (["make-o3", "{file}", "--n", "1"], "{file}", "is a file; give the path of a new folder (or of an empty one)"),
-    (["make-o3", "{file}/o3", "--n", "1"], "{file}", "{file} is a file, not a folder"),
-])
+@pytest.mark.parametrize(
+    "argv, where, problem",
+    [
+        (
+            ["profile", "{vit}", "--out", "{file}", "--no-plots"],
+            "{file}",
+            "{file} is a file, not a folder; remove it or choose another output folder",
+        ),
+        (["profile", "{vit}", "--out", "{file}/sub", "--no-plots"], "{file}/sub", "{file} is a file, not a folder"),
+        (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder"),
+        (["compare", "{vit}", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
+        (
+            ["maps", "{vit}", str(IMAGE), "--layer", "0", "--head", "0", "--out", "{file}"],
+            "{file}",
+            "{file} is a file, not a folder",
+        ),
+        (
+            ["check", "{vit}", "--baseline", "{vit}/config.json", "--report", "{tmp}"],
+            "{tmp}",
+            "is a folder; give a file name",
+        ),
+        (
+            ["check", "{vit}", "--baseline", "{vit}/config.json", "--junit", "{file}/j.xml"],
+            "{file}",
+            "{file} is a file, not a folder",
+        ),
+        (["make-o3", "{file}", "--n", "1"], "{file}", "is a file; give the path of a new folder (or of an empty one)"),
+        (["make-o3", "{file}/o3", "--n", "1"], "{file}", "{file} is a file, not a folder"),
+    ],
+)
 def test_every_output_path_error_is_one_line_naming_the_path(tmp_path, capsys, argv, where, problem):
     names = {"vit": MODELS / "vit", "file": tmp_path / "afile", "tmp": tmp_path}
     (tmp_path / "afile").write_text("not a folder")
@@ -61,10 +81,17 @@ def test_every_output_path_error_is_one_line_naming_the_path(tmp_path, capsys, a
     assert err.count("\n") == 1 and "internal error" not in err
 
 
-@pytest.mark.parametrize("module, argv, message", [
-    (qkweights.cli.profile, ["profile", "m"], "qkweights: interrupted\n"),
-    (qkweights.cli.o3, ["o3", "m", "d"], "qkweights: interrupted; re-run the same command to resume where it stopped\n"),
-])
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        (qkweights.cli.profile, ["profile", "m"], "qkweights: interrupted\n"),
+        (
+            qkweights.cli.o3,
+            ["o3", "m", "d"],
+            "qkweights: interrupted; re-run the same command to resume where it stopped\n",
+        ),
+    ],
+)
 def test_interrupted_says_whether_a_rerun_resumes(monkeypatch, capsys, module, argv, message):
     def interrupted(args):
         raise KeyboardInterrupt

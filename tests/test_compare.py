@@ -34,9 +34,12 @@ def profile_of(wq, wk, model_id, nan=()):
     wq = wq.copy()
     for l, h in nan:
         wq[l, h, 0, 0] = np.nan
-    ck = SimpleNamespace(dims=SimpleNamespace(layers=L, heads=H, head_dim=K, hidden=D),
-                         qk=lambda l: SimpleNamespace(wq=wq[l], wk=wk[l]),
-                         spec=SimpleNamespace(name="test-family", logit_terms=()), dtype=lambda: "F64")
+    ck = SimpleNamespace(
+        dims=SimpleNamespace(layers=L, heads=H, head_dim=K, hidden=D),
+        qk=lambda l: SimpleNamespace(wq=wq[l], wk=wk[l]),
+        spec=SimpleNamespace(name="test-family", logit_terms=()),
+        dtype=lambda: "F64",
+    )
     return compute_profile(ck, {"model_id": model_id})
 
 
@@ -53,8 +56,12 @@ def o3_doc(L, *, model_id="test/o3", depth=False):
     """An O3 summary whose means are 0.1·l (same), 0.2 (different), 0.5 − 0.01·l (background), s.e.m. 0.01/0.02/0.03."""
     layers = []
     for l in range(L):
-        entry = {"layer": l, "same": {"mean": 0.1 * l, "sem": 0.01}, "different": {"mean": 0.2, "sem": 0.02},
-                 "background": {"mean": 0.5 - 0.01 * l, "sem": 0.03}}
+        entry = {
+            "layer": l,
+            "same": {"mean": 0.1 * l, "sem": 0.01},
+            "different": {"mean": 0.2, "sem": 0.02},
+            "background": {"mean": 0.5 - 0.01 * l, "sem": 0.03},
+        }
         if depth:
             entry["depth"] = l / (2 * L)
         layers.append(entry)
@@ -73,9 +80,25 @@ def test_depths_6_and_12_and_known_values(tmp_path):
     p6 = profile_of(*weights(6, 3, 4, 16, sign=sign6), "test/six")
     p12 = profile_of(*weights(12, 2, 4, 24, seed=1, sign=sign12), "test/twelve")
     paths = compare([p6, p12], tmp_path)
-    assert [p.name for p in paths] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv"]
+    assert [p.name for p in paths] == [
+        "compare_cosine.png",
+        "compare_cosine.csv",
+        "compare_circuits.png",
+        "compare_circuits.csv",
+    ]
     rows = read_csv(tmp_path / "compare_cosine.csv")
-    assert list(rows[0]) == ["model", "layer", "depth", "weighted_cosine", "mean_cosine", "min", "max", "model_id", "commit", "weight_files"]
+    assert list(rows[0]) == [
+        "model",
+        "layer",
+        "depth",
+        "weighted_cosine",
+        "mean_cosine",
+        "min",
+        "max",
+        "model_id",
+        "commit",
+        "weight_files",
+    ]
     for model, sign, L in (("test/six", sign6, 6), ("test/twelve", sign12, 12)):
         np.testing.assert_allclose(column(rows, model, "depth"), np.arange(L) / (L - 1))
         np.testing.assert_array_equal(column(rows, model, "layer"), np.arange(L))
@@ -157,8 +180,22 @@ def test_folder_with_profile_and_o3(tmp_path):
     p = profile_of(*weights(3, 2, 3, 12, seed=6), "test/both")
     p.save(tmp_path / "both")
     write(tmp_path / "both" / "o3_summary.json", o3_doc(3, model_id="test/both"))
-    assert [c.kind for c in curves_from(tmp_path / "both")] == ["weighted_cosine", "mean_cosine", "symmetric_fraction", "o3_same", "o3_different", "o3_background"]
-    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == ["compare_cosine.png", "compare_cosine.csv", "compare_circuits.png", "compare_circuits.csv", "compare_o3.png", "compare_o3.csv"]
+    assert [c.kind for c in curves_from(tmp_path / "both")] == [
+        "weighted_cosine",
+        "mean_cosine",
+        "symmetric_fraction",
+        "o3_same",
+        "o3_different",
+        "o3_background",
+    ]
+    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == [
+        "compare_cosine.png",
+        "compare_cosine.csv",
+        "compare_circuits.png",
+        "compare_circuits.csv",
+        "compare_o3.png",
+        "compare_o3.csv",
+    ]
 
 
 def test_labels_and_duplicates(tmp_path):
@@ -175,7 +212,13 @@ def test_labels_and_duplicates(tmp_path):
 
 def test_rejects_what_is_not_a_profile(tmp_path):
     other = write(tmp_path / "other.json", {"schema": "something/1"})
-    with pytest.raises(InputError, match=r"other\.json: not a qkweights profile, O3 summary or same-object result .*qkweights\.profile/2.*qkweights\.same_object/1"):
+    with pytest.raises(
+        InputError,
+        match=(
+            r"other\.json: not a qkweights profile, O3 summary or same-object result "
+            r".*qkweights\.profile/2.*qkweights\.same_object/1"
+        ),
+    ):
         curves_from(other)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
@@ -208,7 +251,14 @@ def test_csvs_record_the_weights_they_come_from(tmp_path, capsys):
     for row in read_csv(tmp_path / "compare_cosine.csv"):
         assert (row["model_id"], row["commit"], row["weight_files"]) == (str(vit), "", f"model.safetensors:{digest}")
     src = {"model_id": "org/m", "commit": "c" * 40, "files": [{"name": "a.safetensors", "sha256": "d" * 64}]}
-    layers = [{"layer": l, **{k: {"mean": 0.1, "sem": 0.01} for k in ("same", "different", "background")}} for l in range(2)]
-    compare([write(tmp_path / "o3" / "o3_summary.json", {"schema": "qkweights.o3/1", "source": src, "layers": layers})], tmp_path / "o")
+    layers = [
+        {"layer": l, **{k: {"mean": 0.1, "sem": 0.01} for k in ("same", "different", "background")}} for l in range(2)
+    ]
+    compare(
+        [write(tmp_path / "o3" / "o3_summary.json", {"schema": "qkweights.o3/1", "source": src, "layers": layers})],
+        tmp_path / "o",
+    )
     rows = read_csv(tmp_path / "o" / "compare_o3.csv")
-    assert [(r["model_id"], r["commit"], r["weight_files"]) for r in rows] == [("org/m", "c" * 40, "a.safetensors:" + "d" * 64)] * 2
+    assert [(r["model_id"], r["commit"], r["weight_files"]) for r in rows] == [
+        ("org/m", "c" * 40, "a.safetensors:" + "d" * 64)
+    ] * 2

@@ -47,12 +47,18 @@ def fresh(model, folder):
     patch = model.dims.patch_size
     scenes = [draw_scene(np.random.default_rng([FRESH_STREAM, 0, i]), size=(h, w)) for i in range(N_CHECK)]
     tensors = load_file(folder / "model.safetensors")
-    last = np.concatenate([model.forward(model.preprocess([s[0] for s in scenes[i : i + 50]])).last_hidden_state
-                           for i in range(0, N_CHECK, 50)])  # (B, T, D)
+    last = np.concatenate(
+        [
+            model.forward(model.preprocess([s[0] for s in scenes[i : i + 50]])).last_hidden_state
+            for i in range(0, N_CHECK, 50)
+        ]
+    )  # (B, T, D)
     cell_logits = last[:, 1:] @ tensors["token_classifier.weight"][0] + tensors["token_classifier.bias"][0]  # (B, N)
     feature_logits = last[:, 0] @ tensors["classifier.weight"].T + tensors["classifier.bias"]  # (B, 4)
     gw = w // patch
-    cells = np.array([int(s[3]["target_centre"][1] // patch) * gw + int(s[3]["target_centre"][0] // patch) for s in scenes])
+    cells = np.array(
+        [int(s[3]["target_centre"][1] // patch) * gw + int(s[3]["target_centre"][0] // patch) for s in scenes]
+    )
     features = np.array([FEATURES.index(s[3]["feature"]) for s in scenes])
     objects = np.array([s[3]["num_distractors"] + 1 for s in scenes])
     return cell_logits.argmax(1) == cells, feature_logits.argmax(1) == features, features, objects
@@ -79,8 +85,10 @@ def test_profile_is_finite_and_trained(folder):
     # the largest is about 0.11 for K = 16, D = 64. Training moved most heads well past it.
     rng = np.random.default_rng(0)
     k, d = prof.model.head_dim, prof.model.hidden
-    draws = [(q * w).sum() / np.linalg.svd(q.T @ w, compute_uv=False).sum()
-             for q, w in (rng.standard_normal((2, k, d)) for _ in range(500))]
+    draws = [
+        (q * w).sum() / np.linalg.svd(q.T @ w, compute_uv=False).sum()
+        for q, w in (rng.standard_normal((2, k, d)) for _ in range(500))
+    ]
     assert np.median(np.abs(prof.weighted)) > np.abs(draws).max()
 
 
@@ -131,10 +139,21 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == (out / "summary.txt").read_text()
     assert str(out / "maps") in printed and "held-out: target cell" in printed
-    for name in ("profile/profile.json", "profile/heads.csv", "profile/cosine_by_layer.png",
-                 "top_images/top_images.json", "top_images/anisotropy.png", "o3/o3_summary.json", "o3/o3.csv",
-                 "o3/o3_by_layer.png", "same_object/same_object.json", "same_object/same_object.csv",
-                 "same_object/same_object_by_layer.png", "same_object/same_object_examples.png", "summary.txt"):
+    for name in (
+        "profile/profile.json",
+        "profile/heads.csv",
+        "profile/cosine_by_layer.png",
+        "top_images/top_images.json",
+        "top_images/anisotropy.png",
+        "o3/o3_summary.json",
+        "o3/o3.csv",
+        "o3/o3_by_layer.png",
+        "same_object/same_object.json",
+        "same_object/same_object.csv",
+        "same_object/same_object_by_layer.png",
+        "same_object/same_object_examples.png",
+        "summary.txt",
+    ):
         assert (out / name).is_file(), name
     prof = json.loads((out / "profile" / "profile.json").read_text())
     weighted = np.array([[h["weighted_cosine"] for h in layer["heads"]] for layer in prof["layers"]])
@@ -151,7 +170,9 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     assert top["n_images"] == N_SCENES
     same = json.loads((out / "same_object" / "same_object.json").read_text())
     assert same["dataset"]["layout"] == "generic" and same["dataset"]["n_eligible"] == N_SCENES
-    assert len(same["layers"]) == 4 and all(0 <= e["probability"] <= 1 and 0 < e["chance"] < 0.5 for e in same["layers"])
+    assert len(same["layers"]) == 4 and all(
+        0 <= e["probability"] <= 1 and 0 < e["chance"] < 0.5 for e in same["layers"]
+    )
     assert "same_object_by_layer.png" in printed
 
 

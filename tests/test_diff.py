@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import edited_fixture, vit_qk_name
 from PIL import Image
 from safetensors.numpy import load_file
 
 import qkweights
-from conftest import edited_fixture, vit_qk_name
 from qkweights.cli import main
 from qkweights.diff import diff_profiles, heatmaps_figure, principal_angles
 
@@ -32,10 +32,12 @@ name = vit_qk_name
 
 def edited(tmp_path, label, heads):
     """A copy of the vit fixture whose heads are replaced: heads = {(l, h): (wq (K, D), wk (K, D))}."""
+
     def replace(t):
         for (l, h), (wq, wk) in heads.items():
-            t[name(l, "query")][h * K:(h + 1) * K] = wq
-            t[name(l, "key")][h * K:(h + 1) * K] = wk
+            t[name(l, "query")][h * K : (h + 1) * K] = wq
+            t[name(l, "key")][h * K : (h + 1) * K] = wk
+
     return edited_fixture(tmp_path, label, replace)
 
 
@@ -91,13 +93,24 @@ def test_known_rotations_and_spectrum(pair, tmp_path, capsys):
     assert top["score"] == pytest.approx(score, abs=1e-6)
     # L0 H1: σ 8…1 → all 1: p_A = n/36, p_B = 1/8; TV = ½ Σ |n/36 − 4.5/36| = ½ · 16/36 = 2/9. Σσ 36 → 8.
     assert (second["layer"], second["head"]) == (0, 1)
-    assert second["spectrum_tv"] == pytest.approx(2 / 9, abs=1e-6) and second["sigma_ratio"] == pytest.approx(8 / 36, abs=1e-6)
+    assert second["spectrum_tv"] == pytest.approx(2 / 9, abs=1e-6) and second["sigma_ratio"] == pytest.approx(
+        8 / 36, abs=1e-6
+    )
     assert second["max_angle_u_deg"] == pytest.approx(0, abs=1e-3)  # k = K: the whole row space, unchanged
     assert second["score"] == pytest.approx(2 / 9 / 4, abs=1e-6)
     for row in rows_[2:]:  # untouched heads, in (layer, head) order
         assert row["score"] == pytest.approx(0, abs=1e-9)
     assert [(r["layer"], r["head"]) for r in rows_[2:]] == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 1), (1, 3)]
-    assert out[1].split() == ["1", "L1", "H2", f"{np.cos(THETA) * np.cos(PHI) - 1:+.4f}", "0.0000", "30.0", "60.0", f"{score:.4f}"]
+    assert out[1].split() == [
+        "1",
+        "L1",
+        "H2",
+        f"{np.cos(THETA) * np.cos(PHI) - 1:+.4f}",
+        "0.0000",
+        "30.0",
+        "60.0",
+        f"{score:.4f}",
+    ]
     with open(tmp_path / "diff_heads.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0])[:3] == ["rank", "layer", "head"] and (table[0]["layer"], table[0]["head"]) == ("1", "2")
@@ -120,10 +133,25 @@ def test_saved_profiles_without_vectors(pair, tmp_path):
     a, b = pair
     qkweights.profile(str(a), save_vectors=True).save(tmp_path / "pa")
     qkweights.profile(str(b)).save(tmp_path / "pb")
-    assert main(["diff", str(tmp_path / "pa"), str(tmp_path / "pb" / "profile.json"), "--out", str(tmp_path / "d"), "--quiet", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                str(tmp_path / "pa"),
+                str(tmp_path / "pb" / "profile.json"),
+                "--out",
+                str(tmp_path / "d"),
+                "--quiet",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "d" / "diff.json").read_text())
-    assert doc["notes"] == ["no singular vectors for B (profile without modes.npz): subspace angles omitted; "
-                            "profile with save_vectors=True or pass the checkpoints"]
+    assert doc["notes"] == [
+        "no singular vectors for B (profile without modes.npz): subspace angles omitted; "
+        "profile with save_vectors=True or pass the checkpoints"
+    ]
     top = doc["heads"][0]
     assert top["max_angle_u_deg"] is None and "angles_u_deg" not in top
     # Without angles the score is the mean of |Δw|/2 and the spectrum TV; L1 H2 still ranks first.
@@ -134,7 +162,7 @@ def test_saved_profiles_without_vectors(pair, tmp_path):
 def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
     # A head that became NaN or all-zero is the largest change of all: it must not rank below unchanged heads.
     nan, zero = np.full((K, D), np.nan, np.float32), np.zeros((K, D), np.float32)
-    wk = load_file(VIT / "model.safetensors")[name(1, "key")][K:2 * K]
+    wk = load_file(VIT / "model.safetensors")[name(1, "key")][K : 2 * K]
     changed = {lh: (rows(C), rows(C)) for lh in ((0, 1), (0, 2), (0, 3), (1, 0), (1, 2))}  # 5 measured changes
     pa = edited(tmp_path, "a", {(0, 0): (nan, nan), (1, 1): (zero, wk), **changed})
     a = qkweights.profile(str(pa), save_vectors=True)
@@ -144,7 +172,10 @@ def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
     assert sorted(d.ranking()[2:7]) == sorted(changed) and all(np.isfinite(d.score[lh]) for lh in d.ranking()[2:])
     for l, h in ((0, 0), (1, 1)):
         assert np.isnan(d.angles_u[l, h]).all() and np.isnan(d.score[l, h])
-    assert d.notes == ("non-finite weights, measures undefined: L0 H0", "collapsed heads (σ_0 = 0), measures undefined: L1 H1 (A)")
+    assert d.notes == (
+        "non-finite weights, measures undefined: L0 H0",
+        "collapsed heads (σ_0 = 0), measures undefined: L1 H1 (A)",
+    )
     written = d.save(tmp_path / "out", plots=False)
     assert [p.name for p in written] == ["diff.json", "diff_heads.csv"]
     texts = [t.get_text() for ax in heatmaps_figure(d).axes for t in ax.texts]
@@ -155,7 +186,13 @@ def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
     assert [t for t in texts if t.startswith("#")] == ["#3", "#4", "#5", "#6", "#7"]
     with open(tmp_path / "out" / "diff_heads.csv", newline="") as f:
         first = next(iter(csv.DictReader(f)))
-    assert (first["rank"], first["layer"], first["head"], first["score"], first["max_angle_u_deg"]) == ("1", "0", "0", "", "")
+    assert (first["rank"], first["layer"], first["head"], first["score"], first["max_angle_u_deg"]) == (
+        "1",
+        "0",
+        "0",
+        "",
+        "",
+    )
     assert main(["diff", str(pa), str(VIT), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split() == ["1", "L0", "H0", "n/a", "n/a", "n/a", "n/a", "n/a"]

@@ -48,8 +48,19 @@ def filled_profile(S, C, hidden=16):
     with np.errstate(invalid="ignore", divide="ignore"):
         weighted = (S * C).sum(-1) / nuclear
     nonfinite = [(l, h) for l, h in zip(*np.nonzero(~np.isfinite(weighted)))]
-    return Profile(ModelInfo("test-family", L, H, hidden, K, "F64"), {"model_id": "test/filled"}, S, C, weighted,
-                   C.mean(-1), (S * C).sum(-1), nuclear, np.ones((L, H)), [[[] for _ in range(H)] for _ in range(L)], nonfinite)
+    return Profile(
+        ModelInfo("test-family", L, H, hidden, K, "F64"),
+        {"model_id": "test/filled"},
+        S,
+        C,
+        weighted,
+        C.mean(-1),
+        (S * C).sum(-1),
+        nuclear,
+        np.ones((L, H)),
+        [[[] for _ in range(H)] for _ in range(L)],
+        nonfinite,
+    )
 
 
 def line(ax, prefix):
@@ -73,7 +84,12 @@ def test_profile_figures_write_pngs(tmp_path):
     p = profile_of(12, 12, 8, 32, seed=1)
     paths = figures.profile_figures(p, tmp_path)
     # the test checkpoint offers W_q/W_k only: no value-output circuit, so no ov_cosine_by_layer.png
-    assert [x.name for x in paths] == ["cosine_by_layer.png", "spectrum_grid.png", "cosine_hist.png", "symmetry_by_layer.png"]
+    assert [x.name for x in paths] == [
+        "cosine_by_layer.png",
+        "spectrum_grid.png",
+        "cosine_hist.png",
+        "symmetry_by_layer.png",
+    ]
     for path in paths:
         with Image.open(path) as im:
             assert im.format == "PNG"
@@ -145,7 +161,9 @@ def test_spectrum_grid_places_values():
     fig = figures.spectrum_grid_figure(filled_profile([[[2.0, 1.0]]], [[[1.0, -1.0]]]))
     ax = fig.axes[0]
     pad, inner = figures.GRID_PAD, 1 - 2 * figures.GRID_PAD
-    heights = [np.ptp(p.vertices[:, 1]) for p in next(c for c in ax.collections if isinstance(c, PolyCollection)).get_paths()]
+    heights = [
+        np.ptp(p.vertices[:, 1]) for p in next(c for c in ax.collections if isinstance(c, PolyCollection)).get_paths()
+    ]
     np.testing.assert_allclose(heights, [inner / 2, inner / 4])  # half the cell's inner height is the range 0…1
     dots = next(c for c in ax.collections if isinstance(c, PathCollection)).get_offsets()
     np.testing.assert_allclose(np.asarray(dots)[:, 1], [1 - pad, pad])

@@ -65,7 +65,9 @@ def test_matches_transformers_golden(name, models):
     out = model.forward(g["pixel_values"], attentions=True)
     n_layers = g["attentions"].shape[0]
     np.testing.assert_allclose(np.stack(out.hidden_states), g["hidden_states"], rtol=0, atol=ATOL)
-    np.testing.assert_allclose(np.stack([out.attentions[l] for l in range(n_layers)]), g["attentions"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(
+        np.stack([out.attentions[l] for l in range(n_layers)]), g["attentions"], rtol=0, atol=ATOL
+    )
     np.testing.assert_allclose(out.last_hidden_state, g["last_hidden_state"], rtol=0, atol=ATOL)
     np.testing.assert_allclose(out.attentions[0].sum(-1), 1, rtol=0, atol=1e-6)
 
@@ -134,11 +136,14 @@ def test_position_table_covering_cls_and_registers(tmp_path, models):
     moved = load_model(str(tmp_path))
     assert moved.weights.embeddings.position_tokens == ("cls", "registers", "patches")
     px = golden("timm-vit-reg")["pixel_values"]
-    np.testing.assert_allclose(moved.forward(px).last_hidden_state, models("timm-vit-reg").forward(px).last_hidden_state,
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        moved.forward(px).last_hidden_state, models("timm-vit-reg").forward(px).last_hidden_state, rtol=0, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("name, layer, head", [("vit", 1, 2), ("open-clip", 0, 3), ("dinov2-reg", 1, 0), ("deit", 0, 1)])
+@pytest.mark.parametrize(
+    "name, layer, head", [("vit", 1, 2), ("open-clip", 0, 3), ("dinov2-reg", 1, 0), ("deit", 0, 1)]
+)
 def test_svd_modes_reproduce_the_attention(name, layer, head, models):
     """method.md §1: projections on the profile's modes give the logits, and with the biases the attention."""
     model = models(name)
@@ -150,7 +155,9 @@ def test_svd_modes_reproduce_the_attention(name, layer, head, models):
     bilinear = np.einsum("bin,n,bjn->bij", x @ u, s, x @ v)  # Σ_n (x_i·u_n) σ_n (v_n·x_j)
     direct = np.einsum("bid,de,bje->bij", x, wq.T @ wk, x)  # x_iᵀ W_qᵀ W_k x_j
     np.testing.assert_allclose(bilinear, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
-    terms = (x @ (wk.T @ bq))[:, None, :] + (x @ (wq.T @ bk))[:, :, None] + bq @ bk  # b_qᵀW_k x_j + x_iᵀW_qᵀb_k + b_q·b_k
+    terms = (
+        (x @ (wk.T @ bq))[:, None, :] + (x @ (wq.T @ bk))[:, :, None] + bq @ bk
+    )  # b_qᵀW_k x_j + x_iᵀW_qᵀb_k + b_q·b_k
     logits = (bilinear + terms) / math.sqrt(wq.shape[0])
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -179,8 +186,12 @@ def test_batch_shards_in_threads_give_the_same_outputs(batch, models):
     one = forward(model.weights, px, attentions=True, layers=[0], threads=1)
     two = forward(model.weights, px, attentions=True, layers=[0], threads=2)  # 3 images: shards of 2 and 1
     assert two.layout == one.layout and two.hidden_states[1] is None
-    for a, b in [(two.hidden_states[0], one.hidden_states[0]), (two.attention_inputs[0], one.attention_inputs[0]),
-                 (two.attentions[0], one.attentions[0]), (two.last_hidden_state, one.last_hidden_state)]:
+    for a, b in [
+        (two.hidden_states[0], one.hidden_states[0]),
+        (two.attention_inputs[0], one.attention_inputs[0]),
+        (two.attentions[0], one.attentions[0]),
+        (two.last_hidden_state, one.last_hidden_state),
+    ]:
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # row blocks of a matmul may round differently
 
 
@@ -235,8 +246,12 @@ def test_preprocessing_defaults_without_a_config(tmp_path):
     model = load_model(str(tmp_path))
     assert model.preprocessing_origin == "ViT processor defaults at 32×32 (no preprocessor_config.json)"
     assert model.preprocessing.size == (32, 32) and model.preprocessing.mean == (0.5, 0.5, 0.5)
-    assert model.notes == (("no preprocessing config beside the weights: images are preprocessed with ViT processor defaults at "
-                            "32×32 (no preprocessor_config.json); add the model's preprocessing config if it was trained otherwise"),)
+    assert model.notes == (
+        (
+            "no preprocessing config beside the weights: images are preprocessed with ViT processor defaults at "
+            "32×32 (no preprocessor_config.json); add the model's preprocessing config if it was trained otherwise"
+        ),
+    )
     assert load_model(str(MODELS / "vit")).notes == ()
 
 
@@ -261,7 +276,10 @@ def test_inspect_reports_the_patch_size_the_forward_pass_uses(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert "2 layers, 4 heads × 8 = width 32, patch 8, image 32×32" in out
-    assert err == "qkweights: note: config.json says patch_size 16, but the patch embedding's kernel is 8×8; the forward pass uses 8\n"
+    assert err == (
+        "qkweights: note: config.json says patch_size 16, but the patch embedding's kernel is 8×8; the forward "
+        "pass uses 8\n"
+    )
     assert load_model(str(tmp_path)).notes == (err.removeprefix("qkweights: note: ").strip(),)
 
 
@@ -270,14 +288,19 @@ def test_inspect_reports_the_patch_size_the_forward_pass_uses(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", TEXT_FIXTURES)
 def test_text_models_have_no_forward_pass(name):
-    with pytest.raises(InputError, match=r"is a text model: weights-only analysis \(profile\) is available, not the forward pass"):
+    with pytest.raises(
+        InputError, match=r"is a text model: weights-only analysis \(profile\) is available, not the forward pass"
+    ):
         load_model(str(MODELS / name))
 
 
 @pytest.mark.parametrize(
     "pixels, message",
     [
-        (np.zeros((2, 32, 32), np.float32), r"pixel_values has shape \(2, 32, 32\); expected \(batch, 3, height, width\)"),
+        (
+            np.zeros((2, 32, 32), np.float32),
+            r"pixel_values has shape \(2, 32, 32\); expected \(batch, 3, height, width\)",
+        ),
         (np.zeros((1, 3, 7, 32), np.float32), r"at least 8×8 pixels"),
         (np.full((1, 3, 32, 32), np.nan, np.float32), r"NaN or infinite"),
     ],
@@ -342,9 +365,16 @@ def keys_bicubic_reference(grid: np.ndarray, size: tuple[int, int]) -> np.ndarra
     Source coordinate (i + ½)·in/out − ½; taps floor−1 … floor+2 clamped to the border;
     Keys' kernel with A = −0.75 (aten UpSample.h cubic_convolution1/2).
     """
+
     def kernel(t):
         t, a = abs(t), -0.75
-        return ((a + 2) * t - (a + 3)) * t * t + 1 if t <= 1 else ((a * t - 5 * a) * t + 8 * a) * t - 4 * a if t < 2 else 0.0
+        return (
+            ((a + 2) * t - (a + 3)) * t * t + 1
+            if t <= 1
+            else ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+            if t < 2
+            else 0.0
+        )
 
     def taps(n_in, n_out, i):
         src = (i + 0.5) * n_in / n_out - 0.5
@@ -363,10 +393,14 @@ def keys_bicubic_reference(grid: np.ndarray, size: tuple[int, int]) -> np.ndarra
 def test_bicubic_matches_keys_kernel(grid, size):
     # torch (and resize_bicubic) compute the source coordinate in float32: weights move by ~1e-6
     g = np.random.default_rng(5).standard_normal(grid + (3,)).astype(np.float32)
-    np.testing.assert_allclose(resize_bicubic(g, size), keys_bicubic_reference(g.astype(np.float64), size), rtol=0, atol=5e-6)
+    np.testing.assert_allclose(
+        resize_bicubic(g, size), keys_bicubic_reference(g.astype(np.float64), size), rtol=0, atol=5e-6
+    )
 
 
-@pytest.mark.parametrize("grid, size", [((4, 4), (6, 5)), ((16, 16), (24, 20)), ((37, 37), (14, 14)), ((3, 5), (10, 7))])
+@pytest.mark.parametrize(
+    "grid, size", [((4, 4), (6, 5)), ((16, 16), (24, 20)), ((37, 37), (14, 14)), ((3, 5), (10, 7))]
+)
 def test_antialiased_bicubic_matches_pil(grid, size):
     g = np.random.default_rng(6).standard_normal(grid).astype(np.float32)
     pil = np.asarray(Image.fromarray(g, mode="F").resize(size[::-1], Image.BICUBIC))  # PIL's a = −0.5 filter
@@ -377,7 +411,8 @@ INTERP_GOLDEN = FIXTURES / "interp_golden"
 
 
 def interp_golden() -> dict[str, np.ndarray]:
-    """timm's resample_abs_pos_embed (torch bicubic, antialias) of the timm fixtures' pos_embed: make_interp_golden.py."""
+    """timm's resample_abs_pos_embed (torch bicubic, antialias) of the timm fixtures' pos_embed:
+    make_interp_golden.py."""
     with np.load(INTERP_GOLDEN / "timm_pos_embed.npz") as z:
         return {k: z[k] for k in z.files}
 
@@ -430,11 +465,24 @@ def test_same_grid_is_untouched():
 def test_resize_matches_torch_interpolate(antialias):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(8)
-    for grid, size in [((4, 4), (6, 5)), ((16, 16), (24, 24)), ((37, 37), (64, 80)), ((14, 14), (6, 5)), ((3, 5), (14, 14))]:
+    for grid, size in [
+        ((4, 4), (6, 5)),
+        ((16, 16), (24, 24)),
+        ((37, 37), (64, 80)),
+        ((14, 14), (6, 5)),
+        ((3, 5), (14, 14)),
+    ]:
         g = rng.standard_normal(grid + (8,)).astype(np.float32)
-        t = torch.nn.functional.interpolate(torch.from_numpy(g).permute(2, 0, 1)[None], size=size, mode="bicubic",
-                                            align_corners=False, antialias=antialias)
-        np.testing.assert_allclose(resize_bicubic(g, size, antialias=antialias), t[0].permute(1, 2, 0).numpy(), rtol=0, atol=1e-6)
+        t = torch.nn.functional.interpolate(
+            torch.from_numpy(g).permute(2, 0, 1)[None],
+            size=size,
+            mode="bicubic",
+            align_corners=False,
+            antialias=antialias,
+        )
+        np.testing.assert_allclose(
+            resize_bicubic(g, size, antialias=antialias), t[0].permute(1, 2, 0).numpy(), rtol=0, atol=1e-6
+        )
 
 
 def test_gelu_matches_torch():
@@ -466,8 +514,12 @@ def test_live_transformers_at_another_size(name, cls, kwargs, models):
     with torch.inference_mode():
         want = ref(pixel_values=torch.from_numpy(px), output_hidden_states=True, output_attentions=True, **kwargs)
     out = models(name).forward(px, attentions=True)
-    np.testing.assert_allclose(np.stack(out.hidden_states), np.stack([h.numpy() for h in want.hidden_states]), rtol=0, atol=ATOL)
-    np.testing.assert_allclose(np.stack(list(out.attentions.values())), np.stack([a.numpy() for a in want.attentions]), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(
+        np.stack(out.hidden_states), np.stack([h.numpy() for h in want.hidden_states]), rtol=0, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        np.stack(list(out.attentions.values())), np.stack([a.numpy() for a in want.attentions]), rtol=0, atol=ATOL
+    )
     np.testing.assert_allclose(out.last_hidden_state, want.last_hidden_state.numpy(), rtol=0, atol=ATOL)
     if out.pooled is not None:
         np.testing.assert_allclose(out.pooled, want.pooler_output.numpy(), rtol=0, atol=ATOL)

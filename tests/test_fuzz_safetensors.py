@@ -19,7 +19,9 @@ from qkweights.tensors import TensorStore
 
 EXAMPLES = int(os.environ.get("QKW_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-VALID = save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16), "c": np.zeros((1, 2), np.float64)})
+VALID = save(
+    {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16), "c": np.zeros((1, 2), np.float64)}
+)
 
 
 def read_all(tmp_path, data: bytes) -> None:
@@ -52,15 +54,21 @@ def test_mutated_valid_file(tmp_path_factory, edits):
     read_all(tmp_path_factory.mktemp("fz"), bytes(data))
 
 
-entry = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "X9"]),
-    "shape": st.lists(st.integers(-2, 2**62), max_size=4),
-    "data_offsets": st.lists(st.integers(-2, 2**63), min_size=0, max_size=3),
-})
+entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "X9"]),
+        "shape": st.lists(st.integers(-2, 2**62), max_size=4),
+        "data_offsets": st.lists(st.integers(-2, 2**63), min_size=0, max_size=3),
+    }
+)
 
 
 @FUZZ
-@given(st.dictionaries(st.text(max_size=8), entry, max_size=4), st.binary(max_size=64), st.integers(0, 2**64 - 1) | st.none())
+@given(
+    st.dictionaries(st.text(max_size=8), entry, max_size=4),
+    st.binary(max_size=64),
+    st.integers(0, 2**64 - 1) | st.none(),
+)
 def test_hostile_headers(tmp_path_factory, header, data, length):
     """Huge declared shapes and lengths, offsets past the end, overlaps, unknown dtypes."""
     text = json.dumps(header).encode()

@@ -37,8 +37,12 @@ def model(request):
 def embeddings(model, image, layer):
     """(x_ln (T, D), x_residual (T, D), attention (H, T, T), layout) of one image, float64."""
     out = model.forward(model.preprocess(image), attentions=True, layers=[layer])
-    return (out.attention_inputs[layer][0].astype(np.float64), out.hidden_states[layer][0].astype(np.float64),
-            out.attentions[layer][0].astype(np.float64), out.layout)
+    return (
+        out.attention_inputs[layer][0].astype(np.float64),
+        out.hidden_states[layer][0].astype(np.float64),
+        out.attentions[layer][0].astype(np.float64),
+        out.layout,
+    )
 
 
 def test_decomposition_reproduces_bilinear_logits(model, image):
@@ -137,8 +141,12 @@ def test_display_image_inverts_preprocessing(image):
     model = load_model(str(MODELS / "deit"))
     prep = model.preprocessing
     px = model.preprocess(image)[0]
-    resized = Image.open(image).convert("RGB").resize((36, 36), resample=3).crop((2, 2, 34, 34))  # DeiT: resize 36, crop 32
-    np.testing.assert_allclose(display_image(px, prep.mean, prep.std, prep.rescale), np.asarray(resized) / 255, atol=1e-5)
+    resized = (
+        Image.open(image).convert("RGB").resize((36, 36), resample=3).crop((2, 2, 34, 34))
+    )  # DeiT: resize 36, crop 32
+    np.testing.assert_allclose(
+        display_image(px, prep.mean, prep.std, prep.rescale), np.asarray(resized) / 255, atol=1e-5
+    )
 
 
 def test_save_maps_and_cli(image, tmp_path):
@@ -151,7 +159,21 @@ def test_save_maps_and_cli(image, tmp_path):
         np.testing.assert_array_equal(z["query"], maps.query)
         np.testing.assert_array_equal(z["signs"], maps.signs)
         assert z["key"].shape == (3, 4, 4) and z["modes"].tolist() == maps.modes.tolist()
-    code = main(["maps", str(MODELS / "vit"), str(image), "--layer", "0", "--head", "1", "--top", "3", "--out", str(tmp_path / "cli")])
+    code = main(
+        [
+            "maps",
+            str(MODELS / "vit"),
+            str(image),
+            "--layer",
+            "0",
+            "--head",
+            "1",
+            "--top",
+            "3",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     assert code == 0
     with np.load(tmp_path / "cli" / "maps_L0_H1_ln.npz") as z:
         np.testing.assert_array_equal(z["query"], maps.query)
@@ -166,26 +188,58 @@ def test_maps_record_the_weights_and_the_image(image, tmp_path):
         assert str(z["model_id"]) == str(MODELS / "vit") == source["model_id"]
         assert str(z["image_path"]) == str(image)
     digest = hashlib.sha256((MODELS / "vit" / "model.safetensors").read_bytes()).hexdigest()
-    assert source["files"] == [{"name": "model.safetensors", "bytes": (MODELS / "vit" / "model.safetensors").stat().st_size, "sha256": digest}]
+    assert source["files"] == [
+        {"name": "model.safetensors", "bytes": (MODELS / "vit" / "model.safetensors").stat().st_size, "sha256": digest}
+    ]
 
 
 def test_ln_and_residual_maps_do_not_overwrite_each_other(image, tmp_path, capsys):
     for embedding in ("ln", "residual"):
-        assert main(["maps", str(MODELS / "vit"), str(image), "--layer", "0", "--head", "1", "--embedding", embedding, "--out", str(tmp_path)]) == 0
+        assert (
+            main(
+                [
+                    "maps",
+                    str(MODELS / "vit"),
+                    str(image),
+                    "--layer",
+                    "0",
+                    "--head",
+                    "1",
+                    "--embedding",
+                    embedding,
+                    "--out",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
-    assert sorted(p.name for p in tmp_path.glob("maps_*")) == ["maps_L0_H1_ln.npz", "maps_L0_H1_ln.png", "maps_L0_H1_residual.npz", "maps_L0_H1_residual.png"]
+    assert sorted(p.name for p in tmp_path.glob("maps_*")) == [
+        "maps_L0_H1_ln.npz",
+        "maps_L0_H1_ln.png",
+        "maps_L0_H1_residual.npz",
+        "maps_L0_H1_residual.png",
+    ]
     with np.load(tmp_path / "maps_L0_H1_ln.npz") as z:
         assert str(z["embedding"]) == "ln"
 
 
 def test_folder_or_huge_image_is_one_line_saying_so(image, tmp_path, capsys, monkeypatch):
-    assert main(["maps", str(MODELS / "vit"), str(image.parent), "--layer", "0", "--head", "0", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"qkweights: error: {image.parent}: is a folder; give one image file (PNG, JPEG, …)\n"
+    assert (
+        main(["maps", str(MODELS / "vit"), str(image.parent), "--layer", "0", "--head", "0", "--out", str(tmp_path)])
+        == 2
+    )
+    assert (
+        capsys.readouterr().err
+        == f"qkweights: error: {image.parent}: is a folder; give one image file (PNG, JPEG, …)\n"
+    )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 48×48 image is then a "decompression bomb"
     assert main(["maps", str(MODELS / "vit"), str(image), "--layer", "0", "--head", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"qkweights: error: {image}: the image is larger than the 200 pixels Pillow decodes (a guard against "
-                   f"decompression bombs); downscale it (the model sees at most a few hundred pixels a side)\n")
+    assert err == (
+        f"qkweights: error: {image}: the image is larger than the 200 pixels Pillow decodes (a guard against "
+        f"decompression bombs); downscale it (the model sees at most a few hundred pixels a side)\n"
+    )
 
 
 def test_bad_arguments(image):

@@ -21,7 +21,13 @@ from safetensors.numpy import save_file
 from qkweights.cli import main
 from qkweights.errors import InputError
 from qkweights.o3 import (
-    RATIOS, STATE_NAME, allocation, forward_rows, layer_statistics, o3_allocation, patch_masks,
+    RATIOS,
+    STATE_NAME,
+    allocation,
+    forward_rows,
+    layer_statistics,
+    o3_allocation,
+    patch_masks,
     token_choice,
 )
 from qkweights.synth_o3 import draw_scene, make_o3
@@ -173,8 +179,9 @@ def test_forward_rows_equal_the_rows_of_the_full_attention(vit):
     tokens = np.array([[3, 12], [7, 7]])
     full = vit.forward(golden["pixel_values"], attentions=True)
     start, n = full.layout.patches.start, 16
-    expected = np.stack([np.stack([full.attentions[l][b][:, start + tokens[b], start : start + n] for l in range(2)])
-                         for b in range(2)])  # (B, L, H, 2, N)
+    expected = np.stack(
+        [np.stack([full.attentions[l][b][:, start + tokens[b], start : start + n] for l in range(2)]) for b in range(2)]
+    )  # (B, L, H, 2, N)
     np.testing.assert_array_equal(forward_rows(vit, golden["pixel_values"], tokens), expected)
 
 
@@ -203,25 +210,48 @@ def write_known_vit(folder: Path, z: np.ndarray) -> Path:
     zero = lambda *s: np.zeros(s, np.float32)  # noqa: E731
     p = "encoder.layer.0."
     tensors = {
-        "embeddings.cls_token": zero(1, 1, d), "embeddings.position_embeddings": pos,
-        "embeddings.patch_embeddings.projection.weight": zero(d, 3, 8, 8), "embeddings.patch_embeddings.projection.bias": zero(d),
-        p + "attention.attention.query.weight": wq, p + "attention.attention.query.bias": bq,
-        p + "attention.attention.key.weight": wk, p + "attention.attention.key.bias": zero(d),
-        p + "attention.attention.value.weight": zero(d, d), p + "attention.attention.value.bias": zero(d),
-        p + "attention.output.dense.weight": zero(d, d), p + "attention.output.dense.bias": zero(d),
-        p + "intermediate.dense.weight": zero(f, d), p + "intermediate.dense.bias": zero(f),
-        p + "output.dense.weight": zero(d, f), p + "output.dense.bias": zero(d),
-        p + "layernorm_before.weight": np.ones(d, np.float32), p + "layernorm_before.bias": zero(d),
-        p + "layernorm_after.weight": np.ones(d, np.float32), p + "layernorm_after.bias": zero(d),
-        "layernorm.weight": np.ones(d, np.float32), "layernorm.bias": zero(d),
+        "embeddings.cls_token": zero(1, 1, d),
+        "embeddings.position_embeddings": pos,
+        "embeddings.patch_embeddings.projection.weight": zero(d, 3, 8, 8),
+        "embeddings.patch_embeddings.projection.bias": zero(d),
+        p + "attention.attention.query.weight": wq,
+        p + "attention.attention.query.bias": bq,
+        p + "attention.attention.key.weight": wk,
+        p + "attention.attention.key.bias": zero(d),
+        p + "attention.attention.value.weight": zero(d, d),
+        p + "attention.attention.value.bias": zero(d),
+        p + "attention.output.dense.weight": zero(d, d),
+        p + "attention.output.dense.bias": zero(d),
+        p + "intermediate.dense.weight": zero(f, d),
+        p + "intermediate.dense.bias": zero(f),
+        p + "output.dense.weight": zero(d, f),
+        p + "output.dense.bias": zero(d),
+        p + "layernorm_before.weight": np.ones(d, np.float32),
+        p + "layernorm_before.bias": zero(d),
+        p + "layernorm_after.weight": np.ones(d, np.float32),
+        p + "layernorm_after.bias": zero(d),
+        "layernorm.weight": np.ones(d, np.float32),
+        "layernorm.bias": zero(d),
     }
     save_file(tensors, str(folder / "model.safetensors"))
-    config = {"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": d, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "intermediate_size": f, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-              "image_size": 32, "patch_size": 8, "num_channels": 3, "qkv_bias": True}
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTModel"],
+        "hidden_size": d,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": f,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
+        "qkv_bias": True,
+    }
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": 2}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": 2})
+    )
     return folder
 
 
@@ -229,8 +259,10 @@ def reference_masks(seed: int, i: int, size: tuple[int, int]) -> np.ndarray:
     """(3, 4, 4) patch masks of scene i of make_o3(seed) at ``size``, from the masks draw_scene paints
     (no JPEG): resized to 32×32 with PIL's bilinear filter on float32, then 8×8 block means."""
     _, target, distractor, _ = draw_scene(np.random.default_rng([seed, i]), size)
-    small = [np.asarray(Image.fromarray(m.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR), np.float64)
-             for m in (target, distractor)]
+    small = [
+        np.asarray(Image.fromarray(m.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR), np.float64)
+        for m in (target, distractor)
+    ]
     t, d = (s.reshape(4, 8, 4, 8).mean(axis=(1, 3)).ravel() for s in small)
     return np.stack([t, d, np.clip(1 - t - d, 0, 1)])  # (3, 16)
 
@@ -292,8 +324,9 @@ def test_unusable_images_are_skipped_and_listed(tmp_path, wide):
     summary = o3_allocation(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6, plots=False).summary
     reasons = {s["image"]: s["reason"] for s in summary["skipped"]}
     assert reasons["synth_0000"] == "target mask is empty: no pixel >= 128"
-    assert reasons["synth_0001"] == ("distractor mask is empty on the 4×4 patch grid "
-                                     "(the object lies outside the model's 32×32 input)")
+    assert reasons["synth_0001"] == (
+        "distractor mask is empty on the 4×4 patch grid (the object lies outside the model's 32×32 input)"
+    )
     assert reasons["synth_0002"].startswith(f"{root / 'targ_images' / 'synth_0002.jpg'}: mask is 10x10 but image")
     assert reasons["synth_0003"].startswith(f"{root / 'images' / 'synth_0003.jpg'}: cannot decode the image")
     assert reasons["synth_0004"] == "no mask in dist_images/"
@@ -306,7 +339,9 @@ def test_nothing_usable_is_an_error(tmp_path, wide):
     root = Path(shutil.copytree(wide, tmp_path / "o3"))
     for i in range(2):
         _jpeg(np.zeros((48, 80)), root / "targ_images" / f"synth_{i:04d}.jpg")
-    with pytest.raises(InputError, match=r"none of the 2 selected images is usable \(first: synth_0000: target mask is empty"):
+    with pytest.raises(
+        InputError, match=r"none of the 2 selected images is usable \(first: synth_0000: target mask is empty"
+    ):
         o3_allocation(str(MODELS / "vit"), root, tmp_path / "out", max_images=2)
 
 
@@ -337,8 +372,14 @@ def test_summary_matches_a_hand_computation_from_the_csv(tmp_path, vit, square):
     for entry in doc["layers"]:
         assert entry["depth"] == entry["layer"] / 1
         for key, (a, b) in pairs.items():
-            per_image = [statistics.fmean(float(r[a]) / 2 + float(r[b]) / 2 for r in rows
-                                          if r["image"] == im and int(r["layer"]) == entry["layer"]) for im in images]
+            per_image = [
+                statistics.fmean(
+                    float(r[a]) / 2 + float(r[b]) / 2
+                    for r in rows
+                    if r["image"] == im and int(r["layer"]) == entry["layer"]
+                )
+                for im in images
+            ]
             assert entry[key]["mean"] == pytest.approx(statistics.fmean(per_image), abs=1e-14)
             assert entry[key]["sem"] == pytest.approx(statistics.stdev(per_image) / math.sqrt(len(images)), abs=1e-14)
     with Image.open(tmp_path / "out" / "o3_by_layer.png") as im:
@@ -365,8 +406,16 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
     assert (tmp_path / "part" / STATE_NAME).is_file()
     assert not (tmp_path / "part" / "o3.csv").exists()
     calls, notes = [], []
-    o3_allocation(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=lambda d, t: calls.append(d),
-                  plots=False, notes=notes.append)
+    o3_allocation(
+        vit,
+        square,
+        tmp_path / "part",
+        batch_size=3,
+        shard_size=3,
+        progress=lambda d, t: calls.append(d),
+        plots=False,
+        notes=notes.append,
+    )
     assert calls == [6, 9, 12]  # resumed after the two saved shards
     assert notes == [f"resuming from {tmp_path / 'part' / STATE_NAME}: 6 of 12 images already done"]
     for name in ("o3.csv", "o3_summary.json"):
@@ -378,10 +427,21 @@ def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
         o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
     calls, notes = [], []
-    o3_allocation(vit, square, tmp_path / "out", batch_size=5, shard_size=4, progress=lambda d, t: calls.append(d),
-                  plots=False, notes=notes.append)
+    o3_allocation(
+        vit,
+        square,
+        tmp_path / "out",
+        batch_size=5,
+        shard_size=4,
+        progress=lambda d, t: calls.append(d),
+        plots=False,
+        notes=notes.append,
+    )
     assert calls[0] == 0
-    assert notes == [f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"]
+    assert notes == [
+        f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it "
+        "and starting over"
+    ]
     o3_allocation(vit, square, tmp_path / "fresh", batch_size=5, plots=False)
     assert (tmp_path / "out" / "o3.csv").read_bytes() == (tmp_path / "fresh" / "o3.csv").read_bytes()
 
@@ -402,8 +462,21 @@ def test_cli_make_o3_and_o3(tmp_path, capsys):
     assert main(["make-o3", str(tmp_path / "data"), "--n", "5", "--seed", "4", "--size", "48x80"]) == 0
     with Image.open(tmp_path / "data" / "images" / "synth_0000.jpg") as im:
         assert im.size == (80, 48)
-    assert main(["o3", str(MODELS / "ijepa"), str(tmp_path / "data"), "--max-images", "3", "--out", str(tmp_path / "out"),
-                 "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "o3",
+                str(MODELS / "ijepa"),
+                str(tmp_path / "data"),
+                "--max-images",
+                "3",
+                "--out",
+                str(tmp_path / "out"),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "layer  l/(L-1)" in out and "wrote o3.csv, o3_summary.json to" in out
     doc = json.loads((tmp_path / "out" / "o3_summary.json").read_text())

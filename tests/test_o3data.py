@@ -16,7 +16,14 @@ from scipy import ndimage
 
 from qkweights.errors import InputError, SourceError
 from qkweights.o3data import (
-    FEATURE_FLAGS, PROPERTY_COLUMNS, O3Item, check_sizes, load_mask, load_masks, open_o3, read_properties,
+    FEATURE_FLAGS,
+    PROPERTY_COLUMNS,
+    O3Item,
+    check_sizes,
+    load_mask,
+    load_masks,
+    open_o3,
+    read_properties,
 )
 from qkweights.synth_o3 import FEATURES, PALETTE, draw_scene, make_o3
 
@@ -102,8 +109,13 @@ def test_layout_matches_the_real_o3(o3):
     with open(o3 / "image_properties.txt", newline="") as f:
         rows = list(csv.reader(f))
     # header spelled as in the reference notes (method §6, "O3 on disk")
-    assert rows[0] == ("image_name num_distractors target_type target_subtype target_size target_x target_y "
-                       "orientation color focus shape size location pattern").split()
+    assert (
+        rows[0]
+        == (
+            "image_name num_distractors target_type target_subtype target_size target_x target_y "
+            "orientation color focus shape size location pattern"
+        ).split()
+    )
     assert [r[0] for r in rows[1:]] == names
     assert not [p for p in o3.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import qkweights
 from conftest import FIXTURES, GOLDEN, MODELS
 from hubcache import make_hub_cache
+
+import qkweights
 from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
 from qkweights.load import open_model
 from qkweights.tensors import TensorStore
@@ -29,7 +29,9 @@ PICKLES = FIXTURES / "pickles"
 DINO = PICKLES / "dino-like" / "dino_vit_pretrain.pth"
 IJEPA = PICKLES / "ijepa-research" / "IN1K-vit-tiny.pth.tar"
 EVIL = FIXTURES.parent / "pickle_fixtures" / "evil_os_system.pt"
-MARKER = Path("/tmp/qkweights-pwned/evil_os_system")  # what its payload touches (tests/pickle_fixtures/make_pickle_fixtures.py)
+MARKER = Path(
+    "/tmp/qkweights-pwned/evil_os_system"
+)  # what its payload touches (tests/pickle_fixtures/make_pickle_fixtures.py)
 PROFILE_ARRAYS = ("singular_values", "cosines", "weighted", "mean", "trace", "nuclear", "effective_rank", "U", "V")
 # PyTorch file -> (safetensors fixture holding the same weights, part to read, prefix the file adds to each name)
 SAME_WEIGHTS = {
@@ -59,7 +61,11 @@ def assert_same_profile(got, want):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
     assert got.degenerate == want.degenerate
     assert (got.model.layers, got.model.heads, got.model.head_dim, got.model.dtype) == (
-        want.model.layers, want.model.heads, want.model.head_dim, want.model.dtype)
+        want.model.layers,
+        want.model.heads,
+        want.model.head_dim,
+        want.model.dtype,
+    )
 
 
 def sha256(path):
@@ -79,10 +85,13 @@ def test_profile_equals_the_safetensors_profile(name, reference_profiles):
 
 def ijepa_in_timm_names(hf):
     """The HF ijepa fixture's tensors under I-JEPA's (timm) names, as make_pickle_models.py renames them."""
-    out = {"patch_embed.proj.weight": hf.get("embeddings.patch_embeddings.projection.weight"),
-           "patch_embed.proj.bias": hf.get("embeddings.patch_embeddings.projection.bias"),
-           "pos_embed": hf.get("embeddings.position_embeddings"),
-           "norm.weight": hf.get("layernorm.weight"), "norm.bias": hf.get("layernorm.bias")}
+    out = {
+        "patch_embed.proj.weight": hf.get("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": hf.get("embeddings.patch_embeddings.projection.bias"),
+        "pos_embed": hf.get("embeddings.position_embeddings"),
+        "norm.weight": hf.get("layernorm.weight"),
+        "norm.bias": hf.get("layernorm.bias"),
+    }
     for i in range(2):
         for p in ("weight", "bias"):
             out[f"blocks.{i}.norm1.{p}"] = hf.get(f"encoder.layer.{i}.layernorm_before.{p}")
@@ -99,10 +108,12 @@ def test_every_stored_tensor_equals_the_safetensors_tensor(name):
     st = TensorStore.open(sorted((MODELS / fixture).glob("*.safetensors")))
     want = ijepa_in_timm_names(st) if fixture == "ijepa" else {n: st.get(n) for n in st.names()}
     names = [n for n in pt.names() if n.startswith(prefix)]
-    assert len(names) == (len(want) if fixture in ("timm-vit", "ijepa") else 13)  # 13: CLS + 2 × (LN, q, k weights and biases)
+    assert len(names) == (
+        len(want) if fixture in ("timm-vit", "ijepa") else 13
+    )  # 13: CLS + 2 × (LN, q, k weights and biases)
     assert pt.dtypes() == st.dtypes()
     for n in names:
-        np.testing.assert_array_equal(pt.get(n), want[n[len(prefix):]], err_msg=n)
+        np.testing.assert_array_equal(pt.get(n), want[n[len(prefix) :]], err_msg=n)
 
 
 def test_strided_file_really_holds_views():
@@ -110,8 +121,11 @@ def test_strided_file_really_holds_views():
     store = TorchStore.open(PICKLES / "vit-strided" / "pytorch_model.bin")
     weights = {n: store.info(n) for n in store.names() if len(store.shape(n)) == 2}
     assert {n: t.stride for n, t in weights.items()} == {
-        "encoder.layer.0.attention.attention.query.weight": (1, 32), "encoder.layer.0.attention.attention.key.weight": (1, 32),
-        "encoder.layer.1.attention.attention.query.weight": (1, 64), "encoder.layer.1.attention.attention.key.weight": (1, 64)}
+        "encoder.layer.0.attention.attention.query.weight": (1, 32),
+        "encoder.layer.0.attention.attention.key.weight": (1, 32),
+        "encoder.layer.1.attention.attention.query.weight": (1, 64),
+        "encoder.layer.1.attention.attention.key.weight": (1, 64),
+    }
     key1 = store.info("encoder.layer.1.attention.attention.key.weight")
     assert key1.offset == 32 and key1.storage is store.info("encoder.layer.1.attention.attention.query.weight").storage
     assert store.info("encoder.layer.0.attention.attention.key.bias").offset == 32
@@ -147,13 +161,18 @@ def test_training_checkpoint_part_model_equals_the_whole_file(reference_profiles
 def test_ijepa_default_part_is_the_encoder(capsys, reference_profiles):
     with pytest.warns(QkWarning) as caught:
         prof = qkweights.profile(str(IJEPA), save_vectors=True)
-    note = "IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, target_encoder; reading 'encoder' (choose another with part=NAME)"
+    note = (
+        "IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, target_encoder; reading 'encoder' (choose another with "
+        "part=NAME)"
+    )
     assert [str(w.message) for w in caught] == [note] and capsys.readouterr().err == ""
     from qkweights.cli import main  # the command line prints the note, with the option as a flag
 
     assert main(["inspect", str(IJEPA)]) == 0
-    assert capsys.readouterr().err.splitlines()[0] == ("qkweights: note: IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, "
-                                                      "target_encoder; reading 'encoder' (choose another with --part NAME)")
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "qkweights: note: IN1K-vit-tiny.pth.tar holds encoder, opt, predictor, "
+        "target_encoder; reading 'encoder' (choose another with --part NAME)"
+    )
     assert prof.source["part"] == "encoder" and prof.model.family == "timm-vit"
     assert_same_profile(prof, reference_profiles("ijepa"))  # hf ijepa fixture: the same weights
     explicit = qkweights.profile(str(IJEPA), part="encoder", save_vectors=True)
@@ -167,8 +186,12 @@ def dense_singular_values(store, template, layers, heads, k):
     for l in range(layers):
         qkv = store.get(template.format(l)).astype(np.float64)
         d = qkv.shape[1]
-        out.append([np.linalg.svd(qkv[k * h:k * (h + 1)].T @ qkv[d + k * h:d + k * (h + 1)], compute_uv=False)[:k]
-                    for h in range(heads)])
+        out.append(
+            [
+                np.linalg.svd(qkv[k * h : k * (h + 1)].T @ qkv[d + k * h : d + k * (h + 1)], compute_uv=False)[:k]
+                for h in range(heads)
+            ]
+        )
     return np.array(out)
 
 
@@ -185,7 +208,9 @@ def test_ijepa_predictor_is_detected_with_heads_of_width_24():
     prof = qkweights.profile(str(IJEPA), part="predictor", save_vectors=True)
     m = prof.model
     assert (m.family, m.layers, m.hidden, m.heads, m.head_dim, m.dtype) == ("ijepa-predictor", 3, 48, 2, 24, "F32")
-    want = dense_singular_values(TorchStore.open(IJEPA, part="predictor"), "predictor_blocks.{}.attn.qkv.weight", 3, 2, 24)
+    want = dense_singular_values(
+        TorchStore.open(IJEPA, part="predictor"), "predictor_blocks.{}.attn.qkv.weight", 3, 2, 24
+    )
     np.testing.assert_allclose(prof.singular_values, want, rtol=1e-9)
 
 
@@ -199,14 +224,20 @@ def test_ijepa_predictor_has_no_forward_pass():
 def test_ijepa_unknown_part_lists_the_parts():
     with pytest.raises(CheckpointError) as err:
         open_model(str(IJEPA), part="nope")
-    assert str(err.value) == "IN1K-vit-tiny.pth.tar: has no part 'nope' (parts: encoder, opt, predictor, target_encoder); choose one of those"
+    assert str(err.value) == (
+        "IN1K-vit-tiny.pth.tar: has no part 'nope' (parts: encoder, opt, predictor, target_encoder); choose one "
+        "of those"
+    )
 
 
 # ---- the Hub: pytorch_model.bin only with allow_pickle
 
 
 def test_hub_pickle_needs_allow_pickle(hub_cache, reference_profiles):
-    files = {"config.json": MODELS / "vit" / "config.json", "pytorch_model.bin": PICKLES / "vit-ddp" / "pytorch_model.bin"}
+    files = {
+        "config.json": MODELS / "vit" / "config.json",
+        "pytorch_model.bin": PICKLES / "vit-ddp" / "pytorch_model.bin",
+    }
     make_hub_cache(hub_cache, "qkw-test/vit-pickle", files, commit="d" * 40, tree=True)
     with pytest.raises(SourceError) as err:
         qkweights.profile("qkw-test/vit-pickle")
@@ -215,7 +246,9 @@ def test_hub_pickle_needs_allow_pickle(hub_cache, reference_profiles):
     assert_same_profile(prof, reference_profiles("vit"))
     assert prof.source["kind"] == "hub" and prof.source["commit"] == "d" * 40
     bin_file = PICKLES / "vit-ddp" / "pytorch_model.bin"
-    assert prof.source["files"] == [{"name": "pytorch_model.bin", "bytes": bin_file.stat().st_size, "sha256": sha256(bin_file)}]
+    assert prof.source["files"] == [
+        {"name": "pytorch_model.bin", "bytes": bin_file.stat().st_size, "sha256": sha256(bin_file)}
+    ]
 
 
 # ---- the command line
@@ -223,7 +256,9 @@ def test_hub_pickle_needs_allow_pickle(hub_cache, reference_profiles):
 
 def run_cli(*args):
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "qkweights", *args], capture_output=True, text=True, cwd=FIXTURES.parents[1], env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "qkweights", *args], capture_output=True, text=True, cwd=FIXTURES.parents[1], env=env
+    )
 
 
 def test_cli_profile_of_a_part(tmp_path):
@@ -233,13 +268,18 @@ def test_cli_profile_of_a_part(tmp_path):
     doc = json.loads((tmp_path / "profile.json").read_text())
     assert doc["source"]["part"] == "target_encoder" and doc["model"]["family"] == "timm-vit"
     want = qkweights.profile(str(IJEPA), part="target_encoder")
-    np.testing.assert_array_equal([[h["weighted_cosine"] for h in layer["heads"]] for layer in doc["layers"]], want.weighted)
+    np.testing.assert_array_equal(
+        [[h["weighted_cosine"] for h in layer["heads"]] for layer in doc["layers"]], want.weighted
+    )
 
 
 def test_cli_refuses_a_malicious_pickle_without_running_it(tmp_path):
     MARKER.unlink(missing_ok=True)
     res = run_cli("profile", str(EVIL), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
-    assert re.fullmatch(r"qkweights: error: evil_os_system\.pt: refuses to load global (posix|os)\.system \(not a tensor or a known "
-                        r"checkpoint container\); qkweights never runs code from checkpoints\n", res.stderr), res.stderr
+    assert re.fullmatch(
+        r"qkweights: error: evil_os_system\.pt: refuses to load global (posix|os)\.system \(not a tensor or a known "
+        r"checkpoint container\); qkweights never runs code from checkpoints\n",
+        res.stderr,
+    ), res.stderr
     assert not MARKER.exists() and not (tmp_path / "o").exists()

@@ -46,9 +46,7 @@ HF_FIXTURE_CONFIGS = sorted(FIXTURES.glob("*/preprocessor_config.json"))
 def _gradient(height: int, width: int) -> np.ndarray:
     """(H, W, 3) uint8 test picture: two ramps and their mix."""
     y, x = np.mgrid[0:height, 0:width]
-    return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1).astype(
-        np.uint8
-    )
+    return np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- goldens
@@ -315,7 +313,11 @@ def test_from_timm_hand_computed():
         {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.9, "mean": [0.5] * 3, "std": [0.5] * 3}
     )
     assert (pre.shortest_edge, pre.crop, pre.resample, pre.mean, pre.convention) == (
-        248, (224, 224), 2, (0.5, 0.5, 0.5), "timm"
+        248,
+        (224, 224),
+        2,
+        (0.5, 0.5, 0.5),
+        "timm",
     )
     # Defaults (timm resolve_data_config): 224, bicubic, crop_pct 0.875 -> 256, ImageNet mean/std.
     default = Preprocess.from_timm({})
@@ -350,7 +352,12 @@ def test_timm_pipeline_hand_computed():
 def test_from_open_clip_and_its_rgb_order():
     pre = Preprocess.from_open_clip({}, 224)
     assert (pre.shortest_edge, pre.crop, pre.resample, pre.mean, pre.std, pre.convention) == (
-        224, (224, 224), 3, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "open_clip"
+        224,
+        (224, 224),
+        3,
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        "open_clip",
     )
     squash = Preprocess.from_open_clip({"resize_mode": "squash", "interpolation": "bilinear"}, 32)
     assert (squash.size, squash.crop, squash.resample) == ((32, 32), None, 2)
@@ -360,7 +367,8 @@ def test_from_open_clip_and_its_rgb_order():
     if fixture.exists():
         cfg = json.loads(fixture.read_text())
         assert Preprocess.from_open_clip(cfg["preprocess_cfg"], cfg["model_cfg"]["vision_cfg"]["image_size"]).crop == (
-            32, 32
+            32,
+            32,
         )
     # open_clip converts to RGB after Resize + CenterCrop (PIL resizes RGBA premultiplied,
     # then convert("RGB") drops alpha); transformers composites on white first.
@@ -396,7 +404,11 @@ def test_with_size_resizes_straight_without_crop():
     pre = Preprocess.from_hf({"image_processor_type": "CLIPImageProcessor", "size": 32, "crop_size": 32})
     small = pre.with_size(24, 40)
     assert (small.size, small.shortest_edge, small.crop, small.resample, small.mean) == (
-        (24, 40), None, None, 3, OPENAI_CLIP_MEAN
+        (24, 40),
+        None,
+        None,
+        3,
+        OPENAI_CLIP_MEAN,
     )
     image = _gradient(50, 61)
     by_hand = np.asarray(Image.fromarray(image).resize((40, 24), Image.Resampling.BICUBIC)).astype(np.float32) / 255
@@ -505,12 +517,15 @@ def test_transform_mask_padding_and_errors():
         pre.transform_mask(np.ones((4, 4), np.int64))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("rescale_factor", "x", "preprocessor_config.json: rescale_factor is 'x'; it must be a number"),
-    ("resample", "x", "preprocessor_config.json: resample is 'x'; it must be a PIL filter code 0-5; fix the file"),
-    ("do_resize", "yes", "preprocessor_config.json: do_resize is 'yes'; it must be true or false; fix the file"),
-    ("image_mean", ["a", 1, 2], "preprocess mean is ['a', 1, 2]; give three finite numbers (R, G, B)"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rescale_factor", "x", "preprocessor_config.json: rescale_factor is 'x'; it must be a number"),
+        ("resample", "x", "preprocessor_config.json: resample is 'x'; it must be a PIL filter code 0-5; fix the file"),
+        ("do_resize", "yes", "preprocessor_config.json: do_resize is 'yes'; it must be true or false; fix the file"),
+        ("image_mean", ["a", 1, 2], "preprocess mean is ['a', 1, 2]; give three finite numbers (R, G, B)"),
+    ],
+)
 def test_preprocessor_config_values_of_the_wrong_type_name_the_key(key, value, message):
     with pytest.raises(SpecError, match="^" + re.escape(message)):
         Preprocess.from_hf({"image_processor_type": "ViTImageProcessor", key: value})

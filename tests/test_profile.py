@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import MODELS, edited_fixture, vit_qk_name
+from hubcache import make_hub_cache
 from safetensors.numpy import load_file, save_file
 
 import qkweights
-from conftest import MODELS, edited_fixture, vit_qk_name
-from hubcache import make_hub_cache
 from qkweights.cli import main
 from qkweights.errors import InputError
 from qkweights.profiles import load_profile
@@ -21,13 +21,25 @@ from qkweights.profiles import load_profile
 HF = ("encoder.layer.{i}.attention.attention.{p}.weight", "query", "key")
 CLIP = ("vision_model.encoder.layers.{i}.self_attn.{p}_proj.weight", "q", "k")
 REFERENCE_NAMES = {
-    "vit": HF, "vit-bf16": HF, "vit-f16": HF, "vit-h3": HF, "dinov2": HF, "dinov2-reg": HF, "dinov2-swiglu": HF, "ijepa": HF,
-    "vit-cls": ("vit." + HF[0], "query", "key"), "deit": ("deit." + HF[0], "query", "key"), "clip": CLIP, "clip-vision": CLIP,
+    "vit": HF,
+    "vit-bf16": HF,
+    "vit-f16": HF,
+    "vit-h3": HF,
+    "dinov2": HF,
+    "dinov2-reg": HF,
+    "dinov2-swiglu": HF,
+    "ijepa": HF,
+    "vit-cls": ("vit." + HF[0], "query", "key"),
+    "deit": ("deit." + HF[0], "query", "key"),
+    "clip": CLIP,
+    "clip-vision": CLIP,
     "bert": ("encoder.layer.{i}.attention.self.{p}.weight", "query", "key"),
     "roberta-mlm": ("roberta.encoder.layer.{i}.attention.self.{p}.weight", "query", "key"),
-    "timm-vit": ("blocks.{i}.attn.qkv.weight", None, None), "timm-vit-reg": ("blocks.{i}.attn.qkv.weight", None, None),
+    "timm-vit": ("blocks.{i}.attn.qkv.weight", None, None),
+    "timm-vit-reg": ("blocks.{i}.attn.qkv.weight", None, None),
     "open-clip": ("visual.transformer.resblocks.{i}.attn.in_proj_weight", None, None),
-    "deit-h3": ("deit." + HF[0], "query", "key"), "timm-deit": ("blocks.{i}.attn.qkv.weight", None, None),
+    "deit-h3": ("deit." + HF[0], "query", "key"),
+    "timm-deit": ("blocks.{i}.attn.qkv.weight", None, None),
     "timm-beit": ("blocks.{i}.attn.qkv.weight", None, None),
 }
 HEADS = {"vit-h3": 3, "timm-vit": 3, "deit-h3": 3, "timm-deit": 3}
@@ -40,6 +52,7 @@ def reference_weights(name):
     for f in sorted(folder.glob("*.safetensors")):
         if name == "vit-bf16":
             from safetensors.torch import load_file as load_torch  # safetensors.numpy cannot read BF16
+
             tensors.update({k: v.float().numpy() for k, v in load_torch(str(f)).items()})
         else:
             tensors.update(load_file(str(f)))
@@ -93,16 +106,54 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(p.name for p in written) == ["heads.csv", "modes.npz", "profile.json"]
     doc = json.loads((tmp_path / "profile.json").read_text())
     assert doc["schema"] == "qkweights.profile/2"
-    assert doc["model"] == {**doc["model"], "family": "hf-deit", "layers": 2, "heads": 4, "hidden": 32, "head_dim": 8, "dtype": "F32"}
+    assert doc["model"] == {
+        **doc["model"],
+        "family": "hf-deit",
+        "layers": 2,
+        "heads": 4,
+        "hidden": 32,
+        "head_dim": 8,
+        "dtype": "F32",
+    }
     assert doc["null_band_95"] == pytest.approx(1.959963984540054 / np.sqrt(32))
-    assert set(doc["layers"][0]) == {"layer", "weighted_cosine", "mean_cosine", "min", "max", "std", "symmetric_fraction", "ov_weighted_cosine", "heads"}
+    assert set(doc["layers"][0]) == {
+        "layer",
+        "weighted_cosine",
+        "mean_cosine",
+        "min",
+        "max",
+        "std",
+        "symmetric_fraction",
+        "ov_weighted_cosine",
+        "heads",
+    }
     head = doc["layers"][1]["heads"][3]
-    assert set(head) >= {"head", "weighted_cosine", "mean_cosine", "trace", "nuclear_norm", "singular_values", "cosines", "degenerate_blocks"}
+    assert set(head) >= {
+        "head",
+        "weighted_cosine",
+        "mean_cosine",
+        "trace",
+        "nuclear_norm",
+        "singular_values",
+        "cosines",
+        "degenerate_blocks",
+    }
     assert head["head"] == 3 and len(head["cosines"]) == 8
     assert doc["layers"][1]["weighted_cosine"] == pytest.approx(np.mean(prof.weighted[1]))
     assert doc["source"]["files"][0]["name"] == "model.safetensors" and len(doc["source"]["files"][0]["sha256"]) == 64
     back = load_profile(tmp_path)
-    for field in ("singular_values", "cosines", "weighted", "mean", "trace", "nuclear", "effective_rank", "U", "V", "symmetric"):
+    for field in (
+        "singular_values",
+        "cosines",
+        "weighted",
+        "mean",
+        "trace",
+        "nuclear",
+        "effective_rank",
+        "U",
+        "V",
+        "symmetric",
+    ):
         np.testing.assert_array_equal(getattr(back, field), getattr(prof, field))
     for field in ("singular_values", "cosines", "weighted", "degenerate"):
         np.testing.assert_array_equal(getattr(back.ov, field), getattr(prof.ov, field))
@@ -136,13 +187,22 @@ def test_nonfinite_weights_exit_1(tmp_path, capsys):
     assert err.strip() == "qkweights: non-finite weights in 1 head(s): L1 H1"
     doc = json.loads((tmp_path / "out" / "profile.json").read_text())
     assert doc["nonfinite_heads"] == [{"layer": 1, "head": 1}]
-    assert doc["layers"][1]["heads"][1]["weighted_cosine"] is None and doc["layers"][1]["heads"][0]["weighted_cosine"] is not None
+    assert (
+        doc["layers"][1]["heads"][1]["weighted_cosine"] is None
+        and doc["layers"][1]["heads"][0]["weighted_cosine"] is not None
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["profile", "/no/such/folder"], "qkweights: error: /no/such/folder: no such file or folder"),
-    (["profile", str(MODELS / "vit"), "--family", "hf-clip"], "qkweights: error: the checkpoint is not of family 'hf-clip'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["profile", "/no/such/folder"], "qkweights: error: /no/such/folder: no such file or folder"),
+        (
+            ["profile", str(MODELS / "vit"), "--family", "hf-clip"],
+            "qkweights: error: the checkpoint is not of family 'hf-clip'",
+        ),
+    ],
+)
 def test_input_errors_exit_2_with_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -153,14 +213,24 @@ def test_hub_repo_from_offline_cache(tmp_path, hub_cache, capsys):
     files = {p.name: p for p in (MODELS / "vit-cls").iterdir()}
     make_hub_cache(hub_cache, "qkw-test/tiny-vit", files, commit="c" * 40)
     prof = qkweights.profile("qkw-test/tiny-vit")
-    assert prof.source["model_id"] == "qkw-test/tiny-vit" and prof.source["commit"] == "c" * 40 and prof.source["kind"] == "hub"
+    assert (
+        prof.source["model_id"] == "qkw-test/tiny-vit"
+        and prof.source["commit"] == "c" * 40
+        and prof.source["kind"] == "hub"
+    )
     assert sorted(f["name"] for f in prof.source["files"]) == sorted(n for n in files if n.endswith(".safetensors"))
     np.testing.assert_array_equal(prof.singular_values, qkweights.profile(str(MODELS / "vit-cls")).singular_values)
 
 
 def test_default_model_offline_not_cached_is_one_clear_line(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-m", "qkweights", "profile", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=MODELS.parents[2])
+    res = subprocess.run(
+        [sys.executable, "-m", "qkweights", "profile", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=MODELS.parents[2],
+    )
     assert res.returncode == 2
     assert res.stderr.startswith("qkweights: error: google/vit-base-patch16-224") and res.stderr.count("\n") == 1
     assert "Traceback" not in res.stderr
@@ -170,7 +240,11 @@ def test_rerun_without_vectors_removes_the_old_modes_npz(tmp_path, capsys):
     out = str(tmp_path / "o")
     assert main(["profile", str(MODELS / "vit"), "--out", out, "--save-vectors", "--no-plots"]) == 0
     assert main(["profile", str(MODELS / "vit-h3"), "--out", out, "--no-plots"]) == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".qkweights-profile.json", "heads.csv", "profile.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        ".qkweights-profile.json",
+        "heads.csv",
+        "profile.json",
+    ]
     assert main(["diff", out, out, "--out", str(tmp_path / "d"), "--no-plots", "--quiet"]) == 0
     capsys.readouterr()
 
@@ -183,13 +257,17 @@ def test_rerun_with_no_plots_removes_the_old_figures(tmp_path, capsys):
 
 
 def test_modes_npz_of_another_run_is_refused(tmp_path, capsys):
-    """A modes.npz beside a profile.json it was not written with (copied, or an older qkweights) is never paired with it."""
+    """A modes.npz beside a profile.json it was not written with (copied, or an older qkweights) is never paired with
+    it."""
     a, b = tmp_path / "a", tmp_path / "b"
     qkweights.profile(str(MODELS / "vit"), save_vectors=True).save(a)
     qkweights.profile(str(MODELS / "vit-cls"), save_vectors=True).save(b)
     shutil.copy(a / "modes.npz", b / "modes.npz")
-    with pytest.raises(InputError, match=rf"^{b / 'modes.npz'}: belongs to another run than profile.json beside it .*; "
-                                         rf"profile again with save_vectors=True into {b}, or delete modes.npz$"):
+    with pytest.raises(
+        InputError,
+        match=rf"^{b / 'modes.npz'}: belongs to another run than profile.json beside it .*; "
+        rf"profile again with save_vectors=True into {b}, or delete modes.npz$",
+    ):
         load_profile(b)
     assert load_profile(b, vectors=False).U is None
     assert main(["diff", str(b), str(a), "--out", str(tmp_path / "d"), "--no-plots"]) == 2
@@ -197,15 +275,27 @@ def test_modes_npz_of_another_run_is_refused(tmp_path, capsys):
     assert main(["check", str(MODELS / "vit-cls"), "--baseline", str(b), "--quiet"]) == 0  # check needs no vectors
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["layers"][0]["heads"][1].update(weighted_cosine="0.5"), "field layers[0].heads[1].weighted_cosine is \"0.5\"; expected a number (or null)"),
-    (lambda d: d["layers"][1]["heads"][0].update(singular_values=[]), "field layers[1].heads[0].singular_values has 0 values; model.head_dim says 8"),
-    (lambda d: d["layers"].pop(), "field layers has 1 entries; model.layers says 2"),
-    (lambda d: d["layers"][0]["heads"][2].pop("cosines"), "field layers[0].heads[2].cosines is missing"),
-    (lambda d: d["model"].update(heads="4"), "field model.heads is \"4\"; expected an integer"),
-    (lambda d: d.update(nonfinite_heads=[{"layer": 7, "head": 0}]), "field nonfinite_heads[0] must be"),
-    (lambda d: d["layers"][0]["heads"][0].update(degenerate_blocks=[{"start": 3}]), "field layers[0].heads[0].degenerate_blocks[0] must hold integers"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: d["layers"][0]["heads"][1].update(weighted_cosine="0.5"),
+            'field layers[0].heads[1].weighted_cosine is "0.5"; expected a number (or null)',
+        ),
+        (
+            lambda d: d["layers"][1]["heads"][0].update(singular_values=[]),
+            "field layers[1].heads[0].singular_values has 0 values; model.head_dim says 8",
+        ),
+        (lambda d: d["layers"].pop(), "field layers has 1 entries; model.layers says 2"),
+        (lambda d: d["layers"][0]["heads"][2].pop("cosines"), "field layers[0].heads[2].cosines is missing"),
+        (lambda d: d["model"].update(heads="4"), 'field model.heads is "4"; expected an integer'),
+        (lambda d: d.update(nonfinite_heads=[{"layer": 7, "head": 0}]), "field nonfinite_heads[0] must be"),
+        (
+            lambda d: d["layers"][0]["heads"][0].update(degenerate_blocks=[{"start": 3}]),
+            "field layers[0].heads[0].degenerate_blocks[0] must hold integers",
+        ),
+    ],
+)
 def test_hand_edited_baseline_is_one_line_naming_the_field(tmp_path, capsys, edit, message):
     qkweights.profile(str(MODELS / "vit")).save(tmp_path)
     doc = json.loads((tmp_path / "profile.json").read_text())

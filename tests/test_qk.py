@@ -68,8 +68,10 @@ def test_hand_computed_heads():
     st = head_stats(*qk_svd(wq, -wq), wq, -wq)
     np.testing.assert_allclose(st.cosines, -1.0, atol=1e-12)
     # Orthogonal query and key spaces: W_q on coordinates 0-3, W_k on 4-7 → all cosines 0, trace 0.
-    wq = np.zeros((1, 4, 8)); wk = np.zeros((1, 4, 8))
-    wq[0, :, :4] = np.diag([4.0, 3, 2, 1]); wk[0, :, 4:] = np.eye(4)
+    wq = np.zeros((1, 4, 8))
+    wk = np.zeros((1, 4, 8))
+    wq[0, :, :4] = np.diag([4.0, 3, 2, 1])
+    wk[0, :, 4:] = np.eye(4)
     u, s, v = qk_svd(wq, wk)
     st = head_stats(u, s, v, wq, wk)
     np.testing.assert_allclose(s[0], [4, 3, 2, 1], rtol=1e-14)
@@ -82,8 +84,10 @@ def test_hand_computed_heads():
 
 def test_degenerate_blocks_flagged_with_block_sums():
     # W_q = I (4 modes, σ = 1 each): every σ ties, the block's cosine sum is trace(W_k restricted) = 2.
-    wq = np.zeros((1, 4, 6)); wq[0, :, :4] = np.eye(4)
-    wk = np.zeros((1, 4, 6)); wk[0, :, :4] = np.diag([1.0, 1, -1, 1])  # σ all 1, cos ±1 inside the block
+    wq = np.zeros((1, 4, 6))
+    wq[0, :, :4] = np.eye(4)
+    wk = np.zeros((1, 4, 6))
+    wk[0, :, :4] = np.diag([1.0, 1, -1, 1])  # σ all 1, cos ±1 inside the block
     u, s, v = qk_svd(wq, wk)
     st = head_stats(u, s, v, wq, wk)
     blocks = degenerate_blocks(s[0], st.cosines[0])
@@ -103,11 +107,12 @@ def test_degenerate_blocks_exactly_at_the_tolerance():
     # README: runs of σ closer than 1e-6·σ_0 are tied. σ_0 = 1e6 makes the tolerance exactly 1.0 (1e-6 * 1e6 == 1.0
     # in float64), and every σ below is exact: a gap of exactly 1 ties, a gap of 1 + 2⁻²⁰ does not.
     assert 1e-6 * 1e6 == 1.0
-    s = np.array([1e6, 1e6 - 1, 1e6 - 2, 1e6 - 3 - 2.0 ** -20, 1.0])
+    s = np.array([1e6, 1e6 - 1, 1e6 - 2, 1e6 - 3 - 2.0**-20, 1.0])
     blocks = degenerate_blocks(s, np.array([1.0, 0.5, 0.25, 0.0, 0.0]))
     assert blocks == [{"start": 0, "stop": 3, "sigma": 1e6 - 1, "cos_sum": 1.75}]
     assert degenerate_blocks(s, np.zeros(5), rtol=1.5e-6) == [  # tolerance 1.5: the near miss ties too
-        {"start": 0, "stop": 4, "sigma": pytest.approx(1e6 - 1.5), "cos_sum": 0.0}]
+        {"start": 0, "stop": 4, "sigma": pytest.approx(1e6 - 1.5), "cos_sum": 0.0}
+    ]
 
 
 @pytest.mark.parametrize("c", [1e-4, 1e-2, 1.0, 37.0, 1e4])
@@ -116,7 +121,8 @@ def test_scaling_the_weights_keeps_the_blocks(c):
     # W_q = diag(√σ) E, W_k = diag(√σ) E (E: rows of the identity) gives W_qᵀW_k = Σ σ_n e_n e_nᵀ, cos_n = 1.
     # Scaling both by c scales every σ by c², and must not change which modes tie.
     sigma = np.array([9.0, 9.0 * (1 - 4e-7), 4.0, 4.0 * (1 - 3e-6), 1.0])
-    w = np.zeros((1, 5, 7)); w[0, :, :5] = np.diag(np.sqrt(sigma))
+    w = np.zeros((1, 5, 7))
+    w[0, :, :5] = np.diag(np.sqrt(sigma))
     u, s, v = qk_svd(c * w, c * w)
     np.testing.assert_allclose(s[0], c * c * sigma, rtol=1e-12)
     blocks = degenerate_blocks(s[0], head_stats(u, s, v, c * w, c * w).cosines[0])
@@ -129,6 +135,7 @@ def test_null_band():
     # 1.96/√768 = 0.070725 (z_0.975 = 1.959964)
     assert null_band(768) == pytest.approx(1.959963984540054 / np.sqrt(768))
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((20000, 64)); y = rng.standard_normal((20000, 64))
+    x = rng.standard_normal((20000, 64))
+    y = rng.standard_normal((20000, 64))
     c = np.sum(x * y, 1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
     assert np.mean(np.abs(c) < null_band(64)) == pytest.approx(0.95, abs=0.01)

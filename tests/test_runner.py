@@ -19,10 +19,9 @@ import pytest
 
 from qkweights.o3 import O3Analysis, o3_allocation, select_items
 from qkweights.runner import ShardError, Task, run_shard, run_sweep
-from qkweights.vision import ModelRef
 from qkweights.synth_o3 import make_o3
 from qkweights.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
-from qkweights.vision import load_model
+from qkweights.vision import ModelRef, load_model
 
 MODELS = Path(__file__).parent / "fixtures" / "models"
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +48,9 @@ def _equal_top(a, b):
 def _partials(an, ref, items, cuts):
     """Partial results of consecutive slices of ``items`` (cut at ``cuts``), each run as its own shard."""
     bounds = [0, *cuts, len(items)]
-    return [run_shard(Task(an, ref, j, tuple(items[a:b]), a, 2)).partial for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return [
+        run_shard(Task(an, ref, j, tuple(items[a:b]), a, 2)).partial for j, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
 
 
 def _same(an, x, y):
@@ -104,8 +105,12 @@ def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
     o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address="127.0.0.1:0") as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         _equal_top(top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
         o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, plots=False, client=client)
         # figures drawn on the cluster's workers
@@ -113,7 +118,8 @@ def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
     assert o3_dask.summary == o3_serial.summary
     assert (tmp_path / "o3d" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
     assert sorted(p.name for p in drawn.files if p.name.startswith("top_L")) == [
-        f"top_L{l}_H{h}.png" for l in (0, 1) for h in (0, 3)]
+        f"top_L{l}_H{h}.png" for l in (0, 1) for h in (0, 3)
+    ]
     assert all(p.is_file() for p in drawn.files)
 
 
@@ -122,8 +128,10 @@ def test_scheduler_without_a_cluster_is_one_line(tmp_path, capsys):
 
     code = main(["top-images", str(MODELS / "vit"), str(tmp_path), "--scheduler-file", str(tmp_path / "nope.json")])
     assert code == 2
-    assert capsys.readouterr().err == (f"qkweights: error: {tmp_path / 'nope.json'}: no such scheduler file; "
-                                       "give the file `dask scheduler --scheduler-file` wrote\n")
+    assert capsys.readouterr().err == (
+        f"qkweights: error: {tmp_path / 'nope.json'}: no such scheduler file; "
+        "give the file `dask scheduler --scheduler-file` wrote\n"
+    )
 
 
 # ----------------------------------------------------------------------------- faults
@@ -157,11 +165,15 @@ def test_a_failing_shard_stops_the_run_naming_its_images_and_the_rerun_resumes(v
             run_sweep(bad, vit.ref, paths, **kw)
     finally:
         BUG["image"] = None
-    assert str(e.value) == (f"shard 2 (images 8–11: {', '.join(paths[8:11])} … (4 images)) failed: ZeroDivisionError: "
-                            "division by zero; the shards finished before it are kept, a re-run resumes")
+    assert str(e.value) == (
+        f"shard 2 (images 8–11: {', '.join(paths[8:11])} … (4 images)) failed: ZeroDivisionError: "
+        "division by zero; the shards finished before it are kept, a re-run resumes"
+    )
     done = []
     sweep = run_sweep(Exploding(*fields), vit.ref, paths, **kw, progress=lambda d, t: done.append(d))
-    assert done == [8, 12, 14] and sweep.notes == [f"resuming from {tmp_path / STATE_NAME}: 8 of 14 images already done"]
+    assert done == [8, 12, 14] and sweep.notes == [
+        f"resuming from {tmp_path / STATE_NAME}: 8 of 14 images already done"
+    ]
     whole = run_sweep(Exploding(*fields), vit.ref, paths, **{**kw, "state_path": tmp_path / "whole.npz"})
     _same(bad, sweep.partial, whole.partial)
 
@@ -185,13 +197,17 @@ def _kill_a_worker_once():
 def test_a_killed_local_worker_loses_nothing(vit, scenes, tmp_path):
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
     progress, state = _kill_a_worker_once()
-    killed = top_images(vit, scenes / "images", tmp_path / "killed", **{**TOP, "shard_size": 2}, workers=2, progress=progress)
+    killed = top_images(
+        vit, scenes / "images", tmp_path / "killed", **{**TOP, "shard_size": 2}, workers=2, progress=progress
+    )
     assert state["killed"] is not None
     serial2 = top_images(vit, scenes / "images", tmp_path / "serial2", **{**TOP, "shard_size": 2})
     _equal_top(killed, serial2)
     o3_ref = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2, plots=False)
     progress, state = _kill_a_worker_once()
-    o3_killed = o3_allocation(vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, plots=False, workers=2, progress=progress)
+    o3_killed = o3_allocation(
+        vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, plots=False, workers=2, progress=progress
+    )
     assert state["killed"] is not None and o3_killed.summary == o3_ref.summary
     assert serial.doc["n_images"] == killed.doc["n_images"] == 14
 
@@ -200,8 +216,12 @@ def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
     kw = {**TOP, "shard_size": 2}
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **kw)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address="127.0.0.1:0") as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         pids = list(client.run(os.getpid).values())
         state = {"killed": False}
 
@@ -223,9 +243,28 @@ def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
     for k in range(4):
         shutil.copytree(scenes / "images", images / f"copy{k}")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "qkweights", "top-images", str(MODELS / "vit"), str(images), "--layers", "0,1",
-           "--modes", "0-3", "--top", "5", "--batch-size", "1", "--shard-size", "1", "--no-plots", "--quiet",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qkweights",
+        "top-images",
+        str(MODELS / "vit"),
+        str(images),
+        "--layers",
+        "0,1",
+        "--modes",
+        "0-3",
+        "--top",
+        "5",
+        "--batch-size",
+        "1",
+        "--shard-size",
+        "1",
+        "--no-plots",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     state = out / STATE_NAME
@@ -247,4 +286,6 @@ def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
 def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(MODELS)
     assert ModelRef.of("vit") == ModelRef(str(MODELS / "vit"))
-    assert ModelRef.of("google/vit-base-patch16-224", revision="abc") == ModelRef("google/vit-base-patch16-224", revision="abc")
+    assert ModelRef.of("google/vit-base-patch16-224", revision="abc") == ModelRef(
+        "google/vit-base-patch16-224", revision="abc"
+    )

@@ -77,7 +77,9 @@ def test_patch_fractions_by_hand():
 
 def test_object_choice_is_the_area_weighted_mean_with_ties_to_the_lowest():
     a = np.array([[1.0, 1.0, 0, 0], [0, 0, 0.5, 0], [0, 0, 0, 1.0]])  # (M 3, N 4)
-    q = np.array([[4.0, 0.0], [0.0, 1.0], [3.0, 1.0], [2.0, 1.0]])  # (N, 2): means column 0: 2, 3, 2; column 1: 0.5, 1, 1
+    q = np.array(
+        [[4.0, 0.0], [0.0, 1.0], [3.0, 1.0], [2.0, 1.0]]
+    )  # (N, 2): means column 0: 2, 3, 2; column 1: 0.5, 1, 1
     iq, ik = object_choice(a, q, -q)
     assert iq.tolist() == [1, 1]  # column 1 ties objects 1 and 2: the lower wins
     assert ik.tolist() == [0, 0]  # −q: −2, −3, −2 → tie of 0 and 2 → 0; −0.5, −1, −1 → 0
@@ -102,12 +104,15 @@ def test_weighted_probability_by_hand():
 # ----------------------------------------------------------------------------- nearest-neighbour geometry
 
 
-@pytest.mark.parametrize("prep", [
-    Preprocess(size=(13, 17), resample=0),
-    Preprocess(shortest_edge=19, crop=(16, 16), resample=0),
-    Preprocess(shortest_edge=19, crop=(15, 13), resample=0, convention="timm"),
-    Preprocess(size=(10, 9), crop=(14, 12), resample=0),  # the crop overhangs: padding
-])
+@pytest.mark.parametrize(
+    "prep",
+    [
+        Preprocess(size=(13, 17), resample=0),
+        Preprocess(shortest_edge=19, crop=(16, 16), resample=0),
+        Preprocess(shortest_edge=19, crop=(15, 13), resample=0, convention="timm"),
+        Preprocess(size=(10, 9), crop=(14, 12), resample=0),  # the crop overhangs: padding
+    ],
+)
 def test_label_geometry_is_the_image_geometry(prep):
     """An RGB image whose pixels encode their row and column (+1) goes through the image path with NEAREST;
     decoding it must give the label map's ids, and both must match PIL's pixel-centre rule computed here."""
@@ -124,11 +129,11 @@ def test_label_geometry_is_the_image_geometry(prep):
     rh, rw = geo.resized_hw
     src_r = np.floor((np.arange(rh) + 0.5) * h / rh).astype(int)  # PIL: centre of the output pixel, floored
     src_c = np.floor((np.arange(rw) + 0.5) * w / rw).astype(int)
-    resized = ((src_r[:, None] + 1) * 100 + (src_c[None, :] + 1))
+    resized = (src_r[:, None] + 1) * 100 + (src_c[None, :] + 1)
     padded = np.zeros((rh + 40, rw + 40), np.int64)
-    padded[20:20 + rh, 20:20 + rw] = resized
+    padded[20 : 20 + rh, 20 : 20 + rw] = resized
     oh, ow = geo.output_hw
-    np.testing.assert_array_equal(got, padded[20 + geo.top: 20 + geo.top + oh, 20 + geo.left: 20 + geo.left + ow])
+    np.testing.assert_array_equal(got, padded[20 + geo.top : 20 + geo.top + oh, 20 + geo.left : 20 + geo.left + ow])
     assert got.dtype == np.int64 and got.max() > 255
 
 
@@ -177,7 +182,10 @@ def test_layouts_are_detected(tmp_path):
 
     scene = tmp_path / "sp" / "ADEChallengeData2016"
     save_jpg(np.zeros((8, 8, 3)), scene / "images" / "validation" / "v1.jpg")
-    save_png(np.array([[0, 3], [150, 3]], np.uint8).repeat(4, 0).repeat(4, 1), scene / "annotations" / "validation" / "v1.png")
+    save_png(
+        np.array([[0, 3], [150, 3]], np.uint8).repeat(4, 0).repeat(4, 1),
+        scene / "annotations" / "validation" / "v1.png",
+    )
     save_jpg(np.zeros((8, 8, 3)), scene / "images" / "training" / "t1.jpg")
     for root in (tmp_path / "sp", scene):
         data = open_segmentation(root)
@@ -231,25 +239,48 @@ def write_colour_vit(folder: Path, same: bool) -> Path:
     zero = lambda *s: np.zeros(s, np.float32)
     pre = "encoder.layer.0."
     tensors = {
-        "embeddings.cls_token": zero(1, 1, d), "embeddings.position_embeddings": zero(1, 17, d),
-        "embeddings.patch_embeddings.projection.weight": conv, "embeddings.patch_embeddings.projection.bias": bias,
-        pre + "attention.attention.query.weight": wq, pre + "attention.attention.query.bias": zero(d),
-        pre + "attention.attention.key.weight": wk, pre + "attention.attention.key.bias": zero(d),
-        pre + "attention.attention.value.weight": zero(d, d), pre + "attention.attention.value.bias": zero(d),
-        pre + "attention.output.dense.weight": zero(d, d), pre + "attention.output.dense.bias": zero(d),
-        pre + "intermediate.dense.weight": zero(f, d), pre + "intermediate.dense.bias": zero(f),
-        pre + "output.dense.weight": zero(d, f), pre + "output.dense.bias": zero(d),
-        pre + "layernorm_before.weight": np.ones(d, np.float32), pre + "layernorm_before.bias": zero(d),
-        pre + "layernorm_after.weight": np.ones(d, np.float32), pre + "layernorm_after.bias": zero(d),
-        "layernorm.weight": np.ones(d, np.float32), "layernorm.bias": zero(d),
+        "embeddings.cls_token": zero(1, 1, d),
+        "embeddings.position_embeddings": zero(1, 17, d),
+        "embeddings.patch_embeddings.projection.weight": conv,
+        "embeddings.patch_embeddings.projection.bias": bias,
+        pre + "attention.attention.query.weight": wq,
+        pre + "attention.attention.query.bias": zero(d),
+        pre + "attention.attention.key.weight": wk,
+        pre + "attention.attention.key.bias": zero(d),
+        pre + "attention.attention.value.weight": zero(d, d),
+        pre + "attention.attention.value.bias": zero(d),
+        pre + "attention.output.dense.weight": zero(d, d),
+        pre + "attention.output.dense.bias": zero(d),
+        pre + "intermediate.dense.weight": zero(f, d),
+        pre + "intermediate.dense.bias": zero(f),
+        pre + "output.dense.weight": zero(d, f),
+        pre + "output.dense.bias": zero(d),
+        pre + "layernorm_before.weight": np.ones(d, np.float32),
+        pre + "layernorm_before.bias": zero(d),
+        pre + "layernorm_after.weight": np.ones(d, np.float32),
+        pre + "layernorm_after.bias": zero(d),
+        "layernorm.weight": np.ones(d, np.float32),
+        "layernorm.bias": zero(d),
     }
     save_file(tensors, str(folder / "model.safetensors"))
-    config = {"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": d, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "intermediate_size": f, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-              "image_size": 32, "patch_size": p, "num_channels": 3, "qkv_bias": True}
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTModel"],
+        "hidden_size": d,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": f,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "image_size": 32,
+        "patch_size": p,
+        "num_channels": 3,
+        "qkv_bias": True,
+    }
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": 0}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": 0})
+    )
     return folder
 
 
@@ -301,7 +332,9 @@ def test_known_model_picks_the_objects_it_must(tmp_path, same):
     assert layer["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
     reasons = {s["image"]: s["reason"] for s in result.skipped}
     assert set(reasons) == {"images/s3.png", "images/s4.png", "images/s5.png"}
-    assert reasons["images/s4.png"].startswith("not eligible: 1 object(s) cover at least one patch (2 on the model input")
+    assert reasons["images/s4.png"].startswith(
+        "not eligible: 1 object(s) cover at least one patch (2 on the model input"
+    )
     assert result.doc["dataset"]["n_eligible"] == 3 and result.doc["dataset"]["n_ineligible"] == 3
 
 
@@ -338,18 +371,26 @@ def brute_force(model, root: Path, layers, heads, modes, top):
         rows, cols = np.mgrid[:h0, :w0]
         coord = np.stack([rows, cols, np.full_like(rows, 255)], -1).astype(np.uint8)
         geo = prep.geometry(w0, h0)
-        small = np.asarray(Image.fromarray(coord).resize(geo.resized_hw[::-1], Image.Resampling.NEAREST).crop(geo.box)).astype(int)
+        small = np.asarray(
+            Image.fromarray(coord).resize(geo.resized_hw[::-1], Image.Resampling.NEAREST).crop(geo.box)
+        ).astype(int)
         labels = np.where(small[..., 2] == 255, ids[small[..., 0], small[..., 1]], 0)
         gh, gw = labels.shape[0] // p, labels.shape[1] // p
         objs = {}
         for o in sorted(set(labels.ravel().tolist()) - {0}):
-            a = [float(np.mean(labels[r * p:(r + 1) * p, c * p:(c + 1) * p] == o)) for r in range(gh) for c in range(gw)]
+            a = [
+                float(np.mean(labels[r * p : (r + 1) * p, c * p : (c + 1) * p] == o))
+                for r in range(gh)
+                for c in range(gw)
+            ]
             if sum(a) >= 1:
                 objs[o] = a
         if len(objs) < 2:
             continue
         out = model.forward(model.preprocess(Image.open(path)), layers=layers)
-        per_image.append((name, objs, {l: out.attention_inputs[l][0, out.layout.patches].astype(np.float64) for l in layers}))
+        per_image.append(
+            (name, objs, {l: out.attention_inputs[l][0, out.layout.patches].astype(np.float64) for l in layers})
+        )
     ranked, sigma = {}, {}
     for l in layers:
         qk = model.checkpoint.qk(l)
@@ -375,8 +416,9 @@ def test_against_brute_force_on_a_fixture_with_crop_and_registers(tmp_path):
     random_dataset(root, 14, seed=3)
     model = load_model(str(MODELS / "dinov2-reg"))  # shortest edge 36, centre crop 32, register tokens
     layers, heads, modes, top = [0, 1], [0, 1], [0, 1, 2], 4
-    result = same_object(model, root, tmp_path / "out", layers=layers, heads=heads, modes=modes, top=top, batch_size=5,
-                         plots=False)
+    result = same_object(
+        model, root, tmp_path / "out", layers=layers, heads=heads, modes=modes, top=top, batch_size=5, plots=False
+    )
     ref, sigma = brute_force(model, root, layers, heads, modes, top)
     got = {}
     for r in result.rows:
@@ -415,8 +457,8 @@ def full_release(tmp_path_factory):
         for _ in range(4):
             y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
             b, cls = int(rng.integers(1, 256)), int(rng.integers(1, 3000))
-            seg[y0:y0 + h // 2, x0:x0 + w // 2] = (cls // 256 * 10, cls % 256, b)
-            img[y0:y0 + h // 2, x0:x0 + w // 2] //= 2
+            seg[y0 : y0 + h // 2, x0 : x0 + w // 2] = (cls // 256 * 10, cls % 256, b)
+            img[y0 : y0 + h // 2, x0 : x0 + w // 2] //= 2
         sub = root / "images" / "ADE" / ("training" if i % 2 else "validation")
         save_jpg(img, sub / f"ADE_{i:04d}.jpg")
         save_png(seg, sub / f"ADE_{i:04d}_seg.png")
@@ -436,7 +478,9 @@ def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
     result = same_object(vit, full_release, tmp_path / "out", layers=[1], modes=[0, 1], top=3, plots=False)
     reasons = {s["image"]: s["reason"] for s in result.skipped}
     assert reasons["images/ADE/validation/ADE_9999.jpg"] == "no annotation ADE_9999_seg.png beside it"
-    assert reasons["images/ADE/validation/ADE_9998.jpg"].startswith("annotation ADE_9998_seg.png is 40x30 but the image is 40x40")
+    assert reasons["images/ADE/validation/ADE_9998.jpg"].startswith(
+        "annotation ADE_9998_seg.png is 40x30 but the image is 40x40"
+    )
     assert result.doc["dataset"]["layout"] == FULL and result.doc["dataset"]["n_images"] == 12
     again = SameObjectResult.load(tmp_path / "out")
     assert again.rows == result.rows and again.doc == json.loads(json.dumps(result.doc))
@@ -458,8 +502,12 @@ def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
     distributed = pytest.importorskip("distributed")
     kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3, plots=False)
     same_object(vit, full_release, tmp_path / "here", **kw)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         same_object(vit, full_release, tmp_path / "dask", client=client, **kw)
     for name in ("same_object.csv", "same_object.json"):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
@@ -488,14 +536,32 @@ def test_nothing_eligible_is_an_error(tmp_path, vit):
     root = tmp_path / "data"
     save_jpg(np.zeros((32, 32, 3)), root / "images" / "a.jpg")
     save_png(np.ones((32, 32), np.uint8), root / "instances" / "a.png")
-    with pytest.raises(InputError, match="none of the 1 images is eligible \\(first: images/a.jpg: not eligible: 1 object"):
+    with pytest.raises(
+        InputError, match="none of the 1 images is eligible \\(first: images/a.jpg: not eligible: 1 object"
+    ):
         same_object(vit, root, tmp_path / "out")
 
 
 def test_cli_with_figures(tmp_path, capsys, full_release):
     out = tmp_path / "out"
-    assert main(["same-object", str(MODELS / "vit"), str(full_release), "--layers", "0-1", "--modes", "0-2", "--top", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "same-object",
+                str(MODELS / "vit"),
+                str(full_release),
+                "--layers",
+                "0-1",
+                "--modes",
+                "0-2",
+                "--top",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "P(same object)" in text and "ade20k-full: 10 eligible images of 12" in text
     for name in ("same_object_by_layer.png", "same_object_examples.png"):
@@ -516,7 +582,9 @@ def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
     assert [(r["model"], int(r["layer"])) for r in rows] == [(lab, e["layer"]) for lab, e in want]
     for r, (_, e) in zip(rows, want):
         assert float(r["depth"]) == e["layer"] / 1 and float(r["probability"]) == e["probability"]
-        assert float(r["chance"]) == e["chance"] and (r["sem"] == "" if e["sem"] is None else float(r["sem"]) == pytest.approx(e["sem"]))
+        assert float(r["chance"]) == e["chance"] and (
+            r["sem"] == "" if e["sem"] is None else float(r["sem"]) == pytest.approx(e["sem"])
+        )
 
 
 def test_synthetic_instance_maps_are_the_painted_objects(tmp_path):

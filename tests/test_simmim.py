@@ -58,7 +58,7 @@ def raw(flavour: str) -> dict[str, np.ndarray]:
     """The flavour's encoder tensors by their SimMIM names (no prefix), read without any spec."""
     sd = read_torch_checkpoint(path(flavour))["model"]
     prefix = FLAVOURS[flavour][1]
-    return {k[len(prefix):]: v.numpy() for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.numpy() for k, v in sd.items() if k.startswith(prefix)}
 
 
 def loop_index(gh: int, gw: int) -> np.ndarray:
@@ -156,7 +156,9 @@ def test_forward_on_another_grid_resizes_the_table_as_transformers(models):
     out = model.forward(g["pixel_values_interp"], attentions=True)
     assert out.layout.grid == (5, 2) and out.layout.n_tokens == 11
     np.testing.assert_allclose(np.stack(out.hidden_states), g["hidden_states_interp"], rtol=0, atol=ATOL)
-    np.testing.assert_allclose(np.stack([out.attentions[l] for l in range(2)]), g["attentions_interp"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(
+        np.stack([out.attentions[l] for l in range(2)]), g["attentions_interp"], rtol=0, atol=ATOL
+    )
     np.testing.assert_allclose(out.last_hidden_state, g["last_hidden_state_interp"], rtol=0, atol=ATOL)
 
 
@@ -192,6 +194,7 @@ def test_relative_position_index_equals_the_stored_buffers():
 
 def bilinear_closed_form(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """torch's bilinear interpolate (align_corners=False) per output pixel, float64: x (h, w, C)."""
+
     def taps(n_in, n_out, i):
         src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
         i0 = min(int(math.floor(src)), n_in - 1)
@@ -203,8 +206,9 @@ def bilinear_closed_form(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         a0, a1, la = taps(x.shape[0], size[0], i)
         for j in range(size[1]):
             b0, b1, lb = taps(x.shape[1], size[1], j)
-            out[i, j] = ((1 - la) * ((1 - lb) * x[a0, b0] + lb * x[a0, b1])
-                         + la * ((1 - lb) * x[a1, b0] + lb * x[a1, b1]))
+            out[i, j] = (1 - la) * ((1 - lb) * x[a0, b0] + lb * x[a0, b1]) + la * (
+                (1 - lb) * x[a1, b0] + lb * x[a1, b1]
+            )
     return out
 
 
@@ -212,7 +216,9 @@ def bilinear_closed_form(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def test_resize_bilinear_closed_form(size):
     x = np.random.default_rng(3).standard_normal((7, 7, 4)).astype(np.float32)
     # float32 arithmetic (the scale in/out is rounded to float32, as in torch) vs float64: a few ulps of |x| ≤ 4
-    np.testing.assert_allclose(resize_bilinear(x, size), bilinear_closed_form(x.astype(np.float64), size), rtol=0, atol=3e-6)
+    np.testing.assert_allclose(
+        resize_bilinear(x, size), bilinear_closed_form(x.astype(np.float64), size), rtol=0, atol=3e-6
+    )
     if size == (7, 7):
         np.testing.assert_array_equal(resize_bilinear(x, size), x)
 
@@ -227,10 +233,14 @@ def test_relative_position_bias_keeps_the_cls_entries_on_another_grid():
     np.testing.assert_array_equal(other[:, 1:, 0], np.broadcast_to(table[50][:, None], (3, 10)))  # patch→CLS
     np.testing.assert_array_equal(other[:, 0, 0], table[51])  # CLS→CLS
     resized = bilinear_closed_form(table[:49].reshape(7, 7, 3).astype(np.float64), (9, 3)).reshape(27, 3)
-    np.testing.assert_allclose(other[:, 1:, 1:], resized[loop_index(5, 2)[1:, 1:]].transpose(2, 0, 1), rtol=0, atol=3e-6)
+    np.testing.assert_allclose(
+        other[:, 1:, 1:], resized[loop_index(5, 2)[1:, 1:]].transpose(2, 0, 1), rtol=0, atol=3e-6
+    )
 
 
-@pytest.mark.parametrize("flavour, layer, head", [("simmim-pretrain", 1, 2), ("simmim-finetune", 0, 3), ("simmim-finetune", 1, 1)])
+@pytest.mark.parametrize(
+    "flavour, layer, head", [("simmim-pretrain", 1, 2), ("simmim-finetune", 0, 3), ("simmim-finetune", 1, 1)]
+)
 def test_svd_modes_plus_biases_reproduce_the_attention(flavour, layer, head, models):
     """method.md §1 with a relative position bias: softmax((Σ_n (x_i·u_n)σ_n(v_n·x_j) + bias terms)/√K + R)."""
     model, t = models(flavour), raw(flavour)
@@ -277,7 +287,13 @@ def test_stored_index_of_another_layout_is_refused():
     name = "model.encoder.rel_pos_bias.relative_position_index"
     index = store.get(name)
     ck = open_checkpoint(EditedStore(store, name, index.T), {})  # index[j, i]: keys and queries swapped
-    with pytest.raises(CheckpointError, match=r"^simmim-vit: model.encoder.rel_pos_bias.relative_position_index differs from BEiT's relative position index for a 4×4 patch grid"):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"^simmim-vit: model.encoder.rel_pos_bias.relative_position_index differs from BEiT's relative position "
+            r"index for a 4×4 patch grid"
+        ),
+    ):
         vision_model(ck)
 
 
@@ -291,7 +307,12 @@ def test_logit_terms_follow_the_relative_position_fields(tmp_path):
     spec.write_text('logit_terms = ["rotary embedding"]\n' + spec.read_text())
     with pytest.raises(SpecError, match=r"^simmim-vit.toml: unknown key 'logit_terms' in the top level; known: name, "):
         load_specs(folder)
-    spec.write_text(spec.read_text().replace('logit_terms = ["rotary embedding"]\n', "").replace(
-        '\ntokens = ["cls", "patches"]', '\ntokens = ["cls", "dist", "patches"]\ndist = "dist_token"'))
-    with pytest.raises(SpecError, match=r"^simmim-vit.toml: \[attention\] relative_position_bias needs \[embeddings\] tokens"):
+    spec.write_text(
+        spec.read_text()
+        .replace('logit_terms = ["rotary embedding"]\n', "")
+        .replace('\ntokens = ["cls", "patches"]', '\ntokens = ["cls", "dist", "patches"]\ndist = "dist_token"')
+    )
+    with pytest.raises(
+        SpecError, match=r"^simmim-vit.toml: \[attention\] relative_position_bias needs \[embeddings\] tokens"
+    ):
         load_specs(folder)

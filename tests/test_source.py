@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hubcache import git_blob_sha1, make_hub_cache
 from huggingface_hub import constants
 from safetensors.numpy import save_file
 
-from hubcache import git_blob_sha1, make_hub_cache
 from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
 from qkweights.hub import _progress_bars
 from qkweights.source import Source, resolve
@@ -73,7 +73,10 @@ def test_save_pretrained_folder_reads_safetensors_and_configs_only(tmp_path):
         kind="folder",
         folder=folder,
         weight_files=(folder / "model.safetensors",),
-        config_files={"config.json": folder / "config.json", "preprocessor_config.json": folder / "preprocessor_config.json"},
+        config_files={
+            "config.json": folder / "config.json",
+            "preprocessor_config.json": folder / "preprocessor_config.json",
+        },
         revision=None,
         commit=None,
     )
@@ -116,7 +119,9 @@ def test_model_safetensors_preferred_over_open_clip_and_variants(tmp_path):
 
 
 def test_lone_safetensors_with_any_name_is_used(tmp_path):
-    folder = write(tmp_path / "vit", {"vit_b16.safetensors": weights_bytes(tmp_path, "m", 1.0), "vit_b16.pth": b"pickle"})
+    folder = write(
+        tmp_path / "vit", {"vit_b16.safetensors": weights_bytes(tmp_path, "m", 1.0), "vit_b16.pth": b"pickle"}
+    )
     assert resolve(str(folder)).weight_files == (folder / "vit_b16.safetensors",)
 
 
@@ -146,7 +151,10 @@ def test_local_pytorch_files_are_accepted_and_others_refused(tmp_path):
     path = write(tmp_path, {"pytorch_model.bin": b"pickle", "model.h5": b"h5"}) / "pytorch_model.bin"
     src = resolve(str(path))
     assert src.kind == "file" and src.weight_files == (path,)
-    with pytest.raises(SourceError, match=r"model\.h5: not a weight file \(\.safetensors, or a PyTorch \.bin, \.pt, \.pth, \.pth\.tar, \.ckpt\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"model\.h5: not a weight file \(\.safetensors, or a PyTorch \.bin, \.pt, \.pth, \.pth\.tar, \.ckpt\)",
+    ):
         resolve(str(tmp_path / "model.h5"))
 
 
@@ -218,7 +226,10 @@ def test_revision_with_a_local_path_is_refused(tmp_path):
 
 def test_cache_snapshot_folder_given_as_a_path(tmp_path):
     snapshot = make_hub_cache(
-        tmp_path / "hub", REPO, {"config.json": CONFIG, "model.safetensors": weights_bytes(tmp_path, "m", 1.0)}, commit=MAIN_SHA
+        tmp_path / "hub",
+        REPO,
+        {"config.json": CONFIG, "model.safetensors": weights_bytes(tmp_path, "m", 1.0)},
+        commit=MAIN_SHA,
     )
     src = resolve(str(snapshot))
     assert (src.model_id, src.kind, src.folder, src.revision, src.commit) == (REPO, "folder", snapshot, None, MAIN_SHA)
@@ -332,7 +343,9 @@ def test_hub_id_offline_snapshot_without_weights_cached(hub_cache):
 )
 def test_hub_id_offline_incomplete_snapshot_names_missing_file(hub_cache, hub_only, missing):
     # the tree listing (as written by an earlier online snapshot_download) names files that were not cached
-    make_hub_cache(hub_cache, REPO, {"config.json": CONFIG}, revision="v2", commit=MAIN_SHA, tree=True, hub_only=hub_only)
+    make_hub_cache(
+        hub_cache, REPO, {"config.json": CONFIG}, revision="v2", commit=MAIN_SHA, tree=True, hub_only=hub_only
+    )
     with pytest.raises(SourceError) as err:
         resolve(REPO, revision="v2")
     assert str(err.value).startswith(f"{REPO}@v2: missing from the Hugging Face cache ({hub_cache}): {missing}; ")
@@ -364,12 +377,18 @@ def test_conversion_pr_not_used_when_revision_is_explicit(hub_cache):
 
 def test_hub_repo_without_safetensors_lists_its_files(hub_cache):
     make_hub_cache(
-        hub_cache, REPO, {"config.json": CONFIG, "pytorch_model.bin": b"pickle"}, commit=MAIN_SHA, tree=True, hub_only=["tf_model.h5"]
+        hub_cache,
+        REPO,
+        {"config.json": CONFIG, "pytorch_model.bin": b"pickle"},
+        commit=MAIN_SHA,
+        tree=True,
+        hub_only=["tf_model.h5"],
     )
     with pytest.raises(SourceError) as err:
         resolve(REPO)
     assert str(err.value) == (
-        f"{REPO}@main (commit {MAIN_SHA}) has no .safetensors weights (files: config.json, pytorch_model.bin, tf_model.h5); "
+        f"{REPO}@main (commit {MAIN_SHA}) has no .safetensors weights (files: config.json, pytorch_model.bin, "
+        "tf_model.h5); "
         "PyTorch pickles are fetched from the Hub only with allow_pickle=True (they are read without running code), "
         "or pass revision=REF of a safetensors branch (e.g. refs/pr/N)"
     )
@@ -379,7 +398,11 @@ def test_hub_repo_without_safetensors_with_allow_pickle(hub_cache, capsys):
     make_hub_cache(hub_cache, REPO, {"config.json": CONFIG, "pytorch_model.bin": b"pickle"}, commit=MAIN_SHA, tree=True)
     with pytest.warns(QkWarning, match="has no safetensors; reading pytorch_model.bin with the restricted unpickler"):
         src = resolve(REPO, allow_pickle=True)
-    assert [p.name for p in src.weight_files] == ["pytorch_model.bin"] and src.commit == MAIN_SHA and src.revision == "main"
+    assert (
+        [p.name for p in src.weight_files] == ["pytorch_model.bin"]
+        and src.commit == MAIN_SHA
+        and src.revision == "main"
+    )
 
 
 def test_invalid_repo_id(hub_cache):
@@ -393,7 +416,9 @@ def test_hub_id_resolved_from_environment_in_a_fresh_interpreter(tmp_path):
     make_hub_cache(tmp_path / "hub", REPO, {"config.json": CONFIG, "model.safetensors": weights}, commit=MAIN_SHA)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     code = f"import json; from qkweights.source import resolve; print(json.dumps(resolve({REPO!r}).to_json()))"
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert json.loads(run.stdout) == {
         "model_id": REPO,
         "kind": "hub",
@@ -434,7 +459,9 @@ def test_hub_unreachable_online(tmp_path, cached):
         "except SourceError as err: print(err)\n"
     )
     start = time.monotonic()
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     # fetching by commit without a cached tree listing would sit through huggingface_hub's ~23 s retry backoff
     assert time.monotonic() - start < 10
     if cached:
@@ -470,11 +497,18 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
     ("status", "error_code", "expected"),
     [
         # headers as sent by the Hub; huggingface_hub.utils._http.hf_raise_for_status maps them to its errors
-        (404, "RepoNotFound", "{repo}: no such model repo on the Hub; check the id, "
-         "or for a private repo set HF_TOKEN to a token that can read it"),
+        (
+            404,
+            "RepoNotFound",
+            "{repo}: no such model repo on the Hub; check the id, "
+            "or for a private repo set HF_TOKEN to a token that can read it",
+        ),
         (403, "GatedRepo", "{repo}: gated repo; request access on the Hub page ({endpoint}/{repo}) and set HF_TOKEN"),
-        (404, "RevisionNotFound", "{repo}: revision 'v9' not found; use a branch, tag, commit or refs/pr/N "
-         "listed at {endpoint}/{repo}"),
+        (
+            404,
+            "RevisionNotFound",
+            "{repo}: revision 'v9' not found; use a branch, tag, commit or refs/pr/N listed at {endpoint}/{repo}",
+        ),
     ],
 )
 def test_hub_errors_from_a_loopback_fake_hub(hub_cache, monkeypatch, status, error_code, expected):
@@ -502,7 +536,9 @@ class _Terminal:
         return True
 
 
-@pytest.mark.skipif(constants.HF_HUB_DISABLE_PROGRESS_BARS is not None, reason="HF_HUB_DISABLE_PROGRESS_BARS has priority")
+@pytest.mark.skipif(
+    constants.HF_HUB_DISABLE_PROGRESS_BARS is not None, reason="HF_HUB_DISABLE_PROGRESS_BARS has priority"
+)
 @pytest.mark.parametrize(("tty", "quiet", "shown"), [(False, False, False), (True, False, True), (True, True, False)])
 def test_progress_bars_only_on_a_terminal(monkeypatch, tty, quiet, shown):
     """The command line decides (a terminal, not --quiet); the library shows huggingface_hub's bars only when told."""
@@ -525,7 +561,9 @@ def test_symlink_out_of_the_folder_is_refused(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model.safetensors").symlink_to(outside)
-    with pytest.raises(SourceError, match=r"model.safetensors: is a symlink to .*elsewhere.safetensors, outside the model folder"):
+    with pytest.raises(
+        SourceError, match=r"model.safetensors: is a symlink to .*elsewhere.safetensors, outside the model folder"
+    ):
         resolve(str(folder))
     (folder / "model.safetensors").unlink()
     inside = folder / "weights" / "w.safetensors"

@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, MODELS
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, MODELS
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.source import resolve
 from qkweights.spec import load_specs, open_checkpoint
@@ -16,16 +16,31 @@ from qkweights.tensors import TensorStore
 
 # fixture -> (family, prefix, layers, heads, hidden); from tests/fixtures/README.md
 EXPECTED = {
-    "vit": ("hf-vit", "", 2, 4, 32), "vit-cls": ("hf-vit", "vit.", 2, 4, 32), "vit-bf16": ("hf-vit", "", 2, 4, 32),
-    "vit-f16": ("hf-vit", "", 2, 4, 32), "vit-h3": ("hf-vit", "", 2, 3, 48), "deit": ("hf-deit", "deit.", 2, 4, 32),
-    "clip": ("hf-clip", "vision_model.", 2, 4, 32), "clip-vision": ("hf-clip", "vision_model.", 2, 4, 32),
-    "dinov2": ("hf-dinov2", "", 2, 4, 32), "dinov2-reg": ("hf-dinov2", "", 2, 4, 32), "dinov2-swiglu": ("hf-dinov2", "", 2, 4, 32),
-    "ijepa": ("hf-ijepa", "", 2, 4, 32), "bert": ("hf-bert", "", 2, 4, 32), "roberta-mlm": ("hf-bert", "roberta.", 2, 4, 32),
-    "timm-vit": ("timm-vit", "", 2, 3, 48), "timm-vit-reg": ("timm-vit", "", 2, 4, 32), "open-clip": ("open-clip", "visual.", 2, 4, 32),
-    "deit-h3": ("hf-deit", "deit.", 2, 3, 48), "timm-deit": ("timm-deit", "", 2, 3, 48), "timm-beit": ("timm-beit", "", 2, 4, 32),
+    "vit": ("hf-vit", "", 2, 4, 32),
+    "vit-cls": ("hf-vit", "vit.", 2, 4, 32),
+    "vit-bf16": ("hf-vit", "", 2, 4, 32),
+    "vit-f16": ("hf-vit", "", 2, 4, 32),
+    "vit-h3": ("hf-vit", "", 2, 3, 48),
+    "deit": ("hf-deit", "deit.", 2, 4, 32),
+    "clip": ("hf-clip", "vision_model.", 2, 4, 32),
+    "clip-vision": ("hf-clip", "vision_model.", 2, 4, 32),
+    "dinov2": ("hf-dinov2", "", 2, 4, 32),
+    "dinov2-reg": ("hf-dinov2", "", 2, 4, 32),
+    "dinov2-swiglu": ("hf-dinov2", "", 2, 4, 32),
+    "ijepa": ("hf-ijepa", "", 2, 4, 32),
+    "bert": ("hf-bert", "", 2, 4, 32),
+    "roberta-mlm": ("hf-bert", "roberta.", 2, 4, 32),
+    "timm-vit": ("timm-vit", "", 2, 3, 48),
+    "timm-vit-reg": ("timm-vit", "", 2, 4, 32),
+    "open-clip": ("open-clip", "visual.", 2, 4, 32),
+    "deit-h3": ("hf-deit", "deit.", 2, 3, 48),
+    "timm-deit": ("timm-deit", "", 2, 3, 48),
+    "timm-beit": ("timm-beit", "", 2, 4, 32),
     # the other transformers classes, built from a config and saved by transformers 5 (make_fixtures.build_small)
-    "clip-vision-bare": ("hf-clip", "", 2, 2, 16), "deit-model": ("hf-deit", "", 2, 2, 16),
-    "dinov2-cls": ("hf-dinov2", "dinov2.", 2, 2, 16), "dinov2-reg-cls": ("hf-dinov2", "dinov2_with_registers.", 2, 2, 16),
+    "clip-vision-bare": ("hf-clip", "", 2, 2, 16),
+    "deit-model": ("hf-deit", "", 2, 2, 16),
+    "dinov2-cls": ("hf-dinov2", "dinov2.", 2, 2, 16),
+    "dinov2-reg-cls": ("hf-dinov2", "dinov2_with_registers.", 2, 2, 16),
     "ijepa-cls": ("hf-ijepa", "ijepa.", 2, 2, 16),
 }
 
@@ -65,7 +80,13 @@ def test_spec_file_is_complete_and_has_a_fixture(spec):
 def test_detection_and_dims(name):
     ck = open_fixture(name)
     family, prefix, layers, heads, hidden = EXPECTED[name]
-    assert (ck.spec.name, ck.prefix, ck.dims.layers, ck.dims.heads, ck.dims.hidden) == (family, prefix, layers, heads, hidden)
+    assert (ck.spec.name, ck.prefix, ck.dims.layers, ck.dims.heads, ck.dims.hidden) == (
+        family,
+        prefix,
+        layers,
+        heads,
+        hidden,
+    )
     assert ck.dims.head_dim * ck.dims.heads == ck.dims.hidden
 
 
@@ -106,30 +127,44 @@ def copy_fixture(tmp_path, name):
 
 
 def test_family_override_that_does_not_fit(tmp_path):
-    with pytest.raises(SpecError, match=r"^the checkpoint is not of family 'hf-deit': it lacks one of embeddings.cls_token, embeddings.distillation_token"):
+    with pytest.raises(
+        SpecError,
+        match=(
+            r"^the checkpoint is not of family 'hf-deit': it lacks one of embeddings.cls_token, "
+            r"embeddings.distillation_token"
+        ),
+    ):
         open_fixture("vit", family="hf-deit")
     with pytest.raises(SpecError) as e:
         open_fixture("vit", family="hf_dinov2")
-    assert str(e.value) == "unknown family 'hf_dinov2' (closest: hf-dinov2, hf-deit, hf-vit); `python -m qkweights specs` lists them all"
+    assert str(e.value) == (
+        "unknown family 'hf_dinov2' (closest: hf-dinov2, hf-deit, hf-vit); `python -m qkweights specs` lists them all"
+    )
 
 
 def test_unknown_checkpoint_names_the_three_closest_families(tmp_path):
     # A ViT whose blocks were renamed: the message names three families, not all of them, and what the closest lacks.
     raw = load_file(str(MODELS / "vit" / "model.safetensors"))
-    save_file({k.replace("encoder.layer.", "encoder.block."): v for k, v in raw.items()}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {k.replace("encoder.layer.", "encoder.block."): v for k, v in raw.items()}, str(tmp_path / "model.safetensors")
+    )
     with pytest.raises(SpecError) as e:
         open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {})
-    assert str(e.value) == ("unknown checkpoint: no family matches its tensors (closest: hf-vit, which lacks "
-                            "encoder.layer.0.layernorm_before.weight, hf-ijepa, hf-deit); pass family=NAME "
-                            "(`python -m qkweights specs` lists them) or add a spec file")
+    assert str(e.value) == (
+        "unknown checkpoint: no family matches its tensors (closest: hf-vit, which lacks "
+        "encoder.layer.0.layernorm_before.weight, hf-ijepa, hf-deit); pass family=NAME "
+        "(`python -m qkweights specs` lists them) or add a spec file"
+    )
     save_file({"foo.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(SpecError) as e:
         open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {})
     assert len(str(e.value)) < 250 and str(e.value).count("hf-") + str(e.value).count("-vit") <= 4
 
 
-TF5_HINT = ("transformers ≥ 5 in-memory names ({name}), not the names save_pretrained writes; "
-            "save the model with save_pretrained() instead of torch.save(state_dict)")
+TF5_HINT = (
+    "transformers ≥ 5 in-memory names ({name}), not the names save_pretrained writes; "
+    "save the model with save_pretrained() instead of torch.save(state_dict)"
+)
 
 
 @pytest.mark.parametrize("family", [None, "hf-deit", "hf-vit"])
@@ -147,8 +182,12 @@ def test_transformers_5_state_dict_names_of_dinov2_under_a_prefix(tmp_path):
     # In-memory names of Dinov2ForImageClassification in transformers 5.24 (model.state_dict() keys): the files'
     # encoder.layer.{i}.attention.attention.query becomes encoder.layer.{i}.attention.q_proj.
     raw = load_file(str(MODELS / "dinov2-cls" / "model.safetensors"))
-    renamed = {k.replace("attention.attention.query", "attention.q_proj").replace("attention.attention.key", "attention.k_proj"): v
-               for k, v in raw.items()}
+    renamed = {
+        k.replace("attention.attention.query", "attention.q_proj").replace(
+            "attention.attention.key", "attention.k_proj"
+        ): v
+        for k, v in raw.items()
+    }
     save_file(renamed, str(tmp_path / "model.safetensors"))
     with pytest.raises(SpecError) as e:
         open_checkpoint(TensorStore.open([tmp_path / "model.safetensors"]), {})
@@ -160,7 +199,9 @@ def test_heads_not_dividing_the_width(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["num_attention_heads"] = 5
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"^hf-vit: 5 heads do not divide the width 32; fix num_heads in the config"):
+    with pytest.raises(
+        CheckpointError, match=r"^hf-vit: 5 heads do not divide the width 32; fix num_heads in the config"
+    ):
         open_fixture_path(folder)
 
 
@@ -176,7 +217,10 @@ def test_missing_tensor(tmp_path):
     save_file(tensors, str(folder / "model.safetensors"))
     ck = open_fixture_path(folder)
     ck.qk(0)
-    with pytest.raises(CheckpointError, match=r"^tensor 'encoder.layer.1.attention.attention.key.weight' is missing from model.safetensors"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^tensor 'encoder.layer.1.attention.attention.key.weight' is missing from model.safetensors",
+    ):
         ck.qk(1)
 
 
@@ -214,7 +258,11 @@ class ShapeStore:
 
 
 def timm_shapes(width, depth=2, patch=16):
-    shapes = {"patch_embed.proj.weight": (width, 3, patch, patch), "cls_token": (1, 1, width), "pos_embed": (1, 197, width)}
+    shapes = {
+        "patch_embed.proj.weight": (width, 3, patch, patch),
+        "cls_token": (1, 1, width),
+        "pos_embed": (1, 197, width),
+    }
     for i in range(depth):
         shapes[f"blocks.{i}.attn.qkv.weight"] = (3 * width, width)
     return shapes
@@ -230,10 +278,16 @@ def timm_heads(tmp_path, width, architecture=None):
 
 # num_heads of timm's registered models (timm/models/vision_transformer.py, `model_args` of each @register_model)
 TIMM_BY_WIDTH = [
-    ("vit_tiny_patch16_224", 192, 3), ("vit_small_patch16_224", 384, 6), ("vit_medium_patch16_gap_256", 512, 8),
-    ("vit_base_patch16_224", 768, 12), ("vit_base_patch16_plus_240", 896, 14), ("vit_large_patch16_224", 1024, 16),
-    ("vit_so400m_patch14_siglip_224", 1152, 16), ("vit_huge_patch14_224", 1280, 16),
-    ("vit_giant_patch14_clip_224", 1408, 16), ("vit_giant_patch14_dinov2", 1536, 24),
+    ("vit_tiny_patch16_224", 192, 3),
+    ("vit_small_patch16_224", 384, 6),
+    ("vit_medium_patch16_gap_256", 512, 8),
+    ("vit_base_patch16_224", 768, 12),
+    ("vit_base_patch16_plus_240", 896, 14),
+    ("vit_large_patch16_224", 1024, 16),
+    ("vit_so400m_patch14_siglip_224", 1152, 16),
+    ("vit_huge_patch14_224", 1280, 16),
+    ("vit_giant_patch14_clip_224", 1408, 16),
+    ("vit_giant_patch14_dinov2", 1536, 24),
     ("vit_gigantic_patch14_clip_224", 1664, 16),
 ]
 
@@ -245,10 +299,16 @@ def test_timm_heads_of_registered_models(tmp_path, architecture, width, heads):
 
 
 # Widths outside the table (a tiny model): the size word of the architecture name decides.
-TIMM_BY_NAME = [("vit_tiny_patch16_224", 3), ("vit_small_patch14_dinov2.lvd142m", 6), ("vit_medium_patch16_reg4_gap_256", 8),
-                ("vit_base_patch16_224.augreg2_in21k_ft_in1k", 12), ("vit_large_patch14_clip_224.openai", 16),
-                ("vit_huge_patch14_clip_224.laion2b", 16), ("vit_giant_patch14_reg4_dinov2.lvd142m", 24),
-                ("vit_gigantic_patch14_clip_224.laion2b", 16)]
+TIMM_BY_NAME = [
+    ("vit_tiny_patch16_224", 3),
+    ("vit_small_patch14_dinov2.lvd142m", 6),
+    ("vit_medium_patch16_reg4_gap_256", 8),
+    ("vit_base_patch16_224.augreg2_in21k_ft_in1k", 12),
+    ("vit_large_patch14_clip_224.openai", 16),
+    ("vit_huge_patch14_clip_224.laion2b", 16),
+    ("vit_giant_patch14_reg4_dinov2.lvd142m", 24),
+    ("vit_gigantic_patch14_clip_224.laion2b", 16),
+]
 
 
 @pytest.mark.parametrize("architecture, heads", TIMM_BY_NAME)
@@ -275,15 +335,27 @@ def edited_config(tmp_path, **changes):
     return folder
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"num_attention_heads": "four"}, 'config.json num_attention_heads is "four"; it must be a positive integer (heads); fix the config'),
-    ({"layer_norm_eps": "x"}, 'config.json layer_norm_eps is "x"; it must be a number between 0 and 1 (eps); fix the config'),
-    ({"num_hidden_layers": 2.5}, "config.json num_hidden_layers is 2.5; it must be a positive integer (layers)"),
-    ({"num_attention_heads": 0}, "config.json num_attention_heads is 0; it must be a positive integer (heads)"),
-    ({"patch_size": None}, "config.json patch_size is not usable; it must be a positive integer (patch_size)"),
-    ({"hidden_act": 3}, 'config.json hidden_act is 3; it must be a text such as "gelu" (act)'),
-    ({"image_size": [32, "x"]}, 'config.json image_size is [32, "x"]; it must be a positive integer or a list [height, width]'),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"num_attention_heads": "four"},
+            'config.json num_attention_heads is "four"; it must be a positive integer (heads); fix the config',
+        ),
+        (
+            {"layer_norm_eps": "x"},
+            'config.json layer_norm_eps is "x"; it must be a number between 0 and 1 (eps); fix the config',
+        ),
+        ({"num_hidden_layers": 2.5}, "config.json num_hidden_layers is 2.5; it must be a positive integer (layers)"),
+        ({"num_attention_heads": 0}, "config.json num_attention_heads is 0; it must be a positive integer (heads)"),
+        ({"patch_size": None}, "config.json patch_size is not usable; it must be a positive integer (patch_size)"),
+        ({"hidden_act": 3}, 'config.json hidden_act is 3; it must be a text such as "gelu" (act)'),
+        (
+            {"image_size": [32, "x"]},
+            'config.json image_size is [32, "x"]; it must be a positive integer or a list [height, width]',
+        ),
+    ],
+)
 def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys, changes, message):
     folder = edited_config(tmp_path, **changes)
     with pytest.raises(CheckpointError, match="^hf-vit: " + re.escape(message)):
@@ -302,15 +374,22 @@ def test_whole_number_floats_are_integers(tmp_path):
 @pytest.mark.parametrize("layers, held", [(1, "2 layers"), (3, "2 layers")])
 def test_config_layer_count_must_match_the_tensors(tmp_path, layers, held):
     folder = edited_config(tmp_path, num_hidden_layers=layers)
-    with pytest.raises(CheckpointError, match=rf"^hf-vit: config.json num_hidden_layers is {layers}, but the weight files hold {held} "
-                                              r"\(encoder.layer.N.attention.attention.query.weight\); fix the config"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^hf-vit: config.json num_hidden_layers is {layers}, but the weight files hold {held} "
+        r"\(encoder.layer.N.attention.attention.query.weight\); fix the config",
+    ):
         open_fixture_path(folder)
 
 
 def test_single_safetensors_file_without_config_asks_for_it(tmp_path):
     shutil.copy(MODELS / "vit" / "model.safetensors", tmp_path / "model.safetensors")
-    with pytest.raises(SpecError, match=r"^hf-vit: no config.json beside the weights; the head count \(num_attention_heads\) cannot be "
-                                        r"read from the tensors: put the model's config.json next to the weight file, or pass the folder that holds both$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^hf-vit: no config.json beside the weights; the head count \(num_attention_heads\) cannot be "
+        r"read from the tensors: put the model's config.json next to the weight file, or pass the folder that "
+        r"holds both$",
+    ):
         open_fixture_path(tmp_path / "model.safetensors")
 
 

@@ -24,8 +24,12 @@ def raw_file(path, header: dict, data: bytes, *, length: int | None = None):
 
 def test_values_and_dtypes_round_trip(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float16),
-              "c": rng.standard_normal((2, 2)), "d": np.arange(4, dtype=np.int64)}
+    arrays = {
+        "a": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float16),
+        "c": rng.standard_normal((2, 2)),
+        "d": np.arange(4, dtype=np.int64),
+    }
     save_file(arrays, tmp_path / "m.safetensors")
     store = TensorStore.open([tmp_path / "m.safetensors"])
     assert sorted(store.names()) == ["a", "b", "c", "d"]
@@ -45,7 +49,9 @@ def test_bf16_is_widened_exactly():
 
 def test_bf16_file(tmp_path):
     bits = np.array([[0x3F80, 0x4000], [0xBF80, 0x3E80]], np.uint16)  # 1, 2, -1, 0.25
-    raw_file(tmp_path / "b.safetensors", {"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}, bits.tobytes())
+    raw_file(
+        tmp_path / "b.safetensors", {"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}, bits.tobytes()
+    )
     got = TensorStore.open([tmp_path / "b.safetensors"]).get("w")
     assert np.array_equal(got, np.array([[1, 2], [-1, 0.25]], np.float32))
 
@@ -53,14 +59,67 @@ def test_bf16_file(tmp_path):
 @pytest.mark.parametrize(
     "header, data, length, message",
     [
-        ({}, b"", 2**40, "b.safetensors: header length 1099511627776 exceeds the 100000000-byte limit; the file is corrupt or not safetensors"),
-        ({}, b"", 1000, "b.safetensors: header length 1000 exceeds the file size (10 bytes); the file is truncated or not safetensors"),
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "b.safetensors: tensor 'w' offsets [0, 8] lie outside the data section (4 bytes); the file is truncated or corrupt"),
-        ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "b.safetensors: tensor 'w' shape [3] of F32 needs 12 bytes but its offsets span 8; the file is corrupt"),
-        ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "b.safetensors: a tensor has unsupported dtype 'Q4' (known: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)"),
-        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "x": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "b.safetensors: tensor 'x' does not start where the tensor before it ends (overlap or gap); the file is corrupt"),
-        ({"w": {"dtype": "U16", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "b.safetensors: tensor 'w' has unsupported dtype 'U16' (known: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)"),
-        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12, None, "b.safetensors: tensor 'x' does not start where the tensor before it ends (overlap or gap); the file is corrupt"),
+        (
+            {},
+            b"",
+            2**40,
+            "b.safetensors: header length 1099511627776 exceeds the 100000000-byte limit; the file is corrupt "
+            "or not safetensors",
+        ),
+        (
+            {},
+            b"",
+            1000,
+            "b.safetensors: header length 1000 exceeds the file size (10 bytes); the file is truncated or not "
+            "safetensors",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 4,
+            None,
+            "b.safetensors: tensor 'w' offsets [0, 8] lie outside the data section (4 bytes); the file is "
+            "truncated or corrupt",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "b.safetensors: tensor 'w' shape [3] of F32 needs 12 bytes but its offsets span 8; the file is corrupt",
+        ),
+        (
+            {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "b.safetensors: a tensor has unsupported dtype 'Q4' (known: F64, F32, F16, BF16, I64, I32, I16, "
+            "I8, U8, BOOL)",
+        ),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            None,
+            "b.safetensors: tensor 'x' does not start where the tensor before it ends (overlap or gap); the "
+            "file is corrupt",
+        ),
+        (
+            {"w": {"dtype": "U16", "shape": [2], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            None,
+            "b.safetensors: tensor 'w' has unsupported dtype 'U16' (known: F64, F32, F16, BF16, I64, I32, I16, "
+            "I8, U8, BOOL)",
+        ),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "x": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
+            b"\0" * 12,
+            None,
+            "b.safetensors: tensor 'x' does not start where the tensor before it ends (overlap or gap); the "
+            "file is corrupt",
+        ),
     ],
 )
 def test_corrupt_headers_are_named(tmp_path, header, data, length, message):
@@ -73,12 +132,35 @@ def test_corrupt_headers_are_named(tmp_path, header, data, length, message):
 @pytest.mark.parametrize(
     "header, data, pattern",
     [
-        ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, r"b\.safetensors: header is not valid JSON for safetensors \(invalid value: integer `-2`.*\); the file is corrupt or not safetensors"),
-        ({"w": [1, 2]}, b"", r"b\.safetensors: header is not valid JSON for safetensors \(invalid type: .*\); the file is corrupt or not safetensors"),
-        ({"__metadata__": {"a": 1}}, b"", r"b\.safetensors: header is not valid JSON for safetensors \(.*\); the file is corrupt or not safetensors"),
+        (
+            {"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            r"b\.safetensors: header is not valid JSON for safetensors \(invalid value: integer `-2`.*\); the "
+            r"file is corrupt or not safetensors",
+        ),
+        (
+            {"w": [1, 2]},
+            b"",
+            r"b\.safetensors: header is not valid JSON for safetensors \(invalid type: .*\); the file is "
+            r"corrupt or not safetensors",
+        ),
+        (
+            {"__metadata__": {"a": 1}},
+            b"",
+            r"b\.safetensors: header is not valid JSON for safetensors \(.*\); the file is corrupt or not safetensors",
+        ),
         # the format forbids bytes no tensor covers (our former reader allowed them)
-        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, r"b\.safetensors: the tensors do not cover the 8-byte data section exactly \(.*\); the file is truncated or corrupt"),
-        ({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 8, r"b\.safetensors: .*overflow.*; the file is corrupt or not safetensors"),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 8,
+            r"b\.safetensors: the tensors do not cover the 8-byte data section exactly \(.*\); the file is "
+            r"truncated or corrupt",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            r"b\.safetensors: .*overflow.*; the file is corrupt or not safetensors",
+        ),
     ],
 )
 def test_library_rejections_are_one_line(tmp_path, header, data, pattern):
@@ -92,7 +174,10 @@ def test_control_characters_in_names_stay_on_one_line(tmp_path):
     raw_file(tmp_path / "b.safetensors", {"a\nb": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
     with pytest.raises(CheckpointError) as e:
         TensorStore.open([tmp_path / "b.safetensors"])
-    assert str(e.value) == "b.safetensors: tensor 'a\\nb' does not start where the tensor before it ends (overlap or gap); the file is corrupt"
+    assert str(e.value) == (
+        "b.safetensors: tensor 'a\\nb' does not start where the tensor before it ends (overlap or gap); the file "
+        "is corrupt"
+    )
 
 
 def test_not_json_and_too_short(tmp_path):
@@ -136,8 +221,14 @@ def test_rows_read_only_what_is_asked(tmp_path):
 
 def test_bf16_rows(tmp_path):
     bits = np.arange(0x3F80, 0x3F80 + 12, dtype=np.uint16).reshape(4, 3)
-    raw_file(tmp_path / "b.safetensors", {"pad": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-                                          "w": {"dtype": "BF16", "shape": [4, 3], "data_offsets": [2, 26]}}, b"\0\0" + bits.tobytes())
+    raw_file(
+        tmp_path / "b.safetensors",
+        {
+            "pad": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "w": {"dtype": "BF16", "shape": [4, 3], "data_offsets": [2, 26]},
+        },
+        b"\0\0" + bits.tobytes(),
+    )
     store = TensorStore.open([tmp_path / "b.safetensors"])
     assert np.array_equal(store.get("w"), widen_bf16(bits))
     assert np.array_equal(store.rows("w", 1, 3), widen_bf16(bits[1:3]))

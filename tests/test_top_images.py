@@ -17,7 +17,12 @@ from qkweights.cli import main
 from qkweights.qk import qk_svd
 from qkweights.synth_o3 import make_o3
 from qkweights.top_images import (
-    STATE_NAME, list_images, mean_pairwise_cosine, merge_topk, top_images, unit_sum,
+    STATE_NAME,
+    list_images,
+    mean_pairwise_cosine,
+    merge_topk,
+    top_images,
+    unit_sum,
 )
 from qkweights.vision import load_model
 
@@ -36,7 +41,8 @@ def vit():
 
 
 def brute_force(model, root, paths, layers, heads, modes):
-    """{(l, h, n, sign): [(score, stats…, path) per image]} and the centre-token embeddings per layer, image by image."""
+    """{(l, h, n, sign): [(score, stats…, path) per image]} and the centre-token embeddings per layer, image by
+    image."""
     rows, centres = {}, {l: [] for l in layers}
     for rel in paths:
         out = model.forward(model.preprocess(root / rel), layers=layers)
@@ -54,8 +60,17 @@ def brute_force(model, root, paths, layers, heads, modes):
                         pk = [s * float(x[t] @ v[:, n]) for t in range(lay.patches.start, lay.patches.stop)]
                         top_q, top_k = sorted(pq)[-5:], sorted(pk)[-5:]
                         rows.setdefault((l, h, n, sign), []).append(
-                            (max(pq) * max(pk), max(pq), max(pk), sum(pq) / len(pq), sum(pk) / len(pk),
-                             sum(top_q) / 5, sum(top_k) / 5, rel))
+                            (
+                                max(pq) * max(pk),
+                                max(pq),
+                                max(pk),
+                                sum(pq) / len(pq),
+                                sum(pk) / len(pk),
+                                sum(top_q) / 5,
+                                sum(top_k) / 5,
+                                rel,
+                            )
+                        )
     return rows, centres
 
 
@@ -64,24 +79,47 @@ def test_scores_against_brute_force(folder, tmp_path, name):
     model = load_model(str(MODELS / name))
     layers, heads, modes = [1], [0, 2], [0, 3]
     paths = list_images(folder)
-    doc = top_images(model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4, plots=False).doc
+    doc = top_images(
+        model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4, plots=False
+    ).doc
     ref, centres = brute_force(model, folder, paths, layers, heads, modes)
     assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
-    got = {(hd["layer"], hd["head"], m["mode"], sign): winners
-           for hd in doc["heads"] for m in hd["modes"] for sign, winners in m["signs"].items()}
+    got = {
+        (hd["layer"], hd["head"], m["mode"], sign): winners
+        for hd in doc["heads"]
+        for m in hd["modes"]
+        for sign, winners in m["signs"].items()
+    }
     assert set(got) == set(ref)
     for key, winners in got.items():
         by_path = {r[-1]: r for r in ref[key]}
         assert sorted(w["path"] for w in winners) == sorted(by_path)
         for w in winners:
             r = by_path[w["path"]]
-            np.testing.assert_allclose([w["score"], w["max_query"], w["max_key"], w["mean_query"], w["mean_key"], w["top5_query"], w["top5_key"]],
-                                       r[:7], rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(
+                [
+                    w["score"],
+                    w["max_query"],
+                    w["max_key"],
+                    w["mean_query"],
+                    w["mean_key"],
+                    w["top5_query"],
+                    w["top5_key"],
+                ],
+                r[:7],
+                rtol=2e-5,
+                atol=2e-5,
+            )
         scores = [w["score"] for w in winners]
         assert scores == sorted(scores, reverse=True)
     # anisotropy: mean over ordered pairs i ≠ j of cos(centre_i, centre_j), by a double loop
     c = centres[1]
-    pairs = [c[i] @ c[j] / np.linalg.norm(c[i]) / np.linalg.norm(c[j]) for i in range(len(c)) for j in range(len(c)) if i != j]
+    pairs = [
+        c[i] @ c[j] / np.linalg.norm(c[i]) / np.linalg.norm(c[j])
+        for i in range(len(c))
+        for j in range(len(c))
+        if i != j
+    ]
     assert doc["anisotropy"]["mean_cosine"][0] == pytest.approx(np.mean(pairs), abs=1e-6)
 
 
@@ -93,8 +131,11 @@ def test_running_topk_equals_global_sort():
     top_s, top_i, top_x = np.full((3, 2, k), -np.inf), np.full((3, 2, k), -1), np.full((3, 2, k, 2), np.nan)
     for start in range(0, n, 7):
         idx = np.arange(start, min(start + 7, n))
-        cat = (np.concatenate([top_s, scores[..., idx]], -1), np.concatenate([top_i, np.broadcast_to(idx, (3, 2, len(idx)))], -1),
-               np.concatenate([top_x, stats[..., idx, :]], -2))
+        cat = (
+            np.concatenate([top_s, scores[..., idx]], -1),
+            np.concatenate([top_i, np.broadcast_to(idx, (3, 2, len(idx)))], -1),
+            np.concatenate([top_x, stats[..., idx, :]], -2),
+        )
         top_s, top_i, top_x = merge_topk(*cat, k=k)
     for a in range(3):
         for b in range(2):
@@ -147,7 +188,9 @@ def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
     assert notes == [f"resuming from {out / STATE_NAME}: 10 of 27 images already done"]
     assert resumed.doc == whole.doc
     np.testing.assert_array_equal(resumed.maps, whole.maps)
-    assert json.loads((out / "top_images.json").read_text()) == json.loads((tmp_path / "whole" / "top_images.json").read_text())
+    assert json.loads((out / "top_images.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "top_images.json").read_text()
+    )
     assert not (out / STATE_NAME).exists()
 
 
@@ -158,8 +201,13 @@ def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
         top_images(vit, folder, tmp_path / "a", top=3, progress=progress, **kw)
     progress, calls = interrupt_after(100)
     notes = []
-    doc = top_images(vit, folder, tmp_path / "a", top=2, progress=progress, notes=notes.append, **kw).doc  # another --top
-    assert notes == [f"{tmp_path / 'a' / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"]
+    doc = top_images(
+        vit, folder, tmp_path / "a", top=2, progress=progress, notes=notes.append, **kw
+    ).doc  # another --top
+    assert notes == [
+        f"{tmp_path / 'a' / STATE_NAME} is from another run (options, model or images differ); ignoring it and "
+        "starting over"
+    ]
     assert calls[0] == 0
     assert doc == top_images(vit, folder, tmp_path / "b", top=2, **kw).doc
     (tmp_path / "c").mkdir()
@@ -182,7 +230,11 @@ def test_odd_images(vit, folder, tmp_path):
     rgb = Image.open(folder / "images" / "synth_0000.jpg").convert("RGB")
     _write(rgb.convert("CMYK"), root / "cmyk.jpg", "JPEG")
     _write(rgb.convert("P"), root / "sub" / "palette.png", "PNG")
-    _write(Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).convert("I;16"), root / "deep.png", "PNG")
+    _write(
+        Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).convert("I;16"),
+        root / "deep.png",
+        "PNG",
+    )
     _write(rgb.convert("L"), root / "sub" / "deeper" / "GREY.PNG", "PNG")
     _write(rgb, root / "photo.WebP", "WEBP")
     _write(rgb, root / "UPPER.JPEG", "JPEG")
@@ -192,8 +244,16 @@ def test_odd_images(vit, folder, tmp_path):
     (root / "notes.txt").write_text("not listed")
     out = root / "out"  # the output folder inside the image folder is not scanned
     doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc
-    expected = ["UPPER.JPEG", "cmyk.jpg", "deep.png", "not-an-image.png", "photo.WebP", "sub/deeper/GREY.PNG",
-                "sub/palette.png", "truncated.jpg"]
+    expected = [
+        "UPPER.JPEG",
+        "cmyk.jpg",
+        "deep.png",
+        "not-an-image.png",
+        "photo.WebP",
+        "sub/deeper/GREY.PNG",
+        "sub/palette.png",
+        "truncated.jpg",
+    ]
     assert list_images(root, exclude=out) == expected  # sorted relative paths, any letter case, recursive
     assert [s["path"] for s in doc["skipped"]] == ["not-an-image.png", "truncated.jpg"]
     assert all("cannot decode" in s["reason"] for s in doc["skipped"])
@@ -206,8 +266,26 @@ def test_odd_images(vit, folder, tmp_path):
 
 def test_figures_and_cli(folder, tmp_path):
     out = tmp_path / "cli"
-    code = main(["top-images", str(MODELS / "dinov2-reg"), str(folder), "--layers", "1", "--heads", "2", "--modes", "0-1",
-                 "--top", "3", "--batch-size", "8", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "top-images",
+            str(MODELS / "dinov2-reg"),
+            str(folder),
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--modes",
+            "0-1",
+            "--top",
+            "3",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     doc = json.loads((out / "top_images.json").read_text())
     assert doc["schema"] == "qkweights.top_images/1" and doc["options"]["modes"] == [0, 1]
@@ -217,14 +295,34 @@ def test_figures_and_cli(folder, tmp_path):
     assert Image.open(out / "anisotropy.png").size[0] > 600
     assert not (out / STATE_NAME).exists()
     # modes beyond the head dim (8) are dropped, as --modes 0-9 is the default
-    assert main(["top-images", str(MODELS / "vit"), str(folder), "--layers", "0", "--heads", "0", "--modes", "6-9",
-                 "--out", str(tmp_path / "clip"), "--no-plots", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "top-images",
+                str(MODELS / "vit"),
+                str(folder),
+                "--layers",
+                "0",
+                "--heads",
+                "0",
+                "--modes",
+                "6-9",
+                "--out",
+                str(tmp_path / "clip"),
+                "--no-plots",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "clip" / "top_images.json").read_text())["options"]["modes"] == [6, 7]
 
 
 def test_empty_folder(vit, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert main(["top-images", str(MODELS / "vit"), str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert (
+        main(["top-images", str(MODELS / "vit"), str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    )
 
 
 def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, tmp_path):
@@ -232,8 +330,18 @@ def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, t
     # each image alone. A pair's sign is arbitrary, so each image's two scores (+, −) are compared as a set.
     layer, head, modes = 1, 2, [0, 1]
     paths = list_images(folder)
-    doc = top_images(vit, folder, tmp_path, layers=[layer], heads=[head], modes=modes, top=len(paths), batch_size=4,
-                     plots=False, fold_ln=True).doc
+    doc = top_images(
+        vit,
+        folder,
+        tmp_path,
+        layers=[layer],
+        heads=[head],
+        modes=modes,
+        top=len(paths),
+        batch_size=4,
+        plots=False,
+        fold_ln=True,
+    ).doc
     assert doc["options"]["fold_ln"] and doc["embedding"].startswith("n: the normalised token")
     ck = vit.checkpoint
     qk = ck.qk(layer)
@@ -265,7 +373,10 @@ def test_no_readable_image_is_an_error_and_keeps_the_outputs(folder, tmp_path, c
     (bad / "b.png").symlink_to(tmp_path / "nowhere.png")  # a broken link
     assert main(["top-images", args[0], str(bad), *args[1:]]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"qkweights: error: {bad}: none of the 2 images could be read (first: a.jpg: ") and err.count("\n") == 1
+    assert (
+        err.startswith(f"qkweights: error: {bad}: none of the 2 images could be read (first: a.jpg: ")
+        and err.count("\n") == 1
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -31,14 +31,22 @@ from qkweights.vision import _MODELS
 
 # The renaming of the hidden family: transformers ViT name → the hidden checkpoint's name.
 RENAMES = [
-    ("embeddings.patch_embeddings.projection", "stem.conv"), ("embeddings.cls_token", "stem.summary"),
-    ("embeddings.position_embeddings", "stem.where"), ("encoder.layer.", "trunk.unit"),
-    (".attention.attention.query", ".mix.ask"), (".attention.attention.key", ".mix.offer"),
-    (".attention.attention.value", ".mix.give"), (".attention.output.dense", ".mix.merge"),
-    (".layernorm_before", ".pre_mix"), (".layernorm_after", ".pre_mlp"), (".intermediate.dense", ".mlp.up"),
-    (".output.dense", ".mlp.down"), ("layernorm.", "last_norm."), ("pooler.dense", "unused.pool"),
+    ("embeddings.patch_embeddings.projection", "stem.conv"),
+    ("embeddings.cls_token", "stem.summary"),
+    ("embeddings.position_embeddings", "stem.where"),
+    ("encoder.layer.", "trunk.unit"),
+    (".attention.attention.query", ".mix.ask"),
+    (".attention.attention.key", ".mix.offer"),
+    (".attention.attention.value", ".mix.give"),
+    (".attention.output.dense", ".mix.merge"),
+    (".layernorm_before", ".pre_mix"),
+    (".layernorm_after", ".pre_mlp"),
+    (".intermediate.dense", ".mlp.up"),
+    (".output.dense", ".mlp.down"),
+    ("layernorm.", "last_norm."),
+    ("pooler.dense", "unused.pool"),
 ]
-HIDDEN_SPEC = '''name = "hidden-vit"
+HIDDEN_SPEC = """name = "hidden-vit"
 description = "a ViT whose tensors and config keys were renamed (tests/test_user_specs.py)"
 example = "a local folder"
 config_file = "settings.json"
@@ -80,7 +88,7 @@ final_norm = "last_norm"
 [preprocess]
 format = "hf"
 config_file = "preprocessor_config.json"
-'''
+"""
 
 
 def rename(name):
@@ -98,9 +106,18 @@ def hidden(tmp_path):
     tensors = load_file(str(MODELS / "vit" / "model.safetensors"))
     save_file({rename(k): v for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
     cfg = json.loads((MODELS / "vit" / "config.json").read_text())
-    (ckpt / "settings.json").write_text(json.dumps({
-        "model_type": "hidden", "depth": cfg["num_hidden_layers"], "width": cfg["hidden_size"],
-        "n_heads": cfg["num_attention_heads"], "ln_eps": cfg["layer_norm_eps"], "picture": cfg["image_size"]}))
+    (ckpt / "settings.json").write_text(
+        json.dumps(
+            {
+                "model_type": "hidden",
+                "depth": cfg["num_hidden_layers"],
+                "width": cfg["hidden_size"],
+                "n_heads": cfg["num_attention_heads"],
+                "ln_eps": cfg["layer_norm_eps"],
+                "picture": cfg["image_size"],
+            }
+        )
+    )
     shutil.copy(MODELS / "vit" / "preprocessor_config.json", ckpt)
     (specs / "hidden-vit.toml").write_text(HIDDEN_SPEC)
     return ckpt, specs
@@ -123,7 +140,9 @@ def test_user_spec_profile_equals_the_dense_svd(hidden):
         for h in range(4):
             s = np.linalg.svd(wq[h].T @ wk[h], compute_uv=False)[:8]  # the paper's dense D×D SVD
             np.testing.assert_allclose(prof.singular_values[l, h], s, rtol=1e-9)
-            assert np.sum(prof.singular_values[l, h] * prof.cosines[l, h]) == pytest.approx(np.sum(wq[h] * wk[h]), rel=1e-10)
+            assert np.sum(prof.singular_values[l, h] * prof.cosines[l, h]) == pytest.approx(
+                np.sum(wq[h] * wk[h]), rel=1e-10
+            )
 
 
 def test_user_spec_forward_equals_transformers(hidden):
@@ -147,8 +166,10 @@ def test_spec_path_environment_variable(hidden, monkeypatch, tmp_path):
     monkeypatch.setenv(SPEC_PATH_ENV, f"{tmp_path / 'elsewhere'}")
     with pytest.raises(SpecError) as e:
         qkweights.profile(str(ckpt))
-    assert str(e.value) == (f"spec folder {tmp_path / 'elsewhere'} (from {SPEC_PATH_ENV}) does not exist or is not a folder; "
-                            "give a folder of .toml spec files")
+    assert str(e.value) == (
+        f"spec folder {tmp_path / 'elsewhere'} (from {SPEC_PATH_ENV}) does not exist or is not a folder; "
+        "give a folder of .toml spec files"
+    )
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.setenv(SPEC_PATH_ENV, f"{tmp_path / 'elsewhere'}:{specs}")
     assert qkweights.profile(str(ckpt)).model.family == "hidden-vit"
@@ -190,29 +211,75 @@ def test_a_user_spec_replaces_the_built_in_one_and_specs_says_so(tmp_path, capsy
 TIMM = (spec_dir() / "timm-vit.toml").read_text()
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ('scale2 = "blocks.{i}.ls2.gamma"', 'scale_2 = "blocks.{i}.ls2.gamma"',
-     "unknown key 'scale_2' in [block] (did you mean 'scale2'?); known: norm1, norm2, fc1, fc2, swiglu_in, swiglu_out, scale1, scale2"),
-    ('prefixes = [""]', 'prefix = [""]', "unknown key 'prefix' in the top level (did you mean 'prefixes'?); known: "),
-    ('[preprocess]\nformat = "timm"', '[preprocess]\nformat = "tf"', '[preprocess] format is "tf"; it must be one of hf, timm, open_clip'),
-    ('patch = "patch_embed.proj"', "patch = 16", "[embeddings] patch is 16; it must be a module"),
-    ('norm1 = "blocks.{i}.norm1"', 'norm1 = { weight = "blocks.{i}.norm1.weight", gain = "x" }',
-     "[block] norm1: unknown key 'gain' in a module table"),
-    ('registers = "reg_token"', 'registers = ["reg_token"]', '[embeddings] registers is ["reg_token"]; it must be a tensor name'),
-    ('\ntokens = ["cls", "registers", "patches"]', '\ntokens = ["cls", "register", "patches"]',
-     "[embeddings] tokens: unknown token kind 'register'"),
-    ('no_embed_class = "rows"', "no_embed_class = 1", '[embeddings] no_embed_class is 1; it must be true, false or "rows"'),
-    ('patch_size = { shape = "patch_embed.proj.weight", axis = 2 }', 'patch_size = { shape = "patch_embed.proj.weight", axes = 2 }',
-     "[dims] patch_size: unknown key 'axes' in {shape = …} (did you mean 'axis'?)"),
-    ('layers = { count = "blocks.{i}.attn.qkv.weight" }', 'layers = { counts = "blocks.{i}.attn.qkv.weight" }',
-     "[dims] layers: a resolver table needs exactly one of value, config, shape, count, div, mul, relative_window, lookup, match"),
-    ('interpolation = { value = "bicubic_antialias" }', 'interpolate = { value = "bicubic_antialias" }',
-     "unknown key 'interpolate' in [dims] (did you mean 'interpolation'?)"),
-    ('norm2 = "blocks.{i}.norm2"\n', "", "[block] lacks 'norm2', which the forward pass of a vision family needs"),
-    ('config_has = ["architecture"]', 'config_has = "architecture"', '[detect] config_has is "architecture"; it must be a list of texts'),
-    ('[attention]\nqkv = "blocks.{i}.attn.qkv"', '[attention]\nqkv = "blocks.{i}.attn.qkv"\nq = "blocks.{i}.attn.q"',
-     "[attention]: give either a fused qkv or separate q, k, v, not both"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            'scale2 = "blocks.{i}.ls2.gamma"',
+            'scale_2 = "blocks.{i}.ls2.gamma"',
+            "unknown key 'scale_2' in [block] (did you mean 'scale2'?); known: norm1, norm2, fc1, fc2, "
+            "swiglu_in, swiglu_out, scale1, scale2",
+        ),
+        (
+            'prefixes = [""]',
+            'prefix = [""]',
+            "unknown key 'prefix' in the top level (did you mean 'prefixes'?); known: ",
+        ),
+        (
+            '[preprocess]\nformat = "timm"',
+            '[preprocess]\nformat = "tf"',
+            '[preprocess] format is "tf"; it must be one of hf, timm, open_clip',
+        ),
+        ('patch = "patch_embed.proj"', "patch = 16", "[embeddings] patch is 16; it must be a module"),
+        (
+            'norm1 = "blocks.{i}.norm1"',
+            'norm1 = { weight = "blocks.{i}.norm1.weight", gain = "x" }',
+            "[block] norm1: unknown key 'gain' in a module table",
+        ),
+        (
+            'registers = "reg_token"',
+            'registers = ["reg_token"]',
+            '[embeddings] registers is ["reg_token"]; it must be a tensor name',
+        ),
+        (
+            '\ntokens = ["cls", "registers", "patches"]',
+            '\ntokens = ["cls", "register", "patches"]',
+            "[embeddings] tokens: unknown token kind 'register'",
+        ),
+        (
+            'no_embed_class = "rows"',
+            "no_embed_class = 1",
+            '[embeddings] no_embed_class is 1; it must be true, false or "rows"',
+        ),
+        (
+            'patch_size = { shape = "patch_embed.proj.weight", axis = 2 }',
+            'patch_size = { shape = "patch_embed.proj.weight", axes = 2 }',
+            "[dims] patch_size: unknown key 'axes' in {shape = …} (did you mean 'axis'?)",
+        ),
+        (
+            'layers = { count = "blocks.{i}.attn.qkv.weight" }',
+            'layers = { counts = "blocks.{i}.attn.qkv.weight" }',
+            "[dims] layers: a resolver table needs exactly one of value, config, shape, count, div, mul, "
+            "relative_window, lookup, match",
+        ),
+        (
+            'interpolation = { value = "bicubic_antialias" }',
+            'interpolate = { value = "bicubic_antialias" }',
+            "unknown key 'interpolate' in [dims] (did you mean 'interpolation'?)",
+        ),
+        ('norm2 = "blocks.{i}.norm2"\n', "", "[block] lacks 'norm2', which the forward pass of a vision family needs"),
+        (
+            'config_has = ["architecture"]',
+            'config_has = "architecture"',
+            '[detect] config_has is "architecture"; it must be a list of texts',
+        ),
+        (
+            '[attention]\nqkv = "blocks.{i}.attn.qkv"',
+            '[attention]\nqkv = "blocks.{i}.attn.qkv"\nq = "blocks.{i}.attn.q"',
+            "[attention]: give either a fused qkv or separate q, k, v, not both",
+        ),
+    ],
+)
 def test_spec_mistakes_are_refused_in_one_line_naming_file_and_key(tmp_path, capsys, old, new, message):
     assert TIMM.count(old) == 1
     folder = tmp_path / "specs"
@@ -228,8 +295,12 @@ def test_spec_mistakes_are_refused_in_one_line_naming_file_and_key(tmp_path, cap
 
 def test_shipped_spec_mistakes_name_the_file(tmp_path):
     folder = shutil.copytree(spec_dir(), tmp_path / "specs")
-    (folder / "hf-vit.toml").write_text((folder / "hf-vit.toml").read_text().replace("[block]\n", "[block]\nscale_1 = \"x\"\n"))
-    with pytest.raises(SpecError, match=r"^hf-vit.toml: unknown key 'scale_1' in \[block\] \(did you mean 'scale1'\?\)"):
+    (folder / "hf-vit.toml").write_text(
+        (folder / "hf-vit.toml").read_text().replace("[block]\n", '[block]\nscale_1 = "x"\n')
+    )
+    with pytest.raises(
+        SpecError, match=r"^hf-vit.toml: unknown key 'scale_1' in \[block\] \(did you mean 'scale1'\?\)"
+    ):
         load_specs(folder)
 
 
@@ -237,7 +308,8 @@ def test_shipped_spec_mistakes_name_the_file(tmp_path):
 
 
 def readme_tables(readme: str) -> tuple[dict[str, set[str]], set[str]]:
-    """({section: the keys of its `| key | meaning |` table} ('' = top level), the resolver heads of the resolver table)."""
+    """({section: the keys of its `| key | meaning |` table} ('' = top level), the resolver heads of the resolver
+    table)."""
     keys, heads, section, table = {}, set(), None, None
     for line in readme.splitlines():
         if line.startswith("## "):
@@ -264,8 +336,20 @@ def test_readme_documents_exactly_the_schema():
 def test_every_spec_field_has_a_kind_the_parser_reads():
     for cls in (Spec, *SECTIONS.values()):
         for f in fields(cls):
-            assert f.metadata.get("kind") in ("text", "texts", "tensor", "tensors", "module", "resolver", "bool", "tokens",
-                                              "choice", "no_embed_class", "section", "internal"), (cls, f.name)
+            assert f.metadata.get("kind") in (
+                "text",
+                "texts",
+                "tensor",
+                "tensors",
+                "module",
+                "resolver",
+                "bool",
+                "tokens",
+                "choice",
+                "no_embed_class",
+                "section",
+                "internal",
+            ), (cls, f.name)
 
 
 def test_readme_checker_can_fail():

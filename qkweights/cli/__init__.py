@@ -25,12 +25,26 @@ COMMANDS = [
     ("compare", "overlay the layer curves of several models (checkpoints or saved profile.json / o3_summary.json)"),
     ("inspect", "family, dimensions, dtype, tensors used and file sizes (reads headers only)"),
     ("specs", "the checkpoint families qkweights knows, with an example id each"),
-    ("check", "compare a checkpoint with a saved profile.json within tolerances; exit 1 on drift (CI gate, JSON/JUnit reports)"),
-    ("diff", "how each head's query-key interaction changed between two checkpoints: ranked heads, heatmaps, diff.json"),
+    (
+        "check",
+        "compare a checkpoint with a saved profile.json within tolerances; exit 1 on drift (CI gate, "
+        "JSON/JUnit reports)",
+    ),
+    (
+        "diff",
+        "how each head's query-key interaction changed between two checkpoints: ranked heads, heatmaps, diff.json",
+    ),
     ("maps", "query and key projection maps of one image on one head's modes (red/cyan figure and npz)"),
-    ("top-images", "the images of a folder that drive each query-key mode most (resumable), and the anisotropy control"),
+    (
+        "top-images",
+        "the images of a folder that drive each query-key mode most (resumable), and the anisotropy control",
+    ),
     ("o3", "attention allocation on an Odd-One-Out folder: same object / different object / background per layer"),
-    ("same-object", "do a mode's query and key directions pick the same object in its top images? (ADE20K or instance maps; Fig. 6)"),
+    (
+        "same-object",
+        "do a mode's query and key directions pick the same object in its top images? (ADE20K or instance "
+        "maps; Fig. 6)",
+    ),
     ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
     ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]
@@ -38,8 +52,12 @@ RESUMABLE = {"top-images", "o3", "same-object"}  # commands that continue where 
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s module is imported and configured (all of them when None), so startup stays fast."""
-    parser = argparse.ArgumentParser(prog="python -m qkweights", description="What the attention heads of a Vision Transformer do, read from their query-key weights.")
+    """The parser; only ``command``'s module is imported and configured (all of them when None), so startup stays
+    fast."""
+    parser = argparse.ArgumentParser(
+        prog="python -m qkweights",
+        description="What the attention heads of a Vision Transformer do, read from their query-key weights.",
+    )
     parser.add_argument("--version", action="version", version=f"qkweights {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -81,5 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"qkweights: internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"qkweights: internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback, and "
+            "please report it)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE

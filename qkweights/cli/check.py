@@ -13,15 +13,56 @@ from qkweights.workflow import check
 
 def configure(p) -> None:
     add_model_arguments(p)
-    p.add_argument("--baseline", required=True, metavar="PROFILE_JSON", help="saved profile.json (or its folder) from `python -m qkweights profile`")
-    p.add_argument("--tol-layer", type=float, default=0.02, help="allowed absolute change of a layer's mean weighted cosine (default: 0.02)")
-    p.add_argument("--tol-head", type=float, default=0.05, help="allowed absolute change of a head's weighted cosine (default: 0.05)")
-    p.add_argument("--tol-sigma", type=float, default=0.01, help="allowed relative change of each of a head's top singular values (default: 0.01)")
-    p.add_argument("--top-sigma", type=int, default=5, metavar="N", help="how many of the largest singular values per head --tol-sigma covers (default: 5)")
-    p.add_argument("--tol-symmetry", type=float, metavar="TOL", help="also check each head's symmetric_fraction: allowed absolute change (default: not checked)")
-    p.add_argument("--tol-ov", type=float, metavar="TOL", help="also check the λ-weighted cosine of each head's value-output circuit: allowed absolute change (default: not checked)")
+    p.add_argument(
+        "--baseline",
+        required=True,
+        metavar="PROFILE_JSON",
+        help="saved profile.json (or its folder) from `python -m qkweights profile`",
+    )
+    p.add_argument(
+        "--tol-layer",
+        type=float,
+        default=0.02,
+        help="allowed absolute change of a layer's mean weighted cosine (default: 0.02)",
+    )
+    p.add_argument(
+        "--tol-head",
+        type=float,
+        default=0.05,
+        help="allowed absolute change of a head's weighted cosine (default: 0.05)",
+    )
+    p.add_argument(
+        "--tol-sigma",
+        type=float,
+        default=0.01,
+        help="allowed relative change of each of a head's top singular values (default: 0.01)",
+    )
+    p.add_argument(
+        "--top-sigma",
+        type=int,
+        default=5,
+        metavar="N",
+        help="how many of the largest singular values per head --tol-sigma covers (default: 5)",
+    )
+    p.add_argument(
+        "--tol-symmetry",
+        type=float,
+        metavar="TOL",
+        help="also check each head's symmetric_fraction: allowed absolute change (default: not checked)",
+    )
+    p.add_argument(
+        "--tol-ov",
+        type=float,
+        metavar="TOL",
+        help=(
+            "also check the λ-weighted cosine of each head's value-output circuit: allowed absolute change (default: "
+            "not checked)"
+        ),
+    )
     p.add_argument("--report", metavar="FILE", help="write every check as JSON (schema qkweights.check/1)")
-    p.add_argument("--junit", metavar="FILE", help="write JUnit XML, one test case per check group, for CI test reports")
+    p.add_argument(
+        "--junit", metavar="FILE", help="write JUnit XML, one test case per check group, for CI test reports"
+    )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -30,9 +71,18 @@ def run(args) -> int:
         if target:
             check_file_target(target)  # a bad report path fails before the profile is computed
     with Terminal(quiet=args.quiet) as reporter:
-        report = check(args.model, args.baseline, reporter=reporter, model_options=model_options(args),
-                       tol_layer=args.tol_layer, tol_head=args.tol_head, tol_sigma=args.tol_sigma, top_sigma=args.top_sigma,
-                       tol_symmetry=args.tol_symmetry, tol_ov=args.tol_ov)
+        report = check(
+            args.model,
+            args.baseline,
+            reporter=reporter,
+            model_options=model_options(args),
+            tol_layer=args.tol_layer,
+            tol_head=args.tol_head,
+            tol_sigma=args.tol_sigma,
+            top_sigma=args.top_sigma,
+            tol_symmetry=args.tol_symmetry,
+            tol_ov=args.tol_ov,
+        )
     if args.report:
         write_json(args.report, report.to_json())
     if args.junit:

@@ -17,34 +17,65 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    """MODEL, --revision, --family, --part, --allow-pickle and --spec-dir, as every command that reads a checkpoint takes them."""
+    """MODEL, --revision, --family, --part, --allow-pickle and --spec-dir, as every command that reads a checkpoint
+    takes them."""
     if optional:
-        p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"Hub repo id, local folder, .safetensors or PyTorch file (default: {DEFAULT_MODEL})")
+        p.add_argument(
+            "model",
+            metavar="MODEL",
+            nargs="?",
+            default=DEFAULT_MODEL,
+            help=f"Hub repo id, local folder, .safetensors or PyTorch file (default: {DEFAULT_MODEL})",
+        )
     else:
-        p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name), local folder, .safetensors or PyTorch file")
-    p.add_argument("--revision", help="Hub branch, tag or commit sha (default: main, or its safetensors conversion branch)")
+        p.add_argument(
+            "model", metavar="MODEL", help="Hub repo id (org/name), local folder, .safetensors or PyTorch file"
+        )
+    p.add_argument(
+        "--revision", help="Hub branch, tag or commit sha (default: main, or its safetensors conversion branch)"
+    )
     p.add_argument("--family", help="checkpoint family, overriding detection (see `python -m qkweights specs`)")
     add_pickle_arguments(p)
 
 
 def add_pickle_arguments(p: argparse.ArgumentParser) -> None:
-    """--part and --allow-pickle, for PyTorch checkpoints, and --spec-dir (every command that opens a model takes these)."""
-    p.add_argument("--part", help="the network to read from a PyTorch training checkpoint holding several (I-JEPA: encoder (default), target_encoder, predictor)")
-    p.add_argument("--allow-pickle", action="store_true", help="let a Hub repo without safetensors fall back to its pytorch_model.bin (read without running code)")
+    """--part and --allow-pickle, for PyTorch checkpoints, and --spec-dir (every command that opens a model takes
+    these)."""
+    p.add_argument(
+        "--part",
+        help=(
+            "the network to read from a PyTorch training checkpoint holding several (I-JEPA: encoder (default), "
+            "target_encoder, predictor)"
+        ),
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let a Hub repo without safetensors fall back to its pytorch_model.bin (read without running code)",
+    )
     add_spec_dir_argument(p)
 
 
 def add_spec_dir_argument(p: argparse.ArgumentParser) -> None:
     """--spec-dir DIR (repeatable): folders of user spec files."""
-    p.add_argument("--spec-dir", action="append", metavar="DIR",
-                   help="a folder of spec files (.toml) for more checkpoint families; repeatable, earlier folders win, "
-                        "all of them over QKWEIGHTS_SPEC_PATH and the shipped specs")
+    p.add_argument(
+        "--spec-dir",
+        action="append",
+        metavar="DIR",
+        help="a folder of spec files (.toml) for more checkpoint families; repeatable, earlier folders win, "
+        "all of them over QKWEIGHTS_SPEC_PATH and the shipped specs",
+    )
 
 
 def model_options(args, revision: str | None = None) -> dict:
     """The keyword options of qkweights.load.open_model given on the command line."""
-    return {"revision": revision if revision is not None else getattr(args, "revision", None), "family": args.family,
-            "part": args.part, "allow_pickle": args.allow_pickle, "spec_dir": args.spec_dir}
+    return {
+        "revision": revision if revision is not None else getattr(args, "revision", None),
+        "family": args.family,
+        "part": args.part,
+        "allow_pickle": args.allow_pickle,
+        "spec_dir": args.spec_dir,
+    }
 
 
 def model_slug(model_id: str) -> str:
@@ -80,7 +111,10 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
             raise InputError(f"--{what} {text!r}: range {part} runs backwards; write {hi}-{lo}")
         if hi >= limit:
             whose = "a head has" if what == "modes" else "the model has"
-            raise InputError(f"--{what} {text!r}: {what.rstrip('s')} {hi} is out of range: {whose} {plural(limit, what.rstrip('s'))} (0–{limit - 1})")
+            raise InputError(
+                f"--{what} {text!r}: {what.rstrip('s')} {hi} is out of range: {whose} "
+                f"{plural(limit, what.rstrip('s'))} (0–{limit - 1})"
+            )
         out += [i for i in range(lo, hi + 1) if i not in out]
     return out
 
@@ -89,20 +123,26 @@ def add_mode_arguments(p: argparse.ArgumentParser, *, top: int, top_help: str) -
     """--layers, --heads, --modes, --top: which modes an image analysis scans, and how many images it keeps."""
     p.add_argument("--layers", help="layers, e.g. 0-3,8 (default: all)")
     p.add_argument("--heads", help="heads, e.g. 0-3,8 (default: all)")
-    p.add_argument("--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)")
+    p.add_argument(
+        "--modes", default="0-9", help="modes, e.g. 0-9 (default: 0-9; indices beyond the head dim are dropped)"
+    )
     p.add_argument("--top", type=int, default=top, help=f"{top_help} (default: {top})")
 
 
 def chosen_modes(args, dims) -> dict:
     """The layers, heads and modes keyword options of an image analysis from --layers/--heads/--modes."""
-    return {"layers": parse_indices(args.layers, dims.layers, "layers") if args.layers else None,
-            "heads": parse_indices(args.heads, dims.heads, "heads") if args.heads else None,
-            "modes": parse_indices(args.modes, 1 << 30, "modes")}
+    return {
+        "layers": parse_indices(args.layers, dims.layers, "layers") if args.layers else None,
+        "heads": parse_indices(args.heads, dims.heads, "heads") if args.heads else None,
+        "modes": parse_indices(args.modes, 1 << 30, "modes"),
+    }
 
 
 def add_output_arguments(p: argparse.ArgumentParser, *, no_plots: str) -> None:
     """--out, --no-plots (``no_plots``: what is written without figures) and --quiet."""
-    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running")
+    p.add_argument(
+        "--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running"
+    )
     p.add_argument("--no-plots", action="store_true", help=no_plots)
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -111,10 +151,29 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """Where the image analyses run: --workers, --scheduler, --scheduler-file, --shard-size."""
     g = p.add_argument_group("where it runs (results are the same whichever is chosen)")
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, metavar="N", help="run shards on N local worker processes, one BLAS thread each (default: in this process)")
-    where.add_argument("--scheduler", metavar="ADDRESS", help='run shards on an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (needs pip install "qkweights[dask]")')
-    where.add_argument("--scheduler-file", metavar="PATH", help="the same, with the scheduler file `dask scheduler --scheduler-file` wrote")
-    g.add_argument("--shard-size", type=int, default=64, metavar="S", help="images per shard: the unit of work, of resume and of progress (default: 64)")
+    where.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run shards on N local worker processes, one BLAS thread each (default: in this process)",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help='run shards on an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (needs pip install "qkweights[dask]")',
+    )
+    where.add_argument(
+        "--scheduler-file",
+        metavar="PATH",
+        help="the same, with the scheduler file `dask scheduler --scheduler-file` wrote",
+    )
+    g.add_argument(
+        "--shard-size",
+        type=int,
+        default=64,
+        metavar="S",
+        help="images per shard: the unit of work, of resume and of progress (default: 64)",
+    )
 
 
 @contextmanager

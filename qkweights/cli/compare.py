@@ -12,7 +12,15 @@ from qkweights.workflow import compare
 
 
 def configure(p) -> None:
-    p.add_argument("items", metavar="MODEL_OR_JSON", nargs="+", help="checkpoints (profiled now), saved profile.json / o3_summary.json / same_object.json files, or folders holding them")
+    p.add_argument(
+        "items",
+        metavar="MODEL_OR_JSON",
+        nargs="+",
+        help=(
+            "checkpoints (profiled now), saved profile.json / o3_summary.json / same_object.json files, or folders "
+            "holding them"
+        ),
+    )
     add_pickle_arguments(p)
     p.add_argument("--family", help="checkpoint family of the checkpoints given, overriding detection")
     p.add_argument("--labels", help="comma-separated legend labels, one per item")

@@ -16,14 +16,27 @@ SHOWN = 10  # ranked heads printed
 
 
 def configure(p) -> None:
-    p.add_argument("model_a", metavar="MODEL_A", help="checkpoint (Hub id, folder, .safetensors) or saved profile.json / its folder")
+    p.add_argument(
+        "model_a",
+        metavar="MODEL_A",
+        help="checkpoint (Hub id, folder, .safetensors) or saved profile.json / its folder",
+    )
     p.add_argument("model_b", metavar="MODEL_B", help="the same for the second model (same layers, heads and widths)")
     p.add_argument("--revision-a", help="Hub revision of MODEL_A")
     p.add_argument("--revision-b", help="Hub revision of MODEL_B")
     p.add_argument("--family", help="checkpoint family of both, overriding detection (see `python -m qkweights specs`)")
     add_pickle_arguments(p)
-    p.add_argument("--k", type=int, default=8, help="size of the top singular subspaces whose principal angles are compared (default: 8)")
-    p.add_argument("--fold-ln", action="store_true", help="profile checkpoints LayerNorm-folded, as `profile --fold-ln` (saved profiles are read as they are)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=8,
+        help="size of the top singular subspaces whose principal angles are compared (default: 8)",
+    )
+    p.add_argument(
+        "--fold-ln",
+        action="store_true",
+        help="profile checkpoints LayerNorm-folded, as `profile --fold-ln` (saved profiles are read as they are)",
+    )
     p.add_argument("--out", default="qkweights-out/diff", help="output folder (default: ./qkweights-out/diff)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -32,8 +45,15 @@ def configure(p) -> None:
 def run(args) -> int:
     prepare_dir(args.out)
     with Terminal(quiet=args.quiet) as reporter:
-        result = diff(args.model_a, args.model_b, k=args.k, fold_ln=args.fold_ln, reporter=reporter,
-                      options_a=model_options(args, args.revision_a), options_b=model_options(args, args.revision_b))
+        result = diff(
+            args.model_a,
+            args.model_b,
+            k=args.k,
+            fold_ln=args.fold_ln,
+            reporter=reporter,
+            options_a=model_options(args, args.revision_a),
+            options_b=model_options(args, args.revision_b),
+        )
     written = result.save(Path(args.out), plots=not args.no_plots)
     if not args.quiet:
         print(format_ranking(result.head_rows()[:SHOWN]))
@@ -48,11 +68,20 @@ def format_ranking(rows: list[dict]) -> str:
     lines = [f"{'rank':>4} {'head':>7} {'Δ wcos':>8} {'spec TV':>8} {'∠u max':>7} {'∠v max':>7} {'score':>7}"]
     for r in rows:
         # "-": no singular vectors; "n/a": undefined, the head is collapsed or non-finite in A or B (see the notes)
-        cell = {k: f"{r[k]:{sign}{width}.{digits}f}" if r[k] is not None and math.isfinite(r[k])
-                else f"{'-' if r[k] is None else 'n/a':>{width}}"
-                for k, sign, width, digits in (("delta_weighted_cosine", "+", 8, 4), ("spectrum_tv", "", 8, 4),
-                                               ("max_angle_u_deg", "", 7, 1), ("max_angle_v_deg", "", 7, 1),
-                                               ("score", "", 7, 4))}
-        lines.append(f"{r['rank']:>4} {'L%d H%d' % (r['layer'], r['head']):>7} {cell['delta_weighted_cosine']} "
-                     f"{cell['spectrum_tv']} {cell['max_angle_u_deg']} {cell['max_angle_v_deg']} {cell['score']}")
+        cell = {
+            k: f"{r[k]:{sign}{width}.{digits}f}"
+            if r[k] is not None and math.isfinite(r[k])
+            else f"{'-' if r[k] is None else 'n/a':>{width}}"
+            for k, sign, width, digits in (
+                ("delta_weighted_cosine", "+", 8, 4),
+                ("spectrum_tv", "", 8, 4),
+                ("max_angle_u_deg", "", 7, 1),
+                ("max_angle_v_deg", "", 7, 1),
+                ("score", "", 7, 4),
+            )
+        }
+        lines.append(
+            f"{r['rank']:>4} {'L%d H%d' % (r['layer'], r['head']):>7} {cell['delta_weighted_cosine']} "
+            f"{cell['spectrum_tv']} {cell['max_angle_u_deg']} {cell['max_angle_v_deg']} {cell['score']}"
+        )
     return "\n".join(lines)

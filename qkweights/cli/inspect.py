@@ -19,14 +19,23 @@ def run(args) -> int:
     source, ck = open_model(args.model, reporter=Terminal(), **model_options(args))
     d = ck.dims
     patch = patch_size_used(ck) or d.patch_size  # what the forward pass uses
-    print(f"model     {source.model_id}" + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else ""))
+    print(
+        f"model     {source.model_id}"
+        + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else "")
+    )
     print(f"family    {ck.spec.name}: {ck.spec.description}")
     print(f"prefix    {ck.prefix!r}")
-    print(f"dims      {plural(d.layers, 'layer')}, {plural(d.heads, 'head')} × {d.head_dim} = width {d.hidden}" + (f", patch {patch}, image {d.image_size[0]}×{d.image_size[1]}" if patch and d.image_size else ""))
+    print(
+        f"dims      {plural(d.layers, 'layer')}, {plural(d.heads, 'head')} × {d.head_dim} = width {d.hidden}"
+        + (f", patch {patch}, image {d.image_size[0]}×{d.image_size[1]}" if patch and d.image_size else "")
+    )
     if d.eps is not None:
         print(f"norm/act  LayerNorm eps {d.eps:g}, activation {d.act}" + (", SwiGLU MLP" if d.swiglu else ""))
     print(f"dtype     {ck.dtype()} (attention weights); stored dtypes: {', '.join(ck.store.dtypes())}")
-    print(f"tensors   {len(ck.store.names())} in the files; attention tensors of layer 0: {', '.join(ck.attention_names(0))}")
+    print(
+        f"tensors   {len(ck.store.names())} in the files; attention tensors of layer 0: "
+        f"{', '.join(ck.attention_names(0))}"
+    )
     for f in source.weight_files:
         print(f"file      {f.name}  {f.stat().st_size:,} bytes")
     if ck.spec.logit_terms:

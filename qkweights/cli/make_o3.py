@@ -12,12 +12,18 @@ from qkweights.synth_o3 import make_o3
 def configure(p) -> None:
     p.add_argument("dir", metavar="DIR", help="folder to create (must not exist, or be empty)")
     p.add_argument("--n", type=int, default=40, help="number of images (default: 40)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image i of seed S is the same in every folder (default: 0)")
-    p.add_argument("--size", default="224", help="image size in pixels: one number for a square, or HEIGHTxWIDTH such as 480x640 (default: 224)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; image i of seed S is the same in every folder (default: 0)"
+    )
+    p.add_argument(
+        "--size",
+        default="224",
+        help="image size in pixels: one number for a square, or HEIGHTxWIDTH such as 480x640 (default: 224)",
+    )
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"224" → (224, 224); "480x640" → (480, 640) as (height, width)."""
+    """ "224" → (224, 224); "480x640" → (480, 640) as (height, width)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[x×]\s*(\d+)\s*)?", text)
     if not m:
         raise InputError(f"--size {text!r}: give one number (a square) or HEIGHTxWIDTH such as 480x640")

@@ -20,7 +20,11 @@ from qkweights.workflow import load_model, o3
 
 def configure(p) -> None:
     add_model_arguments(p)
-    p.add_argument("o3_dir", metavar="O3_DIR", help="O3 folder holding images/, targ_images/ (or targ_labels/) and dist_images/ (or dist_labels/)")
+    p.add_argument(
+        "o3_dir",
+        metavar="O3_DIR",
+        help="O3 folder holding images/, targ_images/ (or targ_labels/) and dist_images/ (or dist_labels/)",
+    )
     p.add_argument("--max-images", type=int, metavar="N", help="use the first N images by name (default: all)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: 8)")
     add_sweep_arguments(p)
@@ -32,14 +36,26 @@ def run(args) -> int:
         model = load_model(args.model, reporter=reporter, **model_options(args))
         out = out_dir(args, model.source.model_id)
         with sweep_options(args) as where:
-            result = o3(model, args.o3_dir, out, reporter=reporter, max_images=args.max_images, batch_size=args.batch_size,
-                        plots=not args.no_plots, **where)
+            result = o3(
+                model,
+                args.o3_dir,
+                out,
+                reporter=reporter,
+                max_images=args.max_images,
+                batch_size=args.batch_size,
+                plots=not args.no_plots,
+                **where,
+            )
     summary = result.summary
     if not args.quiet:
         print(format_table(summary))
         print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")
     if summary["skipped"] and not args.quiet:
-        print(f"qkweights: skipped {len(summary['skipped'])} image(s); the reasons are under 'skipped' in {out / SUMMARY_NAME}", file=sys.stderr)
+        print(
+            f"qkweights: skipped {len(summary['skipped'])} image(s); the reasons are under 'skipped' in "
+            f"{out / SUMMARY_NAME}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -53,7 +69,10 @@ def format_table(summary: dict) -> str:
         cells = [f"{_num(e[k]['mean'])} ± {_num(e[k]['sem'])}" for k in ("same", "different", "background")]
         lines.append(f"{e['layer']:>5} {e['depth']:>8.3f} " + " ".join(f"{c:>17}" for c in cells))
     u = summary["uniform"]
-    lines.append(f"uniform attention over the patches would give same = different = {u['same']:.4f}, background = {u['background']:.4f}")
+    lines.append(
+        f"uniform attention over the patches would give same = different = {u['same']:.4f}, background = "
+        f"{u['background']:.4f}"
+    )
     return "\n".join(lines)
 
 

@@ -20,9 +20,12 @@ def configure(p) -> None:
     p.add_argument("--json", action="store_true", help="print profile.json to stdout instead of the table")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--save-vectors", action="store_true", help="also write modes.npz with U, V [L,H,D,K] and S")
-    p.add_argument("--fold-ln", action="store_true",
-                   help="profile the LayerNorm-folded Γ W_qᵀW_k Γ (the interaction of the normalised tokens) and each head's "
-                        "key-salience norm ‖Γ W_kᵀ(W_q β + b_q)‖; also draws fold_cosine_by_layer.png against the plain profile")
+    p.add_argument(
+        "--fold-ln",
+        action="store_true",
+        help="profile the LayerNorm-folded Γ W_qᵀW_k Γ (the interaction of the normalised tokens) and each head's "
+        "key-salience norm ‖Γ W_kᵀ(W_q β + b_q)‖; also draws fold_cosine_by_layer.png against the plain profile",
+    )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -30,8 +33,14 @@ def run(args) -> int:
     with Terminal(quiet=args.quiet) as reporter:
         source, ck = open_model(args.model, reporter=reporter, **model_options(args))
         out = prepare_dir(out_dir(args, source.model_id))
-        prof = profile_checkpoint(source, ck, save_vectors=args.save_vectors, fold_ln=args.fold_ln, reporter=reporter,
-                                  warm_figures=not args.no_plots)
+        prof = profile_checkpoint(
+            source,
+            ck,
+            save_vectors=args.save_vectors,
+            fold_ln=args.fold_ln,
+            reporter=reporter,
+            warm_figures=not args.no_plots,
+        )
     written = save_profile(prof, out, plots=not args.no_plots, checkpoint=ck)
     if args.json:
         sys.stdout.write(prof.json_text())
@@ -50,23 +59,31 @@ def format_table(prof: Profile) -> str:
     m = prof.model
     stats = prof.layer_stats()
     lines = [
-        f"{prof.source.get('model_id', '?')}  family {m.family}  {plural(m.layers, 'layer')} × {plural(m.heads, 'head')}  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
+        f"{prof.source.get('model_id', '?')}  family {m.family}  {plural(m.layers, 'layer')} × "
+        f"{plural(m.heads, 'head')}  width {m.hidden}  head dim {m.head_dim}  {m.dtype}",
         f"{'layer':>5} {'l/(L-1)':>8} {'weighted cos':>13} {'head min':>9} {'head max':>9} {'mean cos':>9}",
     ]
     for l in range(m.layers):
-        lines.append(f"{l:>5} {prof.depth[l]:>8.3f} {stats['weighted_cosine'][l]:>13.4f} {stats['min'][l]:>9.4f} {stats['max'][l]:>9.4f} {stats['mean_cosine'][l]:>9.4f}")
+        lines.append(
+            f"{l:>5} {prof.depth[l]:>8.3f} {stats['weighted_cosine'][l]:>13.4f} {stats['min'][l]:>9.4f} "
+            f"{stats['max'][l]:>9.4f} {stats['mean_cosine'][l]:>9.4f}"
+        )
     lines.append(f"null band (95%, random unit vectors in R^{m.hidden}): ±{prof.null_band_95:.4f}")
     lines += _circuit_lines(prof)
     n_deg = sum(len(b) for row in prof.degenerate for b in row)
     if n_deg:
-        lines.append(f"{n_deg} degenerate σ block(s): individual cosines inside them are not meaningful (see degenerate_blocks in profile.json)")
+        lines.append(
+            f"{n_deg} degenerate σ block(s): individual cosines inside them are not meaningful (see "
+            "degenerate_blocks in profile.json)"
+        )
     if not np.isfinite(prof.weighted).all():
         lines.append("some heads have no statistics (non-finite weights or Σσ = 0)")
     return "\n".join(lines)
 
 
 def _circuit_lines(prof: Profile) -> list[str]:
-    """Per-layer means of the statistics beyond the paper, and what the fold includes or why the OV circuit is absent."""
+    """Per-layer means of the statistics beyond the paper, and what the fold includes or why the OV circuit is
+    absent."""
     extra = prof.circuit_layer_stats()
     m = prof.model
     if not extra:

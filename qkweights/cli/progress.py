@@ -17,7 +17,9 @@ class Progress:
     resumed run) counts its rate from there.
     """
 
-    def __init__(self, total: int | None = None, label: str = "", *, unit: str = "it", enabled: bool | None = None, stream=None):
+    def __init__(
+        self, total: int | None = None, label: str = "", *, unit: str = "it", enabled: bool | None = None, stream=None
+    ):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total, self.label, self.unit = total, label, unit
@@ -30,8 +32,15 @@ class Progress:
             from tqdm.auto import tqdm
 
             tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked from this one
-            self.bar = tqdm(total=total or self.total, initial=done, desc=self.label, unit=f" {self.unit}", file=self.stream,
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=total or self.total,
+                initial=done,
+                desc=self.label,
+                unit=f" {self.unit}",
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
         elif total is not None and total != self.bar.total:
             self.bar.total = total
         self.bar.update(done - self.bar.n)
@@ -49,7 +58,8 @@ class Progress:
 
 
 class Terminal(Reporter):
-    """The command line's :class:`~qkweights.workflow.Reporter`: a bar per task and ``qkweights: note:`` lines on stderr.
+    """The command line's :class:`~qkweights.workflow.Reporter`: a bar per task and ``qkweights: note:`` lines on
+    stderr.
 
     Bars (ours and huggingface_hub's download bars) only on a terminal, and none when ``quiet``;
     notes are written either way. A task that starts

@@ -20,8 +20,12 @@ from qkweights.cli.progress import Terminal
 
 def configure(p) -> None:
     add_model_arguments(p)
-    p.add_argument("data_dir", metavar="DATA_DIR", help="ADE20K full release (NAME.jpg + NAME_seg.png), ADE20K SceneParsing "
-                   "(images/ + annotations/) or generic (images/ + instances/) folder")
+    p.add_argument(
+        "data_dir",
+        metavar="DATA_DIR",
+        help="ADE20K full release (NAME.jpg + NAME_seg.png), ADE20K SceneParsing "
+        "(images/ + annotations/) or generic (images/ + instances/) folder",
+    )
     add_mode_arguments(p, top=5, top_help="images selected per layer, head and mode")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default: 16)")
     add_sweep_arguments(p)
@@ -36,14 +40,26 @@ def run(args) -> int:
     model = load_model(args.model, reporter=reporter, **model_options(args))
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, reporter:
-        result = same_object(model, args.data_dir, out, reporter=reporter, **chosen_modes(args, model.dims), top=args.top,
-                             batch_size=args.batch_size, plots=not args.no_plots, **where)
+        result = same_object(
+            model,
+            args.data_dir,
+            out,
+            reporter=reporter,
+            **chosen_modes(args, model.dims),
+            top=args.top,
+            batch_size=args.batch_size,
+            plots=not args.no_plots,
+            **where,
+        )
     if not args.quiet:
         print(format_table(result.doc))
         print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")
         if result.skipped:
-            print(f"qkweights: skipped {len(result.skipped)} image(s); the reasons are under 'skipped' in {out / JSON_NAME}",
-                  file=sys.stderr)
+            print(
+                f"qkweights: skipped {len(result.skipped)} image(s); the reasons are under 'skipped' in "
+                f"{out / JSON_NAME}",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 
@@ -51,8 +67,12 @@ def format_table(doc: dict) -> str:
     """Per layer: P(same object) mean ± s.e.m. over heads, and the chance level."""
     data = doc["dataset"]
     lines = [
-        (f"{doc['source'].get('model_id')}  {data['layout']}: {data['n_eligible']} eligible images of {data['n_images']} "
-         f"({data['n_ineligible']} with fewer than 2 objects, {data['n_unusable']} unusable); top {doc['options']['top']} per mode"),
+        (
+            f"{doc['source'].get('model_id')}  {data['layout']}: {data['n_eligible']} eligible images of "
+            f"{data['n_images']} "
+            f"({data['n_ineligible']} with fewer than 2 objects, {data['n_unusable']} unusable); top "
+            f"{doc['options']['top']} per mode"
+        ),
         f"{'layer':>5} {'l/(L-1)':>8} {'P(same object)':>17} {'chance':>7}",
     ]
     for e in doc["layers"]:

@@ -19,10 +19,16 @@ from qkweights.outputs import plural
 
 def configure(p) -> None:
     add_model_arguments(p)
-    p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (jpg, jpeg, png, webp; searched recursively)")
+    p.add_argument(
+        "image_dir", metavar="IMAGE_DIR", help="folder of images (jpg, jpeg, png, webp; searched recursively)"
+    )
     add_mode_arguments(p, top=8, top_help="images kept per layer, head, mode and sign")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    p.add_argument("--fold-ln", action="store_true", help="score the LayerNorm-folded modes of Γ W_qᵀW_k Γ on the normalised tokens (as profile --fold-ln)")
+    p.add_argument(
+        "--fold-ln",
+        action="store_true",
+        help="score the LayerNorm-folded modes of Γ W_qᵀW_k Γ on the normalised tokens (as profile --fold-ln)",
+    )
     add_sweep_arguments(p)
     add_output_arguments(p, no_plots="write top_images.json and top_images_maps.npz only, no figures")
 
@@ -34,14 +40,27 @@ def run(args) -> int:
     model = load_model(args.model, reporter=reporter, **model_options(args))
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, reporter:
-        result = top_images(model, args.image_dir, out, reporter=reporter, **chosen_modes(args, model.dims), top=args.top,
-                            batch_size=args.batch_size, plots=not args.no_plots, fold_ln=args.fold_ln, **where)
+        result = top_images(
+            model,
+            args.image_dir,
+            out,
+            reporter=reporter,
+            **chosen_modes(args, model.dims),
+            top=args.top,
+            batch_size=args.batch_size,
+            plots=not args.no_plots,
+            fold_ln=args.fold_ln,
+            **where,
+        )
     doc = result.doc
     if not args.quiet:
         opts = doc["options"]
-        print(f"scored {doc['n_images']} of {plural(doc['n_files'], 'image')} ({len(doc['skipped'])} skipped) on "
-              f"{plural(len(opts['layers']), 'layer')} × {plural(len(opts['heads']), 'head')} × modes {opts['modes']}")
+        print(
+            f"scored {doc['n_images']} of {plural(doc['n_files'], 'image')} ({len(doc['skipped'])} skipped) on "
+            f"{plural(len(opts['layers']), 'layer')} × {plural(len(opts['heads']), 'head')} × modes {opts['modes']}"
+        )
         for s in doc["skipped"][:10]:
             print(f"  skipped {s['path']}: {s['reason']}")
-        print(f"wrote {', '.join(sorted({p.name if not p.name.startswith('top_L') else 'top_L*_H*.png' for p in result.files}))} to {out}/")
+        names = sorted({"top_L*_H*.png" if p.name.startswith("top_L") else p.name for p in result.files})
+        print(f"wrote {', '.join(names)} to {out}/")
     return EXIT_OK

@@ -9,9 +9,31 @@ from __future__ import annotations
 import re
 
 # The keyword options of the API that the command line offers as flags (``name`` → ``--name`` with - for _).
-OPTIONS = ("allow_pickle", "batch_size", "embedding", "family", "fold_ln", "heads", "k", "labels", "layers", "max_images",
-           "modes", "part", "revision", "save_vectors", "shard_size", "tol_head", "tol_layer", "tol_ov", "tol_sigma",
-           "tol_symmetry", "top", "top_sigma", "workers")
+OPTIONS = (
+    "allow_pickle",
+    "batch_size",
+    "embedding",
+    "family",
+    "fold_ln",
+    "heads",
+    "k",
+    "labels",
+    "layers",
+    "max_images",
+    "modes",
+    "part",
+    "revision",
+    "save_vectors",
+    "shard_size",
+    "tol_head",
+    "tol_layer",
+    "tol_ov",
+    "tol_sigma",
+    "tol_symmetry",
+    "top",
+    "top_sigma",
+    "workers",
+)
 _OPTION = re.compile(r"(?<![\w.'\"-])(" + "|".join(sorted(OPTIONS, key=len, reverse=True)) + r")=([^\s,;:)]*)")
 
 

@@ -11,7 +11,8 @@ Writes into tests/pickle_fixtures/ (each file atomically):
                          'config' (yacs CfgNode), 'optimizer' (Adam state after one step), 'epoch',
                          'best_acc' (np.float64), 'step' (np.int64)}.
 - ddp.pt                 flat state dict whose names all start with `module.` (DistributedDataParallel).
-- ijepa.pt / .npz        I-JEPA layout: {'encoder', 'predictor', 'target_encoder'} of `module.` names, 'opt', 'epoch', ...
+- ijepa.pt / .npz        I-JEPA layout: {'encoder', 'predictor', 'target_encoder'} of `module.` names,
+                         'opt', 'epoch', ...
 - dtypes.pt / .npz       F32 F16 BF16 F64 I64 I32 I16 I8 U8 BOOL, plus a transposed BF16 view.
                          The npz holds torch's values (BF16 as float32 via tensor.float()).
 - bigendian.pt           dtypes.pt rewritten as torch writes on a big-endian machine: every storage byte-swapped
@@ -152,24 +153,45 @@ def training() -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    args = argparse.Namespace(lr=1e-3, model="vit_tiny", epochs=300, output_dir=pathlib.PosixPath("/runs/1"),
-                              device=torch.device("cpu"), tags={"ssl"})
+    args = argparse.Namespace(
+        lr=1e-3,
+        model="vit_tiny",
+        epochs=300,
+        output_dir=pathlib.PosixPath("/runs/1"),
+        device=torch.device("cpu"),
+        tags={"ssl"},
+    )
     config = CfgNode()
     config.MODEL = CfgNode()
     config.MODEL.TYPE = "vit"
     config.TRAIN = CfgNode()
     config.TRAIN.BASE_LR = 5e-4
     config.freeze()
-    return {"model": model.state_dict(), "args": args, "config": config, "optimizer": opt.state_dict(), "epoch": 3,
-            "best_acc": np.float64(0.625), "step": np.int64(7)}
+    return {
+        "model": model.state_dict(),
+        "args": args,
+        "config": config,
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "best_acc": np.float64(0.625),
+        "step": np.int64(7),
+    }
 
 
 def ijepa() -> dict:
     torch.manual_seed(2)
     part = lambda: {f"module.{k}": torch.randn(2, 3) for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight")}  # noqa: E731
-    return {"encoder": part(), "predictor": {"module.predictor_embed.weight": torch.randn(3, 2)},
-            "target_encoder": part(), "opt": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]},
-            "epoch": 1, "loss": 0.5, "batch_size": 128, "world_size": 1, "lr": 0.001}
+    return {
+        "encoder": part(),
+        "predictor": {"module.predictor_embed.weight": torch.randn(3, 2)},
+        "target_encoder": part(),
+        "opt": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]},
+        "epoch": 1,
+        "loss": 0.5,
+        "batch_size": 128,
+        "world_size": 1,
+        "lr": 0.001,
+    }
 
 
 def dtypes() -> dict:
@@ -177,10 +199,17 @@ def dtypes() -> dict:
     x = torch.randn(3, 4) * 100
     bf = (x / 7).to(torch.bfloat16)
     return {
-        "f32": x, "f16": (x / 10).half(), "bf16": bf, "bf16_t": bf.t(), "f64": x.double() / 3,
-        "i64": torch.arange(-5, 7).reshape(3, 4) * 10**12, "i32": torch.arange(-6, 6, dtype=torch.int32) * 99999,
-        "i16": torch.arange(-6, 6, dtype=torch.int16) * 999, "i8": torch.arange(-6, 6, dtype=torch.int8) * 20,
-        "u8": torch.arange(0, 240, 20, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "f32": x,
+        "f16": (x / 10).half(),
+        "bf16": bf,
+        "bf16_t": bf.t(),
+        "f64": x.double() / 3,
+        "i64": torch.arange(-5, 7).reshape(3, 4) * 10**12,
+        "i32": torch.arange(-6, 6, dtype=torch.int32) * 99999,
+        "i16": torch.arange(-6, 6, dtype=torch.int16) * 999,
+        "i8": torch.arange(-6, 6, dtype=torch.int8) * 20,
+        "u8": torch.arange(0, 240, 20, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
     }
 
 
@@ -219,7 +248,9 @@ def storage_slot_payload(data: bytes, name: str) -> bytes:
     """A valid archive whose first storage's type slot is os.system(cmd) instead of torch.FloatStorage."""
     cmd = shell(name).encode()
     payload = b"cposix\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd + b"\x85R"
-    return rewrite_zip(data, lambda n, raw: raw.replace(b"ctorch\nFloatStorage\n", payload, 1) if n.endswith("/data.pkl") else raw)
+    return rewrite_zip(
+        data, lambda n, raw: raw.replace(b"ctorch\nFloatStorage\n", payload, 1) if n.endswith("/data.pkl") else raw
+    )
 
 
 def bare_pickle(data: bytes) -> bytes:
@@ -234,13 +265,19 @@ def evil() -> dict[str, bytes]:
     raw = b"\x80\x02}X\x01\x00\x00\x00xcos\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd + b"\x85Rs."
     return {
         # hand-written opcodes: GLOBAL 'os system', spelled as an attacker writes it
-        "evil_os_system": rewrite_zip(torch_bytes(sd, "evil_os_system.pt"), lambda n, b: raw if n.endswith("/data.pkl") else b),
+        "evil_os_system": rewrite_zip(
+            torch_bytes(sd, "evil_os_system.pt"), lambda n, b: raw if n.endswith("/data.pkl") else b
+        ),
         # protocol 4: STACK_GLOBAL 'builtins' 'eval'
-        "evil_builtins_eval": torch_bytes({**sd, "x": EvalPayload("evil_builtins_eval")}, "evil_builtins_eval.pt", pickle_protocol=4),
+        "evil_builtins_eval": torch_bytes(
+            {**sd, "x": EvalPayload("evil_builtins_eval")}, "evil_builtins_eval.pt", pickle_protocol=4
+        ),
         # protocol 3: GLOBAL 'subprocess Popen' (protocol 2 would spell it 'commands Popen', the Python 2 name)
         "evil_popen": torch_bytes({"model": sd, "x": PopenPayload("evil_popen")}, "evil_popen.pt", pickle_protocol=3),
         # a __reduce__ payload in a dict inside the state dict
-        "evil_nested": torch_bytes({"model": {**sd, "meta": {"info": SystemPayload("evil_nested")}}, "epoch": 1}, "evil_nested.pt"),
+        "evil_nested": torch_bytes(
+            {"model": {**sd, "meta": {"info": SystemPayload("evil_nested")}}, "epoch": 1}, "evil_nested.pt"
+        ),
         "evil_storage_type": storage_slot_payload(torch_bytes(sd, "evil_storage_type.pt"), "evil_storage_type"),
     }
 
