@@ -12,7 +12,7 @@ module owns the loop they share:
    whichever executor ran the sweep.
 2. Shards are submitted to a :class:`concurrent.futures.Executor`: none (in-process),
    local worker processes (:func:`local_executor`, one BLAS thread each), or a Dask
-   cluster (:func:`dask_executor`, whose ``Client.get_executor()`` is such an executor).
+   cluster (a ``distributed.Client``, :func:`dask_client`, whose ``get_executor()`` is one).
    A worker opens the model once (per-process cache keyed by :class:`ModelRef`) and
    prepares the analysis once (its ``setup``, e.g. the SVD of the chosen heads); inside a
    shard, the next batch is decoded on a thread while the current one runs the model.
@@ -26,8 +26,7 @@ module owns the loop they share:
 4. Faults: a local worker that dies (killed, out of memory) breaks the process pool;
    the pool is rebuilt and the unfinished shards are submitted again (after
    :data:`MAX_POOL_RESTARTS` broken pools in a row with no shard finished, the run
-   stops). Dask reschedules the
-   tasks of a lost worker itself. A shard that raises stops the run with
+   stops). Dask reschedules the tasks of a lost worker itself. A shard that raises stops the run with
    :class:`ShardError` naming its images; what was merged stays in the state file.
    Unreadable images are not errors: each analysis's ``load`` skips them, and the
    runner lists them (``path``, ``reason``) in list order.
@@ -156,7 +155,7 @@ class Task:
 class ShardResult:
     shard: int
     partial: Any
-    skipped: list[dict]  # {"position", "path", "reason"}
+    skipped: list[dict]  # {"path", "reason"} of the images its analysis could not use
     n_items: int
 
 

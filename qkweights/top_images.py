@@ -138,31 +138,34 @@ def mode_bank(
     :class:`ModeBank` (columns ``w`` in ``dtype``). fold_ln: the LayerNorm-folded modes of Γ W_qᵀW_k Γ
     (:func:`qkweights.fold.folded_modes`), which apply to the normalised tokens n.
 
-    The small LAPACK calls run on one BLAS thread: OpenBLAS with more is slower on them.
+    Layers run on as many threads as there are cores, each with one BLAS thread: OpenBLAS
+    with more is slower on these small LAPACK calls.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from threadpoolctl import threadpool_limits
 
-    from qkweights.fold import folded_modes
+    def layer(l: int):
+        from qkweights.fold import folded_modes
 
-    w, sigma, cos, weighted = [], [], [], []
-    for l in layers:
-        with threadpool_limits(1, user_api="blas"):
-            if fold_ln:
-                f = folded_modes(ck, l)
-                u, s, v = f.u, f.s, f.v  # (H, D, K), (H, K), (H, D, K)
-            else:
-                qk = ck.qk(l)
-                u, s, v = qk_svd(qk.wq, qk.wk)
+        if fold_ln:
+            f = folded_modes(ck, l)
+            u, s, v = f.u, f.s, f.v  # (H, D, K), (H, K), (H, D, K)
+        else:
+            qk = ck.qk(l)
+            u, s, v = qk_svd(qk.wq, qk.wk)
         c = np.einsum("hdk,hdk->hk", u, v)  # (H, K)
         with np.errstate(invalid="ignore", divide="ignore"):
-            weighted.append((s * c).sum(-1) / s.sum(-1))  # (H,)
+            weighted = (s * c).sum(-1) / s.sum(-1)  # (H,)
         u, v, s, c = u[heads][..., modes], v[heads][..., modes], s[heads][:, modes], c[heads][:, modes]  # (H', D, N')
         d = u.shape[1]
         cols = [u.transpose(1, 0, 2).reshape(d, -1), v.transpose(1, 0, 2).reshape(d, -1)]  # 2 × (D, H'·N')
-        w.append(np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=dtype))
-        sigma.append(s)
-        cos.append(c)
-    return ModeBank(layers, heads, modes, w, np.array(sigma), np.array(cos), np.array(weighted))
+        return np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=dtype), s, c, weighted
+
+    threads = max(1, min(len(layers), os.cpu_count() or 1))
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        w, sigma, cos, weighted = zip(*pool.map(layer, layers)) if layers else ((), (), (), ())
+    return ModeBank(layers, heads, modes, list(w), np.array(sigma), np.array(cos), np.array(weighted))
 
 
 def batch_stats(p: np.ndarray) -> np.ndarray:
@@ -349,14 +352,17 @@ class TopImagesAnalysis(ModeSweep):
         scores = np.concatenate([a.scores, b.scores], axis=-1)  # (L', C, 2, ka + kb)
         index = np.concatenate([a.index, b.index], axis=-1)
         order = np.lexsort((index, -scores), axis=-1)[..., : self.top]  # (L', C, 2, K)
-        from_b = order >= ka
         pick = [np.take_along_axis(scores, order, -1), np.take_along_axis(index, order, -1)]
-        for xa, xb in ((a.stats, b.stats), (a.maps, b.maps)):  # gather each side's kept slots, no concatenated copy
-            o = order[(...,) + (None,) * (xa.ndim - 4)]
-            x = np.take_along_axis(xa, np.minimum(o, max(ka - 1, 0)), 3) if ka else np.take_along_axis(xb, o, 3)
-            if ka and from_b.any():
-                x[from_b] = np.take_along_axis(xb, np.maximum(o - ka, 0), 3)[from_b]
-            pick.append(x)
+        slots = order.reshape(int(np.prod(order.shape[:-1])), order.shape[-1])  # (M, K): M = L'·C·2 lists
+        rows = np.arange(len(slots))[:, None]  # (M, 1)
+        from_a = slots < ka
+        for xa, xb in ((a.stats, b.stats), (a.maps, b.maps)):  # whole slots copied row by row, no concatenated copy
+            size = int(np.prod(xa.shape[4:]))  # S: the values of one slot
+            fa, fb = xa.reshape(len(slots), ka, size), xb.reshape(len(slots), xb.shape[3], size)  # (M, k, S)
+            x = fb[rows, np.maximum(slots - ka, 0)] if fb.shape[1] else np.empty((*slots.shape, fa.shape[-1]), xa.dtype)
+            if ka:
+                x[from_a] = fa[rows, np.minimum(slots, ka - 1)][from_a]
+            pick.append(x.reshape(order.shape + xa.shape[4:]))
         return TopPartial(*pick, a.centre + b.centre, a.n_scored + b.n_scored)
 
     def to_arrays(self, p: TopPartial) -> dict[str, np.ndarray]:
