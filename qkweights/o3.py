@@ -64,7 +64,7 @@ from qkweights.forward import token_layout
 from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
-from qkweights.runner import Analysis, Batch, ModelRef, run_sweep
+from qkweights.runner import Analysis, Batch, run_sweep
 from qkweights.top_images import READ_ERRORS
 from qkweights.vision import VisionModel, load_model
 
@@ -423,8 +423,6 @@ def o3_allocation(
         raise InputError(f"batch size {batch_size}, shard size {shard_size}: both must be at least 1")
     if max_images is not None and max_images < 1:
         raise InputError(f"max_images {max_images} is not positive; give 1 or more, or None for all images")
-    if (workers or client is not None) and model.ref is None:
-        raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     items, missing, n_found = select_items(o3_dir, max_images)
     out = prepare_dir(out_dir)
     state_path = out / STATE_NAME
@@ -433,23 +431,19 @@ def o3_allocation(
         model.weights.heads,
         json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str),
     )
-    ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
     sweep = run_sweep(
         an,
-        ref,
+        model,
         items,
         state_path=state_path,
         source=_source_json(model),
-        model=model,
         shard_size=shard_size,
         batch_size=batch_size,
         workers=workers,
         client=client,
         progress=progress,
+        notes=notes,
     )
-    for text in sweep.notes:
-        if notes:
-            notes(text)
     part: O3Partial = sweep.partial
     names = [items[i].name for i in part.positions]
     skipped = sorted([(s["path"], s["reason"]) for s in sweep.skipped] + missing)

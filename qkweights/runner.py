@@ -323,43 +323,57 @@ class Sweep:
     notes: list[str]
     n_items: int
     fingerprint: str
+    ref: ModelRef  # how workers opened the model (also for drawing figures on them)
+
+
+def model_ref(model, *, workers: int | None = None, client=None) -> ModelRef:
+    """How worker processes open ``model`` (a :class:`~qkweights.vision.VisionModel`): its ``ref``, or, for a model
+    built in memory, a reference only this process (and workers forked from it) can open. Remembered here."""
+    if (workers or client is not None) and model.ref is None:
+        raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
+    ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")
+    remember(ref, model)
+    return ref
 
 
 def run_sweep(
     an: Analysis,
-    ref: ModelRef,
+    model,
     items: Sequence,
     *,
     state_path: str | Path,
     source: dict,
-    model=None,
     shard_size: int = 64,
     batch_size: int = 16,
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
+    notes: Callable[[str], object] | None = None,
 ) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
-    model: the model of ``ref``, already open here (reused in-process and by forked
-    workers). Where shards run: ``client`` (a ``distributed.Client``) on its Dask
-    cluster; else ``workers`` local processes; else here, one after another.
-    progress(done, total): items consumed, at the start and after each shard. The state
-    file is kept; the caller removes it once its outputs are written.
+    model: the :class:`~qkweights.vision.VisionModel`, open here; its ``setup`` is computed
+    here first, so forked workers share both. Where shards run: ``client`` (a
+    ``distributed.Client``) on its Dask cluster; else ``workers`` local processes; else
+    here, one after another. progress(done, total): items consumed, at the start and after
+    each shard; notes(text): a resumed or ignored state. The state file is kept; the caller
+    removes it once its outputs are written.
     """
     if shard_size < 1 or batch_size < 1:
         raise InputError(f"shard size {shard_size}, batch size {batch_size}: both must be at least 1")
-    if model is not None:
-        remember(ref, model)
+    ref = model_ref(model, workers=workers, client=client)
+    context(an, ref, model)
     state_path = Path(state_path)
     n = len(items)
     fp = fingerprint(an, source, items, shard_size, batch_size)
     st, note = load_state(state_path, an, fp)
-    notes = [note] if note else []
+    told = [note] if note else []
     if st is None:
         st = SweepState(an.empty())
     elif st.done:
-        notes.append(f"resuming from {state_path}: {st.n_done} of {n} images already done")
+        told.append(f"resuming from {state_path}: {st.n_done} of {n} images already done")
+    for text in told if notes else ():
+        notes(text)
     shards = [
         Task(an, ref, j, tuple(items[i : i + shard_size]), i, batch_size) for j, i in enumerate(range(0, n, shard_size))
     ]
@@ -387,7 +401,7 @@ def run_sweep(
         for task in todo:
             absorb(_guarded(task, an))
     skipped = [{k: v for k, v in s.items() if k != "position"} for s in st.skipped]
-    return Sweep(st.partial, skipped, notes, n, fp)
+    return Sweep(st.partial, skipped, told, n, fp, ref)
 
 
 def _guarded(task: Task, an: Analysis) -> ShardResult:

@@ -59,7 +59,7 @@ from qkweights.ade20k import (
 )
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
-from qkweights.runner import Batch, ModelRef, context, run_sweep
+from qkweights.runner import Batch, context, run_sweep
 from qkweights.top_images import (
     READ_ERRORS,
     ModeBank,
@@ -534,8 +534,6 @@ def same_object(
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    if (workers or client is not None) and model.ref is None:
-        raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     data = open_segmentation(root, exclude=out if out.resolve().is_relative_to(root.resolve()) else None)
     items = data.items
     size = input_size(model)
@@ -543,25 +541,20 @@ def same_object(
     prep_json = json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str)
     an = SameObjectAnalysis(str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, prep_json)
     state_path = prepare_dir(out) / STATE_NAME
-    ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
     source = model_identity(model)
-    context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
     sweep = run_sweep(
         an,
-        ref,
+        model,
         items,
         state_path=state_path,
         source=source,
-        model=model,
         shard_size=shard_size,
         batch_size=batch_size,
         workers=workers,
         client=client,
         progress=progress,
+        notes=notes,
     )
-    for text in sweep.notes:
-        if notes:
-            notes(text)
     st: SamePartial = sweep.partial
     skipped = sorted(
         [{"image": s["path"], "reason": s["reason"]} for s in sweep.skipped]
@@ -575,7 +568,7 @@ def same_object(
             f"{root}: none of the {len(items) + len(data.missing)} images is eligible{first}; "
             f"each needs {MIN_OBJECTS} annotated objects of at least one patch; existing outputs in {out} are kept"
         )
-    bank = context(an, ref, model)
+    bank = context(an, sweep.ref, model)
     n_ineligible = sum(s["reason"].startswith(NOT_ELIGIBLE) for s in skipped)
     gh, gw = patch_grid(model, size)
     doc = {

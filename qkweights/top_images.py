@@ -574,8 +574,6 @@ def top_images(
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    if (workers or client is not None) and model.ref is None:
-        raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     paths = list_images(root, exclude=out)
     if not paths:
         raise InputError(
@@ -599,24 +597,20 @@ def top_images(
         str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, d.hidden, grid[0] * grid[1], fold_ln
     )
     state_path = out / STATE_NAME
-    ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")  # only this process can open that one
-    bank = context(an, ref, model)  # the SVD once here; workers forked from this process inherit it
     sweep = run_sweep(
         an,
-        ref,
+        model,
         paths,
         state_path=state_path,
         source=source,
-        model=model,
         shard_size=shard_size,
         batch_size=batch_size,
         workers=workers,
         client=client,
         progress=progress,
+        notes=notes,
     )
-    for text in sweep.notes:
-        if notes:
-            notes(text)
+    bank = context(an, sweep.ref, model)
     st: TopPartial = sweep.partial
     if st.n_scored == 0:
         first = f" (first: {sweep.skipped[0]['path']}: {sweep.skipped[0]['reason']})" if sweep.skipped else ""
@@ -644,7 +638,7 @@ def top_images(
     result = TopImagesResult(doc, maps)
     written = result.save(out)
     if plots:
-        written += draw_top_images(ref, result, root, out, workers=workers, client=client)
+        written += draw_top_images(sweep.ref, result, root, out, workers=workers, client=client)
     result.files = written
     record_outputs(out, "top-images", written)  # grids of heads no longer asked for, figures after --no-plots, go
     state_path.unlink(missing_ok=True)

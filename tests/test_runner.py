@@ -156,13 +156,13 @@ def test_a_failing_shard_stops_the_run_naming_its_images_and_the_rerun_resumes(v
     root = scenes / "images"
     paths = list_images(root)
     grid = patch_grid(vit, None)
-    kw = dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, model=vit, shard_size=4, batch_size=2)
+    kw = dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, shard_size=4, batch_size=2)
     fields = (str(root), (1,), (0,), (0, 1), 3, None, vit.dims.hidden, grid[0] * grid[1])
     bad = Exploding(*fields)
     BUG["image"] = paths[9]
     try:
         with pytest.raises(ShardError) as e:
-            run_sweep(bad, vit.ref, paths, **kw)
+            run_sweep(bad, vit, paths, **kw)
     finally:
         BUG["image"] = None
     assert str(e.value) == (
@@ -170,11 +170,11 @@ def test_a_failing_shard_stops_the_run_naming_its_images_and_the_rerun_resumes(v
         "division by zero; the shards finished before it are kept, a re-run resumes"
     )
     done = []
-    sweep = run_sweep(Exploding(*fields), vit.ref, paths, **kw, progress=lambda d, t: done.append(d))
+    sweep = run_sweep(Exploding(*fields), vit, paths, **kw, progress=lambda d, t: done.append(d))
     assert done == [8, 12, 14] and sweep.notes == [
         f"resuming from {tmp_path / STATE_NAME}: 8 of 14 images already done"
     ]
-    whole = run_sweep(Exploding(*fields), vit.ref, paths, **{**kw, "state_path": tmp_path / "whole.npz"})
+    whole = run_sweep(Exploding(*fields), vit, paths, **{**kw, "state_path": tmp_path / "whole.npz"})
     _same(bad, sweep.partial, whole.partial)
 
 
