@@ -78,48 +78,20 @@ def cosine_by_layer_figure(profile: Profile) -> Figure:
     leave a gap.
     """
     st = profile.layer_stats()
-    x = profile.depth  # (L,)
-    L, D = profile.model.layers, profile.model.hidden
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    _null_band(
-        ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {D})"
-    )
-    ax.fill_between(
-        x, st["min"], st["max"], color="C0", alpha=0.2, lw=0, label="head range (min–max of the weighted cosine)"
-    )
-    ax.plot(
-        x,
+    return _by_layer_figure(
+        profile,
         st["weighted_cosine"],
-        "o-",
+        st["min"],
+        st["max"],
         color="C0",
-        ms=4,
         label=r"weighted cosine $\Sigma_n \sigma_n \cos_n / \Sigma_n \sigma_n$ (mean over heads)",
+        band_label="head range (min–max of the weighted cosine)",
+        null_band=profile.null_band_95,
+        extra=[(st["mean_cosine"], "C1", r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)")],
+        note=f"{len(profile.nonfinite)} head(s) with non-finite weights left out" if profile.nonfinite else None,
+        ylabel="cosine u·v",
+        title=_model_title(profile),
     )
-    ax.plot(
-        x,
-        st["mean_cosine"],
-        "s--",
-        color="C1",
-        ms=3,
-        label=r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)",
-    )
-    if profile.nonfinite:
-        ax.text(
-            0.01,
-            0.01,
-            f"{len(profile.nonfinite)} head(s) with non-finite weights left out",
-            transform=ax.transAxes,
-            fontsize=8,
-            color="0.3",
-            va="bottom",
-        )
-    _depth_axes(ax, L)
-    _pad_ylim(ax, [st["min"], st["max"], st["mean_cosine"], [-profile.null_band_95, profile.null_band_95]])
-    ax.set_ylabel("cosine u·v")
-    ax.set_title(_model_title(profile), fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    return fig
 
 
 def circuit_figure_jobs(profile: Profile, out: Path) -> list[tuple]:
@@ -142,38 +114,19 @@ def symmetry_by_layer_figure(profile: Profile) -> Figure:
     from qkweights.qk import symmetric_null
 
     st = profile.circuit_layer_stats()
-    x = profile.depth
-    m = profile.model
-    null = symmetric_null(m.hidden, m.head_dim)
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.axhline(
-        null,
-        color="0.45",
-        lw=1.0,
-        ls="--",
-        zorder=1,
-        label=f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)",
-    )
-    ax.fill_between(
-        x, st["symmetric_min"], st["symmetric_max"], color="C2", alpha=0.2, lw=0, label="head range (min–max)"
-    )
-    ax.plot(
-        x,
+    null = symmetric_null(profile.model.hidden, profile.model.head_dim)
+    return _by_layer_figure(
+        profile,
         st["symmetric_fraction"],
-        "o-",
+        st["symmetric_min"],
+        st["symmetric_max"],
         color="C2",
-        ms=4,
         label=r"symmetric fraction $\|(M+M^\top)/2\|_F^2 / \|M\|_F^2$ (mean over heads)",
+        null_line=(null, f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)"),
+        ylabel="symmetric fraction (1 symmetric, 0.5 none, 0 antisymmetric)",
+        title=_model_title(profile),
+        ylim=(-0.02, 1.02),
     )
-    _depth_axes(ax, m.layers)
-    _pad_ylim(ax, [st["symmetric_min"], st["symmetric_max"], [null]])
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(max(lo, -0.02), min(hi, 1.02))
-    ax.set_ylabel("symmetric fraction (1 symmetric, 0.5 none, 0 antisymmetric)")
-    ax.set_title(_model_title(profile), fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    return fig
 
 
 def ov_cosine_by_layer_figure(profile: Profile) -> Figure:
@@ -184,39 +137,67 @@ def ov_cosine_by_layer_figure(profile: Profile) -> Figure:
     ≈ 1: heads copy what they read; < 0: they suppress it.
     """
     st = profile.circuit_layer_stats()
-    x = profile.depth
-    m = profile.model
+    missing = int(np.isnan(profile.ov.weighted).sum())
+    return _by_layer_figure(
+        profile,
+        st["ov_weighted_cosine"],
+        st["ov_min"],
+        st["ov_max"],
+        color="C4",
+        label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)",
+        null_band=profile.null_band_95,
+        note=f"{missing} head(s) without a value-output circuit left out" if missing else None,
+        ylabel="value-output cosine p·r (1 copies, < 0 suppresses)",
+        title=_model_title(profile, fold=False) + "\nvalue-output circuit W_o,h W_v,h (never LayerNorm-folded)",
+    )
+
+
+def _by_layer_figure(
+    profile: Profile,
+    values: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    *,
+    color: str,
+    label: str,
+    ylabel: str,
+    title: str,
+    band_label: str = "head range (min–max)",
+    null_band: float | None = None,
+    null_line: tuple[float, str] | None = None,
+    extra: list[tuple[np.ndarray, str, str]] = (),
+    note: str | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> Figure:
+    """One per-layer statistic (mean over heads, (L,)) against l/(L−1) with its head range ``lo``–``hi`` as a band.
+
+    null_band: the half width of the 95% null band (grey, with a zero line); null_line: (value, label) of a
+    dashed reference; extra: (values, colour, label) of further dashed curves; note: a line of text in the
+    corner; ylim: bounds the padded y range may not pass.
+    """
+    x, D = profile.depth, profile.model.hidden  # (L,)
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    _null_band(
-        ax, profile.null_band_95, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{profile.null_band_95:.3f} (D = {m.hidden})"
-    )
-    ax.fill_between(x, st["ov_min"], st["ov_max"], color="C4", alpha=0.2, lw=0, label="head range (min–max)")
-    ax.plot(
-        x,
-        st["ov_weighted_cosine"],
-        "o-",
-        color="C4",
-        ms=4,
-        label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)",
-    )
-    missing = int(np.isnan(profile.ov.weighted).sum())
-    if missing:
-        ax.text(
-            0.01,
-            0.01,
-            f"{missing} head(s) without a value-output circuit left out",
-            transform=ax.transAxes,
-            fontsize=8,
-            color="0.3",
-            va="bottom",
-        )
-    _depth_axes(ax, m.layers)
-    _pad_ylim(ax, [st["ov_min"], st["ov_max"], [-profile.null_band_95, profile.null_band_95]])
-    ax.set_ylabel("value-output cosine p·r (1 copies, < 0 suppresses)")
-    ax.set_title(
-        _model_title(profile, fold=False) + "\nvalue-output circuit W_o,h W_v,h (never LayerNorm-folded)", fontsize=10
-    )
+    reference = []
+    if null_band is not None:
+        _null_band(ax, null_band, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{null_band:.3f} (D = {D})")
+        reference = [-null_band, null_band]
+    if null_line is not None:
+        ax.axhline(null_line[0], color="0.45", lw=1.0, ls="--", zorder=1, label=null_line[1])
+        reference = [null_line[0]]
+    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0, label=band_label)
+    ax.plot(x, values, "o-", color=color, ms=4, label=label)
+    for curve, c, text in extra:
+        ax.plot(x, curve, "s--", color=c, ms=3, label=text)
+    if note:
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8, color="0.3", va="bottom")
+    _depth_axes(ax, profile.model.layers)
+    _pad_ylim(ax, [lo, hi, *(c for c, _, _ in extra), reference])
+    if ylim is not None:
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(max(bottom, ylim[0]), min(top, ylim[1]))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return fig
 
