@@ -262,34 +262,24 @@ def compare(
     return _compare(inputs, Path(out), labels=labels)
 
 
+def _reported(reporter: Reporter | None, task: str) -> dict:
+    """The ``progress`` and ``notes`` keyword options of an image analysis, reporting to ``reporter`` as ``task``."""
+    reporter = reporter or QUIET
+    return {"progress": reporter.counter(task, "images"), "notes": reporter.note if reporter.takes_notes() else None}
+
+
 def o3(model, o3_dir, out, *, reporter: Reporter | None = None, **options):
     """:func:`qkweights.o3.o3_allocation`, reporting progress as "o3" images and notes to ``reporter``."""
     from qkweights.o3 import o3_allocation
 
-    reporter = reporter or QUIET
-    return o3_allocation(
-        model,
-        o3_dir,
-        out,
-        progress=reporter.counter("o3", "images"),
-        notes=reporter.note if reporter.takes_notes() else None,
-        **options,
-    )
+    return o3_allocation(model, o3_dir, out, **_reported(reporter, "o3"), **options)
 
 
 def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **options):
     """:func:`qkweights.top_images.top_images`, reporting progress as "top-images" images and notes to ``reporter``."""
     from qkweights.top_images import top_images as _top_images
 
-    reporter = reporter or QUIET
-    return _top_images(
-        model,
-        image_dir,
-        out,
-        progress=reporter.counter("top-images", "images"),
-        notes=reporter.note if reporter.takes_notes() else None,
-        **options,
-    )
+    return _top_images(model, image_dir, out, **_reported(reporter, "top-images"), **options)
 
 
 def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **options):
@@ -297,12 +287,4 @@ def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **opt
     ``reporter``."""
     from qkweights.same_object import same_object as _same_object
 
-    reporter = reporter or QUIET
-    return _same_object(
-        model,
-        data_dir,
-        out,
-        progress=reporter.counter("same-object", "images"),
-        notes=reporter.note if reporter.takes_notes() else None,
-        **options,
-    )
+    return _same_object(model, data_dir, out, **_reported(reporter, "same-object"), **options)
