@@ -41,3 +41,66 @@ def edited_fixture(tmp_path: Path, label: str, edit, name: str = "vit") -> Path:
     edit(tensors)
     save_file(tensors, str(out / "model.safetensors"))
     return out
+
+
+def one_layer_vit(
+    folder: Path, *, d: int, wq, wk, bq=None, pos=None, conv=None, conv_bias=None, resample: int = 2
+) -> Path:
+    """A one-layer hf-vit of width ``d`` (2 heads, image 32, patch 8: CLS + 16 patches) with the given query/key
+    weights, query bias, position table (1, 17, d), patch conv (d, 3, 8, 8) and its bias; every other weight is
+    zero, the LayerNorms are identities. For tests whose attention or modes are known by hand."""
+    import json
+
+    import numpy as np
+
+    def zero(*s):
+        return np.zeros(s, np.float32)
+
+    folder.mkdir(parents=True)
+    f, p = d, "encoder.layer.0."
+    tensors = {
+        "embeddings.cls_token": zero(1, 1, d),
+        "embeddings.position_embeddings": zero(1, 17, d) if pos is None else pos,
+        "embeddings.patch_embeddings.projection.weight": zero(d, 3, 8, 8) if conv is None else conv,
+        "embeddings.patch_embeddings.projection.bias": zero(d) if conv_bias is None else conv_bias,
+        p + "attention.attention.query.weight": wq,
+        p + "attention.attention.query.bias": zero(d) if bq is None else bq,
+        p + "attention.attention.key.weight": wk,
+        p + "attention.attention.key.bias": zero(d),
+        p + "attention.attention.value.weight": zero(d, d),
+        p + "attention.attention.value.bias": zero(d),
+        p + "attention.output.dense.weight": zero(d, d),
+        p + "attention.output.dense.bias": zero(d),
+        p + "intermediate.dense.weight": zero(f, d),
+        p + "intermediate.dense.bias": zero(f),
+        p + "output.dense.weight": zero(d, f),
+        p + "output.dense.bias": zero(d),
+        p + "layernorm_before.weight": np.ones(d, np.float32),
+        p + "layernorm_before.bias": zero(d),
+        p + "layernorm_after.weight": np.ones(d, np.float32),
+        p + "layernorm_after.bias": zero(d),
+        "layernorm.weight": np.ones(d, np.float32),
+        "layernorm.bias": zero(d),
+    }
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTModel"],
+        "hidden_size": d,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": f,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
+        "qkv_bias": True,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": resample}
+        )
+    )
+    return folder

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_layer_vit
 from PIL import Image
-from safetensors.numpy import save_file
 
 from qkweights.cli import main
 from qkweights.errors import InputError
@@ -198,61 +198,14 @@ def write_known_vit(folder: Path, z: np.ndarray) -> Path:
     Head 1 (dims 32–63): q = bias u, k = x on dims 0–16, so the logit of key j is
     c·(u_j − Σu/64)/√32: with u = z·√32/c every query's row is softmax(z) over the 17 tokens.
     """
-    folder.mkdir(parents=True)
-    d, f = 64, 64
-    c = 8 / math.sqrt(63 / 64)
+    d, c = 64, 8 / math.sqrt(63 / 64)
     wq, wk, bq = np.zeros((d, d), np.float32), np.zeros((d, d), np.float32), np.zeros(d, np.float32)
     wq[:32, :32] = wk[:32, :32] = 2 * np.eye(32)
     wk[32:49, :17] = np.eye(17)
     bq[32:49] = z * math.sqrt(32) / c
     pos = np.zeros((1, 17, d), np.float32)
     pos[0, np.arange(17), np.arange(17)] = 1.0
-    zero = lambda *s: np.zeros(s, np.float32)  # noqa: E731
-    p = "encoder.layer.0."
-    tensors = {
-        "embeddings.cls_token": zero(1, 1, d),
-        "embeddings.position_embeddings": pos,
-        "embeddings.patch_embeddings.projection.weight": zero(d, 3, 8, 8),
-        "embeddings.patch_embeddings.projection.bias": zero(d),
-        p + "attention.attention.query.weight": wq,
-        p + "attention.attention.query.bias": bq,
-        p + "attention.attention.key.weight": wk,
-        p + "attention.attention.key.bias": zero(d),
-        p + "attention.attention.value.weight": zero(d, d),
-        p + "attention.attention.value.bias": zero(d),
-        p + "attention.output.dense.weight": zero(d, d),
-        p + "attention.output.dense.bias": zero(d),
-        p + "intermediate.dense.weight": zero(f, d),
-        p + "intermediate.dense.bias": zero(f),
-        p + "output.dense.weight": zero(d, f),
-        p + "output.dense.bias": zero(d),
-        p + "layernorm_before.weight": np.ones(d, np.float32),
-        p + "layernorm_before.bias": zero(d),
-        p + "layernorm_after.weight": np.ones(d, np.float32),
-        p + "layernorm_after.bias": zero(d),
-        "layernorm.weight": np.ones(d, np.float32),
-        "layernorm.bias": zero(d),
-    }
-    save_file(tensors, str(folder / "model.safetensors"))
-    config = {
-        "model_type": "vit",
-        "architectures": ["ViTModel"],
-        "hidden_size": d,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": f,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "image_size": 32,
-        "patch_size": 8,
-        "num_channels": 3,
-        "qkv_bias": True,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": 2})
-    )
-    return folder
+    return one_layer_vit(folder, d=d, wq=wq, wk=wk, bq=bq, pos=pos, resample=2)
 
 
 def reference_masks(seed: int, i: int, size: tuple[int, int]) -> np.ndarray:

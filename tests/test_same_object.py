@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_layer_vit
 from PIL import Image
-from safetensors.numpy import save_file
 
 from qkweights.ade20k import (
     FULL,
@@ -224,8 +224,7 @@ def write_colour_vit(folder: Path, same: bool) -> Path:
     when ``same``), so mode 0 has u = a/√2 and v = β/√2 (or a/√2): the query object is the
     reddest, the key object the bluest (or the reddest). The other rows are zero.
     """
-    folder.mkdir(parents=True)
-    d, f, p = 16, 16, 8
+    d, p = 16, 8
     conv = np.zeros((d, 3, p, p), np.float32)
     conv[0, 0], conv[0, 1] = 0.5 / p**2, -0.5 / p**2
     conv[1] = -conv[0]
@@ -236,52 +235,7 @@ def write_colour_vit(folder: Path, same: bool) -> Path:
     wq, wk = np.zeros((d, d), np.float32), np.zeros((d, d), np.float32)
     wq[0, :2] = [1 / math.sqrt(2), -1 / math.sqrt(2)]
     wk[0, :4] = wq[0, :4] if same else [0, 0, 1 / math.sqrt(2), -1 / math.sqrt(2)]
-    zero = lambda *s: np.zeros(s, np.float32)
-    pre = "encoder.layer.0."
-    tensors = {
-        "embeddings.cls_token": zero(1, 1, d),
-        "embeddings.position_embeddings": zero(1, 17, d),
-        "embeddings.patch_embeddings.projection.weight": conv,
-        "embeddings.patch_embeddings.projection.bias": bias,
-        pre + "attention.attention.query.weight": wq,
-        pre + "attention.attention.query.bias": zero(d),
-        pre + "attention.attention.key.weight": wk,
-        pre + "attention.attention.key.bias": zero(d),
-        pre + "attention.attention.value.weight": zero(d, d),
-        pre + "attention.attention.value.bias": zero(d),
-        pre + "attention.output.dense.weight": zero(d, d),
-        pre + "attention.output.dense.bias": zero(d),
-        pre + "intermediate.dense.weight": zero(f, d),
-        pre + "intermediate.dense.bias": zero(f),
-        pre + "output.dense.weight": zero(d, f),
-        pre + "output.dense.bias": zero(d),
-        pre + "layernorm_before.weight": np.ones(d, np.float32),
-        pre + "layernorm_before.bias": zero(d),
-        pre + "layernorm_after.weight": np.ones(d, np.float32),
-        pre + "layernorm_after.bias": zero(d),
-        "layernorm.weight": np.ones(d, np.float32),
-        "layernorm.bias": zero(d),
-    }
-    save_file(tensors, str(folder / "model.safetensors"))
-    config = {
-        "model_type": "vit",
-        "architectures": ["ViTModel"],
-        "hidden_size": d,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": f,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "image_size": 32,
-        "patch_size": p,
-        "num_channels": 3,
-        "qkv_bias": True,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "resample": 0})
-    )
-    return folder
+    return one_layer_vit(folder, d=d, wq=wq, wk=wk, conv=conv, conv_bias=bias, resample=0)
 
 
 RED, BLUE, GREEN, GREY = (255, 0, 0), (0, 0, 255), (0, 255, 0), (128, 128, 128)
