@@ -75,7 +75,9 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
 
     A profile gives two curves (``weighted_cosine`` with its head range,
     ``mean_cosine``), plus ``symmetric_fraction`` and ``ov_weighted_cosine`` (head ranges) when
-    it holds them (profile/2; a LayerNorm-folded profile is labelled "… [LN-folded]"); an O3 summary gives three
+    it holds them (profile/2; a LayerNorm-folded profile is labelled "… [LN-folded]": its query-key circuit
+    Γ W_qᵀW_k Γ and its value-output circuit W_o,h W_v,h Γ; one written before the value-output circuit was folded,
+    "… [LN-folded query-key only]"); an O3 summary gives three
     (``o3_same``, ``o3_different``, ``o3_background``); a same-object result one (``same_object``). ``label`` overrides
     the model id as legend label.
     Anything else raises InputError naming the file and what was expected.
@@ -326,7 +328,8 @@ def _profile_curves(profile: Profile, label: str | None) -> list[Curve]:
     st = profile.layer_stats()
     name = label or profile.name
     if label is None and profile.model.folded:
-        name += " [LN-folded]"
+        # folded profiles written before the value-output circuit was folded too fold the query-key circuit only
+        name += " [LN-folded]" if profile.model.ov_folded else " [LN-folded query-key only]"
     D = profile.model.hidden
     curves = [
         Curve(name, profile.depth, st["weighted_cosine"], st["min"], st["max"], "weighted_cosine", D, profile.source),

@@ -283,6 +283,11 @@ def diff_profiles(a: Profile, b: Profile, *, k: int = 8) -> DiffResult:
             f"folding differs (A: {ma.folded or 'plain'}, B: {mb.folded or 'plain'}): the query-key measures "
             "compare different matrices"
         )
+    elif ma.ov_folded != mb.ov_folded:
+        notes.append(
+            f"the value-output circuit is LayerNorm-folded in {'A' if ma.ov_folded else 'B'} only (the other profile "
+            "was written before it was folded): delta_ov_weighted_cosine compares different matrices"
+        )
     for name, get in CIRCUIT_FIELDS.items():
         missing = [side for side, p in (("A", a), ("B", b)) if get(p) is None]
         if len(missing) == 1:

@@ -148,7 +148,12 @@ def ov_cosine_by_layer_figure(profile: Profile) -> Figure:
         null_band=profile.null_band_95,
         note=f"{missing} head(s) without a value-output circuit left out" if missing else None,
         ylabel="value-output cosine p·r (1 copies, < 0 suppresses)",
-        title=_model_title(profile, fold=False) + "\nvalue-output circuit W_o,h W_v,h (never LayerNorm-folded)",
+        title=_model_title(profile, fold=False)
+        + (
+            "\nvalue-output circuit W_o,h W_v,h Γ (LayerNorm gain folded on its input side)"
+            if profile.model.ov_folded
+            else "\nvalue-output circuit W_o,h W_v,h (not LayerNorm-folded)"
+        ),
     )
 
 

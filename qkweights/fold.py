@@ -10,6 +10,14 @@ with Γ = diag(γ). Terms of the query token alone cancel in the softmax. The fo
 matrix ``Γ W_qᵀ W_k Γ`` is the query-key interaction of n; its SVD comes from the factors
 ``W_q Γ``, ``W_k Γ`` (:func:`qkweights.qk.fold_gain`) by the same QR-core as the plain one.
 
+The value-output circuit reads the same x̃ through W_v, so head h writes::
+
+    W_o,h (W_v,h x̃_j + b_v,h) = W_o,h W_v,h Γ n_j  +  W_o,h (W_v,h β + b_v,h)
+
+The folded circuit is ``W_o,h W_v,h Γ`` (Γ on its input side only: its output is the
+residual stream, not normalised); the second term is the same for every token, and as each
+attention row sums to 1 it is a constant the head adds, not part of the circuit.
+
 Families without a pre-attention LayerNorm in their spec (``[block] norm1``: post-norm
 BERT, weights-only predictors) fold what exists: Γ = I, β = 0, and ``w_h = W_kᵀ b_q``;
 :func:`fold_description` says so. A norm stored without bias folds γ only (β = 0).
@@ -114,8 +122,10 @@ def normalised_tokens(
 def fold_description(ck: Checkpoint) -> dict:
     """What ``--fold-ln`` folds for this checkpoint: ``model.fold`` of profile.json.
 
-    ``{"layernorm_gain": bool, "layernorm_bias": bool, "query_bias": bool, "layers_without_norm": [l…],
-    "includes": [text…], "notes": [text…]}``, judged over every layer.
+    ``{"layernorm_gain": bool, "layernorm_bias": bool, "query_bias": bool, "value_output": true,
+    "layers_without_norm": [l…], "includes": [text…], "notes": [text…]}``, judged over every layer.
+    ``value_output``: the value-output circuit is folded too (``W_o,h W_v,h Γ``); profiles written
+    before it was lack the key, and their value-output circuit is the plain one.
     """
     L = ck.dims.layers
     found = [layer_fold(ck, l)[2:] for l in range(L)]  # (has norm, has bias) per layer
@@ -124,7 +134,10 @@ def fold_description(ck: Checkpoint) -> dict:
     qbias = any(ck.qk(l).bq.any() for l in range(L))
     includes, notes = [], []
     if len(without) < L:
-        includes.append("LayerNorm gain γ in the bilinear term Γ W_qᵀW_k Γ (σ, cosines and every statistic)")
+        includes.append("LayerNorm gain γ in the bilinear term Γ W_qᵀW_k Γ (σ, cosines and every query-key statistic)")
+        includes.append(
+            "LayerNorm gain γ on the input side of the value-output circuit W_o,h W_v,h Γ (λ, cosines, weighted cosine)"
+        )
         includes.append(
             "LayerNorm bias β in the key-salience term w_h = Γ W_kᵀ(W_q β + b_q)"
             if len(no_bias) < L - len(without)
@@ -142,10 +155,14 @@ def fold_description(ck: Checkpoint) -> dict:
     if no_bias:
         notes.append("norm without bias (RMSNorm-style) in layers " + ", ".join(map(str, no_bias)) + ": β = 0")
     notes.append("key bias b_k and terms of the query token alone are constant along each softmax row and are left out")
+    notes.append(
+        "the value-output circuit's constant W_o,h(W_v,h β + b_v,h), the same for every token, is left out of it"
+    )
     return {
         "layernorm_gain": len(without) < L,
         "layernorm_bias": len(no_bias) < L - len(without),
         "query_bias": bool(qbias),
+        "value_output": True,
         "layers_without_norm": without,
         "includes": includes,
         "notes": notes,

@@ -62,6 +62,9 @@ OV_CONVENTION = (
     "M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P Λ Rᵀ; cos_n = p_n·r_n; pairs (p_n, r_n) flipped together as (u_n, "
     "v_n)"
 )
+OV_CONVENTION_FOLDED = OV_CONVENTION.replace(
+    "W_v[hK:(h+1)K, :]", "W_v[hK:(h+1)K, :] Γ (Γ = diag(γ) of the pre-attention LayerNorm: --fold-ln)"
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ class ModelInfo:
     folded: str | None = None  # "layernorm" for a profile of Γ W_qᵀW_k Γ (profile --fold-ln), else None
     fold: dict | None = None  # what the fold includes (qkweights.fold.fold_description)
     ov: dict | None = None  # {"available": bool, "note": text}; None for a profile/1 (not computed)
+
+    @property
+    def ov_folded(self) -> bool:
+        """Whether the value-output circuit is LayerNorm-folded, ``W_o,h W_v,h Γ``: every ``--fold-ln`` profile
+        but those written before it was (``fold`` without ``value_output``), whose circuit is the plain one."""
+        return bool(self.folded) and bool((self.fold or {}).get("value_output"))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -278,7 +287,11 @@ class Profile:
                 if self.symmetric is not None
                 else {}
             ),
-            **({"ov_convention": OV_CONVENTION} if self.ov is not None else {}),
+            **(
+                {"ov_convention": OV_CONVENTION_FOLDED if self.model.ov_folded else OV_CONVENTION}
+                if self.ov is not None
+                else {}
+            ),
             "nonfinite_heads": [{"layer": l, "head": h} for l, h in self.nonfinite],
             "layers": layers,
         }
@@ -386,13 +399,14 @@ class _Layer:
 def _profile_layer(ck: Checkpoint, l: int, fold_ln: bool = False) -> _Layer:
     qk = ck.qk(l)
     wq, wk = qk.wq, qk.wk  # (H, K, D)
+    gamma = None
     if fold_ln:
         from qkweights.fold import layer_fold
 
         gamma, beta, _, _ = layer_fold(ck, l)
         wq, wk = fold_gain(wq, gamma), fold_gain(wk, gamma)  # W Γ: the SVD of Γ W_qᵀW_k Γ
     ok = np.isfinite(wq).all(axis=(1, 2)) & np.isfinite(wk).all(axis=(1, 2))  # (H,)
-    extra = _ov_layer(ck, l)
+    extra = _ov_layer(ck, l, gamma)
     if not ok.any():
         return _Layer(ok, None, None, None, None, **extra)
     if not ok.all():
@@ -404,18 +418,23 @@ def _profile_layer(ck: Checkpoint, l: int, fold_ln: bool = False) -> _Layer:
     return _Layer(ok, head_stats(u, s, v, wq, wk), s, u, v, symmetric_fraction(s, wq, wk), salience, **extra)
 
 
-def _ov_layer(ck: Checkpoint, l: int) -> dict:
-    """The value-output circuit of layer ``l``'s heads, as keyword fields of :class:`_Layer`."""
+def _ov_layer(ck: Checkpoint, l: int, gamma: np.ndarray | None = None) -> dict:
+    """The value-output circuit of layer ``l``'s heads, as keyword fields of :class:`_Layer`.
+
+    ``gamma`` (D,): the LayerNorm gain to fold on the circuit's input side, ``W_o,h W_v,h Γ``
+    (the circuit of the normalised tokens n, as the query-key fold); None: the plain circuit.
+    """
     if not hasattr(ck, "ov_unavailable"):  # a duck-typed checkpoint offering W_q/W_k only
         return {"ov_why": "the checkpoint object gives no value/output weights"}
     why = ck.ov_unavailable(l)
     if why is not None:
         return {"ov_why": why}
     ov = ck.ov(l)
-    ok = np.isfinite(ov.wo).all(axis=(1, 2)) & np.isfinite(ov.wv).all(axis=(1, 2))  # (H,)
+    wv = ov.wv if gamma is None else fold_gain(ov.wv, gamma)  # (H, K, D) W_v Γ: the SVD of W_o W_v Γ
+    ok = np.isfinite(ov.wo).all(axis=(1, 2)) & np.isfinite(wv).all(axis=(1, 2))  # (H,)
     if not ok.any():
         return {"ov_ok": ok}
-    wo, wv = (ov.wo, ov.wv) if ok.all() else (ov.wo[ok], ov.wv[ok])  # (H_ok, D, K), (H_ok, K, D)
+    wo, wv = (ov.wo, wv) if ok.all() else (ov.wo[ok], wv[ok])  # (H_ok, D, K), (H_ok, K, D)
     p, lam, r = ov_svd(wo, wv)
     return {"ov_ok": ok, "ov_stats": head_stats(p, lam, r, np.swapaxes(wo, -1, -2), wv), "ov_s": lam}
 
@@ -482,7 +501,9 @@ def compute_profile(
     why = "; ".join(f"layer {l}: {w}" for l, w in circuits.why)
     ov_info = {
         "available": not circuits.why,
-        "note": (f"value-output circuit not computed ({why})" if why else OV_CONVENTION),
+        "note": (
+            f"value-output circuit not computed ({why})" if why else OV_CONVENTION_FOLDED if fold_ln else OV_CONVENTION
+        ),
     }
     model = ModelInfo(
         ck.spec.name,

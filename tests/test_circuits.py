@@ -6,6 +6,7 @@ open_clip / the research code write them, not model_specs/), and the fold agains
 attention probabilities of the forward pass.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -251,6 +252,14 @@ def test_fold_matches_dense(name):
             assert prof.symmetric[l, h] == pytest.approx(np.sum(((m + m.T) / 2) ** 2) / np.sum(m**2), abs=1e-10)
             w = gamma * (r["wk"][rows].T @ (r["wq"][rows] @ beta + r["bq"][rows]))  # (D,) Γ W_kᵀ(W_q β + b_q)
             assert prof.salience[l, h] == pytest.approx(np.linalg.norm(w), rel=1e-10, abs=1e-12)
+            if r["wo"] is None:  # the I-JEPA predictor fixture stores no output projection: no circuit to fold
+                continue
+            mov = r["wo"][:, rows] @ r["wv"][rows] @ np.diag(gamma)  # (D, D) W_o,h W_v,h Γ: Γ on the input side
+            s, cos = _dense_svd(mov, K)
+            np.testing.assert_allclose(prof.ov.singular_values[l, h], s, rtol=1e-9)  # as the plain OV check
+            keep = _untied(prof.ov.degenerate[l][h], K)
+            np.testing.assert_allclose(prof.ov.cosines[l, h][keep], cos[keep], atol=1e-8)
+            assert prof.ov.weighted[l, h] == pytest.approx(np.trace(mov) / s.sum(), abs=1e-10)
 
 
 def test_fold_description_per_family():
@@ -260,6 +269,32 @@ def test_fold_description_per_family():
     vit = _profile("vit", fold_ln=True)[0].model
     assert vit.fold["layernorm_gain"] and vit.fold["layernorm_bias"] and vit.fold["layers_without_norm"] == []
     assert vit.to_json()["folded"] == "layernorm" and not any("LayerNorm gain" in o for o in vit.omitted)
+
+
+def test_folded_value_output_circuit_is_said_everywhere_it_is_shown(tmp_path):
+    import json
+
+    from qkweights.compare import curves_from
+
+    folded, _ = _profile("vit", fold_ln=True)
+    m = folded.model
+    assert m.fold["value_output"] is True and m.ov_folded
+    assert any("W_o,h W_v,h Γ" in i for i in m.fold["includes"])
+    folded.save(tmp_path / "f")
+    doc = json.loads((tmp_path / "f" / "profile.json").read_text())
+    assert "W_v[hK:(h+1)K, :] Γ" in doc["ov_convention"] and "W_v[hK:(h+1)K, :] Γ" in doc["model"]["ov"]["note"]
+    labels = {c.kind: c.label for c in curves_from(tmp_path / "f")}
+    assert labels["ov_weighted_cosine"].endswith(" [LN-folded]") and labels["weighted_cosine"].endswith(" [LN-folded]")
+    # a folded profile written before the value-output circuit was folded: its circuit is the plain one, and says so
+    del doc["model"]["fold"]["value_output"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "profile.json").write_text(json.dumps(doc))
+    old = load_profile(tmp_path / "old")
+    assert old.model.folded == "layernorm" and not old.model.ov_folded
+    assert {c.label for c in curves_from(old)} == {f"{old.name} [LN-folded query-key only]"}
+    plain, _ = _profile("vit")
+    assert not plain.model.ov_folded and "Γ" not in plain.model.ov["note"]
+    assert plain.to_json()["ov_convention"].startswith("M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P")
 
 
 def test_fold_with_identity_layernorm_and_no_query_bias_is_the_plain_profile(tmp_path):
@@ -450,6 +485,15 @@ def test_diff_reports_the_new_statistics(tmp_path):
     _, ck = open_model(str(MODELS / "vit"))
     f = diff_profiles(a, compute_profile(ck, {}, fold_ln=True))
     assert any("folding differs" in n for n in f.notes) and any("salience_norm absent from A" in n for n in f.notes)
+    # both folded, A written before the value-output circuit was folded: said, as its OV delta compares other matrices
+    folded = compute_profile(ck, {}, fold_ln=True)
+    old = dataclasses.replace(folded.model, fold={k: v for k, v in folded.model.fold.items() if k != "value_output"})
+    g = diff_profiles(dataclasses.replace(folded, model=old), folded)
+    assert [n for n in g.notes if "value-output" in n] == [
+        "the value-output circuit is LayerNorm-folded in B only (the other profile was written before it was folded): "
+        "delta_ov_weighted_cosine compares different matrices"
+    ]
+    assert not any("value-output circuit is LayerNorm-folded" in n for n in diff_profiles(folded, folded).notes)
 
 
 def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
