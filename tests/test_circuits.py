@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import qkweights
 import qkweights.errors
-from qkweights.fold import folded_modes, normalised_tokens
+from qkweights.fold import fold_description, folded_modes, normalised_tokens
 from qkweights.forward import relative_position_bias
 from qkweights.load import open_model
 from qkweights.profiles import compute_profile, load_profile
@@ -265,6 +265,9 @@ def test_fold_matches_dense(name):
 def test_fold_description_per_family():
     bert = _profile("bert", fold_ln=True)[0].model.fold
     assert not bert["layernorm_gain"] and bert["query_bias"] and bert["layers_without_norm"] == [0, 1]
+    assert bert["layernorm_bias"] is False  # post-norm: no pre-attention norm, so no β folded either
+    assert "no LayerNorm bias" not in " ".join(bert["includes"])  # nor a β line: there is no norm to have one
+    assert not any("RMSNorm" in n for n in bert["notes"])  # a missing norm is not a norm without bias
     assert "no pre-attention LayerNorm" in bert["notes"][0]
     vit = _profile("vit", fold_ln=True)[0].model
     assert vit.fold["layernorm_gain"] and vit.fold["layernorm_bias"] and vit.fold["layers_without_norm"] == []
@@ -295,6 +298,35 @@ def test_folded_value_output_circuit_is_said_everywhere_it_is_shown(tmp_path):
     plain, _ = _profile("vit")
     assert not plain.model.ov_folded and "Γ" not in plain.model.ov["note"]
     assert plain.to_json()["ov_convention"].startswith("M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P")
+
+
+def test_fold_description_of_norms_without_bias(tmp_path):
+    def drop(layers):
+        def edit(t):
+            for i in layers:
+                del t[f"encoder.layer.{i}.layernorm_before.bias"]
+
+        return edit
+
+    _, ck = open_model(str(edited_fixture(tmp_path, "none", drop([0, 1]))))  # RMSNorm-style in every layer: β = 0
+    none = fold_description(ck)
+    assert none["layernorm_gain"] and none["layernorm_bias"] is False
+    assert "no LayerNorm bias (the norm stores none: β = 0)" in none["includes"]
+    assert "norm without bias (RMSNorm-style) in layers 0, 1: β = 0" in none["notes"]
+    _, ck = open_model(str(edited_fixture(tmp_path, "one", drop([1]))))  # layer 0 keeps its β: β is folded
+    one = fold_description(ck)
+    assert one["layernorm_bias"] is True and "norm without bias (RMSNorm-style) in layers 1: β = 0" in one["notes"]
+    assert any(i.startswith("LayerNorm bias β in the key-salience term") for i in one["includes"])
+
+
+def test_folded_modes_refuses_an_out_of_range_head():
+    _, ck = open_model(str(MODELS / "vit"))
+    H = ck.dims.heads
+    assert folded_modes(ck, 0, [H - 1]).heads.tolist() == [H - 1]  # the last head is in range
+    for bad in (H, -1):
+        with pytest.raises(qkweights.errors.InputError) as e:
+            folded_modes(ck, 0, [0, bad])
+        assert str(e.value) == f"head {bad} is out of range: the model has {H} heads (0–{H - 1})"
 
 
 def test_fold_with_identity_layernorm_and_no_query_bias_is_the_plain_profile(tmp_path):
