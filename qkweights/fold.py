@@ -149,7 +149,7 @@ def fold_description(ck: Checkpoint) -> dict:
     if without:
         where = "any layer" if len(without) == L else "layers " + ", ".join(map(str, without))
         notes.append(
-            f"{ck.spec.name}: the spec gives no pre-attention LayerNorm ([block] norm1) for {where} "
+            f"{ck.spec.label}: the spec gives no pre-attention LayerNorm ([block] norm1) for {where} "
             f"(post-norm or weights-only family): γ = 1, β = 0 there, only the query bias is folded (w_h = W_kᵀ b_q)"
         )
     if no_bias:

@@ -51,9 +51,10 @@ def open_store(source: Source, *, part: str | None = None, defaults: tuple[str, 
 
 
 def source_record(source: Source, ck: Checkpoint) -> dict:
-    """The provenance written into every output: the source's record, plus the part read from a training checkpoint."""
+    """The provenance written into every output: the source's record, plus the part read from a training checkpoint,
+    and the spec that read it (``spec``: :meth:`qkweights.spec.Spec.provenance`, its file and sha256)."""
     part = ck.store.metadata.get("part")
-    return {**source.to_json(), **({"part": part} if part else {})}
+    return {**source.to_json(), **({"part": part} if part else {}), "spec": ck.spec.provenance()}
 
 
 def open_model(

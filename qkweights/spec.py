@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -90,8 +91,14 @@ def _fill(template: str, i: int | None) -> str:
 
 # ----------------------------------------------------------------------------- resolvers
 
+# What a resolver read, in _Resolver.read: (TENSORS, tensor name), (CONFIG, config key) or SPEC_VALUE (a literal or a
+# table entry of the spec itself); the last entry is where a dimension's value came from (:class:`Origin`).
+TENSORS, CONFIG = "tensors", "config"
+SPEC_VALUE = ("spec", None)
+
 
 def _r_value(ctx: _Resolver, r: dict):
+    ctx.read.append(SPEC_VALUE)
     return r["value"]
 
 
@@ -103,6 +110,7 @@ def _r_shape(ctx: _Resolver, r: dict):
     name = ctx.prefix + r["shape"].format(i=0)
     if name not in ctx.store:
         raise KeyError(name)
+    ctx.read.append((TENSORS, f"{name} shape[{r.get('axis', 0)}]"))
     return ctx.store.shape(name)[r.get("axis", 0)]
 
 
@@ -112,6 +120,7 @@ def _r_count(ctx: _Resolver, r: dict):
         n += 1
     if n == 0:
         raise KeyError(r["count"])
+    ctx.read.append((TENSORS, f"the number of layers holding {ctx.prefix + r['count']}"))
     return n
 
 
@@ -133,6 +142,7 @@ def _r_lookup(ctx: _Resolver, r: dict):
     key = str(ctx(r["lookup"]))
     if key not in r["table"]:
         raise KeyError(f"{key} (not among {', '.join(r['table'])})")
+    ctx.read.append(SPEC_VALUE)  # the value is the spec's table entry
     return r["table"][key]
 
 
@@ -140,6 +150,7 @@ def _r_match(ctx: _Resolver, r: dict):
     value = str(ctx(r["match"])).lower()
     for key in sorted(r["table"], key=len, reverse=True):
         if key.lower() in value:
+            ctx.read.append(SPEC_VALUE)  # the value is the spec's table entry
             return r["table"][key]
     raise KeyError(f"{value} (none of {', '.join(r['table'])})")
 
@@ -405,11 +416,39 @@ class Spec:
     path: Path = field(default=Path(), metadata={"kind": "internal"})
     user: bool = field(default=False, metadata={"kind": "internal"})  # from a user folder, not model_specs/
     overrides: Path | None = field(default=None, metadata={"kind": "internal"})  # the built-in spec it replaces
+    sha256: str = field(default="", metadata={"kind": "internal"})  # of the file's bytes, as read and parsed
+    shadows: tuple[Path, ...] = field(
+        default=(), metadata={"kind": "internal"}
+    )  # user spec files of the same family in later folders, which this one wins over
 
     @property
     def file(self) -> str:
         """The spec file for messages: its name for the shipped specs, its path for a user's."""
         return str(self.path) if self.user else self.path.name
+
+    @property
+    def label(self) -> str:
+        """The family for messages: ``hf-vit`` for a shipped spec, ``hf-vit (/path/hf-vit.toml)`` for a user's (which
+        may replace the shipped one of that name)."""
+        return f"{self.name} ({self.path})" if self.user else self.name
+
+    def origin(self) -> str:
+        """Where the spec comes from, for listings: its file, the shipped one it replaces, the user files of the same
+        family it wins over ("/a/hf-vit.toml, replacing the built-in hf-vit.toml; wins over /b/hf-vit.toml")."""
+        text = self.file + (f", replacing the built-in {self.overrides.name}" if self.overrides is not None else "")
+        return text + ("; wins over " + ", ".join(map(str, self.shadows)) if self.shadows else "")
+
+    def provenance(self) -> dict:
+        """The spec's record in every output's provenance (``source.spec``): ``{"family", "file" (the user's path, or
+        the shipped file's name), "sha256" (of the file's bytes, as parsed), "user", "replaces" (the shipped file a
+        user spec replaces, or None)}``."""
+        return {
+            "family": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "user": self.user,
+            "replaces": self.overrides.name if self.overrides is not None else None,
+        }
 
     @property
     def logit_terms(self) -> tuple[str, ...]:
@@ -523,8 +562,9 @@ def _parse_fields(cls, data: dict, file: str, section: str | None) -> dict:
     return values
 
 
-def parse_spec(path: Path, data: dict, *, user: bool = False) -> Spec:
-    """A :class:`Spec` from the TOML ``data`` of file ``path``: every key checked against the schema."""
+def parse_spec(path: Path, data: dict, *, user: bool = False, sha256: str = "") -> Spec:
+    """A :class:`Spec` from the TOML ``data`` of file ``path`` (``sha256``: of its bytes): every key checked against
+    the schema."""
     file = str(path) if user else path.name
     if "name" in data and data["name"] != path.stem:
         raise SpecError(f"{file}: name {data['name']!r} differs from the file name; rename one of them")
@@ -537,7 +577,7 @@ def parse_spec(path: Path, data: dict, *, user: bool = False) -> Spec:
             values[name] = section
         elif name in _REQUIRED_SECTIONS:
             raise SpecError(f"{file}: missing required key {name!r}; {SEE}")
-    spec = Spec(**values, path=path, user=user)
+    spec = Spec(**values, path=path, user=user, sha256=sha256)
     _check_spec(spec)
     return spec
 
@@ -588,12 +628,13 @@ def _read_folder(folder: Path, *, user: bool) -> dict[str, Spec]:
     for path in sorted(Path(folder).glob("*.toml")):
         shown = str(path) if user else path.name
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = tomllib.loads(raw.decode("utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise SpecError(f"{shown}: invalid TOML ({e})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"{shown}: cannot be read ({e}); fix the file or its permissions") from None
-        specs[path.stem] = parse_spec(path, data, user=user)
+        specs[path.stem] = parse_spec(path, data, user=user, sha256=hashlib.sha256(raw).hexdigest())
     return specs
 
 
@@ -619,15 +660,18 @@ def user_spec_dirs(spec_dir=None) -> tuple[Path, ...]:
 def load_specs(folder: Path | None = None, *, spec_dir=None) -> dict[str, Spec]:
     """All specs by name: the shipped ones (or those of ``folder``), then the user folders' (``spec_dir``,
     ``QKWEIGHTS_SPEC_PATH``; see :func:`user_spec_dirs`). A user spec with a built-in's name replaces it
-    (its ``overrides`` names the file it replaces)."""
+    (its ``overrides`` names the file it replaces); of one family in several user folders the earliest wins
+    (its ``shadows`` lists the files it wins over)."""
     specs = _read_folder(Path(folder) if folder is not None else _builtin_dir(), user=False)
-    user: dict[str, Spec] = {}
+    user: dict[str, list[Spec]] = {}
     for d in user_spec_dirs(spec_dir):
         for name, spec in _read_folder(d, user=True).items():
-            user.setdefault(name, spec)  # earlier folders win
-    for name, spec in sorted(user.items()):
+            user.setdefault(name, []).append(spec)  # earlier folders first
+    for name, (spec, *later) in sorted(user.items()):
         base = specs.get(name)
-        specs[name] = dataclasses.replace(spec, overrides=base.path if base is not None and not base.user else None)
+        specs[name] = dataclasses.replace(
+            spec, overrides=base.path if base is not None else None, shadows=tuple(s.path for s in later)
+        )
     return specs
 
 
@@ -681,7 +725,28 @@ _DIM_TYPES = {
 }
 
 
-def _typed(spec: Spec, key: str, value, origin: str):
+@dataclass(frozen=True)
+class Origin:
+    """Where a resolved dimension came from, for messages: ``text`` names it ("config.json hidden_size",
+    "patch_embed.proj.weight shape[0]", "[dims] heads in the spec"), ``fix`` says what to change ("fix the config",
+    …)."""
+
+    text: str
+    fix: str
+
+    @classmethod
+    def of(cls, spec: Spec, key: str, read: tuple[str, str | None]) -> Origin:
+        """The origin of dimension ``key`` whose resolver last read ``read`` (an entry of ``_Resolver.read``)."""
+        kind, detail = read
+        in_spec = "the spec" if spec.user else spec.file  # a user spec's label already names its file
+        if kind == CONFIG:
+            return cls(f"{spec.config_file or 'config'} {detail}", "fix the config")
+        if kind == TENSORS:
+            return cls(detail, f"fix [dims] {key} in {in_spec}")
+        return cls(f"[dims] {key} in {in_spec}", "fix the spec file")
+
+
+def _typed(spec: Spec, key: str, value, origin: Origin):
     """``value`` of dimension ``key`` if it has the right type (a float that is a whole number counts as an
     integer); otherwise a CheckpointError naming where it came from."""
     check, wanted = _DIM_TYPES[key]
@@ -691,10 +756,7 @@ def _typed(spec: Spec, key: str, value, origin: str):
         value = [int(x) if isinstance(x, float) and x.is_integer() else x for x in value]
     if not check(value):
         shown = json.dumps(value, ensure_ascii=False) if value is not None else "not usable"
-        fix = (
-            "fix the config" if origin.startswith(spec.config_file or "config") else f"fix [dims] {key} in {spec.file}"
-        )
-        raise CheckpointError(f"{spec.name}: {origin} is {shown}; it must be {wanted} ({key}); {fix}")
+        raise CheckpointError(f"{spec.label}: {origin.text} is {shown}; it must be {wanted} ({key}); {origin.fix}")
     return value
 
 
@@ -712,10 +774,11 @@ class _Resolver:
 
     def __init__(self, spec: Spec, config: dict, store, prefix: str):
         self.spec, self.config, self.store, self.prefix = spec, config, store, prefix
-        self.read: list[str] = []  # the config keys read, for messages about their values
+        self.read: list[tuple[str, str | None]] = []  # what was read (TENSORS, CONFIG, SPEC_VALUE), for messages
 
     def __call__(self, r):
         if isinstance(r, (bool, int, float)):
+            self.read.append(SPEC_VALUE)
             return r
         if isinstance(r, str):
             return self.config_value(r, root=True)
@@ -734,7 +797,7 @@ class _Resolver:
         if root and self.spec.config_root:
             base = _get_path(self.config, self.spec.config_root)
         value = _get_path(base, dotted)
-        self.read.append(f"{self.spec.config_root}.{dotted}" if root and self.spec.config_root else dotted)
+        self.read.append((CONFIG, f"{self.spec.config_root}.{dotted}" if root and self.spec.config_root else dotted))
         return value
 
 
@@ -960,12 +1023,14 @@ class Checkpoint:
 
     def __init__(self, spec: Spec, store, config: dict, configs: dict[str, dict], prefix: str):
         self.spec, self.store, self.config, self.configs, self.prefix = spec, store, config, configs, prefix
+        self.origins: dict[str, Origin] = {}  # where each dimension given by the spec came from
         self.dims = self._resolve_dims()
 
     def _resolve_dims(self) -> Dims:
         resolve = _Resolver(self.spec, self.config, self.store, self.prefix)
-        values, unresolved, origin = {}, {}, {}
+        values, unresolved, origin = {}, {}, self.origins
         where = self.spec.config_file or "config"
+        label = self.spec.label
         for f in dataclasses.fields(self.spec.dims):
             key, r = f.name, getattr(self.spec.dims, f.name)
             if r is None:
@@ -976,30 +1041,30 @@ class Checkpoint:
             except KeyError as e:
                 unresolved[key] = e.args[0]
                 continue
-            except (TypeError, ValueError, ZeroDivisionError):  # e.g. {div = [hidden, heads]} of a text
+            except (TypeError, ValueError, ZeroDivisionError, IndexError):  # {div = [a, b]} of a text, an axis too many
                 value = None
-            origin[key] = f"{where} {resolve.read[-1]}" if resolve.read else "the tensors"
+            origin[key] = Origin.of(self.spec, key, resolve.read[-1])  # every resolver that gives a value reads
             values[key] = _typed(self.spec, key, value, origin[key])
         if unresolved:
             key, looked = next(iter(unresolved.items()))
             if self.spec.config_file and self.spec.config_file not in self.configs:
                 heads = _config_key(self.spec.dims.heads)
                 raise SpecError(
-                    f"{self.spec.name}: no {where} beside the weights; the head count ({heads or 'heads'}) "
+                    f"{label}: no {where} beside the weights; the head count ({heads or 'heads'}) "
                     "cannot be read "
                     f"from the tensors: put the model's {where} next to the weight file, or pass the folder "
                     "that holds both"
                 )
             raise SpecError(
-                f"{self.spec.name}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); "
+                f"{label}: cannot determine {key!r} (looked for {looked} in {where} and the tensors); "
                 f"add it to {where} or pass family=NAME"
             )
         self._check_layer_count(values["layers"], origin["layers"])
         hidden, heads = values.pop("hidden"), values.pop("heads")
         if hidden % heads:
             raise CheckpointError(
-                f"{self.spec.name}: {heads} heads do not divide the width {hidden}; fix num_heads in the "
-                "config or choose another family=NAME"
+                f"{label}: {heads} heads ({origin['heads'].text}) do not divide the width {hidden} "
+                f"({origin['hidden'].text}); {origin['heads'].fix} or choose another family=NAME"
             )
         image = values.pop("image_size", None)
         if isinstance(image, (list, tuple)):
@@ -1009,8 +1074,9 @@ class Checkpoint:
         head_dim = values.pop("head_dim", hidden // heads)
         if head_dim * heads != hidden:
             raise CheckpointError(
-                f"{self.spec.name}: {heads} heads of width {head_dim} do not make the width {hidden}; the "
-                "config disagrees with the tensors"
+                f"{label}: {heads} heads ({origin['heads'].text}) of width {head_dim} ({origin['head_dim'].text}) "
+                f"do not make the width {hidden} ({origin['hidden'].text}); {origin['head_dim'].fix} or choose "
+                "another family=NAME"
             )
         interpolation = values.get("interpolation")
         return Dims(
@@ -1027,7 +1093,7 @@ class Checkpoint:
             interpolation=interpolation or "bicubic",
         )
 
-    def _check_layer_count(self, layers: int, origin: str) -> None:
+    def _check_layer_count(self, layers: int, origin: Origin) -> None:
         """Refuse a layer count that disagrees with the layers whose attention weights are in the files."""
         att = self.spec.attention
         template = (att.qkv or att.q).weight
@@ -1036,8 +1102,9 @@ class Checkpoint:
             held += 1
         if held != layers:
             raise CheckpointError(
-                f"{self.spec.name}: {origin} is {layers}, but the weight files hold {held} layer{'s' * (held != 1)} "
-                f"({self.prefix + template.format(i='N')}); fix the config or choose another family=NAME"
+                f"{self.spec.label}: {origin.text} is {layers}, but the weight files hold {held} "
+                f"layer{'s' * (held != 1)} ({self.prefix + template.format(i='N')}); {origin.fix} or choose another "
+                "family=NAME"
             )
 
     # names -----------------------------------------------------------------
@@ -1083,12 +1150,18 @@ class Checkpoint:
         names += [self.name(t, i) for t in (att.q_bias, att.k_bias) if t]
         return [n for n in names if n in self.store]
 
+    def misfit(self, what: str, shape, expected, key: str = "hidden") -> CheckpointError:
+        """The error for ``what`` of ``shape`` where dimension ``key`` (hidden: the width, heads: the head count)
+        makes ``expected``, naming where that dimension came from and what to fix."""
+        origin, noun = self.origins[key], {"hidden": "the width", "heads": "the head count"}[key]
+        return CheckpointError(
+            f"{self.spec.label}: {what} has shape {shape}, expected {expected} from {noun} "
+            f"{getattr(self.dims, key)} ({origin.text}); {origin.fix} or choose another family=NAME"
+        )
+
     def _expect(self, a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
         if a.shape != shape:
-            raise CheckpointError(
-                f"{self.spec.name}: {what} has shape {a.shape}, expected {shape} from the config (hidden "
-                f"{self.dims.hidden}); the config does not fit the tensors"
-            )
+            raise self.misfit(what, a.shape, shape)
         return a
 
     def linear(
@@ -1181,7 +1254,7 @@ class Checkpoint:
         """
         why = self.ov_unavailable(i)
         if why is not None:
-            raise CheckpointError(f"{self.spec.name}: no value-output circuit for layer {i}: {why}")
+            raise CheckpointError(f"{self.spec.label}: no value-output circuit for layer {i}: {why}")
         d, h, k = self.dims.hidden, self.dims.heads, self.dims.head_dim
         att = self.spec.attention
         if att.qkv is not None:
@@ -1251,10 +1324,7 @@ class Checkpoint:
         w, b = self.module("block", "norm1", i)
         d = self.dims.hidden
         if w.shape != (d,) or (b is not None and b.shape != (d,)):
-            raise CheckpointError(
-                f"{self.spec.name}: layer {i} norm1 has shape {w.shape}/{None if b is None else b.shape}, "
-                f"expected ({d},); the config does not fit the tensors"
-            )
+            raise self.misfit(f"layer {i} norm1", f"{w.shape}/{None if b is None else b.shape}", (d,))
         return LayerNormWeights(
             np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None
         )
@@ -1274,7 +1344,7 @@ class Checkpoint:
         d = self.dims.hidden
         if w.ndim != 4 or w.shape[0] != d or w.shape[2] != w.shape[3]:
             raise CheckpointError(
-                f"{self.spec.name}: patch embedding weight has shape {w.shape}, expected ({d}, channels, P, P)"
+                f"{self.spec.label}: patch embedding weight has shape {w.shape}, expected ({d}, channels, P, P)"
             )
         return w, None if b is None else self._expect(b, (d,), "patch embedding bias")
 
@@ -1322,10 +1392,7 @@ class Checkpoint:
 
     def _check_shape(self, w: np.ndarray, expected: tuple[int, ...], role: str, i: int) -> None:
         if w.shape != expected:
-            raise CheckpointError(
-                f"{self.spec.name}: layer {i} {role} weight has shape {w.shape}, expected {expected} from the "
-                f"config (hidden {self.dims.hidden}); the config does not fit the tensors"
-            )
+            raise self.misfit(f"layer {i} {role} weight", w.shape, expected)
 
     def dtype(self) -> str:
         """The stored dtype of the attention weights ("F32", "BF16", …)."""

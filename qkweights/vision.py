@@ -62,7 +62,7 @@ def _activation(ck: Checkpoint) -> str:
     act = ck.dims.act
     if act not in ACTIVATION_NAMES:
         raise SpecError(
-            f"{ck.spec.name}: activation {act!r} is not supported by the forward pass (supported: "
+            f"{ck.spec.label}: activation {act!r} is not supported by the forward pass (supported: "
             f"{', '.join(ACTIVATION_NAMES)}); fix hidden_act in the config or [dims] act in {ck.spec.file}"
         )
     return ACTIVATION_NAMES[act]
@@ -84,24 +84,22 @@ def relative_position_table(ck: Checkpoint, i: int, window: tuple[int, int]) -> 
     tables = ck.relative_position_tables(i)
     if not tables:
         raise CheckpointError(
-            f"{ck.spec.name}: layer {i} has none of the relative position tables "
+            f"{ck.spec.label}: layer {i} has none of the relative position tables "
             f"{', '.join(att.relative_position_bias)}; the checkpoint is incomplete or of another family (try "
             "family=NAME)"
         )
     total = np.zeros((rows, heads), np.float64)
     for name, table in tables:
         if table.shape != (rows, heads):
-            raise CheckpointError(
-                f"{ck.spec.name}: relative position table {name} (for a {wh}×{ww} patch grid) has shape "
-                f"{table.shape}, expected {(rows, heads)} from the config (hidden {ck.dims.hidden}); the "
-                "config does not fit the tensors"
+            raise ck.misfit(
+                f"relative position table {name} (for a {wh}×{ww} patch grid)", table.shape, (rows, heads), "heads"
             )
         total += table
     expected = relative_position_index(window)
     for name, index in ck.relative_position_indices(i):
         if not np.array_equal(index, expected):
             raise CheckpointError(
-                f"{ck.spec.name}: {name} differs from BEiT's relative position index for a {wh}×{ww} patch "
+                f"{ck.spec.label}: {name} differs from BEiT's relative position index for a {wh}×{ww} patch "
                 "grid; the checkpoint was built for another grid or indexes its table differently"
             )
     return _f32(total)
@@ -126,7 +124,7 @@ def block_weights(ck: Checkpoint, i: int, window: tuple[int, int]) -> BlockWeigh
             ck.name(ref.weight.removesuffix(".weight"), i) for ref in (ck.spec.block.norm1, ck.spec.block.norm2)
         )
         raise CheckpointError(
-            f"{ck.spec.name}: layer {i} lacks its norm1/norm2 LayerNorm ({names}); the checkpoint is "
+            f"{ck.spec.label}: layer {i} lacks its norm1/norm2 LayerNorm ({names}); the checkpoint is "
             "incomplete or of another family"
         )
     return BlockWeights(
@@ -171,7 +169,7 @@ def _stored_grid(ck: Checkpoint, n: int) -> tuple[int, int]:
     side = math.isqrt(n)
     if side * side != n:
         raise CheckpointError(
-            f"{ck.spec.name}: the position table's {n} patch rows form no square grid and do not match the "
+            f"{ck.spec.label}: the position table's {n} patch rows form no square grid and do not match the "
             f"image size {image} / patch {p}; set image_size in the config"
         )
     return side, side
@@ -241,7 +239,7 @@ def vit_weights(ck: Checkpoint) -> ViTWeights:
     emb = embedding_weights(ck)
     if ck.spec.attention.relative_position_bias and emb.tokens != ("cls", "patches"):
         raise CheckpointError(
-            f"{ck.spec.name}: a relative position bias needs the tokens [cls, patches] (its 3 extra entries "
+            f"{ck.spec.label}: a relative position bias needs the tokens [cls, patches] (its 3 extra entries "
             f"are CLS biases), the checkpoint gives {list(emb.tokens)}"
         )
     return ViTWeights(

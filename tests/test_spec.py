@@ -200,7 +200,9 @@ def test_heads_not_dividing_the_width(tmp_path):
     cfg["num_attention_heads"] = 5
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        CheckpointError, match=r"^hf-vit: 5 heads do not divide the width 32; fix num_heads in the config"
+        CheckpointError,
+        match=r"^hf-vit: 5 heads \(config.json num_attention_heads\) do not divide the width 32 \(config.json "
+        r"hidden_size\); fix the config or choose another family=NAME$",
     ):
         open_fixture_path(folder)
 

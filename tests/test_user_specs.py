@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 import qkweights
 from qkweights.cli import main
 from qkweights.errors import SpecError
+from qkweights.load import open_model
 from qkweights.spec import (
     RESOLVERS,
     SECTIONS,
@@ -355,3 +356,164 @@ def test_every_spec_field_has_a_kind_the_parser_reads():
 def test_readme_checker_can_fail():
     keys, _ = readme_tables("## `[block]`\n| key | meaning |\n|---|---|\n| `norm1`, `scale_1` | x |\n")
     assert keys == {"block": {"norm1", "scale_1"}} != {"block": {f.name for f in fields(SECTIONS["block"])}}
+
+
+# ----------------------------------------------------------------------------- whose value: spec, config, tensors
+
+HF_VIT = (spec_dir() / "hf-vit.toml").read_text()
+
+
+def _user_hf_vit(tmp_path, old, new, label="specs"):
+    """A user folder holding hf-vit.toml with ``old`` replaced by ``new`` (it replaces the built-in family)."""
+    assert HF_VIT.count(old) == 1
+    folder = tmp_path / label
+    folder.mkdir()
+    (folder / "hf-vit.toml").write_text(HF_VIT.replace(old, new))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            'heads = "num_attention_heads"',
+            'heads = "num_attention_heads"\nhead_dim = 0',
+            "[dims] head_dim in the spec is 0; it must be a positive integer (head_dim); fix the spec file",
+        ),
+        (
+            'layers = "num_hidden_layers"',
+            "layers = 100",
+            "[dims] layers in the spec is 100, but the weight files hold 2 layers "
+            "(encoder.layer.N.attention.attention.query.weight); fix the spec file or choose another family=NAME",
+        ),
+        (
+            'heads = "num_attention_heads"',
+            "heads = 5",
+            "5 heads ([dims] heads in the spec) do not divide the width 32 (config.json hidden_size); fix the "
+            "spec file or choose another family=NAME",
+        ),
+        (  # a value looked up in the spec's own table is the spec's, though the key came from the tensors
+            'heads = "num_attention_heads"',
+            'heads = { lookup = { shape = "embeddings.patch_embeddings.projection.weight", axis = 0 }, '
+            'table = { "32" = 5 } }',
+            "5 heads ([dims] heads in the spec) do not divide the width 32 (config.json hidden_size); fix the "
+            "spec file or choose another family=NAME",
+        ),
+        (  # … or from the config
+            'heads = "num_attention_heads"',
+            'heads = { match = "model_type", table = { vi = 5 } }',
+            "5 heads ([dims] heads in the spec) do not divide the width 32 (config.json hidden_size); fix the "
+            "spec file or choose another family=NAME",
+        ),
+        (
+            'heads = "num_attention_heads"',
+            'heads = "num_attention_heads"\nhead_dim = 4',
+            "4 heads (config.json num_attention_heads) of width 4 ([dims] head_dim in the spec) do not make the "
+            "width 32 (config.json hidden_size); fix the spec file or choose another family=NAME",
+        ),
+        (
+            'hidden = "hidden_size"',
+            "hidden = 64",
+            "layer 0 q weight has shape (32, 32), expected (64, 64) from the width 64 ([dims] hidden in the spec); "
+            "fix the spec file or choose another family=NAME",
+        ),
+    ],
+)
+def test_literal_spec_values_are_blamed_on_the_spec_file_and_key(tmp_path, capsys, old, new, message):
+    folder = _user_hf_vit(tmp_path, old, new)
+    prefix = f"hf-vit ({folder / 'hf-vit.toml'}): "
+    with pytest.raises(qkweights.errors.QkError) as e:
+        qkweights.profile(str(MODELS / "vit"), spec_dir=folder)
+    assert str(e.value) == prefix + message
+    out = ["--out", str(tmp_path / "out"), "--no-plots", "--quiet"]
+    assert main(["profile", str(MODELS / "vit"), "--spec-dir", str(folder), *out]) == 2
+    cli = message.replace("family=NAME", "--family NAME")  # the command line words options as flags
+    assert capsys.readouterr().err == f"qkweights: error: {prefix}{cli}\n"
+
+
+def test_config_and_tensor_values_are_still_blamed_on_their_source(tmp_path):
+    # the same mistakes through the config (the shipped spec): the config is named, the spec file is not
+    folder = shutil.copytree(MODELS / "vit", tmp_path / "vit")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 5}))
+    with pytest.raises(qkweights.errors.CheckpointError) as e:
+        open_model(str(folder))
+    assert str(e.value) == (
+        "hf-vit: 5 heads (config.json num_attention_heads) do not divide the width 32 (config.json hidden_size); "
+        "fix the config or choose another family=NAME"
+    )
+    # a value read from the tensors through a wrong spec entry: the tensor is named, the spec's [dims] key is to fix
+    spec = _user_hf_vit(tmp_path, 'hidden = "hidden_size"', 'hidden = { shape = "layernorm.weight", axis = 1 }')
+    with pytest.raises(qkweights.errors.CheckpointError) as e:
+        open_model(str(MODELS / "vit"), spec_dir=spec)
+    assert str(e.value) == (
+        f"hf-vit ({spec / 'hf-vit.toml'}): layernorm.weight shape[1] is not usable; it must be a positive integer "
+        "(hidden); fix [dims] hidden in the spec"
+    )
+
+
+def test_a_user_spec_replacing_a_built_in_one_is_named_in_provenance(tmp_path):
+    import hashlib
+
+    folder = _user_hf_vit(tmp_path, 'description = "', 'description = "mine: ')
+    prof = qkweights.profile(str(MODELS / "vit"), spec_dir=folder)
+    spec_file = folder / "hf-vit.toml"
+    assert prof.source["spec"] == {
+        "family": "hf-vit",
+        "file": str(spec_file),
+        "sha256": hashlib.sha256(spec_file.read_bytes()).hexdigest(),
+        "user": True,
+        "replaces": "hf-vit.toml",
+    }
+    prof.save(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "profile.json").read_text())["source"]["spec"]["file"] == str(spec_file)
+    shipped = qkweights.profile(str(MODELS / "vit")).source["spec"]
+    assert shipped == {
+        "family": "hf-vit",
+        "file": "hf-vit.toml",
+        "sha256": hashlib.sha256((spec_dir() / "hf-vit.toml").read_bytes()).hexdigest(),
+        "user": False,
+        "replaces": None,
+    }
+
+
+def test_a_family_in_two_spec_folders_says_which_wins(tmp_path, monkeypatch, capsys):
+    first = _user_hf_vit(tmp_path, 'description = "', 'description = "first: ', "first")
+    second = _user_hf_vit(tmp_path, 'description = "', 'description = "second: ', "second")
+    monkeypatch.setenv(SPEC_PATH_ENV, str(second))
+    specs = load_specs(spec_dir=first)  # spec_dir= wins over QKWEIGHTS_SPEC_PATH
+    assert specs["hf-vit"].description.startswith("first: ") and specs["hf-vit"].path == first / "hf-vit.toml"
+    assert specs["hf-vit"].shadows == (second / "hf-vit.toml",)
+    assert main(["specs", "--spec-dir", str(first)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hf-vit "))
+    assert line.endswith(
+        f"({first / 'hf-vit.toml'}, replacing the built-in hf-vit.toml; wins over {second / 'hf-vit.toml'})"
+    )
+    assert main(["inspect", str(MODELS / "vit"), "--spec-dir", str(first)]) == 0
+    out = capsys.readouterr().out
+    winner = f"{first / 'hf-vit.toml'}, replacing the built-in hf-vit.toml; wins over {second / 'hf-vit.toml'}"
+    assert f"spec      {winner}\n" in out
+    monkeypatch.delenv(SPEC_PATH_ENV)
+    assert load_specs(spec_dir=[second, first])["hf-vit"].description.startswith("second: ")
+    assert load_specs(spec_dir=first)["hf-vit"].shadows == ()
+
+
+def test_a_regular_file_is_refused_as_a_spec_folder(tmp_path, monkeypatch):
+    f = tmp_path / "hf-vit.toml"
+    f.write_text(HF_VIT)
+    with pytest.raises(SpecError) as e:
+        load_specs(spec_dir=f)
+    assert str(e.value) == (
+        f"spec folder {f} (from spec_dir) does not exist or is not a folder; give a folder of .toml spec files"
+    )
+    monkeypatch.setenv(SPEC_PATH_ENV, str(f))
+    with pytest.raises(SpecError, match=f"^spec folder {re.escape(str(f))} \\(from {SPEC_PATH_ENV}\\) does not"):
+        load_specs()
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_an_integer_is_refused_for_a_boolean_field(tmp_path, value):
+    folder = _user_hf_vit(tmp_path, "[detect]\n", f"[detect]\nconfig_required = {value}\n")
+    with pytest.raises(SpecError) as e:
+        load_specs(spec_dir=folder)
+    assert str(e.value) == f"{folder / 'hf-vit.toml'}: [detect] config_required is {value}; it must be true or false"

@@ -24,6 +24,7 @@ def run(args) -> int:
         + (f"  (revision {source.revision}, commit {source.commit})" if source.commit else "")
     )
     print(f"family    {ck.spec.name}: {ck.spec.description}")
+    print(f"spec      {ck.spec.origin()}")
     print(f"prefix    {ck.prefix!r}")
     print(
         f"dims      {plural(d.layers, 'layer')}, {plural(d.heads, 'head')} × {d.head_dim} = width {d.hidden}"

@@ -15,9 +15,5 @@ def run(args) -> int:
     width = max(len(n) for n in specs)
     for name, spec in specs.items():
         kind = "" if spec.modality == "vision" else f" [{spec.modality}: weights only]"
-        if spec.user:
-            origin = f"{spec.path}" + (f", replacing the built-in {spec.overrides.name}" if spec.overrides else "")
-        else:
-            origin = spec.path.name
-        print(f"{name:<{width}}  {spec.example:<48} {spec.description}{kind}  ({origin})")
+        print(f"{name:<{width}}  {spec.example:<48} {spec.description}{kind}  ({spec.origin()})")
     return 0
