@@ -23,6 +23,13 @@ InputError saying what was looked for.
 Items are listed in sorted relative-path order (the order of ties in ``same-object``); an
 image without its annotation file is not an item but listed in ``missing`` with the reason.
 :func:`read_objects` reads an annotation as an instance map and the class of each object.
+
+**EXIF orientation.** Annotations follow the image *as displayed*: the image's EXIF
+orientation tag applied (:func:`qkweights.preprocess.open_image`, as transformers' ``load_image``
+and detectron2's ``read_image`` do, so the model sees that image), and an annotation file's
+own EXIF orientation tag, if it has one, applied to it alike. An annotation drawn on the stored
+pixels of a turned image (orientations 5–8) is refused for its size, naming the EXIF tag;
+a square one cannot be told apart and is read as displayed.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from qkweights.errors import InputError
 
@@ -147,15 +154,39 @@ def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | N
 # ----------------------------------------------------------------------------- annotations
 
 
+TURNING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height (a quarter turn, ± a mirror)
+
+
 def _open(path: Path) -> Image.Image:
+    """The annotation decoded, as displayed (its own EXIF orientation applied, like the image's)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise InputError(
             f"annotation {path.name} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
         ) from None
+
+
+def _exif_note(image: Path, annotation_size, image_size) -> str:
+    """For a size mismatch: what the image's EXIF orientation did, when it turned the image ("" otherwise)."""
+    try:
+        with Image.open(image) as im:
+            orientation = im.getexif().get(ExifTags.Base.Orientation)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return ""
+    if orientation not in TURNING_ORIENTATIONS:
+        return ""
+    stored = f"{image_size[1]}x{image_size[0]}"
+    note = f" as displayed: its EXIF orientation {orientation} turns the stored {stored} pixels"
+    if tuple(annotation_size) == (image_size[1], image_size[0]):
+        note += (
+            "; the annotation follows the stored pixels, but annotations follow the image as displayed "
+            "(EXIF orientation applied, as the model sees it): turn the annotation the same way, or give it the "
+            "image's EXIF orientation tag"
+        )
+    return note
 
 
 def full_release_objects(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,16 +213,19 @@ def full_release_objects(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def read_objects(item: SegItem, image_size: tuple[int, int]) -> tuple[np.ndarray, dict[int, int]]:
     """The instance map of ``item`` and the class of each object id.
 
-    image_size: the image's (width, height) as decoded (EXIF orientation applied). Returns
-    (ids (H, W) int64, 0 = no object; {id: class}, class −1 for generic maps). InputError
-    (message = the reason to skip) when the annotation is unreadable, of another size than
-    the image, or of an unusable pixel mode.
+    image_size: the image's (width, height) as displayed (EXIF orientation applied, as
+    :func:`qkweights.preprocess.open_image` decodes it). The annotation is read as displayed too
+    (module docstring). Returns (ids (H, W) int64, 0 = no object; {id: class}, class −1 for
+    generic maps). InputError (message = the reason to skip) when the annotation is unreadable,
+    of another size than the image (naming the image's EXIF orientation when it turns it), or
+    of an unusable pixel mode.
     """
     im = _open(item.annotation)
     if im.size != tuple(image_size):
         raise InputError(
             f"annotation {item.annotation.name} is {im.size[0]}x{im.size[1]} but the image is "
-            f"{image_size[0]}x{image_size[1]} (width x height); it must match its image pixel for pixel"
+            f"{image_size[0]}x{image_size[1]} (width x height){_exif_note(item.image, im.size, image_size)}; "
+            "it must match its image as displayed, pixel for pixel"
         )
     if item.layout == FULL:
         if im.mode not in ("RGB", "RGBA", "P"):

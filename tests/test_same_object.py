@@ -553,3 +553,101 @@ def test_synthetic_instance_maps_are_the_painted_objects(tmp_path):
     assert np.array_equal(np.asarray(Image.open(folder / "instances" / "synth_0001.png")), big)
     assert (big > 0).sum() > 2 * (labels > 0).sum()
     assert open_segmentation(folder).layout == GENERIC
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+# PIL's inverse of what ImageOps.exif_transpose does for each orientation: the stored pixels of a displayed image.
+STORED_FOR = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    return exif
+
+
+def exif_dataset(root: Path, orientation: int, size: tuple[int, int], annotation: str) -> Path:
+    """A generic-layout folder with one JPEG of ``size`` (height, width) as displayed, stored turned with its EXIF
+    ``orientation``; left half red (object 1), right half blue (object 2). ``annotation``: "displayed" (the ids as
+    displayed), "stored" (as stored, untagged) or "tagged" (as stored, with the image's EXIF tag)."""
+    h, w = size
+    shown = np.zeros((h, w, 3), np.uint8)
+    shown[:, : w // 2], shown[:, w // 2 :] = RED, BLUE
+    ids = np.where(np.arange(w) < w // 2, 1, 2).astype(np.uint8)[None].repeat(h, 0)  # (H, W) as displayed
+    (root / "images").mkdir(parents=True)
+    (root / "instances").mkdir()
+    turn = STORED_FOR[orientation]
+    Image.fromarray(shown).transpose(turn).save(
+        root / "images" / "p.jpg", quality=95, subsampling=0, exif=_exif(orientation)
+    )
+    ann = Image.fromarray(ids)
+    if annotation == "displayed":
+        ann.save(root / "instances" / "p.png")
+    elif annotation == "stored":
+        ann.transpose(turn).save(root / "instances" / "p.png")
+    else:
+        ann.transpose(turn).save(root / "instances" / "p.png", exif=_exif(orientation))
+    return root
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+@pytest.mark.parametrize("size", [(16, 32), (32, 32)])  # (height, width) as displayed: non-square, square
+@pytest.mark.parametrize("annotation", ["displayed", "tagged"])
+def test_exif_turned_images_and_annotations_are_read_as_displayed(tmp_path, orientation, size, annotation):
+    from qkweights.preprocess import open_image
+
+    item = open_segmentation(exif_dataset(tmp_path, orientation, size, annotation)).items[0]
+    image = open_image(item.image)
+    assert Image.open(item.image).size == size  # stored (width, height) = displayed (height, width): turned
+    ids, classes = read_objects(item, image.size)
+    assert classes == {1: -1, 2: -1} and ids.shape == size
+    rgb = np.asarray(image).astype(int)  # (H, W, 3) as displayed
+    # away from the JPEG's edge between the halves, object 1 is red and object 2 blue (JPEG error < 40 of 255)
+    inner = np.abs(np.arange(size[1]) - size[1] / 2) > 4
+    red = (np.abs(rgb - RED).max(-1) < 40)[:, inner]
+    blue = (np.abs(rgb - BLUE).max(-1) < 40)[:, inner]
+    assert red.any() and not red.all()
+    np.testing.assert_array_equal(red, ids[:, inner] == 1)
+    np.testing.assert_array_equal(blue, ids[:, inner] == 2)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_turned_square_image_prepared_for_the_model_keeps_its_objects_on_their_colours(tmp_path, orientation):
+    from qkweights.same_object import prepare
+
+    model = load_model(str(MODELS / "vit"))  # 32×32 input, 8×8 patches: a 4×4 grid
+    item = open_segmentation(exif_dataset(tmp_path, orientation, (32, 32), "displayed")).items[0]
+    got = prepare(model, item, None)
+    p = model.weights.embeddings.patch_size
+    patch_rgb = got.pixels.reshape(3, 4, p, 4, p).mean((2, 4)).reshape(3, -1)  # (3, N) normalised patch means
+    red, blue = patch_rgb[0] > patch_rgb[2], patch_rgb[2] > patch_rgb[0]
+    assert got.objects.tolist() == [1, 2] and red.sum() == blue.sum() == 8
+    np.testing.assert_array_equal(got.a[0] == 1, red)  # object 1 covers exactly the red patches
+    np.testing.assert_array_equal(got.a[1] == 1, blue)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_an_annotation_of_the_stored_pixels_of_a_turned_image_is_refused_naming_exif(tmp_path, orientation):
+    from qkweights.preprocess import open_image
+
+    item = open_segmentation(exif_dataset(tmp_path, orientation, (16, 32), "stored")).items[0]
+    with pytest.raises(InputError) as e:
+        read_objects(item, open_image(item.image).size)
+    assert str(e.value) == (
+        f"annotation p.png is 16x32 but the image is 32x16 (width x height) as displayed: its EXIF orientation "
+        f"{orientation} turns the stored 16x32 pixels; the annotation follows the stored pixels, but annotations "
+        "follow the image as displayed (EXIF orientation applied, as the model sees it): turn the annotation the "
+        "same way, or give it the image's EXIF orientation tag; it must match its image as displayed, pixel for pixel"
+    )
+
+
+def test_a_size_mismatch_without_exif_says_nothing_of_it(tmp_path):
+    save_jpg(np.zeros((16, 32, 3)), tmp_path / "images" / "p.jpg")
+    save_png(np.ones((32, 16), np.uint8), tmp_path / "instances" / "p.png")
+    with pytest.raises(InputError) as e:
+        read_objects(open_segmentation(tmp_path).items[0], (32, 16))
+    assert str(e.value) == (
+        "annotation p.png is 16x32 but the image is 32x16 (width x height); it must match its image as displayed, "
+        "pixel for pixel"
+    )
