@@ -7,6 +7,7 @@
    (the official loader's ``np.unique(B, return_inverse=True)``, with 0 kept for
    unlabelled). Part masks (``NAME_parts_N.png``) and everything else (``.json``, the
    per-instance folders of the 2021 release) are ignored; images are ``.jpg``/``.jpeg``.
+   Suffixes are matched in any letter case (``IMG.JPG``; an annotation ``.png`` or ``.PNG``).
 2. **ADE20K SceneParsing** (``ADEChallengeData2016``): ``images/{training,validation}/NAME.jpg``
    with ``annotations/{…}/NAME.png`` class maps; every class id > 0 present in an image is
    one object whose id is its class id; 0 is unlabelled. The root may be the folder that
@@ -94,14 +95,20 @@ def _walk(folder: Path, suffixes: tuple[str, ...], exclude: Path | None) -> list
     return sorted(found)
 
 
+def _annotation_file(path: Path) -> Path | None:
+    """``path`` (an annotation's name, ending .png) or that name ending .PNG, whichever exists first; else None."""
+    return next((p for p in (path, path.with_suffix(path.suffix.upper())) if p.is_file()), None)
+
+
 def _paired(root: Path, images: Path, annotations: Path, layout: str, suffixes, exclude) -> SegDataset:
     items, missing = [], []
     for path in _walk(images, suffixes, exclude):
         rel = path.relative_to(images)
         ann = (annotations / rel).with_suffix(".png")
         name = path.relative_to(root).as_posix()
-        if ann.is_file():
-            items.append(SegItem(name, path, ann, layout))
+        found = _annotation_file(ann)
+        if found is not None:
+            items.append(SegItem(name, path, found, layout))
         else:
             missing.append((name, f"no annotation {ann.relative_to(root).as_posix()}"))
     return SegDataset(root, layout, sorted(items, key=lambda it: it.name), sorted(missing))
@@ -131,15 +138,16 @@ def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | N
         if base is not None:
             data = _paired(root, base / "images", base / "annotations", SCENE, IMAGE_SUFFIXES, skip)
         else:
-            segs = [p for p in _walk(root, (".png",), skip) if p.name.endswith(SEG_SUFFIX)]
+            segs = [p for p in _walk(root, (".png",), skip) if p.name.lower().endswith(SEG_SUFFIX)]
             if not segs:
                 raise InputError(f"{root}: no known dataset layout; looked for {LOOKED_FOR}")
             items, missing = [], []
             for path in _walk(root, FULL_IMAGE_SUFFIXES, skip):
                 seg = path.with_name(path.stem + SEG_SUFFIX)
                 name = path.relative_to(root).as_posix()
-                if seg.is_file():
-                    items.append(SegItem(name, path, seg, FULL))
+                found = _annotation_file(seg)
+                if found is not None:
+                    items.append(SegItem(name, path, found, FULL))
                 else:
                     missing.append((name, f"no annotation {seg.name} beside it"))
             data = SegDataset(root, FULL, items, sorted(missing))

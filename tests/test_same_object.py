@@ -642,8 +642,11 @@ def test_an_annotation_of_the_stored_pixels_of_a_turned_image_is_refused_naming_
     )
 
 
-def test_a_size_mismatch_without_exif_says_nothing_of_it(tmp_path):
-    save_jpg(np.zeros((16, 32, 3)), tmp_path / "images" / "p.jpg")
+@pytest.mark.parametrize("orientation", [None, 3])  # no tag; a half turn, which keeps width and height
+def test_a_size_mismatch_without_a_turning_exif_tag_says_nothing_of_it(tmp_path, orientation):
+    (tmp_path / "images").mkdir()
+    exif = _exif(orientation) if orientation else Image.Exif()
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(tmp_path / "images" / "p.jpg", exif=exif)
     save_png(np.ones((32, 16), np.uint8), tmp_path / "instances" / "p.png")
     with pytest.raises(InputError) as e:
         read_objects(open_segmentation(tmp_path).items[0], (32, 16))
@@ -651,3 +654,70 @@ def test_a_size_mismatch_without_exif_says_nothing_of_it(tmp_path):
         "annotation p.png is 16x32 but the image is 32x16 (width x height); it must match its image as displayed, "
         "pixel for pixel"
     )
+
+
+def test_a_turned_image_with_an_annotation_of_neither_orientation_names_exif_only(tmp_path):
+    from qkweights.preprocess import open_image
+
+    root = exif_dataset(tmp_path, 6, (16, 32), "displayed")
+    save_png(np.ones((20, 20), np.uint8), root / "instances" / "p.png")  # fits neither the stored nor the displayed
+    item = open_segmentation(root).items[0]
+    with pytest.raises(InputError) as e:
+        read_objects(item, open_image(item.image).size)
+    assert str(e.value) == (
+        "annotation p.png is 20x20 but the image is 32x16 (width x height) as displayed: its EXIF orientation 6 "
+        "turns the stored 16x32 pixels; it must match its image as displayed, pixel for pixel"
+    )
+
+
+# ----------------------------------------------------------------------------- ties and letter case
+
+
+def test_image_score_ties_take_the_plus_sign():
+    p = np.zeros((1, 2, 2))  # (B 1, N 2, 2C 2): q = k = [1, −1]: score_+ = 1·1 = score_− = (−1)(−1)
+    p[0, :, 0] = p[0, :, 1] = [1, -1]
+    score, sign = image_scores(p)
+    assert score.tolist() == [[1.0]] and sign.tolist() == [[1]]
+
+
+def test_full_release_class_ties_go_to_the_lower_class():
+    rgb = np.zeros((1, 4, 3), np.uint8)
+    rgb[0, :, 2] = 5  # one object (B = 5) of four pixels …
+    rgb[0, :, 0] = [10, 10, 0, 0]  # … two of class 1 * 256 + 7 = 263 and two of class 0 * 256 + 9 = 9
+    rgb[0, :, 1] = [7, 7, 9, 9]
+    ids, classes = full_release_objects(rgb)
+    assert ids.tolist() == [[1, 1, 1, 1]] and classes.tolist() == [9]
+    rgb[0, :, 0], rgb[0, :, 1] = [0, 0, 10, 10], [9, 9, 7, 7]  # the same tie in the other pixel order
+    assert full_release_objects(rgb)[1].tolist() == [9]
+
+
+def test_a_mode_without_a_selected_image_is_left_out_of_the_weighting():
+    same = np.array([[1, 0], [0, 0]], bool)  # (N 2, K 2): mode 1 selected no image
+    valid = np.array([[1, 1], [0, 0]], bool)
+    p, big = weighted_probability(same, valid, np.array([3.0, 1.0]))
+    assert p[0] == 0.5 and np.isnan(p[1])
+    assert big == 0.5  # σ_1 is not in the denominator: (3 · 0.5) / 3, not (3 · 0.5) / 4
+
+
+def test_upper_case_suffixes_are_found_in_every_layout(tmp_path):
+    img, ids = np.zeros((8, 8, 3)), np.array([[1, 2]], np.uint8).repeat(8, 0).repeat(4, 1)
+    full = tmp_path / "full"
+    save_jpg(img, full / "IMG.JPG")
+    save_png(np.dstack([ids * 0, ids * 0, ids]), full / "IMG_seg.png")
+    save_jpg(img, full / "b" / "x.JPEG")
+    save_png(np.dstack([ids * 0, ids * 0, ids]), full / "b" / "x_seg.PNG")
+    data = open_segmentation(full)
+    assert data.layout == FULL and [it.name for it in data.items] == ["IMG.JPG", "b/x.JPEG"] and not data.missing
+    assert open_segmentation(full / "b").layout == FULL  # told by a seg file ending .PNG alone
+    for layout, folder, names in (
+        (SCENE, "annotations", ["images/IMG.JPG", "images/x.PNG"]),
+        (GENERIC, "instances", ["images/IMG.JPG", "images/x.PNG"]),
+    ):
+        root = tmp_path / layout
+        save_jpg(img, root / "images" / "IMG.JPG")
+        save_png(ids, root / folder / "IMG.png")
+        save_png(img.astype(np.uint8), root / "images" / "x.PNG")
+        save_png(ids, root / folder / "x.PNG")
+        data = open_segmentation(root)
+        assert data.layout == layout and [it.name for it in data.items] == names and not data.missing
+        assert [it.annotation.name for it in data.items] == ["IMG.png", "x.PNG"]
