@@ -170,7 +170,8 @@ def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # upright; no copy of an annotation that needs no turn
+            return im
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise InputError(
             f"annotation {path.name} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
@@ -200,22 +201,29 @@ def _exif_note(image: Path, annotation_size, image_size) -> str:
 def full_release_objects(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Instance map and classes of an ADE20K full-release seg PNG.
 
-    rgb: (H, W, 3) uint8. Returns (ids (H, W) int64: 0 where B = 0, else the rank 1, 2, …
-    of B among the distinct non-zero B values; classes (M,) int64: per object 1…M the
-    most frequent ``R // 10 * 256 + G`` over its pixels, the lowest on ties).
+    rgb: (H, W, 3) uint8. Returns (ids (H, W) uint8: 0 where B = 0, else the rank 1, 2, …
+    of B among the distinct non-zero B values (at most 255); classes (M,) int64: per object
+    1…M the most frequent ``R // 10 * 256 + G`` over its pixels, the lowest on ties).
+    Per-pixel arrays stay 1, 2 or 4 bytes wide (a few bytes a pixel in all for a large map).
     """
-    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
-    values, inverse = np.unique(b, return_inverse=True)  # values ascending
-    inverse = inverse.reshape(b.shape)
-    ids = inverse + (1 if values[0] != 0 else 0)  # (H, W): B = 0 → 0, the others 1, 2, … in ascending B
-    cls = r // 10 * 256 + g  # (H, W)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # (H, W) uint8 views
+    values = np.unique(b)  # ascending
+    rank = np.zeros(256, np.uint8)
+    rank[values] = np.arange(len(values)) + (values[0] != 0)  # B = 0 → 0, the others 1, 2, … in ascending B
+    ids = rank[b]  # (H, W) uint8
+    cls = (r // 10).astype(np.uint16)  # (H, W) uint16: R // 10 * 256 + G < 26 · 256
+    cls *= 256
+    cls += g
     span = int(cls.max()) + 1
-    pairs, counts = np.unique(ids.ravel() * span + cls.ravel(), return_counts=True)  # (object, class) pairs
+    key = ids.astype(np.uint32)  # (H, W) object · span + class < 256 · 6656
+    key *= span
+    key += cls
+    pairs, counts = np.unique(key, return_counts=True)  # (object, class) pairs, ascending
     obj, cl = pairs // span, pairs % span
     order = np.lexsort((cl, -counts, obj))  # per object: the most pixels first, then the lowest class
     first = order[np.r_[True, obj[order][1:] != obj[order][:-1]]]  # the first pair of each object
     keep = obj[first] > 0
-    return ids, cl[first][keep]
+    return ids, cl[first][keep].astype(np.int64)
 
 
 def read_objects(item: SegItem, image_size: tuple[int, int]) -> tuple[np.ndarray, dict[int, int]]:
@@ -223,8 +231,9 @@ def read_objects(item: SegItem, image_size: tuple[int, int]) -> tuple[np.ndarray
 
     image_size: the image's (width, height) as displayed (EXIF orientation applied, as
     :func:`qkweights.preprocess.open_image` decodes it). The annotation is read as displayed too
-    (module docstring). Returns (ids (H, W) int64, 0 = no object; {id: class}, class −1 for
-    generic maps). InputError (message = the reason to skip) when the annotation is unreadable,
+    (module docstring). Returns (ids (H, W) integer, 0 = no object — in the stored width, uint8,
+    uint16 or int32, so a large map takes 1–4 bytes a pixel, int64 for the full release; {id:
+    class}, class −1 for generic maps). InputError (message = the reason to skip) when the annotation is unreadable,
     of another size than the image (naming the image's EXIF orientation when it turns it), or
     of an unusable pixel mode.
     """
@@ -240,14 +249,16 @@ def read_objects(item: SegItem, image_size: tuple[int, int]) -> tuple[np.ndarray
             raise InputError(
                 f"seg PNG {item.annotation.name} has pixel mode {im.mode}; the ADE20K full release stores RGB"
             )
-        ids, classes = full_release_objects(np.asarray(im.convert("RGB")))
+        ids, classes = full_release_objects(np.asarray(im if im.mode == "RGB" else im.convert("RGB")))
         return ids, {o + 1: int(c) for o, c in enumerate(classes)}
     if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
         raise InputError(
             f"annotation {item.annotation.name} has pixel mode {im.mode}; "
             "save it as a single-channel 8- or 16-bit integer PNG"
         )
-    ids = np.asarray(im).astype(np.int64)  # (H, W): P gives its palette indices, as ids
+    ids = np.asarray(im)  # (H, W) uint8 (L, P: its palette indices, as ids), uint16 (I;16) or int32 (I)
+    if ids.dtype == np.bool_:  # mode 1
+        ids = ids.view(np.uint8)
     if ids.min() < 0:
         raise InputError(f"annotation {item.annotation.name} holds negative ids; ids must be 0 (none) or positive")
     present = [int(v) for v in np.unique(ids) if v > 0]

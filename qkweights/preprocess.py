@@ -117,7 +117,8 @@ def _read_file(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # upright; no copy of an image that needs no turn
+            return im
     except Image.DecompressionBombError:
         raise InputError(
             f"{path}: the image is larger than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow decodes (a "
@@ -157,13 +158,19 @@ def open_image(image) -> Image.Image:
     )
 
 
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """PIL's ``convert("RGB")``, without its copy of an image that is RGB already (the same pixels, half the memory
+    of a large image)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
     """transformers' ``convert_to_rgb`` for PIL images: transparency composited on white."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return _as_rgb(image)
 
 
 def _array_to_rgb(image: np.ndarray) -> np.ndarray:
@@ -479,7 +486,7 @@ class Preprocess:
         if self.convention == "transformers":
             out = self._resize_crop(load_image(image), self.resample)
         elif self.convention == "timm":
-            out = self._resize_crop(open_image(image).convert("RGB"), self.resample)
+            out = self._resize_crop(_as_rgb(open_image(image)), self.resample)
         else:
             out = self._resize_crop(open_image(image), self.resample).convert("RGB")
         return np.asarray(out, dtype=np.uint8)
@@ -542,8 +549,9 @@ class Preprocess:
 
         labels: (H, W) non-negative integer ids (8-, 16- or 32-bit; bool counts as 0/1) at the
         image's resolution. The map goes through exactly the geometry of :meth:`geometry`
-        (the image's own resize, then its crop window) with PIL's NEAREST filter on a 32-bit
-        integer image (mode "I"), so no id is ever blended or invented: output pixel (y, x) takes
+        (the image's own resize, then its crop window) with PIL's NEAREST filter on an 8-bit
+        image (mode "L") for uint8 and bool maps, else a 32-bit integer one (mode "I") — NEAREST
+        copies pixels, so both give the same ids, and no id is ever blended or invented: output pixel (y, x) takes
         input pixel (floor((y + ½)·H/h), floor((x + ½)·W/w)) of the resized axes, as PIL maps
         pixel centres. The overhang of a padding crop is 0. Returns (h_out, w_out) int64,
         aligned pixel for pixel with ``self(image)[0, c]``.
@@ -552,12 +560,14 @@ class Preprocess:
         if m.ndim != 2 or 0 in m.shape:
             raise InputError(f"label map has shape {m.shape}; give a 2-D (H, W) map of integer ids")
         if m.dtype == np.bool_:
-            m = m.astype(np.int32)
+            m = m.view(np.uint8)
         if not np.issubdtype(m.dtype, np.integer):
             raise InputError(f"label map has dtype {m.dtype}; give integer ids (8-, 16- or 32-bit)")
         if m.min() < 0 or m.max() > np.iinfo(np.int32).max:
             raise InputError(f"label map ids span [{m.min()}, {m.max()}]; give ids in 0–{np.iinfo(np.int32).max}")
-        out = self._resize_crop(Image.fromarray(m.astype(np.int32)), Image.Resampling.NEAREST)  # mode "I"
+        small = m.dtype == np.uint8  # mode "L": a quarter of the memory of mode "I" for a large map
+        image = Image.fromarray(m if small else m.astype(np.int32, copy=False))
+        out = self._resize_crop(image, Image.Resampling.NEAREST)
         return np.asarray(out, dtype=np.int64)
 
 

@@ -529,3 +529,59 @@ def test_transform_mask_padding_and_errors():
 def test_preprocessor_config_values_of_the_wrong_type_name_the_key(key, value, message):
     with pytest.raises(SpecError, match="^" + re.escape(message)):
         Preprocess.from_hf({"image_processor_type": "ViTImageProcessor", key: value})
+
+
+# ----------------------------------------------------------------------------- memory of a large image
+
+# The peak RSS of this process's memory (VmHWM, KiB): getrusage's ru_maxrss would do, but Linux carries it over
+# fork and exec, so a child of a large pytest process would start at its parent's peak.
+PEAK_SCRIPT = """
+import gc, re, sys
+from pathlib import Path
+from qkweights.vision import load_model
+
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+model = load_model(sys.argv[1])
+{setup}
+gc.collect()
+base = peak()
+{call}
+print(peak() - base)
+"""
+
+
+def peak_bytes_per_pixel(call: str, pixels: int, setup: str = "", model: str = "vit") -> float:
+    """The growth of peak RSS while ``call`` runs (a fresh interpreter; ``model`` loaded first), per image pixel."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc/self/status (VmHWM)")
+
+    script = PEAK_SCRIPT.format(setup=setup, call=call)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(FIXTURES / model)], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[-1]) / pixels
+
+
+def big_jpeg(path: Path, width: int = 4000, height: int = 3000, exif=None) -> Path:
+    """A photo-like JPEG of width × height: Pillow's Gaussian noise image, in colour."""
+    noise = Image.effect_noise((width, height), 40)  # L, mean 128
+    Image.merge("RGB", (noise, noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT), noise)).save(
+        path, quality=90, **({"exif": exif} if exif is not None else {})
+    )
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vit", "timm-vit", "open-clip"])  # the transformers, timm and open_clip paths
+def test_a_large_image_is_decoded_once(tmp_path, model):
+    # Pillow holds an RGB image at 4 bytes a pixel (RGBX). Decoding it is the least a full-resolution resize needs;
+    # a second full-size copy (an RGB → RGB convert, an EXIF transpose of an upright image) would make 8. The
+    # model-size resize adds (input height × output width) × 4 bytes, 0.3 % of it here.
+    path = big_jpeg(tmp_path / "big.jpg")
+    per_pixel = peak_bytes_per_pixel(f"model.preprocessing({str(path)!r})", 4000 * 3000, model=model)
+    assert 3.5 < per_pixel < 5.0

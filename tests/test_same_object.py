@@ -721,3 +721,46 @@ def test_upper_case_suffixes_are_found_in_every_layout(tmp_path):
         data = open_segmentation(root)
         assert data.layout == layout and [it.name for it in data.items] == names and not data.missing
         assert [it.annotation.name for it in data.items] == ["IMG.png", "x.PNG"]
+
+
+@pytest.mark.parametrize(
+    "prep", [Preprocess(shortest_edge=19, crop=(16, 16), resample=0), Preprocess(size=(10, 9), crop=(14, 12))]
+)
+def test_uint8_label_maps_take_the_same_path_as_wide_ones(prep):
+    # an 8-bit map goes through PIL mode "L", a wider one through mode "I": NEAREST copies pixels, so the same ids
+    ids = np.random.default_rng(5).integers(0, 256, (23, 29)).astype(np.uint8)
+    small = prep.transform_labels(ids)
+    assert small.dtype == np.int64
+    np.testing.assert_array_equal(small, prep.transform_labels(ids.astype(np.int32)))
+    np.testing.assert_array_equal(prep.transform_labels(ids > 128), prep.transform_labels((ids > 128).astype(np.int32)))
+
+
+# Peak bytes a pixel of one large image and its annotation, accounted: the image decoded once (4: Pillow's RGBX),
+# then a generic 8-bit map: Pillow's copy, numpy's, np.unique's flattened copy and mask (1 each): 8 in all; a full
+# release seg PNG: Pillow's RGBX (4), numpy's RGB (3), the ids (1), the classes (2 + 1 for R // 10), the (object,
+# class) keys (4) and np.unique's copy and mask of them (5): 24. Int64 arrays, as before, made these 23 and 77.
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, bound", [(GENERIC, 9.0), (FULL, 27.0)])
+def test_a_large_image_and_its_annotation_stay_within_a_few_bytes_a_pixel(tmp_path, layout, bound):
+    from test_preprocess import big_jpeg, peak_bytes_per_pixel
+
+    w, h = 4000, 3000
+    if layout == GENERIC:
+        for folder in ("images", "instances"):
+            (tmp_path / folder).mkdir()
+        big_jpeg(tmp_path / "images" / "p.jpg", w, h)
+        ids = Image.new("L", (w, h), 1)
+        ids.paste(2, (w // 2, 0, w, h))  # two halves: eligible on any input grid
+        ids.save(tmp_path / "instances" / "p.png")
+    else:
+        big_jpeg(tmp_path / "p.jpg", w, h)
+        seg = Image.new("RGB", (w, h), (10, 7, 3))  # B 3: object 1 of class 263
+        seg.paste((20, 9, 40), (w // 2, 0, w, h))  # B 40: object 2 of class 521
+        seg.save(tmp_path / "p_seg.png")
+    setup = (
+        "from qkweights.ade20k import open_segmentation\n"
+        "from qkweights.same_object import prepare\n"
+        f"item = open_segmentation({str(tmp_path)!r}).items[0]"
+    )
+    per_pixel = peak_bytes_per_pixel("prepare(model, item, None)", w * h, setup=setup)
+    assert 4.0 < per_pixel < bound
