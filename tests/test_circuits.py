@@ -298,6 +298,13 @@ def test_folded_value_output_circuit_is_said_everywhere_it_is_shown(tmp_path):
     plain, _ = _profile("vit")
     assert not plain.model.ov_folded and "Γ" not in plain.model.ov["note"]
     assert plain.to_json()["ov_convention"].startswith("M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P")
+    from qkweights.figures import ov_cosine_by_layer_figure
+
+    folded_title, old_title, plain_title = (
+        ov_cosine_by_layer_figure(p).axes[0].get_title().split("\n")[1] for p in (folded, old, plain)
+    )
+    assert folded_title == "value-output circuit W_o,h W_v,h Γ (LayerNorm gain folded on its input side)"
+    assert old_title == plain_title == "value-output circuit W_o,h W_v,h (not LayerNorm-folded)"
 
 
 def test_fold_description_of_norms_without_bias(tmp_path):
