@@ -91,8 +91,11 @@ def relative_position_table(ck: Checkpoint, i: int, window: tuple[int, int]) -> 
     total = np.zeros((rows, heads), np.float64)
     for name, table in tables:
         if table.shape != (rows, heads):
-            raise ck.misfit(
-                f"relative position table {name} (for a {wh}×{ww} patch grid)", table.shape, (rows, heads), "heads"
+            origin = ck.origins["heads"]
+            raise CheckpointError(
+                f"{ck.spec.label}: relative position table {name} has shape {table.shape}, expected {(rows, heads)}: "
+                f"{rows} rows for a {wh}×{ww} patch grid, {heads} heads ({origin.text}); {origin.fix} or choose "
+                "another family=NAME"
             )
         total += table
     expected = relative_position_index(window)

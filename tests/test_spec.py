@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, MODELS
+from conftest import FIXTURES, MODELS, edited_fixture
 from safetensors.numpy import load_file, save_file
 
 from qkweights.errors import CheckpointError, SpecError
@@ -415,3 +415,18 @@ def test_timm_vit_refuses_a_distilled_deit_and_timm_deit_reads_it():
         open_fixture("timm-deit", family="timm-vit")
     ck = open_fixture("timm-deit")
     assert ck.spec.embeddings.tokens == ("cls", "dist", "patches") and ck.dims.eps == 1e-6
+
+
+def test_a_relative_position_table_of_another_head_count_names_where_the_count_came_from(tmp_path):
+    import qkweights
+
+    def three_heads(t):
+        t["blocks.1.attn.relative_position_bias_table"] = t["blocks.1.attn.relative_position_bias_table"][:, :3].copy()
+
+    with pytest.raises(CheckpointError) as e:
+        qkweights.load_model(str(edited_fixture(tmp_path, "beit", three_heads, name="timm-beit")))
+    assert str(e.value) == (
+        "timm-beit: relative position table blocks.1.attn.relative_position_bias_table has shape (52, 3), expected "
+        "(52, 4): 52 rows for a 4×4 patch grid, 4 heads (blocks.0.attn.relative_position_bias_table shape[1]); fix "
+        "[dims] heads in timm-beit.toml or choose another family=NAME"
+    )
