@@ -897,7 +897,8 @@ def detect_family(
     if family is not None:
         looked = _signature_text(specs[family])
         raise SpecError(
-            f"the checkpoint is not of family {family!r}: it lacks one of {looked} (with prefixes "
+            f"the checkpoint is not of family {family!r}{f' ({specs[family].path})' if specs[family].user else ''}: "
+            f"it lacks one of {looked} (with prefixes "
             f"{', '.join(repr(p) for p in specs[family].prefixes)})"
         )
     close = _closest(store, specs)

@@ -452,6 +452,15 @@ def test_config_and_tensor_values_are_still_blamed_on_their_source(tmp_path):
     )
 
 
+def test_a_user_spec_replacing_a_built_in_one_is_named_when_it_does_not_match(tmp_path):
+    folder = _user_hf_vit(tmp_path, 'require = ["embeddings.cls_token"', 'require = ["embeddings.missing"')
+    with pytest.raises(SpecError) as e:
+        open_model(str(MODELS / "vit"), family="hf-vit", spec_dir=folder)
+    assert str(e.value).startswith(
+        f"the checkpoint is not of family 'hf-vit' ({folder / 'hf-vit.toml'}): it lacks one of embeddings.missing, "
+    )
+
+
 def test_a_user_spec_replacing_a_built_in_one_is_named_in_provenance(tmp_path):
     import hashlib
 
