@@ -38,7 +38,7 @@ from PIL import Image
 
 from qkweights.errors import InputError, QkError
 from qkweights.load import source_record
-from qkweights.outputs import prepare_dir, record_outputs, write_json, write_npz
+from qkweights.outputs import holds_output, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
 from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
 from qkweights.version import __version__
@@ -65,22 +65,17 @@ UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free in
 # ----------------------------------------------------------------------------- images
 
 
-def list_images(root: Path, exclude: Path | None = None) -> list[str]:
+def list_images(root: Path) -> list[str]:
     """Image files under ``root`` (recursive), as sorted relative POSIX paths.
 
-    Suffixes .jpg .jpeg .png .webp in any letter case; files under ``exclude`` (the
-    output folder, when it lies inside ``root``) are left out.
+    Suffixes .jpg .jpeg .png .webp in any letter case.
     """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder; give a folder of images (jpg, jpeg, png, webp)")
-    skip = Path(exclude).resolve() if exclude is not None else None
     found = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        if skip is not None and here.resolve() == skip:
-            dirs[:] = []
-            continue
         dirs.sort()
         found += [(here / f).relative_to(root).as_posix() for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
@@ -528,6 +523,7 @@ def build_document(
 # ----------------------------------------------------------------------------- the command
 
 
+@holds_output("out_dir", inputs=("image_dir",))
 def top_images(
     model,
     image_dir,
@@ -559,6 +555,8 @@ def top_images(
     normalised tokens n (:mod:`qkweights.fold`), so that the decomposition of the logits
     stays exact. InputError when no image could be read (existing outputs are left as they
     are). Returns the :class:`TopImagesResult`.
+    The output folder is held for this call alone and may not lie inside the input folder
+    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
     """
     import warnings
 
@@ -574,12 +572,11 @@ def top_images(
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    paths = list_images(root, exclude=out)
+    paths = list_images(root)
     if not paths:
         raise InputError(
             f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)"
         )
-    prepare_dir(out)
     source = model_identity(model)
     size = input_size(model)
     grid = patch_grid(model, size)

@@ -48,15 +48,15 @@ IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
         (
             ["profile", "{vit}", "--out", "{file}", "--no-plots"],
             "{file}",
-            "{file} is a file, not a folder; remove it or choose another output folder",
+            "is a file, not a folder; remove it or choose another output folder",
         ),
         (["profile", "{vit}", "--out", "{file}/sub", "--no-plots"], "{file}/sub", "{file} is a file, not a folder"),
-        (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder"),
-        (["compare", "{vit}", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
+        (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "is a file, not a folder"),
+        (["compare", "{vit}", "--out", "{file}"], "{file}", "is a file, not a folder"),
         (
             ["maps", "{vit}", str(IMAGE), "--layer", "0", "--head", "0", "--out", "{file}"],
             "{file}",
-            "{file} is a file, not a folder",
+            "is a file, not a folder",
         ),
         (
             ["check", "{vit}", "--baseline", "{vit}/config.json", "--report", "{tmp}"],
@@ -66,10 +66,10 @@ IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
         (
             ["check", "{vit}", "--baseline", "{vit}/config.json", "--junit", "{file}/j.xml"],
             "{file}",
-            "{file} is a file, not a folder",
+            "is a file, not a folder",
         ),
         (["make-o3", "{file}", "--n", "1"], "{file}", "is a file; give the path of a new folder (or of an empty one)"),
-        (["make-o3", "{file}/o3", "--n", "1"], "{file}", "{file} is a file, not a folder"),
+        (["make-o3", "{file}/o3", "--n", "1"], "{file}", "is a file, not a folder"),
     ],
 )
 def test_every_output_path_error_is_one_line_naming_the_path(tmp_path, capsys, argv, where, problem):
@@ -117,5 +117,5 @@ def test_image_analyses_refuse_an_out_that_is_a_file(tmp_path, capsys, command):
     source = data / "images" if command == "top-images" else data
     assert main([command, str(MODELS / "vit"), str(source), "--out", str(tmp_path / "afile"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"qkweights: error: {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder")
+    assert err.startswith(f"qkweights: error: {tmp_path / 'afile'}: is a file, not a folder")
     assert err.count("\n") == 1

@@ -141,7 +141,9 @@ def chosen_modes(args, dims) -> dict:
 def add_output_arguments(p: argparse.ArgumentParser, *, no_plots: str) -> None:
     """--out, --no-plots (``no_plots``: what is written without figures) and --quiet."""
     p.add_argument(
-        "--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running"
+        "--out",
+        help="output folder, outside the input folder (default: ./qkweights-out/<model-name>/); holds the resume "
+        "state while running, and one run at a time",
     )
     p.add_argument("--no-plots", action="store_true", help=no_plots)
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
