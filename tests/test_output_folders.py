@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -170,3 +171,35 @@ def test_a_recorded_name_that_became_a_symlink_or_a_folder_is_left_alone(tmp_pat
     assert record_outputs(out, "profile", []) == [out / "plain.png"]
     assert (out / "link.png").is_symlink() and json.loads(target.read_text()) == {"keep": True}
     assert (out / "folder.png" / "inside.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_real_sweeps_into_one_folder(data, tmp_path):
+    """Two `python -m qkweights top-images` processes into one --out: the second is refused while the first runs."""
+    images = tmp_path / "many"
+    images.mkdir()
+    picture = Image.open(data / "images" / "synth_0000.jpg")
+    for i in range(200):  # about 200 one-image shards: the first run holds the folder for a while
+        picture.save(images / f"{i:03d}.jpg")
+    out = tmp_path / "out"
+
+    def sweep(**kw):
+        argv = ["top-images", MODELS / "vit", images, "--out", out, "--shard-size", "1", "--no-plots", "--quiet"]
+        cmd = [sys.executable, "-m", "qkweights", *map(str, argv)]
+        return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, **kw)
+
+    first = sweep()
+    lock = out / LOCK_NAME
+    while not (lock.exists() and lock.read_text() == f"{first.pid}\n"):  # it holds the folder
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.001)
+    first.send_signal(signal.SIGSTOP)  # keep it holding while the second one tries
+    try:
+        second = sweep()
+        assert second.wait(120) == 2
+        assert second.stderr.read() == f"qkweights: error: {refusal(out, first.pid)}\n"
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(120) == 0 and first.stderr.read() == ""
+    doc = json.loads((out / "top_images.json").read_text())
+    assert doc["n_images"] == 200 and not lock.exists()
