@@ -119,3 +119,28 @@ def test_image_analyses_refuse_an_out_that_is_a_file(tmp_path, capsys, command):
     err = capsys.readouterr().err
     assert err.startswith(f"qkweights: error: {tmp_path / 'afile'}: is a file, not a folder")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("part=encoder; fold_ln=True; revision=…", "--part encoder; --fold-ln; --revision"),
+        ("spec folder x (from spec_dir) does not exist", "spec folder x (from --spec-dir) does not exist"),
+        ("give tol_ov, or tol_symmetry.", "give --tol-ov, or --tol-symmetry."),
+        # not an option: a path, a quoted key, a longer name, a file name, an English word without an underscore
+        ("/tmp/spec_dir/a.toml 'max_images' my_fold_ln spec_dir.toml the top heads", None),
+    ],
+)
+def test_flag_words(text, words):
+    from qkweights.cli.words import flag_words
+
+    assert flag_words(text) == (text if words is None else words)
+
+
+def test_a_missing_spec_folder_is_named_by_its_flag(tmp_path, capsys):
+    assert main(["specs", "--spec-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"qkweights: error: spec folder {tmp_path / 'none'} (from --spec-dir) does not exist or is not a folder; give a "
+        "folder of .toml spec files\n"
+    )
