@@ -141,6 +141,6 @@ def test_a_missing_spec_folder_is_named_by_its_flag(tmp_path, capsys):
     assert main(["specs", "--spec-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"qkweights: error: spec folder {tmp_path / 'none'} (from --spec-dir) does not exist or is not a folder; give a "
-        "folder of .toml spec files\n"
+        f"qkweights: error: spec folder {tmp_path / 'none'} (from --spec-dir) does not exist or is not a folder; "
+        "give a folder of .toml spec files\n"
     )

@@ -12,28 +12,22 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
-from conftest import MODELS
+from conftest import MODELS, quadrant_scenes
 from PIL import Image
 
 from qkweights.cli import main
 from qkweights.errors import InputError
 from qkweights.outputs import LOCK_NAME, claim_dir, manifest_path, record_outputs, write_json
-from qkweights.synth_o3 import make_o3
 
 COMMANDS = ["top-images", "o3", "same-object"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A 2-scene O3 folder whose instance maps are four quadrants (each covers whole patches of the fixture ViT):
-    input of all three analyses (top-images reads its images/)."""
-    folder = make_o3(tmp_path_factory.mktemp("data") / "o3", n=2, seed=1, size=(48, 48), instances=True)
-    quadrants = np.kron(np.array([[1, 2], [3, 4]], np.uint8), np.ones((24, 24), np.uint8))  # (48, 48) labels 1–4
-    for path in (folder / "instances").iterdir():
-        Image.fromarray(quadrants).save(path)
-    return folder
+    """A 2-scene O3 folder with instance maps (:func:`conftest.quadrant_scenes`): input of all three analyses
+    (top-images reads its images/)."""
+    return quadrant_scenes(tmp_path_factory.mktemp("data") / "o3")
 
 
 def source(command, data):
