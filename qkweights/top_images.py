@@ -37,14 +37,14 @@ import numpy as np
 from PIL import Image
 
 from qkweights.errors import InputError, QkError
+from qkweights.folders import image_suffixes, listing, not_a_folder
 from qkweights.load import source_record
-from qkweights.outputs import holds_output, record_outputs, write_json, write_npz
+from qkweights.outputs import holds_output, plural, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
 from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
 from qkweights.version import __version__
 
 SCHEMA = "qkweights.top_images/1"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 STATE_NAME = ".top_images_state.npz"
 JSON_NAME = "top_images.json"
 MAPS_NAME = "top_images_maps.npz"
@@ -68,16 +68,29 @@ UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free in
 def list_images(root: Path) -> list[str]:
     """Image files under ``root`` (recursive), as sorted relative POSIX paths.
 
-    Suffixes .jpg .jpeg .png .webp in any letter case.
+    An image file has the suffix, in any letter case, of a format Pillow opens
+    (:func:`qkweights.folders.image_suffixes`): .jpg, .PNG, .gif, .webp, .tiff, … The
+    other files are :func:`other_files`.
     """
+    return _walk(root, lambda name: Path(name).suffix.lower() in image_suffixes())
+
+
+def other_files(root: Path) -> list[str]:
+    """The files under ``root`` that :func:`list_images` leaves out (not hidden ones), as sorted relative paths."""
+    return _walk(root, lambda name: not name.startswith(".") and Path(name).suffix.lower() not in image_suffixes())
+
+
+def _walk(root: Path, keep) -> list[str]:
+    """The files under ``root`` whose name ``keep`` accepts, as sorted relative POSIX paths."""
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such folder; give a folder of images (jpg, jpeg, png, webp)")
+    why = not_a_folder(root)
+    if why is not None:
+        raise InputError(f"{root}: {why}; give a folder of images")
     found = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
         dirs.sort()
-        found += [(here / f).relative_to(root).as_posix() for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found += [(here / f).relative_to(root).as_posix() for f in files if keep(f)]
     return sorted(found)
 
 
@@ -572,11 +585,14 @@ def top_images(
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    paths = list_images(root)
+    paths, others = list_images(root), other_files(root)
     if not paths:
         raise InputError(
-            f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)"
+            f"{root}: no images found, in subfolders neither; an image has the suffix of a format Pillow reads (.jpg, "
+            ".png, .gif, .webp, .tiff, …) in any letter case"
         )
+    if others and notes is not None:
+        notes(f"{root}: left out {plural(len(others), 'file')} that Pillow does not read as images: {listing(others)}")
     source = model_identity(model)
     size = input_size(model)
     grid = patch_grid(model, size)
@@ -631,6 +647,7 @@ def top_images(
     }
     doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
+    doc["n_other_files"] = len(others)
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)
     result = TopImagesResult(doc, maps)
     written = result.save(out)
