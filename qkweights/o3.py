@@ -65,7 +65,7 @@ from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.runner import Analysis, Batch, run_sweep
-from qkweights.top_images import READ_ERRORS
+from qkweights.top_images import READ_ERRORS, skip_reason
 from qkweights.vision import VisionModel, load_model
 
 SCHEMA = "qkweights.o3/1"
@@ -223,14 +223,7 @@ class O3Analysis(Analysis):
                 prepared.append(prepare(model, item))
                 ok.append(pos)
             except READ_ERRORS as exc:
-                skipped.append(
-                    {
-                        "path": item.name,
-                        "reason": str(exc)
-                        if isinstance(exc, InputError)
-                        else " ".join(f"{type(exc).__name__}: {exc}".split()),
-                    }
-                )
+                skipped.append({"path": item.name, "reason": skip_reason(exc, item.image)})
         return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
 
     def compute(self, model, ctx, batch: Batch) -> O3Partial:

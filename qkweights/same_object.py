@@ -57,7 +57,7 @@ from qkweights.ade20k import (
     open_segmentation,
     read_objects,
 )
-from qkweights.errors import InputError, QkError
+from qkweights.errors import InputError
 from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.runner import Batch, context, run_sweep
 from qkweights.top_images import (
@@ -70,6 +70,7 @@ from qkweights.top_images import (
     mode_bank,
     model_identity,
     patch_grid,
+    skip_reason,
 )
 from qkweights.version import __version__
 
@@ -269,8 +270,7 @@ class SameObjectAnalysis(ModeSweep):
                 prepared.append(prepare(model, item, self.size))
                 ok.append(pos)
             except READ_ERRORS as e:
-                reason = str(e) if isinstance(e, QkError) else f"{type(e).__name__}: {e}"
-                skipped.append({"path": item.name, "reason": " ".join(reason.split())})
+                skipped.append({"path": item.name, "reason": skip_reason(e, item.image)})
         return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
 
     def empty(self) -> SamePartial:

@@ -94,6 +94,13 @@ def _walk(root: Path, keep) -> list[str]:
     return sorted(found)
 
 
+def skip_reason(err: BaseException, image: Path) -> str:
+    """Why ``image`` was skipped, in one line, for a record that names the image already: a QkError's message
+    without its leading ``image`` path, another error's type and text."""
+    text = str(err) if isinstance(err, QkError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.removeprefix(f"{image}: ").split())
+
+
 def input_size(model) -> tuple[int, int] | None:
     """None when the model's preprocessing gives a fixed size; else the size to resize every image to."""
     prep = model.preprocessing
@@ -114,7 +121,7 @@ def load_batch(model, root: Path, paths: list[str], size) -> tuple[np.ndarray | 
             pixels.append(model.preprocess(root / rel, size=size))
             ok.append(i)
         except READ_ERRORS as e:
-            skipped.append({"path": rel, "reason": " ".join(f"{type(e).__name__}: {e}".split())})
+            skipped.append({"path": rel, "reason": skip_reason(e, root / rel)})
     return (np.concatenate(pixels) if pixels else None), ok, skipped
 
 

@@ -197,3 +197,24 @@ def test_two_real_sweeps_into_one_folder(data, tmp_path):
     assert first.wait(120) == 0 and first.stderr.read() == ""
     doc = json.loads((out / "top_images.json").read_text())
     assert doc["n_images"] == 200 and not lock.exists()
+
+
+# ---- skip reasons name the image once: the record holds its path, the reason says why
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_skip_reason_does_not_repeat_the_image_path(tmp_path, capsys, command):
+    import shutil
+
+    data = quadrant_scenes(tmp_path / "o3", n=3)
+    broken = data / "images" / "synth_0001.jpg"
+    broken.write_bytes(b"not a jpeg")
+    code, err = run_cli(capsys, command, data, tmp_path / "out", "--no-plots")
+    assert (code, err) == (0, "")
+    name = {"top-images": "top_images.json", "o3": "o3_summary.json", "same-object": "same_object.json"}[command]
+    [skip] = json.loads((tmp_path / "out" / name).read_text())["skipped"]
+    reason = skip["reason"]
+    # Pillow's own message names the file once, inside the parentheses: nothing before it repeats the path
+    assert reason.startswith("cannot decode the image (UnidentifiedImageError: cannot identify image file ")
+    assert reason.count(str(broken)) == 1
+    shutil.rmtree(tmp_path / "out")
