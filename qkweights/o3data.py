@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from qkweights.errors import InputError, SourceError
+from qkweights.folders import not_a_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The columns of the real image_properties.txt; the last seven are 0/1 flags of
@@ -173,8 +174,9 @@ def open_o3(root: str | os.PathLike) -> O3Dataset:
     or holds no image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise SourceError(f"O3 folder {root} does not exist or is not a folder; pass the folder that holds images/")
+    why = not_a_folder(root)
+    if why is not None:
+        raise SourceError(f"{root}: {why}; pass the O3 folder that holds images/")
     image_dir = _pick_one(root, ("images",), "images/ folder", required=True)
     targ_dir = _pick_one(root, TARGET_DIRS, "target mask folder", required=True)
     dist_dir = _pick_one(root, DISTRACTOR_DIRS, "distractor mask folder", required=True)

@@ -263,6 +263,7 @@ def test_missing_mask_is_reported(o3, tmp_path):
 def test_missing_mask_folder_error(o3, tmp_path):
     root = _copy(o3, tmp_path)
     shutil.rmtree(root / "dist_images")
+    (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(SourceError) as err:
         open_o3(root)
     assert str(err.value) == (
@@ -273,8 +274,10 @@ def test_missing_mask_folder_error(o3, tmp_path):
     (root / "targ_labels").mkdir()
     with pytest.raises(InputError, match="has both targ_images and targ_labels; keep only one target mask folder"):
         open_o3(root)
-    with pytest.raises(SourceError, match="does not exist"):
-        open_o3(tmp_path / "nowhere")
+    for name, why in [("nowhere", "no such folder"), ("afile", "is a file, not a folder")]:
+        with pytest.raises(SourceError) as err:
+            open_o3(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: {why}; pass the O3 folder that holds images/"
 
 
 def test_extensions_any_case_and_masks_matched_by_stem(o3, tmp_path):
