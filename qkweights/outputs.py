@@ -94,6 +94,7 @@ def _lock(folder: Path) -> int:
     path = folder / LOCK_NAME
     while True:
         try:
+            folder.mkdir(parents=True, exist_ok=True)  # a holder that made the folder removes it when left empty
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise output_error(path, e) from None

@@ -218,3 +218,36 @@ def test_a_skip_reason_does_not_repeat_the_image_path(tmp_path, capsys, command)
     assert reason.startswith("cannot decode the image (UnidentifiedImageError: cannot identify image file ")
     assert reason.count(str(broken)) == 1
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_lock_file_removed_while_claiming_is_not_trusted(tmp_path, monkeypatch):
+    import fcntl
+
+    out = tmp_path / "out"
+    holder = claim_dir(out)
+    holder.__enter__()
+    flock = fcntl.flock
+
+    def holder_ends_first(fd, operation):
+        # the holder ends between this claim's open and its flock: the file this claim opened is removed
+        monkeypatch.setattr(fcntl, "flock", flock)
+        holder.__exit__(None, None, None)
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    with claim_dir(out):
+        assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"  # it locked the file now at the path
+        with pytest.raises(InputError, match=rf"\(PID {os.getpid()}\)"):
+            with claim_dir(out):
+                pass
+
+
+def test_a_run_refused_before_writing_leaves_no_new_output_folder(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["top-images", str(MODELS / "vit"), str(empty), "--out", str(tmp_path / "new" / "out")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert listing(tmp_path) == ["empty", "new"]  # the folder it made is gone (its parent, made by mkdir -p, stays)
+    (tmp_path / "kept").mkdir()
+    assert main(["top-images", str(MODELS / "vit"), str(empty), "--out", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
