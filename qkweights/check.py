@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkweights.errors import InputError
+from qkweights.folders import listing
 from qkweights.outputs import model_name, plural
 from qkweights.profiles import Profile
 from qkweights.version import __version__
@@ -399,9 +400,11 @@ def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov) -> 
         elif now is None or not np.isfinite(now).any():
             skipped.append((name, f"{given}: not checked: the current model has no {what}"))
         else:
-            lacking = ", ".join(f"L{l} H{h}" for l, h in zip(*np.nonzero(~np.isfinite(base))))
+            lacking = [f"L{l} H{h}" for l, h in zip(*np.nonzero(~np.isfinite(base)))]
             if lacking:
-                skipped.append((name, f"{given}: not compared in {lacking}, where the baseline lacks the statistic"))
+                skipped.append(
+                    (name, f"{given}: not compared in {listing(lacking)}, where the baseline lacks the statistic")
+                )
             plan[name] = (now, base, tol)
     return plan, skipped
 

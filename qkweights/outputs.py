@@ -107,6 +107,9 @@ def _lock(folder: Path) -> int:
                 f"{folder}: another qkweights run (PID {holder}) is writing into this folder; wait for it to "
                 "finish, or choose another output folder"
             ) from None
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            os.close(fd)
+            raise output_error(path, e) from None
         try:  # the holder before us may have removed the file between our open and our lock: lock the new one
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
