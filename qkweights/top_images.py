@@ -595,8 +595,8 @@ def top_images(
     paths, others = list_images(root), other_files(root)
     if not paths:
         raise InputError(
-            f"{root}: no images found, in subfolders neither; an image has the suffix of a format Pillow reads (.jpg, "
-            ".png, .gif, .webp, .tiff, …) in any letter case"
+            f"{root}: no images found in it or its subfolders; an image has the suffix of a format Pillow reads, in "
+            "any letter case (.jpg, .png, .gif, .webp, .tiff, …)"
         )
     if others and notes is not None:
         notes(f"{root}: left out {plural(len(others), 'file')} that Pillow does not read as images: {listing(others)}")
