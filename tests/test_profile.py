@@ -338,6 +338,7 @@ def test_default_output_folders_keep_names_apart(a, b):
     assert (
         model_slug("google/vit-base-patch16-224")
         == "vit-base-patch16-224-" + hashlib.sha256(b"google/vit-base-patch16-224\0\0").hexdigest()[:6]
+        == "vit-base-patch16-224-7b4e8c"  # the README's example
     )
     assert model_slug("./模型").startswith("模型-")
     assert (
