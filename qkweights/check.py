@@ -27,8 +27,9 @@ holding one :class:`Check` per measurement. The checks, in report order:
 - per head, only when their tolerance is given: ``head symmetric fraction``: |Δ| of the
   head's symmetric_fraction ≤ ``tol_symmetry``; ``head OV weighted cosine``: |Δ| of the
   λ-weighted cosine of its value-output circuit ≤ ``tol_ov``. A baseline that lacks the
-  statistic (profile/1, or no value-output circuit) skips the check with a note: absent,
-  never invented.
+  statistic (profile/1, or no value-output circuit), in every head or in some, skips the check
+  there: absent, never invented, and said in :attr:`CheckReport.skipped` (the command line
+  prints it, JUnit lists it as a skipped test case).
 - ``folding`` (only when they differ): current and baseline are both LayerNorm-folded
   (``profile --fold-ln``) or both plain; on a mismatch the numeric comparisons are skipped.
   :func:`qkweights.workflow.check` folds the current profile when the baseline is folded.
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkweights.errors import InputError
+from qkweights.folders import listing
 from qkweights.outputs import model_name, plural
 from qkweights.profiles import Profile
 from qkweights.version import __version__
@@ -68,6 +70,7 @@ HEAD_CHECKS = (FINITE, COLLAPSED, HEAD_COSINE, HEAD_SIGMA)
 FOLDING = "folding"
 HEAD_SYMMETRY = "head symmetric fraction"
 HEAD_OV = "head OV weighted cosine"
+CIRCUIT_TOLERANCES = (("symmetry", "symmetric fraction"), ("ov", "OV"))  # their keys in tolerances, and names
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,9 @@ class CheckReport:
     """The outcome of :func:`check_profile`: every check, the tolerances, and what was compared.
 
     ``current``/``baseline``: {"source": …, "model": …} of the two profiles;
-    ``tolerances``: {"layer", "head", "sigma", "top_sigma"}; ``notes``: checks
-    that were skipped and why.
+    ``tolerances``: {"layer", "head", "sigma", "top_sigma"}, and "symmetry", "ov" when given;
+    ``notes``: checks that were skipped and why; ``skipped``: (check name, why) of each gate
+    asked for that could not run, in all heads or in some (also among the notes).
     """
 
     checks: tuple[Check, ...]
@@ -146,6 +150,7 @@ class CheckReport:
     baseline: dict
     notes: tuple[str, ...] = ()
     tool_version: str = __version__
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -166,9 +171,10 @@ class CheckReport:
                 if t["top_sigma"] <= K
                 else f"all {K} modes (a head has {K})"
             )
+            circuits = "".join(f", {what} {t[key]:g}" for key, what in CIRCUIT_TOLERANCES if key in t)
             return (
                 f"check passed: {len(self.checks)} checks, {against} (tolerances: layer {t['layer']:g}, "
-                f"head {t['head']:g}, σ {t['sigma']:g} over {top})"
+                f"head {t['head']:g}, σ {t['sigma']:g} over {top}{circuits})"
             )
         fails = self.failures
         lines = [f"check FAILED: {len(fails)} of {len(self.checks)} checks, {against}"]
@@ -188,6 +194,7 @@ class CheckReport:
             "current": self.current,
             "baseline": self.baseline,
             "notes": list(self.notes),
+            "skipped": [{"name": name, "why": why} for name, why in self.skipped],
             "checks": [c.to_json() for c in self.checks],
         }
 
@@ -206,6 +213,7 @@ class CheckReport:
             doc["baseline"],
             tuple(doc["notes"]),
             doc["tool_version"],
+            tuple((s["name"], s["why"]) for s in doc.get("skipped", [])),  # absent in older reports
         )
 
     def to_junit(self) -> str:
@@ -214,21 +222,23 @@ class CheckReport:
         Groups: "architecture"; per layer "layer l weighted cosine" and
         "layer l heads <check>" for each per-head check (its H heads in one
         testcase). A failing testcase carries ``<failure message=…>`` naming
-        the failing heads, with one line per failed check as its text.
+        the failing heads, with one line per failed check as its text. Each
+        gate in :attr:`skipped` is one more testcase, ``<skipped message=…>``.
         """
         groups: dict[str, list[Check]] = {}
         for c in self.checks:
             groups.setdefault(_group(c), []).append(c)
         n_failed = sum(any(not c.passed for c in g) for g in groups.values())
-        suites = ET.Element("testsuites", name="qkweights check", tests=str(len(groups)), failures=str(n_failed))
+        n_tests = str(len(groups) + len(self.skipped))
+        suites = ET.Element("testsuites", name="qkweights check", tests=n_tests, failures=str(n_failed))
         suite = ET.SubElement(
             suites,
             "testsuite",
             name=f"qkweights check {model_name(self.current)}",
-            tests=str(len(groups)),
+            tests=n_tests,
             failures=str(n_failed),
             errors="0",
-            skipped="0",
+            skipped=str(len(self.skipped)),
         )
         props = ET.SubElement(suite, "properties")
         for key, value in [("baseline", model_name(self.baseline))] + [
@@ -247,6 +257,9 @@ class CheckReport:
                 ET.SubElement(case, "failure", message=message, type=checks[0].name).text = "\n".join(
                     c.line() for c in failed
                 )
+        for name, why in self.skipped:
+            case = ET.SubElement(suite, "testcase", classname="qkweights.check", name=name)
+            ET.SubElement(case, "skipped", message=why)
         ET.indent(suites)
         return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
 
@@ -300,7 +313,8 @@ def check_profile(
         )
         notes.append("folding differs from the baseline: numeric comparisons skipped")
         same = False
-    circuit = _circuit_plan(current, baseline, tol_symmetry, tol_ov, notes) if same else {}
+    circuit, skipped = _circuit_plan(current, baseline, tol_symmetry, tol_ov) if same else ({}, [])
+    notes += [why for _, why in skipped]
     nonfinite = set(current.nonfinite)
     S, Sb = current.singular_values, baseline.singular_values  # (L, H, K)
     N = min(top_sigma, m.head_dim)
@@ -347,7 +361,7 @@ def check_profile(
         checks += head_checks
     tolerances = {"layer": tol_layer, "head": tol_head, "sigma": tol_sigma, "top_sigma": top_sigma}
     tolerances.update({k: v for k, v in (("symmetry", tol_symmetry), ("ov", tol_ov)) if v is not None})
-    return CheckReport(tuple(checks), tolerances, current.side(), baseline.side(), tuple(notes))
+    return CheckReport(tuple(checks), tolerances, current.side(), baseline.side(), tuple(notes), skipped=tuple(skipped))
 
 
 def check_baseline(baseline: Profile) -> None:
@@ -368,10 +382,10 @@ def check_baseline(baseline: Profile) -> None:
         )
 
 
-def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov, notes: list) -> dict:
-    """{check name: (current (L, H), baseline (L, H), tolerance)} of the requested checks both profiles can give; notes
-    say what is absent."""
-    plan = {}
+def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov) -> tuple[dict, list]:
+    """The requested circuit gates: ({check name: (current (L, H), baseline (L, H), tolerance)} of those both profiles
+    can give, [(check name, why)] of those that cannot run, in every head or in some)."""
+    plan, skipped = {}, []
     for name, flag, tol, get in (
         (HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric),
         (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted),
@@ -379,18 +393,20 @@ def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov, not
         if tol is None:
             continue
         now, base = get(current), get(baseline)
+        what, given = name.removeprefix("head "), f"{flag}={tol:g}"
         if base is None or not np.isfinite(base).any():
-            notes.append(
-                f"{flag}: the baseline has no {name.removeprefix('head ')} (profile/1 or no value-output "
-                "circuit): check skipped"
-            )
+            why = f"the baseline has no {what} (profile/1, or no value-output circuit)"
+            skipped.append((name, f"{given}: not checked: {why}"))
         elif now is None or not np.isfinite(now).any():
-            notes.append(f"{flag}: the current model has no {name.removeprefix('head ')}: check skipped")
+            skipped.append((name, f"{given}: not checked: the current model has no {what}"))
         else:
-            if not np.isfinite(base).all():
-                notes.append(f"{flag}: heads whose baseline lacks the statistic are not compared")
+            lacking = [f"L{l} H{h}" for l, h in zip(*np.nonzero(~np.isfinite(base)))]
+            if lacking:
+                skipped.append(
+                    (name, f"{given}: not compared in {listing(lacking)}, where the baseline lacks the statistic")
+                )
             plan[name] = (now, base, tol)
-    return plan
+    return plan, skipped
 
 
 def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:

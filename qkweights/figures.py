@@ -44,6 +44,8 @@ DEPTH_LABEL = "normalised layer l/(L−1)"
 NULL_COLOR = "0.82"
 SIGMA_COLOR = "#8fa9bf"
 COS_COLOR = "#c0392b"
+BAR_WIDTH = 6  # points: the range of a lone layer, drawn as a bar
+CHANCE_TICK = 10  # points: the tick marking each layer's chance level, so that a lone layer's shows
 
 
 def profile_figures(profile: Profile, out_dir: str | Path) -> list[Path]:
@@ -190,7 +192,7 @@ def _by_layer_figure(
     if null_line is not None:
         ax.axhline(null_line[0], color="0.45", lw=1.0, ls="--", zorder=1, label=null_line[1])
         reference = [null_line[0]]
-    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0, label=band_label)
+    _band(ax, x, lo, hi, color=color, alpha=0.2, label=band_label)
     ax.plot(x, values, "o-", color=color, ms=4, label=label)
     for curve, c, text in extra:
         ax.plot(x, curve, "s--", color=c, ms=3, label=text)
@@ -403,7 +405,7 @@ def _draw_curves(ax, curves: list[Curve], colours: dict[str, tuple]) -> None:
     for c in curves:
         colour = colours[c.label]
         if c.lo is not None and c.hi is not None:
-            ax.fill_between(c.depth, c.lo, c.hi, color=colour, alpha=0.12, lw=0)
+            _band(ax, c.depth, c.lo, c.hi, color=colour, alpha=0.12)
         ax.plot(c.depth, c.values, "o-", color=colour, ms=3.5, lw=1.5, label=c.label)
 
 
@@ -412,6 +414,18 @@ def _palette(labels: list[str]) -> dict[str, tuple]:
     unique = list(dict.fromkeys(labels))
     cmap = matplotlib.colormaps["tab10" if len(unique) <= 10 else "tab20"]
     return {lab: cmap(i % cmap.N) for i, lab in enumerate(unique)}
+
+
+def _band(ax, x, lo, hi, *, color, alpha: float, label: str | None = None) -> None:
+    """The range ``lo``–``hi`` shaded over ``x`` (each (L,)); a point with no finite neighbour (one layer, or one
+    between gaps), which a band of zero width would not show, gets a vertical bar of the same colour instead."""
+    x, lo, hi = (np.asarray(a, np.float64) for a in (x, lo, hi))
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    alone = ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]  # (L,)
+    runs = bool((ok[1:] & ok[:-1]).any())
+    ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0, label=label if runs else None)
+    if alone.any():
+        ax.vlines(x[alone], lo[alone], hi[alone], color=color, alpha=alpha, lw=BAR_WIDTH, label=None if runs else label)
 
 
 def _null_band(ax, half_width: float, label: str) -> None:
@@ -588,7 +602,12 @@ MEASURE_TITLES = {"same": "same object", "different": "different object", "backg
 
 
 def o3_figure(summary: dict, path: str | Path) -> Path:
-    """Paper Fig. 2 B–D for one model, as a PNG at ``path``.
+    """Paper Fig. 2 B–D for one model (:func:`o3_plot`), as a PNG at ``path``."""
+    return save_figure(o3_plot(summary), path)
+
+
+def o3_plot(summary: dict) -> Figure:
+    """Paper Fig. 2 B–D for one model.
 
     Three panels (same object, different object, background) of the mean ± s.e.m.
     over images against the normalised layer l/(L−1) (layer index on the top axis),
@@ -604,7 +623,7 @@ def o3_figure(summary: dict, path: str | Path) -> Path:
         mean, sem = (
             np.array([np.nan if e[key][s] is None else e[key][s] for e in layers], np.float64) for s in ("mean", "sem")
         )
-        ax.fill_between(depth, mean - sem, mean + sem, color="C0", alpha=0.2, lw=0, label="± s.e.m. over images")
+        _band(ax, depth, mean - sem, mean + sem, color="C0", alpha=0.2, label="± s.e.m. over images")
         ax.plot(depth, mean, "o-", color="C0", ms=3.5, lw=1.5, label="mean over images and heads")
         ax.axhline(summary["uniform"][key], color="0.4", ls="--", lw=1, label="uniform attention over the patches")
         ax.set_title(title, fontsize=10)
@@ -625,7 +644,7 @@ def o3_figure(summary: dict, path: str | Path) -> Path:
         f"{model['heads']} heads; top axis: layer index",
         fontsize=10,
     )
-    return save_figure(fig, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- same object (paper Fig. 6)
@@ -635,12 +654,17 @@ KEY_RGB = (0, 215, 235)  # the key object's outline: cyan, as the key maps
 
 
 def same_object_figure(doc: dict, path: str | Path) -> Path:
-    """Paper Fig. 6 for one model, as a PNG at ``path``.
+    """Paper Fig. 6 for one model (:func:`same_object_plot`), as a PNG at ``path``."""
+    return save_figure(same_object_plot(doc), path, dpi=DPI)
+
+
+def same_object_plot(doc: dict) -> Figure:
+    """Paper Fig. 6 for one model.
 
     Against the normalised layer l/(L−1) (layer index on the top axis): each head's
     σ-weighted probability P(l, h) as a small dot (the head spread), the mean over heads
     with a ± s.e.m. band, and the chance level (mean of 1/number of objects over the
-    selected images) dashed. Only the analysed layers are drawn.
+    selected images) dashed, with a tick at each layer. Only the analysed layers are drawn.
     """
     entries = doc["layers"]
     n_layers = doc["model"]["layers"]
@@ -654,9 +678,11 @@ def same_object_figure(doc: dict, path: str | Path) -> Path:
     hx = [d for e, d in zip(entries, depth) for _ in e["heads"]]
     hy = [val(h["probability"]) for e in entries for h in e["heads"]]
     ax.scatter(hx, hy, s=14, color="0.45", alpha=0.55, lw=0, zorder=2, label="one head: P = Σσ_n p_n / Σσ_n")
-    ax.fill_between(depth, mean - sem, mean + sem, color="C0", alpha=0.2, lw=0, label="± s.e.m. over heads")
+    _band(ax, depth, mean - sem, mean + sem, color="C0", alpha=0.2, label="± s.e.m. over heads")
     ax.plot(depth, mean, "o-", color="C0", ms=4, lw=1.5, zorder=3, label="mean over heads")
-    ax.plot(depth, chance, "--", color="C3", lw=1.2, label="chance: mean of 1 / (objects in the image)")
+    ax.plot(
+        depth, chance, "_--", color="C3", ms=CHANCE_TICK, lw=1.2, label="chance: mean of 1 / (objects in the image)"
+    )
     _depth_axes(ax, n_layers)
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("P(query and key pick the same object)")
@@ -669,7 +695,7 @@ def same_object_figure(doc: dict, path: str | Path) -> Path:
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="best")
-    return save_figure(fig, path, dpi=DPI)
+    return fig
 
 
 def _ranges(values: list[int]) -> str:
@@ -745,8 +771,8 @@ def same_object_compare_figure(curves: list[Curve], path: str | Path) -> Path:
     colours = _palette([c.label for c in curves])
     _draw_curves(ax, curves, colours)
     for c in curves:
-        ax.plot(c.depth, c.chance, "--", color=colours[c.label], lw=1, alpha=0.8)
-    ax.plot([], [], "--", color="0.4", lw=1, label="chance (dashed, each model's colour)")
+        ax.plot(c.depth, c.chance, "_--", color=colours[c.label], ms=CHANCE_TICK, lw=1, alpha=0.8)
+    ax.plot([], [], "_--", color="0.4", ms=CHANCE_TICK, lw=1, label="chance (dashed, each model's colour)")
     _depth_axes(ax, None)
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3, lw=0.5)

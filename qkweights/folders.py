@@ -1,13 +1,16 @@
 """What a model's files are: the weight and config files to read from a folder, and the :class:`Source` record.
 
 Shared by the local path (:mod:`qkweights.source`) and the Hub path (:mod:`qkweights.hub`), which
-pick files from a listing the same way; neither imports the other's helpers.
+pick files from a listing the same way; neither imports the other's helpers. Also which files of a
+folder are images (:func:`image_suffixes`), and why a path given as a folder is none (:func:`not_a_folder`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -129,6 +132,29 @@ def configs_in(folder: Path, names: list[str]) -> dict[str, Path]:
 def listing(names: list[str]) -> str:
     shown = ", ".join(names[:LISTED_NAMES]) or "none"
     return shown + (f", ... ({len(names) - LISTED_NAMES} more)" if len(names) > LISTED_NAMES else "")
+
+
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """The suffixes (lower case, with the dot) of the image formats Pillow opens.
+
+    An image file is one whose suffix, in any letter case, is among them (.jpg, .PNG, .gif,
+    .tiff, …); one Pillow then cannot decode is skipped with its reason, never dropped.
+    """
+    from PIL import Image
+
+    Image.init()  # every format plugin, not only the common ones Pillow registers first
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def not_a_folder(path: Path) -> str | None:
+    """Why ``path`` is no folder ("no such folder", "is a file, not a folder", a link that leads nowhere); None if it
+    is one."""
+    if path.is_dir():
+        return None
+    if os.path.lexists(path) and not path.exists():
+        return "is a symbolic link that leads nowhere (a loop, or a missing target)"
+    return "is a file, not a folder" if path.exists() else "no such folder"
 
 
 def sha256(path: Path) -> str:

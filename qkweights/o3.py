@@ -63,9 +63,9 @@ from qkweights.figures import o3_figure
 from qkweights.forward import token_layout
 from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
-from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
+from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.runner import Analysis, Batch, run_sweep
-from qkweights.top_images import READ_ERRORS
+from qkweights.top_images import READ_ERRORS, skip_reason
 from qkweights.vision import VisionModel, load_model
 
 SCHEMA = "qkweights.o3/1"
@@ -223,14 +223,7 @@ class O3Analysis(Analysis):
                 prepared.append(prepare(model, item))
                 ok.append(pos)
             except READ_ERRORS as exc:
-                skipped.append(
-                    {
-                        "path": item.name,
-                        "reason": str(exc)
-                        if isinstance(exc, InputError)
-                        else " ".join(f"{type(exc).__name__}: {exc}".split()),
-                    }
-                )
+                skipped.append({"path": item.name, "reason": skip_reason(exc, item.image)})
         return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
 
     def compute(self, model, ctx, batch: Batch) -> O3Partial:
@@ -392,6 +385,7 @@ def summarise(
     }
 
 
+@holds_output("out_dir", inputs=("o3_dir",))
 def o3_allocation(
     model: VisionModel | str,
     o3_dir: str | Path,
@@ -416,6 +410,8 @@ def o3_allocation(
     progress(done, total): images consumed (used or skipped), at the start and after each
     shard; notes(text): what the caller may tell the user (a resumed or ignored state).
     InputError when no image is usable (existing outputs are kept). Returns the :class:`O3Result`.
+    The output folder is held for this call alone and may not lie inside the input folder
+    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
     """
     if isinstance(model, str):
         model = load_model(model)
@@ -424,7 +420,7 @@ def o3_allocation(
     if max_images is not None and max_images < 1:
         raise InputError(f"max_images {max_images} is not positive; give 1 or more, or None for all images")
     items, missing, n_found = select_items(o3_dir, max_images)
-    out = prepare_dir(out_dir)
+    out = Path(out_dir)
     state_path = out / STATE_NAME
     an = O3Analysis(
         len(model.weights.blocks),

@@ -9,9 +9,10 @@ Layout (Kotseruba et al., BMVC 2019; docs/method.md §6)::
 
 Choices made here:
 
-- images are files with extension jpg, jpeg or png in any letter case; names
-  starting with a dot (macOS ``._NAME.jpg`` companions) and other files are
-  ignored; a mask is matched to its image by stem, whatever its extension;
+- images are files with the extension of a format Pillow reads in any letter case
+  (:func:`qkweights.folders.image_suffixes`: jpg, png, gif, …); names starting
+  with a dot (macOS ``._NAME.jpg`` companions) and other files are ignored; a mask
+  is matched to its image by stem, whatever its extension;
 - an image lacking a mask in either mask folder is not an item: it is listed
   in :attr:`O3Dataset.missing` with the reason;
 - if both spellings of a mask folder (or both property files) exist, the folder
@@ -34,8 +35,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from qkweights.errors import InputError, SourceError
+from qkweights.folders import image_suffixes, not_a_folder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The columns of the real image_properties.txt; the last seven are 0/1 flags of
 # the feature in which the target differs from the distractors.
 PROPERTY_COLUMNS = (
@@ -83,11 +84,11 @@ class O3Dataset:
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-    """Stem -> path of the image files (jpg/jpeg/png, any case, not hidden) in ``folder``."""
+    """Stem -> path of the image files (a format Pillow reads, any case, not hidden) in ``folder``."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if (
-            path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or path.is_dir()
+            path.name.startswith(".") or path.suffix.lower() not in image_suffixes() or path.is_dir()
         ):  # broken links stay: skipped and listed
             continue
         if path.stem in found:
@@ -130,7 +131,7 @@ def _value(text: str) -> int | float | str:
 
 def _stem(name: str) -> str:
     """``name`` without a trailing image extension (``a.jpg`` -> ``a``; ``a.b`` stays ``a.b``)."""
-    return os.path.splitext(name)[0] if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS else name
+    return os.path.splitext(name)[0] if os.path.splitext(name)[1].lower() in image_suffixes() else name
 
 
 def read_properties(path: Path) -> dict[str, dict]:
@@ -173,8 +174,9 @@ def open_o3(root: str | os.PathLike) -> O3Dataset:
     or holds no image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise SourceError(f"O3 folder {root} does not exist or is not a folder; pass the folder that holds images/")
+    why = not_a_folder(root)
+    if why is not None:
+        raise SourceError(f"{root}: {why}; pass the O3 folder that holds images/")
     image_dir = _pick_one(root, ("images",), "images/ folder", required=True)
     targ_dir = _pick_one(root, TARGET_DIRS, "target mask folder", required=True)
     dist_dir = _pick_one(root, DISTRACTOR_DIRS, "distractor mask folder", required=True)
@@ -183,7 +185,8 @@ def open_o3(root: str | os.PathLike) -> O3Dataset:
     images = _image_files(image_dir)
     if not images:
         raise InputError(
-            f"{image_dir} holds no .jpg, .jpeg or .png image; pass the O3 folder whose images/ holds the photos"
+            f"{image_dir} holds no image (.jpg, .png or another format Pillow reads); pass the O3 folder whose "
+            "images/ holds the photos"
         )
     targets, distractors = _image_files(targ_dir), _image_files(dist_dir)
     properties = read_properties(prop_file) if prop_file is not None else {}

@@ -5,12 +5,17 @@ cannot be written (an existing file where a folder belongs, a folder where a fil
 belongs, no permission, a full disk) is an :class:`~qkweights.errors.InputError`
 naming the path, never a bare OSError. :func:`record_outputs` keeps a small
 manifest per command in an output folder, so a re-run removes the files of the
-previous run that it does not write again.
+previous run that it does not write again. :func:`claim_dir` holds an output folder
+for one run at a time, and never inside the folders the run reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import functools
+import inspect
 import io
 import json
 import multiprocessing
@@ -26,13 +31,15 @@ import numpy as np
 from qkweights.errors import InputError, QkError
 
 MANIFEST_SCHEMA = "qkweights.outputs/1"
+LOCK_NAME = ".qkweights.lock"  # in a claimed output folder while a run holds it; holds the holder's PID
 
 
 def _why(path: Path, err: OSError, *, folder: bool) -> str:
-    """A one-line reason and fix for an OSError met while writing ``path``."""
+    """A one-line reason and fix for an OSError met while writing ``path`` (the message names ``path`` before it)."""
     for parent in [path, *path.parents] if folder else list(path.parents):
         if parent.exists() and not parent.is_dir():
-            return f"{parent} is a file, not a folder; remove it or choose another output folder"
+            where = "" if parent == path else f"{parent} "
+            return f"{where}is a file, not a folder; remove it or choose another output folder"
         if parent.is_dir():
             break
     if not folder and path.is_dir():
@@ -63,6 +70,101 @@ def prepare_dir(path) -> Path:
     except OSError as e:
         raise output_error(path, e, folder=True) from None
     return path
+
+
+def _inside(out: Path, inputs) -> InputError | None:
+    """The refusal of output folder ``out`` when it is, or lies inside, one of the ``inputs`` folders; else None."""
+    where = out.resolve()
+    for folder in inputs:
+        if where == Path(folder).resolve():
+            return InputError(
+                f"{out}: is the input folder, whose files a run reads; choose an output folder outside it"
+            )
+        if where.is_relative_to(Path(folder).resolve()):
+            return InputError(
+                f"{out}: lies inside the input folder {folder}, whose files a run reads; choose an output folder "
+                "outside it"
+            )
+    return None
+
+
+def _lock(folder: Path) -> int:
+    """An open descriptor of ``folder``'s lock file, holding an exclusive flock; InputError naming the holder's PID
+    when another run (process, or open claim) holds it."""
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # a holder that made the folder removes it when left empty
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise output_error(path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(
+                f"{folder}: another qkweights run (PID {holder}) is writing into this folder; wait for it to "
+                "finish, or choose another output folder"
+            ) from None
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            os.close(fd)
+            raise output_error(path, e) from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
+
+
+@contextmanager
+def claim_dir(path, *, inputs=()):
+    """Prepare output folder ``path`` (:func:`prepare_dir`) and hold it for this run alone while the block runs.
+
+    Refused (InputError, before anything is created) when ``path`` is, or lies inside, one
+    of the ``inputs`` folders: a run reading them would read its own outputs, or have to
+    leave them out. While held, the folder's ``.qkweights.lock`` holds an exclusive
+    ``flock`` and this process's PID; a second claim, from another process or from this
+    one, is refused with an InputError naming the holder's PID. The system releases the lock
+    when its holder exits, even when killed; the file is removed at the end of the block
+    (a killed holder's file stays, unlocked, and is taken over). Yields ``path`` as a Path.
+    """
+    path = Path(path)
+    refusal = _inside(path, inputs)
+    if refusal is not None:
+        raise refusal
+    created = not path.exists()
+    fd = _lock(prepare_dir(path))
+    try:
+        yield path
+    finally:
+        (path / LOCK_NAME).unlink(missing_ok=True)  # while still locked: the next claim makes a new file
+        os.close(fd)
+        if created:  # a run refused before it wrote anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def holds_output(out: str, *, inputs: tuple[str, ...] = ()):
+    """Decorator: each call of the function holds the output folder its parameter ``out`` names (:func:`claim_dir`),
+    refused inside the folders its parameters ``inputs`` name, for as long as the call runs."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def holding(*args, **kwargs):
+            given = signature.bind(*args, **kwargs).arguments
+            with claim_dir(given[out], inputs=[given[name] for name in inputs]):
+                return fn(*args, **kwargs)
+
+        return holding
+
+    return decorate
 
 
 def check_file_target(path) -> Path:

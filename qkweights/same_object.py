@@ -57,8 +57,8 @@ from qkweights.ade20k import (
     open_segmentation,
     read_objects,
 )
-from qkweights.errors import InputError, QkError
-from qkweights.outputs import prepare_dir, record_outputs, write_csv, write_json
+from qkweights.errors import InputError
+from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.runner import Batch, context, run_sweep
 from qkweights.top_images import (
     READ_ERRORS,
@@ -70,6 +70,7 @@ from qkweights.top_images import (
     mode_bank,
     model_identity,
     patch_grid,
+    skip_reason,
 )
 from qkweights.version import __version__
 
@@ -269,8 +270,7 @@ class SameObjectAnalysis(ModeSweep):
                 prepared.append(prepare(model, item, self.size))
                 ok.append(pos)
             except READ_ERRORS as e:
-                reason = str(e) if isinstance(e, QkError) else f"{type(e).__name__}: {e}"
-                skipped.append({"path": item.name, "reason": " ".join(reason.split())})
+                skipped.append({"path": item.name, "reason": skip_reason(e, item.image)})
         return (Batch(np.array(ok, np.int64), prepared) if prepared else None), skipped
 
     def empty(self) -> SamePartial:
@@ -487,6 +487,7 @@ def protocol_text(model, size, patch: int) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
+@holds_output("out_dir", inputs=("data_dir",))
 def same_object(
     model,
     data_dir,
@@ -517,6 +518,8 @@ def same_object(
     ``same_object.json`` and, with ``plots``, ``same_object_by_layer.png`` and
     ``same_object_examples.png``; resumable from ``out_dir/.same_object_state.npz``.
     InputError when no image is eligible (existing outputs are kept).
+    The output folder is held for this call alone and may not lie inside the input folder
+    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
     """
     from qkweights.vision import load_model
 
@@ -534,13 +537,13 @@ def same_object(
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    data = open_segmentation(root, exclude=out if out.resolve().is_relative_to(root.resolve()) else None)
+    data = open_segmentation(root)
     items = data.items
     size = input_size(model)
     patch = model.weights.embeddings.patch_size
     prep_json = json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str)
     an = SameObjectAnalysis(str(root.resolve()), tuple(layers), tuple(heads), tuple(modes), top, size, prep_json)
-    state_path = prepare_dir(out) / STATE_NAME
+    state_path = out / STATE_NAME
     source = model_identity(model)
     sweep = run_sweep(
         an,

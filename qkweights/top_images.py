@@ -37,14 +37,14 @@ import numpy as np
 from PIL import Image
 
 from qkweights.errors import InputError, QkError
+from qkweights.folders import image_suffixes, listing, not_a_folder
 from qkweights.load import source_record
-from qkweights.outputs import prepare_dir, record_outputs, write_json, write_npz
+from qkweights.outputs import holds_output, plural, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
 from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
 from qkweights.version import __version__
 
 SCHEMA = "qkweights.top_images/1"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 STATE_NAME = ".top_images_state.npz"
 JSON_NAME = "top_images.json"
 MAPS_NAME = "top_images_maps.npz"
@@ -65,25 +65,40 @@ UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free in
 # ----------------------------------------------------------------------------- images
 
 
-def list_images(root: Path, exclude: Path | None = None) -> list[str]:
+def list_images(root: Path) -> list[str]:
     """Image files under ``root`` (recursive), as sorted relative POSIX paths.
 
-    Suffixes .jpg .jpeg .png .webp in any letter case; files under ``exclude`` (the
-    output folder, when it lies inside ``root``) are left out.
+    An image file has the suffix, in any letter case, of a format Pillow opens
+    (:func:`qkweights.folders.image_suffixes`): .jpg, .PNG, .gif, .webp, .tiff, … The
+    other files are :func:`other_files`.
     """
+    return _walk(root, lambda name: Path(name).suffix.lower() in image_suffixes())
+
+
+def other_files(root: Path) -> list[str]:
+    """The files under ``root`` that :func:`list_images` leaves out (not hidden ones), as sorted relative paths."""
+    return _walk(root, lambda name: not name.startswith(".") and Path(name).suffix.lower() not in image_suffixes())
+
+
+def _walk(root: Path, keep) -> list[str]:
+    """The files under ``root`` whose name ``keep`` accepts, as sorted relative POSIX paths."""
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such folder; give a folder of images (jpg, jpeg, png, webp)")
-    skip = Path(exclude).resolve() if exclude is not None else None
+    why = not_a_folder(root)
+    if why is not None:
+        raise InputError(f"{root}: {why}; give a folder of images")
     found = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        if skip is not None and here.resolve() == skip:
-            dirs[:] = []
-            continue
         dirs.sort()
-        found += [(here / f).relative_to(root).as_posix() for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found += [(here / f).relative_to(root).as_posix() for f in files if keep(f)]
     return sorted(found)
+
+
+def skip_reason(err: BaseException, image: Path) -> str:
+    """Why ``image`` was skipped, in one line, for a record that names the image already: a QkError's message
+    without its leading ``image`` path, another error's type and text."""
+    text = str(err) if isinstance(err, QkError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.removeprefix(f"{image}: ").split())
 
 
 def input_size(model) -> tuple[int, int] | None:
@@ -106,7 +121,7 @@ def load_batch(model, root: Path, paths: list[str], size) -> tuple[np.ndarray | 
             pixels.append(model.preprocess(root / rel, size=size))
             ok.append(i)
         except READ_ERRORS as e:
-            skipped.append({"path": rel, "reason": " ".join(f"{type(e).__name__}: {e}".split())})
+            skipped.append({"path": rel, "reason": skip_reason(e, root / rel)})
     return (np.concatenate(pixels) if pixels else None), ok, skipped
 
 
@@ -528,6 +543,7 @@ def build_document(
 # ----------------------------------------------------------------------------- the command
 
 
+@holds_output("out_dir", inputs=("image_dir",))
 def top_images(
     model,
     image_dir,
@@ -559,6 +575,8 @@ def top_images(
     normalised tokens n (:mod:`qkweights.fold`), so that the decomposition of the logits
     stays exact. InputError when no image could be read (existing outputs are left as they
     are). Returns the :class:`TopImagesResult`.
+    The output folder is held for this call alone and may not lie inside the input folder
+    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
     """
     import warnings
 
@@ -574,12 +592,14 @@ def top_images(
     modes = _indices(kept, d.head_dim, "mode", ())
     if top < 1 or batch_size < 1 or shard_size < 1:
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    paths = list_images(root, exclude=out)
+    paths, others = list_images(root), other_files(root)
     if not paths:
         raise InputError(
-            f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in any letter case, in subfolders too)"
+            f"{root}: no images found in it or its subfolders; an image has the suffix of a format Pillow reads, in "
+            "any letter case (.jpg, .png, .gif, .webp, .tiff, …)"
         )
-    prepare_dir(out)
+    if others and notes is not None:
+        notes(f"{root}: left out {plural(len(others), 'file')} that Pillow does not read as images: {listing(others)}")
     source = model_identity(model)
     size = input_size(model)
     grid = patch_grid(model, size)
@@ -634,6 +654,7 @@ def top_images(
     }
     doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
+    doc["n_other_files"] = len(others)
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)
     result = TopImagesResult(doc, maps)
     written = result.save(out)

@@ -104,3 +104,18 @@ def one_layer_vit(
         )
     )
     return folder
+
+
+def quadrant_scenes(folder: Path, n: int = 2) -> Path:
+    """``n`` synthetic O3 scenes (48×48) in ``folder`` whose instance maps are four quadrants: each object covers
+    whole patches of the 32-pixel fixture ViTs, so every image is eligible for same-object."""
+    import numpy as np
+    from PIL import Image
+
+    from qkweights.synth_o3 import make_o3
+
+    make_o3(folder, n=n, seed=1, size=(48, 48), instances=True)
+    quadrants = np.kron(np.array([[1, 2], [3, 4]], np.uint8), np.ones((24, 24), np.uint8))  # (48, 48) labels 1–4
+    for path in (folder / "instances").iterdir():
+        Image.fromarray(quadrants).save(path)
+    return folder

@@ -362,3 +362,152 @@ def test_rounding_noise_on_a_near_zero_mode_passes(baseline):
     report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=1e-12, top_sigma=K)
     [c] = [c for c in report.checks if c.name == "head top singular values" and c.where == "L1 H3"]
     assert c.passed and report.passed and c.measured == pytest.approx(2e-15, rel=1e-6)
+
+
+# ---- the symmetric-fraction and OV gates: each at its own tolerance, the two tolerances different, so that a swap,
+# a scaled tolerance or a gate read from the wrong profile changes the outcome. Values are dyadic: |Δ| is exact.
+
+TOL_SYM, TOL_OV = 2.0**-6, 2.0**-4  # different on purpose
+EPS = 2.0**-40  # "just over": exact in float64 next to 0.25 + 2⁻⁴
+
+
+def _circuits(prof, symmetric=None, ov=None):
+    """``prof`` with its (L, H) symmetric fraction and OV weighted cosine replaced."""
+    return dataclasses.replace(
+        prof,
+        symmetric=prof.symmetric if symmetric is None else symmetric,
+        ov=prof.ov if ov is None else dataclasses.replace(prof.ov, weighted=ov),
+    )
+
+
+def _gates(report, name):
+    return {(c.layer, c.head): (c.measured, c.allowed, c.passed) for c in report.checks if c.name == name}
+
+
+@pytest.mark.parametrize("over", [0, 1], ids=["at", "over"])
+@pytest.mark.parametrize("gate", ["symmetry", "ov"])
+def test_each_circuit_gate_at_and_just_over_its_own_tolerance(baseline, gate, over):
+    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+
+    base = load_profile(baseline)
+    quarter = np.full_like(base.weighted, 0.25)
+    moved = quarter.copy()
+    tol = TOL_SYM if gate == "symmetry" else TOL_OV
+    moved[1, 2] += tol + over * EPS  # one head moves by exactly its gate's tolerance, or just over
+    now = _circuits(base, *((moved, quarter) if gate == "symmetry" else (quarter, moved)))
+    then = _circuits(base, quarter, quarter)
+    report = check_profile(now, then, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+    sym, ov = _gates(report, HEAD_SYMMETRY), _gates(report, HEAD_OV)
+    assert len(sym) == len(ov) == 8 and report.tolerances["symmetry"] == TOL_SYM and report.tolerances["ov"] == TOL_OV
+    assert {a for _, a, _ in sym.values()} == {TOL_SYM} and {a for _, a, _ in ov.values()} == {TOL_OV}
+    moved_gate, still = (sym, ov) if gate == "symmetry" else (ov, sym)
+    assert moved_gate[1, 2] == (tol + over * EPS, tol, not over)
+    assert report.passed == (not over) and [c.where for c in report.failures] == (["L1 H2"] if over else [])
+    assert all(m == 0.0 and p for m, _, p in still.values())
+
+
+def test_a_drift_between_the_two_tolerances_fails_only_the_tighter_gate(baseline):
+    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+
+    base = load_profile(baseline)
+    quarter = np.full_like(base.weighted, 0.25)
+    moved = quarter + 2.0**-5  # every head: over TOL_SYM = 2⁻⁶, under TOL_OV = 2⁻⁴
+    sym_moved = check_profile(
+        _circuits(base, moved, quarter), _circuits(base, quarter, quarter), tol_symmetry=TOL_SYM, tol_ov=TOL_OV
+    )
+    ov_moved = check_profile(
+        _circuits(base, quarter, moved), _circuits(base, quarter, quarter), tol_symmetry=TOL_SYM, tol_ov=TOL_OV
+    )
+    assert {c.name for c in sym_moved.failures} == {HEAD_SYMMETRY} and len(sym_moved.failures) == 8
+    assert ov_moved.passed and {m for m, _, _ in _gates(ov_moved, HEAD_OV).values()} == {2.0**-5}
+
+
+def test_a_baseline_lacking_a_statistic_in_some_heads_gates_the_others(baseline):
+    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+
+    base = load_profile(baseline)
+    quarter = np.full_like(base.weighted, 0.25)
+    holes = quarter.copy()
+    holes[0, 1] = holes[1, 3] = np.nan  # the baseline lacks the statistic in two heads only
+    then_sym, then_ov = _circuits(base, holes, quarter), _circuits(base, quarter, holes)
+    for then, name, given in ((then_sym, HEAD_SYMMETRY, "tol_symmetry=0.015625"), (then_ov, HEAD_OV, "tol_ov=0.0625")):
+        # the current model has the statistic everywhere, equal to the baseline where the baseline has one
+        same = check_profile(_circuits(base, quarter, quarter), then, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+        every = {(l, h) for l in range(2) for h in range(4)}
+        assert same.passed and set(_gates(same, name)) == every - {(0, 1), (1, 3)}
+        why = f"{given}: not compared in L0 H1, L1 H3, where the baseline lacks the statistic"
+        assert same.skipped == ((name, why),)
+        drifted = quarter.copy()
+        drifted[1, 0] += 2 * TOL_OV  # a head the baseline has: the gate still runs there and fails
+        now = _circuits(base, drifted, quarter) if name == HEAD_SYMMETRY else _circuits(base, quarter, drifted)
+        report = check_profile(now, then, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+        assert [(c.name, c.where) for c in report.failures] == [(name, "L1 H0")]
+
+
+def _flip_value_head(t, l=1, h=2):
+    """Negate head h's rows of layer l's value weight: its OV circuit flips sign, its query-key part is unchanged."""
+    t[f"encoder.layer.{l}.attention.attention.value.weight"][rows(l, h)] *= -1
+
+
+def test_cli_tol_ov_alone_gates_the_ov_circuit(tmp_path, baseline, capsys):
+    flipped = edited(tmp_path, "flipped", _flip_value_head)
+    ov = load_profile(baseline).ov.weighted[1, 2]
+    code, lines, err = run(capsys, flipped, "--baseline", baseline, "--tol-ov", 0.001, "--report", tmp_path / "r.json")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert code == 1 and err == "" and doc["tolerances"]["ov"] == 0.001 and "symmetry" not in doc["tolerances"]
+    [fail] = [c for c in doc["checks"] if not c["passed"]]
+    assert (fail["name"], fail["where"], fail["allowed"]) == ("head OV weighted cosine", "L1 H2", 0.001)
+    assert fail["measured"] == pytest.approx(2 * abs(ov), abs=1e-12)  # w → −w; float64 statistics of one head
+    assert not any(c["name"] == "head symmetric fraction" for c in doc["checks"])
+    assert lines[0].startswith("check FAILED: 1 of ")
+    # at a tolerance over the drift it passes, and the summary names the OV tolerance given
+    code, lines, _ = run(capsys, flipped, "--baseline", baseline, "--tol-ov", 2 * abs(ov) + 1e-9)
+    assert code == 0 and f"OV {2 * abs(ov) + 1e-9:g}" in lines[0] and "symmetric" not in lines[0]
+
+
+def test_gates_that_cannot_run_are_said_on_stderr_and_in_junit(tmp_path, baseline, capsys):
+    doc = json.loads(baseline.read_text())
+    doc["schema"] = "qkweights.profile/1"
+    for layer in doc["layers"]:
+        for head in layer["heads"]:
+            del head["symmetric_fraction"], head["ov"]
+    old = tmp_path / "old" / "profile.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps(doc))
+    code, lines, err = run(
+        capsys, VIT, "--baseline", old, "--tol-symmetry", 0.01, "--tol-ov", 0.02, "--junit", tmp_path / "j.xml"
+    )
+    assert code == 0 and lines[0].startswith("check passed:")
+    assert err.splitlines() == [
+        "qkweights: note: --tol-symmetry 0.01: not checked: the baseline has no symmetric fraction (profile/1, or no "
+        "value-output circuit)",
+        "qkweights: note: --tol-ov 0.02: not checked: the baseline has no OV weighted cosine (profile/1, or no "
+        "value-output circuit)",
+    ]
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    skipped = [(c.get("name"), c.find("skipped").get("message")) for c in suite if c.find("skipped") is not None]
+    assert skipped == [
+        (
+            "head symmetric fraction",
+            "tol_symmetry=0.01: not checked: the baseline has no symmetric fraction (profile/1, or no value-output "
+            "circuit)",
+        ),
+        (
+            "head OV weighted cosine",
+            "tol_ov=0.02: not checked: the baseline has no OV weighted cosine (profile/1, or no value-output circuit)",
+        ),
+    ]
+    assert suite.get("skipped") == "2" and int(suite.get("tests")) == len(suite.findall("testcase"))
+    # without the two tolerances nothing is skipped, and nothing is said
+    code, lines, err = run(capsys, VIT, "--baseline", old)
+    assert (code, err) == (0, "")
+
+
+def test_a_current_model_without_the_statistic_skips_the_gate_and_says_so(baseline):
+    from qkweights.check import HEAD_OV
+
+    base = load_profile(baseline)
+    none = _circuits(base, ov=np.full_like(base.weighted, np.nan))  # a model with no value-output circuit
+    report = check_profile(none, base, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+    assert report.passed and not _gates(report, HEAD_OV)
+    assert report.skipped == ((HEAD_OV, "tol_ov=0.0625: not checked: the current model has no OV weighted cosine"),)

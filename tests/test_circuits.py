@@ -490,8 +490,8 @@ def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
     (tmp_path / "b1" / "profile.json").write_text(json.dumps(doc))
     report = check_model(str(MODELS / "vit"), tmp_path / "b1", tol_symmetry=0.01, tol_ov=0.01)
     assert report.passed and not any(c.name == HEAD_OV for c in report.checks)
-    assert any("tol_symmetry: the baseline has no symmetric fraction" in n for n in report.notes)
-    assert any("tol_ov: the baseline has no OV weighted cosine" in n for n in report.notes)
+    assert any("tol_symmetry=0.01: not checked: the baseline has no symmetric fraction" in n for n in report.notes)
+    assert any("tol_ov=0.01: not checked: the baseline has no OV weighted cosine" in n for n in report.notes)
     # a folded baseline: check_model folds the current model too
     _, ck = open_model(str(MODELS / "vit"))
     folded = compute_profile(ck, {"model_id": "vit"}, fold_ln=True)

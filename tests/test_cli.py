@@ -48,15 +48,15 @@ IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
         (
             ["profile", "{vit}", "--out", "{file}", "--no-plots"],
             "{file}",
-            "{file} is a file, not a folder; remove it or choose another output folder",
+            "is a file, not a folder; remove it or choose another output folder",
         ),
         (["profile", "{vit}", "--out", "{file}/sub", "--no-plots"], "{file}/sub", "{file} is a file, not a folder"),
-        (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "{file} is a file, not a folder"),
-        (["compare", "{vit}", "--out", "{file}"], "{file}", "{file} is a file, not a folder"),
+        (["diff", "{vit}", "{vit}", "--out", "{file}", "--no-plots"], "{file}", "is a file, not a folder"),
+        (["compare", "{vit}", "--out", "{file}"], "{file}", "is a file, not a folder"),
         (
             ["maps", "{vit}", str(IMAGE), "--layer", "0", "--head", "0", "--out", "{file}"],
             "{file}",
-            "{file} is a file, not a folder",
+            "is a file, not a folder",
         ),
         (
             ["check", "{vit}", "--baseline", "{vit}/config.json", "--report", "{tmp}"],
@@ -66,10 +66,10 @@ IMAGE = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
         (
             ["check", "{vit}", "--baseline", "{vit}/config.json", "--junit", "{file}/j.xml"],
             "{file}",
-            "{file} is a file, not a folder",
+            "is a file, not a folder",
         ),
         (["make-o3", "{file}", "--n", "1"], "{file}", "is a file; give the path of a new folder (or of an empty one)"),
-        (["make-o3", "{file}/o3", "--n", "1"], "{file}", "{file} is a file, not a folder"),
+        (["make-o3", "{file}/o3", "--n", "1"], "{file}", "is a file, not a folder"),
     ],
 )
 def test_every_output_path_error_is_one_line_naming_the_path(tmp_path, capsys, argv, where, problem):
@@ -117,5 +117,30 @@ def test_image_analyses_refuse_an_out_that_is_a_file(tmp_path, capsys, command):
     source = data / "images" if command == "top-images" else data
     assert main([command, str(MODELS / "vit"), str(source), "--out", str(tmp_path / "afile"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"qkweights: error: {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder")
+    assert err.startswith(f"qkweights: error: {tmp_path / 'afile'}: is a file, not a folder")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("part=encoder; fold_ln=True; revision=…", "--part encoder; --fold-ln; --revision"),
+        ("spec folder x (from spec_dir) does not exist", "spec folder x (from --spec-dir) does not exist"),
+        ("give tol_ov, or tol_symmetry.", "give --tol-ov, or --tol-symmetry."),
+        # not an option: a path, a quoted key, a longer name, a file name, an English word without an underscore
+        ("/tmp/spec_dir/a.toml 'max_images' my_fold_ln spec_dir.toml the top heads", None),
+    ],
+)
+def test_flag_words(text, words):
+    from qkweights.cli.words import flag_words
+
+    assert flag_words(text) == (text if words is None else words)
+
+
+def test_a_missing_spec_folder_is_named_by_its_flag(tmp_path, capsys):
+    assert main(["specs", "--spec-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"qkweights: error: spec folder {tmp_path / 'none'} (from --spec-dir) does not exist or is not a folder; "
+        "give a folder of .toml spec files\n"
+    )

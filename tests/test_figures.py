@@ -5,6 +5,7 @@ Profiles come from ``compute_profile`` run on a small in-memory checkpoint
 ``compute_profile`` reads), or are filled directly where a test needs exact σ.
 """
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -192,3 +193,67 @@ def test_cosine_hist_sigma_weighting():
         width = x[1] - x[0]
         assert y[x < 0].sum() * width == pytest.approx(lo)
         assert y[x > 0].sum() * width == pytest.approx(hi)
+
+
+# ---- one analysed layer: every legend entry must put something on the axes (a one-point dashed line or a one-point
+# band draws nothing)
+
+
+def draws_something(artist) -> bool:
+    """Whether a legend entry's artist leaves ink on its axes."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if isinstance(artist, ErrorbarContainer):
+        return any(draws_something(a) for a in (artist.lines[0], *artist.lines[2]) if a is not None)
+    if isinstance(artist, Line2D):
+        x, y = np.asarray(artist.get_xdata(), float), np.asarray(artist.get_ydata(), float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        marker = artist.get_marker() not in (None, "", "None", " ", ",")
+        return bool((marker and ok.any()) or (artist.get_linestyle() != "None" and (ok[1:] & ok[:-1]).any()))
+    if isinstance(artist, LineCollection):
+        return any(np.isfinite(s).all() and np.ptp(s, axis=0).any() for s in artist.get_segments())
+    if isinstance(artist, PolyCollection):  # fill_between: a polygon of non-zero width and height
+        return any(np.ptp(p.vertices, axis=0).all() for p in artist.get_paths())
+    if isinstance(artist, PathCollection):
+        return bool(np.isfinite(artist.get_offsets()).all(axis=1).any())
+    return isinstance(artist, Patch)
+
+
+def empty_legend_entries(fig) -> list[str]:
+    return [label for ax in fig.axes for a, label in zip(*ax.get_legend_handles_labels()) if not draws_something(a)]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_per_layer_profile_figures_draw_every_legend_entry(layers):
+    p = profile_of(layers, 3, 4, 16, seed=2)
+    for make in (figures.cosine_by_layer_figure, figures.symmetry_by_layer_figure):
+        assert empty_legend_entries(make(p)) == [], make.__name__
+
+
+@pytest.fixture(scope="module")
+def one_layer_results(tmp_path_factory):
+    """Same-object and O3 results of the fixture ViT on 2 quadrant scenes, for one analysed layer (same-object) and
+    for a one-layer model (O3)."""
+    from conftest import MODELS, edited_fixture, quadrant_scenes
+
+    from qkweights.o3 import o3_allocation
+    from qkweights.same_object import same_object
+
+    tmp = tmp_path_factory.mktemp("one")
+    scenes = quadrant_scenes(tmp / "scenes")
+    one = edited_fixture(tmp, "one", lambda t: [t.pop(k) for k in list(t) if k.startswith("encoder.layer.1.")])
+    cfg = json.loads((one / "config.json").read_text())
+    (one / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 1}))
+    same = same_object(str(MODELS / "vit"), scenes, tmp / "so", layers=[1], modes=[0], top=2, plots=False)
+    o3 = o3_allocation(str(one), scenes, tmp / "o3", plots=False)
+    return same.doc, o3.summary
+
+
+def test_one_layer_same_object_and_o3_figures_draw_every_legend_entry(one_layer_results):
+    same, o3 = one_layer_results
+    assert len(same["layers"]) == 1 and len(o3["layers"]) == 1
+    assert empty_legend_entries(figures.same_object_plot(same)) == []
+    assert empty_legend_entries(figures.o3_plot(o3)) == []

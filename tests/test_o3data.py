@@ -263,6 +263,7 @@ def test_missing_mask_is_reported(o3, tmp_path):
 def test_missing_mask_folder_error(o3, tmp_path):
     root = _copy(o3, tmp_path)
     shutil.rmtree(root / "dist_images")
+    (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(SourceError) as err:
         open_o3(root)
     assert str(err.value) == (
@@ -273,8 +274,10 @@ def test_missing_mask_folder_error(o3, tmp_path):
     (root / "targ_labels").mkdir()
     with pytest.raises(InputError, match="has both targ_images and targ_labels; keep only one target mask folder"):
         open_o3(root)
-    with pytest.raises(SourceError, match="does not exist"):
-        open_o3(tmp_path / "nowhere")
+    for name, why in [("nowhere", "no such folder"), ("afile", "is a file, not a folder")]:
+        with pytest.raises(SourceError) as err:
+            open_o3(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: {why}; pass the O3 folder that holds images/"
 
 
 def test_extensions_any_case_and_masks_matched_by_stem(o3, tmp_path):
@@ -284,6 +287,12 @@ def test_extensions_any_case_and_masks_matched_by_stem(o3, tmp_path):
     mask = root / "targ_images/synth_0001.jpg"
     Image.open(mask).save(root / "targ_images/synth_0001.png")
     mask.unlink()
+    image = root / "images/synth_0003.jpg"  # any format Pillow reads: a GIF image with a TIFF mask
+    Image.open(image).convert("P").save(root / "images/synth_0003.GIF")
+    image.unlink()
+    mask = root / "dist_images/synth_0003.jpg"
+    Image.open(mask).save(root / "dist_images/synth_0003.tif")
+    mask.unlink()
     (root / "images/._synth_0001.jpg").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS companion file
     (root / "images/notes.txt").write_text("not an image")
     ds = open_o3(root)
@@ -291,6 +300,7 @@ def test_extensions_any_case_and_masks_matched_by_stem(o3, tmp_path):
     item = ds.items[1]
     assert (item.image.name, item.target_mask.name) == ("synth_0001.JPG", "synth_0001.png")
     assert ds.items[2].image.name == "synth_0002.Jpeg"
+    assert (ds.items[3].image.name, ds.items[3].distractor_mask.name) == ("synth_0003.GIF", "synth_0003.tif")
     np.testing.assert_array_equal(load_masks(item)[0], load_mask(o3 / "targ_images/synth_0001.jpg"))
     (root / "images/synth_0001.png").write_bytes(b"")
     with pytest.raises(InputError, match="same name 'synth_0001'"):

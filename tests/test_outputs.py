@@ -43,7 +43,7 @@ def test_unwritable_paths_are_input_errors_naming_the_path(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(
-        InputError, match=f"^{afile}: {afile} is a file, not a folder; remove it or choose another output folder$"
+        InputError, match=f"^{afile}: is a file, not a folder; remove it or choose another output folder$"
     ):
         prepare_dir(afile)
     with pytest.raises(InputError, match=f"^{afile / 'sub'}: {afile} is a file, not a folder"):

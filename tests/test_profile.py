@@ -1,9 +1,11 @@
 """Profiles of every fixture against the paper's dense SVD, computed from an independent reading of the files."""
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,4 +334,27 @@ def test_default_output_folders_keep_names_apart(a, b):
     from qkweights.cli.common import model_slug
 
     assert (model_slug(a) == model_slug(b)) == (a == b)
-    assert model_slug("./模型") == "模型" and model_slug("google/vit-base-patch16-224") == "vit-base-patch16-224"
+    # the readable name, then the first 6 hex digits of sha256 of what picks the weights (here the repo id alone)
+    assert (
+        model_slug("google/vit-base-patch16-224")
+        == "vit-base-patch16-224-" + hashlib.sha256(b"google/vit-base-patch16-224\0\0").hexdigest()[:6]
+        == "vit-base-patch16-224-7b4e8c"  # the README's example
+    )
+    assert model_slug("./模型").startswith("模型-")
+    assert (
+        len({model_slug("org/m"), model_slug("other/m"), model_slug("org/m", "v2"), model_slug("org/m", None, "p")})
+        == 4
+    )
+
+
+def test_two_models_of_one_name_get_their_own_default_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for run in ("run1", "run2"):
+        shutil.copytree(MODELS / "vit", tmp_path / run / "final")
+    assert main(["profile", "run1/final", "--no-plots", "--quiet"]) == 0
+    assert main(["profile", "run2/final", "--no-plots", "--quiet"]) == 0
+    assert main(["profile", str(tmp_path / "run1" / "final"), "--no-plots", "--quiet"]) == 0  # the same model again
+    folders = sorted((tmp_path / "qkweights-out").iterdir())
+    assert [f.name.rsplit("-", 1)[0] for f in folders] == ["final", "final"]  # one folder per model, both kept
+    models = {json.loads((f / "profile.json").read_text())["source"]["model_id"] for f in folders}
+    assert {str(Path(m).resolve()) for m in models} == {str(tmp_path / r / "final") for r in ("run1", "run2")}

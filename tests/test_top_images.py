@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from qkweights.cli import main
+from qkweights.errors import InputError
 from qkweights.qk import qk_svd
 from qkweights.synth_o3 import make_o3
 from qkweights.top_images import (
@@ -27,6 +28,7 @@ from qkweights.top_images import (
 from qkweights.vision import load_model
 
 MODELS = Path(__file__).parent / "fixtures" / "models"
+LEFT_OUT = "{}: left out 1 file that Pillow does not read as images: image_properties.txt"  # in the O3 folder
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +187,7 @@ def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
     notes = []
     resumed = top_images(vit, folder, out, **kw, progress=progress, plots=False, notes=notes.append)
     assert calls[0] == 10 and calls[-1] == 27  # continued after the last completed shard
-    assert notes == [f"resuming from {out / STATE_NAME}: 10 of 27 images already done"]
+    assert notes == [LEFT_OUT.format(folder), f"resuming from {out / STATE_NAME}: 10 of 27 images already done"]
     assert resumed.doc == whole.doc
     np.testing.assert_array_equal(resumed.maps, whole.maps)
     assert json.loads((out / "top_images.json").read_text()) == json.loads(
@@ -205,8 +207,9 @@ def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
         vit, folder, tmp_path / "a", top=2, progress=progress, notes=notes.append, **kw
     ).doc  # another --top
     assert notes == [
+        LEFT_OUT.format(folder),
         f"{tmp_path / 'a' / STATE_NAME} is from another run (options, model or images differ); ignoring it and "
-        "starting over"
+        "starting over",
     ]
     assert calls[0] == 0
     assert doc == top_images(vit, folder, tmp_path / "b", top=2, **kw).doc
@@ -214,7 +217,7 @@ def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
     (tmp_path / "c" / STATE_NAME).write_bytes(b"PK\x03\x04 truncated")
     notes = []
     assert top_images(vit, folder, tmp_path / "c", top=2, notes=notes.append, **kw).doc == doc
-    assert len(notes) == 1 and "unreadable" in notes[0]
+    assert len(notes) == 2 and "unreadable" in notes[1]
 
 
 def _write(im, path, fmt, **kw):
@@ -242,7 +245,7 @@ def test_odd_images(vit, folder, tmp_path):
     (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (root / "not-an-image.png").write_text("hello")
     (root / "notes.txt").write_text("not listed")
-    out = root / "out"  # the output folder inside the image folder is not scanned
+    out = tmp_path / "out"
     doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc
     expected = [
         "UPPER.JPEG",
@@ -254,13 +257,13 @@ def test_odd_images(vit, folder, tmp_path):
         "sub/palette.png",
         "truncated.jpg",
     ]
-    assert list_images(root, exclude=out) == expected  # sorted relative paths, any letter case, recursive
+    assert list_images(root) == expected  # sorted relative paths, any letter case, recursive
     assert [s["path"] for s in doc["skipped"]] == ["not-an-image.png", "truncated.jpg"]
     assert all("cannot decode" in s["reason"] for s in doc["skipped"])
     assert doc["n_files"] == 8 and doc["n_images"] == 6
     winners = doc["heads"][0]["modes"][0]["signs"]["+"]
     assert sorted(w["path"] for w in winners) == sorted(set(expected) - {"not-an-image.png", "truncated.jpg"})
-    # the re-run of the same folder (with its outputs now inside it) gives the same document
+    # the re-run of the same folder into the same output folder gives the same document
     assert top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc == doc
 
 
@@ -386,6 +389,43 @@ def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
     for p in sorted((folder / "images").iterdir())[:3]:
         (root / p.name).write_bytes(p.read_bytes())
     (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    doc = top_images(vit, root, tmp_path / "out", layers=[0], heads=[0], modes=[0], plots=False).doc
+    out = tmp_path / "out"
+    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], plots=False).doc
     assert doc["n_images"] == 3 and [s["path"] for s in doc["skipped"]] == ["broken.jpg"]
     assert "no such image file" in doc["skipped"][0]["reason"]
+
+
+def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, folder, tmp_path):
+    from qkweights.top_images import other_files
+
+    root = tmp_path / "mixed"
+    rgb = Image.open(folder / "images" / "synth_0000.jpg").convert("RGB")
+    _write(rgb.convert("P"), root / "anim.gif", "GIF")
+    _write(rgb, root / "UP.PNG", "PNG")
+    _write(rgb, root / "sub" / "b.Bmp", "BMP")
+    _write(rgb, root / "c.TIFF", "TIFF")
+    (root / "notes.txt").write_text("not an image")
+    (root / "sub" / "labels.json").write_text("{}")
+    (root / ".DS_Store").write_bytes(b"\0")  # hidden: neither an image nor counted
+    assert list_images(root) == ["UP.PNG", "anim.gif", "c.TIFF", "sub/b.Bmp"]
+    assert other_files(root) == ["notes.txt", "sub/labels.json"]
+    notes = []
+    kw = dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append, plots=False)
+    doc = top_images(vit, root, tmp_path / "out", **kw).doc
+    assert (doc["n_files"], doc["n_images"], doc["n_other_files"], doc["skipped"]) == (4, 4, 2, [])
+    assert notes == [f"{root}: left out 2 files that Pillow does not read as images: notes.txt, sub/labels.json"]
+
+
+def test_an_image_folder_that_is_none_says_why(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for name, why in [
+        ("afile", "is a file, not a folder"),
+        ("loop", "is a symbolic link that leads nowhere (a loop, or a missing target)"),
+        ("dangling", "is a symbolic link that leads nowhere (a loop, or a missing target)"),
+        ("gone", "no such folder"),
+    ]:
+        with pytest.raises(InputError) as e:
+            list_images(tmp_path / name)
+        assert str(e.value) == f"{tmp_path / name}: {why}; give a folder of images"

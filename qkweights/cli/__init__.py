@@ -4,18 +4,20 @@ Each command is a module of this package with ``configure(parser)`` and
 ``run(args) -> int``; this module parses arguments, dispatches, and is the one
 place where errors become messages (options worded as flags, :mod:`qkweights.cli.words`)
 and exit codes (:mod:`qkweights.cli.exits`): 0 ok, 1 findings (e.g. non-finite weights,
-a failed check), 2 usage or input error, 130 interrupted.
+a failed check), 2 usage or input error, 130 interrupted, 141 stdout closed before the command
+finished writing (a finished command keeps its own code: a closed pipe never turns a failure into 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import traceback
 
-from qkweights.cli.exits import EXIT_INTERRUPTED, EXIT_USAGE
+from qkweights.cli.exits import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
 from qkweights.cli.words import flag_words
 from qkweights.errors import QkError
 from qkweights.version import __version__
@@ -83,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    code = EXIT_BROKEN_PIPE
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that left (`… | head`) shows here, not at exit
+        return code
     except QkError as e:
         if args.debug:
             traceback.print_exc()
@@ -94,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; re-run the same command to resume where it stopped" if args.command in RESUMABLE else ""
         print(f"qkweights: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return 0
+    except BrokenPipeError:  # the command's own code if it finished, else 141
+        with contextlib.suppress(OSError, ValueError):  # no second failure when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return code
     except Exception as e:
         if args.debug:
             raise

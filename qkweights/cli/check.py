@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qkweights.check import SUMMARY_LINES
-from qkweights.cli.common import add_model_arguments, model_options
+from qkweights.cli.common import add_model_arguments, model_options, print_notes
 from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.cli.words import flag_words
@@ -83,6 +83,7 @@ def run(args) -> int:
             tol_symmetry=args.tol_symmetry,
             tol_ov=args.tol_ov,
         )
+    print_notes(why for _, why in report.skipped)  # gates asked for that could not run, even with --quiet
     if args.report:
         write_json(args.report, report.to_json())
     if args.junit:

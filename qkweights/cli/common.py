@@ -78,14 +78,21 @@ def model_options(args, revision: str | None = None) -> dict:
     }
 
 
-def model_slug(model_id: str) -> str:
-    """A folder name for a model: the repo name, or the folder/file stem of a path (Unicode letters kept)."""
+def model_slug(model_id: str, revision: str | None = None, part: str | None = None) -> str:
+    """A folder name of its own for a model: ``<name>-<hash>``.
+
+    ``name``: the repo name, or the folder/file stem of a path (Unicode letters kept);
+    ``hash``: 6 hex digits of the sha256 of what picks the weights: the absolute path of a
+    local model (or its repo id), the revision and the part; so ``run1/final`` and
+    ``run2/final`` (or ``a b`` and ``a_b``) never share a folder, and one model has one.
+    """
     name = Path(model_id.rstrip("/")).name
     name = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
     slug = re.sub(r"[^\w.-]+", "_", name).strip("._") or "model"  # \w: letters and digits of every script
-    if slug != name:  # characters were replaced: a short hash keeps "a b" and "a_b" apart
-        slug += "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:6]
-    return slug
+    local = Path(model_id).expanduser()
+    where = str(local.resolve()) if local.exists() else model_id
+    key = "\0".join((where, revision or "", part or ""))
+    return f"{slug}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:6]}"
 
 
 def print_notes(notes) -> None:
@@ -95,7 +102,10 @@ def print_notes(notes) -> None:
 
 
 def out_dir(args, model_id: str) -> Path:
-    return Path(args.out) if args.out else Path("qkweights-out") / model_slug(model_id)
+    """--out, else ``./qkweights-out/<name>-<hash>/`` (:func:`model_slug`) for the model opened from ``model_id``."""
+    if args.out:
+        return Path(args.out)
+    return Path("qkweights-out") / model_slug(model_id, getattr(args, "revision", None), getattr(args, "part", None))
 
 
 def parse_indices(text: str, limit: int, what: str) -> list[int]:
@@ -141,7 +151,9 @@ def chosen_modes(args, dims) -> dict:
 def add_output_arguments(p: argparse.ArgumentParser, *, no_plots: str) -> None:
     """--out, --no-plots (``no_plots``: what is written without figures) and --quiet."""
     p.add_argument(
-        "--out", help="output folder (default: ./qkweights-out/<model-name>/); holds the resume state while running"
+        "--out",
+        help="output folder, outside the input folder (default: ./qkweights-out/<model-name>-<hash>/); holds the "
+        "resume state while running, and one run at a time",
     )
     p.add_argument("--no-plots", action="store_true", help=no_plots)
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")

@@ -45,7 +45,7 @@ def configure(p) -> None:
             "key-salience term, printed too)"
         ),
     )
-    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
+    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>-<hash>/)")
 
 
 def run(args) -> int:

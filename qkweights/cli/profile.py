@@ -16,7 +16,7 @@ from qkweights.workflow import open_model, profile_checkpoint, save_profile
 
 def configure(p) -> None:
     add_model_arguments(p, optional=True)
-    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>/)")
+    p.add_argument("--out", help="output folder (default: ./qkweights-out/<model-name>-<hash>/)")
     p.add_argument("--json", action="store_true", help="print profile.json to stdout instead of the table")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--save-vectors", action="store_true", help="also write modes.npz with U, V [L,H,D,K] and S")
