@@ -43,6 +43,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from qkweights.errors import InputError
+from qkweights.folders import not_a_folder
 
 FULL, SCENE, GENERIC = "ade20k-full", "ade20k-sceneparsing", "generic"
 LAYOUT_TEXT = {
@@ -81,15 +82,11 @@ class SegDataset:
     missing: list[tuple[str, str]]
 
 
-def _walk(folder: Path, suffixes: tuple[str, ...], exclude: Path | None) -> list[Path]:
-    """Files below ``folder`` with one of ``suffixes`` (any letter case), not hidden, not under ``exclude``; sorted."""
-    skip = exclude.resolve() if exclude is not None else None
+def _walk(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files below ``folder`` with one of ``suffixes`` (any letter case), not hidden; sorted."""
     found = []
     for here, dirs, files in os.walk(folder):
         here = Path(here)
-        if skip is not None and here.resolve() == skip:
-            dirs[:] = []
-            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [here / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
     return sorted(found)
@@ -100,9 +97,9 @@ def _annotation_file(path: Path) -> Path | None:
     return next((p for p in (path, path.with_suffix(path.suffix.upper())) if p.is_file()), None)
 
 
-def _paired(root: Path, images: Path, annotations: Path, layout: str, suffixes, exclude) -> SegDataset:
+def _paired(root: Path, images: Path, annotations: Path, layout: str, suffixes) -> SegDataset:
     items, missing = [], []
-    for path in _walk(images, suffixes, exclude):
+    for path in _walk(images, suffixes):
         rel = path.relative_to(images)
         ann = (annotations / rel).with_suffix(".png")
         name = path.relative_to(root).as_posix()
@@ -114,18 +111,16 @@ def _paired(root: Path, images: Path, annotations: Path, layout: str, suffixes, 
     return SegDataset(root, layout, sorted(items, key=lambda it: it.name), sorted(missing))
 
 
-def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> SegDataset:
+def open_segmentation(root: str | os.PathLike) -> SegDataset:
     """Detect the layout of ``root`` (module docstring) and pair each image with its annotation.
 
-    exclude: a folder below ``root`` to leave out (the output folder). InputError if
-    ``root`` is no folder, matches no layout, or holds no image.
+    InputError if ``root`` is no folder, matches no layout, or holds no image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such folder; give the dataset folder (looked for {LOOKED_FOR})")
-    skip = Path(exclude) if exclude is not None else None
+    if (why := not_a_folder(root)) is not None:
+        raise InputError(f"{root}: {why}; give the dataset folder (looked for {LOOKED_FOR})")
     if (root / "images").is_dir() and (root / "instances").is_dir():
-        data = _paired(root, root / "images", root / "instances", GENERIC, IMAGE_SUFFIXES, skip)
+        data = _paired(root, root / "images", root / "instances", GENERIC, IMAGE_SUFFIXES)
     else:
         base = next(
             (
@@ -136,13 +131,13 @@ def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | N
             None,
         )
         if base is not None:
-            data = _paired(root, base / "images", base / "annotations", SCENE, IMAGE_SUFFIXES, skip)
+            data = _paired(root, base / "images", base / "annotations", SCENE, IMAGE_SUFFIXES)
         else:
-            segs = [p for p in _walk(root, (".png",), skip) if p.name.lower().endswith(SEG_SUFFIX)]
+            segs = [p for p in _walk(root, (".png",)) if p.name.lower().endswith(SEG_SUFFIX)]
             if not segs:
                 raise InputError(f"{root}: no known dataset layout; looked for {LOOKED_FOR}")
             items, missing = [], []
-            for path in _walk(root, FULL_IMAGE_SUFFIXES, skip):
+            for path in _walk(root, FULL_IMAGE_SUFFIXES):
                 seg = path.with_name(path.stem + SEG_SUFFIX)
                 name = path.relative_to(root).as_posix()
                 found = _annotation_file(seg)

@@ -386,15 +386,19 @@ def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov) -> 
     """The requested circuit gates: ({check name: (current (L, H), baseline (L, H), tolerance)} of those both profiles
     can give, [(check name, why)] of those that cannot run, in every head or in some)."""
     plan, skipped = {}, []
-    for name, flag, tol, get in (
-        (HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric),
-        (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted),
+    ov_unlike = current.model.ov_folded != baseline.model.ov_folded  # a folded profile/2 written before OV folding
+    for name, flag, tol, get, unlike in (
+        (HEAD_SYMMETRY, "tol_symmetry", tol_symmetry, lambda p: p.symmetric, False),
+        (HEAD_OV, "tol_ov", tol_ov, lambda p: None if p.ov is None else p.ov.weighted, ov_unlike),
     ):
         if tol is None:
             continue
         now, base = get(current), get(baseline)
         what, given = name.removeprefix("head "), f"{flag}={tol:g}"
-        if base is None or not np.isfinite(base).any():
+        if unlike:
+            why = "the baseline's value-output circuit is not LayerNorm-folded (saved before fold_ln=True folded it)"
+            skipped.append((name, f"{given}: not checked: {why}; save the baseline again"))
+        elif base is None or not np.isfinite(base).any():
             why = f"the baseline has no {what} (profile/1, or no value-output circuit)"
             skipped.append((name, f"{given}: not checked: {why}"))
         elif now is None or not np.isfinite(now).any():

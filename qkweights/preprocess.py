@@ -113,7 +113,9 @@ def _read_file(path: Path) -> Image.Image:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give one image file (PNG, JPEG, …)")
     if not path.is_file():
-        raise InputError(f"{path}: no such image file; check the path")
+        dangling = path.is_symlink() and not path.exists()
+        why = " (a symbolic link that leads nowhere: a loop, or a missing target)" if dangling else ""
+        raise InputError(f"{path}: no such image file{why}; check the path")
     try:
         with Image.open(path) as im:
             im.load()

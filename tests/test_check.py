@@ -511,3 +511,20 @@ def test_a_current_model_without_the_statistic_skips_the_gate_and_says_so(baseli
     report = check_profile(none, base, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
     assert report.passed and not _gates(report, HEAD_OV)
     assert report.skipped == ((HEAD_OV, "tol_ov=0.0625: not checked: the current model has no OV weighted cosine"),)
+
+
+def test_a_folded_baseline_from_before_ov_folding_skips_the_ov_gate_and_says_so(tmp_path, capsys):
+    """A --fold-ln profile saved before the value-output circuit was folded (its ``model.fold`` lacks
+    ``value_output``) holds the plain W_o W_v: --tol-ov would compare two different matrices, so it is skipped."""
+    out = tmp_path / "folded"
+    qkweights.profile(str(VIT), fold_ln=True).save(out)
+    doc = json.loads((out / "profile.json").read_text())
+    assert doc["model"]["fold"]["value_output"] is True
+    del doc["model"]["fold"]["value_output"]  # as written before the OV circuit was folded
+    (out / "profile.json").write_text(json.dumps(doc))
+    code, lines, err = run(capsys, VIT, "--baseline", out / "profile.json", "--tol-ov", 0.5, "--tol-symmetry", 0.5)
+    assert code == 0 and lines[0].startswith("check passed:")
+    assert err.splitlines() == [
+        "qkweights: note: --tol-ov 0.5: not checked: the baseline's value-output circuit is not LayerNorm-folded "
+        "(saved before --fold-ln folded it); save the baseline again"
+    ]

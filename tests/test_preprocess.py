@@ -253,8 +253,11 @@ def test_unreadable_inputs_raise_input_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(InputError, match="notes.txt: cannot decode"):
         load_image(tmp_path / "notes.txt")
-    with pytest.raises(InputError, match="missing.png: no such image file"):
+    with pytest.raises(InputError, match=r"missing.png: no such image file; check"):
         load_image(tmp_path / "missing.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")  # a link to itself: a loop
+    with pytest.raises(InputError, match=r"loop.png: no such image file \(a symbolic link that leads nowhere"):
+        load_image(tmp_path / "loop.png")
     with pytest.raises(InputError, match="dtype float64"):
         load_image(np.zeros((4, 4, 3)))
     with pytest.raises(InputError, match=r"shape \(4, 4, 2\)"):

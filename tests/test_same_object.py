@@ -11,6 +11,7 @@ unlabelled, other B values ranked ascending).
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,18 @@ def test_layouts_are_detected(tmp_path):
     assert data.layout == GENERIC
     ids, classes = read_objects(data.items[0], (8, 6))
     assert ids.max() == 40000 and classes == {1000: -1, 40000: -1}
+
+
+def test_a_data_dir_that_is_no_folder_says_what_it_is(tmp_path):
+    (tmp_path / "data.txt").write_text("not a folder")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, why in (
+        (tmp_path / "data.txt", "is a file, not a folder"),
+        (tmp_path / "missing", "no such folder"),
+        (tmp_path / "loop", "is a symbolic link that leads nowhere"),
+    ):
+        with pytest.raises(InputError, match=f"^{re.escape(str(path))}: {why}"):
+            open_segmentation(path)
 
 
 def test_unknown_layout_is_an_input_error(tmp_path):
