@@ -104,3 +104,13 @@ def one_layer_vit(
         )
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory) -> Path:
+    """The demo's outputs, with its atlas (``demo_out / "atlas"``), run once per session."""
+    from qkweights.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out)
+    return out
