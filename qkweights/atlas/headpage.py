@@ -25,10 +25,10 @@ def head_page(m, layer: int, head: int, stats, renderer, top: int) -> str:
         for c in COLUMNS
         if np.isfinite(s[c.key][layer, head])
     )
-    modes, modes_html = _modes(m, layer, head)
-    data["modes"] = modes
     top_html, data["top_images"] = _top_images(m, layer, head, renderer, top)
     same_html, data["same_object"] = _same_object(m, layer, head, renderer)
+    modes, modes_html = _modes(m, layer, head, shown=set(top_html) | set(same_html))
+    data["modes"] = modes
     o3_html, data["o3"] = _o3(m, layer, head)
     mode_ids = sorted({r["mode"] for r in modes} | set(top_html) | set(same_html))
     sections = []
@@ -52,8 +52,8 @@ def head_page(m, layer: int, head: int, stats, renderer, top: int) -> str:
     body = (
         f"{nav}<h1>{escape(m.name)} · layer {layer}, head {head}</h1>"
         f"<dl class='summary'>{summary or '<div><dt>statistics</dt><dd>none in the results</dd></div>'}</dl>"
-        f"<section><h2>Modes of W<sub>q</sub><sup>T</sup>W<sub>k</sub></h2>{modes_html}</section>"
-        f"{o3_html}<section><h2>Images per mode</h2>{_caption(m)}{''.join(sections)}</section>"
+        f"<section><h2>Images per mode</h2>{_caption(m)}{''.join(sections)}</section>{o3_html}"
+        f"<section><h2>All modes of W<sub>q</sub><sup>T</sup>W<sub>k</sub></h2>{modes_html}</section>"
         f"{json_block('head-data', data)}"
     )
     crumbs = (
@@ -81,7 +81,8 @@ def _nav(m, layer: int, head: int) -> str:
     )
 
 
-def _modes(m, layer: int, head: int) -> tuple[list[dict], str]:
+def _modes(m, layer: int, head: int, shown: set[int]) -> tuple[list[dict], str]:
+    """The modes table (rows of modes without an image section carry their ``#m<n>`` anchor) and its data."""
     p = m.profile
     if p is None:
         return [], "<p class='missing'>No profile of this model: σ, cosines and value-output modes are not known.</p>"
@@ -102,8 +103,9 @@ def _modes(m, layer: int, head: int) -> tuple[list[dict], str]:
         recs.append(rec)
         deg = "—" if block is None else f"{block['start']}–{block['stop'] - 1}"
         bar = _bar(rec["cosine"])
+        anchor = "" if n in shown else f' id="m{n}"'
         rows.append(
-            f'<tr><th scope="row"><a href="#m{n}">{n}</a></th><td>{fmt(rec["sigma"], 4)}</td><td>{bar}'
+            f'<tr{anchor}><th scope="row"><a href="#m{n}">{n}</a></th><td>{fmt(rec["sigma"], 4)}</td><td>{bar}'
             f"{fmt(rec['cosine'])}</td><td>{deg}</td><td>{fmt(rec['ov_sigma'], 4)}</td>"
             f"<td>{_bar(rec['ov_cosine'])}{fmt(rec['ov_cosine'])}</td></tr>"
         )

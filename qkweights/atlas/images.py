@@ -143,19 +143,25 @@ class Renderer:
         grey = np.asarray(Image.fromarray(np.round(img @ (255 * LUMA)).astype(np.uint8)).resize((w, h)))
         out = np.repeat((grey * (0.55 if self.thumbs else 0.0))[..., None], 3, axis=2).astype(np.uint8)
         lab = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.NEAREST))
-        for obj, colour in ((query_object, OUTLINE["query"]), (key_object, OUTLINE["key"])):
-            out[_edge(lab == obj)] = colour
+        out[_edge(lab == query_object)] = OUTLINE["query"]
+        key = lab == key_object
+        out[_edge(_erode(key, 2) if key_object == query_object else key)] = OUTLINE["key"]  # same: cyan inside red
         return self.assets.add(encode(out), "img", "webp")
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` shrunk by ``steps`` pixels (4-neighbourhood; the image border counts as outside)."""
+    inner = mask.copy()
+    for _ in range(steps):
+        inner[1:-1, 1:-1] &= inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+        inner[[0, -1], :] = False
+        inner[:, [0, -1]] = False
+    return inner
 
 
 def _edge(mask: np.ndarray) -> np.ndarray:
     """The boundary pixels of a mask, two pixels wide."""
-    inner = mask.copy()
-    for _ in range(2):
-        inner[1:-1, 1:-1] &= inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
-        inner[[0, -1], :] = False
-        inner[:, [0, -1]] = False
-    return mask & ~inner
+    return mask & ~_erode(mask, 2)
 
 
 _SEG: dict[str, dict] = {}

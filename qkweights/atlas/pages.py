@@ -98,7 +98,7 @@ def index_page(models, stats, compare_figs, skipped) -> str:
         '<th scope="col">results</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
     )
     figs = "".join(
-        f'<figure><img src="{src}" alt="{escape(alt)}" width="640"><figcaption>{escape(alt)}</figcaption></figure>'
+        f'<figure><img src="{src}" alt="{escape(alt)}" width="600"><figcaption>{escape(alt)}</figcaption></figure>'
         for src, alt in compare_figs
     )
     curves = f'<section><h2>Layer curves</h2><div class="figs">{figs}</div></section>' if figs else ""
