@@ -118,20 +118,21 @@ def test_embedded_data_round_trips_to_the_result_files(demo_out, atlas):
 
 
 def test_budget_is_checked_before_writing(demo_out, tmp_path):
-    files = qkweights.report([demo_out], tmp_path / "site")
+    src = demo_out / "top_images"  # thumbnails and maps, no compare figures: quick
+    files = qkweights.report([src], tmp_path / "site")
     size = sum(f.stat().st_size for f in files)
     shutil.rmtree(tmp_path / "site")
-    qkweights.report([demo_out], tmp_path / "exact", max_mb=size / 1e6)  # exactly at the budget: written
+    qkweights.report([src], tmp_path / "exact", max_mb=size / 1e6)  # exactly at the budget: written
     with pytest.raises(InputError, match=r"over --max-mb.*lower --top \(now 8\) or --thumb-px \(now 96\)"):
-        qkweights.report([demo_out], tmp_path / "over", max_mb=(size - 1) / 1e6)
+        qkweights.report([src], tmp_path / "over", max_mb=(size - 1) / 1e6)
     assert not (tmp_path / "over").exists() and [p.name for p in tmp_path.iterdir()] == ["exact"]
-    assert main(["report", str(demo_out), "--out", str(tmp_path / "cli"), "--max-mb", "0.01"]) == 2
+    assert main(["report", str(src), "--out", str(tmp_path / "cli"), "--max-mb", "0.01"]) == 2
     assert not (tmp_path / "cli").exists()
 
 
 def test_an_interrupted_write_leaves_the_previous_site_whole(demo_out, tmp_path, monkeypatch):
     out = tmp_path / "site"
-    qkweights.report([demo_out], out, top=2)
+    qkweights.report([demo_out / "top_images"], out, top=2)
     before = tree_digest(out)
     real, calls = site_module._write, []
 
@@ -143,7 +144,7 @@ def test_an_interrupted_write_leaves_the_previous_site_whole(demo_out, tmp_path,
 
     monkeypatch.setattr(site_module, "_write", failing)
     with pytest.raises(OSError):
-        qkweights.report([demo_out], out, top=4)
+        qkweights.report([demo_out / "top_images"], out, top=4)
     assert len(calls) == 21 and tree_digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["site"]  # no partial folder left beside it
 

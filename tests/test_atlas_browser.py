@@ -135,9 +135,10 @@ def test_grid_cell_opens_its_head_and_keyboard_reaches_the_next(browser, atlas):
 def test_every_visible_image_has_loaded(browser, atlas):
     d = open_page(browser, model_dir(atlas) / "L01_H02.html")
     checked = 0
-    for y in range(0, 20000, 800):
+    height = d.execute_script("return document.body.scrollHeight")
+    for y in range(0, height, 900):
         d.execute_script(f"window.scrollTo(0, {y})")
-        time.sleep(0.15)
+        time.sleep(0.05)
         state = d.execute_script(
             "return Array.from(document.images).filter(i => { const r = i.getBoundingClientRect();"
             " return r.bottom > 0 && r.top < innerHeight && r.width > 0; })"

@@ -157,7 +157,7 @@ def _top_images(m, layer: int, head: int, renderer, top: int) -> tuple[dict[int,
     root = Path(doc["image_dir"])
     size = tuple(opts.get("input_size") or ())
     entry = next(e for e in doc["heads"] if (e["layer"], e["head"]) == (layer, head))
-    w, h = renderer._shape(grid)
+    w, h = renderer.tile_shape(grid)
     rows_n, out, data = n_modes * 2, {}, {"image_dir": str(root), "modes": []}
     style = f"background-image:url(../{sprite});background-size:{k * 100}% {rows_n * 100}%;width:{w}px;height:{h}px"
     for ni, mode in enumerate(entry["modes"]):
@@ -211,15 +211,19 @@ def _same_object(m, layer: int, head: int, renderer) -> tuple[dict[int, str], di
         n = md["mode"]
         picked = [x for x in r.rows if (x["layer"], x["head"], x["mode"]) == (layer, head, n)]
         tiles = []
+        w, h = renderer.tile_shape(grid)
         for x in picked:
-            src = renderer.example(root, x["image"], size, grid, x["query_object"], x["key_object"])
+            ex = renderer.example(root, x["image"], size, grid, x["query_object"], x["key_object"])
             verdict = "same object" if x["same"] else "different objects"
+            if ex is None:
+                tiles.append(f"<figure class='tile'><figcaption>{escape(x['image'])}: unreadable</figcaption></figure>")
+                continue
             alt = f"{x['image']}: {verdict} (query object outlined red, key object cyan)"
-            img = f'<img class="th lazy" data-src="../{src}" alt="{escape(alt)}">' if src else ""
+            thumb = f'<img class="th lazy" data-src="../{ex[0]}" alt="">' if ex[0] else ""
             tiles.append(
-                f"<figure class='tile ex'>{img}<figcaption>{verdict}</figcaption></figure>"
-                if src
-                else f"<figure class='tile ex'><figcaption>{escape(x['image'])}: unreadable</figcaption></figure>"
+                f'<figure class="tile"><div class="ov ex" style="width:{w}px;height:{h}px">{thumb}'
+                f'<img class="ol lazy" data-src="../{ex[1]}" alt="{escape(alt)}"></div>'
+                f"<figcaption>{verdict}</figcaption></figure>"
             )
         data["modes"].append({"mode": n, "probability": md.get("probability"), "n_images": md.get("n_images")})
         out[n] = (

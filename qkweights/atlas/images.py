@@ -21,7 +21,7 @@ from PIL import Image
 
 from qkweights.ade20k import open_segmentation, read_objects
 from qkweights.errors import QkError
-from qkweights.overlay import LUMA, display_image, scale_map
+from qkweights.overlay import display_image, scale_map
 from qkweights.preprocess import Preprocess, open_image
 from qkweights.top_images import READ_ERRORS
 
@@ -103,7 +103,7 @@ class Renderer:
         h, w = px.shape[1] // gh * gh, px.shape[2] // gw * gw
         return display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
 
-    def _shape(self, grid) -> tuple[int, int]:
+    def tile_shape(self, grid) -> tuple[int, int]:
         gh, gw = grid
         return self.px, max(1, round(self.px * gh / gw))  # (w, h)
 
@@ -118,35 +118,46 @@ class Renderer:
             except READ_ERRORS:
                 self._cache[key] = None
                 return None
-            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(self._shape(grid), Image.LANCZOS)
+            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(self.tile_shape(grid), Image.LANCZOS)
             self._cache[key] = self.assets.add(encode(np.asarray(small)), "img", "webp")
         return self._cache[key]
 
-    def example(self, root: Path, rel: str, size, grid, query_object: int, key_object: int) -> str | None:
-        """Site path of one same-object example: the image in grey (black with ``--no-thumbs``), the query object
-        outlined red and the key object cyan; None when the image or its instance map is unreadable."""
-        try:
-            item = _seg_items(root)[rel]
-            image = open_image(item.image)
-            prep = self._prep(size)
-            ids, _ = read_objects(item, image.size)
-            if prep is None:
-                labels = np.asarray(Image.fromarray(ids.astype(np.int32)).resize(image.size, Image.NEAREST))
-                img = np.asarray(image.convert("RGB"), np.float64) / 255
-            else:
-                labels = prep.transform_labels(ids)
-                img = self.model_view(item.image, size, grid)
-                labels = labels[: img.shape[0], : img.shape[1]]
-        except (KeyError, *READ_ERRORS):
+    def example(self, root: Path, rel: str, size, grid, query_object: int, key_object: int):
+        """One same-object example: (site path of the image's thumbnail or None with ``--no-thumbs``, site path of
+        its outline layer: the query object outlined red, the key object cyan, transparent elsewhere); None when
+        the image or its instance map is unreadable. The page stacks the two."""
+        labels = self._labels(root, rel, size, grid)
+        if labels is None:
             return None
-        w, h = self._shape(grid)
-        grey = np.asarray(Image.fromarray(np.round(img @ (255 * LUMA)).astype(np.uint8)).resize((w, h)))
-        out = np.repeat((grey * (0.55 if self.thumbs else 0.0))[..., None], 3, axis=2).astype(np.uint8)
-        lab = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.NEAREST))
-        out[_edge(lab == query_object)] = OUTLINE["query"]
-        key = lab == key_object
-        out[_edge(_erode(key, 2) if key_object == query_object else key)] = OUTLINE["key"]  # same: cyan inside red
-        return self.assets.add(encode(out), "img", "webp")
+        out = np.zeros(labels.shape, np.uint8)  # palette indices: 0 transparent, 1 red, 2 cyan
+        out[_edge(labels == query_object)] = 1
+        key = labels == key_object
+        out[_edge(_erode(key, 2) if key_object == query_object else key)] = 2  # one object: cyan inside red
+        layer = Image.fromarray(out, "P")
+        layer.putpalette([0, 0, 0, *OUTLINE["query"], *OUTLINE["key"]])
+        buf = io.BytesIO()
+        layer.save(buf, "PNG", transparency=0)
+        thumb = self.thumb(_seg_items(root)[rel].image, size, grid)
+        return thumb, self.assets.add(buf.getvalue(), "img", "png")
+
+    def _labels(self, root: Path, rel: str, size, grid) -> np.ndarray | None:
+        """The instance ids of one image at thumbnail size, on the part of the model input the grid covers."""
+        key = ("labels", str(root), rel, tuple(size or ()), tuple(grid))
+        if key not in self._cache:
+            try:
+                item = _seg_items(root)[rel]
+                ids, _ = read_objects(item, open_image(item.image).size)
+            except (KeyError, *READ_ERRORS):
+                self._cache[key] = None
+                return None
+            prep = self._prep(size)
+            if prep is not None:
+                ids = prep.transform_labels(ids)  # (H, W) on the model input
+                ids = ids[: ids.shape[0] // grid[0] * grid[0], : ids.shape[1] // grid[1] * grid[1]]
+            self._cache[key] = np.asarray(
+                Image.fromarray(ids.astype(np.int32)).resize(self.tile_shape(grid), Image.NEAREST)
+            )
+        return self._cache[key]
 
 
 def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
