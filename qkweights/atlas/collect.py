@@ -58,7 +58,11 @@ class ModelResults:
 
     @property
     def name(self) -> str:
-        return self.source.get("model_id") or self.model.get("family") or "model"
+        """The Hub id; for a local folder or file, its name (the full path is in ``source``)."""
+        model_id = self.source.get("model_id")
+        if model_id and self.source.get("kind") in ("folder", "file"):
+            return Path(model_id).name
+        return model_id or self.model.get("family") or "model"
 
     @property
     def layers(self) -> int:

@@ -87,8 +87,10 @@ def index_page(models, stats, compare_figs, skipped) -> str:
         dims = f"{m.layers} layers × {m.heads} heads, D = {m.model.get('hidden', '?')}"
         if m.model.get("head_dim"):
             dims += f", K = {m.model['head_dim']}"
+        full = str(m.source.get("model_id") or "")
         rows.append(
-            f'<tr><td><a href="{m.slug}/index.html">{escape(m.name)}</a></td><td>{escape(m.model.get("family", "?"))}'
+            f'<tr><td><a href="{m.slug}/index.html" title="{escape(full)}">{escape(m.name)}</a></td>'
+            f"<td>{escape(m.model.get('family', '?'))}"
             f"</td><td>{escape(dims)}</td><td><code>{escape(m.identity)}</code></td>"
             f"<td>{escape(', '.join(k.replace('_', '-') for k in kinds))}</td></tr>"
         )

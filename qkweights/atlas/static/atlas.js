@@ -43,7 +43,11 @@
     filter.addEventListener("input", function () {
       var words = filter.value.toLowerCase().split(/\s+/).filter(Boolean), n = 0;
       rows.forEach(function (r, i) {
-        var ok = words.every(function (w) { return texts[i].indexOf(w) >= 0; });
+        var ok = words.every(function (w) {  // "l3", "h7": that layer or head exactly; anything else: a substring
+          var exact = /^([lh])(\d+)$/.exec(w);
+          if (exact) { return r.cells[exact[1] === "l" ? 1 : 2].getAttribute("data-v") === exact[2]; }
+          return texts[i].indexOf(w) >= 0;
+        });
         r.hidden = !ok; if (ok) { n += 1; }
       });
       count.textContent = n + " of " + rows.length + " heads";
