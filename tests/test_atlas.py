@@ -21,7 +21,7 @@ from qkweights.errors import InputError, QkWarning
 
 
 class Refs(HTMLParser):
-    """Every href/src of a page, and the inline JSON blocks."""
+    """Every href/src/data-src and CSS url() of a page, and the inline JSON blocks."""
 
     def __init__(self):
         super().__init__()
@@ -35,9 +35,14 @@ class Refs(HTMLParser):
         self.refs += re.findall(r"url\(([^)]+)\)", a.get("style") or "")
         if tag == "script" and a.get("type") == "application/json":
             self._in = a["id"]
+        if tag == "style":
+            self._in = "<style>"
 
     def handle_data(self, data):
-        if self._in:
+        if self._in == "<style>":
+            self.refs += re.findall(r"url\(([^)]+)\)", data)
+            self._in = None
+        elif self._in:
             self.json[self._in] = json.loads(data)
             self._in = None
 

@@ -18,6 +18,7 @@ SIGN_WORDS = {"+": "positive side (s = +1)", "-": "negative side (s = −1)"}
 def head_page(m, layer: int, head: int, stats, renderer, top: int) -> str:
     """The HTML of head (layer, head) of model ``m`` (images registered with ``renderer``)."""
     data: dict = {"model": m.name, "layer": layer, "head": head}
+    renderer.page_style.clear()
     s = stats[m.key]
     data["stats"] = {c.key: finite(s[c.key][layer, head]) for c in COLUMNS}
     summary = "".join(
@@ -59,7 +60,8 @@ def head_page(m, layer: int, head: int, stats, renderer, top: int) -> str:
     crumbs = (
         f'<a href="../index.html">atlas</a> › <a href="index.html">{escape(m.name)}</a> › <span>L{layer} H{head}</span>'
     )
-    return page(f"L{layer} H{head} — {m.name}", body, root="../", crumbs=crumbs)
+    style = f"<style>{''.join(renderer.page_style)}</style>\n" if renderer.page_style else ""
+    return page(f"L{layer} H{head} — {m.name}", body, root="../", crumbs=crumbs, head=style)
 
 
 def _nav(m, layer: int, head: int) -> str:
@@ -153,13 +155,16 @@ def _top_images(m, layer: int, head: int, renderer, top: int) -> tuple[dict[int,
     maps = r.maps[li, hi * n_modes : (hi + 1) * n_modes]  # (N, 2, K, 2, gh, gw)
     k = min(top, maps.shape[2])
     grid = maps.shape[-2:]
-    sprite = renderer.assets.add(encode(map_sprite(maps, k), "PNG"), "maps", "png")
+    sprite = renderer.assets.add(encode(map_sprite(maps, k), "WEBP_LOSSLESS"), "maps", "webp")
     root = Path(doc["image_dir"])
     size = tuple(opts.get("input_size") or ())
     entry = next(e for e in doc["heads"] if (e["layer"], e["head"]) == (layer, head))
     w, h = renderer.tile_shape(grid)
     rows_n, out, data = n_modes * 2, {}, {"image_dir": str(root), "modes": []}
-    style = f"background-image:url(../{sprite});background-size:{k * 100}% {rows_n * 100}%;width:{w}px;height:{h}px"
+    renderer.page_style.append(
+        f".ov.t{{background-image:url(../{sprite});background-size:{k * 100}% {rows_n * 100}%;"
+        f"width:{w}px;height:{h}px}}"
+    )
     for ni, mode in enumerate(entry["modes"]):
         blocks, dm = [], {"mode": mode["mode"], "signs": {}}
         for si, sign in enumerate(SIGNS):
@@ -170,7 +175,7 @@ def _top_images(m, layer: int, head: int, renderer, top: int) -> tuple[dict[int,
                 thumb = renderer.thumb(root / win["path"], size, grid)
                 x = j / (k - 1) * 100 if k > 1 else 0
                 y = (2 * ni + si) / (rows_n - 1) * 100
-                tiles.append(_tile(thumb, style, x, y, win, mode["mode"], sign, j))
+                tiles.append(_tile(thumb, x, y, win, mode["mode"], sign, j))
             if not tiles:
                 tiles.append("<p class='missing'>no image scored on this side</p>")
             blocks.append(
@@ -181,7 +186,7 @@ def _top_images(m, layer: int, head: int, renderer, top: int) -> tuple[dict[int,
     return out, data
 
 
-def _tile(thumb, style: str, x: float, y: float, win: dict, mode: int, sign: str, rank: int) -> str:
+def _tile(thumb, x: float, y: float, win: dict, mode: int, sign: str, rank: int) -> str:
     alt = f"{win['path']}: top {rank + 1} image of mode {mode}, sign {sign}, score {win['score']:.3g}"
     img = (
         f'<img class="th lazy" data-src="../{thumb}" alt="{escape(alt)}"><noscript><img class="th" '
@@ -190,7 +195,7 @@ def _tile(thumb, style: str, x: float, y: float, win: dict, mode: int, sign: str
         else ""
     )
     return (
-        f'<figure class="tile"><div class="ov" style="{style}">{img}'
+        f'<figure class="tile"><div class="ov t">{img}'
         f'<span class="mp" style="background-position:{x:.4f}% {y:.4f}%;"></span></div>'
         f"<figcaption title='{escape(win['path'])}'>{win['score']:.3g}</figcaption></figure>"
     )
@@ -207,11 +212,12 @@ def _same_object(m, layer: int, head: int, renderer) -> tuple[dict[int, str], di
     root, grid = Path(doc["dataset"]["root"]), tuple(doc["model"]["grid"])
     size = tuple(doc["options"].get("input_size") or ())
     out, data = {}, {"probability": entry.get("probability"), "modes": []}
+    w, h = renderer.tile_shape(grid)
+    renderer.page_style.append(f".ov.ex{{width:{w}px;height:{h}px}}")
     for md in entry["modes"]:
         n = md["mode"]
         picked = [x for x in r.rows if (x["layer"], x["head"], x["mode"]) == (layer, head, n)]
         tiles = []
-        w, h = renderer.tile_shape(grid)
         for x in picked:
             ex = renderer.example(root, x["image"], size, grid, x["query_object"], x["key_object"])
             verdict = "same object" if x["same"] else "different objects"
@@ -221,7 +227,7 @@ def _same_object(m, layer: int, head: int, renderer) -> tuple[dict[int, str], di
             alt = f"{x['image']}: {verdict} (query object outlined red, key object cyan)"
             thumb = f'<img class="th lazy" data-src="../{ex[0]}" alt="">' if ex[0] else ""
             tiles.append(
-                f'<figure class="tile"><div class="ov ex" style="width:{w}px;height:{h}px">{thumb}'
+                f'<figure class="tile"><div class="ov ex">{thumb}'
                 f'<img class="ol lazy" data-src="../{ex[1]}" alt="{escape(alt)}"></div>'
                 f"<figcaption>{verdict}</figcaption></figure>"
             )

@@ -47,13 +47,14 @@ class Assets:
 
 
 def encode(image: np.ndarray, fmt: str = "WEBP") -> bytes:
-    """(h, w, 3) float in [0, 1] or uint8 → WebP (lossy, for photos) or PNG bytes."""
+    """(h, w, 3) float in [0, 1] or uint8 → WebP bytes: lossy for photos ("WEBP"), lossless for map sprites
+    ("WEBP_LOSSLESS", a third smaller than PNG)."""
     a = image if image.dtype == np.uint8 else np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
     buf = io.BytesIO()
     if fmt == "WEBP":
         Image.fromarray(a).save(buf, "WEBP", quality=THUMB_QUALITY, method=4)
     else:
-        Image.fromarray(a).save(buf, "PNG", optimize=False, compress_level=6)
+        Image.fromarray(a).save(buf, "WEBP", lossless=True, method=4)
     return buf.getvalue()
 
 
@@ -86,6 +87,7 @@ class Renderer:
     def __init__(self, assets: Assets, prep: Preprocess | None, thumb_px: int, thumbs: bool):
         self.assets, self.prep, self.px, self.thumbs = assets, prep, thumb_px, thumbs
         self._cache: dict = {}
+        self.page_style: list[str] = []  # the CSS rules of the page being written (tile sizes, its sprite)
 
     def _prep(self, size) -> Preprocess | None:
         if self.prep is None or not size:
