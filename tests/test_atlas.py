@@ -122,16 +122,18 @@ def test_embedded_data_round_trips_to_the_result_files(demo_out, atlas):
     assert [r[col] for r in index["rows"]] == [float(r["weighted_cosine"]) for r in heads]
 
 
-def test_budget_is_checked_before_writing(demo_out, tmp_path):
+def test_budget_is_checked_before_writing(demo_out, tmp_path, capsys):
     src = demo_out / "top_images"  # thumbnails and maps, no compare figures: quick
     files = qkweights.report([src], tmp_path / "site")
     size = sum(f.stat().st_size for f in files)
     shutil.rmtree(tmp_path / "site")
     qkweights.report([src], tmp_path / "exact", max_mb=size / 1e6)  # exactly at the budget: written
-    with pytest.raises(InputError, match=r"over --max-mb.*lower --top \(now 8\) or --thumb-px \(now 96\)"):
+    with pytest.raises(InputError, match=r"over max_mb=.*: lower top=8 or thumb_px=96, pass thumbs=False"):
         qkweights.report([src], tmp_path / "over", max_mb=(size - 1) / 1e6)
     assert not (tmp_path / "over").exists() and [p.name for p in tmp_path.iterdir()] == ["exact"]
     assert main(["report", str(src), "--out", str(tmp_path / "cli"), "--max-mb", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "over --max-mb 0.01: lower --top 8 or --thumb-px 96, pass --no-thumbs, or raise --max-mb" in err, err
     assert not (tmp_path / "cli").exists()
 
 

@@ -133,13 +133,13 @@ def _over_budget(files: dict[str, bytes], size: int, max_mb: float, thumb_px: in
         kind = "thumbnails" if p.startswith("img/") else "maps" if p.startswith("maps/") else "pages and figures"
         parts[kind] = parts.get(kind, 0) + len(b)
     detail = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
-    lower = f"lower --top (now {top}) or --thumb-px (now {thumb_px})" + (", pass --no-thumbs" if thumbs else "")
-    return f"the atlas would take {size / 1e6:.1f} MB ({detail}), over --max-mb {max_mb:g}: {lower}, or raise --max-mb"
+    lower = f"lower top={top} or thumb_px={thumb_px}" + (", pass thumbs=False" if thumbs else "")
+    return f"the atlas would take {size / 1e6:.1f} MB ({detail}), over max_mb={max_mb:g}: {lower}, or raise max_mb=…"
 
 
 def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; choose another --out")
+        raise InputError(f"{out}: exists and is not a folder; choose another folder for the site")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise InputError(
             f"{out}: holds files that qkweights report did not write; choose a new or empty folder for the site"

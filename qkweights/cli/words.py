@@ -20,6 +20,7 @@ OPTIONS = (
     "labels",
     "layers",
     "max_images",
+    "max_mb",
     "modes",
     "part",
     "revision",
@@ -29,6 +30,8 @@ OPTIONS = (
     "tol_layer",
     "tol_ov",
     "tol_sigma",
+    "thumb_px",
+    "thumbs",
     "tol_symmetry",
     "top",
     "top_sigma",
@@ -38,10 +41,13 @@ _OPTION = re.compile(r"(?<![\w.'\"-])(" + "|".join(sorted(OPTIONS, key=len, reve
 
 
 def flag_words(text: str) -> str:
-    """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``revision=…`` → ``--revision``."""
+    """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``thumbs=False`` → ``--no-thumbs``;
+    ``revision=…`` → ``--revision``."""
 
     def flag(m: re.Match) -> str:
         name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        if value == "False":
+            return "--no-" + name[2:]
         return name if value in ("", "…", "True") else f"{name} {value}"
 
     return _OPTION.sub(flag, text)
