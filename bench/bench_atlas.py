@@ -13,7 +13,8 @@ Inputs, built once and cached in bench/out/ (git-ignored; the sweep is slow on a
 - **ViT-L profile**: the ViT-L/16-shaped random checkpoint (24 × 16 heads, D 1024), profile only.
 
 Measured: seconds of ``qkweights.report`` (median of --reps, into a fresh folder each time, compare figures
-included), the site's bytes on disk, and in headless Chromium (Selenium, system chromedriver) the
+included), the site's bytes on disk, the link and offline checks of tests/test_atlas.py, and in headless
+Chromium (Selenium, system chromedriver) the
 ``loadEventEnd`` of the index, a model page and a head page (median of --reps). Targets (issue 17): demo ≤ 5 s;
 ViT-B ≤ 30 s and ≤ 40 MB; ViT-L profile ≤ 10 s; index and model pages < 1 s, a head page < 0.5 s.
 """
@@ -21,6 +22,7 @@ ViT-B ≤ 30 s and ≤ 40 MB; ViT-L profile ≤ 10 s; index and model pages < 1 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -80,6 +82,28 @@ def time_report(src: Path, reps: int) -> tuple[float, int, Path]:
     return statistics.median(times), sum(f.stat().st_size for f in files), site
 
 
+REF = re.compile(r"""(?:href|src|data-src)="([^"]*)"|url\(([^)]*)\)""")
+
+
+def check_site(site: Path) -> int:
+    """The checks of tests/test_atlas.py on a site: every reference resolves to a file inside it, and no page, script
+    or style names http:, https:, fetch( or type="module". Returns the number of references checked."""
+    n, root = 0, site.resolve()
+    for f in site.rglob("*"):
+        if f.suffix not in (".html", ".js", ".css"):
+            continue
+        text = f.read_text(encoding="utf-8")
+        bad = [b for b in ("http:", "https:", "fetch(", 'type="module"') if b in text]
+        if bad:
+            raise SystemExit(f"{f}: contains {bad}")
+        for groups in REF.findall(text) if f.suffix == ".html" else []:
+            ref = next((g for g in groups if g), "").split("#")[0]
+            if ref and not ((f.parent / ref).resolve().is_file() and root in (f.parent / ref).resolve().parents):
+                raise SystemExit(f"{f}: {ref} does not resolve inside the site")
+            n += 1
+    return n
+
+
 def browser_loads(site: Path, reps: int) -> dict[str, float]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -121,10 +145,14 @@ def main() -> None:
         ("ViT-L profile", vit_l_profile(), 10, None),
     ):
         seconds, size, site = time_report(src, args.reps)
+        refs = check_site(site)
         loads = {} if args.no_browser else browser_loads(site, args.reps)
         mb = f" (limit {limit_mb} MB)" if limit_mb else ""
         load = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in loads.items())
-        print(f"{label}: report {seconds:.2f} s (limit {limit_s} s), {size / 1e6:.1f} MB{mb}; loadEventEnd {load}")
+        print(
+            f"{label}: report {seconds:.2f} s (limit {limit_s} s), {size / 1e6:.1f} MB{mb}; {refs} references "
+            f"resolve offline; loadEventEnd {load}"
+        )
 
 
 if __name__ == "__main__":
