@@ -172,8 +172,7 @@ def model_page(m, stats, centres, figures) -> str:
         )
         grid = _grid(m, s, cols, centres)
         legends = "".join(
-            _legend(c, *centres[c.key], _scaled(s[c.key], centres[c.key][0])[1], hidden=i > 0)
-            for i, c in enumerate(cols)
+            _legend(c, *centres[c.key], _scaled(s[c.key], *centres[c.key])[1], hidden=i > 0) for i, c in enumerate(cols)
         )
     figs = "".join(
         f'<figure><img src="{src}" alt="{escape(alt)}" width="560"><figcaption>{escape(alt)}</figcaption></figure>'
@@ -190,15 +189,17 @@ def model_page(m, stats, centres, figures) -> str:
     return page(f"{m.name} — qkweights atlas", body, root="../", crumbs=crumbs)
 
 
-def _scaled(values: np.ndarray, centre: float) -> tuple[np.ndarray, float]:
+def _scaled(values: np.ndarray, centre: float, band: float | None) -> tuple[np.ndarray, float]:
+    """Values mapped to [-1, 1] around ``centre``, and the half-range r: the largest distance from the centre, but
+    never less than the null band, so that a model whose heads all lie inside it stays pale."""
     finite_v = values[np.isfinite(values)]
-    r = float(np.max(np.abs(finite_v - centre))) if finite_v.size else 1.0
+    r = max(float(np.max(np.abs(finite_v - centre))) if finite_v.size else 0.0, band or 0.0)
     r = r if r > 0 else 1.0
     return (values - centre) / r, r
 
 
 def _grid(m, s, cols, centres) -> str:
-    scaled = {c.key: _scaled(s[c.key], centres[c.key][0])[0] for c in cols}  # each in [-1, 1]
+    scaled = {c.key: _scaled(s[c.key], *centres[c.key])[0] for c in cols}  # each in [-1, 1]
     head_cells = "".join(f'<th scope="col">H{h}</th>' for h in range(m.heads))
     rows = []
     for layer in range(m.layers):
@@ -237,7 +238,8 @@ def _legend(c, centre: float, band, r: float, *, hidden: bool) -> str:
         f'<div class="legend" data-for="{c.key}"{" hidden" if hidden else ""}><div class="bar" style="background:'
         f'{gradient()}">{mark}</div><div class="ticks"><span>{centre - r:.3f}</span><span>{centre:.3f}</span>'
         f"<span>{centre + r:.3f}</span></div><p class='note'>{escape(c.help)}. Centre {centre:.3f}: a head without "
-        f"structure; the colour reaches its ends at the largest distance from it in this model.{note}</p></div>"
+        f"structure; the colour reaches its ends at the largest distance from it in this model (at least the null "
+        f"band).{note}</p></div>"
     )
 
 
