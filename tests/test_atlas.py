@@ -84,6 +84,10 @@ def test_no_network_no_fetch_no_module(atlas):
             text = f.read_text(encoding="utf-8")
             for bad in ("http:", "https:", "fetch(", 'type="module"', "XMLHttpRequest", "import("):
                 assert bad not in text, f"{f}: contains {bad!r}"
+        if f.suffix == ".html":  # without JavaScript: every lazily loaded image has a plain copy in <noscript>
+            lazy = re.findall(r'<img class="(\w+) lazy" data-src="([^"]+)"', text)
+            plain = re.findall(r'<noscript><img class="(\w+)" src="([^"]+)"', text)
+            assert lazy == plain, f"{f}: lazy images without a <noscript> copy"
 
 
 def test_embedded_data_round_trips_to_the_result_files(demo_out, atlas):

@@ -186,16 +186,22 @@ def _top_images(m, layer: int, head: int, renderer, top: int) -> tuple[dict[int,
     return out, data
 
 
+def lazy_img(src: str, alt: str, cls: str) -> str:
+    """An image that the script loads when it nears the viewport, with a plain copy for readers without JavaScript
+    (``loading="lazy"`` is not honoured on file://)."""
+    a = escape(alt)
+    return (
+        f'<img class="{cls} lazy" data-src="../{src}" alt="{a}">'
+        f'<noscript><img class="{cls}" src="../{src}" alt="{a}"></noscript>'
+    )
+
+
 def _tile(thumb, x: float, y: float, win: dict, mode: int, sign: str, rank: int) -> str:
     alt = f"{win['path']}: top {rank + 1} image of mode {mode}, sign {sign}, score {win['score']:.3g}"
-    img = (
-        f'<img class="th lazy" data-src="../{thumb}" alt="{escape(alt)}"><noscript><img class="th" '
-        f'src="../{thumb}" alt="{escape(alt)}"></noscript>'
-        if thumb
-        else ""
-    )
+    img = lazy_img(thumb, alt, "th") if thumb else ""
+    label = "" if thumb else f' role="img" aria-label="{escape(alt)} (maps only)"'
     return (
-        f'<figure class="tile"><div class="ov t">{img}'
+        f'<figure class="tile"><div class="ov t"{label}>{img}'
         f'<span class="mp" style="background-position:{x:.4f}% {y:.4f}%;"></span></div>'
         f"<figcaption title='{escape(win['path'])}'>{win['score']:.3g}</figcaption></figure>"
     )
@@ -225,10 +231,10 @@ def _same_object(m, layer: int, head: int, renderer) -> tuple[dict[int, str], di
                 tiles.append(f"<figure class='tile'><figcaption>{escape(x['image'])}: unreadable</figcaption></figure>")
                 continue
             alt = f"{x['image']}: {verdict} (query object outlined red, key object cyan)"
-            thumb = f'<img class="th lazy" data-src="../{ex[0]}" alt="">' if ex[0] else ""
+            thumb = lazy_img(ex[0], "", "th") if ex[0] else ""
             tiles.append(
                 f'<figure class="tile"><div class="ov ex">{thumb}'
-                f'<img class="ol lazy" data-src="../{ex[1]}" alt="{escape(alt)}"></div>'
+                f"{lazy_img(ex[1], alt, 'ol')}</div>"
                 f"<figcaption>{verdict}</figcaption></figure>"
             )
         data["modes"].append({"mode": n, "probability": md.get("probability"), "n_images": md.get("n_images")})

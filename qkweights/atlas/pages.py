@@ -115,7 +115,7 @@ def index_page(models, stats, compare_figs, skipped) -> str:
 
 
 def heads_table(models, stats) -> tuple[str, dict]:
-    cols = [c for c in COLUMNS if any(np.isfinite(stats[m.key][c.key]).any() for m in models)]
+    cols = COLUMNS  # all of them, "—" where no result holds the statistic: what is missing is said, not hidden
     head = "".join(
         f'<th scope="col" title="{escape(c.help)}"><button type="button" data-col="{i + 3}">{escape(c.title)}'
         "</button></th>"
@@ -171,6 +171,9 @@ def model_page(m, stats, centres, figures) -> str:
             + "</select></p>"
         )
         grid = _grid(m, s, cols, centres)
+        absent = [c.title for c in COLUMNS if c not in cols]
+        if absent:
+            grid += f"<p class='note'>Not in this model's results: {escape(', '.join(absent))}.</p>"
         legends = "".join(
             _legend(c, *centres[c.key], _scaled(s[c.key], *centres[c.key])[1], hidden=i > 0) for i, c in enumerate(cols)
         )
