@@ -191,6 +191,8 @@ def test_no_thumbs_keeps_the_source_images_out(demo_out, tmp_path):
     pages = [p.read_text() for p in (tmp_path / "site").rglob("L*_H*.html")]
     assert not any('<img class="th' in p for p in pages)  # maps only, over black
     assert any('class="mp"' in p for p in pages)
+    assert all("Source images left out" in p for p in pages if 'class="mp"' in p)
+    assert all("Image preprocessing: the checkpoint&#x27;s" in p for p in pages if 'class="mp"' in p)
     assert not list((tmp_path / "site").glob("img/*"))
 
 
@@ -200,3 +202,17 @@ def test_refuses_to_replace_a_folder_it_did_not_write(demo_out, tmp_path):
     with pytest.raises(InputError, match="did not write"):
         qkweights.report([demo_out], tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_without_the_model_the_thumbnails_are_only_resized_and_the_page_says_so(demo_out, tmp_path):
+    moved = tmp_path / "top_images"
+    shutil.copytree(demo_out / "top_images", moved)
+    doc = json.loads((moved / "top_images.json").read_text())
+    doc["source"]["model_id"] = str(tmp_path / "gone")  # the checkpoint is no longer where the run found it
+    (moved / "top_images.json").write_text(json.dumps(doc))
+    qkweights.report([moved], tmp_path / "site")
+    page = next((tmp_path / "site").rglob("L01_H02.html")).read_text()
+    assert "Image preprocessing: unknown: the model could not be opened" in page
+    assert list((tmp_path / "site").glob("img/*.webp"))  # thumbnails all the same (48 scenes)
+    ours = next((demo_out / "atlas").rglob("L01_H02.html")).read_text()
+    assert "Image preprocessing: recorded with the result" in ours  # the same-object result records it

@@ -53,7 +53,7 @@ def head_page(m, layer: int, head: int, stats, renderer, top: int) -> str:
     body = (
         f"{nav}<h1>{escape(m.name)} · layer {layer}, head {head}</h1>"
         f"<dl class='summary'>{summary or '<div><dt>statistics</dt><dd>none in the results</dd></div>'}</dl>"
-        f"<section><h2>Images per mode</h2>{_caption(m)}{''.join(sections)}</section>{o3_html}"
+        f"<section><h2>Images per mode</h2>{_caption(m, renderer)}{''.join(sections)}</section>{o3_html}"
         f"<section><h2>All modes of W<sub>q</sub><sup>T</sup>W<sub>k</sub></h2>{modes_html}</section>"
         f"{json_block('head-data', data)}"
     )
@@ -127,10 +127,12 @@ def _bar(x) -> str:
     return f'<span class="cbar" aria-hidden="true"><span style="{side};width:{w:.1f}%"></span></span>'
 
 
-def _caption(m) -> str:
+def _caption(m, renderer) -> str:
     if m.top_images is None and m.same_object is None:
         return ""
+    shown = "Source images left out: maps over black. " if not renderer.thumbs else ""
     return (
+        f"<p class='note'>{shown}Image preprocessing: {escape(renderer.origin)}.</p>"
         "<p class='note'>Each image: the part of the model input the patch grid covers, in grey; red = query map "
         "x·u, cyan = key map x·v, white = both (positive side of the shown sign, ÷ its 99th percentile, one block "
         "per patch). Same-object examples: query object outlined red, key object cyan.</p>"

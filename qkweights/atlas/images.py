@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -74,18 +75,34 @@ def preprocessing_of(m) -> tuple[Preprocess | None, str]:
             from qkweights.load import open_model
             from qkweights.vision import preprocessing_for
 
-            _, ck = open_model(model_id, revision=m.source.get("commit") or m.source.get("revision"), progress=False)
+            with _hub_offline():
+                rev = m.source.get("commit") or m.source.get("revision")
+                _, ck = open_model(model_id, revision=rev, progress=False)
             return preprocessing_for(ck)[0], f"the checkpoint's ({model_id})"
         except (QkError, OSError) as e:
             return None, f"unknown: the model could not be opened ({type(e).__name__}); images are only resized"
     return None, "unknown: the result names no model; images are only resized"
 
 
+@contextmanager
+def _hub_offline():
+    """huggingface_hub's offline mode for the block: a Hub model is read from the local cache or not at all (the
+    atlas never makes a network request, here included)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 class Renderer:
     """Thumbnails and examples of one model's images, cached per (path, input size)."""
 
-    def __init__(self, assets: Assets, prep: Preprocess | None, thumb_px: int, thumbs: bool):
-        self.assets, self.prep, self.px, self.thumbs = assets, prep, thumb_px, thumbs
+    def __init__(self, assets: Assets, prep: Preprocess | None, thumb_px: int, thumbs: bool, origin: str = ""):
+        self.assets, self.prep, self.px, self.thumbs, self.origin = assets, prep, thumb_px, thumbs, origin
         self._cache: dict = {}
         self.page_style: list[str] = []  # the CSS rules of the page being written (tile sizes, its sprite)
 

@@ -86,8 +86,8 @@ def build(found, *, thumb_px: int, top: int, thumbs: bool) -> dict[str, bytes]:
                     assets.files[path] = (folder / name).read_bytes()
                     figures.append((f"fig/{name}", caption))
         texts[f"{m.slug}/index.html"] = model_page(m, stats, centres, figures)
-        prep, _origin = preprocessing_of(m) if (m.top_images or m.same_object) else (None, "")
-        renderer = Renderer(assets, prep, thumb_px, thumbs)
+        prep, origin = preprocessing_of(m) if (m.top_images or m.same_object) else (None, "")
+        renderer = Renderer(assets, prep, thumb_px, thumbs, origin)
         for layer in range(m.layers):
             for h in range(m.heads):
                 texts[f"{m.slug}/{head_name(layer, h)}.html"] = head_page(m, layer, h, stats, renderer, top)
