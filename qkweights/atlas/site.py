@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from qkweights.atlas.images import Assets, Renderer, preprocessing_of
 from qkweights.atlas.pages import head_name, index_page, model_page
 from qkweights.atlas.stats import COLUMNS, centre_band, head_stats
 from qkweights.errors import InputError, QkWarning
-from qkweights.outputs import output_error
+from qkweights.outputs import dumps_json, output_error
 from qkweights.version import __version__
 
 MANIFEST = ".qkweights-report.json"
@@ -159,9 +158,7 @@ def write_site(files: dict[str, bytes], out: Path) -> list[Path]:
             _write(tmp / rel, data)
         _write(
             tmp / MANIFEST,
-            json.dumps(
-                {"schema": "qkweights.report/1", "tool_version": __version__, "files": sorted(files)}, indent=1
-            ).encode(),
+            dumps_json({"schema": "qkweights.report/1", "tool_version": __version__, "files": sorted(files)}).encode(),
         )
         old = None
         if out.exists():
