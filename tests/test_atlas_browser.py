@@ -11,6 +11,11 @@ import time
 
 import pytest
 
+try:
+    from selenium.common.exceptions import TimeoutException
+except ImportError:  # the module is skipped then (the browser fixture says why)
+    TimeoutException = Exception
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -115,6 +120,7 @@ def test_head_table_sorts_on_click_and_filters_on_typing(browser, atlas):
 def test_grid_cell_opens_its_head_and_keyboard_reaches_the_next(browser, atlas):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     d = open_page(browser, model_dir(atlas) / "index.html")
     d.find_element(By.CSS_SELECTOR, "#grid a[href='L02_H01.html']").click()
@@ -128,34 +134,29 @@ def test_grid_cell_opens_its_head_and_keyboard_reaches_the_next(browser, atlas):
     d.switch_to.active_element.send_keys(Keys.ENTER)
     assert d.current_url.endswith("/L02_H02.html")
     d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_DOWN)  # the arrow keys: the layer below
-    time.sleep(0.2)
-    assert d.current_url.endswith("/L03_H02.html")
+    WebDriverWait(d, 10).until(lambda d: d.current_url.endswith("/L03_H02.html"))
+
+
+VISIBLE = (
+    "return Array.from(document.images).filter(i => { const r = i.getBoundingClientRect();"
+    " return r.bottom > 0 && r.top < innerHeight && r.width > 0; })"
+    ".map(i => [i.getAttribute('src') || i.getAttribute('data-src'), i.complete && i.naturalWidth > 0])"
+)
 
 
 def test_every_visible_image_has_loaded(browser, atlas):
+    from selenium.webdriver.support.ui import WebDriverWait
+
     d = open_page(browser, model_dir(atlas) / "L01_H02.html")
     checked = 0
     height = d.execute_script("return document.body.scrollHeight")
     for y in range(0, height, 900):
         d.execute_script(f"window.scrollTo(0, {y})")
-        time.sleep(0.05)
-        state = d.execute_script(
-            "return Array.from(document.images).filter(i => { const r = i.getBoundingClientRect();"
-            " return r.bottom > 0 && r.top < innerHeight && r.width > 0; })"
-            ".map(i => [i.currentSrc, i.complete, i.naturalWidth])"
-        )
-        bad = [s for s in state if not (s[1] and s[2] > 0)]
-        if bad:  # give the lazy loader its moment, then insist
-            time.sleep(0.5)
-            bad = [
-                s
-                for s in bad
-                if not d.execute_script(
-                    "const i = Array.from(document.images).find(i => i.currentSrc === arguments[0]);"
-                    " return i && i.complete && i.naturalWidth > 0",
-                    s[0],
-                )
-            ]
-        assert bad == [], bad
+        try:  # the lazy loader starts them as they come into view; a loaded machine may take a moment
+            WebDriverWait(d, 10, poll_frequency=0.05).until(lambda d: all(ok for _, ok in d.execute_script(VISIBLE)))
+        except TimeoutException:
+            pass
+        state = d.execute_script(VISIBLE)
+        assert [src for src, ok in state if not ok] == []
         checked += len(state)
     assert checked > 50  # thumbnails and same-object examples were on screen
