@@ -216,3 +216,24 @@ def test_without_the_model_the_thumbnails_are_only_resized_and_the_page_says_so(
     assert list((tmp_path / "site").glob("img/*.webp"))  # thumbnails all the same (48 scenes)
     ours = next((demo_out / "atlas").rglob("L01_H02.html")).read_text()
     assert "Image preprocessing: recorded with the result" in ours  # the same-object result records it
+
+
+def test_results_of_one_model_share_a_key_by_commit_else_weight_sha256():
+    from qkweights.atlas.collect import model_key
+
+    hub = {"model_id": "org/vit", "commit": "abc123", "files": [{"name": "model.safetensors", "sha256": "f00"}]}
+    assert model_key(hub) == "org/vit@abc123"
+    assert model_key({**hub, "commit": None}) == "sha256:model.safetensors:f00"  # a folder: its weights decide
+    moved = {"model_id": "/elsewhere/vit", "commit": None, "files": hub["files"]}
+    assert model_key(moved) == model_key({**hub, "commit": None})  # the same weights moved: the same model
+    assert model_key({"model_id": "x", "files": []}) == "id:x"
+
+
+def test_the_grid_marks_the_null_band_of_the_weighted_cosine(atlas, demo_out):
+    page = next(p for p in atlas.iterdir() if (p / "L00_H00.html").is_file()) / "index.html"
+    cells = re.findall(r'<a href="L(\d+)_H(\d+)\.html" class="cell( null)?"', page.read_text())
+    prof = json.loads((demo_out / "profile" / "profile.json").read_text())
+    band = 1.959963984540054 / 64**0.5  # 95% band of u·v for random unit vectors in R^64 (the demo's D)
+    expected = {(e["layer"], h["head"]): abs(h["weighted_cosine"]) < band for e in prof["layers"] for h in e["heads"]}
+    assert len(cells) == 16 and {(int(l), int(h)): bool(n) for l, h, n in cells} == expected
+    assert any(expected.values()) and not all(expected.values())  # the demo has heads on both sides
