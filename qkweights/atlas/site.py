@@ -123,7 +123,8 @@ def _compare(models: list[ModelResults], skipped: list) -> tuple[list[tuple[str,
             skipped.append((Path("compare"), str(e)))
             return [], {}
         files = {f"compare/{p.name}": p.read_bytes() for p in written if p.name in COMPARE_FIGURES}
-    return [(p, COMPARE_FIGURES[Path(p).name]) for p in sorted(files)], files
+    shown = [(f"compare/{name}", caption) for name, caption in COMPARE_FIGURES.items() if f"compare/{name}" in files]
+    return shown, files  # in the order of COMPARE_FIGURES: the weighted cosine first
 
 
 def _over_budget(files: dict[str, bytes], size: int, max_mb: float, thumb_px: int, top: int, thumbs: bool) -> str:
