@@ -113,7 +113,10 @@ def _candidates(dirs: list[Path]) -> list[Path]:
         for root, sub, files in os.walk(d):
             sub[:] = sorted(s for s in sub if not s.startswith("."))
             out += [Path(root) / f for f in sorted(files) if f in KINDS]
-    return out
+    unique: dict[Path, Path] = {}  # a folder given twice, or inside another given folder: read once
+    for p in out:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _doc_of(result) -> dict:
