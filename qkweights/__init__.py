@@ -6,7 +6,7 @@ imported on first use so that ``import qkweights`` stays light.
 
 from qkweights.version import __version__
 
-__all__ = ["__version__", "load_model", "load_profile", "profile", "save_profile"]
+__all__ = ["__version__", "load_model", "load_profile", "profile", "report", "save_profile"]
 
 
 def profile(
@@ -62,3 +62,11 @@ def load_model(model: str, **options):
     from qkweights.vision import load_model as _load
 
     return _load(model, **options)
+
+
+def report(dirs, out, *, thumb_px: int = 96, top: int = 8, max_mb: float = 50.0, thumbs: bool = True):
+    """Write the atlas of the results under ``dirs`` (output folders of qkweights commands) into the folder ``out``:
+    ``out/index.html``, a page per model and per head. Returns the files written. See :mod:`qkweights.atlas`."""
+    from qkweights.atlas import report as _report
+
+    return _report(dirs, out, thumb_px=thumb_px, top=top, max_mb=max_mb, thumbs=thumbs)

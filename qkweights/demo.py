@@ -18,7 +18,8 @@ scenes of :mod:`qkweights.synth_o3`. :func:`run_demo` runs, with no network:
    on ``same_object_scenes/``: the same generator and seed with objects :data:`SAME_OBJECT_SCALE`
    times larger (the O3 scenes' objects are smaller than one 8×8 patch, and the protocol drops
    such objects), written with their instance maps (``instances/``, 1 = target, 2… = distractors);
-7. ``summary.txt``: where to look.
+7. ``atlas/``: the atlas of these results (:func:`qkweights.report`), ``atlas/index.html``;
+8. ``summary.txt``: where to look.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ TOP_MODES = 4
 TOP_IMAGES = 6
 SAME_OBJECT_SCALE = 2.0
 SUMMARY_NAME = "summary.txt"
+ATLAS_NAME = "atlas"
 DEMO_IMAGE = "demo.jpg"
 DEMO_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", DEMO_IMAGE)
 
@@ -148,6 +150,7 @@ def summary_text(
             f"{out / 'same_object_scenes'}/  {n_scenes} scenes of the same generator and seed with objects "
             f"{SAME_OBJECT_SCALE:g}× larger, and their instance maps, used by same_object"
         )
+    lines.append(f"{out / ATLAS_NAME / 'index.html'}  the atlas: every head, its modes, top images and maps (open it)")
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +161,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     returned list ends with ``summary.txt``. Re-running into the same folder reuses its
     scenes and overwrites the other outputs.
     """
+    from qkweights.atlas import report
     from qkweights.maps import projection_maps, save_maps
     from qkweights.o3 import o3_allocation
     from qkweights.same_object import same_object
@@ -210,6 +214,10 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     written.append(big)
     same = same_object(model, big, out / "same_object", batch_size=16)
     written += same.files
+
+    stage("the atlas of these results")
+    report([out], out / ATLAS_NAME)
+    written.append(out / ATLAS_NAME)
 
     text = summary_text(out, folder, _card(folder), heads, prof.weighted, o3, N_SCENES, same.doc)
     written.append(write_text(out / SUMMARY_NAME, text))

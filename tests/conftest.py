@@ -119,3 +119,13 @@ def quadrant_scenes(folder: Path, n: int = 2) -> Path:
     for path in (folder / "instances").iterdir():
         Image.fromarray(quadrants).save(path)
     return folder
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory) -> Path:
+    """The demo's outputs, with its atlas (``demo_out / "atlas"``), run once per session."""
+    from qkweights.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out)
+    return out

@@ -139,7 +139,9 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == (out / "summary.txt").read_text()
     assert str(out / "maps") in printed and "held-out: target cell" in printed
+    assert f"{out / 'atlas' / 'index.html'}  the atlas" in printed
     for name in (
+        "atlas/index.html",
         "profile/profile.json",
         "profile/heads.csv",
         "profile/cosine_by_layer.png",

@@ -48,6 +48,7 @@ COMMANDS = [
         "maps; Fig. 6)",
     ),
     ("make-o3", "write a synthetic Odd-One-Out folder in the layout of the real O3 dataset"),
+    ("report", "the atlas: one static site to browse every head, mode, top image and map of saved results"),
     ("demo", "offline demo on the small trained ViT shipped with qkweights: profile, maps, top images, O3"),
 ]
 RESUMABLE = {"top-images", "o3", "same-object"}  # commands that continue where an interrupted run stopped

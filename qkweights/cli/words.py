@@ -22,6 +22,7 @@ OPTIONS = (
     "labels",
     "layers",
     "max_images",
+    "max_mb",
     "modes",
     "part",
     "revision",
@@ -32,6 +33,8 @@ OPTIONS = (
     "tol_layer",
     "tol_ov",
     "tol_sigma",
+    "thumb_px",
+    "thumbs",
     "tol_symmetry",
     "top",
     "top_sigma",
@@ -47,11 +50,18 @@ _ALONE = re.compile(
 
 
 def flag_words(text: str) -> str:
+<<<<<<< HEAD
     """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``revision=…`` → ``--revision``;
     ``(from spec_dir)`` → ``(from --spec-dir)``."""
+=======
+    """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``thumbs=False`` → ``--no-thumbs``;
+    ``revision=…`` → ``--revision``."""
+>>>>>>> atlas
 
     def flag(m: re.Match) -> str:
         name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        if value == "False":
+            return "--no-" + name[2:]
         return name if value in ("", "…", "True") else f"{name} {value}"
 
     return _ALONE.sub(lambda m: "--" + m.group(1).replace("_", "-"), _OPTION.sub(flag, text))
