@@ -608,6 +608,8 @@ def _run(
 
 def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
     """Join forward outputs of consecutive batch shards along B."""
+    if len(parts) == 1:
+        return parts[0]
 
     def cat(arrays):
         return None if arrays[0] is None else np.concatenate(arrays)
@@ -628,6 +630,15 @@ def blas_threads() -> int:
     return max([lib["num_threads"] for lib in _BLAS.select(user_api="blas").info()] or [1])
 
 
+def one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread (threadpoolctl; the limit is process-wide).
+
+    A multi-threaded BLAS call splits its output among threads, and the split moves the
+    kernel's edge tiles; on one thread a call's rounding depends on its operands alone.
+    """
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def forward(
     weights: ViTWeights,
     pixels: np.ndarray,
@@ -642,12 +653,17 @@ def forward(
 ) -> ForwardOutput:
     """Run the model on pixels (B, C, H, W) (already preprocessed).
 
+    One arithmetic per image: every image runs through the model alone, (1, T, D) arrays
+    and one-thread BLAS, so its outputs are bit-identical whatever the batch, its position
+    in it, the thread count or the executor (a batched ``(B·T, D) @ W`` rounds a row
+    according to where its image sits among the kernel's tiles on some BLAS kernels, e.g.
+    OpenBLAS's Haswell one). They depend on the machine's BLAS kernel (the
+    ``OPENBLAS_CORETYPE``), in the last digits.
+
     layers: block indices whose attention inputs (and attentions, with ``attentions=True``)
-    and residual streams are kept; None keeps all. threads: how many threads to use
-    (default: as many as numpy's BLAS may use). With n > 1 threads the batch is split in
-    n shards run side by side, each with single-threaded BLAS — every step, elementwise
-    ones included, then runs in parallel, which scales better than threaded BLAS on
-    (B·T)-row matrices. truncate: run only the blocks up to the deepest of ``layers``
+    and residual streams are kept; None keeps all. threads: how many images run side by side,
+    one per Python thread (numpy releases the GIL; default: as many as numpy's BLAS may use
+    threads). truncate: run only the blocks up to the deepest of ``layers``
     (``hidden_states`` then ends there and ``last_hidden_state`` is None). rows: (B, Q)
     token indices; ``attentions[l]`` then holds only those query rows, (B, H, Q, T), so
     that memory does not grow with T². hidden=False, inputs=False: keep no residual
@@ -660,16 +676,15 @@ def forward(
     if rows is not None:
         rows = np.asarray(rows, np.int64).reshape(len(x), -1)  # (B, Q)
     n = min(threads or blas_threads(), len(x))
-    if n <= 1:
-        return _run(weights, x, keep, attentions, truncate, rows, hidden, inputs)
-    cuts = np.array_split(np.arange(len(x)), n)
-    with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        parts = list(
-            pool.map(
-                lambda i: _run(
-                    weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], hidden, inputs
-                ),
-                cuts,
-            )
-        )
+
+    def one(i: int) -> ForwardOutput:  # image i alone, (1, ...) arrays
+        image_rows = None if rows is None else rows[i : i + 1]
+        return _run(weights, x[i : i + 1], keep, attentions, truncate, image_rows, hidden, inputs)
+
+    with one_blas_thread():
+        if n <= 1:
+            parts = [one(i) for i in range(len(x))]
+        else:
+            with ThreadPoolExecutor(n) as pool:
+                parts = list(pool.map(one, range(len(x))))
     return _concat(parts)
