@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from qkweights.errors import InputError, QkError
+from qkweights.forward import one_blas_thread
 from qkweights.load import source_record
 from qkweights.outputs import prepare_dir, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
@@ -326,8 +327,8 @@ class TopImagesAnalysis(ModeSweep):
             else:
                 x = out.attention_inputs[l]  # (B, T, D)
             xp = x[:, lay.patches]  # (B, N, D)
-            n, d = xp.shape[1:]
-            p = (xp.reshape(b * n, d) @ bank.w[li]).reshape(b, n, -1)  # (B, N, 2C)
+            with one_blas_thread():  # one GEMM per image (stacked matmul), whatever its neighbours
+                p = xp @ bank.w[li]  # (B, N, 2C)
             st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
             c = st.shape[0]
             index = np.broadcast_to(batch.positions, st.shape[:3])  # (C, 2, B)
