@@ -333,3 +333,23 @@ def test_default_output_folders_keep_names_apart(a, b):
 
     assert (model_slug(a) == model_slug(b)) == (a == b)
     assert model_slug("./模型") == "模型" and model_slug("google/vit-base-patch16-224") == "vit-base-patch16-224"
+
+
+@pytest.mark.numerics
+def test_profile_is_the_same_whatever_the_threads():
+    # Each layer's float64 QR and SVD run in one Python thread on one BLAS thread (compute_profile pins it), on the
+    # same data: bit-identical by construction whatever the number of layer threads or the BLAS threads outside.
+    from threadpoolctl import threadpool_limits
+
+    from qkweights.load import open_model
+    from qkweights.profiles import compute_profile
+
+    _, ck = open_model(str(MODELS / "deit"))
+    ref = compute_profile(ck, {}, save_vectors=True, workers=1)
+    for blas in (1, 2):
+        with threadpool_limits(blas, user_api="blas"):
+            for workers in (2, 3):
+                got = compute_profile(ck, {}, save_vectors=True, workers=workers)
+                assert got.json_text() == ref.json_text()
+                np.testing.assert_array_equal(got.U, ref.U)
+                np.testing.assert_array_equal(got.V, ref.V)
