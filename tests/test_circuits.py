@@ -196,6 +196,7 @@ ALL = sorted(REFERENCE) + sorted(PICKLE_REFERENCE)
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.numerics
 def test_symmetry_and_ov_match_dense(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -230,6 +231,7 @@ def test_symmetry_and_ov_match_dense(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.numerics
 def test_fold_matches_dense(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -322,6 +324,7 @@ def test_ov_svd_hand_computed_and_trace_identity():
 
 
 @pytest.mark.parametrize("name", VISION_FIXTURES)
+@pytest.mark.numerics
 def test_folded_bilinear_plus_salience_reproduces_the_softmax(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -452,6 +455,7 @@ def test_diff_reports_the_new_statistics(tmp_path):
     assert any("folding differs" in n for n in f.notes) and any("salience_norm absent from A" in n for n in f.notes)
 
 
+@pytest.mark.numerics
 def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
     from qkweights.maps import projection_maps, save_maps
     from qkweights.synth_o3 import make_o3

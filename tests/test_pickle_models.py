@@ -74,6 +74,7 @@ def sha256(path):
 
 
 @pytest.mark.parametrize("name", sorted(SAME_WEIGHTS))
+@pytest.mark.numerics
 def test_profile_equals_the_safetensors_profile(name, reference_profiles):
     fixture, _, _ = SAME_WEIGHTS[name]
     path = PICKLES / name

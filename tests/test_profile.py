@@ -72,6 +72,7 @@ def reference_weights(name):
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_NAMES))
+@pytest.mark.numerics
 def test_profile_matches_dense_svd(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -93,6 +94,7 @@ def test_profile_matches_dense_svd(name):
             assert prof.weighted[l, h] == pytest.approx(np.sum(s * cos) / s.sum(), abs=1e-8)
 
 
+@pytest.mark.numerics
 def test_bf16_and_f16_profiles_are_close_to_f32():
     f32, bf16, f16 = (qkweights.profile(str(MODELS / n)) for n in ("vit", "vit-bf16", "vit-f16"))
     assert bf16.model.dtype == "BF16" and f16.model.dtype == "F16"
