@@ -383,7 +383,7 @@ def test_against_brute_force_on_a_fixture_with_crop_and_registers(tmp_path):
     for key, want in ref.items():
         assert [g["image"] for g in got[key]] == [w[2] for w in want]
         assert [(g["query_object"], g["key_object"], g["n_objects"]) for g in got[key]] == [w[3:] for w in want]
-        # both in float64 from the same float32 tokens, in other orders: ≲ √D·2⁻⁵³ relative per projection, far below
+        # both in float64 from the same float32 tokens, in other orders: ≲ √D·2⁻⁵³ relative per projection, ≪ 1e-9
         np.testing.assert_allclose([g["score"] for g in got[key]], [-w[0] for w in want], rtol=1e-9)
         checked_diff += sum(g["same"] == 0 for g in got[key])
     assert checked_diff > 0 and any(r["same"] for r in result.rows)  # both outcomes occur
