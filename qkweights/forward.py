@@ -28,6 +28,7 @@ Axis letters: B batch, T tokens, D width, H heads, K head dim, F MLP width, N pa
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from qkweights.errors import InputError
+from qkweights.errors import InputError, QkWarning
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
 INTERPOLATIONS = ("bicubic", "bicubic_antialias")
@@ -634,7 +635,12 @@ def one_blas_thread():
     """A context in which numpy's BLAS runs on one thread (threadpoolctl; the limit is process-wide).
 
     A multi-threaded BLAS call splits its output among threads, and the split moves the
-    kernel's edge tiles; on one thread a call's rounding depends on its operands alone.
+    kernel's edge tiles (OpenBLAS's Haswell kernel then rounds otherwise); on one thread a
+    call's rounding depends on its operands alone. Enter and leave it in one thread: OpenBLAS
+    0.3.31 ignores a thread count set from a thread other than the main one once the main
+    thread has set one (a process that runs analyses on several threads at once, e.g. a
+    Dask worker with ``--nthreads 2``, should start with OPENBLAS_NUM_THREADS=1, as Dask's
+    nanny does).
     """
     return _BLAS.limit(limits=1, user_api="blas")
 
@@ -682,6 +688,14 @@ def forward(
         return _run(weights, x[i : i + 1], keep, attentions, truncate, image_rows, hidden, inputs)
 
     with one_blas_thread():
+        if blas_threads() > 1:
+            warnings.warn(
+                f"numpy's BLAS could not be limited to one thread from this thread (it runs {blas_threads()}): "
+                "results may differ in the last digits with the thread count; set OPENBLAS_NUM_THREADS=1 "
+                "(or threadpoolctl limits in the main thread) for the same numbers whatever the threads",
+                QkWarning,
+                stacklevel=2,
+            )
         if n <= 1:
             parts = [one(i) for i in range(len(x))]
         else:

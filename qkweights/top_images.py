@@ -13,7 +13,8 @@ maps (x_t·u_n, x_t·v_n over the patch grid) for the figures — so the figures
 second pass over the images.
 
 The sweep is run by :mod:`qkweights.runner` (shards, executors, resume): each batch is
-projected onto every chosen head's U and V at once ((B·T, D) @ (D, 2·H·N) per layer),
+projected onto every chosen head's U and V at once (one (T, D) @ (D, 2·H·N) per image and
+layer, so that an image's scores are its own whatever its batch; see :func:`qkweights.forward.forward`),
 and the partial result of a set of images is a top-K per (layer, head, mode, sign)
 (:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
 first), which is associative and commutative, so memory does not grow with the number
