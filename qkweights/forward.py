@@ -608,7 +608,7 @@ def _run(
 
 
 def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
-    """Join forward outputs of consecutive batch shards along B."""
+    """Join forward outputs of consecutive images (or batch shards) along B."""
     if len(parts) == 1:
         return parts[0]
 
@@ -636,11 +636,11 @@ def one_blas_thread():
 
     A multi-threaded BLAS call splits its output among threads, and the split moves the
     kernel's edge tiles (OpenBLAS's Haswell kernel then rounds otherwise); on one thread a
-    call's rounding depends on its operands alone. Enter and leave it in one thread: OpenBLAS
-    0.3.31 ignores a thread count set from a thread other than the main one once the main
-    thread has set one (a process that runs analyses on several threads at once, e.g. a
-    Dask worker with ``--nthreads 2``, should start with OPENBLAS_NUM_THREADS=1, as Dask's
-    nanny does).
+    call's rounding depends on its operands alone. Enter and leave it in one thread, best the
+    main one: OpenBLAS (0.3.31 here) may ignore a thread count set from another thread once
+    the main thread has set one, so a process that runs analyses on several threads at once
+    (a Dask worker with ``--nthreads 2``) should start with OPENBLAS_NUM_THREADS=1, as
+    Dask's nanny does; :func:`forward` warns when the limit did not take.
     """
     return _BLAS.limit(limits=1, user_api="blas")
 
