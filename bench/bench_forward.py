@@ -1,12 +1,17 @@
-"""Throughput of qkweights' numpy forward pass against transformers' ViTModel on torch CPU, same run, same threads.
+"""Throughput of qkweights' numpy forward pass: per image (now), batched (before), torch CPU; same run, same threads.
 
 Builds a ViT-B/16 (224×224, 12 layers, width 768, 12 heads, MLP 3072) with random weights in the
 Hugging Face ViT file layout (config.json + model.safetensors, written with numpy and
 safetensors.numpy) in a temporary folder, then for each thread count N:
 
-- qkweights: ``load_model(folder).forward(pixels)`` with OpenBLAS limited to N threads (threadpoolctl);
-- torch: ``ViTModel.from_pretrained(folder)`` (default attention, sdpa) and eager attention, with
-  ``torch.set_num_threads(N)``; torch is imported only here, never by qkweights;
+- qkweights: ``load_model(folder).forward(pixels)`` with OpenBLAS limited to N threads (threadpoolctl):
+  every image runs alone, N images side by side on Python threads, one BLAS thread each;
+- batched: the forward pass before issue 15, kept here only as the baseline (:func:`batched_forward`):
+  the batch cut in N shards of consecutive images, each shard's ``(B·T, D) @ W`` one BLAS call, so
+  that an image's rounding depended on its neighbours on some BLAS kernels; the column
+  ``== per image`` says whether its outputs happen to be bit-identical to the per-image ones here;
+- torch (when installed): ``ViTModel.from_pretrained(folder)`` (default attention, sdpa) and eager
+  attention, with ``torch.set_num_threads(N)``; torch is imported only here, never by qkweights;
 - numpy's float32 matmul peak: (B·T × 768) @ (768 × 3072) in GFLOP/s, the ceiling of the forward pass.
 
 Timings alternate between the implementations (other load on the machine hits both alike) and
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +42,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qkweights.forward import _BLAS, _concat, _run, blas_threads, check_layers, check_pixels  # noqa: E402
 from qkweights.vision import load_model  # noqa: E402
 
 VIT_B16 = dict(
@@ -92,6 +99,18 @@ def write_vit(folder: Path, cfg: dict, seed: int = 0) -> None:
         **cfg,
     }
     (folder / "config.json").write_text(json.dumps(config))
+
+
+def batched_forward(weights, pixels: np.ndarray, threads: int):
+    """The forward pass as qkweights ran it before issue 15: shards of images, one batched GEMM per shard."""
+    keep = set(check_layers(None, len(weights.blocks)))
+    x = check_pixels(pixels, 3, weights.embeddings.patch_size)
+    n = min(threads, len(x))
+    if n <= 1:
+        return _run(weights, x, keep, False)
+    cuts = np.array_split(np.arange(len(x)), n)
+    with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
+        return _concat(list(pool.map(lambda i: _run(weights, x[i], keep, False), cuts)))
 
 
 def forward_flops(cfg: dict, batch: int) -> float:
@@ -160,7 +179,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch comparison (skipped too without torch)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,6 +189,13 @@ def main() -> None:
         pixels = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
         flops = forward_flops(VIT_B16, args.batch)
         runners = {"qkweights": lambda: model.forward(pixels)}
+        runners["batched"] = lambda: batched_forward(model.weights, pixels, blas_threads())
+        if not args.no_torch:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                print("torch is not installed: no torch comparison (pip install torch==2.13.0 transformers)")
+                args.no_torch = True
         if not args.no_torch:
             import torch
             from transformers import ViTModel
@@ -205,6 +231,7 @@ def main() -> None:
             if not args.no_torch:
                 torch.set_num_threads(n)
             with threadpool_limits(n):
+                same = np.array_equal(runners["batched"]().last_hidden_state, runners["qkweights"]().last_hidden_state)
                 for fn in runners.values():
                     fn()  # warm-up
                 times = {name: [] for name in runners}
@@ -213,7 +240,7 @@ def main() -> None:
                         times[name].append(_time(fn))
                 peak = matmul_peak(args.batch * 197, 768, 3072, args.reps)
             results[n] = times
-            print(f"\nthreads = {n}: numpy float32 matmul peak {peak:.0f} GFLOP/s")
+            print(f"\nthreads = {n}: numpy float32 matmul peak {peak:.0f} GFLOP/s; batched == per image: {same}")
             for name, ts in times.items():
                 med, best = statistics.median(ts), min(ts)
                 gflops = flops / med / 1e9
@@ -221,8 +248,9 @@ def main() -> None:
                     f"  {name:10s} median {med * 1e3:7.0f} ms  best {best * 1e3:7.0f} ms  "
                     f"{args.batch / med:6.2f} img/s  {gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)"
                 )
+            q = statistics.median(times["qkweights"])
+            print(f"  qkweights / batched throughput: {statistics.median(times['batched']) / q:.2f}x")
             if not args.no_torch:
-                q = statistics.median(times["qkweights"])
                 for impl in ("sdpa", "eager"):
                     print(
                         f"  qkweights / torch-{impl} throughput: {statistics.median(times['torch-' + impl]) / q:.2f}x"

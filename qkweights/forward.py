@@ -28,6 +28,7 @@ Axis letters: B batch, T tokens, D width, H heads, K head dim, F MLP width, N pa
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from qkweights.errors import InputError
+from qkweights.errors import InputError, QkWarning
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
 INTERPOLATIONS = ("bicubic", "bicubic_antialias")
@@ -607,7 +608,9 @@ def _run(
 
 
 def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
-    """Join forward outputs of consecutive batch shards along B."""
+    """Join forward outputs of consecutive images (or batch shards) along B."""
+    if len(parts) == 1:
+        return parts[0]
 
     def cat(arrays):
         return None if arrays[0] is None else np.concatenate(arrays)
@@ -628,6 +631,20 @@ def blas_threads() -> int:
     return max([lib["num_threads"] for lib in _BLAS.select(user_api="blas").info()] or [1])
 
 
+def one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread (threadpoolctl; the limit is process-wide).
+
+    A multi-threaded BLAS call splits its output among threads, and the split moves the
+    kernel's edge tiles (OpenBLAS's Haswell kernel then rounds otherwise); on one thread a
+    call's rounding depends on its operands alone. Enter and leave it in one thread, best the
+    main one: OpenBLAS (0.3.31 here) may ignore a thread count set from another thread once
+    the main thread has set one, so a process that runs analyses on several threads at once
+    (a Dask worker with ``--nthreads 2``) should start with OPENBLAS_NUM_THREADS=1, as
+    Dask's nanny does; :func:`forward` warns when the limit did not take.
+    """
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def forward(
     weights: ViTWeights,
     pixels: np.ndarray,
@@ -642,12 +659,17 @@ def forward(
 ) -> ForwardOutput:
     """Run the model on pixels (B, C, H, W) (already preprocessed).
 
+    One arithmetic per image: every image runs through the model alone, (1, T, D) arrays
+    and one-thread BLAS, so its outputs are bit-identical whatever the batch, its position
+    in it, the thread count or the executor (a batched ``(B·T, D) @ W`` rounds a row
+    according to where its image sits among the kernel's tiles on some BLAS kernels, e.g.
+    OpenBLAS's Haswell one). They depend on the machine's BLAS kernel (the
+    ``OPENBLAS_CORETYPE``), in the last digits.
+
     layers: block indices whose attention inputs (and attentions, with ``attentions=True``)
-    and residual streams are kept; None keeps all. threads: how many threads to use
-    (default: as many as numpy's BLAS may use). With n > 1 threads the batch is split in
-    n shards run side by side, each with single-threaded BLAS — every step, elementwise
-    ones included, then runs in parallel, which scales better than threaded BLAS on
-    (B·T)-row matrices. truncate: run only the blocks up to the deepest of ``layers``
+    and residual streams are kept; None keeps all. threads: how many images run side by side,
+    one per Python thread (numpy releases the GIL; default: as many as numpy's BLAS may use
+    threads). truncate: run only the blocks up to the deepest of ``layers``
     (``hidden_states`` then ends there and ``last_hidden_state`` is None). rows: (B, Q)
     token indices; ``attentions[l]`` then holds only those query rows, (B, H, Q, T), so
     that memory does not grow with T². hidden=False, inputs=False: keep no residual
@@ -660,16 +682,23 @@ def forward(
     if rows is not None:
         rows = np.asarray(rows, np.int64).reshape(len(x), -1)  # (B, Q)
     n = min(threads or blas_threads(), len(x))
-    if n <= 1:
-        return _run(weights, x, keep, attentions, truncate, rows, hidden, inputs)
-    cuts = np.array_split(np.arange(len(x)), n)
-    with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        parts = list(
-            pool.map(
-                lambda i: _run(
-                    weights, x[i], keep, attentions, truncate, None if rows is None else rows[i], hidden, inputs
-                ),
-                cuts,
+
+    def one(i: int) -> ForwardOutput:  # image i alone, (1, ...) arrays
+        image_rows = None if rows is None else rows[i : i + 1]
+        return _run(weights, x[i : i + 1], keep, attentions, truncate, image_rows, hidden, inputs)
+
+    with one_blas_thread():
+        if blas_threads() > 1:
+            warnings.warn(
+                f"numpy's BLAS could not be limited to one thread from this thread (it runs {blas_threads()}): "
+                "results may differ in the last digits with the thread count; set OPENBLAS_NUM_THREADS=1 "
+                "(or threadpoolctl limits in the main thread) for the same numbers whatever the threads",
+                QkWarning,
+                stacklevel=2,
             )
-        )
+        if n <= 1:
+            parts = [one(i) for i in range(len(x))]
+        else:
+            with ThreadPoolExecutor(n) as pool:
+                parts = list(pool.map(one, range(len(x))))
     return _concat(parts)

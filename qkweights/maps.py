@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from qkweights.errors import InputError
+from qkweights.forward import one_blas_thread
 from qkweights.outputs import save_figure, write_npz
 from qkweights.overlay import CAPTION, composite, display_image
 from qkweights.qk import qk_svd
@@ -148,55 +149,56 @@ def projection_maps(
     _check(model, layer, head, modes, top, embedding)
     if fold_ln and embedding != "ln":
         raise InputError("fold_ln=True projects the normalised tokens n onto the folded modes; drop embedding=residual")
-    pixels = model.preprocess(image)  # (1, 3, H, W)
-    out = model.forward(pixels, attentions=True, layers=[layer])
-    x_ln = out.attention_inputs[layer][0].astype(np.float64)  # (T, D)
-    x = x_ln if embedding == "ln" else out.hidden_states[layer][0].astype(np.float64)
-    attn = out.attentions[layer][0, head].astype(np.float64)  # (T, T)
-    salience = None
-    if fold_ln:
-        from qkweights.fold import folded_modes, normalised_tokens
+    with one_blas_thread():  # the float64 math of the maps, whatever the thread count
+        pixels = model.preprocess(image)  # (1, 3, H, W)
+        out = model.forward(pixels, attentions=True, layers=[layer])
+        x_ln = out.attention_inputs[layer][0].astype(np.float64)  # (T, D)
+        x = x_ln if embedding == "ln" else out.hidden_states[layer][0].astype(np.float64)
+        attn = out.attentions[layer][0, head].astype(np.float64)  # (T, T)
+        salience = None
+        if fold_ln:
+            from qkweights.fold import folded_modes, normalised_tokens
 
-        fm = folded_modes(model.checkpoint, layer, [head])
-        u, s, v = fm.u[0], fm.s[0], fm.v[0]  # (D, K), (K,), (D, K)
-        x = x_ln = normalised_tokens(out.hidden_states[layer][0], eps=model.dims.eps)  # (T, D) n
-        salience = float(attn.sum(0) @ (x @ fm.salience[0]) / math.sqrt(u.shape[1]))  # Σ_ij a_ij w·n_j / √K
-        embedding = "normalised"
-    else:
-        qk = model.checkpoint.qk(layer)
-        u, s, v = qk_svd(qk.wq[head], qk.wk[head])  # (D, K), (K,), (D, K)
-    c = contributions(x_ln, attn, u, s, v)  # (K,)
-    if top is not None:
-        chosen = np.argsort(-np.abs(c), kind="stable")[:top]
-    else:
-        chosen = np.array(modes if modes is not None else range(min(DEFAULT_MODES, s.size)), dtype=int)
-    lay = out.layout
-    gh, gw = lay.grid
-    xp = x[lay.patches]  # (N_patches, D)
-    query = (xp @ u[:, chosen]).T  # (N, N_patches)
-    key = (xp @ v[:, chosen]).T
-    prep = model.preprocessing
-    from qkweights.load import source_record
+            fm = folded_modes(model.checkpoint, layer, [head])
+            u, s, v = fm.u[0], fm.s[0], fm.v[0]  # (D, K), (K,), (D, K)
+            x = x_ln = normalised_tokens(out.hidden_states[layer][0], eps=model.dims.eps)  # (T, D) n
+            salience = float(attn.sum(0) @ (x @ fm.salience[0]) / math.sqrt(u.shape[1]))  # Σ_ij a_ij w·n_j / √K
+            embedding = "normalised"
+        else:
+            qk = model.checkpoint.qk(layer)
+            u, s, v = qk_svd(qk.wq[head], qk.wk[head])  # (D, K), (K,), (D, K)
+        c = contributions(x_ln, attn, u, s, v)  # (K,)
+        if top is not None:
+            chosen = np.argsort(-np.abs(c), kind="stable")[:top]
+        else:
+            chosen = np.array(modes if modes is not None else range(min(DEFAULT_MODES, s.size)), dtype=int)
+        lay = out.layout
+        gh, gw = lay.grid
+        xp = x[lay.patches]  # (N_patches, D)
+        query = (xp @ u[:, chosen]).T  # (N, N_patches)
+        key = (xp @ v[:, chosen]).T
+        prep = model.preprocessing
+        from qkweights.load import source_record
 
-    return Maps(
-        model_id=model.source.model_id if model.source is not None else model.checkpoint.spec.name,
-        layer=layer,
-        head=head,
-        embedding=embedding,
-        modes=chosen,
-        signs=choose_signs(query, key),
-        singular_values=s[chosen],
-        cosines=np.einsum("dn,dn->n", u[:, chosen], v[:, chosen]),
-        contributions=c[chosen],
-        query=query.reshape(-1, gh, gw),
-        key=key.reshape(-1, gh, gw),
-        image=display_image(pixels[0], prep.mean, prep.std, prep.rescale),
-        patch_size=model.weights.embeddings.patch_size,
-        ranked=top is not None,
-        source=source_record(model.source, model.checkpoint) if model.source is not None else {},
-        image_path=str(Path(image).absolute()) if isinstance(image, (str, os.PathLike)) else None,
-        salience_contribution=salience,
-    )
+        return Maps(
+            model_id=model.source.model_id if model.source is not None else model.checkpoint.spec.name,
+            layer=layer,
+            head=head,
+            embedding=embedding,
+            modes=chosen,
+            signs=choose_signs(query, key),
+            singular_values=s[chosen],
+            cosines=np.einsum("dn,dn->n", u[:, chosen], v[:, chosen]),
+            contributions=c[chosen],
+            query=query.reshape(-1, gh, gw),
+            key=key.reshape(-1, gh, gw),
+            image=display_image(pixels[0], prep.mean, prep.std, prep.rescale),
+            patch_size=model.weights.embeddings.patch_size,
+            ranked=top is not None,
+            source=source_record(model.source, model.checkpoint) if model.source is not None else {},
+            image_path=str(Path(image).absolute()) if isinstance(image, (str, os.PathLike)) else None,
+            salience_contribution=salience,
+        )
 
 
 def mode_title(layer: int, head: int, mode: int, sign: int, sigma: float, cos: float) -> str:

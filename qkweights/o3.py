@@ -60,7 +60,7 @@ import numpy as np
 
 from qkweights.errors import InputError
 from qkweights.figures import o3_figure
-from qkweights.forward import token_layout
+from qkweights.forward import one_blas_thread, token_layout
 from qkweights.load import source_record
 from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
@@ -234,8 +234,9 @@ class O3Analysis(Analysis):
             group = [i for i, p in enumerate(prepared) if p.pixels.shape == size]
             pixels = np.stack([prepared[i].pixels for i in group])  # (B, 3, H, W)
             rows = forward_rows(model, pixels, np.stack([prepared[i].tokens for i in group]))  # (B, L, H, 2, N)
-            for i, r in zip(group, rows):
-                values[i] = allocation(r, prepared[i].masks)  # (L, H, 6)
+            with one_blas_thread():  # one image's matrices per BLAS call, whatever the thread count
+                for i, r in zip(group, rows):
+                    values[i] = allocation(r, prepared[i].masks)  # (L, H, 6)
         return O3Partial(
             batch.positions, np.stack(values), np.array([p.masks.reshape(3, -1).mean(axis=1) for p in prepared])
         )

@@ -58,6 +58,7 @@ from qkweights.ade20k import (
     read_objects,
 )
 from qkweights.errors import InputError
+from qkweights.forward import one_blas_thread
 from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.runner import Batch, context, run_sweep
 from qkweights.top_images import (
@@ -283,28 +284,29 @@ class SameObjectAnalysis(ModeSweep):
         out = model.forward(np.stack([p.pixels for p in prepared]), layers=layers, truncate=True, hidden=False)
         b = len(prepared)
         scores, slots = [], []
-        for li, l in enumerate(layers):
-            x = out.attention_inputs[l][:, out.layout.patches].astype(np.float64)  # (B, N, D)
-            p = x @ w[li]  # (B, N, 2C)
-            c = p.shape[2] // 2
-            score, sign = image_scores(p)  # (B, C)
-            slot = np.empty((b, c, len(SLOT)), np.int64)
-            for i, pr in enumerate(prepared):
-                s = sign[i].astype(np.float64)  # (C,)
-                iq, ik = object_choice(pr.a, p[i, :, :c] * s, p[i, :, c:] * s)  # (C,) each
-                slot[i] = np.stack(
-                    [
-                        sign[i],
-                        pr.objects[iq],
-                        pr.objects[ik],
-                        pr.classes[iq],
-                        pr.classes[ik],
-                        np.full(c, len(pr.objects)),
-                    ],
-                    axis=-1,
-                )
-            scores.append(score.T)  # (C, B)
-            slots.append(slot.transpose(1, 0, 2))  # (C, B, 6)
+        with one_blas_thread():  # one GEMM per image, whatever its neighbours and the thread count
+            for li, l in enumerate(layers):
+                x = out.attention_inputs[l][:, out.layout.patches].astype(np.float64)  # (B, N, D)
+                p = x @ w[li]  # (B, N, 2C)
+                c = p.shape[2] // 2
+                score, sign = image_scores(p)  # (B, C)
+                slot = np.empty((b, c, len(SLOT)), np.int64)
+                for i, pr in enumerate(prepared):
+                    s = sign[i].astype(np.float64)  # (C,)
+                    iq, ik = object_choice(pr.a, p[i, :, :c] * s, p[i, :, c:] * s)  # (C,) each
+                    slot[i] = np.stack(
+                        [
+                            sign[i],
+                            pr.objects[iq],
+                            pr.objects[ik],
+                            pr.classes[iq],
+                            pr.classes[ik],
+                            np.full(c, len(pr.objects)),
+                        ],
+                        axis=-1,
+                    )
+                scores.append(score.T)  # (C, B)
+                slots.append(slot.transpose(1, 0, 2))  # (C, B, 6)
         index = np.broadcast_to(batch.positions, (len(layers), scores[0].shape[0], b)).astype(np.int64)
         new = SamePartial(np.array(scores), index, np.array(slots), b)
         return self.merge(self.empty(), new)

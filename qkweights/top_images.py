@@ -13,7 +13,8 @@ maps (x_t·u_n, x_t·v_n over the patch grid) for the figures — so the figures
 second pass over the images.
 
 The sweep is run by :mod:`qkweights.runner` (shards, executors, resume): each batch is
-projected onto every chosen head's U and V at once ((B·T, D) @ (D, 2·H·N) per layer),
+projected onto every chosen head's U and V at once (one (T, D) @ (D, 2·H·N) per image and
+layer, so that an image's scores are its own whatever its batch; see :func:`qkweights.forward.forward`),
 and the partial result of a set of images is a top-K per (layer, head, mode, sign)
 (:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
 first), which is associative and commutative, so memory does not grow with the number
@@ -38,6 +39,7 @@ from PIL import Image
 
 from qkweights.errors import InputError, QkError
 from qkweights.folders import image_suffixes, listing, not_a_folder
+from qkweights.forward import one_blas_thread
 from qkweights.load import source_record
 from qkweights.outputs import holds_output, plural, record_outputs, write_json, write_npz
 from qkweights.qk import qk_svd
@@ -341,8 +343,8 @@ class TopImagesAnalysis(ModeSweep):
             else:
                 x = out.attention_inputs[l]  # (B, T, D)
             xp = x[:, lay.patches]  # (B, N, D)
-            n, d = xp.shape[1:]
-            p = (xp.reshape(b * n, d) @ bank.w[li]).reshape(b, n, -1)  # (B, N, 2C)
+            with one_blas_thread():  # one GEMM per image (stacked matmul), whatever its neighbours
+                p = xp @ bank.w[li]  # (B, N, 2C)
             st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
             c = st.shape[0]
             index = np.broadcast_to(batch.positions, st.shape[:3])  # (C, 2, B)

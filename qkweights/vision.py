@@ -377,9 +377,10 @@ class VisionModel:
         """Run the model on preprocessed pixels (B, 3, H, W); see :func:`qkweights.forward.forward`.
 
         layers: 0-based block indices whose attention inputs, residual streams and (with
-        ``attentions=True``) attention probabilities are kept; None keeps all. Uses as many
-        threads as numpy's BLAS may (``threadpoolctl.threadpool_limits`` or
-        OPENBLAS_NUM_THREADS set the number). truncate, rows: run only the blocks up to the
+        ``attentions=True``) attention probabilities are kept; None keeps all. Runs as many
+        images side by side as numpy's BLAS may use threads (``threadpoolctl.threadpool_limits``
+        or OPENBLAS_NUM_THREADS set the number), each alone with one BLAS thread, so that an
+        image's outputs do not depend on its batch or the thread count. truncate, rows: run only the blocks up to the
         deepest of ``layers``; keep only these query rows of the attentions; keep the residual
         streams, the attention inputs (see :func:`qkweights.forward.forward`).
         """

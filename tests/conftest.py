@@ -129,3 +129,31 @@ def demo_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     run_demo(out)
     return out
+
+
+U32 = 2.0**-24  # float32 unit roundoff
+# float32 forward vs transformers' float32 forward, two summation orders: a float32 sum of n terms is off by
+# ≲ √n·u·Σ|terms| (Higham & Mary's probabilistic bound, the worst case being n·u), two orders by twice that. Each of
+# the L = 2 blocks of the fixtures adds two such sums (attention output; MLP, width F ≤ 192) to a residual stream of
+# size |h| < 10, so |Δ| ≲ L·2·2·√F·u·10 ≈ 6.6e-5; the attentions (p ≤ 1, moved by ≤ 2|Δlogit|) stay below it.
+FORWARD_ATOL = 2 * 2 * 2 * 192**0.5 * U32 * 10
+
+
+def attention_atol(x, wq, wk, bq, bk, probs):
+    """Elementwise bound (B, T, T) on |float32 attention of one head − its float64 recomputation ``probs``.
+
+    x: (B, T, D) the float32 LayerNorm output (as float64); wq, wk: (K, D); bq, bk: (K,). A float32 sum of n products
+    is off by ≲ √n·u·Σ|products| (Higham & Mary's probabilistic bound; the worst case is n·u): the q and k entries
+    (n = D, plus the bias), then each logit (n = K), then its scale and bias additions, so
+    |Δz_ij| ≲ (√D + √K + 3)·u·(|x||W_q|ᵀ + |b_q|)_i·(|x||W_k|ᵀ + |b_k|)_j/√K. Softmax moves p_j by
+    p_j·(|Δz_j| + Σ_k p_k|Δz_k|), and rounds by ≲ (T + 3)·u·p_j itself (exp, the T-term sum, the divide).
+    """
+    import math
+
+    import numpy as np
+
+    k, d = wq.shape
+    qa = np.abs(x) @ np.abs(wq.T) + np.abs(bq)  # (B, T, K) Σ|terms| of each q entry
+    ka = np.abs(x) @ np.abs(wk.T) + np.abs(bk)
+    dz = (math.sqrt(d) + math.sqrt(k) + 3) * U32 * (qa @ ka.swapaxes(-1, -2)) / math.sqrt(k)  # (B, T, T)
+    return probs * (dz + (probs * dz).sum(-1, keepdims=True) + (x.shape[1] + 3) * U32)

@@ -197,6 +197,7 @@ ALL = sorted(REFERENCE) + sorted(PICKLE_REFERENCE)
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.numerics
 def test_symmetry_and_ov_match_dense(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -231,6 +232,7 @@ def test_symmetry_and_ov_match_dense(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.numerics
 def test_fold_matches_dense(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -396,6 +398,7 @@ def test_ov_svd_hand_computed_and_trace_identity():
 
 
 @pytest.mark.parametrize("name", VISION_FIXTURES)
+@pytest.mark.numerics
 def test_folded_bilinear_plus_salience_reproduces_the_softmax(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -535,6 +538,7 @@ def test_diff_reports_the_new_statistics(tmp_path):
     assert not any("value-output circuit is LayerNorm-folded" in n for n in diff_profiles(folded, folded).notes)
 
 
+@pytest.mark.numerics
 def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
     from qkweights.maps import projection_maps, save_maps
     from qkweights.synth_o3 import make_o3

@@ -45,6 +45,7 @@ def embeddings(model, image, layer):
     )
 
 
+@pytest.mark.numerics
 def test_decomposition_reproduces_bilinear_logits(model, image):
     # Σ_n σ_n query_n ⊗ key_n over all K modes = x_iᵀ W_qᵀ W_k x_j (method.md §1), W from the checkpoint.
     layer, head, k = 1, 2, model.dims.head_dim
@@ -92,6 +93,7 @@ def test_signs_follow_the_maps(image):
     assert set(maps.signs.tolist()) == {1, -1}  # this head shows both signs among its modes
 
 
+@pytest.mark.numerics
 def test_top_ordering_against_brute_force(model, image):
     layer, head, k = 1, 3, model.dims.head_dim
     maps = projection_maps(model, image, layer=layer, head=head, top=k)

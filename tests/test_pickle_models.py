@@ -9,6 +9,7 @@ and (dino-like, a whole timm-vit state dict) the transformers golden of timm-vit
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def sha256(path):
 
 
 @pytest.mark.parametrize("name", sorted(SAME_WEIGHTS))
+@pytest.mark.numerics
 def test_profile_equals_the_safetensors_profile(name, reference_profiles):
     fixture, _, _ = SAME_WEIGHTS[name]
     path = PICKLES / name
@@ -256,11 +258,15 @@ def test_hub_pickle_needs_allow_pickle(hub_cache, reference_profiles):
 
 def run_cli(*args):
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    # this process's BLAS kernel and threads (OPENBLAS_CORETYPE, …): the CLI's numbers are then this process's, bit
+    # for bit, by construction; under another kernel they would differ in the last digits
+    env |= {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}
     return subprocess.run(
         [sys.executable, "-m", "qkweights", *args], capture_output=True, text=True, cwd=FIXTURES.parents[1], env=env
     )
 
 
+@pytest.mark.numerics
 def test_cli_profile_of_a_part(tmp_path):
     res = run_cli("profile", str(IJEPA), "--part", "target_encoder", "--out", str(tmp_path), "--no-plots")
     assert res.returncode == 0, res.stderr
@@ -271,6 +277,7 @@ def test_cli_profile_of_a_part(tmp_path):
     np.testing.assert_array_equal(
         [[h["weighted_cosine"] for h in layer["heads"]] for layer in doc["layers"]], want.weighted
     )
+    assert doc == json.loads(want.json_text())  # every digit profile.json prints: the API's, on the same BLAS kernel
 
 
 def test_cli_refuses_a_malicious_pickle_without_running_it(tmp_path):

@@ -74,6 +74,7 @@ def reference_weights(name):
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_NAMES))
+@pytest.mark.numerics
 def test_profile_matches_dense_svd(name):
     if name == "vit-bf16":
         pytest.importorskip("torch")
@@ -95,6 +96,7 @@ def test_profile_matches_dense_svd(name):
             assert prof.weighted[l, h] == pytest.approx(np.sum(s * cos) / s.sum(), abs=1e-8)
 
 
+@pytest.mark.numerics
 def test_bf16_and_f16_profiles_are_close_to_f32():
     f32, bf16, f16 = (qkweights.profile(str(MODELS / n)) for n in ("vit", "vit-bf16", "vit-f16"))
     assert bf16.model.dtype == "BF16" and f16.model.dtype == "F16"
@@ -358,3 +360,23 @@ def test_two_models_of_one_name_get_their_own_default_folders(tmp_path, monkeypa
     assert [f.name.rsplit("-", 1)[0] for f in folders] == ["final", "final"]  # one folder per model, both kept
     models = {json.loads((f / "profile.json").read_text())["source"]["model_id"] for f in folders}
     assert {str(Path(m).resolve()) for m in models} == {str(tmp_path / r / "final") for r in ("run1", "run2")}
+
+
+@pytest.mark.numerics
+def test_profile_is_the_same_whatever_the_threads():
+    # Each layer's float64 QR and SVD run in one Python thread on one BLAS thread (compute_profile pins it), on the
+    # same data: bit-identical by construction whatever the number of layer threads or the BLAS threads outside.
+    from threadpoolctl import threadpool_limits
+
+    from qkweights.load import open_model
+    from qkweights.profiles import compute_profile
+
+    _, ck = open_model(str(MODELS / "deit"))
+    ref = compute_profile(ck, {}, save_vectors=True, workers=1)
+    for blas in (1, 2):
+        with threadpool_limits(blas, user_api="blas"):
+            for workers in (2, 3):
+                got = compute_profile(ck, {}, save_vectors=True, workers=workers)
+                assert got.json_text() == ref.json_text()
+                np.testing.assert_array_equal(got.U, ref.U)
+                np.testing.assert_array_equal(got.V, ref.V)

@@ -17,6 +17,7 @@ def dense_reference(wq, wk):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.numerics
 def test_matches_dense_svd(dtype):
     rng = np.random.default_rng(1)
     wq = rng.standard_normal((3, 16, 96)).astype(dtype)
@@ -32,6 +33,7 @@ def test_matches_dense_svd(dtype):
     np.testing.assert_allclose((s * st.cosines).sum(-1), st.trace, rtol=1e-10)
 
 
+@pytest.mark.numerics
 def test_reconstructs_product_and_is_orthonormal():
     rng = np.random.default_rng(2)
     wq, wk = rng.standard_normal((2, 8, 40)), rng.standard_normal((2, 8, 40))
@@ -57,6 +59,7 @@ def test_sign_convention_is_deterministic():
     np.testing.assert_allclose(v2, v[0], atol=1e-9)
 
 
+@pytest.mark.numerics
 def test_hand_computed_heads():
     # W_k = W_q: the product is W_qᵀW_q (symmetric PSD), so u_n = v_n and every cosine is exactly 1.
     rng = np.random.default_rng(4)
@@ -116,6 +119,7 @@ def test_degenerate_blocks_exactly_at_the_tolerance():
 
 
 @pytest.mark.parametrize("c", [1e-4, 1e-2, 1.0, 37.0, 1e4])
+@pytest.mark.numerics
 def test_scaling_the_weights_keeps_the_blocks(c):
     # σ = [9, 9(1 − 4e-7), 4, 4(1 − 3e-6), 1]: one tie (4e-7·σ_0 apart), one near miss (1.3e-6·σ_0 apart).
     # W_q = diag(√σ) E, W_k = diag(√σ) E (E: rows of the identity) gives W_qᵀW_k = Σ σ_n e_n e_nᵀ, cos_n = 1.

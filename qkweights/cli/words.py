@@ -50,13 +50,8 @@ _ALONE = re.compile(
 
 
 def flag_words(text: str) -> str:
-<<<<<<< HEAD
-    """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``revision=…`` → ``--revision``;
-    ``(from spec_dir)`` → ``(from --spec-dir)``."""
-=======
     """``part=encoder`` → ``--part encoder``; ``fold_ln=True`` → ``--fold-ln``; ``thumbs=False`` → ``--no-thumbs``;
-    ``revision=…`` → ``--revision``."""
->>>>>>> atlas
+    ``revision=…`` → ``--revision``; ``(from spec_dir)`` → ``(from --spec-dir)``."""
 
     def flag(m: re.Match) -> str:
         name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
