@@ -199,8 +199,10 @@ def _positioned(skipped: list[dict], items: Sequence, first: int, an: Analysis) 
 # ----------------------------------------------------------------------------- state
 
 
-def fingerprint(an: Analysis, source: dict, items: Sequence, shard_size: int, batch_size: int) -> str:
-    """sha256 of the tool version, model provenance, options, shard cut and each item's files (name, size, mtime)."""
+def fingerprint(an: Analysis, source: dict, ck, items: Sequence, shard_size: int, batch_size: int) -> str:
+    """sha256 of everything that decides a sweep's numbers: the tool version, the model's provenance (weights), the
+    content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name) and of
+    the configs read, the options, the shard cut and each item's files (name, size, mtime)."""
     files = []
     for it in items:
         for f in an.item_files(it):
@@ -214,11 +216,13 @@ def fingerprint(an: Analysis, source: dict, items: Sequence, shard_size: int, ba
         "analysis": an.name,
         "key": an.key(),
         "source": source,
+        "spec": dataclasses.asdict(ck.spec),
+        "configs": ck.configs,
         "shard_size": shard_size,
         "batch_size": batch_size,
         "files": files,
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -365,7 +369,7 @@ def run_sweep(
     context(an, ref, model)
     state_path = Path(state_path)
     n = len(items)
-    fp = fingerprint(an, source, items, shard_size, batch_size)
+    fp = fingerprint(an, source, model.checkpoint, items, shard_size, batch_size)
     st, note = load_state(state_path, an, fp)
     told = [note] if note else []
     if st is None:

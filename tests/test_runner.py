@@ -289,3 +289,92 @@ def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
     assert ModelRef.of("google/vit-base-patch16-224", revision="abc") == ModelRef(
         "google/vit-base-patch16-224", revision="abc"
     )
+
+
+# ----------------------------------------------------------------------------- the spec decides the numbers
+
+
+@pytest.fixture
+def swapped_spec(tmp_path):
+    """A user folder whose hf-vit.toml replaces the shipped one, reading the query weights as keys and vice versa
+    (the same tensors, other numbers)."""
+    from qkweights.spec import spec_dir
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    text = (spec_dir() / "hf-vit.toml").read_text()
+    swapped = text.replace("attention.attention.query", "@Q").replace(
+        "attention.attention.key", "attention.attention.query"
+    )
+    (folder / "hf-vit.toml").write_text(swapped.replace("@Q", "attention.attention.key"))
+    return folder
+
+
+def _interrupted(model, images, out):
+    """top-images of ``model`` stopped by Ctrl-C after its first shard: the state file holds that shard."""
+
+    def progress(done, total):
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        top_images(model, images, out, **TOP, progress=progress)
+    assert (out / STATE_NAME).is_file()
+
+
+@pytest.mark.parametrize("how", ["spec_dir", "environment", "edited file"])
+def test_a_state_of_another_spec_is_not_resumed(vit, scenes, swapped_spec, tmp_path, monkeypatch, how):
+    from qkweights.spec import SPEC_PATH_ENV, spec_dir
+
+    images, out = scenes / "images", tmp_path / "out"
+    first, edited = vit, (swapped_spec / "hf-vit.toml").read_text()
+    if how == "edited file":  # the first run reads the user file before its edit: the shipped spec, copied
+        (swapped_spec / "hf-vit.toml").write_text((spec_dir() / "hf-vit.toml").read_text())
+        first = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
+    _interrupted(first, images, out)
+    if how == "environment":
+        monkeypatch.setenv(SPEC_PATH_ENV, str(swapped_spec))
+        second = load_model(str(MODELS / "vit"))
+    else:
+        (swapped_spec / "hf-vit.toml").write_text(edited)
+        second = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
+    assert second.checkpoint.spec.attention.q == first.checkpoint.spec.attention.k  # the swap took
+    told = []
+    rerun = top_images(second, images, out, **TOP, notes=told.append)
+    assert told == [
+        f"{out / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"
+    ]
+    _equal_top(rerun, top_images(second, images, tmp_path / "clean", **TOP))
+    assert rerun.doc != top_images(first, images, tmp_path / "first", **TOP).doc  # the two specs' numbers differ
+
+
+def test_the_same_spec_resumes(vit, scenes, tmp_path):
+    """The other side of the test above: an unchanged model and spec resume (the fingerprint is not just new each
+    time)."""
+    images, out = scenes / "images", tmp_path / "out"
+    _interrupted(vit, images, out)
+    told = []
+    resumed = top_images(load_model(str(MODELS / "vit")), images, out, **TOP, notes=told.append)
+    assert told == [f"resuming from {out / STATE_NAME}: 4 of 14 images already done"]
+    _equal_top(resumed, top_images(vit, images, tmp_path / "clean", **TOP))
+
+
+def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tmp_path, monkeypatch):
+    """QKWEIGHTS_SPEC_PATH set on the client only (after its workers started): the workers still use its spec."""
+    distributed = pytest.importorskip("distributed")
+    from qkweights.spec import SPEC_PATH_ENV
+
+    monkeypatch.delenv(SPEC_PATH_ENV, raising=False)
+    images = scenes / "images"
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        monkeypatch.setenv(SPEC_PATH_ENV, str(swapped_spec))
+        assert set(client.run(lambda: os.environ.get(SPEC_PATH_ENV)).values()) == {None}
+        model = load_model(str(MODELS / "vit"))
+        assert model.checkpoint.spec.user
+        on_dask = top_images(model, images, tmp_path / "dask", **TOP, client=client)
+    _equal_top(on_dask, top_images(model, images, tmp_path / "serial", **TOP))
