@@ -49,7 +49,8 @@ def _partials(an, ref, items, cuts):
     """Partial results of consecutive slices of ``items`` (cut at ``cuts``), each run as its own shard."""
     bounds = [0, *cuts, len(items)]
     return [
-        run_shard(Task(an, ref, j, tuple(items[a:b]), a, 2)).partial for j, (a, b) in enumerate(zip(bounds, bounds[1:]))
+        run_shard(Task(an, ref, j, tuple(items[a:b]), tuple(range(a, b)), 2)).partial
+        for j, (a, b) in enumerate(zip(bounds, bounds[1:]))
     ]
 
 
@@ -235,15 +236,18 @@ def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
     _equal_top(killed, serial)
 
 
-def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
-    """``top-images`` killed with SIGKILL mid-run, then the same command again, equals an uninterrupted run."""
+def _many_images(scenes, tmp_path, copies=4):
+    """56 images (the 14 scenes, 4 times): with shards of one image, enough that a kill lands mid-run."""
     import shutil
 
-    images = tmp_path / "images"  # 56 images: enough shards of one image that the kill lands mid-run
-    for k in range(4):
+    images = tmp_path / "images"
+    for k in range(copies):
         shutil.copytree(scenes / "images", images / f"copy{k}")
-    out = tmp_path / "out"
-    cmd = [
+    return images
+
+
+def _top_cmd(images, out, *extra):
+    return [
         sys.executable,
         "-m",
         "qkweights",
@@ -262,25 +266,97 @@ def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
         "1",
         "--no-plots",
         "--quiet",
+        *extra,
         "--out",
         str(out),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    state = out / STATE_NAME
+
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _started(cmd, state, **popen):
+    """The command started, once its state file exists (its first shard finished)."""
+    proc = subprocess.Popen(cmd, env=ENV, **popen)
     deadline = time.monotonic() + 60
     while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped; give it more images"
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _gone_within(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def _uninterrupted_equals(cmd, out, tmp_path):
+    whole = tmp_path / "whole"
+    assert subprocess.run([*cmd[:-1], str(whole)], env=ENV, capture_output=True).returncode == 0
+    assert json.loads((out / "top_images.json").read_text()) == json.loads((whole / "top_images.json").read_text())
+    assert not (out / STATE_NAME).exists()
+
+
+def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
+    """``top-images`` killed with SIGKILL mid-run, then the same command again, equals an uninterrupted run."""
+    out = tmp_path / "out"
+    cmd = _top_cmd(_many_images(scenes, tmp_path), out)
+    proc = _started(cmd, out / STATE_NAME, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "top_images.json").exists(), "the run ended before it could be killed; give it more images"
-    with np.load(state) as z:
+    assert not (out / "top_images.json").exists()
+    with np.load(out / STATE_NAME) as z:
         assert 0 < len(z["done"]) < 56
-    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
-    whole = tmp_path / "whole"
-    assert subprocess.run([*cmd[:-1], str(whole)], env=env, capture_output=True).returncode == 0
-    assert json.loads((out / "top_images.json").read_text()) == json.loads((whole / "top_images.json").read_text())
-    assert not state.exists()
+    assert subprocess.run(cmd, env=ENV, capture_output=True).returncode == 0
+    _uninterrupted_equals(cmd, out, tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
+def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
+    """``kill -9`` of a ``--workers 2`` client (the client alone, not its process group): its workers are gone
+    within a few seconds, not parented to init for ever."""
+    out = tmp_path / "out"
+    proc = _started(_top_cmd(_many_images(scenes, tmp_path), out, "--workers", "2"), out / STATE_NAME)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2  # the two workers (and the pool's resource tracker, if any)
+    proc.kill()
+    proc.wait()
+    assert _gone_within(workers, 5) == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
+def test_sigterm_stops_like_ctrl_c_with_exit_143_and_the_rerun_resumes(scenes, tmp_path):
+    out = tmp_path / "out"
+    cmd = _top_cmd(_many_images(scenes, tmp_path), out, "--workers", "2")
+    proc = _started(cmd, out / STATE_NAME, stderr=subprocess.PIPE, text=True)
+    workers = _children(proc.pid)
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert err == "qkweights: terminated; re-run the same command to resume where it stopped\n"
+    assert _gone_within(workers, 5) == []
+    assert not (out / "top_images.json").exists()
+    with np.load(out / STATE_NAME) as z:
+        assert 0 < len(z["done"]) < 56
+    rerun = subprocess.run([c for c in cmd if c != "--quiet"], env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {out / STATE_NAME}" in rerun.stderr
+    _uninterrupted_equals(cmd, out, tmp_path)
 
 
 def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
