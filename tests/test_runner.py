@@ -454,3 +454,202 @@ def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tm
         assert model.checkpoint.spec.user
         on_dask = top_images(model, images, tmp_path / "dask", **TOP, client=client)
     _equal_top(on_dask, top_images(model, images, tmp_path / "serial", **TOP))
+
+
+# ----------------------------------------------------------------------------- where it runs: user mistakes
+
+
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("notanaddress", "missing port number in address 'notanaddress'"),
+        ("http://127.0.0.1:8786", "unknown address scheme 'http'"),
+    ],
+)
+def test_a_bad_scheduler_address_is_one_line(tmp_path, capsys, address, why):
+    pytest.importorskip("distributed")
+    from qkweights.cli import main
+
+    code = main(["top-images", str(MODELS / "vit"), str(tmp_path), "--scheduler", address])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"qkweights: error: Dask scheduler address {address!r}: {why}")
+    assert err.endswith("; give one such as tcp://10.0.0.5:8786\n")
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{", "(JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+        ("", "(JSONDecodeError: Expecting value: line 1 column 1 (char 0))"),
+        ("{}", '(no "address" in it)'),
+        ("[1,2]", '(no "address" in it)'),
+        ('{"address": 5}', '(no "address" in it)'),
+    ],
+)
+def test_a_corrupt_scheduler_file_is_one_line(tmp_path, capsys, text, why):
+    pytest.importorskip("distributed")
+    from qkweights.cli import main
+
+    path = tmp_path / "scheduler.json"
+    path.write_text(text)
+    code = main(["top-images", str(MODELS / "vit"), str(tmp_path), "--scheduler-file", str(path)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"qkweights: error: {path}: not a Dask scheduler file {why}; give the file `dask scheduler "
+        "--scheduler-file` wrote\n"
+    )
+
+
+def test_a_dask_cluster_without_workers_says_so_and_stops_after_the_stated_time(vit, scenes, tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    import qkweights.runner as runner
+    from qkweights.errors import InputError
+
+    monkeypatch.setattr(runner, "NO_WORKER_TIMEOUT_S", 2.0)  # the documented 60 s, shortened for the test
+    told = []
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        address = client.scheduler.address
+        start = time.monotonic()
+        with pytest.raises(InputError) as e:
+            top_images(vit, scenes / "images", tmp_path / "out", **TOP, client=client, notes=told.append)
+        waited = time.monotonic() - start
+    assert told == [
+        f"the Dask scheduler {address} has no workers; waiting up to 2 s for one (start one with "
+        f"`dask worker {address}`)"
+    ]
+    assert str(e.value) == (
+        f"the Dask scheduler {address} has had no workers for 2 s; start workers with `dask worker {address}` "
+        "and re-run to resume"
+    )
+    assert 2.0 < waited < 10.0  # the stated time, plus the one-second polls and the cluster's start
+
+
+def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, scenes, tmp_path):
+    import multiprocessing
+
+    from qkweights.runner import cores
+
+    seen, told = [], []
+    top_images(
+        vit,
+        scenes / "images",
+        tmp_path / "out",
+        **{**TOP, "shard_size": 2},  # 7 shards
+        workers=1000,
+        notes=told.append,
+        progress=lambda done, total: seen.append(len(multiprocessing.active_children())),
+    )
+    assert max(seen) == 7  # one process per shard, not 1000
+    many = [
+        f"7 worker processes on {cores()} cores: more workers than cores slow the run down; "
+        f"give workers={cores()} or fewer"
+    ]
+    assert told == (many if cores() < 7 else [])
+
+
+@pytest.mark.parametrize(
+    "n, workers, size",
+    [
+        (160, 2, 20),
+        (32, 2, 4),
+        (33, 2, 5),
+        (7, 2, 1),
+        (0, 2, 1),
+        (1, 8, 1),
+        (512, 2, 64),
+        (513, 2, 64),
+        (100000, 16, 64),
+    ],
+)
+def test_shard_size_gives_about_four_shards_per_worker(n, workers, size):
+    from qkweights.runner import MAX_SHARD, SHARDS_PER_WORKER, shard_size_for
+
+    assert (SHARDS_PER_WORKER, MAX_SHARD) == (4, 64)
+    assert shard_size_for(n, workers) == size
+
+
+def test_32_images_on_2_workers_make_shards_for_both(vit, scenes, tmp_path):
+    """The shard size follows the work: 32 images on 2 workers are 8 shards of 4 (64-image shards left one idle)."""
+    images = _many_images(scenes, tmp_path, copies=3)  # 42 images …
+    for path in sorted(images.rglob("*.jpg"))[32:]:  # … of which 32 are kept
+        path.unlink()
+    done = []
+    top_images(
+        vit, images, tmp_path / "out", **{**TOP, "shard_size": None}, workers=2, progress=lambda d, t: done.append(d)
+    )
+    assert done == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+
+
+def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_run(vit, scenes, tmp_path):
+    """The state records the images done, not shard numbers: it resumes under another cut. Batches of one image make
+    each image's arithmetic the same whatever the cut."""
+    images, out = scenes / "images", tmp_path / "out"
+    kw = {**TOP, "batch_size": 1, "shard_size": 3}
+
+    def stop(done, total):
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        top_images(vit, images, out, **kw, progress=stop)
+    done, told = [], []
+    resumed = top_images(
+        vit, images, out, **{**kw, "shard_size": 5}, workers=2, notes=told.append, progress=lambda d, t: done.append(d)
+    )
+    assert told == [f"resuming from {out / STATE_NAME}: 6 of 14 images already done"]
+    assert done in ([6, 11, 14], [6, 9, 14])  # the shards of 5 and 3 images, finished in either order
+    _equal_top(resumed, top_images(vit, images, tmp_path / "whole", **{**kw, "shard_size": 4}))
+
+
+def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch):
+    """A sweep started here and resumed on Dask workers whose OpenBLAS runs another kernel (Sandybridge: no FMA)."""
+    distributed = pytest.importorskip("distributed")
+    from qkweights.runner import blas_record
+
+    here = blas_record()
+    images, out = scenes / "images", tmp_path / "out"
+
+    def stop(done, total):
+        if done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        top_images(vit, images, out, **TOP, progress=stop)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # read by the workers' OpenBLAS as they start
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        there = client.submit(blas_record, pure=False).result()
+        if there["architecture"] == here["architecture"]:
+            pytest.skip(f"this machine's OpenBLAS runs {here['architecture']} whatever OPENBLAS_CORETYPE says")
+        told = []
+        result = top_images(vit, images, out, **TOP, client=client, notes=told.append)
+    kernels = sorted(
+        [here, there],
+        key=lambda r: json.dumps({k: r[k] for k in ("internal_api", "architecture", "version")}, sort_keys=True),
+    )
+    assert result.doc["blas"] == [{k: r[k] for k in ("internal_api", "architecture", "version")} for r in kernels]
+    assert there["num_threads"] == 1
+    names = {id(r): f"{r['internal_api']} {r['architecture']} {r['version']}" for r in kernels}
+    counts = {id(here): "2 shards", id(there): "2 shards"}  # shards of 4: 8 images here, 6 there
+    mixed = "; ".join(f"{names[id(r)]}: {counts[id(r)]}" for r in kernels)
+    assert told[-1] == (
+        f"the shards ran on 2 BLAS kernels ({mixed}); their numbers may differ in the last digits from a run on one "
+        "kernel (see Sweeps at scale in the README)"
+    )
+
+
+def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
+    told = []
+    result = top_images(vit, scenes / "images", tmp_path / "out", **TOP, workers=2, notes=told.append)
+    from qkweights.runner import blas_record
+
+    here = blas_record()
+    assert told == [] and result.doc["blas"] == [{k: here[k] for k in ("internal_api", "architecture", "version")}]
