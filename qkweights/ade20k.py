@@ -109,6 +109,7 @@ def open_segmentation(root: str | os.PathLike, *, exclude: str | os.PathLike | N
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder; give the dataset folder (looked for {LOOKED_FOR})")
+    root = root.absolute()  # the items' paths are read by workers in other folders too (Dask)
     skip = Path(exclude) if exclude is not None else None
     if (root / "images").is_dir() and (root / "instances").is_dir():
         data = _paired(root, root / "images", root / "instances", GENERIC, IMAGE_SUFFIXES, skip)

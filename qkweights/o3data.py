@@ -175,6 +175,7 @@ def open_o3(root: str | os.PathLike) -> O3Dataset:
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"O3 folder {root} does not exist or is not a folder; pass the folder that holds images/")
+    root = root.absolute()  # the items' paths are read by workers in other folders too (Dask)
     image_dir = _pick_one(root, ("images",), "images/ folder", required=True)
     targ_dir = _pick_one(root, TARGET_DIRS, "target mask folder", required=True)
     dist_dir = _pick_one(root, DISTRACTOR_DIRS, "distractor mask folder", required=True)

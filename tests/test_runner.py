@@ -653,3 +653,44 @@ def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
 
     here = blas_record()
     assert told == [] and result.doc["blas"] == [{k: here[k] for k in ("internal_api", "architecture", "version")}]
+
+
+def _instances(root: Path, n: int) -> None:
+    """Generic same-object layout (images/, instances/): n 48×48 images, each with three 16×16 objects."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        img = rng.integers(0, 256, (48, 48, 3)).astype(np.uint8)
+        ids = np.zeros((48, 48), np.uint8)
+        for k, (y, x) in enumerate([(0, 0), (16, 24), (32, 8)]):
+            ids[y : y + 16, x : x + 16] = k + 1
+        for sub, array in (("images", img), ("instances", ids)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / sub / f"s{i}.png")
+
+
+def test_a_relative_data_folder_reaches_dask_workers_started_elsewhere(scenes, tmp_path, monkeypatch, capsys):
+    """o3, same-object and top-images with DATA_DIR relative to the client's folder, on Dask workers started in
+    another folder: every image is read (none skipped as missing)."""
+    distributed = pytest.importorskip("distributed")
+    import shutil
+
+    from qkweights.cli import main
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(scenes, work / "o3")
+    _instances(work / "seg", 4)
+    monkeypatch.chdir(elsewhere)  # the workers start here
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as cluster:
+        monkeypatch.chdir(work)  # the client runs here
+        common = ["--scheduler", cluster.scheduler_address, "--no-plots", "--quiet"]
+        assert main(["o3", str(MODELS / "vit"), "o3", "--out", "o3-out", *common]) == 0, capsys.readouterr().err
+        assert main(["same-object", str(MODELS / "vit"), "seg", "--out", "so-out", "--top", "2", *common]) == 0
+        assert main(["top-images", str(MODELS / "vit"), "o3", "--out", "top-out", *common]) == 0
+    assert json.loads((work / "o3-out" / "o3_summary.json").read_text())["skipped"] == []
+    assert json.loads((work / "so-out" / "same_object.json").read_text())["skipped"] == []
+    assert json.loads((work / "top-out" / "top_images.json").read_text())["skipped"] == []
