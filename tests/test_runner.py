@@ -694,3 +694,150 @@ def test_a_relative_data_folder_reaches_dask_workers_started_elsewhere(scenes, t
     assert json.loads((work / "o3-out" / "o3_summary.json").read_text())["skipped"] == []
     assert json.loads((work / "so-out" / "same_object.json").read_text())["skipped"] == []
     assert json.loads((work / "top-out" / "top_images.json").read_text())["skipped"] == []
+
+
+# ----------------------------------------------------------------------------- what the mutation test found unpinned
+
+
+@dataclass(frozen=True)
+class Dying(TopImagesAnalysis):
+    """top-images whose worker process dies (os._exit) on the images ``always`` every time, and on the images
+    ``once`` the first time only; each death is a line in ``log``."""
+
+    always: tuple = ()
+    once: tuple = ()
+    log: str = ""
+    name: ClassVar[str] = "top_images"
+
+    def load(self, model, items, positions):
+        for it in items:
+            mark = Path(self.log).with_name(Path(it).name + ".died") if self.log else None
+            if it in self.always or (it in self.once and not mark.exists()):
+                mark.touch()
+                with open(self.log, "a") as f:
+                    f.write(f"{it}\n")
+                os._exit(1)
+        return super().load(model, items, positions)
+
+
+def _fields(vit, root):
+    grid = patch_grid(vit, None)
+    return (str(root), (1,), (0,), (0, 1), 3, None, vit.dims.hidden, grid[0] * grid[1])
+
+
+def test_a_worker_that_always_dies_stops_the_run_after_exactly_the_stated_pool_restarts(vit, scenes, tmp_path):
+    from qkweights.runner import MAX_POOL_RESTARTS
+
+    root = scenes / "images"
+    paths = list_images(root)
+    log = tmp_path / "deaths.txt"
+    an = Dying(*_fields(vit, root), always=(paths[5],), log=str(log))
+    kw = dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, shard_size=2, batch_size=2)
+    with pytest.raises(ShardError) as e:
+        run_sweep(an, vit, paths, **kw, workers=1)  # one worker: one death breaks one pool
+    assert MAX_POOL_RESTARTS == 3
+    assert log.read_text().splitlines() == [paths[5]] * MAX_POOL_RESTARTS
+    assert f"worker processes died {MAX_POOL_RESTARTS} times in a row with no shard finished" in str(e.value)
+    assert str(e.value).startswith(f"shard 2 (images 4–5: {paths[4]}, {paths[5]}) failed: RuntimeError: ")
+
+
+def test_three_deaths_between_finished_shards_end_as_the_serial_run(vit, scenes, tmp_path):
+    root = scenes / "images"
+    paths = list_images(root)
+    log = tmp_path / "deaths.txt"
+    kw = dict(source={"model_id": "vit"}, shard_size=2, batch_size=2)
+    an = Dying(*_fields(vit, root), once=(paths[2], paths[7], paths[12]), log=str(log))
+    died = run_sweep(an, vit, paths, state_path=tmp_path / "a.npz", workers=1, **kw)
+    assert log.read_text().splitlines() == [paths[2], paths[7], paths[12]]  # 3 deaths, more than MAX_POOL_RESTARTS
+    serial = run_sweep(Dying(*_fields(vit, root)), vit, paths, state_path=tmp_path / "b.npz", **kw)
+    _same(an, died.partial, serial.partial)
+
+
+def test_a_qk_error_in_a_shard_reaches_a_serial_caller_unchanged(vit, scenes, tmp_path):
+    from qkweights.errors import InputError
+
+    error = InputError("this image needs something the user must fix")
+
+    @dataclass(frozen=True)
+    class Refusing(TopImagesAnalysis):
+        name: ClassVar[str] = "top_images"
+
+        def load(self, model, items, positions):
+            raise error
+
+    root = scenes / "images"
+    with pytest.raises(InputError) as e:
+        run_sweep(Refusing(*_fields(vit, root)), vit, list_images(root), state_path=tmp_path / STATE_NAME, source={})
+    assert e.value is error and type(e.value) is InputError
+
+
+def test_skipped_images_are_listed_in_input_order_across_shards(vit, scenes, tmp_path):
+    """Unreadable images in three shards, the later shards finishing first (the first shard's images are large, so
+    slow to decode): the list is in input order all the same."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # shard 0: large images, and one unreadable
+        Image.fromarray(rng.integers(0, 256, (1600, 1600, 3), np.uint8)).save(root / f"a{i}.png")
+    (root / "a9.png").write_bytes(b"not a png")
+    for name in ("b0.jpg", "b1.jpg", "c0.jpg", "c1.jpg"):  # shards 1, 2: small ones
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(root / name)
+    for name in ("b5.jpg", "c5.jpg"):
+        (root / name).write_bytes(b"")
+    kw = {**TOP, "shard_size": 5, "batch_size": 5}
+    result = top_images(vit, root, tmp_path / "out", **kw, workers=3)
+    assert [s["path"] for s in result.doc["skipped"]] == ["a9.png", "b5.jpg", "c5.jpg"]
+
+
+@pytest.mark.parametrize("change", ["bytes", "mtime"])
+def test_a_changed_image_of_the_same_size_restarts_the_resume(vit, scenes, tmp_path, change):
+    import shutil
+
+    images, out = shutil.copytree(scenes / "images", tmp_path / "images"), tmp_path / "out"
+    _interrupted(vit, images, out)
+    path = images / list_images(images)[9]
+    data, st = path.read_bytes(), path.stat()
+    if change == "bytes":  # one byte of the JPEG changed, the size kept
+        path.write_bytes(data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+    else:  # the same bytes, touched
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert path.stat().st_size == st.st_size
+    told = []
+    top_images(vit, images, out, **TOP, notes=told.append)
+    assert told == [
+        f"{out / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"
+    ]
+
+
+@pytest.mark.parametrize("keys", ["none", "fingerprint only", "no skipped list"])
+def test_a_state_archive_lacking_its_keys_is_ignored_with_a_note(vit, scenes, tmp_path, keys):
+    images, out = scenes / "images", tmp_path / "out"
+    _interrupted(vit, images, out)
+    with np.load(out / STATE_NAME) as z:
+        saved = {k: z[k] for k in z.files}
+    kept = {"none": [], "fingerprint only": ["fingerprint"], "no skipped list": [k for k in saved if k != "skipped"]}
+    np.savez(out / STATE_NAME, **{k: saved[k] for k in kept[keys]})
+    told = []
+    result = top_images(vit, images, out, **TOP, notes=told.append)
+    assert told == [f"{out / STATE_NAME} is unreadable (KeyError); ignoring it and starting over"]
+    _equal_top(result, top_images(vit, images, tmp_path / "clean", **TOP))
+
+
+def test_top_images_merge_ties_go_to_the_earlier_image(vit, scenes, tmp_path):
+    """The same image at positions 0 and 1, each scored alone (batches of one: the same arithmetic, so the same
+    scores): whichever order the partials merge in, the earlier position wins every list of one."""
+    import shutil
+
+    root = tmp_path / "images"
+    root.mkdir()
+    src = scenes / "images" / list_images(scenes / "images")[3]
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(src, root / name)
+    grid = patch_grid(vit, None)
+    an = TopImagesAnalysis(str(root), (0, 1), (0, 3), (0, 1, 2), 1, None, vit.dims.hidden, grid[0] * grid[1])
+    a, b = (run_shard(Task(an, vit.ref, j, (name,), (j,), 1)).partial for j, name in enumerate(["a.jpg", "b.jpg"]))
+    np.testing.assert_array_equal(a.scores, b.scores)  # a real tie
+    for merged in (an.merge(a, b), an.merge(b, a)):
+        assert (merged.index == 0).all()
