@@ -5,11 +5,13 @@ math on arrays; a per-shard partial result with an associative, commutative merg
 typed result; figures. :class:`Analysis` is the interface the first two implement; this
 module owns the loop they share:
 
-1. The inputs (a sorted list of picklable items) are cut into shards of ``shard_size``
-   consecutive items. The cut depends on nothing else — not on the executor nor on the
-   number of workers — and each shard is cut into the same batches wherever it runs, so
-   every image goes through the same forward pass and the floats are identical
-   whichever executor ran the sweep.
+1. The inputs (a sorted list of picklable items) not done yet are cut into shards of
+   ``shard_size`` consecutive items; by default the size follows the work, about
+   :data:`SHARDS_PER_WORKER` shards per worker (:func:`shard_size_for`), so that every
+   worker stays busy to the end. An image's numbers depend on the image, the model and
+   the machine's BLAS kernel only (not on its shard or batch), so the cut is free; the
+   kernels the shards ran on are recorded (:func:`blas_record`) and more than one noted.
+   Local workers are at most one per shard; more than the cores is noted.
 2. Shards are submitted to a :class:`concurrent.futures.Executor`: none (in-process),
    local worker processes (:func:`local_executor`, one BLAS thread each), or a Dask
    cluster (a ``distributed.Client``, :func:`dask_client`, whose ``get_executor()`` is one).
@@ -18,16 +20,22 @@ module owns the loop they share:
    shard, the next batch is decoded on a thread while the current one runs the model.
 3. Partial results are merged as they complete. As the merge is associative and
    commutative (partials carry the list positions of their images), the completion
-   order does not matter. After each merge the merged state and the set of finished
-   shards are written atomically to ``<out>/.<name>_state.npz`` with a fingerprint
-   (model weights' sha256, options, the images' names, sizes and modification times);
-   the same command run again resumes from it. A state of another fingerprint, or an
-   unreadable one, is ignored and reported through ``notes``.
+   order does not matter. The merged state and the items done are written atomically to
+   ``<out>/.<name>_state.npz`` after the first finished shard, then at most every
+   :data:`SAVE_EVERY_S` seconds (a state is tens of MB for a ViT-B), and when the sweep
+   ends, fails or is interrupted, with a fingerprint (model weights' sha256, the resolved
+   spec's content, the configs, options, the images' names, sizes and modification
+   times); the same command run again resumes from it, whatever its shard size or
+   executor (a ``kill -9`` loses at most the last few seconds of work). A state of another
+   fingerprint, or an unreadable one, is ignored and reported through ``notes``.
 4. Faults: a local worker that dies (killed, out of memory) breaks the process pool;
    the pool is rebuilt and the unfinished shards are submitted again (after
    :data:`MAX_POOL_RESTARTS` broken pools in a row with no shard finished, the run
-   stops). Dask reschedules the tasks of a lost worker itself. A shard that raises stops the run with
-   :class:`ShardError` naming its images; what was merged stays in the state file.
+   stops). Local workers die with their client, even on ``kill -9`` (:func:`_worker_start`),
+   and are terminated when the sweep stops early. Dask reschedules the tasks of a lost
+   worker itself; a cluster with no worker is noted, and the sweep stops after
+   :data:`NO_WORKER_TIMEOUT_S` seconds without one. A shard that raises stops the run
+   with :class:`ShardError` naming its images; what was merged stays in the state file.
    Unreadable images are not errors: each analysis's ``load`` skips them, and the
    runner lists them (``path``, ``reason``) in list order.
 
@@ -445,6 +453,7 @@ def _scheduler_file_address(path: Path) -> str:
 
 SHARDS_PER_WORKER = 4  # shards per worker when the shard size is chosen here: the last ones keep every worker busy
 MAX_SHARD = 64  # images per chosen shard at most: resume and progress stay fine-grained on big inputs
+SAVE_EVERY_S = 5.0  # the state is written after the first finished shard, then at most this often, and at the end
 NO_WORKER_TIMEOUT_S = 60.0  # how long a sweep waits on a Dask cluster that has no worker before it stops
 
 
@@ -548,23 +557,35 @@ def run_sweep(
     if progress:
         progress(len(st.done), n)
 
+    saved = [-math.inf, True]  # when the state was last written, and whether it holds every merged shard
+
+    def save() -> None:
+        save_state(state_path, an, fp, st)
+        saved[:] = [time.monotonic(), True]
+
     def absorb(res: ShardResult) -> None:
         task = shards[res.shard]
         st.partial = an.merge(st.partial, res.partial)
         st.skipped = sorted(st.skipped + _positioned(res.skipped, task, an), key=lambda s: s["position"])
         st.done.update(task.positions)
         st.blas.append(res.blas)
-        save_state(state_path, an, fp, st)
+        saved[1] = False
+        if time.monotonic() - saved[0] >= SAVE_EVERY_S:
+            save()
         if progress:
             progress(len(st.done), n)
 
-    if client is not None:
-        _run_on(client.get_executor(), None, shards, absorb, an, idle=_no_workers(client, notes))
-    elif workers:
-        _run_on(None, lambda: local_executor(workers), shards, absorb, an)
-    else:
-        for task in shards:
-            absorb(_guarded(task, an))
+    try:
+        if client is not None:
+            _run_on(client.get_executor(), None, shards, absorb, an, idle=_no_workers(client, notes))
+        elif workers:
+            _run_on(None, lambda: local_executor(workers), shards, absorb, an)
+        else:
+            for task in shards:
+                absorb(_guarded(task, an))
+    finally:  # finished, failed, interrupted or terminated: what was merged is kept
+        if not saved[1]:
+            save()
     skipped = [{k: v for k, v in s.items() if k != "position"} for s in st.skipped]
     blas = kernels(st.blas)
     if len(blas) > 1:
