@@ -374,13 +374,12 @@ def _worker_start(parent: int) -> None:
 def _die_with_parent() -> bool:
     """Ask the kernel for SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG); False where unavailable."""
     import ctypes
-    import ctypes.util
     import signal
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols: libc's among them
         return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
@@ -718,11 +717,12 @@ def _completed(futures, idle):
 
 def run_jobs(fn: Callable[[Any], Any], jobs: list, *, workers: int | None = None, client=None) -> None:
     """Call ``fn(job)`` for every job where a sweep runs: on ``client``'s Dask cluster, on ``workers`` local
-    processes, or else in two forked processes (:func:`qkweights.outputs.draw_in_parallel`, made for figures)."""
+    processes (no more than the jobs and the cores: figures are work for a CPU each), or else in two forked
+    processes (:func:`qkweights.outputs.draw_in_parallel`, made for figures)."""
     if client is not None:
         list(client.get_executor().map(fn, jobs))
     elif workers and len(jobs) > 1:
-        with local_executor(min(workers, len(jobs))) as pool:
+        with local_executor(min(workers, len(jobs), cores())) as pool:
             list(pool.map(fn, jobs))
     else:
         from qkweights.outputs import draw_in_parallel

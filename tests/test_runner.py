@@ -299,10 +299,14 @@ def _children(pid: int) -> list[int]:
 
 
 def _gone_within(pids, seconds):
+    """Those of ``pids`` still running after ``seconds`` (then killed, so that a failing test leaves none behind)."""
     deadline = time.monotonic() + seconds
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    return left
 
 
 def _uninterrupted_equals(cmd, out, tmp_path):
@@ -337,6 +341,27 @@ def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
     proc.kill()
     proc.wait()
     assert _gone_within(workers, 5) == []
+
+
+WATCHED = """import os, sys, time
+from qkweights.runner import _watch_parent
+child = os.fork()
+if child == 0:
+    _watch_parent(os.getppid())
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc").is_dir(), reason="forks, lists processes")
+def test_the_parent_watch_of_platforms_without_pdeathsig_ends_the_worker(tmp_path):
+    """Where prctl is unavailable, a worker's thread sees its client gone (its parent changes) and exits."""
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED], env=ENV, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    assert _alive(child)
+    proc.kill()
+    proc.wait()
+    assert _gone_within([child], 3) == []  # PARENT_POLL_S is 1 s
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
@@ -549,6 +574,18 @@ def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, 
         f"give workers={cores()} or fewer"
     ]
     assert told == (many if cores() < 7 else [])
+
+
+def _pid_into(folder):
+    (Path(folder) / str(os.getpid())).touch()
+    time.sleep(0.2)  # long enough that every process of the pool gets a job
+
+
+def test_jobs_such_as_figures_run_on_no_more_processes_than_the_cores(tmp_path):
+    from qkweights.runner import cores, run_jobs
+
+    run_jobs(_pid_into, [str(tmp_path)] * 12, workers=1000)
+    assert 1 <= len(list(tmp_path.iterdir())) <= min(12, cores())
 
 
 @pytest.mark.parametrize(
