@@ -538,7 +538,8 @@ def run_sweep(
     elif st.done:
         told.append(f"resuming from {state_path}: {len(st.done)} of {n} images already done")
     left = [i for i in range(n) if i not in st.done]
-    width = _dask_threads(client) if client is not None else workers or 1
+    # local workers beyond the cores would multiply the shards, and so the processes: size for the cores at most
+    width = _dask_threads(client) if client is not None else min(workers, cores()) if workers else 1
     size = shard_size or shard_size_for(len(left), width)
     shards = [
         Task(an, ref, j, tuple(items[i] for i in pos), tuple(pos), batch_size)

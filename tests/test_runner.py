@@ -554,26 +554,29 @@ def test_a_dask_cluster_without_workers_says_so_and_stops_after_the_stated_time(
 
 
 def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, scenes, tmp_path):
+    """``workers=1000``: the shards are sized for the cores (about 4 per core), one process per shard at most."""
+    import math
     import multiprocessing
 
-    from qkweights.runner import cores
+    from qkweights.runner import cores, shard_size_for
 
     seen, told = [], []
     top_images(
         vit,
         scenes / "images",
         tmp_path / "out",
-        **{**TOP, "shard_size": 2},  # 7 shards
+        **{**TOP, "shard_size": None},
         workers=1000,
         notes=told.append,
         progress=lambda done, total: seen.append(len(multiprocessing.active_children())),
     )
-    assert max(seen) == 7  # one process per shard, not 1000
+    shards = math.ceil(14 / shard_size_for(14, cores()))  # 7 on 2 cores
+    assert max(seen) == shards  # one process per shard, not 1000
     many = [
-        f"7 worker processes on {cores()} cores: more workers than cores slow the run down; "
+        f"{shards} worker processes on {cores()} cores: more workers than cores slow the run down; "
         f"give workers={cores()} or fewer"
     ]
-    assert told == (many if cores() < 7 else [])
+    assert told == (many if cores() < shards else [])
 
 
 def _pid_into(folder):
