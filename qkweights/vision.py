@@ -418,6 +418,13 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
     return VisionModel(ck, source, vit_weights(ck), prep, origin, tuple(notes))
 
 
+def _part_read(ck: Checkpoint) -> str | None:
+    """The network read from a PyTorch training checkpoint holding several (chosen by the specs' default_part)."""
+    from qkweights.torch_pickle import TorchStore
+
+    return ck.store.metadata.get("part") if isinstance(ck.store, TorchStore) else None
+
+
 def load_model(model: str, *, spec: Spec | None = None, **options) -> VisionModel:
     """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
 
@@ -435,7 +442,7 @@ def load_model(model: str, *, spec: Spec | None = None, **options) -> VisionMode
         model,
         revision=source.commit or options.get("revision"),
         family=options.get("family"),
-        part=options.get("part") or ck.store.metadata.get("part"),  # the part read, whichever spec chose it
+        part=options.get("part") or _part_read(ck),
         allow_pickle=options.get("allow_pickle"),
         spec=ck.spec,
     )
