@@ -512,8 +512,8 @@ def run_sweep(
 ) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
-    model: the :class:`~qkweights.vision.VisionModel`, open here; its ``setup`` is computed
-    here first, so forked workers share both. Where shards run: ``client`` (a
+    model: the :class:`~qkweights.vision.VisionModel`, open here; with local ``workers`` its
+    ``setup`` is computed here first, so forked workers share both. Where shards run: ``client`` (a
     ``distributed.Client``) on its Dask cluster; else ``workers`` local processes (at most
     one per shard; more than this machine's cores is noted); else here, one after another.
     shard_size: images per shard; None chooses it from the images left and the workers
@@ -527,7 +527,8 @@ def run_sweep(
     if workers is not None and workers < 1:
         raise InputError(f"workers={workers}: give 1 or more worker processes")
     ref = model_ref(model, workers=workers, client=client)
-    context(an, ref, model)
+    if workers and client is None:  # before forking, so that local workers share it (a Dask client's comes after)
+        context(an, ref, model)
     state_path = Path(state_path)
     n = len(items)
     fp = fingerprint(an, source, model.checkpoint, items, batch_size)
