@@ -527,7 +527,7 @@ def run_sweep(
     if workers is not None and workers < 1:
         raise InputError(f"workers={workers}: give 1 or more worker processes")
     ref = model_ref(model, workers=workers, client=client)
-    if workers and client is None:  # before forking, so that local workers share it (a Dask client's comes after)
+    if workers and client is None:  # before forking, so that local workers share it (a Dask client's: meanwhile)
         context(an, ref, model)
     state_path = Path(state_path)
     n = len(items)
@@ -578,7 +578,10 @@ def run_sweep(
 
     try:
         if client is not None:
-            _run_on(client.get_executor(), None, shards, absorb, an, idle=_no_workers(client, notes))
+            with cf.ThreadPoolExecutor(1) as background:  # the client's own setup, for the caller, meanwhile
+                setup = background.submit(context, an, ref, model)
+                _run_on(client.get_executor(), None, shards, absorb, an, idle=_no_workers(client, notes))
+                setup.result()
         elif workers:
             _run_on(None, lambda: local_executor(workers), shards, absorb, an)
         else:
