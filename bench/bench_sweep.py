@@ -8,7 +8,7 @@ Run from the repository root:
 
 What it measures (ViT-B/16-shaped random hf-vit checkpoint, D 768, 12 layers × 12 heads,
 224², the one bench_profile.py writes; synthetic photos of 500×375 px; every head, modes
-0–9, top 8, --batch-size 16, --shard-size 16):
+0–9, top 8, --batch-size 16, the shard size the runner chooses: about 4 shards per worker):
 
 - **bare forward**: the images decoded and preprocessed once (not timed), then
   ``model.forward`` over batches of 16 at this machine's BLAS thread count — the
@@ -17,6 +17,10 @@ What it measures (ViT-B/16-shaped random hf-vit checkpoint, D 768, 12 layers × 
   file after each shard): in this process, with ``--workers N`` local processes, and on a
   loopback Dask cluster of one single-threaded worker per core (started before the
   clock); images/s and the ratio to the bare forward, all in one run;
+- **the whole command**: ``python -m qkweights top-images … --no-plots`` in a child process, wall
+  time from its start to its exit (interpreter, imports, model load, the SVD of the heads,
+  forking, the sweep, its tail, the outputs), in process and with ``--workers N``; and the
+  start-up alone, split into imports, model load and the SVD (``setup``), measured here;
 - **o3 peak RSS** of ``python -m qkweights o3 … --batch-size 32`` on 64 synthetic O3
   images (a child process; its ru_maxrss);
 - **figures**: ``draw_top_images`` of the saved result (one grid per head, 144, plus the
@@ -45,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from bench_profile import make_vit  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
-BATCH, SHARD = 16, 16
+BATCH = 16
 
 
 def photos(n: int) -> Path:
@@ -81,8 +85,45 @@ def sweep(model, root: Path, out: Path, **where) -> float:
     from qkweights.top_images import top_images
 
     t0 = time.perf_counter()
-    top_images(model, root, out, batch_size=BATCH, shard_size=SHARD, plots=False, **where)
+    top_images(model, root, out, batch_size=BATCH, plots=False, **where)
     return time.perf_counter() - t0
+
+
+def whole_command(model_dir: Path, root: Path, out: Path, *where: str) -> float:
+    """Seconds of ``python -m qkweights top-images … --no-plots`` in a child process, start to exit."""
+    cmd = [sys.executable, "-m", "qkweights", "top-images", str(model_dir), str(root), "--batch-size", str(BATCH)]
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*cmd, *where, "--no-plots", "--quiet", "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    return time.perf_counter() - t0
+
+
+START_CHILD = """import sys, time
+t0 = time.perf_counter()
+import qkweights.cli.top_images, qkweights.top_images as ti
+t1 = time.perf_counter()
+from qkweights.vision import load_model
+model = load_model(sys.argv[1])
+t2 = time.perf_counter()
+ti.mode_bank(model.checkpoint, list(range(model.dims.layers)), list(range(model.dims.heads)), list(range(10)))
+t3 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2)
+"""
+
+
+def start_up(model_dir: Path) -> tuple[float, float, float]:
+    """(imports, model load, SVD of every head) in seconds, in a fresh child process."""
+    out = subprocess.run(
+        [sys.executable, "-c", START_CHILD, str(model_dir)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return tuple(float(x) for x in out.split())
 
 
 # The o3 command in a child process that reports its own peak RSS (RUSAGE_SELF: this benchmark's other children,
@@ -174,6 +215,9 @@ def main() -> None:
     if not args.scaling:
         runs["top-images, in process"] = []
     runs.update({f"top-images --workers {w}": [] for w in workers})
+    if not args.scaling:
+        runs["whole command, in process"] = []
+        runs.update({f"whole command --workers {w}": [] for w in workers})
     client = cluster = None
     if not args.no_dask and not args.scaling:
         from distributed import Client, LocalCluster
@@ -185,14 +229,22 @@ def main() -> None:
         runs[f"top-images --scheduler (loopback Dask, {cores} workers × 1 thread)"] = []
     print(
         f"top-images --no-plots: {n} photos 500×375, ViT-B/16 shape, all 12 layers × 12 heads, modes 0-9, top 8, "
-        f"batch {BATCH}, shard {SHARD}; {args.reps} rounds"
+        f"batch {BATCH}, shards chosen by the runner; {args.reps} rounds"
     )
+    if not args.scaling:
+        parts = [start_up(vit_dir) for _ in range(args.reps)]
+        imports, load, svd = (statistics.median(p[i] for p in parts) for i in range(3))
+        print(f"start-up of a command: imports {imports:.2f} s, model load {load:.2f} s, SVD of the heads {svd:.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.reps):
             for label in runs:
                 out = Path(tmp) / f"r{r}-{len(os.listdir(tmp))}"
                 if label == "bare forward":
                     runs[label].append(bare_forward(model, root))
+                elif label == "whole command, in process":
+                    runs[label].append(whole_command(vit_dir, root, out))
+                elif label.startswith("whole command --workers"):
+                    runs[label].append(whole_command(vit_dir, root, out, "--workers", label.split()[-1]))
                 elif label.endswith("in process"):
                     runs[label].append(sweep(model, root, out))
                 elif "--workers" in label:

@@ -119,6 +119,7 @@ def open_segmentation(root: str | os.PathLike) -> SegDataset:
     root = Path(root)
     if (why := not_a_folder(root)) is not None:
         raise InputError(f"{root}: {why}; give the dataset folder (looked for {LOOKED_FOR})")
+    root = root.absolute()  # the items' paths are read by workers in other folders too (Dask)
     if (root / "images").is_dir() and (root / "instances").is_dir():
         data = _paired(root, root / "images", root / "instances", GENERIC, IMAGE_SUFFIXES)
     else:

@@ -66,13 +66,15 @@ def open_model(
     allow_pickle: bool = False,
     progress: bool | None = None,
     spec_dir=None,
+    specs: dict | None = None,
 ) -> tuple[Source, Checkpoint]:
     """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec.
 
     ``spec_dir``: a folder (or a list of folders) of user spec files, searched before ``QKWEIGHTS_SPEC_PATH``
-    and the shipped specs (see :func:`qkweights.spec.load_specs`).
+    and the shipped specs (see :func:`qkweights.spec.load_specs`). ``specs``: the families to choose from, resolved
+    already (a worker opening the model its client resolved); ``spec_dir`` and ``QKWEIGHTS_SPEC_PATH`` are then unread.
     """
-    specs = load_specs(spec_dir=spec_dir)
+    specs = specs if specs is not None else load_specs(spec_dir=spec_dir)
     source = resolve(model, revision=revision, progress=progress, allow_pickle=allow_pickle)
     store = open_store(source, part=part, defaults=default_parts(specs))
     return source, open_checkpoint(

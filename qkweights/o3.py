@@ -394,7 +394,7 @@ def o3_allocation(
     *,
     max_images: int | None = None,
     batch_size: int = 8,
-    shard_size: int = 64,
+    shard_size: int | None = None,
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
@@ -405,7 +405,8 @@ def o3_allocation(
 
     model: a :class:`VisionModel` or a MODEL argument for :func:`load_model`.
     max_images: use the first N images by name (None: all). batch_size: images per
-    forward pass; shard_size: images per shard (the unit of work and of resume). Where
+    forward pass; shard_size: images per shard (the unit of work and of resume; None: chosen from
+    the images and the workers, :func:`qkweights.runner.shard_size_for`). Where
     the shards run: ``client`` (a ``distributed.Client``), else ``workers`` local
     processes, else here (:func:`qkweights.runner.run_sweep`; the result is the same).
     progress(done, total): images consumed (used or skipped), at the start and after each
@@ -416,7 +417,7 @@ def o3_allocation(
     """
     if isinstance(model, str):
         model = load_model(model)
-    if batch_size < 1 or shard_size < 1:
+    if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"batch size {batch_size}, shard size {shard_size}: both must be at least 1")
     if max_images is not None and max_images < 1:
         raise InputError(f"max_images {max_images} is not positive; give 1 or more, or None for all images")
@@ -463,6 +464,7 @@ def o3_allocation(
         dataset,
         _protocol(model, batch_size, max_images),
     )
+    summary["blas"] = sweep.kernels()
     result = O3Result(summary, names, part.values)
     result.files = result.save(out)
     if plots:

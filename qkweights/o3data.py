@@ -177,6 +177,7 @@ def open_o3(root: str | os.PathLike) -> O3Dataset:
     why = not_a_folder(root)
     if why is not None:
         raise SourceError(f"{root}: {why}; pass the O3 folder that holds images/")
+    root = root.absolute()  # the items' paths are read by workers in other folders too (Dask)
     image_dir = _pick_one(root, ("images",), "images/ folder", required=True)
     targ_dir = _pick_one(root, TARGET_DIRS, "target mask folder", required=True)
     dist_dir = _pick_one(root, DISTRACTOR_DIRS, "distractor mask folder", required=True)

@@ -5,11 +5,13 @@ math on arrays; a per-shard partial result with an associative, commutative merg
 typed result; figures. :class:`Analysis` is the interface the first two implement; this
 module owns the loop they share:
 
-1. The inputs (a sorted list of picklable items) are cut into shards of ``shard_size``
-   consecutive items. The cut depends on nothing else — not on the executor nor on the
-   number of workers — and each shard is cut into the same batches wherever it runs, so
-   every image goes through the same forward pass and the floats are identical
-   whichever executor ran the sweep.
+1. The inputs (a sorted list of picklable items) not done yet are cut into shards of
+   ``shard_size`` consecutive items; by default the size follows the work, about
+   :data:`SHARDS_PER_WORKER` shards per worker (:func:`shard_size_for`), so that every
+   worker stays busy to the end. An image's numbers depend on the image, the model and
+   the machine's BLAS kernel only (not on its shard or batch), so the cut is free; the
+   kernels the shards ran on are recorded (:func:`blas_record`) and more than one noted.
+   Local workers are at most one per shard; more than the cores is noted.
 2. Shards are submitted to a :class:`concurrent.futures.Executor`: none (in-process),
    local worker processes (:func:`local_executor`, one BLAS thread each), or a Dask
    cluster (a ``distributed.Client``, :func:`dask_client`, whose ``get_executor()`` is one).
@@ -18,16 +20,22 @@ module owns the loop they share:
    shard, the next batch is decoded on a thread while the current one runs the model.
 3. Partial results are merged as they complete. As the merge is associative and
    commutative (partials carry the list positions of their images), the completion
-   order does not matter. After each merge the merged state and the set of finished
-   shards are written atomically to ``<out>/.<name>_state.npz`` with a fingerprint
-   (model weights' sha256, options, the images' names, sizes and modification times);
-   the same command run again resumes from it. A state of another fingerprint, or an
-   unreadable one, is ignored and reported through ``notes``.
+   order does not matter. The merged state and the items done are written atomically to
+   ``<out>/.<name>_state.npz`` after the first finished shard, then at most every
+   :data:`SAVE_EVERY_S` seconds (a state is tens of MB for a ViT-B), and when the sweep
+   ends, fails or is interrupted, with a fingerprint (model weights' sha256, the resolved
+   spec's content, the configs, options, the images' names, sizes and modification
+   times); the same command run again resumes from it, whatever its shard size or
+   executor (a ``kill -9`` loses at most the last few seconds of work). A state of another
+   fingerprint, or an unreadable one, is ignored and reported through ``notes``.
 4. Faults: a local worker that dies (killed, out of memory) breaks the process pool;
    the pool is rebuilt and the unfinished shards are submitted again (after
    :data:`MAX_POOL_RESTARTS` broken pools in a row with no shard finished, the run
-   stops). Dask reschedules the tasks of a lost worker itself. A shard that raises stops the run with
-   :class:`ShardError` naming its images; what was merged stays in the state file.
+   stops). Local workers die with their client, even on ``kill -9`` (:func:`_worker_start`),
+   and are terminated when the sweep stops early. Dask reschedules the tasks of a lost
+   worker itself; a cluster with no worker is noted, and the sweep stops after
+   :data:`NO_WORKER_TIMEOUT_S` seconds without one. A shard that raises stops the run
+   with :class:`ShardError` naming its images; what was merged stays in the state file.
    Unreadable images are not errors: each analysis's ``load`` skips them, and the
    runner lists them (``path``, ``reason``) in list order.
 
@@ -41,8 +49,11 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import sys
 import threading
+import time
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -53,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from qkweights.errors import InputError, QkError
-from qkweights.outputs import write_npz
+from qkweights.outputs import plural, write_npz
 from qkweights.version import __version__
 from qkweights.vision import ModelRef, remember
 
@@ -147,7 +158,7 @@ class Task:
     ref: ModelRef
     shard: int
     items: tuple
-    first: int  # list position of items[0]
+    positions: tuple[int, ...]  # the items' positions in the input list
     batch_size: int
 
 
@@ -157,6 +168,7 @@ class ShardResult:
     partial: Any
     skipped: list[dict]  # {"path", "reason"} of the images its analysis could not use
     n_items: int
+    blas: dict = field(default_factory=dict)  # the BLAS it ran on (:func:`blas_record`)
 
 
 def context(an: Analysis, ref: ModelRef, model):
@@ -176,7 +188,7 @@ def run_shard(task: Task) -> ShardResult:
 
     def load(lo_hi):
         lo, hi = lo_hi
-        return an.load(model, task.items[lo:hi], np.arange(task.first + lo, task.first + hi))
+        return an.load(model, task.items[lo:hi], np.asarray(task.positions[lo:hi], np.int64))
 
     partial, skipped = an.empty(), []
     with cf.ThreadPoolExecutor(1) as reader:
@@ -187,20 +199,62 @@ def run_shard(task: Task) -> ShardResult:
             skipped += bad
             if batch is not None:
                 partial = an.merge(partial, an.compute(model, ctx, batch))
-    return ShardResult(task.shard, partial, skipped, len(task.items))
+    return ShardResult(task.shard, partial, skipped, len(task.items), blas_record())
 
 
-def _positioned(skipped: list[dict], items: Sequence, first: int, an: Analysis) -> list[dict]:
+KERNEL_KEYS = ("internal_api", "architecture", "version")  # what decides a BLAS's rounding (not its thread count)
+
+
+def blas_record() -> dict:
+    """numpy's BLAS in this process: threadpoolctl's ``internal_api``, ``architecture``, ``version`` and
+    ``num_threads``; numpy's build configuration where threadpoolctl finds no BLAS (architecture and threads then
+    None)."""
+    from threadpoolctl import threadpool_info
+
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    lib = next((i for i in libs if "numpy" in str(i.get("filepath", ""))), libs[0] if libs else None)
+    if lib is None:
+        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        return {
+            "internal_api": blas.get("name"),
+            "architecture": None,
+            "version": blas.get("version"),
+            "num_threads": None,
+        }
+    return {k: lib.get(k) for k in (*KERNEL_KEYS, "num_threads")}
+
+
+def kernels(records: list[dict]) -> list[dict]:
+    """The distinct BLAS kernels (:data:`KERNEL_KEYS`) of the shards' ``records``, sorted; each with the thread
+    counts it ran at and its number of shards."""
+    out: dict[str, dict] = {}
+    for r in records:
+        kernel = {key: r.get(key) for key in KERNEL_KEYS}
+        entry = out.setdefault(json.dumps(kernel, sort_keys=True), {**kernel, "num_threads": [], "shards": 0})
+        entry["shards"] += 1
+        if r.get("num_threads") not in entry["num_threads"]:
+            entry["num_threads"] = sorted([*entry["num_threads"], r.get("num_threads")], key=str)
+    return [out[key] for key in sorted(out)]
+
+
+def _kernel_name(k: dict) -> str:
+    return " ".join(str(k[key]) for key in KERNEL_KEYS if k.get(key) is not None)
+
+
+def _positioned(skipped: list[dict], task: Task, an: Analysis) -> list[dict]:
     """Skipped records with their list positions (``load`` names them by path; positions order the list)."""
-    where = {an.item_name(it): first + i for i, it in enumerate(items)}
+    where = {an.item_name(it): p for it, p in zip(task.items, task.positions)}
     return [{"position": int(where.get(s["path"], -1)), **s} for s in skipped]
 
 
 # ----------------------------------------------------------------------------- state
 
 
-def fingerprint(an: Analysis, source: dict, items: Sequence, shard_size: int, batch_size: int) -> str:
-    """sha256 of the tool version, model provenance, options, shard cut and each item's files (name, size, mtime)."""
+def fingerprint(an: Analysis, source: dict, ck, items: Sequence, batch_size: int) -> str:
+    """sha256 of everything that decides a sweep's numbers: the tool version, the model's provenance (weights), the
+    content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name) and of
+    the configs read, the options and each item's files (name, size, mtime). Not the shard cut: the state records
+    which items are done, so a run resumes whatever shard size or executor the next one has."""
     files = []
     for it in items:
         for f in an.item_files(it):
@@ -214,11 +268,12 @@ def fingerprint(an: Analysis, source: dict, items: Sequence, shard_size: int, ba
         "analysis": an.name,
         "key": an.key(),
         "source": source,
-        "shard_size": shard_size,
+        "spec": dataclasses.asdict(ck.spec),
+        "configs": ck.configs,
         "batch_size": batch_size,
         "files": files,
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -226,9 +281,9 @@ class SweepState:
     """The merged result of the finished shards."""
 
     partial: Any
-    done: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)  # positions of the items consumed (scored or skipped)
     skipped: list[dict] = field(default_factory=list)
-    n_done: int = 0  # items consumed (scored or skipped)
+    blas: list[dict] = field(default_factory=list)  # the BLAS of each finished shard (:func:`blas_record`)
 
 
 def save_state(path: Path, an: Analysis, fp: str, st: SweepState) -> None:
@@ -237,15 +292,15 @@ def save_state(path: Path, an: Analysis, fp: str, st: SweepState) -> None:
         path,
         fingerprint=np.array(fp),
         done=np.array(sorted(st.done), np.int64),
-        n_done=np.array(st.n_done),
         skipped=np.array(json.dumps(st.skipped)),
+        blas=np.array(json.dumps(st.blas)),
         **arrays,
     )
 
 
-def load_state(path: Path, an: Analysis, fp: str) -> tuple[SweepState | None, str | None]:
-    """(the saved state, None) if ``path`` holds one of this fingerprint; else (None, a note saying why it was ignored,
-    or None)."""
+def load_state(path: Path, an: Analysis, fp: str, n: int) -> tuple[SweepState | None, str | None]:
+    """(the saved state, None) if ``path`` holds one of this fingerprint (over ``n`` items); else (None, a note
+    saying why it was ignored, or None)."""
     if not path.exists():
         return None, None
     try:
@@ -256,7 +311,10 @@ def load_state(path: Path, an: Analysis, fp: str) -> tuple[SweepState | None, st
                     f"{path} is from another run (options, model or images differ); ignoring it and starting over",
                 )
             partial = an.from_arrays({k[2:]: z[k] for k in z.files if k.startswith("p_")})
-            st = SweepState(partial, set(int(i) for i in z["done"]), json.loads(str(z["skipped"])), int(z["n_done"]))
+            done = [int(i) for i in z["done"]]
+            if any(not 0 <= i < n for i in done):
+                raise ValueError(f"done positions outside 0–{n - 1}")
+            st = SweepState(partial, set(done), json.loads(str(z["skipped"])), json.loads(str(z["blas"])))
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
         return None, f"{path} is unreadable ({type(e).__name__}); ignoring it and starting over"
     return st, None
@@ -265,8 +323,16 @@ def load_state(path: Path, an: Analysis, fp: str) -> tuple[SweepState | None, st
 # ----------------------------------------------------------------------------- executors
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def local_executor(workers: int) -> cf.ProcessPoolExecutor:
-    """``workers`` local processes, each with one BLAS thread.
+    """``workers`` local processes, each with one BLAS thread, that die with this process (:func:`_worker_start`).
 
     Forked where the platform allows and no other thread runs, so that the models this
     process has open (:func:`remember`) are shared copy-on-write instead of being read
@@ -278,40 +344,123 @@ def local_executor(workers: int) -> cf.ProcessPoolExecutor:
         raise InputError(f"{workers} workers: give at least 1")
     forkable = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
     ctx = multiprocessing.get_context("fork" if forkable else "spawn")
-    return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_blas_thread)
+    return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start, initargs=(os.getpid(),))
 
 
-def _one_blas_thread() -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_S = 1.0  # how often a worker without PR_SET_PDEATHSIG checks that its client still runs
+
+
+def _worker_start(parent: int) -> None:
+    """A local worker's set-up: one BLAS thread, and death with its client ``parent`` (killed, even with SIGKILL).
+
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere a
+    daemon thread checks every :data:`PARENT_POLL_S` s that the parent is still this process's parent.
+    """
+    import signal
+
     from threadpoolctl import threadpool_limits
 
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
     threadpool_limits(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the client's handler, if it was forked with one
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the client stops us
+    if not _die_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the client died before the death signal was armed
+        os._exit(1)
+
+
+def _die_with_parent() -> bool:
+    """Ask the kernel for SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG); False where unavailable."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols: libc's among them
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def _stop_workers(executor: cf.ProcessPoolExecutor) -> None:
+    """Stop a local pool now: cancel what has not started and terminate the worker processes (their shards are
+    not merged; a re-run runs them again)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.terminate()
+    for proc in processes:
+        proc.join(5)
 
 
 def dask_client(address: str | None = None, scheduler_file: str | None = None):
-    """A ``distributed.Client`` of an existing Dask cluster (address ``tcp://host:port`` or a scheduler file)."""
+    """A ``distributed.Client`` of an existing Dask cluster (address ``tcp://host:port`` or a scheduler file).
+
+    InputError, in one line, for an address Dask cannot parse, a scheduler file that is not
+    the JSON ``dask scheduler --scheduler-file`` writes, and a scheduler that does not answer.
+    """
     try:
         from distributed import Client
     except ImportError as e:
         raise InputError(
             f"a Dask scheduler needs the optional 'distributed' package; install it with: {DASK_INSTALL}"
         ) from e
+    if scheduler_file is not None:
+        address = _scheduler_file_address(Path(scheduler_file))
     try:
-        if scheduler_file is not None:
-            if not Path(scheduler_file).is_file():
-                raise InputError(
-                    f"{scheduler_file}: no such scheduler file; give the file `dask scheduler --scheduler-file` wrote"
-                )
-            return Client(scheduler_file=scheduler_file, timeout="20s")
         return Client(address, timeout="20s")
+    except ValueError as e:  # distributed's words for an address it cannot parse
+        raise InputError(f"Dask scheduler address {address!r}: {e}; give one such as tcp://10.0.0.5:8786") from e
     except (OSError, TimeoutError) as e:
         raise InputError(
-            f"could not reach the Dask scheduler {address or scheduler_file} ({type(e).__name__}: {e}); "
+            f"could not reach the Dask scheduler {address} ({type(e).__name__}: {e}); "
             "start it with `dask scheduler` and check the address"
         ) from e
 
 
+def _scheduler_file_address(path: Path) -> str:
+    """The scheduler address a ``dask scheduler --scheduler-file`` file holds (its JSON ``address``)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such scheduler file; give the file `dask scheduler --scheduler-file` wrote")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(
+            f"{path}: not a Dask scheduler file ({type(e).__name__}: {e}); give the file `dask scheduler "
+            "--scheduler-file` wrote"
+        ) from e
+    address = doc.get("address") if isinstance(doc, dict) else None
+    if not isinstance(address, str) or not address:
+        raise InputError(
+            f'{path}: not a Dask scheduler file (no "address" in it); give the file `dask scheduler '
+            "--scheduler-file` wrote"
+        )
+    return address
+
+
 # ----------------------------------------------------------------------------- the sweep
+
+
+SHARDS_PER_WORKER = 4  # shards per worker when the shard size is chosen here: the last ones keep every worker busy
+MAX_SHARD = 64  # images per chosen shard at most: resume and progress stay fine-grained on big inputs
+SAVE_EVERY_S = 5.0  # the state is written after the first finished shard, then at most this often, and at the end
+NO_WORKER_TIMEOUT_S = 60.0  # how long a sweep waits on a Dask cluster that has no worker before it stops
+
+
+def shard_size_for(n: int, workers: int) -> int:
+    """Images per shard for ``n`` images on ``workers`` workers: about :data:`SHARDS_PER_WORKER` shards per worker
+    (so that no worker idles while another finishes a long last shard), at most :data:`MAX_SHARD` images, at least
+    one."""
+    return max(1, min(MAX_SHARD, math.ceil(n / (SHARDS_PER_WORKER * max(1, workers)))))
 
 
 @dataclass
@@ -324,6 +473,12 @@ class Sweep:
     n_items: int
     fingerprint: str
     ref: ModelRef  # how workers opened the model (also for drawing figures on them)
+    blas: list[dict] = field(default_factory=list)  # the BLAS kernels the shards ran on (:func:`kernels`)
+
+    def kernels(self) -> list[dict]:
+        """The BLAS kernels the shards ran on (:data:`KERNEL_KEYS`), for a result's provenance: the same whatever
+        the executor and thread counts on one machine type (those are in :attr:`blas`)."""
+        return [{key: k[key] for key in KERNEL_KEYS} for k in self.blas]
 
 
 def model_ref(model, *, workers: int | None = None, client=None) -> ModelRef:
@@ -336,6 +491,11 @@ def model_ref(model, *, workers: int | None = None, client=None) -> ModelRef:
     return ref
 
 
+def _dask_threads(client) -> int:
+    """The worker threads of ``client``'s cluster now (0: no worker)."""
+    return sum(client.nthreads().values())
+
+
 def run_sweep(
     an: Analysis,
     model,
@@ -343,7 +503,7 @@ def run_sweep(
     *,
     state_path: str | Path,
     source: dict,
-    shard_size: int = 64,
+    shard_size: int | None = None,
     batch_size: int = 16,
     workers: int | None = None,
     client=None,
@@ -352,56 +512,120 @@ def run_sweep(
 ) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
-    model: the :class:`~qkweights.vision.VisionModel`, open here; its ``setup`` is computed
-    here first, so forked workers share both. Where shards run: ``client`` (a
-    ``distributed.Client``) on its Dask cluster; else ``workers`` local processes; else
-    here, one after another. progress(done, total): items consumed, at the start and after
-    each shard; notes(text): a resumed or ignored state. The state file is kept; the caller
-    removes it once its outputs are written.
+    model: the :class:`~qkweights.vision.VisionModel`, open here; with local ``workers`` its
+    ``setup`` is computed here first, so forked workers share both. Where shards run: ``client`` (a
+    ``distributed.Client``) on its Dask cluster; else ``workers`` local processes (at most
+    one per shard; more than this machine's cores is noted); else here, one after another.
+    shard_size: images per shard; None chooses it from the images left and the workers
+    (:func:`shard_size_for`). progress(done, total): items consumed, at the start and after
+    each shard; notes(text): a resumed or ignored state, more workers than cores, a Dask
+    cluster without workers. The state file is kept; the caller removes it once its outputs
+    are written.
     """
-    if shard_size < 1 or batch_size < 1:
+    if (shard_size is not None and shard_size < 1) or batch_size < 1:
         raise InputError(f"shard size {shard_size}, batch size {batch_size}: both must be at least 1")
+    if workers is not None and workers < 1:
+        raise InputError(f"workers={workers}: give 1 or more worker processes")
     ref = model_ref(model, workers=workers, client=client)
-    context(an, ref, model)
+    if workers and client is None:  # before forking, so that local workers share it (a Dask client's: meanwhile)
+        context(an, ref, model)
     state_path = Path(state_path)
     n = len(items)
-    fp = fingerprint(an, source, items, shard_size, batch_size)
-    st, note = load_state(state_path, an, fp)
+    fp = fingerprint(an, source, model.checkpoint, items, batch_size)
+    st, note = load_state(state_path, an, fp, n)
     told = [note] if note else []
     if st is None:
         st = SweepState(an.empty())
     elif st.done:
-        told.append(f"resuming from {state_path}: {st.n_done} of {n} images already done")
+        told.append(f"resuming from {state_path}: {len(st.done)} of {n} images already done")
+    left = [i for i in range(n) if i not in st.done]
+    # local workers beyond the cores would multiply the shards, and so the processes: size for the cores at most
+    width = _dask_threads(client) if client is not None else min(workers, cores()) if workers else 1
+    size = shard_size or shard_size_for(len(left), width)
+    shards = [
+        Task(an, ref, j, tuple(items[i] for i in pos), tuple(pos), batch_size)
+        for j, pos in enumerate(left[i : i + size] for i in range(0, len(left), size))
+    ]
+    if workers and client is None:
+        workers = min(workers, max(1, len(shards)))
+        if workers > cores():
+            told.append(
+                f"{workers} worker processes on {cores()} cores: more workers than cores slow the run down; "
+                f"give workers={cores()} or fewer"
+            )
     for text in told if notes else ():
         notes(text)
-    shards = [
-        Task(an, ref, j, tuple(items[i : i + shard_size]), i, batch_size) for j, i in enumerate(range(0, n, shard_size))
-    ]
-    todo = [t for t in shards if t.shard not in st.done]
     if progress:
-        progress(st.n_done, n)
+        progress(len(st.done), n)
+
+    saved = [-math.inf, True]  # when the state was last written, and whether it holds every merged shard
+
+    def save() -> None:
+        save_state(state_path, an, fp, st)
+        saved[:] = [time.monotonic(), True]
 
     def absorb(res: ShardResult) -> None:
-        st.partial = an.merge(st.partial, res.partial)
         task = shards[res.shard]
-        st.skipped = sorted(
-            st.skipped + _positioned(res.skipped, task.items, task.first, an), key=lambda s: s["position"]
-        )
-        st.done.add(res.shard)
-        st.n_done += res.n_items
-        save_state(state_path, an, fp, st)
+        st.partial = an.merge(st.partial, res.partial)
+        st.skipped = sorted(st.skipped + _positioned(res.skipped, task, an), key=lambda s: s["position"])
+        st.done.update(task.positions)
+        st.blas.append(res.blas)
+        saved[1] = False
+        if time.monotonic() - saved[0] >= SAVE_EVERY_S:
+            save()
         if progress:
-            progress(st.n_done, n)
+            progress(len(st.done), n)
 
-    if client is not None:
-        _run_on(client.get_executor(), None, todo, absorb, an)
-    elif workers:
-        _run_on(None, lambda: local_executor(min(workers, max(1, len(todo)))), todo, absorb, an)
-    else:
-        for task in todo:
-            absorb(_guarded(task, an))
+    try:
+        if client is not None:
+            with cf.ThreadPoolExecutor(1) as background:  # the client's own setup, for the caller, meanwhile
+                setup = background.submit(context, an, ref, model)
+                _run_on(client.get_executor(), None, shards, absorb, an, idle=_no_workers(client, notes))
+                setup.result()
+        elif workers:
+            _run_on(None, lambda: local_executor(workers), shards, absorb, an)
+        else:
+            for task in shards:
+                absorb(_guarded(task, an))
+    finally:  # finished, failed, interrupted or terminated: what was merged is kept
+        if not saved[1]:
+            save()
     skipped = [{k: v for k, v in s.items() if k != "position"} for s in st.skipped]
-    return Sweep(st.partial, skipped, told, n, fp, ref)
+    blas = kernels(st.blas)
+    if len(blas) > 1:
+        mixed = "; ".join(f"{_kernel_name(k)}: {plural(k['shards'], 'shard')}" for k in blas)
+        told.append(
+            f"the shards ran on {len(blas)} BLAS kernels ({mixed}); their numbers may differ in the last digits "
+            "from a run on one kernel (see Sweeps at scale in the README)"
+        )
+        if notes:
+            notes(told[-1])
+    return Sweep(st.partial, skipped, told, n, fp, ref, blas)
+
+
+def _no_workers(client, notes) -> Callable[[], None]:
+    """A check, called while the sweep waits on ``client``'s cluster: it notes once when the cluster has no worker
+    and raises InputError after :data:`NO_WORKER_TIMEOUT_S` s without one (a worker joining resets the clock)."""
+    since: list[float] = []
+
+    def check() -> None:
+        if _dask_threads(client):
+            since.clear()
+            return
+        if not since:
+            since.append(time.monotonic())
+            if notes:
+                notes(
+                    f"the Dask scheduler {client.scheduler.address} has no workers; waiting up to "
+                    f"{NO_WORKER_TIMEOUT_S:g} s for one (start one with `dask worker {client.scheduler.address}`)"
+                )
+        elif time.monotonic() - since[0] > NO_WORKER_TIMEOUT_S:
+            raise InputError(
+                f"the Dask scheduler {client.scheduler.address} has had no workers for {NO_WORKER_TIMEOUT_S:g} s; "
+                f"start workers with `dask worker {client.scheduler.address}` and re-run to resume"
+            )
+
+    return check
 
 
 def _guarded(task: Task, an: Analysis) -> ShardResult:
@@ -417,16 +641,18 @@ def _shard_failure(task: Task, an: Analysis, e: BaseException) -> str:
     names = [an.item_name(it) for it in task.items]
     shown = ", ".join(names[:3]) + (f" … ({len(names)} images)" if len(names) > 3 else "")
     return (
-        f"shard {task.shard} (images {task.first}–{task.first + len(names) - 1}: {shown}) failed: "
+        f"shard {task.shard} (images {task.positions[0]}–{task.positions[-1]}: {shown}) failed: "
         f"{type(e).__name__}: {' '.join(str(e).split())}; the shards finished before it are kept, a re-run resumes"
     )
 
 
-def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absorb, an: Analysis) -> None:
+def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absorb, an: Analysis, *, idle=None) -> None:
     """Submit every task and merge results as they complete.
 
     With ``make_executor`` (local pools) the executor is made here, shut down at the end,
-    and rebuilt when a worker dies (BrokenProcessPool), the unfinished tasks submitted again.
+    rebuilt when a worker dies (BrokenProcessPool), the unfinished tasks submitted again,
+    and its workers terminated when the run stops early (an error, Ctrl-C, SIGTERM).
+    ``idle()``: called about once a second while no result comes (it may raise).
     """
     from concurrent.futures.process import BrokenProcessPool
 
@@ -440,7 +666,7 @@ def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absor
             futures = {executor.submit(run_shard, t): t for t in pending.values()}
             broken = False
             try:
-                for fut in cf.as_completed(futures):
+                for fut in _completed(futures, idle):
                     task = futures[fut]
                     try:
                         res = fut.result()
@@ -473,18 +699,35 @@ def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absor
                     )
                 executor.shutdown(wait=False, cancel_futures=True)
                 executor = None
+    except BaseException:
+        if own and executor is not None:
+            _stop_workers(executor)
+            executor = None
+        raise
     finally:
         if own and executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _completed(futures, idle):
+    """The futures as they complete (as :func:`concurrent.futures.as_completed`), calling ``idle()`` each second
+    none does."""
+    left = set(futures)
+    while left:
+        done, left = cf.wait(left, timeout=1.0 if idle else None, return_when=cf.FIRST_COMPLETED)
+        if not done:
+            idle()
+        yield from done
+
+
 def run_jobs(fn: Callable[[Any], Any], jobs: list, *, workers: int | None = None, client=None) -> None:
     """Call ``fn(job)`` for every job where a sweep runs: on ``client``'s Dask cluster, on ``workers`` local
-    processes, or else in two forked processes (:func:`qkweights.outputs.draw_in_parallel`, made for figures)."""
+    processes (no more than the jobs and the cores: figures are work for a CPU each), or else in two forked
+    processes (:func:`qkweights.outputs.draw_in_parallel`, made for figures)."""
     if client is not None:
         list(client.get_executor().map(fn, jobs))
     elif workers and len(jobs) > 1:
-        with local_executor(min(workers, len(jobs))) as pool:
+        with local_executor(min(workers, len(jobs), cores())) as pool:
             list(pool.map(fn, jobs))
     else:
         from qkweights.outputs import draw_in_parallel

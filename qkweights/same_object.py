@@ -500,7 +500,7 @@ def same_object(
     modes=range(10),
     top: int = 5,
     batch_size: int = 16,
-    shard_size: int = 64,
+    shard_size: int | None = None,
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
@@ -537,7 +537,7 @@ def same_object(
             f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
         )
     modes = _indices(kept, d.head_dim, "mode", ())
-    if top < 1 or batch_size < 1 or shard_size < 1:
+    if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
     data = open_segmentation(root)
     items = data.items
@@ -604,11 +604,11 @@ def same_object(
             "modes": modes,
             "top": top,
             "batch_size": batch_size,
-            "shard_size": shard_size,
             "input_size": list(size or ()),
         },
         "protocol": protocol_text(model, size, patch),
         "fingerprint": sweep.fingerprint,
+        "blas": sweep.kernels(),
         "skipped": skipped,
         "layers": summarise(st, layers, heads, modes, bank.sigma, d.layers),
     }

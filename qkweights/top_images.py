@@ -556,7 +556,7 @@ def top_images(
     modes=range(10),
     top: int = 8,
     batch_size: int = 16,
-    shard_size: int = 64,
+    shard_size: int | None = None,
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
@@ -592,7 +592,7 @@ def top_images(
             f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
         )
     modes = _indices(kept, d.head_dim, "mode", ())
-    if top < 1 or batch_size < 1 or shard_size < 1:
+    if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
     paths, others = list_images(root), other_files(root)
     if not paths:
@@ -611,7 +611,6 @@ def top_images(
         "modes": modes,
         "top": top,
         "batch_size": batch_size,
-        "shard_size": shard_size,
         "input_size": list(size or ()),
         "fold_ln": fold_ln,
     }
@@ -657,6 +656,7 @@ def top_images(
     doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
     doc["n_other_files"] = len(others)
+    doc["blas"] = sweep.kernels()
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)
     result = TopImagesResult(doc, maps)
     written = result.save(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from qkweights.forward import (
 )
 from qkweights.preprocess import Preprocess
 from qkweights.source import Source
-from qkweights.spec import Checkpoint, Dims, user_spec_dirs
+from qkweights.spec import Checkpoint, Dims, Spec
 
 # Config activation names (transformers' ACT2FN keys, open_clip's quick_gelu) → forward.ACTIVATIONS.
 ACTIVATION_NAMES = {
@@ -291,10 +291,13 @@ def preprocessing_for(ck: Checkpoint) -> tuple[Preprocess, str]:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """How a worker opens the model: the MODEL argument (absolute path or Hub id) and the load options.
+    """How a worker opens the model: the MODEL argument (absolute path or Hub id), the load options and the spec.
 
     Workers open the model by this reference, so MODEL must be reachable from every
     worker by the same path or Hub id (shared filesystem, or each worker's own HF cache).
+    ``spec`` is the family's spec as the client resolved it (``spec_dir``,
+    ``QKWEIGHTS_SPEC_PATH``, the shipped files): a worker binds exactly it, whatever its own
+    environment and spec folders say.
     """
 
     model: str
@@ -302,7 +305,7 @@ class ModelRef:
     family: str | None = None
     part: str | None = None
     allow_pickle: bool = False
-    spec_dir: tuple[str, ...] | None = None  # user spec folders (absolute), as load_model(spec_dir=…) took them
+    spec: Spec | None = field(default=None, hash=False, repr=False)  # compared, not hashed (a Spec holds lists)
 
     @classmethod
     def of(cls, model: str, **options) -> ModelRef:
@@ -321,7 +324,7 @@ class ModelRef:
                 family=self.family,
                 part=self.part,
                 allow_pickle=self.allow_pickle,
-                spec_dir=self.spec_dir,
+                spec=self.spec,
             )
         return model
 
@@ -417,19 +420,34 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
     return VisionModel(ck, source, vit_weights(ck), prep, origin, tuple(notes))
 
 
-def load_model(model: str, **options) -> VisionModel:
+def _part_read(ck: Checkpoint) -> str | None:
+    """The network read from a PyTorch training checkpoint holding several (chosen by the specs' default_part)."""
+    from qkweights.torch_pickle import TorchStore
+
+    return ck.store.metadata.get("part") if isinstance(ck.store, TorchStore) else None
+
+
+def load_model(model: str, *, spec: Spec | None = None, **options) -> VisionModel:
     """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
-    :func:`qkweights.load.open_model`).
+    :func:`qkweights.load.open_model`). ``spec``: bind this spec, resolved already (as a
+    :class:`ModelRef` carries it), instead of resolving one from the spec folders.
     """
     from qkweights.load import open_model
 
-    if options.get("spec_dir") is not None:  # a hashable, absolute form for the ModelRef workers open the model by
-        options["spec_dir"] = tuple(str(Path(d).expanduser().absolute()) for d in user_spec_dirs(options["spec_dir"]))
+    if spec is not None:
+        options = {**options, "family": spec.name, "specs": {spec.name: spec}, "spec_dir": None}
     source, ck = open_model(model, **options)
     vm = vision_model(ck, source)
-    ref = ModelRef.of(model, **{**options, "revision": source.commit or options.get("revision")})
+    ref = ModelRef.of(
+        model,
+        revision=source.commit or options.get("revision"),
+        family=options.get("family"),
+        part=options.get("part") or _part_read(ck),
+        allow_pickle=options.get("allow_pickle"),
+        spec=ck.spec,
+    )
     vm = dataclasses.replace(vm, ref=ref)
     remember(ref, vm)  # workers forked from this process need not open it again
     return vm

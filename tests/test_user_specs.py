@@ -156,8 +156,8 @@ def test_user_spec_forward_equals_transformers(hidden):
     np.testing.assert_allclose(np.stack([out.attentions[l] for l in range(2)]), g["attentions"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(out.last_hidden_state, g["last_hidden_state"], rtol=0, atol=1e-5)
     assert model.preprocessing_origin == "preprocessor_config.json"
-    # worker processes open the model by its ModelRef, which carries the user folder
-    assert model.ref.spec_dir == (str(specs.absolute()),)
+    # worker processes open the model by its ModelRef, which carries the spec resolved from the user folder
+    assert model.ref.spec == model.checkpoint.spec and model.ref.spec.path == specs / "hidden-vit.toml"
     _MODELS.pop(model.ref)
     assert model.ref.open().checkpoint.spec.name == "hidden-vit"
 

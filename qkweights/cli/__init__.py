@@ -4,8 +4,9 @@ Each command is a module of this package with ``configure(parser)`` and
 ``run(args) -> int``; this module parses arguments, dispatches, and is the one
 place where errors become messages (options worded as flags, :mod:`qkweights.cli.words`)
 and exit codes (:mod:`qkweights.cli.exits`): 0 ok, 1 findings (e.g. non-finite weights,
-a failed check), 2 usage or input error, 130 interrupted, 141 stdout closed before the command
-finished writing (a finished command keeps its own code: a closed pipe never turns a failure into 0).
+a failed check), 2 usage or input error, 130 interrupted (Ctrl-C), 141 stdout closed before the command
+finished writing (a finished command keeps its own code: a closed pipe never turns a failure into 0), 143
+terminated (SIGTERM, handled as Ctrl-C).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
-from qkweights.cli.exits import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
+from qkweights.cli.exits import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 from qkweights.cli.words import flag_words
 from qkweights.errors import QkError
 from qkweights.version import __version__
@@ -80,12 +83,38 @@ def _command(argv: list[str]) -> str | None:
     return first if first in {name for name, _ in COMMANDS} else None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it stops as on Ctrl-C (state kept, workers stopped)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` inside the block (main thread only; elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    with _sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args) -> int:
     code = EXIT_BROKEN_PIPE
     try:
         code = args.run(args)
@@ -96,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"qkweights: error: {flag_words(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         resume = "; re-run the same command to resume where it stopped" if args.command in RESUMABLE else ""
-        print(f"qkweights: interrupted{resume}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"qkweights: {how}{resume}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # the command's own code if it finished, else 141
         with contextlib.suppress(OSError, ValueError):  # no second failure when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -182,9 +182,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shard-size",
         type=int,
-        default=64,
         metavar="S",
-        help="images per shard: the unit of work, of resume and of progress (default: 64)",
+        help="images per shard: the unit of work, of resume and of progress (default: about 4 shards per worker, "
+        "at most 64 images)",
     )
 
 
