@@ -1,0 +1,1 @@
+"""The image analyses and the runner that sweeps them over folders of images."""

@@ -1,0 +1,1 @@
+"""Reading checkpoints: model sources (Hub, cache, folders, files), safetensors and PyTorch tensors."""

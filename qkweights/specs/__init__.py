@@ -1,0 +1,1 @@
+"""Spec files: the typed schema, the registry of families, detection, and the spec-bound Checkpoint."""
