@@ -37,7 +37,7 @@ def vit_b_random() -> Path:
 
 def synthetic_o3(n: int, size: int, seed: int = 0) -> Path:
     """A synthetic O3 folder of ``n`` square images of ``size`` pixels in bench/out/ (written once)."""
-    from qkweights.synth_o3 import make_o3
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     folder = OUT / f"o3-synth-{size}-n{n}-s{seed}"
     return folder if folder.is_dir() else make_o3(folder, n=n, seed=seed, size=(size, size))
@@ -53,8 +53,8 @@ def bench_o3(args) -> None:
     sha256 of the weight files that the resume fingerprint needs (cached on the model).
     Overhead = median(o3) / median(forward) − 1.
     """
-    from qkweights.o3 import FIGURE_NAME, SUMMARY_NAME, o3_allocation, o3_figure, prepare, select_items
-    from qkweights.vision import load_model
+    from qkweights.analyses.o3 import FIGURE_NAME, SUMMARY_NAME, o3_allocation, o3_figure, prepare, select_items
+    from qkweights.vision.model import load_model
 
     data = synthetic_o3(args.o3_images, args.o3_size)
     print(

@@ -49,8 +49,8 @@ def demo_run() -> Path:
 
 def vit_b_run(n_images: int = 160) -> Path:
     import qkweights
-    from qkweights.top_images import top_images
-    from qkweights.vision import load_model
+    from qkweights.analyses.top_images import top_images
+    from qkweights.vision.model import load_model
 
     out = OUT / f"atlas-vit-b-run-n{n_images}"
     vit = make_vit(OUT / "vit-b-random", 768, 12, 12)

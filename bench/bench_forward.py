@@ -42,8 +42,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qkweights.forward import _BLAS, _concat, _run, blas_threads, check_layers, check_pixels  # noqa: E402
-from qkweights.vision import load_model  # noqa: E402
+from qkweights.vision.forward import _BLAS, _concat, _run, blas_threads, check_layers, check_pixels  # noqa: E402
+from qkweights.vision.model import load_model  # noqa: E402
 
 VIT_B16 = dict(
     hidden_size=768,
@@ -148,7 +148,7 @@ import json, sys, tracemalloc
 import numpy as np
 from threadpoolctl import threadpool_limits
 sys.path.insert(0, {str(ROOT)!r})
-from qkweights.vision import load_model
+from qkweights.vision.model import load_model
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -30,9 +30,9 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qkweights.profiles import compute_profile  # noqa: E402
-from qkweights.spec import open_checkpoint  # noqa: E402
-from qkweights.tensors import TensorStore  # noqa: E402
+from qkweights.checkpoints.tensors import TensorStore  # noqa: E402
+from qkweights.specs.spec import open_checkpoint  # noqa: E402
+from qkweights.weights.profiles import compute_profile  # noqa: E402
 
 
 def make_vit(folder: Path, hidden: int, layers: int, heads: int) -> Path:

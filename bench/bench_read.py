@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qkweights.tensors import TensorStore
+from qkweights.checkpoints.tensors import TensorStore
 
 ROLES = ("attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense")
 

@@ -54,7 +54,7 @@ BATCH = 16
 
 def photos(n: int) -> Path:
     """``n`` synthetic photos of 500×375 px (the size of many ImageNet photos) in bench/out/ (written once)."""
-    from qkweights.synth_o3 import make_o3
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     folder = OUT / f"photos-500x375-n{n}"
     if not folder.is_dir():
@@ -63,7 +63,7 @@ def photos(n: int) -> Path:
 
 
 def o3_set(n: int) -> Path:
-    from qkweights.synth_o3 import make_o3
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     folder = OUT / f"o3-synth-512-n{n}"
     return folder if folder.is_dir() else make_o3(folder, n=n, seed=0, size=(512, 512))
@@ -71,7 +71,7 @@ def o3_set(n: int) -> Path:
 
 def bare_forward(model, root: Path) -> float:
     """Seconds of the forward passes alone over every image, in batches of BATCH (decoding not timed)."""
-    from qkweights.top_images import input_size, list_images, load_batch
+    from qkweights.analyses.top_images import input_size, list_images, load_batch
 
     paths = list_images(root)
     batches = [load_batch(model, root, paths[i : i + BATCH], input_size(model))[0] for i in range(0, len(paths), BATCH)]
@@ -82,7 +82,7 @@ def bare_forward(model, root: Path) -> float:
 
 
 def sweep(model, root: Path, out: Path, **where) -> float:
-    from qkweights.top_images import top_images
+    from qkweights.analyses.top_images import top_images
 
     t0 = time.perf_counter()
     top_images(model, root, out, batch_size=BATCH, plots=False, **where)
@@ -103,9 +103,9 @@ def whole_command(model_dir: Path, root: Path, out: Path, *where: str) -> float:
 
 START_CHILD = """import sys, time
 t0 = time.perf_counter()
-import qkweights.cli.top_images, qkweights.top_images as ti
+import qkweights.cli.top_images, qkweights.analyses.top_images as ti
 t1 = time.perf_counter()
-from qkweights.vision import load_model
+from qkweights.vision.model import load_model
 model = load_model(sys.argv[1])
 t2 = time.perf_counter()
 ti.mode_bank(model.checkpoint, list(range(model.dims.layers)), list(range(model.dims.heads)), list(range(10)))
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--no-figures", action="store_true", help="skip the figure timing")
     args = parser.parse_args()
 
-    from qkweights.vision import load_model
+    from qkweights.vision.model import load_model
 
     blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()]
     cores = os.cpu_count()
@@ -195,7 +195,7 @@ def main() -> None:
     if (
         not args.no_figures and not args.scaling
     ):  # before any worker thread or cluster: figures draw in forked processes
-        from qkweights.top_images import TopImagesResult, draw_top_images
+        from qkweights.analyses.top_images import TopImagesResult, draw_top_images
 
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "figures"

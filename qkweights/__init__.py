@@ -21,12 +21,12 @@ def profile(
     """Profile every head of ``model`` (Hub id, local folder, .safetensors or PyTorch file).
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (a folder, or a
-    list of folders, of user spec files; see :func:`qkweights.load.open_model`). Returns a
-    :class:`qkweights.profiles.Profile`:
+    list of folders, of user spec files; see :func:`qkweights.specs.load.open_model`). Returns a
+    :class:`qkweights.weights.profiles.Profile`:
     per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
     ``.save(dir)`` writes its data files, :func:`save_profile` its figures too; ``.to_json()``.
     ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` and add the key-salience norms
-    (:mod:`qkweights.fold`). ``progress``: True lets huggingface_hub draw its download bars
+    (:mod:`qkweights.weights.fold`). ``progress``: True lets huggingface_hub draw its download bars
     on stderr (the library draws none of its own). ``reporter``: a :class:`qkweights.workflow.Reporter` for per-layer
     progress and notes (its ``downloads`` then replaces ``progress``).
     """
@@ -48,18 +48,18 @@ def save_profile(prof, out, *, plots: bool = True):
 
 def load_profile(path, *, vectors: bool = True):
     """Read a saved ``profile.json`` (or the folder holding it; ``vectors``: with its ``modes.npz`` if present)."""
-    from qkweights.profiles import load_profile as _load
+    from qkweights.weights.profiles import load_profile as _load
 
     return _load(path, vectors=vectors)
 
 
 def load_model(model: str, **options):
-    """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.VisionModel`).
+    """Load the vision tower of ``model`` for the numpy forward pass (:class:`qkweights.vision.model.VisionModel`).
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
-    :func:`qkweights.load.open_model`).
+    :func:`qkweights.specs.load.open_model`).
     """
-    from qkweights.vision import load_model as _load
+    from qkweights.vision.model import load_model as _load
 
     return _load(model, **options)
 

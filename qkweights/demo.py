@@ -2,14 +2,14 @@
 
 The demo model (``qkweights/demo_model/``, model card in its README.md) is a 4-layer ViT
 trained by ``tests/fixtures/train_demo_model.py`` to find the odd one out in the synthetic
-scenes of :mod:`qkweights.synth_o3`. :func:`run_demo` runs, with no network:
+scenes of :mod:`qkweights.datasets.synthetic_o3`. :func:`run_demo` runs, with no network:
 
 1. ``profile/``: the query-key SVD profile of every head (:func:`qkweights.profile`);
 2. ``maps/``: projection maps of the bundled ``demo.jpg`` on the top :data:`MAP_MODES`
    modes (by contribution to the attention logits) of two heads: the one with the lowest
    and the one with the highest σ-weighted cosine;
 3. ``scenes/``: :data:`N_SCENES` synthetic O3 scenes at the model's input size, from
-   :func:`qkweights.synth_o3.make_o3` with seed :data:`SCENE_SEED` (the same bytes on every
+   :func:`qkweights.datasets.synthetic_o3.make_o3` with seed :data:`SCENE_SEED` (the same bytes on every
    run, so in effect a bundled folder);
 4. ``top_images/``: the scenes that drive the first :data:`TOP_MODES` modes of those two
    heads' layers and heads most;
@@ -71,7 +71,7 @@ def scene_folder(out: Path, size: tuple[int, int], *, name: str = "scenes", obje
 
     object_scale ≠ 1: objects that much larger, with instance maps (``instances/``).
     """
-    from qkweights.synth_o3 import make_o3
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     folder = out / name
     props = folder / "image_properties.txt"
@@ -161,12 +161,12 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     returned list ends with ``summary.txt``. Re-running into the same folder reuses its
     scenes and overwrites the other outputs.
     """
+    from qkweights.analyses.maps import projection_maps, save_maps
+    from qkweights.analyses.o3 import o3_allocation
+    from qkweights.analyses.same_object import same_object
+    from qkweights.analyses.top_images import top_images
     from qkweights.atlas import report
-    from qkweights.maps import projection_maps, save_maps
-    from qkweights.o3 import o3_allocation
-    from qkweights.same_object import same_object
-    from qkweights.top_images import top_images
-    from qkweights.vision import load_model
+    from qkweights.vision.model import load_model
     from qkweights.workflow import Reporter, profile, save_profile
 
     def stage(text: str) -> None:

@@ -15,7 +15,7 @@ command line only parses arguments, draws progress bars, prints and picks exit c
 
 ``reporter.downloads`` says whether huggingface_hub may draw its own download bars (True) or
 not (False, None). The base class is silent. Library modules that have something
-to say while opening a model (:mod:`qkweights.load`, :mod:`qkweights.hub`) issue a
+to say while opening a model (:mod:`qkweights.specs.load`, :mod:`qkweights.checkpoints.hub`) issue a
 :class:`~qkweights.errors.QkWarning`; the workflows hand those to ``reporter.note`` when the
 reporter takes notes, and otherwise let them through as ordinary Python warnings.
 """
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from qkweights.checkpoints.folders import Source
 from qkweights.errors import QkWarning
-from qkweights.folders import Source
-from qkweights.load import open_model as _open_model
-from qkweights.load import source_record
-from qkweights.profiles import Profile, compute_profile, load_profile
-from qkweights.spec import Checkpoint
+from qkweights.specs.load import open_model as _open_model
+from qkweights.specs.load import source_record
+from qkweights.specs.spec import Checkpoint
+from qkweights.weights.profiles import Profile, compute_profile, load_profile
 
 PROFILE_FILE = "profile.json"
 
@@ -86,7 +86,7 @@ def notes_to(reporter: Reporter | None) -> Iterator[None]:
 def open_model(model: str, *, reporter: Reporter | None = None, **options) -> tuple[Source, Checkpoint]:
     """Resolve ``model`` (Hub id, folder or file) and bind its spec; notes go to ``reporter``.
 
-    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.load.open_model`).
+    ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.specs.load.open_model`).
     """
     reporter = reporter or QUIET
     with notes_to(reporter):
@@ -94,11 +94,11 @@ def open_model(model: str, *, reporter: Reporter | None = None, **options) -> tu
 
 
 def load_model(model: str, *, reporter: Reporter | None = None, **options):
-    """The vision tower of ``model`` for the forward pass (:class:`qkweights.vision.VisionModel`).
+    """The vision tower of ``model`` for the forward pass (:class:`qkweights.vision.model.VisionModel`).
 
     Its notes (preprocessing defaults, config and tensors disagreeing) go to ``reporter`` too.
     """
-    from qkweights.vision import load_model as _load
+    from qkweights.vision.model import load_model as _load
 
     reporter = reporter or QUIET
     with notes_to(reporter):
@@ -159,7 +159,7 @@ def save_profile(
 
         written += profile_figures(prof, out)
         if prof.model.folded and checkpoint is not None:
-            from qkweights.compare import fold_comparison
+            from qkweights.figures.compare import fold_comparison
 
             plain = dataclasses.replace(compute_profile(checkpoint, {}), source=prof.source)
             written += fold_comparison(prof, plain, out)
@@ -193,14 +193,14 @@ def check(
     model_options: dict | None = None,
     **tolerances,
 ):
-    """Profile ``model`` and check it against the saved ``baseline`` (:func:`qkweights.check.check_profile`).
+    """Profile ``model`` and check it against the saved ``baseline`` (:func:`qkweights.weights.check.check_profile`).
 
     ``baseline``: a profile.json or the folder holding it, read first so a bad path, or a
     baseline with non-finite or collapsed heads, fails before the weights are read; the current
     profile is LayerNorm-folded when the baseline is. ``model_options``: as :func:`open_model`;
-    ``tolerances``: the keyword options of :func:`~qkweights.check.check_profile`.
+    ``tolerances``: the keyword options of :func:`~qkweights.weights.check.check_profile`.
     """
-    from qkweights.check import check_baseline, check_profile, collapse_causes
+    from qkweights.weights.check import check_baseline, check_profile, collapse_causes
 
     base = load_profile(baseline, vectors=False)
     check_baseline(base)
@@ -238,12 +238,12 @@ def diff(
     options_a: dict | None = None,
     options_b: dict | None = None,
 ):
-    """How each head changed from ``a`` to ``b`` (:class:`qkweights.diff.DiffResult`); each a checkpoint or a saved
-    profile.
+    """How each head changed from ``a`` to ``b`` (:class:`qkweights.weights.diff.DiffResult`); each a checkpoint or a
+    saved profile.
 
     ``options_a``/``options_b``: the options of :func:`open_model` for each side.
     """
-    from qkweights.diff import diff_profiles
+    from qkweights.weights.diff import diff_profiles
 
     pa = diff_input(a, k=k, reporter=reporter, fold_ln=fold_ln, **(options_a or {}))
     pb = diff_input(b, k=k, reporter=reporter, fold_ln=fold_ln, **(options_b or {}))
@@ -253,10 +253,10 @@ def diff(
 def compare(
     items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None, **options
 ) -> list[Path]:
-    """Overlay the layer curves of ``items`` (:func:`qkweights.compare.compare`): saved results are read,
+    """Overlay the layer curves of ``items`` (:func:`qkweights.figures.compare.compare`): saved results are read,
     checkpoints profiled now with ``options`` (as :func:`open_model`)."""
-    from qkweights.compare import INPUT_FILES
-    from qkweights.compare import compare as _compare
+    from qkweights.figures.compare import INPUT_FILES
+    from qkweights.figures.compare import compare as _compare
 
     inputs = [saved_file(item, INPUT_FILES) or profile(str(item), reporter=reporter, **options) for item in items]
     return _compare(inputs, Path(out), labels=labels)
@@ -269,22 +269,23 @@ def _reported(reporter: Reporter | None, task: str) -> dict:
 
 
 def o3(model, o3_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.o3.o3_allocation`, reporting progress as "o3" images and notes to ``reporter``."""
-    from qkweights.o3 import o3_allocation
+    """:func:`qkweights.analyses.o3.o3_allocation`, reporting progress as "o3" images and notes to ``reporter``."""
+    from qkweights.analyses.o3 import o3_allocation
 
     return o3_allocation(model, o3_dir, out, **_reported(reporter, "o3"), **options)
 
 
 def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.top_images.top_images`, reporting progress as "top-images" images and notes to ``reporter``."""
-    from qkweights.top_images import top_images as _top_images
+    """:func:`qkweights.analyses.top_images.top_images`, reporting progress as "top-images" images and notes to
+    ``reporter``."""
+    from qkweights.analyses.top_images import top_images as _top_images
 
     return _top_images(model, image_dir, out, **_reported(reporter, "top-images"), **options)
 
 
 def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.same_object.same_object`, reporting progress as "same-object" images and notes to
+    """:func:`qkweights.analyses.same_object.same_object`, reporting progress as "same-object" images and notes to
     ``reporter``."""
-    from qkweights.same_object import same_object as _same_object
+    from qkweights.analyses.same_object import same_object as _same_object
 
     return _same_object(model, data_dir, out, **_reported(reporter, "same-object"), **options)

@@ -112,7 +112,7 @@ def quadrant_scenes(folder: Path, n: int = 2) -> Path:
     import numpy as np
     from PIL import Image
 
-    from qkweights.synth_o3 import make_o3
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     make_o3(folder, n=n, seed=1, size=(48, 48), instances=True)
     quadrants = np.kron(np.array([[1, 2], [3, 4]], np.uint8), np.ones((24, 24), np.uint8))  # (48, 48) labels 1–4

@@ -110,7 +110,7 @@ def test_out_of_range_index_says_of_what():
 
 @pytest.mark.parametrize("command", ["top-images", "o3", "same-object"])
 def test_image_analyses_refuse_an_out_that_is_a_file(tmp_path, capsys, command):
-    from qkweights.synth_o3 import make_o3
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     data = make_o3(tmp_path / "data", n=2, seed=1, size=(48, 48), instances=True)
     (tmp_path / "afile").write_text("not a folder")

@@ -14,10 +14,10 @@ from safetensors.numpy import load_file
 
 import qkweights
 from qkweights.cli import main
+from qkweights.datasets.synthetic_o3 import FEATURES, draw_scene, make_o3
 from qkweights.demo import N_SCENES, SCENE_SEED, demo_model_folder, extreme_heads, scene_folder
 from qkweights.errors import InputError
-from qkweights.synth_o3 import FEATURES, draw_scene, make_o3
-from qkweights.vision import load_model
+from qkweights.vision.model import load_model
 
 FRESH_STREAM = 3
 N_CHECK = 200

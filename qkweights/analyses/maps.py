@@ -1,6 +1,6 @@
 """Projection maps of one image onto the query-key modes of one head (paper Fig. 1, 4, 5).
 
-For head h of layer l with ``W_q,hᵀW_k,h = U Σ Vᵀ`` (:func:`qkweights.qk.qk_svd`, the
+For head h of layer l with ``W_q,hᵀW_k,h = U Σ Vᵀ`` (:func:`qkweights.weights.qk.qk_svd`, the
 profiles' sign convention) and the embeddings x_t of the patch tokens t:
 
 * query map of mode n: ``x_t·u_n``; key map: ``x_t·v_n``, on the patch grid (gh, gw).
@@ -18,7 +18,7 @@ profiles' sign convention) and the embeddings x_t of the patch tokens t:
   ``Σ_n c_n = Σ_{i,j} a_ij · x_iᵀW_qᵀW_k x_j / √K``, the attention-weighted bilinear logit
   summed over query rows. Modes are ranked by ``|c_n|``.
 * ``fold_ln`` (``maps --fold-ln``): the modes of the LayerNorm-folded ``Γ W_qᵀW_k Γ``
-  (:mod:`qkweights.fold`) projected on the normalised tokens n (the residual stream entering
+  (:mod:`qkweights.weights.fold`) projected on the normalised tokens n (the residual stream entering
   the block, normalised as the LayerNorm does before its gain and bias), so the decomposition
   stays exact: ``x̃_iᵀW_qᵀW_k x̃_j`` plus the bias terms = ``Σ_n σ_n (n_i·u_n)(v_n·n_j) + w_h·n_j``
   + terms constant along each softmax row. ``c_n`` uses n and the folded modes; the key-salience
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from qkweights.errors import InputError
-from qkweights.forward import one_blas_thread
+from qkweights.figures.overlay import CAPTION, composite, display_image
 from qkweights.outputs import save_figure, write_npz
-from qkweights.overlay import CAPTION, composite, display_image
-from qkweights.qk import qk_svd
+from qkweights.vision.forward import one_blas_thread
+from qkweights.weights.qk import qk_svd
 
 EMBEDDINGS = {
     "ln": "LayerNorm output feeding W_q/W_k (attention_inputs[l])",
@@ -139,7 +139,7 @@ def projection_maps(
 ) -> Maps:
     """Query and key maps of ``image`` on modes of head ``head`` of layer ``layer`` (0-based).
 
-    model: a :class:`qkweights.vision.VisionModel`; image: a path, PIL image or uint8
+    model: a :class:`qkweights.vision.model.VisionModel`; image: a path, PIL image or uint8
     array (preprocessed with the model's own preprocessing). modes: mode indices (default
     the first 6, clipped to the head dim) or top: the ``top`` modes of largest |c_n|, in
     that order. embedding: "ln" or "residual" (module docstring). fold_ln: the LayerNorm-folded
@@ -157,7 +157,7 @@ def projection_maps(
         attn = out.attentions[layer][0, head].astype(np.float64)  # (T, T)
         salience = None
         if fold_ln:
-            from qkweights.fold import folded_modes, normalised_tokens
+            from qkweights.weights.fold import folded_modes, normalised_tokens
 
             fm = folded_modes(model.checkpoint, layer, [head])
             u, s, v = fm.u[0], fm.s[0], fm.v[0]  # (D, K), (K,), (D, K)
@@ -178,7 +178,7 @@ def projection_maps(
         query = (xp @ u[:, chosen]).T  # (N, N_patches)
         key = (xp @ v[:, chosen]).T
         prep = model.preprocessing
-        from qkweights.load import source_record
+        from qkweights.specs.load import source_record
 
         return Maps(
             model_id=model.source.model_id if model.source is not None else model.checkpoint.spec.name,
@@ -207,7 +207,7 @@ def mode_title(layer: int, head: int, mode: int, sign: int, sigma: float, cos: f
 
 
 def maps_figure(maps: Maps):
-    """The image, then one red/cyan composite per mode (``qkweights.overlay``), at most 5 panels a row."""
+    """The image, then one red/cyan composite per mode (``qkweights.figures.overlay``), at most 5 panels a row."""
     from matplotlib.figure import Figure
 
     n = len(maps.modes)

@@ -1,6 +1,6 @@
 """O3 attention allocation (paper Fig. 2 B–D): where the tokens on a target and on a distractor attend.
 
-For each image of an Odd-One-Out folder (:mod:`qkweights.o3data`; method §6) and each
+For each image of an Odd-One-Out folder (:mod:`qkweights.datasets.o3`; method §6) and each
 layer and head, the attention row of one token on the singleton target and of one token
 on the distractors is split into the share that falls on the target, on the distractors
 and on the background. Protocol (the paper leaves these choices open; qkweights makes
@@ -8,7 +8,7 @@ them as follows):
 
 1. **Image.** The model's own preprocessing (:meth:`VisionModel.preprocess`: the
    checkpoint's resize, centre crop and normalisation), whatever the photo's size.
-2. **Masks.** Each mask is thresholded at 128 (:func:`qkweights.o3data.load_mask`),
+2. **Masks.** Each mask is thresholded at 128 (:func:`qkweights.datasets.o3.load_mask`),
    then given the image's geometric transform (:meth:`Preprocess.transform_mask`:
    the same resize and crop, with PIL's antialiased bilinear filter on the 0/1 mask),
    then averaged over each P×P patch: fractional masks target ``t`` and distractor
@@ -37,8 +37,8 @@ empty on the patch grid (no pixel ≥ 128, or the object lies outside the crop).
 
 Outputs in ``out_dir`` (:class:`O3Result`): ``o3.csv`` (image, layer, head, tt, td, tb,
 dt, dd, db), ``o3_summary.json`` (schema ``qkweights.o3/1``, read by
-:mod:`qkweights.compare`) and ``o3_by_layer.png``. The sweep is run by
-:mod:`qkweights.runner` (shards on this process, local workers or a Dask cluster;
+:mod:`qkweights.figures.compare`) and ``o3_by_layer.png``. The sweep is run by
+:mod:`qkweights.analyses.runner` (shards on this process, local workers or a Dask cluster;
 resumable from ``out_dir/.o3_state.npz``): the partial result of a set of images is
 their rows with their list positions (:class:`O3Partial`), merged in list order. The
 forward pass keeps only the two chosen query rows of each layer's attention, so memory
@@ -58,15 +58,15 @@ from typing import ClassVar
 
 import numpy as np
 
+from qkweights.analyses.runner import Analysis, Batch, run_sweep
+from qkweights.analyses.top_images import READ_ERRORS, skip_reason
+from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
 from qkweights.figures import o3_figure
-from qkweights.forward import one_blas_thread, token_layout
-from qkweights.load import source_record
-from qkweights.o3data import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
-from qkweights.runner import Analysis, Batch, run_sweep
-from qkweights.top_images import READ_ERRORS, skip_reason
-from qkweights.vision import VisionModel, load_model
+from qkweights.specs.load import source_record
+from qkweights.vision.forward import one_blas_thread, token_layout
+from qkweights.vision.model import VisionModel, load_model
 
 SCHEMA = "qkweights.o3/1"
 RATIOS = ("tt", "td", "tb", "dt", "dd", "db")
@@ -203,7 +203,7 @@ class O3Partial:
 
 @dataclass(frozen=True)
 class O3Analysis(Analysis):
-    """O3 as a :class:`~qkweights.runner.Analysis`: items are :class:`~qkweights.o3data.O3Item`."""
+    """O3 as a :class:`~qkweights.analyses.runner.Analysis`: items are :class:`~qkweights.datasets.o3.O3Item`."""
 
     n_layers: int
     heads: int
@@ -406,9 +406,9 @@ def o3_allocation(
     model: a :class:`VisionModel` or a MODEL argument for :func:`load_model`.
     max_images: use the first N images by name (None: all). batch_size: images per
     forward pass; shard_size: images per shard (the unit of work and of resume; None: chosen from
-    the images and the workers, :func:`qkweights.runner.shard_size_for`). Where
+    the images and the workers, :func:`qkweights.analyses.runner.shard_size_for`). Where
     the shards run: ``client`` (a ``distributed.Client``), else ``workers`` local
-    processes, else here (:func:`qkweights.runner.run_sweep`; the result is the same).
+    processes, else here (:func:`qkweights.analyses.runner.run_sweep`; the result is the same).
     progress(done, total): images consumed (used or skipped), at the start and after each
     shard; notes(text): what the caller may tell the user (a resumed or ignored state).
     InputError when no image is usable (existing outputs are kept). Returns the :class:`O3Result`.

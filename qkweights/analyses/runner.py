@@ -66,7 +66,7 @@ import numpy as np
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import plural, write_npz
 from qkweights.version import __version__
-from qkweights.vision import ModelRef, remember
+from qkweights.vision.model import ModelRef, remember
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
 DASK_INSTALL = 'pip install "qkweights[dask]"'
@@ -77,7 +77,7 @@ class ShardError(QkError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- per-process caches
-# The open models live in qkweights.vision (ModelRef.open, remember); the analyses' contexts here.
+# The open models live in qkweights.vision.model (ModelRef.open, remember); the analyses' contexts here.
 
 _CONTEXTS: dict[tuple, Any] = {}  # this process's analysis contexts: (ModelRef, Analysis.key()) → setup(model)
 
@@ -482,8 +482,8 @@ class Sweep:
 
 
 def model_ref(model, *, workers: int | None = None, client=None) -> ModelRef:
-    """How worker processes open ``model`` (a :class:`~qkweights.vision.VisionModel`): its ``ref``, or, for a model
-    built in memory, a reference only this process (and workers forked from it) can open. Remembered here."""
+    """How worker processes open ``model`` (a :class:`~qkweights.vision.model.VisionModel`): its ``ref``, or, for a
+    model built in memory, a reference only this process (and workers forked from it) can open. Remembered here."""
     if (workers or client is not None) and model.ref is None:
         raise InputError("worker processes open the model by its path or Hub id: load it with qkweights.load_model")
     ref = model.ref or ModelRef(f"<in-memory model {id(model):x}>")
@@ -512,7 +512,7 @@ def run_sweep(
 ) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
-    model: the :class:`~qkweights.vision.VisionModel`, open here; with local ``workers`` its
+    model: the :class:`~qkweights.vision.model.VisionModel`, open here; with local ``workers`` its
     ``setup`` is computed here first, so forked workers share both. Where shards run: ``client`` (a
     ``distributed.Client``) on its Dask cluster; else ``workers`` local processes (at most
     one per shard; more than this machine's cores is noted); else here, one after another.

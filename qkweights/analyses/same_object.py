@@ -7,7 +7,7 @@ that both are the same object, weighted by the singular values as in Fig. 3, is 
 per layer. The paper gives no code; qkweights fixes the protocol as follows.
 
 1. **Geometry.** The image goes through the model's own preprocessing; its label map
-   (:mod:`qkweights.ade20k`: instance ids, 0 = none) through exactly the same resize and
+   (:mod:`qkweights.datasets.ade20k`: instance ids, 0 = none) through exactly the same resize and
    crop with nearest-neighbour resampling (:meth:`Preprocess.transform_labels`). Per patch
    p and object o, ``a[o, p]`` = the fraction of the patch's P×P pixels that belong to o
    (pixels beyond the last whole patch are dropped, as the patch embedding drops them).
@@ -28,12 +28,12 @@ per layer. The paper gives no code; qkweights fixes the protocol as follows.
    standard error (std ddof 1 / √H) over heads. Chance level: per layer, the mean over all
    selected images (every head, mode and rank) of 1 / (the image's number of objects).
 
-(u_n, σ_n, v_n) come from :func:`qkweights.qk.qk_svd` (the profiles' sign convention; the
-protocol is symmetric in the sign of a pair). The sweep is run by :mod:`qkweights.runner`:
+(u_n, σ_n, v_n) come from :func:`qkweights.weights.qk.qk_svd` (the profiles' sign convention; the
+protocol is symmetric in the sign of a pair). The sweep is run by :mod:`qkweights.analyses.runner`:
 each top-K slot carries, besides the image's list position and score, its sign, query and
 key objects, their classes and the image's number of objects, all computed while the
 image's maps are at hand, so no second pass over the images is needed; two partials
-merge by keeping the K best (:func:`qkweights.top_images.merge_topk`), which is associative
+merge by keeping the K best (:func:`qkweights.analyses.top_images.merge_topk`), which is associative
 and commutative, so the result does not depend on where or in which order shards ran.
 """
 
@@ -50,18 +50,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.ade20k import (
-    LAYOUT_TEXT,
-    NO_CLASS,
-    SegItem,
-    open_segmentation,
-    read_objects,
-)
-from qkweights.errors import InputError
-from qkweights.forward import one_blas_thread
-from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
-from qkweights.runner import Batch, context, run_sweep
-from qkweights.top_images import (
+from qkweights.analyses.runner import Batch, context, run_sweep
+from qkweights.analyses.top_images import (
     READ_ERRORS,
     ModeBank,
     ModeSweep,
@@ -73,7 +63,17 @@ from qkweights.top_images import (
     patch_grid,
     skip_reason,
 )
+from qkweights.datasets.ade20k import (
+    LAYOUT_TEXT,
+    NO_CLASS,
+    SegItem,
+    open_segmentation,
+    read_objects,
+)
+from qkweights.errors import InputError
+from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.version import __version__
+from qkweights.vision.forward import one_blas_thread
 
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"
@@ -211,7 +211,7 @@ def prepare(model, item: SegItem, size) -> Prepared:
     InputError (message = the skip reason) when a file is unusable or the image is not
     eligible (fewer than :data:`MIN_OBJECTS` objects left).
     """
-    from qkweights.preprocess import open_image
+    from qkweights.vision.preprocess import open_image
 
     image = open_image(item.image)  # decoded, EXIF orientation applied
     prep = model.preprocessing if size is None else model.preprocessing.with_size(*size)
@@ -248,7 +248,8 @@ class SamePartial:
 
 @dataclass(frozen=True)
 class SameObjectAnalysis(ModeSweep):
-    """same-object as a :class:`~qkweights.runner.Analysis`: items are :class:`~qkweights.ade20k.SegItem`."""
+    """same-object as a :class:`~qkweights.analyses.runner.Analysis`: items are
+    :class:`~qkweights.datasets.ade20k.SegItem`."""
 
     preprocessing: str  # JSON of the model's preprocessing (it decides the label maps' geometry)
     name: ClassVar[str] = "same_object"
@@ -460,7 +461,7 @@ def summarise(
 
 
 def protocol_text(model, size, patch: int) -> dict:
-    from qkweights.profiles import SIGN_CONVENTION
+    from qkweights.weights.profiles import SIGN_CONVENTION
 
     prep = model.preprocessing if size is None else model.preprocessing.with_size(*size)
     return {
@@ -509,12 +510,12 @@ def same_object(
 ) -> SameObjectResult:
     """Run the same-object protocol (module docstring) on ``data_dir``; write the outputs into ``out_dir``.
 
-    model: a :class:`qkweights.vision.VisionModel` or a MODEL argument for
-    :func:`~qkweights.vision.load_model`. data_dir: a folder in one of the layouts of
-    :mod:`qkweights.ade20k`. layers, heads: 0-based indices (None: all); modes: indices,
+    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument for
+    :func:`~qkweights.vision.model.load_model`. data_dir: a folder in one of the layouts of
+    :mod:`qkweights.datasets.ade20k`. layers, heads: 0-based indices (None: all); modes: indices,
     those ≥ head_dim dropped; top: images selected per mode. Where the shards run:
     ``client`` (a ``distributed.Client``), else ``workers`` local processes, else here
-    (:func:`qkweights.runner.run_sweep`; the result is the same). progress(done, total):
+    (:func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
     images consumed, at the start and after each shard; notes(text): what the caller may
     tell the user (a resumed or ignored state). Writes ``same_object.csv``,
     ``same_object.json`` and, with ``plots``, ``same_object_by_layer.png`` and
@@ -523,7 +524,7 @@ def same_object(
     The output folder is held for this call alone and may not lie inside the input folder
     (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
     """
-    from qkweights.vision import load_model
+    from qkweights.vision.model import load_model
 
     if isinstance(model, str):
         model = load_model(model)
@@ -638,8 +639,8 @@ def example_cell(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model input of one image as the patch grid covers it ((h, w, 3) in [0, 1]) with the query and key
     objects' masks (h, w) bool on it."""
-    from qkweights.overlay import display_image
-    from qkweights.preprocess import open_image
+    from qkweights.figures.overlay import display_image
+    from qkweights.vision.preprocess import open_image
 
     image = open_image(item.image)
     prep = model.preprocessing if size is None else model.preprocessing.with_size(*size)

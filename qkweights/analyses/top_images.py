@@ -6,15 +6,15 @@ W_q/W_k (``attention_inputs[l]``):
 
     score = max_t(s·x_t·u_n) · max_t(s·x_t·v_n),   s = +1 (sign "+") or −1 (sign "-")
 
-(u_n, v_n from :func:`qkweights.qk.qk_svd`, the profiles' sign convention). Stored with
+(u_n, v_n from :func:`qkweights.weights.qk.qk_svd`, the profiles' sign convention). Stored with
 each winner, as the paper's notebook stores: the two maxima, the means over tokens of
 s·x·u_n and s·x·v_n, the means of their top-5 tokens, and the winner's query and key
 maps (x_t·u_n, x_t·v_n over the patch grid) for the figures — so the figures need no
 second pass over the images.
 
-The sweep is run by :mod:`qkweights.runner` (shards, executors, resume): each batch is
+The sweep is run by :mod:`qkweights.analyses.runner` (shards, executors, resume): each batch is
 projected onto every chosen head's U and V at once (one (T, D) @ (D, 2·H·N) per image and
-layer, so that an image's scores are its own whatever its batch; see :func:`qkweights.forward.forward`),
+layer, so that an image's scores are its own whatever its batch; see :func:`qkweights.vision.forward.forward`),
 and the partial result of a set of images is a top-K per (layer, head, mode, sign)
 (:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
 first), which is associative and commutative, so memory does not grow with the number
@@ -37,14 +37,14 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from qkweights.analyses.runner import Analysis, Batch, ModelRef, context, run_sweep
+from qkweights.checkpoints.folders import image_suffixes, listing, not_a_folder
 from qkweights.errors import InputError, QkError
-from qkweights.folders import image_suffixes, listing, not_a_folder
-from qkweights.forward import one_blas_thread
-from qkweights.load import source_record
 from qkweights.outputs import holds_output, plural, record_outputs, write_json, write_npz
-from qkweights.qk import qk_svd
-from qkweights.runner import Analysis, Batch, ModelRef, context, run_sweep
+from qkweights.specs.load import source_record
 from qkweights.version import __version__
+from qkweights.vision.forward import one_blas_thread
+from qkweights.weights.qk import qk_svd
 
 SCHEMA = "qkweights.top_images/1"
 STATE_NAME = ".top_images_state.npz"
@@ -71,7 +71,7 @@ def list_images(root: Path) -> list[str]:
     """Image files under ``root`` (recursive), as sorted relative POSIX paths.
 
     An image file has the suffix, in any letter case, of a format Pillow opens
-    (:func:`qkweights.folders.image_suffixes`): .jpg, .PNG, .gif, .webp, .tiff, … The
+    (:func:`qkweights.checkpoints.folders.image_suffixes`): .jpg, .PNG, .gif, .webp, .tiff, … The
     other files are :func:`other_files`.
     """
     return _walk(root, lambda name: Path(name).suffix.lower() in image_suffixes())
@@ -153,7 +153,7 @@ def mode_bank(
 ) -> ModeBank:
     """SVD of every head of each chosen layer of checkpoint ``ck``; the chosen heads' and modes' directions as a
     :class:`ModeBank` (columns ``w`` in ``dtype``). fold_ln: the LayerNorm-folded modes of Γ W_qᵀW_k Γ
-    (:func:`qkweights.fold.folded_modes`), which apply to the normalised tokens n.
+    (:func:`qkweights.weights.fold.folded_modes`), which apply to the normalised tokens n.
 
     Layers run on as many threads as there are cores, each with one BLAS thread: OpenBLAS
     with more is slower on these small LAPACK calls.
@@ -163,7 +163,7 @@ def mode_bank(
     from threadpoolctl import threadpool_limits
 
     def layer(l: int):
-        from qkweights.fold import folded_modes
+        from qkweights.weights.fold import folded_modes
 
         if fold_ln:
             f = folded_modes(ck, l)
@@ -300,7 +300,7 @@ class ModeSweep(Analysis):
 
 @dataclass(frozen=True)
 class TopImagesAnalysis(ModeSweep):
-    """top-images as a :class:`~qkweights.runner.Analysis`: items are relative paths under ``root``."""
+    """top-images as a :class:`~qkweights.analyses.runner.Analysis`: items are relative paths under ``root``."""
 
     hidden: int
     n_patches: int
@@ -328,7 +328,7 @@ class TopImagesAnalysis(ModeSweep):
         )
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
-        from qkweights.fold import normalised_tokens
+        from qkweights.weights.fold import normalised_tokens
 
         fold = self.fold_ln
         out = model.forward(batch.data, layers=bank.layers, truncate=True, hidden=fold, inputs=not fold)
@@ -481,7 +481,7 @@ def build_document(
     anisotropy: dict,
 ) -> dict:
     """The ``top_images.json`` document (schema ``qkweights.top_images/1``)."""
-    from qkweights.profiles import SIGN_CONVENTION
+    from qkweights.weights.profiles import SIGN_CONVENTION
 
     heads = []
     n_modes = len(bank.modes)
@@ -566,15 +566,15 @@ def top_images(
 ) -> TopImagesResult:
     """Top-``top`` images of ``image_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
 
-    model: a :class:`qkweights.vision.VisionModel`. layers, heads: 0-based indices (None:
+    model: a :class:`qkweights.vision.model.VisionModel`. layers, heads: 0-based indices (None:
     all); modes: indices, those ≥ head_dim dropped. Where the shards run: ``client`` (a
     ``distributed.Client``), else ``workers`` local processes, else here (see
-    :func:`qkweights.runner.run_sweep`; the result is the same). progress(done, total):
+    :func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
     files consumed, at the start and after each shard; notes(text): what the caller may
     want to tell the user (a resumed or ignored state). Writes ``top_images.json``,
     ``top_images_maps.npz`` and, with ``plots``, ``top_L{l}_H{h}.png`` per head and
     ``anisotropy.png``; resumable. fold_ln: score the LayerNorm-folded modes on the
-    normalised tokens n (:mod:`qkweights.fold`), so that the decomposition of the logits
+    normalised tokens n (:mod:`qkweights.weights.fold`), so that the decomposition of the logits
     stays exact. InputError when no image could be read (existing outputs are left as they
     are). Returns the :class:`TopImagesResult`.
     The output folder is held for this call alone and may not lie inside the input folder
@@ -705,7 +705,7 @@ def _thumbnailer(model, root: str, size):
     """path → (h, w, 3) float64 in [0, 1]: the part of the model input that the patch grid covers, at the grid's
     cell width (:data:`qkweights.figures.CELL_PX`), cached per process."""
     from qkweights.figures import CELL_PX
-    from qkweights.overlay import display_image
+    from qkweights.figures.overlay import display_image
 
     prep, p = model.preprocessing, model.weights.embeddings.patch_size
 
@@ -730,9 +730,9 @@ def draw_top_images(
     ref: ModelRef, result: TopImagesResult, root: Path, out: Path, *, workers=None, client=None
 ) -> list[Path]:
     """Write ``top_L{l}_H{h}.png`` per head and ``anisotropy.png``; grids are drawn on the sweep's executor."""
+    from qkweights.analyses.runner import run_jobs
     from qkweights.figures import anisotropy_figure
     from qkweights.outputs import save_figure
-    from qkweights.runner import run_jobs
 
     doc = result.doc
     opts = doc["options"]

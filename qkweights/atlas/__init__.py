@@ -2,7 +2,7 @@
 
 ``report(dirs, out)`` finds the results under ``dirs`` by schema (:mod:`qkweights.atlas.collect`),
 groups them by model, and writes ``out/index.html`` (models, the cross-model curves of
-:mod:`qkweights.compare`, a sortable table of every head), one page per model (a layer × head grid
+:mod:`qkweights.figures.compare`, a sortable table of every head), one page per model (a layer × head grid
 coloured by a chosen statistic, the model's figures) and one per head (``<model>/L07_H03.html``; its
 modes, top images with query/key maps composed in the browser, same-object examples, O3 allocation;
 ``#m2`` links to mode 2). The site is static: opened from disk, no server, no network request, no

@@ -1,8 +1,8 @@
 """Find the qkweights results under some folders, read them with their own loaders, and group them by model.
 
-A result is recognised by its document's ``schema``: ``profile.json`` (:mod:`qkweights.profiles`),
-``top_images.json`` (:mod:`qkweights.top_images`), ``o3_summary.json`` (:mod:`qkweights.o3`) and
-``same_object.json`` (:mod:`qkweights.same_object`). A file of one of these names whose schema this
+A result is recognised by its document's ``schema``: ``profile.json`` (:mod:`qkweights.weights.profiles`),
+``top_images.json`` (:mod:`qkweights.analyses.top_images`), ``o3_summary.json`` (:mod:`qkweights.analyses.o3`) and
+``same_object.json`` (:mod:`qkweights.analyses.same_object`). A file of one of these names whose schema this
 version does not read (a newer one, say), or that its loader refuses, is listed in ``skipped`` with
 the reason, and the rest is used.
 
@@ -19,18 +19,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkweights.analyses.o3 import SCHEMA as O3_SCHEMA
+from qkweights.analyses.o3 import SUMMARY_NAME as O3_NAME
+from qkweights.analyses.o3 import O3Result
+from qkweights.analyses.same_object import JSON_NAME as SAME_NAME
+from qkweights.analyses.same_object import SCHEMA as SAME_SCHEMA
+from qkweights.analyses.same_object import SameObjectResult
+from qkweights.analyses.top_images import JSON_NAME as TOP_NAME
+from qkweights.analyses.top_images import SCHEMA as TOP_SCHEMA
+from qkweights.analyses.top_images import TopImagesResult
 from qkweights.errors import InputError
-from qkweights.o3 import SCHEMA as O3_SCHEMA
-from qkweights.o3 import SUMMARY_NAME as O3_NAME
-from qkweights.o3 import O3Result
-from qkweights.profiles import SCHEMAS as PROFILE_SCHEMAS
-from qkweights.profiles import Profile, load_profile
-from qkweights.same_object import JSON_NAME as SAME_NAME
-from qkweights.same_object import SCHEMA as SAME_SCHEMA
-from qkweights.same_object import SameObjectResult
-from qkweights.top_images import JSON_NAME as TOP_NAME
-from qkweights.top_images import SCHEMA as TOP_SCHEMA
-from qkweights.top_images import TopImagesResult
+from qkweights.weights.profiles import SCHEMAS as PROFILE_SCHEMAS
+from qkweights.weights.profiles import Profile, load_profile
 
 PROFILE_NAME = "profile.json"
 KINDS = {  # file name → (kind, schemas read, loader of the folder)

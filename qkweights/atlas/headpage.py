@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qkweights.analyses.top_images import SIGNS
 from qkweights.atlas.images import encode, map_sprite
 from qkweights.atlas.pages import finite, fmt, head_name, json_block, page
 from qkweights.atlas.stats import COLUMNS, o3_head
-from qkweights.top_images import SIGNS
 
 SIGN_WORDS = {"+": "positive side (s = +1)", "-": "negative side (s = −1)"}
 

@@ -1,11 +1,11 @@
 """The atlas's images: deduplicated thumbnails, per-head map sprites, outlined same-object examples.
 
-The red/cyan overlays of :mod:`qkweights.overlay` are composed in the browser, not here: a head's
+The red/cyan overlays of :mod:`qkweights.figures.overlay` are composed in the browser, not here: a head's
 *map sprite* is one small PNG holding, for every (mode, sign, rank) of its top images, the overlay
 colour ``(q, k, k)`` of the scaled query and key maps at patch resolution (one pixel per patch);
 the page stacks the matching cell (CSS ``background-position``, ``image-rendering: pixelated``)
 over the thumbnail, which CSS dims to grey, with ``mix-blend-mode: screen`` — the screen blend of
-:func:`qkweights.overlay.blend`. Thumbnails are the part of the model input that the patch grid
+:func:`qkweights.figures.overlay.blend`. Thumbnails are the part of the model input that the patch grid
 covers, encoded once per image (WebP) and named by the hash of their bytes.
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qkweights.ade20k import open_segmentation, read_objects
+from qkweights.analyses.top_images import READ_ERRORS
+from qkweights.datasets.ade20k import open_segmentation, read_objects
 from qkweights.errors import QkError
-from qkweights.overlay import display_image, scale_map
-from qkweights.preprocess import Preprocess, open_image
-from qkweights.top_images import READ_ERRORS
+from qkweights.figures.overlay import display_image, scale_map
+from qkweights.vision.preprocess import Preprocess, open_image
 
 THUMB_QUALITY = 72  # WebP quality of thumbnails: small, and sharp enough at 96–160 px
 OUTLINE = {"query": (255, 64, 64), "key": (0, 230, 230)}  # red and cyan, as the overlays
@@ -72,8 +72,8 @@ def preprocessing_of(m) -> tuple[Preprocess | None, str]:
     model_id = m.source.get("model_id")
     if model_id:
         try:
-            from qkweights.load import open_model
-            from qkweights.vision import preprocessing_for
+            from qkweights.specs.load import open_model
+            from qkweights.vision.model import preprocessing_for
 
             with _hub_offline():
                 rev = m.source.get("commit") or m.source.get("revision")
@@ -207,7 +207,7 @@ def _seg_items(root: Path) -> dict:
 def map_sprite(maps: np.ndarray, top: int) -> np.ndarray:
     """The sprite of one head: maps (N, 2 signs, K ranks, 2 [query, key], gh, gw) raw → (N·2·gh, top·gw, 3) uint8,
     row block (mode n, sign s) = 2n + s, column block = rank; each cell the overlay colour (q, k, k) of the maps
-    scaled for their sign (:func:`qkweights.overlay.scale_map`); black where a slot is empty."""
+    scaled for their sign (:func:`qkweights.figures.overlay.scale_map`); black where a slot is empty."""
     n, _, k, _, gh, gw = maps.shape
     k = min(k, top)
     sign = np.broadcast_to(np.array([1.0, -1.0])[None, :, None], (n, 2, k))  # one sign per map (N, 2, k)

@@ -101,10 +101,10 @@ def build(found, *, thumb_px: int, top: int, thumbs: bool) -> dict[str, bytes]:
 
 
 def _compare(models: list[ModelResults], skipped: list) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
-    """The cross-model curves, drawn by :func:`qkweights.compare.compare` into a scratch folder."""
-    from qkweights.compare import compare
-    from qkweights.o3 import SUMMARY_NAME
-    from qkweights.same_object import JSON_NAME
+    """The cross-model curves, drawn by :func:`qkweights.figures.compare.compare` into a scratch folder."""
+    from qkweights.analyses.o3 import SUMMARY_NAME
+    from qkweights.analyses.same_object import JSON_NAME
+    from qkweights.figures.compare import compare
 
     items, labels = [], []
     names = {m.name for m in models}

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qkweights.analyses.o3 import MEASURES as O3_MEASURES
+from qkweights.analyses.o3 import RATIOS as O3_RATIOS
 from qkweights.atlas.collect import ModelResults
-from qkweights.o3 import MEASURES as O3_MEASURES
-from qkweights.o3 import RATIOS as O3_RATIOS
-from qkweights.qk import null_band, symmetric_null
+from qkweights.weights.qk import null_band, symmetric_null
 
 
 @dataclass(frozen=True)

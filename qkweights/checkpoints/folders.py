@@ -1,9 +1,8 @@
 """What a model's files are: the weight and config files to read from a folder, and the :class:`Source` record.
 
-Shared by the local path (:mod:`qkweights.source`) and the Hub path (:mod:`qkweights.hub`), which
-pick files from a listing the same way; neither imports the other's helpers. Also which files of a
-folder are images (:func:`image_suffixes`), and why a path given as a folder is none (:func:`not_a_folder`).
-"""
+Shared by the local path (:mod:`qkweights.checkpoints.source`) and the Hub path (:mod:`qkweights.checkpoints.hub`),
+which pick files from a listing the same way; neither imports the other's helpers. Also which files of a folder are
+images (:func:`image_suffixes`), and why a path given as a folder is none (:func:`not_a_folder`)."""
 
 from __future__ import annotations
 

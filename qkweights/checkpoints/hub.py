@@ -1,4 +1,4 @@
-"""The Hub path of :func:`qkweights.source.resolve`: fetch a repo's files through huggingface_hub.
+"""The Hub path of :func:`qkweights.checkpoints.source.resolve`: fetch a repo's files through huggingface_hub.
 
 Files go through ``huggingface_hub.snapshot_download`` into the normal cache, so HF_HOME,
 HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN mean what they mean for every other Hugging Face
@@ -29,8 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import disable_progress_bars, httpx
 
-from qkweights.errors import QkError, QkWarning, SourceError
-from qkweights.folders import (
+from qkweights.checkpoints.folders import (
     CONFIG_NAMES,
     INDEX_NAME,
     PICKLE_NOTE,
@@ -42,6 +41,7 @@ from qkweights.folders import (
     pickle_names,
     weight_names,
 )
+from qkweights.errors import QkError, QkWarning, SourceError
 
 # Title and author of the safetensors conversion PRs, as in transformers' safetensors_conversion.py.
 CONVERSION_PR_TITLE = "Adding `safetensors` variant of this model"
@@ -52,7 +52,7 @@ def hub_source(
     repo_id: str, *, revision: str | None = None, progress: bool | None = None, allow_pickle: bool = False
 ) -> Source:
     """The local files of Hub repo ``repo_id`` (downloaded into the cache if needed); see
-    :func:`qkweights.source.resolve`."""
+    :func:`qkweights.checkpoints.source.resolve`."""
     with _progress_bars(progress), _hub_errors(repo_id, revision or constants.DEFAULT_REVISION):
         return _hub_source(repo_id, revision, allow_pickle)
 

@@ -6,7 +6,7 @@ Hugging Face tool. Only the files this package reads are fetched: the JSON confi
 safetensors index and the .safetensors weights; PyTorch pickles (``pytorch_model.bin``) only
 with ``allow_pickle`` and only when the repo has no safetensors on main nor on a conversion
 branch; never .h5, .msgpack or .onnx. Local PyTorch files (.bin, .pt, .pth, .pth.tar) are
-accepted as they are: :mod:`qkweights.torch_pickle` reads them without running code.
+accepted as they are: :mod:`qkweights.checkpoints.torch_pickle` reads them without running code.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from qkweights.errors import InputError, SourceError
-from qkweights.folders import (
+from qkweights.checkpoints.folders import (
     INDEX_NAME,
     PICKLE_SUFFIXES,
     SUFFIX,
@@ -29,6 +28,7 @@ from qkweights.folders import (
     pickle_names,
     weight_names,
 )
+from qkweights.errors import InputError, SourceError
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -53,7 +53,7 @@ def resolve(
         return _folder_source(path.absolute()) if path.is_dir() else _file_source(path.absolute())
     if _looks_like_path(model):
         raise SourceError(f"{model}: no such file or folder; check the path")
-    from qkweights.hub import (
+    from qkweights.checkpoints.hub import (
         hub_source,  # huggingface_hub's download stack loads only for Hub ids
     )
 

@@ -55,8 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qkweights.checkpoints.tensors import DTYPES, Store, widen_bf16
 from qkweights.errors import CheckpointError
-from qkweights.tensors import DTYPES, Store, widen_bf16
 
 MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a ViT-H checkpoint with optimizer state is < 1 MB
 MAX_INFLATED_BYTES = 256 * 2**20  # largest compressed entry inflated in memory
@@ -900,7 +900,7 @@ def _strip_module(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
 
 
 class TorchStore(Store):
-    """Tensors of a torch.save checkpoint, with the interface of :class:`qkweights.tensors.Store`.
+    """Tensors of a torch.save checkpoint, with the interface of :class:`qkweights.checkpoints.tensors.Store`.
 
     Names are dotted paths in the nested dict; ``get(name)`` reads one tensor
     into a fresh array (BF16 -> float32).

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from qkweights.check import SUMMARY_LINES
 from qkweights.cli.common import add_model_arguments, model_options, print_notes
 from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.cli.words import flag_words
 from qkweights.outputs import check_file_target, write_json, write_text
+from qkweights.weights.check import SUMMARY_LINES
 from qkweights.workflow import check
 
 

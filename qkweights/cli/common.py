@@ -68,7 +68,7 @@ def add_spec_dir_argument(p: argparse.ArgumentParser) -> None:
 
 
 def model_options(args, revision: str | None = None) -> dict:
-    """The keyword options of qkweights.load.open_model given on the command line."""
+    """The keyword options of qkweights.specs.load.open_model given on the command line."""
     return {
         "revision": revision if revision is not None else getattr(args, "revision", None),
         "family": args.family,
@@ -191,7 +191,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 @contextmanager
 def sweep_options(args):
     """The keyword options of a sweep (workers, client, shard_size); a Dask client is closed at the end."""
-    from qkweights.runner import dask_client
+    from qkweights.analyses.runner import dask_client
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: give 1 or more worker processes")

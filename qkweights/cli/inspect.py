@@ -6,7 +6,7 @@ from qkweights.cli.common import add_model_arguments, model_options, print_notes
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural
-from qkweights.vision import checkpoint_notes, patch_size_used
+from qkweights.vision.model import checkpoint_notes, patch_size_used
 
 
 def configure(p) -> None:

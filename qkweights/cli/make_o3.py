@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from qkweights.cli.exits import EXIT_OK
+from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.errors import InputError
-from qkweights.synth_o3 import make_o3
 
 
 def configure(p) -> None:

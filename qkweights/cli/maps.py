@@ -49,7 +49,7 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.maps import SIGN_CHARS, projection_maps, save_maps
+    from qkweights.analyses.maps import SIGN_CHARS, projection_maps, save_maps
     from qkweights.workflow import load_model
 
     model = load_model(args.model, reporter=Terminal(), **model_options(args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from qkweights.analyses.o3 import SUMMARY_NAME
 from qkweights.cli.common import (
     add_model_arguments,
     add_output_arguments,
@@ -14,7 +15,6 @@ from qkweights.cli.common import (
 )
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
-from qkweights.o3 import SUMMARY_NAME
 from qkweights.workflow import load_model, o3
 
 

@@ -33,7 +33,7 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.same_object import JSON_NAME
+    from qkweights.analyses.same_object import JSON_NAME
     from qkweights.workflow import load_model, same_object
 
     reporter = Terminal(quiet=args.quiet)

@@ -26,7 +26,7 @@ image without its annotation file is not an item but listed in ``missing`` with 
 :func:`read_objects` reads an annotation as an instance map and the class of each object.
 
 **EXIF orientation.** Annotations follow the image *as displayed*: the image's EXIF
-orientation tag applied (:func:`qkweights.preprocess.open_image`, as transformers' ``load_image``
+orientation tag applied (:func:`qkweights.vision.preprocess.open_image`, as transformers' ``load_image``
 and detectron2's ``read_image`` do, so the model sees that image), and an annotation file's
 own EXIF orientation tag, if it has one, applied to it alike. An annotation drawn on the stored
 pixels of a turned image (orientations 5–8) is refused for its size, naming the EXIF tag;
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from qkweights.checkpoints.folders import not_a_folder
 from qkweights.errors import InputError
-from qkweights.folders import not_a_folder
 
 FULL, SCENE, GENERIC = "ade20k-full", "ade20k-sceneparsing", "generic"
 LAYOUT_TEXT = {
@@ -226,7 +226,7 @@ def read_objects(item: SegItem, image_size: tuple[int, int]) -> tuple[np.ndarray
     """The instance map of ``item`` and the class of each object id.
 
     image_size: the image's (width, height) as displayed (EXIF orientation applied, as
-    :func:`qkweights.preprocess.open_image` decodes it). The annotation is read as displayed too
+    :func:`qkweights.vision.preprocess.open_image` decodes it). The annotation is read as displayed too
     (module docstring). Returns (ids (H, W) integer, 0 = no object — in the stored width, uint8,
     uint16 or int32, so a large map takes 1–4 bytes a pixel, int64 for the full release; {id:
     class}, class −1 for generic maps). InputError (message = the reason to skip) when the annotation is unreadable,

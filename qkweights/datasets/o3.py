@@ -10,7 +10,7 @@ Layout (Kotseruba et al., BMVC 2019; docs/method.md §6)::
 Choices made here:
 
 - images are files with the extension of a format Pillow reads in any letter case
-  (:func:`qkweights.folders.image_suffixes`: jpg, png, gif, …); names starting
+  (:func:`qkweights.checkpoints.folders.image_suffixes`: jpg, png, gif, …); names starting
   with a dot (macOS ``._NAME.jpg`` companions) and other files are ignored; a mask
   is matched to its image by stem, whatever its extension;
 - an image lacking a mask in either mask folder is not an item: it is listed
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from qkweights.checkpoints.folders import image_suffixes, not_a_folder
 from qkweights.errors import InputError, SourceError
-from qkweights.folders import image_suffixes, not_a_folder
 
 # The columns of the real image_properties.txt; the last seven are 0/1 flags of
 # the feature in which the target differs from the distractors.

@@ -9,13 +9,13 @@ bounding circles do not overlap.
 
 :func:`draw_scene` draws one scene in memory (for training scripts that need
 unlimited scenes); :func:`make_o3` writes ``n`` scenes as a folder that
-:func:`qkweights.o3data.open_o3` reads like the real dataset:
+:func:`qkweights.datasets.o3.open_o3` reads like the real dataset:
 
 - ``images/NAME.jpg``: RGB JPEG (quality 90);
 - ``targ_images/NAME.jpg``, ``dist_images/NAME.jpg``: single-channel JPEG masks
   (quality 95, white = object), so JPEG ringing is present at the edges as in
   the real masks;
-- ``image_properties.txt``: the real header, :data:`qkweights.o3data.PROPERTY_COLUMNS`.
+- ``image_properties.txt``: the real header, :data:`qkweights.datasets.o3.PROPERTY_COLUMNS`.
 
 Sizes are ``(height, width)`` in pixels, as the returned mask arrays.
 Everything is a function of the seed: image ``i`` of seed ``s`` is drawn from
@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qkweights.errors import InputError
-from qkweights.o3data import (
+from qkweights.datasets.o3 import (
     DISTRACTOR_DIRS,
     FEATURE_FLAGS,
     PROPERTY_COLUMNS,
     TARGET_DIRS,
 )
+from qkweights.errors import InputError
 from qkweights.outputs import prepare_dir
 
 FEATURES = ("color", "shape", "size", "orientation")  # the flags a synthetic target differs in
@@ -318,7 +318,7 @@ def make_o3(
     ``targ_images``/``targ_labels`` and one of ``dist_images``/``dist_labels``.
     ``instances``: also write ``instances/NAME.png``, the 8-bit instance map of each
     scene (0 background, 1 target, 2… distractors; lossless), which makes the folder a
-    generic layout for ``same-object`` (:mod:`qkweights.ade20k`). ``object_scale``:
+    generic layout for ``same-object`` (:mod:`qkweights.datasets.ade20k`). ``object_scale``:
     see :func:`draw_scene_labels`.
     The folder is built in a hidden temporary sibling and renamed into place, so
     ``out_dir`` either appears complete or not at all; an existing ``out_dir``

@@ -31,8 +31,8 @@ from PIL import Image
 from qkweights.outputs import draw_in_parallel, model_name, plural, save_figure
 
 if TYPE_CHECKING:
-    from qkweights.compare import Curve
-    from qkweights.profiles import Profile
+    from qkweights.figures.compare import Curve
+    from qkweights.weights.profiles import Profile
 
 DPI = 120
 GRID_MAX_INCHES = 22.0  # longest side of the spectrum grid's plotting area
@@ -110,10 +110,10 @@ def symmetry_by_layer_figure(profile: Profile) -> Figure:
     """``symmetric_fraction`` per layer against l/(L−1), in the style of :func:`cosine_by_layer_figure`.
 
     Mean over heads with the head range (min–max) as a band; the null reference
-    ½ + 1/(2D) (independent random factors, derived in :func:`qkweights.qk.symmetric_null`)
+    ½ + 1/(2D) (independent random factors, derived in :func:`qkweights.weights.qk.symmetric_null`)
     as a dashed line; 1 = symmetric interaction, 0 = antisymmetric.
     """
-    from qkweights.qk import symmetric_null
+    from qkweights.weights.qk import symmetric_null
 
     st = profile.circuit_layer_stats()
     null = symmetric_null(profile.model.hidden, profile.model.head_dim)
@@ -563,10 +563,10 @@ def top_images_grid(title: str, rows: list, thumb) -> Image.Image:
 
     rows: [(label, [(image path, score, query (gh, gw), key (gh, gw), sign), …]), …];
     thumb(path): the image as the patch grid covers it, ``CELL_PX`` wide, (h, w, 3) in
-    [0, 1]. Each cell is the red/cyan overlay of :mod:`qkweights.overlay` on it, its score
+    [0, 1]. Each cell is the red/cyan overlay of :mod:`qkweights.figures.overlay` on it, its score
     in the corner.
     """
-    from qkweights.overlay import CAPTION, DIM, LUMA, blend, scale_map, upsample
+    from qkweights.figures.overlay import CAPTION, DIM, LUMA, blend, scale_map, upsample
 
     cells = [c for _, row in rows for c in row]
     out, i = [], 0

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from qkweights.errors import CheckpointError, SpecError
-from qkweights.forward import INTERPOLATIONS, TOKEN_KINDS
+from qkweights.vision.forward import INTERPOLATIONS, TOKEN_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib

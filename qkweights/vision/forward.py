@@ -1,6 +1,6 @@
 """The forward pass of a Vision Transformer in numpy: arrays in, arrays out, float32 throughout.
 
-:class:`ViTWeights` holds one model's weights, read once (``qkweights.vision`` builds
+:class:`ViTWeights` holds one model's weights, read once (``qkweights.vision.model`` builds
 it from a checkpoint through its spec) and laid out for speed: every linear layer is
 stored input-major ``(in, out)`` so that ``x @ w`` is one BLAS call, q/k/v are fused
 into one ``(D, 3D)`` matrix, and the query weights carry the logit scale 1/√K.

@@ -1,4 +1,4 @@
-"""A vision checkpoint as a runnable model: spec roles → :class:`~qkweights.forward.ViTWeights` → forward pass.
+"""A vision checkpoint as a runnable model: spec roles → :class:`~qkweights.vision.forward.ViTWeights` → forward pass.
 
 Everything here reads weights by the *role* a spec gives them (``model_specs/*.toml``:
 ``[attention]``, ``[block]``, ``[embeddings]``, ``[dims]``, ``[preprocess]``), never by
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qkweights.checkpoints.source import Source
 from qkweights.errors import CheckpointError, InputError, SpecError
-from qkweights.forward import (
+from qkweights.specs.spec import Checkpoint, Dims, Spec
+from qkweights.vision.forward import (
     BlockWeights,
     EmbeddingWeights,
     ForwardOutput,
@@ -26,9 +28,7 @@ from qkweights.forward import (
     forward,
     relative_position_index,
 )
-from qkweights.preprocess import Preprocess
-from qkweights.source import Source
-from qkweights.spec import Checkpoint, Dims, Spec
+from qkweights.vision.preprocess import Preprocess
 
 # Config activation names (transformers' ACT2FN keys, open_clip's quick_gelu) → forward.ACTIVATIONS.
 ACTIVATION_NAMES = {
@@ -315,7 +315,7 @@ class ModelRef:
         return cls(text, **{k: v for k, v in options.items() if v is not None})
 
     def open(self):
-        """The :class:`~qkweights.vision.VisionModel`, loaded once per process."""
+        """The :class:`~qkweights.vision.model.VisionModel`, loaded once per process."""
         model = _MODELS.get(self)
         if model is None:
             model = _MODELS[self] = load_model(
@@ -377,7 +377,7 @@ class VisionModel:
         hidden: bool = True,
         inputs: bool = True,
     ) -> ForwardOutput:
-        """Run the model on preprocessed pixels (B, 3, H, W); see :func:`qkweights.forward.forward`.
+        """Run the model on preprocessed pixels (B, 3, H, W); see :func:`qkweights.vision.forward.forward`.
 
         layers: 0-based block indices whose attention inputs, residual streams and (with
         ``attentions=True``) attention probabilities are kept; None keeps all. Runs as many
@@ -385,7 +385,7 @@ class VisionModel:
         or OPENBLAS_NUM_THREADS set the number), each alone with one BLAS thread, so that an
         image's outputs do not depend on its batch or the thread count. truncate, rows: run only the blocks up to the
         deepest of ``layers``; keep only these query rows of the attentions; keep the residual
-        streams, the attention inputs (see :func:`qkweights.forward.forward`).
+        streams, the attention inputs (see :func:`qkweights.vision.forward.forward`).
         """
         return forward(
             self.weights,
@@ -422,7 +422,7 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
 
 def _part_read(ck: Checkpoint) -> str | None:
     """The network read from a PyTorch training checkpoint holding several (chosen by the specs' default_part)."""
-    from qkweights.torch_pickle import TorchStore
+    from qkweights.checkpoints.torch_pickle import TorchStore
 
     return ck.store.metadata.get("part") if isinstance(ck.store, TorchStore) else None
 
@@ -431,10 +431,10 @@ def load_model(model: str, *, spec: Spec | None = None, **options) -> VisionMode
     """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
-    :func:`qkweights.load.open_model`). ``spec``: bind this spec, resolved already (as a
+    :func:`qkweights.specs.load.open_model`). ``spec``: bind this spec, resolved already (as a
     :class:`ModelRef` carries it), instead of resolving one from the spec folders.
     """
-    from qkweights.load import open_model
+    from qkweights.specs.load import open_model
 
     if spec is not None:
         options = {**options, "family": spec.name, "specs": {spec.name: spec}, "spec_dir": None}

@@ -1,6 +1,6 @@
 """Gate a checkpoint against a saved profile: did the query-key interaction of its heads drift?
 
-:func:`check_profile` compares a freshly computed :class:`~qkweights.profiles.Profile`
+:func:`check_profile` compares a freshly computed :class:`~qkweights.weights.profiles.Profile`
 with a baseline (a saved ``profile.json``) and returns a :class:`CheckReport`
 holding one :class:`Check` per measurement. The checks, in report order:
 
@@ -50,11 +50,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qkweights.checkpoints.folders import listing
 from qkweights.errors import InputError
-from qkweights.folders import listing
 from qkweights.outputs import model_name, plural
-from qkweights.profiles import Profile
 from qkweights.version import __version__
+from qkweights.weights.profiles import Profile
 
 SCHEMA = "qkweights.check/1"
 SIGMA_FLOOR = 1e-9  # baseline σ_n below this × σ_0 count as zero modes (see the module docstring)
@@ -416,7 +416,7 @@ def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov) -> 
 def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
     """Why each of ``heads`` ((layer, head) pairs) has W_qᵀW_k = 0, read from the checkpoint's weights.
 
-    ``ck``: a :class:`~qkweights.spec.Checkpoint`. Returns "W_q all zero",
+    ``ck``: a :class:`~qkweights.specs.spec.Checkpoint`. Returns "W_q all zero",
     "W_k all zero", "W_q and W_k all zero" or "W_qᵀW_k = 0 with non-zero W_q and W_k".
     """
     out: dict[tuple[int, int], str] = {}

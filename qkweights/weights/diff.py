@@ -1,6 +1,6 @@
 """How the query-key interaction of each head changed between two checkpoints of one architecture.
 
-:func:`diff_profiles` compares two :class:`~qkweights.profiles.Profile` objects
+:func:`diff_profiles` compares two :class:`~qkweights.weights.profiles.Profile` objects
 (A, e.g. pretrained, and B, e.g. fine-tuned) head by head (L layers, H heads,
 K modes):
 
@@ -50,12 +50,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from qkweights import figures
-from qkweights.compare import curves_from
 from qkweights.errors import InputError
+from qkweights.figures.compare import curves_from
 from qkweights.outputs import plural, record_outputs, save_figure, write_csv, write_json
-from qkweights.profiles import Profile
-from qkweights.qk import null_band
 from qkweights.version import __version__
+from qkweights.weights.profiles import Profile
+from qkweights.weights.qk import null_band
 
 SCHEMA = "qkweights.diff/1"
 ANNOTATE_MAX_CELLS = 256  # heatmap cells carry their value when a panel has at most this many

@@ -8,7 +8,7 @@ With the block's pre-attention LayerNorm ``x̃ = γ ⊙ n + β`` (n the normalis
 
 with Γ = diag(γ). Terms of the query token alone cancel in the softmax. The folded
 matrix ``Γ W_qᵀ W_k Γ`` is the query-key interaction of n; its SVD comes from the factors
-``W_q Γ``, ``W_k Γ`` (:func:`qkweights.qk.fold_gain`) by the same QR-core as the plain one.
+``W_q Γ``, ``W_k Γ`` (:func:`qkweights.weights.qk.fold_gain`) by the same QR-core as the plain one.
 
 The value-output circuit reads the same x̃ through W_v, so head h writes::
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkweights.errors import InputError
-from qkweights.qk import fold_gain, key_salience, qk_svd
-from qkweights.spec import Checkpoint
+from qkweights.specs.spec import Checkpoint
+from qkweights.weights.qk import fold_gain, key_salience, qk_svd
 
 FOLDED = "layernorm"
 

@@ -31,7 +31,9 @@ from qkweights.outputs import (
     write_npz,
     write_text,
 )
-from qkweights.qk import (
+from qkweights.specs.spec import Checkpoint
+from qkweights.version import __version__
+from qkweights.weights.qk import (
     DEGENERATE_RTOL,
     HeadStats,
     degenerate_blocks,
@@ -44,8 +46,6 @@ from qkweights.qk import (
     symmetric_fraction,
     symmetric_null,
 )
-from qkweights.spec import Checkpoint
-from qkweights.version import __version__
 
 SCHEMA = "qkweights.profile/2"
 SCHEMAS = ("qkweights.profile/1", SCHEMA)  # what load_profile reads; /1 lacks symmetric_fraction, ov, salience_norm
@@ -79,7 +79,7 @@ class ModelInfo:
     dtype: str
     omitted: tuple[str, ...] = OMITTED
     folded: str | None = None  # "layernorm" for a profile of Γ W_qᵀW_k Γ (profile --fold-ln), else None
-    fold: dict | None = None  # what the fold includes (qkweights.fold.fold_description)
+    fold: dict | None = None  # what the fold includes (qkweights.weights.fold.fold_description)
     ov: dict | None = None  # {"available": bool, "note": text}; None for a profile/1 (not computed)
 
     @property
@@ -125,7 +125,7 @@ class OVProfile:
 
     ``singular_values`` (L, H, K) Λ; ``cosines`` (L, H, K) ``p_n·r_n``; ``weighted`` (L, H)
     the λ-weighted cosine ``trace(M_ov)/‖M_ov‖_*``; ``degenerate[l][h]`` tied-λ blocks as
-    :func:`qkweights.qk.degenerate_blocks`. NaN where the weights are not finite or the
+    :func:`qkweights.weights.qk.degenerate_blocks`. NaN where the weights are not finite or the
     circuit is unavailable (``ModelInfo.ov``).
     """
 
@@ -401,7 +401,7 @@ def _profile_layer(ck: Checkpoint, l: int, fold_ln: bool = False) -> _Layer:
     wq, wk = qk.wq, qk.wk  # (H, K, D)
     gamma = None
     if fold_ln:
-        from qkweights.fold import layer_fold
+        from qkweights.weights.fold import layer_fold
 
         gamma, beta, _, _ = layer_fold(ck, l)
         wq, wk = fold_gain(wq, gamma), fold_gain(wk, gamma)  # W Γ: the SVD of Γ W_qᵀW_k Γ
@@ -453,7 +453,7 @@ def compute_profile(
     Beyond the paper, each head gets its ``symmetric_fraction`` and its value-output circuit
     (``Profile.ov``; unavailable, with the reason in ``model.ov``, when the spec cannot give
     W_v/W_o per head). ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` instead of
-    ``W_qᵀW_k`` and add each head's key-salience norm (:mod:`qkweights.fold`).
+    ``W_qᵀW_k`` and add each head's key-salience norm (:mod:`qkweights.weights.fold`).
 
     Layers run on ``workers`` threads (default: min(2, CPU count)), each with
     single-threaded BLAS: LAPACK releases the GIL, and small batched LAPACK
@@ -495,7 +495,7 @@ def compute_profile(
     omitted = OMITTED_FOLDED if fold_ln else OMITTED
     fold = None
     if fold_ln:
-        from qkweights.fold import FOLDED, fold_description
+        from qkweights.weights.fold import FOLDED, fold_description
 
         fold = fold_description(ck)
     why = "; ".join(f"layer {l}: {w}" for l, w in circuits.why)

@@ -2,7 +2,7 @@
 
 Each folder holds copies of a few source images under names that interleave them irregularly, so that the
 copies of one image land at different positions of their batches. The arithmetic of an image is the same by
-construction whatever its batch (qkweights.forward runs every image alone at one BLAS thread, and the
+construction whatever its batch (qkweights.vision.forward runs every image alone at one BLAS thread, and the
 analyses project each image with its own GEMM), so:
 
 - the documents are bit-identical at every batch size and BLAS thread count (the ``batch_size`` option they
@@ -21,13 +21,13 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from qkweights.o3 import o3_allocation
-from qkweights.same_object import same_object
-from qkweights.synth_o3 import make_o3
-from qkweights.top_images import top_images
-from qkweights.vision import load_model
+from qkweights.analyses.o3 import o3_allocation
+from qkweights.analyses.same_object import same_object
+from qkweights.analyses.top_images import top_images
+from qkweights.datasets.synthetic_o3 import make_o3
+from qkweights.vision.model import load_model
 
-MODELS = Path(__file__).parent / "fixtures" / "models"
+MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 SOURCES = [0, 1, 0, 0, 2, 1, 0, 2, 1, 0, 2]  # copy k is a copy of source image SOURCES[k]
 BATCHES = (1, 3, 5, 8)
 pytestmark = pytest.mark.numerics

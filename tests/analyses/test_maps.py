@@ -1,4 +1,5 @@
-"""Projection maps of one image on one head (qkweights.maps) and the red/cyan overlay (qkweights.overlay).
+"""Projection maps of one image on one head (qkweights.analyses.maps) and the red/cyan overlay
+(qkweights.figures.overlay).
 
 References are computed here from the weights themselves (``Checkpoint.qk``: W_q, W_k,
 b_q, b_k in float64) and from the forward pass's token embeddings, by plain loops or
@@ -14,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qkweights.analyses.maps import choose_signs, projection_maps, save_maps
 from qkweights.cli import main
+from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.errors import InputError
-from qkweights.maps import choose_signs, projection_maps, save_maps
-from qkweights.overlay import composite, display_image, scale_map
-from qkweights.synth_o3 import make_o3
-from qkweights.vision import load_model
+from qkweights.figures.overlay import composite, display_image, scale_map
+from qkweights.vision.model import load_model
 
-MODELS = Path(__file__).parent / "fixtures" / "models"
+MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_residual_embedding_projects_hidden_states(image):
     model = load_model(str(MODELS / "vit"))
     maps = projection_maps(model, image, layer=1, head=0, modes=[0, 3], embedding="residual")
     _, h, _, lay = embeddings(model, image, 1)
-    from qkweights.qk import qk_svd
+    from qkweights.weights.qk import qk_svd
 
     qk = model.checkpoint.qk(1)
     u, _, v = qk_svd(qk.wq[0], qk.wk[0])
@@ -104,7 +105,7 @@ def test_top_ordering_against_brute_force(model, image):
     logits = (x @ qk.wq[head].T + qk.bq[head]) @ (x @ qk.wk[head].T + qk.bk[head]).T / math.sqrt(k)
     p = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(a, p / p.sum(1, keepdims=True), atol=2e-6)
-    from qkweights.qk import qk_svd
+    from qkweights.weights.qk import qk_svd
 
     u, s, v = qk_svd(qk.wq[head], qk.wk[head])
     t = x.shape[0]

@@ -1,4 +1,4 @@
-"""O3 attention allocation (qkweights.o3): the ratios, the masks, the runs, resumption and the CLI.
+"""O3 attention allocation (qkweights.analyses.o3): the ratios, the masks, the runs, resumption and the CLI.
 
 References: ratios worked out by hand for small cases; golden attentions of the tiny
 fixtures computed by transformers (tests/fixtures/golden, see its README); the exact
@@ -18,9 +18,7 @@ import pytest
 from conftest import FORWARD_ATOL, one_layer_vit
 from PIL import Image
 
-from qkweights.cli import main
-from qkweights.errors import InputError
-from qkweights.o3 import (
+from qkweights.analyses.o3 import (
     RATIOS,
     STATE_NAME,
     allocation,
@@ -30,10 +28,12 @@ from qkweights.o3 import (
     patch_masks,
     token_choice,
 )
-from qkweights.synth_o3 import draw_scene, make_o3
-from qkweights.vision import load_model
+from qkweights.cli import main
+from qkweights.datasets.synthetic_o3 import draw_scene, make_o3
+from qkweights.errors import InputError
+from qkweights.vision.model import load_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 MODELS = FIXTURES / "models"
 # Index of the first patch token in each fixture's sequence (fixtures README, "tokens T (order)").
 PATCH_START = {"vit": 1, "deit": 2, "dinov2-reg": 5, "ijepa": 0}

@@ -1,4 +1,4 @@
-"""The sweep runner (qkweights.runner): merge laws, equality across executors, faults, resume.
+"""The sweep runner (qkweights.analyses.runner): merge laws, equality across executors, faults, resume.
 
 References: the serial in-process run of the same analysis; equality is exact (same
 shards ⇒ same batches ⇒ same floats), so the documents and arrays are compared with ==.
@@ -17,14 +17,14 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from qkweights.o3 import O3Analysis, o3_allocation, select_items
-from qkweights.runner import ShardError, Task, run_shard, run_sweep
-from qkweights.synth_o3 import make_o3
-from qkweights.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
-from qkweights.vision import ModelRef, load_model
+from qkweights.analyses.o3 import O3Analysis, o3_allocation, select_items
+from qkweights.analyses.runner import ShardError, Task, run_shard, run_sweep
+from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
+from qkweights.datasets.synthetic_o3 import make_o3
+from qkweights.vision.model import ModelRef, load_model
 
-MODELS = Path(__file__).parent / "fixtures" / "models"
-ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(__file__).parents[1] / "fixtures" / "models"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +344,7 @@ def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
 
 
 WATCHED = """import os, sys, time
-from qkweights.runner import _watch_parent
+from qkweights.analyses.runner import _watch_parent
 child = os.fork()
 if child == 0:
     _watch_parent(os.getppid())
@@ -399,7 +399,7 @@ def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
 def swapped_spec(tmp_path):
     """A user folder whose hf-vit.toml replaces the shipped one, reading the query weights as keys and vice versa
     (the same tensors, other numbers)."""
-    from qkweights.spec import spec_dir
+    from qkweights.specs.spec import spec_dir
 
     folder = tmp_path / "specs"
     folder.mkdir()
@@ -425,7 +425,7 @@ def _interrupted(model, images, out):
 
 @pytest.mark.parametrize("how", ["spec_dir", "environment", "edited file"])
 def test_a_state_of_another_spec_is_not_resumed(vit, scenes, swapped_spec, tmp_path, monkeypatch, how):
-    from qkweights.spec import SPEC_PATH_ENV, spec_dir
+    from qkweights.specs.spec import SPEC_PATH_ENV, spec_dir
 
     images, out = scenes / "images", tmp_path / "out"
     first, edited = vit, (swapped_spec / "hf-vit.toml").read_text()
@@ -463,7 +463,7 @@ def test_the_same_spec_resumes(vit, scenes, tmp_path):
 def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tmp_path, monkeypatch):
     """QKWEIGHTS_SPEC_PATH set on the client only (after its workers started): the workers still use its spec."""
     distributed = pytest.importorskip("distributed")
-    from qkweights.spec import SPEC_PATH_ENV
+    from qkweights.specs.spec import SPEC_PATH_ENV
 
     monkeypatch.delenv(SPEC_PATH_ENV, raising=False)
     images = scenes / "images"
@@ -528,7 +528,7 @@ def test_a_corrupt_scheduler_file_is_one_line(tmp_path, capsys, text, why):
 
 def test_a_dask_cluster_without_workers_says_so_and_stops_after_the_stated_time(vit, scenes, tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
-    import qkweights.runner as runner
+    import qkweights.analyses.runner as runner
     from qkweights.errors import InputError
 
     monkeypatch.setattr(runner, "NO_WORKER_TIMEOUT_S", 2.0)  # the documented 60 s, shortened for the test
@@ -558,7 +558,7 @@ def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, 
     import math
     import multiprocessing
 
-    from qkweights.runner import cores, shard_size_for
+    from qkweights.analyses.runner import cores, shard_size_for
 
     seen, told = [], []
     top_images(
@@ -585,7 +585,7 @@ def _pid_into(folder):
 
 
 def test_jobs_such_as_figures_run_on_no_more_processes_than_the_cores(tmp_path):
-    from qkweights.runner import cores, run_jobs
+    from qkweights.analyses.runner import cores, run_jobs
 
     run_jobs(_pid_into, [str(tmp_path)] * 12, workers=1000)
     assert 1 <= len(list(tmp_path.iterdir())) <= min(12, cores())
@@ -606,7 +606,7 @@ def test_jobs_such_as_figures_run_on_no_more_processes_than_the_cores(tmp_path):
     ],
 )
 def test_shard_size_gives_about_four_shards_per_worker(n, workers, size):
-    from qkweights.runner import MAX_SHARD, SHARDS_PER_WORKER, shard_size_for
+    from qkweights.analyses.runner import MAX_SHARD, SHARDS_PER_WORKER, shard_size_for
 
     assert (SHARDS_PER_WORKER, MAX_SHARD) == (4, 64)
     assert shard_size_for(n, workers) == size
@@ -648,7 +648,7 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
 def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch):
     """A sweep started here and resumed on Dask workers whose OpenBLAS runs another kernel (Sandybridge: no FMA)."""
     distributed = pytest.importorskip("distributed")
-    from qkweights.runner import blas_record
+    from qkweights.analyses.runner import blas_record
 
     here = blas_record()
     images, out = scenes / "images", tmp_path / "out"
@@ -689,7 +689,7 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
 def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
     told = []
     result = top_images(vit, scenes / "images", tmp_path / "out", **TOP, workers=2, notes=told.append)
-    from qkweights.runner import blas_record
+    from qkweights.analyses.runner import blas_record
 
     here = blas_record()
     assert told == [] and result.doc["blas"] == [{k: here[k] for k in ("internal_api", "architecture", "version")}]
@@ -766,7 +766,7 @@ def _fields(vit, root):
 
 
 def test_a_worker_that_always_dies_stops_the_run_after_exactly_the_stated_pool_restarts(vit, scenes, tmp_path):
-    from qkweights.runner import MAX_POOL_RESTARTS
+    from qkweights.analyses.runner import MAX_POOL_RESTARTS
 
     root = scenes / "images"
     paths = list_images(root)

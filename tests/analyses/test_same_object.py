@@ -1,4 +1,4 @@
-"""Same-object analysis (qkweights.same_object, qkweights.ade20k): protocol, layouts, geometry, runs.
+"""Same-object analysis (qkweights.analyses.same_object, qkweights.datasets.ade20k): protocol, layouts, geometry, runs.
 
 References: a one-layer ViT written here whose mode 0 reads "red" or "blue" in closed form,
 so the same or a different object must win; a brute-force implementation of the protocol
@@ -19,18 +19,7 @@ import pytest
 from conftest import one_layer_vit
 from PIL import Image
 
-from qkweights.ade20k import (
-    FULL,
-    GENERIC,
-    SCENE,
-    full_release_objects,
-    open_segmentation,
-    read_objects,
-)
-from qkweights.cli import main
-from qkweights.errors import InputError
-from qkweights.preprocess import Preprocess
-from qkweights.same_object import (
+from qkweights.analyses.same_object import (
     STATE_NAME,
     SameObjectResult,
     image_scores,
@@ -40,9 +29,20 @@ from qkweights.same_object import (
     same_object,
     weighted_probability,
 )
-from qkweights.vision import load_model
+from qkweights.cli import main
+from qkweights.datasets.ade20k import (
+    FULL,
+    GENERIC,
+    SCENE,
+    full_release_objects,
+    open_segmentation,
+    read_objects,
+)
+from qkweights.errors import InputError
+from qkweights.vision.model import load_model
+from qkweights.vision.preprocess import Preprocess
 
-MODELS = Path(__file__).parent / "fixtures" / "models"
+MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 
 
 def read_csv(path):
@@ -542,7 +542,7 @@ def test_cli_with_figures(tmp_path, capsys, full_release):
 
 
 def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
-    from qkweights.compare import compare
+    from qkweights.figures.compare import compare
 
     a = same_object(vit, full_release, tmp_path / "a", layers=[0, 1], modes=[0, 1], top=3, plots=False).doc
     b = same_object(vit, full_release, tmp_path / "b", layers=[1], modes=[2], top=2, plots=False).doc
@@ -559,7 +559,7 @@ def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
 
 
 def test_synthetic_instance_maps_are_the_painted_objects(tmp_path):
-    from qkweights.synth_o3 import draw_scene, draw_scene_labels, make_o3
+    from qkweights.datasets.synthetic_o3 import draw_scene, draw_scene_labels, make_o3
 
     image, target, distractor, _ = draw_scene(np.random.default_rng([4, 1]), (48, 64))
     image2, labels, _ = draw_scene_labels(np.random.default_rng([4, 1]), (48, 64))
@@ -612,7 +612,7 @@ def exif_dataset(root: Path, orientation: int, size: tuple[int, int], annotation
 @pytest.mark.parametrize("size", [(16, 32), (32, 32)])  # (height, width) as displayed: non-square, square
 @pytest.mark.parametrize("annotation", ["displayed", "tagged"])
 def test_exif_turned_images_and_annotations_are_read_as_displayed(tmp_path, orientation, size, annotation):
-    from qkweights.preprocess import open_image
+    from qkweights.vision.preprocess import open_image
 
     item = open_segmentation(exif_dataset(tmp_path, orientation, size, annotation)).items[0]
     image = open_image(item.image)
@@ -631,7 +631,7 @@ def test_exif_turned_images_and_annotations_are_read_as_displayed(tmp_path, orie
 
 @pytest.mark.parametrize("orientation", [6, 8])
 def test_exif_turned_square_image_prepared_for_the_model_keeps_its_objects_on_their_colours(tmp_path, orientation):
-    from qkweights.same_object import prepare
+    from qkweights.analyses.same_object import prepare
 
     model = load_model(str(MODELS / "vit"))  # 32×32 input, 8×8 patches: a 4×4 grid
     item = open_segmentation(exif_dataset(tmp_path, orientation, (32, 32), "displayed")).items[0]
@@ -646,7 +646,7 @@ def test_exif_turned_square_image_prepared_for_the_model_keeps_its_objects_on_th
 
 @pytest.mark.parametrize("orientation", [6, 8])
 def test_an_annotation_of_the_stored_pixels_of_a_turned_image_is_refused_naming_exif(tmp_path, orientation):
-    from qkweights.preprocess import open_image
+    from qkweights.vision.preprocess import open_image
 
     item = open_segmentation(exif_dataset(tmp_path, orientation, (16, 32), "stored")).items[0]
     with pytest.raises(InputError) as e:
@@ -674,7 +674,7 @@ def test_a_size_mismatch_without_a_turning_exif_tag_says_nothing_of_it(tmp_path,
 
 
 def test_a_turned_image_with_an_annotation_of_neither_orientation_names_exif_only(tmp_path):
-    from qkweights.preprocess import open_image
+    from qkweights.vision.preprocess import open_image
 
     root = exif_dataset(tmp_path, 6, (16, 32), "displayed")
     save_png(np.ones((20, 20), np.uint8), root / "instances" / "p.png")  # fits neither the stored nor the displayed
@@ -775,8 +775,8 @@ def test_a_large_image_and_its_annotation_stay_within_a_few_bytes_a_pixel(tmp_pa
         seg.paste((20, 9, 40), (w // 2, 0, w, h))  # B 40: object 2 of class 521
         seg.save(tmp_path / "p_seg.png")
     setup = (
-        "from qkweights.ade20k import open_segmentation\n"
-        "from qkweights.same_object import prepare\n"
+        "from qkweights.datasets.ade20k import open_segmentation\n"
+        "from qkweights.analyses.same_object import prepare\n"
         f"item = open_segmentation({str(tmp_path)!r}).items[0]"
     )
     per_pixel = peak_bytes_per_pixel("prepare(model, item, None)", w * h, setup=setup)

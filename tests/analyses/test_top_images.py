@@ -1,4 +1,4 @@
-"""Optimal images per mode (qkweights.top_images): scores, running top-K, resume, odd files, anisotropy.
+"""Optimal images per mode (qkweights.analyses.top_images): scores, running top-K, resume, odd files, anisotropy.
 
 References: each image run alone through the forward pass and scored by plain Python
 loops over tokens in float64 (method.md §5); pairwise cosines by a double loop; the
@@ -13,11 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qkweights.cli import main
-from qkweights.errors import InputError
-from qkweights.qk import qk_svd
-from qkweights.synth_o3 import make_o3
-from qkweights.top_images import (
+from qkweights.analyses.top_images import (
     STATE_NAME,
     list_images,
     mean_pairwise_cosine,
@@ -25,9 +21,13 @@ from qkweights.top_images import (
     top_images,
     unit_sum,
 )
-from qkweights.vision import load_model
+from qkweights.cli import main
+from qkweights.datasets.synthetic_o3 import make_o3
+from qkweights.errors import InputError
+from qkweights.vision.model import load_model
+from qkweights.weights.qk import qk_svd
 
-MODELS = Path(__file__).parent / "fixtures" / "models"
+MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 LEFT_OUT = "{}: left out 1 file that Pillow does not read as images: image_properties.txt"  # in the O3 folder
 
 
@@ -401,7 +401,7 @@ def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
 
 
 def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, folder, tmp_path):
-    from qkweights.top_images import other_files
+    from qkweights.analyses.top_images import other_files
 
     root = tmp_path / "mixed"
     rgb = Image.open(folder / "images" / "synth_0000.jpg").convert("RGB")

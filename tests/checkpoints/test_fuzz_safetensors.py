@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
+from qkweights.checkpoints.tensors import TensorStore
 from qkweights.errors import CheckpointError
-from qkweights.tensors import TensorStore
 
 EXAMPLES = int(os.environ.get("QKW_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

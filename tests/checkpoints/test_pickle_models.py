@@ -21,10 +21,10 @@ from conftest import FIXTURES, GOLDEN, MODELS
 from hubcache import make_hub_cache
 
 import qkweights
+from qkweights.checkpoints.tensors import TensorStore
+from qkweights.checkpoints.torch_pickle import TorchStore
 from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
-from qkweights.load import open_model
-from qkweights.tensors import TensorStore
-from qkweights.torch_pickle import TorchStore
+from qkweights.specs.load import open_model
 
 PICKLES = FIXTURES / "pickles"
 DINO = PICKLES / "dino-like" / "dino_vit_pretrain.pth"

@@ -1,4 +1,4 @@
-"""qkweights.source: MODEL argument -> local files, through huggingface_hub's real offline code path.
+"""qkweights.checkpoints.source: MODEL argument -> local files, through huggingface_hub's real offline code path.
 
 Hub cases run offline against caches written by tests/hubcache.py; huggingface_hub reads
 HF_HUB_CACHE and HF_HUB_OFFLINE into huggingface_hub.constants at import time, so the tests set
@@ -23,16 +23,16 @@ from hubcache import git_blob_sha1, make_hub_cache
 from huggingface_hub import constants
 from safetensors.numpy import save_file
 
+from qkweights.checkpoints.hub import _progress_bars
+from qkweights.checkpoints.source import Source, resolve
 from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
-from qkweights.hub import _progress_bars
-from qkweights.source import Source, resolve
 
 REPO = "acme/tiny-vit"
 CONFIG = b'{"model_type": "vit"}'
 PREPROCESSOR = b'{"size": {"height": 224, "width": 224}}'
 MAIN_SHA = "a" * 40
 PR_SHA = "b" * 40
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def weights_bytes(tmp_path: Path, name: str, value: float) -> bytes:
@@ -415,7 +415,9 @@ def test_hub_id_resolved_from_environment_in_a_fresh_interpreter(tmp_path):
     weights = weights_bytes(tmp_path, "m", 1.0)
     make_hub_cache(tmp_path / "hub", REPO, {"config.json": CONFIG, "model.safetensors": weights}, commit=MAIN_SHA)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    code = f"import json; from qkweights.source import resolve; print(json.dumps(resolve({REPO!r}).to_json()))"
+    code = (
+        f"import json; from qkweights.checkpoints.source import resolve; print(json.dumps(resolve({REPO!r}).to_json()))"
+    )
     run = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
     )
@@ -454,7 +456,7 @@ def test_hub_unreachable_online(tmp_path, cached):
     }
     code = (
         "from qkweights.errors import SourceError\n"
-        "from qkweights.source import resolve\n"
+        "from qkweights.checkpoints.source import resolve\n"
         f"try: print(resolve({REPO!r}).commit)\n"
         "except SourceError as err: print(err)\n"
     )

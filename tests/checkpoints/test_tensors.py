@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from qkweights.checkpoints.tensors import TensorStore, read_header, widen_bf16
 from qkweights.errors import CheckpointError
-from qkweights.tensors import TensorStore, read_header, widen_bf16
 
 
 def raw_file(path, header: dict, data: bytes, *, length: int | None = None):

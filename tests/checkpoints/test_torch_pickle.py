@@ -1,4 +1,4 @@
-"""Tests of qkweights.torch_pickle: torch.save archives read without torch, and hostile files refused.
+"""Tests of qkweights.checkpoints.torch_pickle: torch.save archives read without torch, and hostile files refused.
 
 Reference values: tests/pickle_fixtures/*.npz, written by make_pickle_fixtures.py from the tensors torch
 saved (BF16 as torch's tensor.float()). Malicious fixtures: evil_*.pt / evil_*.pkl, whose payloads the
@@ -20,15 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkweights import torch_pickle
-from qkweights.errors import CheckpointError
-from qkweights.torch_pickle import (
+from qkweights.checkpoints import torch_pickle
+from qkweights.checkpoints.torch_pickle import (
     LazyTensor,
     Record,
     TorchStore,
     flatten_tensors,
     read_torch_checkpoint,
 )
+from qkweights.errors import CheckpointError
 
 FIX = Path(__file__).resolve().parent / "pickle_fixtures"
 MARKERS = Path("/tmp/qkweights-pwned")
@@ -619,7 +619,7 @@ def test_allow_list_is_exactly_the_expected_set():
     for name, value in torch_pickle._GLOBALS.items():
         assert type(value) in (torch_pickle._Safe, torch_pickle._Sentinel), name
         if isinstance(value, torch_pickle._Safe):
-            assert value.fn.__module__ == "qkweights.torch_pickle", name
+            assert value.fn.__module__ == "qkweights.checkpoints.torch_pickle", name
 
 
 def call(module: str, name: str, *args: bytes) -> bytes:
@@ -783,8 +783,8 @@ def test_deeply_nested_tuple_key_does_not_crash_the_interpreter(tmp_path):
     # Unguarded, CPython 3.11 overflows the C stack hashing this key (segfault, exit -11).
     path = _archive(tmp_path / "deep.pt", pickle_of(b"}" + b"N" + b"\x85" * 10**6 + b"Ns"))
     code = (
-        f"from qkweights.torch_pickle import read_torch_checkpoint as r\ntry:\n    r({str(path)!r})\nexcept Exception "
-        "as e:\n    print(type(e).__name__, e)"
+        "from qkweights.checkpoints.torch_pickle import read_torch_checkpoint as r\n"
+        f"try:\n    r({str(path)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]

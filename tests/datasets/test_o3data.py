@@ -1,4 +1,4 @@
-"""The synthetic O3 generator (qkweights.synth_o3) and the O3 folder reader (qkweights.o3data).
+"""The synthetic O3 generator (qkweights.datasets.synthetic_o3) and the O3 folder reader (qkweights.datasets.o3).
 
 References are measured from the pixels independently of the generator's
 bookkeeping: objects are connected components of the masks (scipy.ndimage),
@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from qkweights.errors import InputError, SourceError
-from qkweights.o3data import (
+from qkweights.datasets.o3 import (
     FEATURE_FLAGS,
     PROPERTY_COLUMNS,
     O3Item,
@@ -25,7 +24,8 @@ from qkweights.o3data import (
     open_o3,
     read_properties,
 )
-from qkweights.synth_o3 import FEATURES, PALETTE, draw_scene, make_o3
+from qkweights.datasets.synthetic_o3 import FEATURES, PALETTE, draw_scene, make_o3
+from qkweights.errors import InputError, SourceError
 
 N = 40
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qkweights.compare import Curve, compare, curves_from
 from qkweights.errors import InputError
-from qkweights.profiles import compute_profile
+from qkweights.figures.compare import Curve, compare, curves_from
+from qkweights.weights.profiles import compute_profile
 
 
 def weights(L, H, K, D, *, seed=0, sign=None):
@@ -244,7 +244,7 @@ def test_csvs_record_the_weights_they_come_from(tmp_path, capsys):
     """As every output: the repo id, commit, files and sha256 of the weights of each row's model."""
     from qkweights.cli import main
 
-    vit = Path(__file__).parent / "fixtures" / "models" / "vit"
+    vit = Path(__file__).parents[1] / "fixtures" / "models" / "vit"
     assert main(["compare", str(vit), "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     digest = hashlib.sha256((vit / "model.safetensors").read_bytes()).hexdigest()

@@ -15,7 +15,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from qkweights import figures
-from qkweights.profiles import ModelInfo, Profile, compute_profile
+from qkweights.weights.profiles import ModelInfo, Profile, compute_profile
 
 
 def checkpoint(L, H, K, D, *, seed=0, sign=None, nan=()):
@@ -239,8 +239,8 @@ def one_layer_results(tmp_path_factory):
     for a one-layer model (O3)."""
     from conftest import MODELS, edited_fixture, quadrant_scenes
 
-    from qkweights.o3 import o3_allocation
-    from qkweights.same_object import same_object
+    from qkweights.analyses.o3 import o3_allocation
+    from qkweights.analyses.same_object import same_object
 
     tmp = tmp_path_factory.mktemp("one")
     scenes = quadrant_scenes(tmp / "scenes")

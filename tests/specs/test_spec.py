@@ -9,10 +9,10 @@ import pytest
 from conftest import FIXTURES, MODELS, edited_fixture
 from safetensors.numpy import load_file, save_file
 
+from qkweights.checkpoints.source import resolve
+from qkweights.checkpoints.tensors import TensorStore
 from qkweights.errors import CheckpointError, SpecError
-from qkweights.source import resolve
-from qkweights.spec import load_specs, open_checkpoint
-from qkweights.tensors import TensorStore
+from qkweights.specs.spec import load_specs, open_checkpoint
 
 # fixture -> (family, prefix, layers, heads, hidden); from tests/fixtures/README.md
 EXPECTED = {
@@ -92,7 +92,7 @@ def test_detection_and_dims(name):
 
 @pytest.mark.parametrize("path, part", sorted(PICKLE_EXPECTED, key=str))
 def test_detection_of_pytorch_research_checkpoints(path, part, capsys):
-    from qkweights.load import open_model
+    from qkweights.specs.load import open_model
 
     _, ck = open_model(str(FIXTURES / path), part=part)
     assert (ck.spec.name, ck.prefix, ck.dims.layers, ck.dims.heads, ck.dims.hidden) == PICKLE_EXPECTED[path, part]
@@ -170,7 +170,7 @@ TF5_HINT = (
 @pytest.mark.parametrize("family", [None, "hf-deit", "hf-vit"])
 def test_transformers_5_state_dict_is_refused_with_one_short_line(family):
     # tests/fixtures/pickles/tf5-state-dict/model.pth: torch.save(DeiTModel.state_dict()) under transformers 5.24
-    from qkweights.load import open_model
+    from qkweights.specs.load import open_model
 
     with pytest.raises(SpecError) as e:
         open_model(str(FIXTURES / "pickles/tf5-state-dict/model.pth"), family=family)

@@ -19,8 +19,8 @@ from safetensors.numpy import load_file, save_file
 import qkweights
 from qkweights.cli import main
 from qkweights.errors import SpecError
-from qkweights.load import open_model
-from qkweights.spec import (
+from qkweights.specs.load import open_model
+from qkweights.specs.spec import (
     RESOLVERS,
     SECTIONS,
     SPEC_PATH_ENV,
@@ -28,7 +28,7 @@ from qkweights.spec import (
     load_specs,
     spec_dir,
 )
-from qkweights.vision import _MODELS
+from qkweights.vision.model import _MODELS
 
 # The renaming of the hidden family: transformers ViT name → the hidden checkpoint's name.
 RENAMES = [
@@ -200,7 +200,7 @@ def test_a_user_spec_replaces_the_built_in_one_and_specs_says_so(tmp_path, capsy
         (folder / "hf-vit.toml").write_text(text.replace('description = "', f'description = "{label}: ', 1))
     specs = load_specs(spec_dir=[first, second])  # earlier folders win
     assert specs["hf-vit"].description.startswith("first: ") and specs["hf-vit"].overrides == spec_dir() / "hf-vit.toml"
-    _, ck = qkweights.load.open_model(str(MODELS / "vit"), spec_dir=[second, first])
+    _, ck = qkweights.specs.load.open_model(str(MODELS / "vit"), spec_dir=[second, first])
     assert ck.spec.description.startswith("second: ") and ck.spec.user
     assert main(["specs", "--spec-dir", str(first)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hf-vit "))

@@ -1,4 +1,4 @@
-"""The numpy forward pass (qkweights.forward, qkweights.vision) against independent references.
+"""The numpy forward pass (qkweights.vision.forward, qkweights.vision.model) against independent references.
 
 References:
 - goldens tests/fixtures/golden/<name>.npz: transformers 5.24 outputs (eval, eager attention) of the
@@ -6,7 +6,7 @@ References:
   weights renamed, checked there against an independent torch forward); *_interp keys: ViT with
   interpolate_pos_encoding=True and DINOv2 at 48×40 pixels;
 - method.md §1: the bilinear logits x_iᵀW_qᵀW_k x_j rebuilt from the SVD modes of
-  qkweights.qk.qk_svd, plus the bias terms, scaled and soft-maxed in float64;
+  qkweights.weights.qk.qk_svd, plus the bias terms, scaled and soft-maxed in float64;
 - closed forms evaluated in float64 (erf from scipy, LayerNorm, Keys' bicubic kernel written out
   per output pixel) and PIL's float resize (its bicubic filter, a = −0.5, is the one torch's
   antialiased resize copies);
@@ -25,12 +25,12 @@ from conftest import FORWARD_ATOL, attention_atol
 from PIL import Image
 
 from qkweights.errors import InputError
-from qkweights.forward import Norm, activation_, forward, gelu_erf, layer_norm, resize_bicubic
-from qkweights.load import open_model
-from qkweights.qk import qk_svd
-from qkweights.vision import load_model, value_weights
+from qkweights.specs.load import open_model
+from qkweights.vision.forward import Norm, activation_, forward, gelu_erf, layer_norm, resize_bicubic
+from qkweights.vision.model import load_model, value_weights
+from qkweights.weights.qk import qk_svd
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 MODELS, GOLDEN = FIXTURES / "models", FIXTURES / "golden"
 GOLDEN_NAMES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
 TEXT_FIXTURES = ("bert", "roberta-mlm")
@@ -292,7 +292,7 @@ def test_maps_says_once_that_preprocessing_defaults_are_used(tmp_path, capsys):
 
     for f in ("config.json", "model.safetensors"):
         (tmp_path / f).write_bytes((MODELS / "vit" / f).read_bytes())
-    image = Path(__file__).parents[1] / "qkweights" / "demo_model" / "demo.jpg"
+    image = Path(__file__).parents[2] / "qkweights" / "demo_model" / "demo.jpg"
     assert main(["maps", str(tmp_path), str(image), "--layer", "0", "--head", "0", "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("qkweights: note: no preprocessing config beside the weights") and err.count("\n") == 1
@@ -451,7 +451,7 @@ def interp_golden() -> dict[str, np.ndarray]:
 
 def timm_position_table(model, grid):
     """The position rows qkweights adds at a patch grid, in pos_embed order: (P + gh·gw, D)."""
-    from qkweights.forward import position_rows
+    from qkweights.vision.forward import position_rows
 
     emb = model.weights.embeddings
     rows = position_rows(emb, grid)

@@ -1,4 +1,4 @@
-"""Tests of qkweights.preprocess: image loading and each checkpoint's preprocessing.
+"""Tests of qkweights.vision.preprocess: image loading and each checkpoint's preprocessing.
 
 References:
 - goldens in tests/preprocess_golden/ (golden.npz), computed by make_golden.py with
@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from qkweights.errors import InputError, SpecError
-from qkweights.preprocess import (
+from qkweights.vision.preprocess import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     OPENAI_CLIP_MEAN,
@@ -33,8 +33,8 @@ from qkweights.preprocess import (
     load_image,
 )
 
-GOLDEN = Path(__file__).parent / "preprocess_golden"
-FIXTURES = Path(__file__).parent / "fixtures" / "models"
+GOLDEN = Path(__file__).parents[1] / "preprocess_golden"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
 CONFIGS = json.loads((GOLDEN / "configs.json").read_text())
 with np.load(GOLDEN / "golden.npz") as _npz:
     GOLDENS = {k: _npz[k] for k in _npz.files}
@@ -541,7 +541,7 @@ def test_preprocessor_config_values_of_the_wrong_type_name_the_key(key, value, m
 PEAK_SCRIPT = """
 import gc, re, sys
 from pathlib import Path
-from qkweights.vision import load_model
+from qkweights.vision.model import load_model
 
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024

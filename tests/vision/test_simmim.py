@@ -6,7 +6,7 @@ BeitModel weights; the goldens are BeitModel 5.24 outputs, eval, eager attention
 against its own torch forward from the SimMIM names).
 
 References used here:
-- tensors read straight from the files with qkweights.torch_pickle.read_torch_checkpoint (no spec involved);
+- tensors read straight from the files with qkweights.checkpoints.torch_pickle.read_torch_checkpoint (no spec involved);
 - dense numpy SVD of each D×D product W_q,hᵀW_k,h (method.md §1);
 - BEiT's relative_position_index rebuilt by loops over token pairs from its definition (SimMIM
   models/vision_transformer.py), and the index buffers the fixtures store (transformers'
@@ -25,17 +25,17 @@ import numpy as np
 import pytest
 from conftest import FORWARD_ATOL, attention_atol
 
+from qkweights.checkpoints.torch_pickle import TorchStore, read_torch_checkpoint
 from qkweights.cli import main
 from qkweights.errors import CheckpointError, SpecError
-from qkweights.forward import relative_position_bias, relative_position_index, resize_bilinear
-from qkweights.load import open_model
-from qkweights.profiles import compute_profile
-from qkweights.qk import qk_svd
-from qkweights.spec import load_specs, open_checkpoint, relative_window, spec_dir
-from qkweights.torch_pickle import TorchStore, read_torch_checkpoint
-from qkweights.vision import load_model, vision_model
+from qkweights.specs.load import open_model
+from qkweights.specs.spec import load_specs, open_checkpoint, relative_window, spec_dir
+from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
+from qkweights.vision.model import load_model, vision_model
+from qkweights.weights.profiles import compute_profile
+from qkweights.weights.qk import qk_svd
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 PICKLES = FIXTURES / "pickles"
 # flavour -> (file, tensor-name prefix inside the 'model' state dict, prefix the spec must choose)
 FLAVOURS = {

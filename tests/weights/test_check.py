@@ -18,12 +18,12 @@ from conftest import edited_fixture, vit_qk_name
 from safetensors.numpy import load_file
 
 import qkweights
-from qkweights.check import CheckReport, check_profile
 from qkweights.cli import main
 from qkweights.errors import InputError
-from qkweights.profiles import load_profile
+from qkweights.weights.check import CheckReport, check_profile
+from qkweights.weights.profiles import load_profile
 
-FIXTURES = Path(__file__).parent / "fixtures" / "models"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
 VIT = FIXTURES / "vit"
 K = 8  # head dim of the fixture (config: hidden 32, 4 heads)
 N_CHECKS = 1 + 2 * (1 + 4 * 4)  # architecture + per layer (layer cosine + 4 heads × 4 checks)
@@ -387,7 +387,7 @@ def _gates(report, name):
 @pytest.mark.parametrize("over", [0, 1], ids=["at", "over"])
 @pytest.mark.parametrize("gate", ["symmetry", "ov"])
 def test_each_circuit_gate_at_and_just_over_its_own_tolerance(baseline, gate, over):
-    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+    from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY
 
     base = load_profile(baseline)
     quarter = np.full_like(base.weighted, 0.25)
@@ -407,7 +407,7 @@ def test_each_circuit_gate_at_and_just_over_its_own_tolerance(baseline, gate, ov
 
 
 def test_a_drift_between_the_two_tolerances_fails_only_the_tighter_gate(baseline):
-    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+    from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY
 
     base = load_profile(baseline)
     quarter = np.full_like(base.weighted, 0.25)
@@ -423,7 +423,7 @@ def test_a_drift_between_the_two_tolerances_fails_only_the_tighter_gate(baseline
 
 
 def test_a_baseline_lacking_a_statistic_in_some_heads_gates_the_others(baseline):
-    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+    from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY
 
     base = load_profile(baseline)
     quarter = np.full_like(base.weighted, 0.25)
@@ -504,7 +504,7 @@ def test_gates_that_cannot_run_are_said_on_stderr_and_in_junit(tmp_path, baselin
 
 
 def test_a_current_model_without_the_statistic_skips_the_gate_and_says_so(baseline):
-    from qkweights.check import HEAD_OV
+    from qkweights.weights.check import HEAD_OV
 
     base = load_profile(baseline)
     none = _circuits(base, ov=np.full_like(base.weighted, np.nan))  # a model with no value-output circuit

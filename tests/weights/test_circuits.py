@@ -16,11 +16,11 @@ from safetensors.numpy import load_file
 
 import qkweights
 import qkweights.errors
-from qkweights.fold import fold_description, folded_modes, normalised_tokens
-from qkweights.forward import relative_position_bias
-from qkweights.load import open_model
-from qkweights.profiles import compute_profile, load_profile
-from qkweights.qk import head_stats, ov_svd, qk_svd, symmetric_fraction, symmetric_null
+from qkweights.specs.load import open_model
+from qkweights.vision.forward import relative_position_bias
+from qkweights.weights.fold import fold_description, folded_modes, normalised_tokens
+from qkweights.weights.profiles import compute_profile, load_profile
+from qkweights.weights.qk import head_stats, ov_svd, qk_svd, symmetric_fraction, symmetric_null
 
 PICKLES = MODELS.parent / "pickles"
 
@@ -279,7 +279,7 @@ def test_fold_description_per_family():
 def test_folded_value_output_circuit_is_said_everywhere_it_is_shown(tmp_path):
     import json
 
-    from qkweights.compare import curves_from
+    from qkweights.figures.compare import curves_from
 
     folded, _ = _profile("vit", fold_ln=True)
     m = folded.model
@@ -461,7 +461,7 @@ def _flip_value_head(t, l=1, h=2, K=8):
 
 
 def test_check_new_tolerances(tmp_path):
-    from qkweights.check import HEAD_OV, HEAD_SYMMETRY
+    from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY
     from qkweights.workflow import check as check_model
 
     base = tmp_path / "base"
@@ -481,7 +481,7 @@ def test_check_new_tolerances(tmp_path):
 def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
     import json
 
-    from qkweights.check import FOLDING, HEAD_OV, check_profile
+    from qkweights.weights.check import FOLDING, HEAD_OV, check_profile
     from qkweights.workflow import check as check_model
 
     qkweights.profile(str(MODELS / "vit")).save(tmp_path / "b1")
@@ -507,7 +507,7 @@ def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
 def test_diff_reports_the_new_statistics(tmp_path):
     import json
 
-    from qkweights.diff import diff_profiles
+    from qkweights.weights.diff import diff_profiles
 
     a = qkweights.profile(str(MODELS / "vit"))
     b = qkweights.profile(str(edited_fixture(tmp_path, "flipped", _flip_value_head)))
@@ -540,8 +540,8 @@ def test_diff_reports_the_new_statistics(tmp_path):
 
 @pytest.mark.numerics
 def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
-    from qkweights.maps import projection_maps, save_maps
-    from qkweights.synth_o3 import make_o3
+    from qkweights.analyses.maps import projection_maps, save_maps
+    from qkweights.datasets.synthetic_o3 import make_o3
 
     img = make_o3(tmp_path / "o3", n=1, seed=3, size=(48, 48)) / "images" / "synth_0000.jpg"
     model = qkweights.load_model(str(MODELS / "vit"))

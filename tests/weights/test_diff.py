@@ -21,9 +21,9 @@ from safetensors.numpy import load_file
 
 import qkweights
 from qkweights.cli import main
-from qkweights.diff import diff_profiles, heatmaps_figure, principal_angles
+from qkweights.weights.diff import diff_profiles, heatmaps_figure, principal_angles
 
-VIT = Path(__file__).parent / "fixtures" / "models" / "vit"
+VIT = Path(__file__).parents[1] / "fixtures" / "models" / "vit"
 D, K = 32, 8
 
 

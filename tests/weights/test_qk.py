@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qkweights.qk import degenerate_blocks, head_stats, null_band, qk_svd
+from qkweights.weights.qk import degenerate_blocks, head_stats, null_band, qk_svd
 
 
 def dense_reference(wq, wk):
