@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qkweights.checkpoints.tensors import TensorStore  # noqa: E402
-from qkweights.specs.spec import open_checkpoint  # noqa: E402
+from qkweights.specs.checkpoint import open_checkpoint  # noqa: E402
 from qkweights.weights.profiles import compute_profile  # noqa: E402
 
 

@@ -36,7 +36,7 @@ from qkweights.checkpoints.folders import Source
 from qkweights.errors import QkWarning
 from qkweights.specs.load import open_model as _open_model
 from qkweights.specs.load import source_record
-from qkweights.specs.spec import Checkpoint
+from qkweights.specs.checkpoint import Checkpoint
 from qkweights.weights.profiles import Profile, compute_profile, load_profile
 
 PROFILE_FILE = "profile.json"

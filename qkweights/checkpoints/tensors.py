@@ -211,7 +211,7 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
 
 
 class Store(ABC):
-    """Named tensors of one checkpoint: the interface every reader offers to :mod:`qkweights.specs.spec`.
+    """Named tensors of one checkpoint: the interface every reader offers to :mod:`qkweights.specs.checkpoint`.
 
     ``entries`` maps each name to an object with ``shape`` and ``dtype`` (safetensors
     dtype names, "F32", "BF16", …); subclasses read the values in :meth:`get`.

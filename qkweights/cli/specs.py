@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qkweights.cli.common import add_spec_dir_argument
-from qkweights.specs.spec import load_specs
+from qkweights.specs.registry import load_specs
 
 
 def configure(p) -> None:

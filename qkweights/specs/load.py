@@ -9,13 +9,8 @@ from qkweights.checkpoints.source import resolve
 from qkweights.checkpoints.tensors import TensorStore
 from qkweights.checkpoints.torch_pickle import TorchStore
 from qkweights.errors import CheckpointError, QkWarning
-from qkweights.specs.spec import (
-    Checkpoint,
-    config_names,
-    default_parts,
-    load_specs,
-    open_checkpoint,
-)
+from qkweights.specs.checkpoint import Checkpoint, open_checkpoint
+from qkweights.specs.registry import config_names, default_parts, load_specs
 
 
 def open_store(source: Source, *, part: str | None = None, defaults: tuple[str, ...] = ()):
@@ -52,7 +47,7 @@ def open_store(source: Source, *, part: str | None = None, defaults: tuple[str, 
 
 def source_record(source: Source, ck: Checkpoint) -> dict:
     """The provenance written into every output: the source's record, plus the part read from a training checkpoint,
-    and the spec that read it (``spec``: :meth:`qkweights.specs.spec.Spec.provenance`, its file and sha256)."""
+    and the spec that read it (``spec``: :meth:`qkweights.specs.schema.Spec.provenance`, its file and sha256)."""
     part = ck.store.metadata.get("part")
     return {**source.to_json(), **({"part": part} if part else {}), "spec": ck.spec.provenance()}
 
@@ -71,7 +66,7 @@ def open_model(
     """Resolve ``model`` (Hub id, folder or file), open its tensors and bind its family's spec.
 
     ``spec_dir``: a folder (or a list of folders) of user spec files, searched before ``QKWEIGHTS_SPEC_PATH``
-    and the shipped specs (see :func:`qkweights.specs.spec.load_specs`). ``specs``: the families to choose from,
+    and the shipped specs (see :func:`qkweights.specs.registry.load_specs`). ``specs``: the families to choose from,
     resolved already (a worker opening the model its client resolved); ``spec_dir`` and ``QKWEIGHTS_SPEC_PATH``
     are then unread.
     """

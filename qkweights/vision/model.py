@@ -18,7 +18,9 @@ import numpy as np
 
 from qkweights.checkpoints.source import Source
 from qkweights.errors import CheckpointError, InputError, SpecError
-from qkweights.specs.spec import Checkpoint, Dims, Spec
+from qkweights.specs.checkpoint import Checkpoint
+from qkweights.specs.dims import Dims
+from qkweights.specs.schema import Spec
 from qkweights.vision.forward import (
     BlockWeights,
     EmbeddingWeights,

@@ -416,7 +416,7 @@ def _circuit_plan(current: Profile, baseline: Profile, tol_symmetry, tol_ov) -> 
 def collapse_causes(ck, heads) -> dict[tuple[int, int], str]:
     """Why each of ``heads`` ((layer, head) pairs) has W_qᵀW_k = 0, read from the checkpoint's weights.
 
-    ``ck``: a :class:`~qkweights.specs.spec.Checkpoint`. Returns "W_q all zero",
+    ``ck``: a :class:`~qkweights.specs.checkpoint.Checkpoint`. Returns "W_q all zero",
     "W_k all zero", "W_q and W_k all zero" or "W_qᵀW_k = 0 with non-zero W_q and W_k".
     """
     out: dict[tuple[int, int], str] = {}

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkweights.errors import InputError
-from qkweights.specs.spec import Checkpoint
+from qkweights.specs.checkpoint import Checkpoint
 from qkweights.weights.qk import fold_gain, key_salience, qk_svd
 
 FOLDED = "layernorm"

@@ -31,7 +31,7 @@ from qkweights.outputs import (
     write_npz,
     write_text,
 )
-from qkweights.specs.spec import Checkpoint
+from qkweights.specs.checkpoint import Checkpoint
 from qkweights.version import __version__
 from qkweights.weights.qk import (
     DEGENERATE_RTOL,

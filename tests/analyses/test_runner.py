@@ -399,7 +399,7 @@ def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
 def swapped_spec(tmp_path):
     """A user folder whose hf-vit.toml replaces the shipped one, reading the query weights as keys and vice versa
     (the same tensors, other numbers)."""
-    from qkweights.specs.spec import spec_dir
+    from qkweights.specs.registry import spec_dir
 
     folder = tmp_path / "specs"
     folder.mkdir()
@@ -425,7 +425,7 @@ def _interrupted(model, images, out):
 
 @pytest.mark.parametrize("how", ["spec_dir", "environment", "edited file"])
 def test_a_state_of_another_spec_is_not_resumed(vit, scenes, swapped_spec, tmp_path, monkeypatch, how):
-    from qkweights.specs.spec import SPEC_PATH_ENV, spec_dir
+    from qkweights.specs.registry import SPEC_PATH_ENV, spec_dir
 
     images, out = scenes / "images", tmp_path / "out"
     first, edited = vit, (swapped_spec / "hf-vit.toml").read_text()
@@ -463,7 +463,7 @@ def test_the_same_spec_resumes(vit, scenes, tmp_path):
 def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tmp_path, monkeypatch):
     """QKWEIGHTS_SPEC_PATH set on the client only (after its workers started): the workers still use its spec."""
     distributed = pytest.importorskip("distributed")
-    from qkweights.specs.spec import SPEC_PATH_ENV
+    from qkweights.specs.registry import SPEC_PATH_ENV
 
     monkeypatch.delenv(SPEC_PATH_ENV, raising=False)
     images = scenes / "images"

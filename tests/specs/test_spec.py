@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 from qkweights.checkpoints.source import resolve
 from qkweights.checkpoints.tensors import TensorStore
 from qkweights.errors import CheckpointError, SpecError
-from qkweights.specs.spec import load_specs, open_checkpoint
+from qkweights.specs.checkpoint import open_checkpoint
+from qkweights.specs.registry import load_specs
 
 # fixture -> (family, prefix, layers, heads, hidden); from tests/fixtures/README.md
 EXPECTED = {

@@ -20,14 +20,9 @@ import qkweights
 from qkweights.cli import main
 from qkweights.errors import SpecError
 from qkweights.specs.load import open_model
-from qkweights.specs.spec import (
-    RESOLVERS,
-    SECTIONS,
-    SPEC_PATH_ENV,
-    Spec,
-    load_specs,
-    spec_dir,
-)
+from qkweights.specs.registry import SPEC_PATH_ENV, load_specs, spec_dir
+from qkweights.specs.resolvers import RESOLVERS
+from qkweights.specs.schema import SECTIONS, Spec
 from qkweights.vision.model import _MODELS
 
 # The renaming of the hidden family: transformers ViT name → the hidden checkpoint's name.

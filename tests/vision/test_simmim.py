@@ -29,7 +29,9 @@ from qkweights.checkpoints.torch_pickle import TorchStore, read_torch_checkpoint
 from qkweights.cli import main
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.specs.load import open_model
-from qkweights.specs.spec import load_specs, open_checkpoint, relative_window, spec_dir
+from qkweights.specs.checkpoint import open_checkpoint
+from qkweights.specs.registry import load_specs, spec_dir
+from qkweights.specs.resolvers import relative_window
 from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.vision.model import load_model, vision_model
 from qkweights.weights.profiles import compute_profile
