@@ -1,4 +1,4 @@
-"""Long mutational fuzz run of qkweights.checkpoints.torch_pickle (a script: pytest does not collect it).
+"""Long mutational fuzz run of qkweights.checkpoints.pytorch (a script: pytest does not collect it).
 
 Run from the repository root:
     python tests/fuzz_torch_pickle.py --inputs 200000 --seed 1          # 3 minutes per 100k inputs on an idle core
@@ -45,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from qkweights.checkpoints.tensors import DTYPES, widen_bf16  # noqa: E402
-from qkweights.checkpoints.torch_pickle import LazyTensor, flatten_tensors, read_torch_checkpoint  # noqa: E402
+from qkweights.checkpoints.pytorch.archive import LazyTensor  # noqa: E402
+from qkweights.checkpoints.pytorch.store import flatten_tensors  # noqa: E402
+from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint  # noqa: E402
 from qkweights.errors import CheckpointError  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "pickle_fixtures"

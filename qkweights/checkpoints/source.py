@@ -6,7 +6,7 @@ Hugging Face tool. Only the files this package reads are fetched: the JSON confi
 safetensors index and the .safetensors weights; PyTorch pickles (``pytorch_model.bin``) only
 with ``allow_pickle`` and only when the repo has no safetensors on main nor on a conversion
 branch; never .h5, .msgpack or .onnx. Local PyTorch files (.bin, .pt, .pth, .pth.tar) are
-accepted as they are: :mod:`qkweights.checkpoints.torch_pickle` reads them without running code.
+accepted as they are: :mod:`qkweights.checkpoints.pytorch` reads them without running code.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import warnings
 from qkweights.checkpoints.folders import SUFFIX, Source
 from qkweights.checkpoints.source import resolve
 from qkweights.checkpoints.tensors import TensorStore
-from qkweights.checkpoints.torch_pickle import TorchStore
+from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.errors import CheckpointError, QkWarning
 from qkweights.specs.checkpoint import Checkpoint, open_checkpoint
 from qkweights.specs.registry import config_names, default_parts, load_specs

@@ -424,7 +424,7 @@ def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:
 
 def _part_read(ck: Checkpoint) -> str | None:
     """The network read from a PyTorch training checkpoint holding several (chosen by the specs' default_part)."""
-    from qkweights.checkpoints.torch_pickle import TorchStore
+    from qkweights.checkpoints.pytorch.store import TorchStore
 
     return ck.store.metadata.get("part") if isinstance(ck.store, TorchStore) else None
 

@@ -22,7 +22,7 @@ from hubcache import make_hub_cache
 
 import qkweights
 from qkweights.checkpoints.tensors import TensorStore
-from qkweights.checkpoints.torch_pickle import TorchStore
+from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
 from qkweights.specs.load import open_model
 

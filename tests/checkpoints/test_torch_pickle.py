@@ -1,4 +1,4 @@
-"""Tests of qkweights.checkpoints.torch_pickle: torch.save archives read without torch, and hostile files refused.
+"""Tests of qkweights.checkpoints.pytorch: torch.save archives read without torch, and hostile files refused.
 
 Reference values: tests/pickle_fixtures/*.npz, written by make_pickle_fixtures.py from the tensors torch
 saved (BF16 as torch's tensor.float()). Malicious fixtures: evil_*.pt / evil_*.pkl, whose payloads the
@@ -20,14 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkweights.checkpoints import torch_pickle
-from qkweights.checkpoints.torch_pickle import (
-    LazyTensor,
-    Record,
-    TorchStore,
-    flatten_tensors,
-    read_torch_checkpoint,
-)
+from qkweights.checkpoints.pytorch import archive, unpickler
+from qkweights.checkpoints.pytorch.archive import LazyTensor
+from qkweights.checkpoints.pytorch.store import TorchStore, flatten_tensors
+from qkweights.checkpoints.pytorch.unpickler import Record, read_torch_checkpoint
 from qkweights.errors import CheckpointError
 
 FIX = Path(__file__).resolve().parent / "pickle_fixtures"
@@ -215,7 +211,7 @@ def test_reads_only_the_bytes_a_tensor_spans(monkeypatch):
         reads.append((offset, sum(len(b) for b in buffers)))
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(torch_pickle.os, "preadv", spy)
+    monkeypatch.setattr(archive.os, "preadv", spy)
     path = FIX / "state_dict.pt"
     offsets = _storage_offsets(path)
     sd = read_torch_checkpoint(path)
@@ -613,13 +609,13 @@ ALLOWED_RECORDS = {
 
 
 def test_allow_list_is_exactly_the_expected_set():
-    assert set(torch_pickle._GLOBALS) == ALLOWED_GLOBALS
-    assert torch_pickle.RECORD_CLASSES == frozenset(ALLOWED_RECORDS)
+    assert set(unpickler._GLOBALS) == ALLOWED_GLOBALS
+    assert unpickler.RECORD_CLASSES == frozenset(ALLOWED_RECORDS)
     # every allowed global resolves to qkweights' own inert stand-in, never to a function of another module
-    for name, value in torch_pickle._GLOBALS.items():
-        assert type(value) in (torch_pickle._Safe, torch_pickle._Sentinel), name
-        if isinstance(value, torch_pickle._Safe):
-            assert value.fn.__module__ == "qkweights.checkpoints.torch_pickle", name
+    for name, value in unpickler._GLOBALS.items():
+        assert type(value) in (unpickler._Safe, unpickler._Sentinel), name
+        if isinstance(value, unpickler._Safe):
+            assert value.fn.__module__ == "qkweights.checkpoints.pytorch.unpickler", name
 
 
 def call(module: str, name: str, *args: bytes) -> bytes:
@@ -783,7 +779,7 @@ def test_deeply_nested_tuple_key_does_not_crash_the_interpreter(tmp_path):
     # Unguarded, CPython 3.11 overflows the C stack hashing this key (segfault, exit -11).
     path = _archive(tmp_path / "deep.pt", pickle_of(b"}" + b"N" + b"\x85" * 10**6 + b"Ns"))
     code = (
-        "from qkweights.checkpoints.torch_pickle import read_torch_checkpoint as r\n"
+        "from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint as r\n"
         f"try:\n    r({str(path)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)"
     )
     run = subprocess.run(

@@ -1,4 +1,4 @@
-"""Regenerate the torch.save fixtures of tests/test_torch_pickle.py.
+"""Regenerate the torch.save fixtures of tests/checkpoints/test_torch_pickle.py.
 
 Run from the repository root:  python tests/pickle_fixtures/make_pickle_fixtures.py
 Needs torch and yacs (fixture generation only; qkweights never imports them).

@@ -6,7 +6,7 @@ BeitModel weights; the goldens are BeitModel 5.24 outputs, eval, eager attention
 against its own torch forward from the SimMIM names).
 
 References used here:
-- tensors read straight from the files with qkweights.checkpoints.torch_pickle.read_torch_checkpoint (no spec involved);
+- tensors read straight from the files with qkweights.checkpoints.pytorch.unpickler.read_torch_checkpoint (no spec involved);
 - dense numpy SVD of each D×D product W_q,hᵀW_k,h (method.md §1);
 - BEiT's relative_position_index rebuilt by loops over token pairs from its definition (SimMIM
   models/vision_transformer.py), and the index buffers the fixtures store (transformers'
@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from conftest import FORWARD_ATOL, attention_atol
 
-from qkweights.checkpoints.torch_pickle import TorchStore, read_torch_checkpoint
+from qkweights.checkpoints.pytorch.store import TorchStore
+from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint
 from qkweights.cli import main
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.specs.load import open_model
