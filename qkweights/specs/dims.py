@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.specs.resolvers import CONFIG, TENSORS, Resolver, config_key
-from qkweights.specs.schema import Spec
-from qkweights.vision.forward import INTERPOLATIONS
+from qkweights.specs.schema import INTERPOLATIONS, Spec
 
 
 @dataclass(frozen=True)

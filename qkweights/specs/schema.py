@@ -22,9 +22,11 @@ from typing import Any
 
 from qkweights.errors import SpecError
 from qkweights.specs.resolvers import RESOLVERS
-from qkweights.vision.forward import TOKEN_KINDS
 
 PREPROCESS_FORMATS = ("hf", "timm", "open_clip")
+TOKEN_KINDS = ("cls", "dist", "registers", "patches")  # [embeddings] tokens, in sequence order
+INTERPOLATIONS = ("bicubic", "bicubic_antialias")  # [dims] interpolation: how position tables are resampled
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")  # the MLP activations of the forward pass
 RELATIVE_POSITION_BIAS = "relative position bias"  # the logit term named by [attention] relative_position_bias
 SEE = "see model_specs/README.md"
 

@@ -37,10 +37,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from qkweights.errors import InputError, QkWarning
-
-ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
-INTERPOLATIONS = ("bicubic", "bicubic_antialias")
-TOKEN_KINDS = ("cls", "dist", "registers", "patches")
+from qkweights.specs.schema import ACTIVATIONS
 _BLAS = ThreadpoolController()  # numpy's BLAS, found once at import
 CHUNK = 65536  # elements per chunk of the GELU (the chunk and its 3 scratch arrays fit in a 2 MB L2 cache)
 
@@ -91,7 +88,7 @@ class EmbeddingWeights:
 
     patch: (C·P·P, D) input-major, inputs ordered (channel, row, column) like the conv
     kernel; patch_bias: (D,) or None. tokens: the token kinds in sequence order (from
-    ``TOKEN_KINDS``, only those the model has). special: kind → (n, D) vectors (cls and
+    ``qkweights.specs.schema.TOKEN_KINDS``, only those the model has). special: kind → (n, D) vectors (cls and
     dist: n = 1; registers: n = R). position: (rows, D) or None; position_tokens: the
     kinds its rows cover, in order (patches at the stored ``grid`` (gh, gw)).
     interpolation: how the patch rows are resampled to another grid ("bicubic" as
@@ -116,7 +113,7 @@ class ViTWeights:
     """A whole vision transformer: embeddings, blocks, optional final and post norms.
 
     final_norm forms ``last_hidden_state``; post_norm applies to the pooled CLS token only
-    (CLIP's post_layernorm, open_clip's ln_post). act: one of ``ACTIVATIONS``.
+    (CLIP's post_layernorm, open_clip's ln_post). act: one of ``qkweights.specs.schema.ACTIVATIONS``.
     """
 
     embeddings: EmbeddingWeights

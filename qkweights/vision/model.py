@@ -32,7 +32,7 @@ from qkweights.vision.forward import (
 )
 from qkweights.vision.preprocess import Preprocess
 
-# Config activation names (transformers' ACT2FN keys, open_clip's quick_gelu) → forward.ACTIVATIONS.
+# Config activation names (transformers' ACT2FN keys, open_clip's quick_gelu) → qkweights.specs.schema.ACTIVATIONS.
 ACTIVATION_NAMES = {
     "gelu": "gelu",
     "quick_gelu": "quick_gelu",
