@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.specs.resolvers import CONFIG, TENSORS, Resolver, config_key
@@ -28,7 +28,6 @@ class Dims:
     patch_size: int | None = None
     image_size: tuple[int, int] | None = None
     swiglu: bool = False
-    extra: dict = field(default_factory=dict)  # {"interpolation": …} when the spec gives one
     interpolation: str = "bicubic"
 
 
@@ -145,7 +144,6 @@ def resolve_dims(spec: Spec, store, config: dict, configs: dict[str, dict], pref
             f"do not make the width {hidden} ({origin['hidden'].text}); {origin['head_dim'].fix} or choose "
             "another family=NAME"
         )
-    interpolation = values.get("interpolation")
     dims = Dims(
         layers=values.pop("layers"),
         hidden=hidden,
@@ -156,8 +154,7 @@ def resolve_dims(spec: Spec, store, config: dict, configs: dict[str, dict], pref
         patch_size=values.get("patch_size"),
         image_size=image,
         swiglu=values.get("swiglu", False),
-        extra={"interpolation": interpolation} if interpolation is not None else {},
-        interpolation=interpolation or "bicubic",
+        interpolation=values.get("interpolation", "bicubic"),
     )
     return dims, origin
 
