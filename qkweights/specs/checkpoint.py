@@ -158,6 +158,28 @@ class Checkpoint:
 
     # attention ---------------------------------------------------------------
 
+    def _projections(self, i: int, roles: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(weight (D, D) stored (out, in), bias (D,)) of layer ``i``'s projection for each of ``roles`` ("qk", "v").
+
+        Separate ``q``/``k``/``v`` modules, or their rows of the fused ``qkv`` (3D, D), rows [q | k | v];
+        a spec's ``q_bias`` / ``k_bias`` / ``v_bias`` tensor overrides the module's bias (BEiT-style
+        separate biases); no bias reads as zeros. Shapes are checked against the width.
+        """
+        att, d = self.spec.attention, self.dims.hidden
+        if att.qkv is not None:
+            w, b = self.linear("attention", "qkv", i, 3 * d, d)
+            rows = [slice(j * d, (j + 1) * d) for j in map("qkv".index, roles)]
+            pairs = [(w[r], b[r]) for r in rows]
+        else:
+            pairs = [self.linear("attention", role, i, d, d) for role in roles]
+        out = []
+        for role, (w, b) in zip(roles, pairs):
+            override = getattr(att, f"{role}_bias")
+            if self.has(override, i):
+                b = self._expect(self.tensor(override, i), (d,), f"layer {i} {role}_bias")
+            out.append((w, b))
+        return out
+
     def qk(self, i: int) -> QK:
         """Per-head query and key weights and biases of layer ``i`` (float64).
 
@@ -166,27 +188,12 @@ class Checkpoint:
         ``q_bias`` / ``k_bias`` tensor overrides the module's bias.
         """
         d, h, k = self.dims.hidden, self.dims.heads, self.dims.head_dim
-        att = self.spec.attention
-        if att.qkv is not None:
-            w, b = self.module("attention", "qkv", i)
-            self._check_shape(w, (3 * d, d), "qkv", i)
-            wq, wk = w[:d], w[d : 2 * d]
-            bq, bk = (b[:d], b[d : 2 * d]) if b is not None else (None, None)
-        else:
-            wq, bq = self.module("attention", "q", i)
-            wk, bk = self.module("attention", "k", i)
-            self._check_shape(wq, (d, d), "q", i)
-            self._check_shape(wk, (d, d), "k", i)
-        if self.has(att.q_bias, i):
-            bq = self.tensor(att.q_bias, i)
-        if self.has(att.k_bias, i):
-            bk = self.tensor(att.k_bias, i)
-        zeros = np.zeros(d)
+        (wq, bq), (wk, bk) = self._projections(i, "qk")
         return QK(
             wq=np.asarray(wq, np.float64).reshape(h, k, d),  # (H, K, D)
             wk=np.asarray(wk, np.float64).reshape(h, k, d),
-            bq=np.asarray(zeros if bq is None else bq, np.float64).reshape(h, k),  # (H, K)
-            bk=np.asarray(zeros if bk is None else bk, np.float64).reshape(h, k),
+            bq=np.asarray(bq, np.float64).reshape(h, k),  # (H, K)
+            bk=np.asarray(bk, np.float64).reshape(h, k),
         )
 
     def value(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,15 +202,7 @@ class Checkpoint:
         A separate ``v`` module, or rows 2D…3D of the fused ``qkv``; a spec's ``v_bias``
         tensor overrides the bias (BEiT-style separate biases); no bias reads as zeros.
         """
-        att, d = self.spec.attention, self.dims.hidden
-        if att.qkv is not None:
-            w, b = self.linear("attention", "qkv", i, 3 * d, d)
-            w, b = w[2 * d :], b[2 * d :]
-        else:
-            w, b = self.linear("attention", "v", i, d, d)
-        if self.has(att.v_bias, i):
-            b = self._expect(self.tensor(att.v_bias, i), (d,), f"layer {i} v_bias")
-        return w, b
+        return self._projections(i, "v")[0]
 
     def out(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """W_o (D, D) stored (out, in) and b_o (D,) of layer ``i``'s attention output projection."""
@@ -238,22 +237,14 @@ class Checkpoint:
         if why is not None:
             raise CheckpointError(f"{self.spec.label}: no value-output circuit for layer {i}: {why}")
         d, h, k = self.dims.hidden, self.dims.heads, self.dims.head_dim
-        att = self.spec.attention
-        if att.qkv is not None:
-            w, b = self.module("attention", "qkv", i)
-            wv, bv = w[2 * d :], (b[2 * d :] if b is not None else None)
-        else:
-            wv, bv = self.module("attention", "v", i)
-        if self.has(att.v_bias, i):
-            bv = self.tensor(att.v_bias, i)
-        wo, bo = self.module("attention", "out", i)
-        zeros = np.zeros(d)
+        wv, bv = self.value(i)
+        wo, bo = self.out(i)
         return OV(
             # (H, D, K) as a view of the contiguous (H, K, D) W_o,hᵀ: the layout the QR of the SVD reads fastest
             wo=np.ascontiguousarray(np.asarray(wo, np.float64).reshape(d, h, k).transpose(1, 2, 0)).transpose(0, 2, 1),
             wv=np.asarray(wv, np.float64).reshape(h, k, d),  # (H, K, D)
-            bv=np.asarray(zeros if bv is None else bv, np.float64).reshape(h, k),  # (H, K)
-            bo=np.asarray(zeros if bo is None else bo, np.float64),  # (D,)
+            bv=np.asarray(bv, np.float64).reshape(h, k),  # (H, K)
+            bo=np.asarray(bo, np.float64),  # (D,)
         )
 
     def relative_position_tables(self, i: int) -> list[tuple[str, np.ndarray]]:
@@ -371,10 +362,6 @@ class Checkpoint:
         if not isinstance(cfg, dict) or not cfg:
             return None, missing
         return cfg, f"{pre.config_file} {pre.key}" if pre.key else pre.config_file
-
-    def _check_shape(self, w: np.ndarray, expected: tuple[int, ...], role: str, i: int) -> None:
-        if w.shape != expected:
-            raise self.misfit(f"layer {i} {role} weight", w.shape, expected)
 
     def dtype(self) -> str:
         """The stored dtype of the attention weights ("F32", "BF16", …)."""
