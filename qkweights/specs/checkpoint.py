@@ -292,15 +292,7 @@ class Checkpoint:
         Post-norm families (BERT: the LayerNorm sits after the attention) and weights-only
         specs without a ``[block]`` table have none.
         """
-        if not self.has_role("block", "norm1", i):
-            return None
-        w, b = self.module("block", "norm1", i)
-        d = self.dims.hidden
-        if w.shape != (d,) or (b is not None and b.shape != (d,)):
-            raise self.misfit(f"layer {i} norm1", f"{w.shape}/{None if b is None else b.shape}", (d,))
-        return LayerNormWeights(
-            np.asarray(w, np.float64), np.zeros(d) if b is None else np.asarray(b, np.float64), b is not None
-        )
+        return self.norm("norm1", i)
 
     def layer_scale(self, role: str, i: int) -> np.ndarray | None:
         """Layer ``i``'s layer-scale vector (D,) ``scale1`` (attention branch) or ``scale2`` (MLP), or None."""
