@@ -24,15 +24,13 @@ else:  # pragma: no cover
 SPEC_PATH_ENV = "QKWEIGHTS_SPEC_PATH"  # user spec folders, os.pathsep-separated
 
 
-def spec_dir() -> Path:
+def builtin_spec_dir() -> Path:
     """The folder of the shipped spec files: ``model_specs/`` of a source checkout, else the installed copy."""
-    checkout = Path(__file__).resolve().parent.parent / "model_specs"
+    checkout = Path(__file__).resolve().parents[2] / "model_specs"
     if checkout.is_dir():
         return checkout
     return Path(str(resources.files("qkweights.model_specs")))
 
-
-_builtin_dir = spec_dir  # load_specs' own argument is called spec_dir
 
 
 def _read_folder(folder: Path, *, user: bool) -> dict[str, Spec]:
@@ -74,7 +72,7 @@ def load_specs(folder: Path | None = None, *, spec_dir=None) -> dict[str, Spec]:
     ``QKWEIGHTS_SPEC_PATH``; see :func:`user_spec_dirs`). A user spec with a built-in's name replaces it
     (its ``overrides`` names the file it replaces); of one family in several user folders the earliest wins
     (its ``shadows`` lists the files it wins over)."""
-    specs = _read_folder(Path(folder) if folder is not None else _builtin_dir(), user=False)
+    specs = _read_folder(Path(folder) if folder is not None else builtin_spec_dir(), user=False)
     user: dict[str, list[Spec]] = {}
     for d in user_spec_dirs(spec_dir):
         for name, spec in _read_folder(d, user=True).items():

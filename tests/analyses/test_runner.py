@@ -399,11 +399,11 @@ def test_model_ref_of_a_local_path_is_absolute(tmp_path, monkeypatch):
 def swapped_spec(tmp_path):
     """A user folder whose hf-vit.toml replaces the shipped one, reading the query weights as keys and vice versa
     (the same tensors, other numbers)."""
-    from qkweights.specs.registry import spec_dir
+    from qkweights.specs.registry import builtin_spec_dir
 
     folder = tmp_path / "specs"
     folder.mkdir()
-    text = (spec_dir() / "hf-vit.toml").read_text()
+    text = (builtin_spec_dir() / "hf-vit.toml").read_text()
     swapped = text.replace("attention.attention.query", "@Q").replace(
         "attention.attention.key", "attention.attention.query"
     )
@@ -425,12 +425,12 @@ def _interrupted(model, images, out):
 
 @pytest.mark.parametrize("how", ["spec_dir", "environment", "edited file"])
 def test_a_state_of_another_spec_is_not_resumed(vit, scenes, swapped_spec, tmp_path, monkeypatch, how):
-    from qkweights.specs.registry import SPEC_PATH_ENV, spec_dir
+    from qkweights.specs.registry import SPEC_PATH_ENV, builtin_spec_dir
 
     images, out = scenes / "images", tmp_path / "out"
     first, edited = vit, (swapped_spec / "hf-vit.toml").read_text()
     if how == "edited file":  # the first run reads the user file before its edit: the shipped spec, copied
-        (swapped_spec / "hf-vit.toml").write_text((spec_dir() / "hf-vit.toml").read_text())
+        (swapped_spec / "hf-vit.toml").write_text((builtin_spec_dir() / "hf-vit.toml").read_text())
         first = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
     _interrupted(first, images, out)
     if how == "environment":

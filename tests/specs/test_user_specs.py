@@ -20,7 +20,7 @@ import qkweights
 from qkweights.cli import main
 from qkweights.errors import SpecError
 from qkweights.specs.load import open_model
-from qkweights.specs.registry import SPEC_PATH_ENV, load_specs, spec_dir
+from qkweights.specs.registry import SPEC_PATH_ENV, load_specs, builtin_spec_dir
 from qkweights.specs.resolvers import RESOLVERS
 from qkweights.specs.schema import SECTIONS, Spec
 from qkweights.vision.model import _MODELS
@@ -191,10 +191,10 @@ def test_a_user_spec_replaces_the_built_in_one_and_specs_says_so(tmp_path, capsy
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, label in ((first, "first"), (second, "second")):
         folder.mkdir()
-        text = (spec_dir() / "hf-vit.toml").read_text()
+        text = (builtin_spec_dir() / "hf-vit.toml").read_text()
         (folder / "hf-vit.toml").write_text(text.replace('description = "', f'description = "{label}: ', 1))
     specs = load_specs(spec_dir=[first, second])  # earlier folders win
-    assert specs["hf-vit"].description.startswith("first: ") and specs["hf-vit"].overrides == spec_dir() / "hf-vit.toml"
+    assert specs["hf-vit"].description.startswith("first: ") and specs["hf-vit"].overrides == builtin_spec_dir() / "hf-vit.toml"
     _, ck = qkweights.specs.load.open_model(str(MODELS / "vit"), spec_dir=[second, first])
     assert ck.spec.description.startswith("second: ") and ck.spec.user
     assert main(["specs", "--spec-dir", str(first)]) == 0
@@ -204,7 +204,7 @@ def test_a_user_spec_replaces_the_built_in_one_and_specs_says_so(tmp_path, capsy
 
 # ----------------------------------------------------------------------------- the schema refuses mistakes
 
-TIMM = (spec_dir() / "timm-vit.toml").read_text()
+TIMM = (builtin_spec_dir() / "timm-vit.toml").read_text()
 
 
 @pytest.mark.parametrize(
@@ -290,7 +290,7 @@ def test_spec_mistakes_are_refused_in_one_line_naming_file_and_key(tmp_path, cap
 
 
 def test_shipped_spec_mistakes_name_the_file(tmp_path):
-    folder = shutil.copytree(spec_dir(), tmp_path / "specs")
+    folder = shutil.copytree(builtin_spec_dir(), tmp_path / "specs")
     (folder / "hf-vit.toml").write_text(
         (folder / "hf-vit.toml").read_text().replace("[block]\n", '[block]\nscale_1 = "x"\n')
     )
@@ -323,7 +323,7 @@ def readme_tables(readme: str) -> tuple[dict[str, set[str]], set[str]]:
 
 
 def test_readme_documents_exactly_the_schema():
-    keys, heads = readme_tables((spec_dir() / "README.md").read_text())
+    keys, heads = readme_tables((builtin_spec_dir() / "README.md").read_text())
     assert keys.pop("") == {f.name for f in fields(Spec) if f.metadata["kind"] != "internal"}
     assert keys == {name: {f.name for f in fields(cls)} for name, cls in SECTIONS.items()}
     assert heads == set(RESOLVERS)
@@ -355,7 +355,7 @@ def test_readme_checker_can_fail():
 
 # ----------------------------------------------------------------------------- whose value: spec, config, tensors
 
-HF_VIT = (spec_dir() / "hf-vit.toml").read_text()
+HF_VIT = (builtin_spec_dir() / "hf-vit.toml").read_text()
 
 
 def _user_hf_vit(tmp_path, old, new, label="specs"):
@@ -475,7 +475,7 @@ def test_a_user_spec_replacing_a_built_in_one_is_named_in_provenance(tmp_path):
     assert shipped == {
         "family": "hf-vit",
         "file": "hf-vit.toml",
-        "sha256": hashlib.sha256((spec_dir() / "hf-vit.toml").read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256((builtin_spec_dir() / "hf-vit.toml").read_bytes()).hexdigest(),
         "user": False,
         "replaces": None,
     }

@@ -31,7 +31,7 @@ from qkweights.cli import main
 from qkweights.errors import CheckpointError, SpecError
 from qkweights.specs.load import open_model
 from qkweights.specs.checkpoint import open_checkpoint
-from qkweights.specs.registry import load_specs, spec_dir
+from qkweights.specs.registry import load_specs, builtin_spec_dir
 from qkweights.specs.resolvers import relative_window
 from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.vision.model import load_model, vision_model
@@ -310,7 +310,7 @@ def test_logit_terms_follow_the_relative_position_fields(tmp_path):
     # pass adds; a spec cannot declare free-text terms (it would be refused as an unknown key).
     specs = load_specs()
     assert specs["simmim-vit"].logit_terms == ("relative position bias",) and specs["timm-vit"].logit_terms == ()
-    folder = shutil.copytree(spec_dir(), tmp_path / "specs")
+    folder = shutil.copytree(builtin_spec_dir(), tmp_path / "specs")
     spec = folder / "simmim-vit.toml"
     spec.write_text('logit_terms = ["rotary embedding"]\n' + spec.read_text())
     with pytest.raises(SpecError, match=r"^simmim-vit.toml: unknown key 'logit_terms' in the top level; known: name, "):
