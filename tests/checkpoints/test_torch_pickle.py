@@ -26,7 +26,7 @@ from qkweights.checkpoints.pytorch.store import TorchStore, flatten_tensors
 from qkweights.checkpoints.pytorch.unpickler import Record, read_torch_checkpoint
 from qkweights.errors import CheckpointError
 
-FIX = Path(__file__).resolve().parent / "pickle_fixtures"
+FIX = Path(__file__).resolve().parents[1] / "pickle_fixtures"
 MARKERS = Path("/tmp/qkweights-pwned")
 VALUE_FIXTURES = ("state_dict", "training", "dtypes", "ijepa")
 EVIL = {
@@ -783,7 +783,7 @@ def test_deeply_nested_tuple_key_does_not_crash_the_interpreter(tmp_path):
         f"try:\n    r({str(path)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)"
     )
     run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2]
     )
     assert (
         run.returncode == 0
