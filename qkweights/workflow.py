@@ -34,9 +34,9 @@ import numpy as np
 
 from qkweights.checkpoints.folders import Source
 from qkweights.errors import QkWarning
+from qkweights.specs.checkpoint import Checkpoint
 from qkweights.specs.load import open_model as _open_model
 from qkweights.specs.load import source_record
-from qkweights.specs.checkpoint import Checkpoint
 from qkweights.weights.profiles import Profile, compute_profile, load_profile
 
 PROFILE_FILE = "profile.json"

@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from qkweights.checkpoints.tensors import DTYPES, widen_bf16  # noqa: E402
 from qkweights.checkpoints.pytorch.archive import LazyTensor  # noqa: E402
 from qkweights.checkpoints.pytorch.store import flatten_tensors  # noqa: E402
 from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint  # noqa: E402
+from qkweights.checkpoints.tensors import DTYPES, widen_bf16  # noqa: E402
 from qkweights.errors import CheckpointError  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "pickle_fixtures"

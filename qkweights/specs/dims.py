@@ -88,7 +88,9 @@ def _typed(spec: Spec, key: str, value, origin: Origin):
     return value
 
 
-def resolve_dims(spec: Spec, store, config: dict, configs: dict[str, dict], prefix: str) -> tuple[Dims, dict[str, Origin]]:
+def resolve_dims(
+    spec: Spec, store, config: dict, configs: dict[str, dict], prefix: str
+) -> tuple[Dims, dict[str, Origin]]:
     """The dimensions of the checkpoint ``store`` (tensor names under ``prefix``) with config ``config`` (of the
     ``configs`` beside the weights), as ``spec``'s ``[dims]`` resolvers give them, checked against each other and
     the tensors; and where each came from (dimension → :class:`Origin`). Raises SpecError (a dimension that cannot
@@ -157,6 +159,7 @@ def resolve_dims(spec: Spec, store, config: dict, configs: dict[str, dict], pref
         interpolation=values.get("interpolation", "bicubic"),
     )
     return dims, origin
+
 
 def _check_layer_count(spec: Spec, store, prefix: str, layers: int, origin: Origin) -> None:
     """Refuse a layer count that disagrees with the layers whose attention weights are in the files."""

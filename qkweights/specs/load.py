@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 
 from qkweights.checkpoints.folders import SUFFIX, Source
+from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.checkpoints.source import resolve
 from qkweights.checkpoints.tensors import TensorStore
-from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.errors import CheckpointError, QkWarning
 from qkweights.specs.checkpoint import Checkpoint, open_checkpoint
 from qkweights.specs.registry import config_names, default_parts, load_specs

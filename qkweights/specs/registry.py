@@ -32,7 +32,6 @@ def builtin_spec_dir() -> Path:
     return Path(str(resources.files("qkweights.model_specs")))
 
 
-
 def _read_folder(folder: Path, *, user: bool) -> dict[str, Spec]:
     specs = {}
     for path in sorted(Path(folder).glob("*.toml")):

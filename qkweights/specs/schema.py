@@ -326,7 +326,6 @@ class Spec:
         return self.modality == "vision"
 
 
-
 def _show(v) -> str:
     return json.dumps(v, ensure_ascii=False) if isinstance(v, (str, int, float, bool, list, dict)) else repr(v)
 

@@ -38,6 +38,7 @@ from threadpoolctl import ThreadpoolController
 
 from qkweights.errors import InputError, QkWarning
 from qkweights.specs.schema import ACTIVATIONS
+
 _BLAS = ThreadpoolController()  # numpy's BLAS, found once at import
 CHUNK = 65536  # elements per chunk of the GELU (the chunk and its 3 scratch arrays fit in a 2 MB L2 cache)
 

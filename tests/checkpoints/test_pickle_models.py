@@ -21,8 +21,8 @@ from conftest import FIXTURES, GOLDEN, MODELS
 from hubcache import make_hub_cache
 
 import qkweights
-from qkweights.checkpoints.tensors import TensorStore
 from qkweights.checkpoints.pytorch.store import TorchStore
+from qkweights.checkpoints.tensors import TensorStore
 from qkweights.errors import CheckpointError, InputError, QkWarning, SourceError
 from qkweights.specs.load import open_model
 

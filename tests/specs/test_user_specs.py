@@ -20,7 +20,7 @@ import qkweights
 from qkweights.cli import main
 from qkweights.errors import SpecError
 from qkweights.specs.load import open_model
-from qkweights.specs.registry import SPEC_PATH_ENV, load_specs, builtin_spec_dir
+from qkweights.specs.registry import SPEC_PATH_ENV, builtin_spec_dir, load_specs
 from qkweights.specs.resolvers import RESOLVERS
 from qkweights.specs.schema import SECTIONS, Spec
 from qkweights.vision.model import _MODELS
@@ -194,7 +194,10 @@ def test_a_user_spec_replaces_the_built_in_one_and_specs_says_so(tmp_path, capsy
         text = (builtin_spec_dir() / "hf-vit.toml").read_text()
         (folder / "hf-vit.toml").write_text(text.replace('description = "', f'description = "{label}: ', 1))
     specs = load_specs(spec_dir=[first, second])  # earlier folders win
-    assert specs["hf-vit"].description.startswith("first: ") and specs["hf-vit"].overrides == builtin_spec_dir() / "hf-vit.toml"
+    assert (
+        specs["hf-vit"].description.startswith("first: ")
+        and specs["hf-vit"].overrides == builtin_spec_dir() / "hf-vit.toml"
+    )
     _, ck = qkweights.specs.load.open_model(str(MODELS / "vit"), spec_dir=[second, first])
     assert ck.spec.description.startswith("second: ") and ck.spec.user
     assert main(["specs", "--spec-dir", str(first)]) == 0

@@ -6,7 +6,8 @@ BeitModel weights; the goldens are BeitModel 5.24 outputs, eval, eager attention
 against its own torch forward from the SimMIM names).
 
 References used here:
-- tensors read straight from the files with qkweights.checkpoints.pytorch.unpickler.read_torch_checkpoint (no spec involved);
+- tensors read straight from the files with qkweights.checkpoints.pytorch.unpickler.read_torch_checkpoint
+  (no spec involved);
 - dense numpy SVD of each D×D product W_q,hᵀW_k,h (method.md §1);
 - BEiT's relative_position_index rebuilt by loops over token pairs from its definition (SimMIM
   models/vision_transformer.py), and the index buffers the fixtures store (transformers'
@@ -29,9 +30,9 @@ from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint
 from qkweights.cli import main
 from qkweights.errors import CheckpointError, SpecError
-from qkweights.specs.load import open_model
 from qkweights.specs.checkpoint import open_checkpoint
-from qkweights.specs.registry import load_specs, builtin_spec_dir
+from qkweights.specs.load import open_model
+from qkweights.specs.registry import builtin_spec_dir, load_specs
 from qkweights.specs.resolvers import relative_window
 from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.vision.model import load_model, vision_model
