@@ -236,6 +236,25 @@ def test_config_that_does_not_fit_the_tensors(tmp_path):
         open_fixture_path(folder).qk(0)
 
 
+@pytest.mark.parametrize(
+    "fixture, name, what, width",
+    [
+        ("vit", "encoder.layer.0.attention.attention.query.bias", "q bias", 32),  # a separate query module
+        ("timm-vit", "blocks.0.attn.qkv.bias", "qkv bias", 3 * 48),  # the fused qkv module
+        ("timm-beit", "blocks.0.attn.q_bias", "q_bias", 32),  # a separate bias tensor overriding the module's
+    ],
+)
+def test_a_query_bias_that_does_not_fit_the_width_is_named(tmp_path, fixture, name, what, width):
+    folder = copy_fixture(tmp_path, fixture)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors[name] = tensors[name][:-1]  # one entry short
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=rf"layer 0 {what} has shape \({width - 1},\), expected \({width},\) from the width "
+    ):
+        open_fixture_path(folder).qk(0)
+
+
 def test_timm_heads_from_the_architecture_name(tmp_path):
     folder = copy_fixture(tmp_path, "timm-vit")
     cfg = json.loads((folder / "config.json").read_text())
