@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +186,12 @@ def test_spec_dir_on_the_command_line(hidden, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("hidden-vit ") and line.endswith(f"({specs / 'hidden-vit.toml'})") for line in lines)
     assert any(line.startswith("hf-vit ") and line.endswith("(hf-vit.toml)") for line in lines)
+
+
+def test_the_shipped_specs_of_a_checkout_are_its_model_specs_folder():
+    # qkweights/specs/registry.py: the checkout's root is three folders up (an installed copy has
+    # no model_specs/ there and reads the package data qkweights.model_specs instead)
+    assert builtin_spec_dir() == Path(__file__).resolve().parents[2] / "model_specs"
 
 
 def test_a_user_spec_replaces_the_built_in_one_and_specs_says_so(tmp_path, capsys):
