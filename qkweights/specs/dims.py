@@ -64,7 +64,8 @@ class Origin:
 
     @classmethod
     def of(cls, spec: Spec, key: str, read: tuple[str, str | None]) -> Origin:
-        """The origin of dimension ``key`` whose resolver last read ``read`` (an entry of ``_Resolver.read``)."""
+        """The origin of dimension ``key`` whose resolver last read ``read`` (an entry of
+        :attr:`qkweights.specs.resolvers.Resolver.read`)."""
         kind, detail = read
         in_spec = "the spec" if spec.user else spec.file  # a user spec's label already names its file
         if kind == CONFIG:
