@@ -37,7 +37,9 @@ from qkweights.errors import QkWarning
 from qkweights.specs.load import open_model as _open_model
 from qkweights.specs.load import source_record
 from qkweights.specs.spec import Checkpoint
-from qkweights.weights.profiles import Profile, compute_profile, load_profile
+from qkweights.weights.compute import compute_profile
+from qkweights.weights.load import load_profile
+from qkweights.weights.profile import Profile
 
 PROFILE_FILE = "profile.json"
 

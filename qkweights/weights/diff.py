@@ -1,6 +1,6 @@
 """How the query-key interaction of each head changed between two checkpoints of one architecture.
 
-:func:`diff_profiles` compares two :class:`~qkweights.weights.profiles.Profile` objects
+:func:`diff_profiles` compares two :class:`~qkweights.weights.profile.Profile` objects
 (A, e.g. pretrained, and B, e.g. fine-tuned) head by head (L layers, H heads,
 K modes):
 
@@ -54,7 +54,7 @@ from qkweights.errors import InputError
 from qkweights.figures.compare import curves_from
 from qkweights.outputs import plural, record_outputs, save_figure, write_csv, write_json
 from qkweights.version import __version__
-from qkweights.weights.profiles import Profile
+from qkweights.weights.profile import Profile
 from qkweights.weights.qk import null_band
 
 SCHEMA = "qkweights.diff/1"

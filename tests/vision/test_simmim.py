@@ -32,7 +32,7 @@ from qkweights.specs.load import open_model
 from qkweights.specs.spec import load_specs, open_checkpoint, relative_window, spec_dir
 from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.vision.model import load_model, vision_model
-from qkweights.weights.profiles import compute_profile
+from qkweights.weights.compute import compute_profile
 from qkweights.weights.qk import qk_svd
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -18,8 +18,9 @@ import qkweights
 import qkweights.errors
 from qkweights.specs.load import open_model
 from qkweights.vision.forward import relative_position_bias
+from qkweights.weights.compute import compute_profile
 from qkweights.weights.fold import fold_description, folded_modes, normalised_tokens
-from qkweights.weights.profiles import compute_profile, load_profile
+from qkweights.weights.load import load_profile
 from qkweights.weights.qk import head_stats, ov_svd, qk_svd, symmetric_fraction, symmetric_null
 
 PICKLES = MODELS.parent / "pickles"
