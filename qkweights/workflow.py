@@ -252,6 +252,20 @@ def diff(
     return diff_profiles(pa, pb, k=k)
 
 
+def save_diff(result, out: str | Path, *, plots: bool = True) -> list[Path]:
+    """Write ``result`` (:meth:`~qkweights.weights.diff.DiffResult.save`) and, with ``plots``, its figures
+    (:func:`qkweights.figures.diff.diff_figures`) into ``out``; return the paths."""
+    out = Path(out)
+    written = result.save(out)
+    if plots:
+        from qkweights.figures.diff import diff_figures
+        from qkweights.outputs import record_outputs
+
+        written += diff_figures(result, out)
+        record_outputs(out, "diff", written)
+    return written
+
+
 def compare(
     items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None, **options
 ) -> list[Path]:

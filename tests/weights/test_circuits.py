@@ -521,7 +521,7 @@ def test_diff_reports_the_new_statistics(tmp_path):
         for r in rows.values()
     )
     assert not any("absent" in n or "folding" in n for n in d.notes)
-    d.save(tmp_path / "out", plots=False)
+    d.save(tmp_path / "out")
     doc = json.loads((tmp_path / "out" / "diff.json").read_text())
     assert doc["layers"][1]["ov_weighted_cosine_b"] == pytest.approx(np.mean(b.ov.weighted[1]))
     # B folded, A plain: the salience is absent from A, and the notes say so
