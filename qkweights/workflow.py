@@ -177,16 +177,6 @@ def saved_file(item: str | Path, names: tuple[str, ...] = (PROFILE_FILE,)) -> Pa
     return None
 
 
-def profile_or_saved(
-    item: str | Path, *, reporter: Reporter | None = None, save_vectors: bool = False, fold_ln: bool = False, **options
-) -> Profile:
-    """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint, profiled now."""
-    saved = saved_file(item)
-    if saved is not None:
-        return load_profile(saved)
-    return profile(str(item), save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter, **options)
-
-
 def check(
     model: str,
     baseline: str | Path,

@@ -66,7 +66,6 @@ FINITE = "finite weights"
 COLLAPSED = "not collapsed"
 HEAD_COSINE = "head weighted cosine"
 HEAD_SIGMA = "head top singular values"
-HEAD_CHECKS = (FINITE, COLLAPSED, HEAD_COSINE, HEAD_SIGMA)
 FOLDING = "folding"
 HEAD_SYMMETRY = "head symmetric fraction"
 HEAD_OV = "head OV weighted cosine"
