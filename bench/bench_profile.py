@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from qkweights.checkpoints.tensors import TensorStore  # noqa: E402
 from qkweights.specs.checkpoint import open_checkpoint  # noqa: E402
-from qkweights.weights.profiles import compute_profile  # noqa: E402
+from qkweights.weights.compute import compute_profile  # noqa: E402
 
 
 def make_vit(folder: Path, hidden: int, layers: int, heads: int) -> Path:

@@ -106,9 +106,11 @@ t0 = time.perf_counter()
 import qkweights.cli.top_images, qkweights.analyses.top_images as ti
 t1 = time.perf_counter()
 from qkweights.vision.model import load_model
+from qkweights.weights.modes import mode_source
 model = load_model(sys.argv[1])
+d = model.dims
 t2 = time.perf_counter()
-ti.mode_bank(model.checkpoint, list(range(model.dims.layers)), list(range(model.dims.heads)), list(range(10)))
+ti.mode_bank(mode_source(model.checkpoint), list(range(d.layers)), list(range(d.heads)), list(range(10)))
 t3 = time.perf_counter()
 print(t1 - t0, t2 - t1, t3 - t2)
 """

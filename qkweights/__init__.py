@@ -22,7 +22,7 @@ def profile(
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (a folder, or a
     list of folders, of user spec files; see :func:`qkweights.specs.load.open_model`). Returns a
-    :class:`qkweights.weights.profiles.Profile`:
+    :class:`qkweights.weights.profile.Profile`:
     per-head SVD statistics of ``W_q,hᵀW_k,h`` as numpy arrays plus metadata;
     ``.save(dir)`` writes its data files, :func:`save_profile` its figures too; ``.to_json()``.
     ``fold_ln``: profile the LayerNorm-folded ``Γ W_qᵀW_k Γ`` and add the key-salience norms
@@ -48,7 +48,7 @@ def save_profile(prof, out, *, plots: bool = True):
 
 def load_profile(path, *, vectors: bool = True):
     """Read a saved ``profile.json`` (or the folder holding it; ``vectors``: with its ``modes.npz`` if present)."""
-    from qkweights.weights.profiles import load_profile as _load
+    from qkweights.weights.load import load_profile as _load
 
     return _load(path, vectors=vectors)
 

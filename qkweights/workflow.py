@@ -37,7 +37,9 @@ from qkweights.errors import QkWarning
 from qkweights.specs.checkpoint import Checkpoint
 from qkweights.specs.load import open_model as _open_model
 from qkweights.specs.load import source_record
-from qkweights.weights.profiles import Profile, compute_profile, load_profile
+from qkweights.weights.compute import compute_profile
+from qkweights.weights.load import load_profile
+from qkweights.weights.profile import Profile
 
 PROFILE_FILE = "profile.json"
 
@@ -175,16 +177,6 @@ def saved_file(item: str | Path, names: tuple[str, ...] = (PROFILE_FILE,)) -> Pa
     return None
 
 
-def profile_or_saved(
-    item: str | Path, *, reporter: Reporter | None = None, save_vectors: bool = False, fold_ln: bool = False, **options
-) -> Profile:
-    """A saved profile (profile.json or its folder: read, never recomputed) or a checkpoint, profiled now."""
-    saved = saved_file(item)
-    if saved is not None:
-        return load_profile(saved)
-    return profile(str(item), save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter, **options)
-
-
 def check(
     model: str,
     baseline: str | Path,
@@ -248,6 +240,20 @@ def diff(
     pa = diff_input(a, k=k, reporter=reporter, fold_ln=fold_ln, **(options_a or {}))
     pb = diff_input(b, k=k, reporter=reporter, fold_ln=fold_ln, **(options_b or {}))
     return diff_profiles(pa, pb, k=k)
+
+
+def save_diff(result, out: str | Path, *, plots: bool = True) -> list[Path]:
+    """Write ``result`` (:meth:`~qkweights.weights.diff.DiffResult.save`) and, with ``plots``, its figures
+    (:func:`qkweights.figures.diff.diff_figures`) into ``out``; return the paths."""
+    out = Path(out)
+    written = result.save(out)
+    if plots:
+        from qkweights.figures.diff import diff_figures
+        from qkweights.outputs import record_outputs
+
+        written += diff_figures(result, out)
+        record_outputs(out, "diff", written)
+    return written
 
 
 def compare(

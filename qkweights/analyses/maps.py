@@ -40,7 +40,7 @@ from qkweights.errors import InputError
 from qkweights.figures.overlay import CAPTION, composite, display_image
 from qkweights.outputs import save_figure, write_npz
 from qkweights.vision.forward import one_blas_thread
-from qkweights.weights.qk import qk_svd
+from qkweights.weights.modes import mode_source
 
 EMBEDDINGS = {
     "ln": "LayerNorm output feeding W_q/W_k (attention_inputs[l])",
@@ -149,24 +149,19 @@ def projection_maps(
     _check(model, layer, head, modes, top, embedding)
     if fold_ln and embedding != "ln":
         raise InputError("fold_ln=True projects the normalised tokens n onto the folded modes; drop embedding=residual")
+    source = mode_source(model.checkpoint, fold_ln=fold_ln)
     with one_blas_thread():  # the float64 math of the maps, whatever the thread count
         pixels = model.preprocess(image)  # (1, 3, H, W)
         out = model.forward(pixels, attentions=True, layers=[layer])
-        x_ln = out.attention_inputs[layer][0].astype(np.float64)  # (T, D)
+        x_ln = source.tokens_of(out, layer)[0].astype(np.float64)  # (T, D) the logits' input: x̃, or n when folded
         x = x_ln if embedding == "ln" else out.hidden_states[layer][0].astype(np.float64)
+        embedding = source.tokens if embedding == "ln" else embedding
         attn = out.attentions[layer][0, head].astype(np.float64)  # (T, T)
+        m = source.head(layer, head)
+        u, s, v = m.u, m.s, m.v  # (D, K), (K,), (D, K)
         salience = None
-        if fold_ln:
-            from qkweights.weights.fold import folded_modes, normalised_tokens
-
-            fm = folded_modes(model.checkpoint, layer, [head])
-            u, s, v = fm.u[0], fm.s[0], fm.v[0]  # (D, K), (K,), (D, K)
-            x = x_ln = normalised_tokens(out.hidden_states[layer][0], eps=model.dims.eps)  # (T, D) n
-            salience = float(attn.sum(0) @ (x @ fm.salience[0]) / math.sqrt(u.shape[1]))  # Σ_ij a_ij w·n_j / √K
-            embedding = "normalised"
-        else:
-            qk = model.checkpoint.qk(layer)
-            u, s, v = qk_svd(qk.wq[head], qk.wk[head])  # (D, K), (K,), (D, K)
+        if m.salience is not None:  # folded modes: the key-salience term's share, Σ_ij a_ij w·n_j / √K
+            salience = float(attn.sum(0) @ (x @ m.salience) / math.sqrt(u.shape[1]))
         c = contributions(x_ln, attn, u, s, v)  # (K,)
         if top is not None:
             chosen = np.argsort(-np.abs(c), kind="stable")[:top]

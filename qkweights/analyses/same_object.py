@@ -74,6 +74,7 @@ from qkweights.errors import InputError
 from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
 from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread
+from qkweights.weights.modes import mode_source
 
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"
@@ -257,7 +258,8 @@ class SameObjectAnalysis(ModeSweep):
     def setup(self, model) -> ModeBank:
         """The chosen modes; per chosen layer the (D, 2C) float64 columns [u_(h,n) … | v_(h,n) …] in (head, mode)
         order."""
-        return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), dtype=np.float64)
+        source = mode_source(model.checkpoint)
+        return mode_bank(source, list(self.layers), list(self.heads), list(self.modes), dtype=np.float64)
 
     def item_files(self, item: SegItem) -> list[Path]:
         return [item.image, item.annotation]
@@ -461,7 +463,7 @@ def summarise(
 
 
 def protocol_text(model, size, patch: int) -> dict:
-    from qkweights.weights.profiles import SIGN_CONVENTION
+    from qkweights.weights.qk import SIGN_CONVENTION
 
     prep = model.preprocessing if size is None else model.preprocessing.with_size(*size)
     return {

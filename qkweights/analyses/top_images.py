@@ -44,7 +44,7 @@ from qkweights.outputs import holds_output, plural, record_outputs, write_json, 
 from qkweights.specs.load import source_record
 from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread
-from qkweights.weights.qk import qk_svd
+from qkweights.weights.modes import ModeSource, mode_source
 
 SCHEMA = "qkweights.top_images/1"
 STATE_NAME = ".top_images_state.npz"
@@ -55,11 +55,6 @@ SIGNS = ("+", "-")
 STATS = ("max_query", "max_key", "mean_query", "mean_key", "top5_query", "top5_key")  # per winner, for its sign
 READ_ERRORS = (QkError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SCORE_TEXT = "max_t(s·x_t·u_n) · max_t(s·x_t·v_n) over patch tokens t, s = +1 for sign '+', −1 for sign '-'"
-EMBEDDING_TEXT = "attention_inputs[l]: the LayerNorm output feeding W_q/W_k"
-FOLDED_TEXT = (
-    "n: the normalised token (x − mean)/√(var + eps) of the residual stream entering block l, scored on the "
-    "LayerNorm-folded modes of Γ W_qᵀW_k Γ (profile --fold-ln)"
-)
 CENTRE_TEXT = "centre patch token: row gh//2, column gw//2 of the patch grid"
 UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free integer sums
 
@@ -136,7 +131,8 @@ class ModeBank:
 
     w: per layer (D, 2C) float32, C = H'·N' columns [u_(h,n) … | v_(h,n) …] in (head, mode)
     order; sigma, cos: (L', H', N') float64; weighted: (L', H) the σ-weighted cosine
-    Σσ·cos/Σσ of every head of each chosen layer (NaN for an all-zero head).
+    Σσ·cos/Σσ of every head of each chosen layer (NaN for an all-zero head); source: where the
+    modes come from, and which tokens of a forward pass they apply to.
     """
 
     layers: list[int]
@@ -146,14 +142,12 @@ class ModeBank:
     sigma: np.ndarray
     cos: np.ndarray
     weighted: np.ndarray
+    source: ModeSource
 
 
-def mode_bank(
-    ck, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32, *, fold_ln: bool = False
-) -> ModeBank:
-    """SVD of every head of each chosen layer of checkpoint ``ck``; the chosen heads' and modes' directions as a
-    :class:`ModeBank` (columns ``w`` in ``dtype``). fold_ln: the LayerNorm-folded modes of Γ W_qᵀW_k Γ
-    (:func:`qkweights.weights.fold.folded_modes`), which apply to the normalised tokens n.
+def mode_bank(source: ModeSource, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32) -> ModeBank:
+    """SVD of every head of each chosen layer (:meth:`~qkweights.weights.modes.ModeSource.modes`, plain or
+    LayerNorm-folded); the chosen heads' and modes' directions as a :class:`ModeBank` (columns ``w`` in ``dtype``).
 
     Layers run on as many threads as there are cores, each with one BLAS thread: OpenBLAS
     with more is slower on these small LAPACK calls.
@@ -163,14 +157,8 @@ def mode_bank(
     from threadpoolctl import threadpool_limits
 
     def layer(l: int):
-        from qkweights.weights.fold import folded_modes
-
-        if fold_ln:
-            f = folded_modes(ck, l)
-            u, s, v = f.u, f.s, f.v  # (H, D, K), (H, K), (H, D, K)
-        else:
-            qk = ck.qk(l)
-            u, s, v = qk_svd(qk.wq, qk.wk)
+        m = source.modes(l)
+        u, s, v = m.u, m.s, m.v  # (H, D, K), (H, K), (H, D, K)
         c = np.einsum("hdk,hdk->hk", u, v)  # (H, K)
         with np.errstate(invalid="ignore", divide="ignore"):
             weighted = (s * c).sum(-1) / s.sum(-1)  # (H,)
@@ -182,7 +170,7 @@ def mode_bank(
     threads = max(1, min(len(layers), os.cpu_count() or 1))
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         w, sigma, cos, weighted = zip(*pool.map(layer, layers)) if layers else ((), (), (), ())
-    return ModeBank(layers, heads, modes, list(w), np.array(sigma), np.array(cos), np.array(weighted))
+    return ModeBank(layers, heads, modes, list(w), np.array(sigma), np.array(cos), np.array(weighted), source)
 
 
 def batch_stats(p: np.ndarray) -> np.ndarray:
@@ -308,7 +296,8 @@ class TopImagesAnalysis(ModeSweep):
     name: ClassVar[str] = "top_images"
 
     def setup(self, model) -> ModeBank:
-        return mode_bank(model.checkpoint, list(self.layers), list(self.heads), list(self.modes), fold_ln=self.fold_ln)
+        source = mode_source(model.checkpoint, fold_ln=self.fold_ln)
+        return mode_bank(source, list(self.layers), list(self.heads), list(self.modes))
 
     def item_files(self, item) -> list[Path]:
         return [Path(self.root) / item]
@@ -328,20 +317,14 @@ class TopImagesAnalysis(ModeSweep):
         )
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
-        from qkweights.weights.fold import normalised_tokens
-
-        fold = self.fold_ln
-        out = model.forward(batch.data, layers=bank.layers, truncate=True, hidden=fold, inputs=not fold)
+        out = model.forward(batch.data, layers=bank.layers, truncate=True, **bank.source.keep)
         lay = out.layout
         centre = centre_token(lay)
         b = len(batch.positions)
         k = min(self.top, b)
         parts = []
         for li, l in enumerate(bank.layers):
-            if fold:  # n = (x − mean)/√(var + eps) of the residual stream: exact whatever γ
-                x = normalised_tokens(out.hidden_states[l], eps=model.weights.eps).astype(np.float32)  # (B, T, D)
-            else:
-                x = out.attention_inputs[l]  # (B, T, D)
+            x = bank.source.tokens_of(out, l).astype(np.float32, copy=False)  # (B, T, D): x̃, or n when folded
             xp = x[:, lay.patches]  # (B, N, D)
             with one_blas_thread():  # one GEMM per image (stacked matmul), whatever its neighbours
                 p = xp @ bank.w[li]  # (B, N, 2C)
@@ -481,7 +464,7 @@ def build_document(
     anisotropy: dict,
 ) -> dict:
     """The ``top_images.json`` document (schema ``qkweights.top_images/1``)."""
-    from qkweights.weights.profiles import SIGN_CONVENTION
+    from qkweights.weights.qk import SIGN_CONVENTION
 
     heads = []
     n_modes = len(bank.modes)
@@ -522,7 +505,7 @@ def build_document(
         "image_dir": str(root),
         "options": options,
         "score": SCORE_TEXT,
-        "embedding": FOLDED_TEXT if options.get("fold_ln") else EMBEDDING_TEXT,
+        "embedding": bank.source.tokens_text,
         "tokens": "patch tokens only (CLS, distillation and register tokens excluded)",
         "stats": {
             "max_query": "max_t s·x_t·u_n",
@@ -646,7 +629,7 @@ def top_images(
     baseline = mean_pairwise_cosine(st.centre / UNIT, st.n_scored)
     anisotropy = {
         "token": CENTRE_TEXT,
-        "embedding": FOLDED_TEXT if fold_ln else EMBEDDING_TEXT,
+        "embedding": bank.source.tokens_text,
         "n_images": st.n_scored,
         "layers": layers,
         "mean_cosine": baseline.tolist(),

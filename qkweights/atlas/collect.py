@@ -1,6 +1,6 @@
 """Find the qkweights results under some folders, read them with their own loaders, and group them by model.
 
-A result is recognised by its document's ``schema``: ``profile.json`` (:mod:`qkweights.weights.profiles`),
+A result is recognised by its document's ``schema``: ``profile.json`` (:mod:`qkweights.weights.profile`),
 ``top_images.json`` (:mod:`qkweights.analyses.top_images`), ``o3_summary.json`` (:mod:`qkweights.analyses.o3`) and
 ``same_object.json`` (:mod:`qkweights.analyses.same_object`). A file of one of these names whose schema this
 version does not read (a newer one, say), or that its loader refuses, is listed in ``skipped`` with
@@ -29,8 +29,9 @@ from qkweights.analyses.top_images import JSON_NAME as TOP_NAME
 from qkweights.analyses.top_images import SCHEMA as TOP_SCHEMA
 from qkweights.analyses.top_images import TopImagesResult
 from qkweights.errors import InputError
-from qkweights.weights.profiles import SCHEMAS as PROFILE_SCHEMAS
-from qkweights.weights.profiles import Profile, load_profile
+from qkweights.weights.load import load_profile
+from qkweights.weights.profile import SCHEMAS as PROFILE_SCHEMAS
+from qkweights.weights.profile import Profile
 
 PROFILE_NAME = "profile.json"
 KINDS = {  # file name → (kind, schemas read, loader of the folder)

@@ -10,7 +10,7 @@ from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.cli.words import flag_words
 from qkweights.outputs import prepare_dir
-from qkweights.workflow import diff
+from qkweights.workflow import diff, save_diff
 
 SHOWN = 10  # ranked heads printed
 
@@ -54,7 +54,7 @@ def run(args) -> int:
             options_a=model_options(args, args.revision_a),
             options_b=model_options(args, args.revision_b),
         )
-    written = result.save(Path(args.out), plots=not args.no_plots)
+    written = save_diff(result, Path(args.out), plots=not args.no_plots)
     if not args.quiet:
         print(format_ranking(result.head_rows()[:SHOWN]))
         for note in result.notes:

@@ -10,7 +10,7 @@ from qkweights.cli.common import add_model_arguments, model_options, out_dir
 from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural, prepare_dir
-from qkweights.weights.profiles import Profile
+from qkweights.weights.profile import Profile
 from qkweights.workflow import open_model, profile_checkpoint, save_profile
 
 

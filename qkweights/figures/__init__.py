@@ -32,7 +32,7 @@ from qkweights.outputs import draw_in_parallel, model_name, plural, save_figure
 
 if TYPE_CHECKING:
     from qkweights.figures.compare import Curve
-    from qkweights.weights.profiles import Profile
+    from qkweights.weights.profile import Profile
 
 DPI = 120
 GRID_MAX_INCHES = 22.0  # longest side of the spectrum grid's plotting area

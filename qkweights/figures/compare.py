@@ -1,7 +1,7 @@
 """Overlay several models' per-layer curves on the normalised layer axis l/(L−1) (paper Fig. 3 and Fig. 2).
 
-Inputs are :class:`~qkweights.weights.profiles.Profile` objects, saved ``profile.json``
-files (read with :func:`~qkweights.weights.profiles.load_profile`, never recomputed),
+Inputs are :class:`~qkweights.weights.profile.Profile` objects, saved ``profile.json``
+files (read with :func:`~qkweights.weights.load.load_profile`, never recomputed),
 ``o3_summary.json`` files (schema ``qkweights.o3/1``), ``same_object.json`` files
 (schema ``qkweights.same_object/1``: the probability per analysed layer, mean ± s.e.m.
 over heads, paper Fig. 6), or folders holding any of them. Models of different depths
@@ -32,9 +32,10 @@ from qkweights.analyses.o3 import SCHEMA as O3_SCHEMA
 from qkweights.analyses.same_object import SCHEMA as SAME_SCHEMA
 from qkweights.errors import InputError
 from qkweights.outputs import csv_number, record_outputs, write_csv
-from qkweights.weights.profiles import SCHEMA as PROFILE_SCHEMA
-from qkweights.weights.profiles import SCHEMAS as PROFILE_SCHEMAS
-from qkweights.weights.profiles import Profile, load_profile
+from qkweights.weights.load import load_profile
+from qkweights.weights.profile import SCHEMA as PROFILE_SCHEMA
+from qkweights.weights.profile import SCHEMAS as PROFILE_SCHEMAS
+from qkweights.weights.profile import Profile
 from qkweights.weights.qk import null_band
 
 PROVENANCE = ("model_id", "commit", "weight_files")  # the last columns of every CSV

@@ -1,6 +1,6 @@
 """Gate a checkpoint against a saved profile: did the query-key interaction of its heads drift?
 
-:func:`check_profile` compares a freshly computed :class:`~qkweights.weights.profiles.Profile`
+:func:`check_profile` compares a freshly computed :class:`~qkweights.weights.profile.Profile`
 with a baseline (a saved ``profile.json``) and returns a :class:`CheckReport`
 holding one :class:`Check` per measurement. The checks, in report order:
 
@@ -54,7 +54,7 @@ from qkweights.checkpoints.folders import listing
 from qkweights.errors import InputError
 from qkweights.outputs import model_name, plural
 from qkweights.version import __version__
-from qkweights.weights.profiles import Profile
+from qkweights.weights.profile import Profile
 
 SCHEMA = "qkweights.check/1"
 SIGMA_FLOOR = 1e-9  # baseline σ_n below this × σ_0 count as zero modes (see the module docstring)
@@ -66,7 +66,6 @@ FINITE = "finite weights"
 COLLAPSED = "not collapsed"
 HEAD_COSINE = "head weighted cosine"
 HEAD_SIGMA = "head top singular values"
-HEAD_CHECKS = (FINITE, COLLAPSED, HEAD_COSINE, HEAD_SIGMA)
 FOLDING = "folding"
 HEAD_SYMMETRY = "head symmetric fraction"
 HEAD_OV = "head OV weighted cosine"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEGENERATE_RTOL = 1e-6  # adjacent σ closer than this × σ_0 (the largest) form a degenerate block
+SIGN_CONVENTION = "each (u_n, v_n) pair is flipped together so that the largest-magnitude entry of u_n is positive"
 
 
 def qk_svd(wq: np.ndarray, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

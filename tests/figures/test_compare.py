@@ -18,7 +18,7 @@ from PIL import Image
 
 from qkweights.errors import InputError
 from qkweights.figures.compare import Curve, compare, curves_from
-from qkweights.weights.profiles import compute_profile
+from qkweights.weights.compute import compute_profile
 
 
 def weights(L, H, K, D, *, seed=0, sign=None):

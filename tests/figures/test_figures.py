@@ -15,7 +15,8 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from qkweights import figures
-from qkweights.weights.profiles import ModelInfo, Profile, compute_profile
+from qkweights.weights.compute import compute_profile
+from qkweights.weights.profile import ModelInfo, Profile
 
 
 def checkpoint(L, H, K, D, *, seed=0, sign=None, nan=()):

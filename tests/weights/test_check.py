@@ -21,7 +21,7 @@ import qkweights
 from qkweights.cli import main
 from qkweights.errors import InputError
 from qkweights.weights.check import CheckReport, check_profile
-from qkweights.weights.profiles import load_profile
+from qkweights.weights.load import load_profile
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
 VIT = FIXTURES / "vit"

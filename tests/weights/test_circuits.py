@@ -18,8 +18,9 @@ import qkweights
 import qkweights.errors
 from qkweights.specs.load import open_model
 from qkweights.vision.forward import relative_position_bias
+from qkweights.weights.compute import compute_profile
 from qkweights.weights.fold import fold_description, folded_modes, normalised_tokens
-from qkweights.weights.profiles import compute_profile, load_profile
+from qkweights.weights.load import load_profile
 from qkweights.weights.qk import head_stats, ov_svd, qk_svd, symmetric_fraction, symmetric_null
 
 PICKLES = MODELS.parent / "pickles"
@@ -520,7 +521,7 @@ def test_diff_reports_the_new_statistics(tmp_path):
         for r in rows.values()
     )
     assert not any("absent" in n or "folding" in n for n in d.notes)
-    d.save(tmp_path / "out", plots=False)
+    d.save(tmp_path / "out")
     doc = json.loads((tmp_path / "out" / "diff.json").read_text())
     assert doc["layers"][1]["ov_weighted_cosine_b"] == pytest.approx(np.mean(b.ov.weighted[1]))
     # B folded, A plain: the salience is absent from A, and the notes say so

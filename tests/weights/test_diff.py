@@ -21,7 +21,8 @@ from safetensors.numpy import load_file
 
 import qkweights
 from qkweights.cli import main
-from qkweights.weights.diff import diff_profiles, heatmaps_figure, principal_angles
+from qkweights.figures.diff import heatmaps_figure
+from qkweights.weights.diff import diff_profiles, principal_angles
 
 VIT = Path(__file__).parents[1] / "fixtures" / "models" / "vit"
 D, K = 32, 8
@@ -176,7 +177,7 @@ def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
         "non-finite weights, measures undefined: L0 H0",
         "collapsed heads (σ_0 = 0), measures undefined: L1 H1 (A)",
     )
-    written = d.save(tmp_path / "out", plots=False)
+    written = d.save(tmp_path / "out")
     assert [p.name for p in written] == ["diff.json", "diff_heads.csv"]
     texts = [t.get_text() for ax in heatmaps_figure(d).axes for t in ax.texts]
     # both heads grey-labelled in each of the six query-key panels, and in the Δ symmetric fraction panel

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 import qkweights
 from qkweights.cli import main
 from qkweights.errors import InputError
-from qkweights.weights.profiles import load_profile
+from qkweights.weights.load import load_profile
 
 # Independent of model_specs/: each fixture's query/key tensor names as written by transformers / timm / open_clip
 # (tests/fixtures/make_fixtures.py), and how the (out, in) rows split into q and k.
@@ -369,7 +369,7 @@ def test_profile_is_the_same_whatever_the_threads():
     from threadpoolctl import threadpool_limits
 
     from qkweights.specs.load import open_model
-    from qkweights.weights.profiles import compute_profile
+    from qkweights.weights.compute import compute_profile
 
     _, ck = open_model(str(MODELS / "deit"))
     ref = compute_profile(ck, {}, save_vectors=True, workers=1)
