@@ -71,7 +71,7 @@ def o3_set(n: int) -> Path:
 
 def bare_forward(model, root: Path) -> float:
     """Seconds of the forward passes alone over every image, in batches of BATCH (decoding not timed)."""
-    from qkweights.analyses.top_images import input_size, list_images, load_batch
+    from qkweights.analyses.sweep import input_size, list_images, load_batch
 
     paths = list_images(root)
     batches = [load_batch(model, root, paths[i : i + BATCH], input_size(model))[0] for i in range(0, len(paths), BATCH)]
@@ -103,12 +103,12 @@ def whole_command(model_dir: Path, root: Path, out: Path, *where: str) -> float:
 
 START_CHILD = """import sys, time
 t0 = time.perf_counter()
-import qkweights.cli.top_images, qkweights.analyses.top_images as ti
+import qkweights.cli.top_images, qkweights.analyses.top_images, qkweights.analyses.sweep as sweep
 t1 = time.perf_counter()
 from qkweights.vision.model import load_model
 model = load_model(sys.argv[1])
 t2 = time.perf_counter()
-ti.mode_bank(model.checkpoint, list(range(model.dims.layers)), list(range(model.dims.heads)), list(range(10)))
+sweep.mode_bank(model.checkpoint, list(range(model.dims.layers)), list(range(model.dims.heads)), list(range(10)))
 t3 = time.perf_counter()
 print(t1 - t0, t2 - t1, t3 - t2)
 """

@@ -59,7 +59,7 @@ from typing import ClassVar
 import numpy as np
 
 from qkweights.analyses.runner import Analysis, Batch, run_sweep
-from qkweights.analyses.top_images import READ_ERRORS, skip_reason
+from qkweights.analyses.sweep import READ_ERRORS, skip_reason
 from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
 from qkweights.figures import o3_figure

@@ -33,7 +33,7 @@ protocol is symmetric in the sign of a pair). The sweep is run by :mod:`qkweight
 each top-K slot carries, besides the image's list position and score, its sign, query and
 key objects, their classes and the image's number of objects, all computed while the
 image's maps are at hand, so no second pass over the images is needed; two partials
-merge by keeping the K best (:func:`qkweights.analyses.top_images.merge_topk`), which is associative
+merge by keeping the K best (:func:`qkweights.analyses.sweep.merge_topk`), which is associative
 and commutative, so the result does not depend on where or in which order shards ran.
 """
 
@@ -51,16 +51,16 @@ from typing import ClassVar
 import numpy as np
 
 from qkweights.analyses.runner import Batch, context, run_sweep
-from qkweights.analyses.top_images import (
+from qkweights.analyses.sweep import (
     READ_ERRORS,
     ModeBank,
     ModeSweep,
-    _indices,
     input_size,
     merge_topk,
     mode_bank,
     model_identity,
     patch_grid,
+    select_modes,
     skip_reason,
 )
 from qkweights.datasets.ade20k import (
@@ -530,16 +530,7 @@ def same_object(
         model = load_model(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
-    layers = _indices(layers, d.layers, "layer", range(d.layers))
-    heads = _indices(heads, d.heads, "head", range(d.heads))
-    kept = [int(n) for n in modes if 0 <= int(n) < d.head_dim]
-    if not kept:
-        raise InputError(
-            f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
-        )
-    modes = _indices(kept, d.head_dim, "mode", ())
-    if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
-        raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
+    layers, heads, modes = select_modes(d, layers, heads, modes, top, batch_size, shard_size)
     data = open_segmentation(root)
     items = data.items
     size = input_size(model)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qkweights.analyses.top_images import READ_ERRORS
+from qkweights.analyses.sweep import READ_ERRORS
 from qkweights.datasets.ade20k import open_segmentation, read_objects
 from qkweights.errors import QkError
 from qkweights.figures.overlay import display_image, scale_map

@@ -19,7 +19,8 @@ import pytest
 
 from qkweights.analyses.o3 import O3Analysis, o3_allocation, select_items
 from qkweights.analyses.runner import ShardError, Task, run_shard, run_sweep
-from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
+from qkweights.analyses.sweep import list_images, patch_grid
+from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, top_images
 from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.vision.model import ModelRef, load_model
 

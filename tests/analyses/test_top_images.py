@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qkweights.analyses.sweep import list_images, merge_topk
 from qkweights.analyses.top_images import (
     STATE_NAME,
-    list_images,
     mean_pairwise_cosine,
-    merge_topk,
     top_images,
     unit_sum,
 )
@@ -401,7 +400,7 @@ def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
 
 
 def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, folder, tmp_path):
-    from qkweights.analyses.top_images import other_files
+    from qkweights.analyses.sweep import other_files
 
     root = tmp_path / "mixed"
     rgb = Image.open(folder / "images" / "synth_0000.jpg").convert("RGB")
