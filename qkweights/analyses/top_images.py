@@ -28,7 +28,6 @@ vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
