@@ -614,7 +614,7 @@ def _check_spec(spec: Spec) -> None:
 
 def spec_dir() -> Path:
     """The folder of the shipped spec files: ``model_specs/`` of a source checkout, else the installed copy."""
-    checkout = Path(__file__).resolve().parent.parent / "model_specs"
+    checkout = Path(__file__).resolve().parents[2] / "model_specs"  # qkweights/specs/spec.py -> the checkout
     if checkout.is_dir():
         return checkout
     return Path(str(resources.files("qkweights.model_specs")))
