@@ -53,7 +53,8 @@ def bench_o3(args) -> None:
     sha256 of the weight files that the resume fingerprint needs (cached on the model).
     Overhead = median(o3) / median(forward) − 1.
     """
-    from qkweights.analyses.o3 import FIGURE_NAME, SUMMARY_NAME, o3_allocation, o3_figure, prepare, select_items
+    from qkweights.analyses.o3 import SUMMARY_NAME, o3_allocation, prepare, select_items
+    from qkweights.figures.o3 import FIGURE_NAME, o3_figure
     from qkweights.vision.model import load_model
 
     data = synthetic_o3(args.o3_images, args.o3_size)
@@ -84,7 +85,7 @@ def bench_o3(args) -> None:
                     model.forward(x, attentions=True)
                 forward.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                o3_allocation(model, data, Path(tmp) / f"run{r}", batch_size=args.batch, plots=False)
+                o3_allocation(model, data, Path(tmp) / f"run{r}", batch_size=args.batch)
                 o3.append(time.perf_counter() - t0)
             summary = Path(tmp) / "run0" / SUMMARY_NAME
             t0 = time.perf_counter()

@@ -57,7 +57,7 @@ def vit_b_run(n_images: int = 160) -> Path:
     if not (out / "profile" / "profile.json").is_file():
         qkweights.save_profile(qkweights.profile(str(vit)), out / "profile", plots=True)
     if not (out / "top_images" / "top_images.json").is_file():
-        top_images(load_model(str(vit)), photos(n_images), out / "top_images", modes=range(10), top=8, plots=False)
+        top_images(load_model(str(vit)), photos(n_images), out / "top_images", modes=range(10), top=8)
     return out
 
 

@@ -85,7 +85,7 @@ def sweep(model, root: Path, out: Path, **where) -> float:
     from qkweights.analyses.top_images import top_images
 
     t0 = time.perf_counter()
-    top_images(model, root, out, batch_size=BATCH, plots=False, **where)
+    top_images(model, root, out, batch_size=BATCH, **where)
     return time.perf_counter() - t0
 
 
@@ -195,14 +195,15 @@ def main() -> None:
     if (
         not args.no_figures and not args.scaling
     ):  # before any worker thread or cluster: figures draw in forked processes
-        from qkweights.analyses.top_images import TopImagesResult, draw_top_images
+        from qkweights.analyses.top_images import TopImagesResult
+        from qkweights.figures.top_images import draw_top_images
 
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "figures"
             sweep(model, root, saved)
             result = TopImagesResult.load(saved)
             t0 = time.perf_counter()
-            draw_top_images(model.ref, result, root, saved)
+            draw_top_images(model, result, saved)
             seconds = time.perf_counter() - t0
         k = len(result.doc["heads"]) + 1
         print(

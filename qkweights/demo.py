@@ -161,13 +161,10 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     returned list ends with ``summary.txt``. Re-running into the same folder reuses its
     scenes and overwrites the other outputs.
     """
-    from qkweights.analyses.maps import projection_maps, save_maps
-    from qkweights.analyses.o3 import o3_allocation
-    from qkweights.analyses.same_object import same_object
-    from qkweights.analyses.top_images import top_images
+    from qkweights.analyses.maps import projection_maps
     from qkweights.atlas import report
     from qkweights.vision.model import load_model
-    from qkweights.workflow import Reporter, profile, save_profile
+    from qkweights.workflow import Reporter, o3, profile, same_object, save_maps, save_profile, top_images
 
     def stage(text: str) -> None:
         if progress is not None:
@@ -205,9 +202,8 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     ).files
 
     stage(f"O3 attention allocation on the {N_SCENES} scenes")
-    result = o3_allocation(model, scenes, out / "o3", batch_size=16)
+    result = o3(model, scenes, out / "o3", batch_size=16)
     written += result.files
-    o3 = result.summary
 
     stage(f"same object: {N_SCENES} scenes with objects {SAME_OBJECT_SCALE:g}× larger and their instance maps")
     big = scene_folder(out, model.dims.image_size, name="same_object_scenes", object_scale=SAME_OBJECT_SCALE)
@@ -219,6 +215,6 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     report([out], out / ATLAS_NAME)
     written.append(out / ATLAS_NAME)
 
-    text = summary_text(out, folder, _card(folder), heads, prof.weighted, o3, N_SCENES, same.doc)
+    text = summary_text(out, folder, _card(folder), heads, prof.weighted, result.summary, N_SCENES, same.doc)
     written.append(write_text(out / SUMMARY_NAME, text))
     return written

@@ -34,6 +34,7 @@ import numpy as np
 
 from qkweights.checkpoints.folders import Source
 from qkweights.errors import QkWarning
+from qkweights.outputs import holds_output, record_outputs
 from qkweights.specs.load import open_model as _open_model
 from qkweights.specs.load import source_record
 from qkweights.specs.spec import Checkpoint
@@ -128,7 +129,7 @@ def profile_checkpoint(
     with ThreadPoolExecutor(2) as background:  # hashing and importing release the GIL or wait on it
         record = background.submit(source_record, source, ck)
         if warm_figures:
-            background.submit(importlib.import_module, "qkweights.figures")
+            background.submit(importlib.import_module, "qkweights.figures.profiles")
         prof = compute_profile(
             ck, {}, save_vectors=save_vectors, progress=reporter.counter(task, "layers"), fold_ln=fold_ln
         )
@@ -154,8 +155,7 @@ def save_profile(
     out = Path(out)
     written = prof.save(out)
     if plots:
-        from qkweights.figures import profile_figures
-        from qkweights.outputs import record_outputs
+        from qkweights.figures.profiles import profile_figures
 
         written += profile_figures(prof, out)
         if prof.model.folded and checkpoint is not None:
@@ -268,24 +268,74 @@ def _reported(reporter: Reporter | None, task: str) -> dict:
     return {"progress": reporter.counter(task, "images"), "notes": reporter.note if reporter.takes_notes() else None}
 
 
-def o3(model, o3_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.analyses.o3.o3_allocation`, reporting progress as "o3" images and notes to ``reporter``."""
+@holds_output("out", inputs=("o3_dir",))
+def o3(model, o3_dir, out, *, plots: bool = True, reporter: Reporter | None = None, **options):
+    """:func:`qkweights.analyses.o3.o3_allocation` into ``out`` and, with ``plots``, ``o3_by_layer.png``
+    (:func:`qkweights.figures.o3.o3_figure`); progress as "o3" images and notes to ``reporter``.
+
+    The output folder is held for this call alone and may not lie inside the input folder
+    (:func:`qkweights.outputs.claim_dir`; InputError otherwise). Returns the :class:`~qkweights.analyses.o3.O3Result`,
+    its ``files`` every file written.
+    """
     from qkweights.analyses.o3 import o3_allocation
 
-    return o3_allocation(model, o3_dir, out, **_reported(reporter, "o3"), **options)
+    if isinstance(model, str):
+        model = load_model(model, reporter=reporter)
+    result = o3_allocation(model, o3_dir, out, **_reported(reporter, "o3"), **options)
+    if plots:
+        from qkweights.figures.o3 import FIGURE_NAME, o3_figure
+
+        result.files.append(o3_figure(result.summary, Path(out) / FIGURE_NAME))
+    record_outputs(out, "o3", result.files)  # o3_by_layer.png of an earlier run, after --no-plots, goes
+    return result
 
 
-def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.analyses.top_images.top_images`, reporting progress as "top-images" images and notes to
-    ``reporter``."""
-    from qkweights.analyses.top_images import top_images as _top_images
+@holds_output("out", inputs=("image_dir",))
+def top_images(model, image_dir, out, *, plots: bool = True, reporter: Reporter | None = None, **options):
+    """:func:`qkweights.analyses.top_images.top_images` into ``out`` and, with ``plots``, its figures
+    (:func:`qkweights.figures.top_images.draw_top_images`, drawn where the sweep ran); progress as "top-images"
+    images and notes to ``reporter``.
 
-    return _top_images(model, image_dir, out, **_reported(reporter, "top-images"), **options)
+    The output folder is held as by :func:`o3`. Returns the
+    :class:`~qkweights.analyses.top_images.TopImagesResult`, its ``files`` every file written.
+    """
+    from qkweights.analyses.top_images import top_images as analyse
+
+    result = analyse(model, image_dir, out, **_reported(reporter, "top-images"), **options)
+    if plots:
+        from qkweights.figures.top_images import draw_top_images
+
+        where = {key: options.get(key) for key in ("workers", "client")}
+        result.files += draw_top_images(model, result, Path(out), **where)
+    record_outputs(out, "top-images", result.files)  # grids of heads no longer asked for, figures after --no-plots, go
+    return result
 
 
-def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.analyses.same_object.same_object`, reporting progress as "same-object" images and notes to
-    ``reporter``."""
-    from qkweights.analyses.same_object import same_object as _same_object
+@holds_output("out", inputs=("data_dir",))
+def same_object(model, data_dir, out, *, plots: bool = True, reporter: Reporter | None = None, **options):
+    """:func:`qkweights.analyses.same_object.same_object` into ``out`` and, with ``plots``, its figures
+    (:func:`qkweights.figures.same_object.draw_same_object`); progress as "same-object" images and notes to
+    ``reporter``.
 
-    return _same_object(model, data_dir, out, **_reported(reporter, "same-object"), **options)
+    The output folder is held as by :func:`o3`. Returns the
+    :class:`~qkweights.analyses.same_object.SameObjectResult`, its ``files`` every file written.
+    """
+    from qkweights.analyses.same_object import same_object as analyse
+
+    if isinstance(model, str):
+        model = load_model(model, reporter=reporter)
+    result = analyse(model, data_dir, out, **_reported(reporter, "same-object"), **options)
+    if plots:
+        from qkweights.figures.same_object import draw_same_object
+
+        result.files += draw_same_object(model, result, Path(out))
+    record_outputs(out, "same-object", result.files)  # figures of an earlier run, after --no-plots, go
+    return result
+
+
+def save_maps(maps, out) -> list[Path]:
+    """Write the figure (:func:`qkweights.figures.maps.draw_maps`) and the data (:meth:`Maps.save
+    <qkweights.analyses.maps.Maps.save>`) of projection maps into ``out``; return their paths (png, npz)."""
+    from qkweights.figures.maps import draw_maps
+
+    return [draw_maps(maps, out), *maps.save(out)]

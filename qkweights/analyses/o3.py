@@ -36,13 +36,13 @@ unreadable or of another size than its image, or the target or distractor mask i
 empty on the patch grid (no pixel ≥ 128, or the object lies outside the crop).
 
 Outputs in ``out_dir`` (:class:`O3Result`): ``o3.csv`` (image, layer, head, tt, td, tb,
-dt, dd, db), ``o3_summary.json`` (schema ``qkweights.o3/1``, read by
-:mod:`qkweights.figures.compare`) and ``o3_by_layer.png``. The sweep is run by
-:mod:`qkweights.analyses.runner` (shards on this process, local workers or a Dask cluster;
-resumable from ``out_dir/.o3_state.npz``): the partial result of a set of images is
-their rows with their list positions (:class:`O3Partial`), merged in list order. The
-forward pass keeps only the two chosen query rows of each layer's attention, so memory
-does not grow with the number of layers.
+dt, dd, db) and ``o3_summary.json`` (schema ``qkweights.o3/1``, read by
+:mod:`qkweights.figures.compare`); the workflow draws ``o3_by_layer.png`` from the summary
+(:mod:`qkweights.figures.o3`). The sweep is run by :mod:`qkweights.analyses.runner` (shards on
+this process, local workers or a Dask cluster; resumable from ``out_dir/.o3_state.npz``): the
+partial result of a set of images is their rows with their list positions (:class:`O3Partial`),
+merged in list order. The forward pass keeps only the two chosen query rows of each layer's
+attention, so memory does not grow with the number of layers.
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ from qkweights.analyses.runner import Analysis, Batch, run_sweep
 from qkweights.analyses.sweep import READ_ERRORS, skip_reason
 from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
-from qkweights.figures import o3_figure
-from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
+from qkweights.outputs import write_csv, write_json
 from qkweights.specs.load import source_record
 from qkweights.vision.forward import one_blas_thread, token_layout
 from qkweights.vision.model import VisionModel, load_model
@@ -72,7 +71,7 @@ SCHEMA = "qkweights.o3/1"
 RATIOS = ("tt", "td", "tb", "dt", "dd", "db")
 MEASURES = {"same": (0, 4), "different": (1, 3), "background": (2, 5)}  # measure → the two RATIOS it averages
 STATE_NAME = ".o3_state.npz"
-CSV_NAME, SUMMARY_NAME, FIGURE_NAME = "o3.csv", "o3_summary.json", "o3_by_layer.png"
+CSV_NAME, SUMMARY_NAME = "o3.csv", "o3_summary.json"
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -386,7 +385,6 @@ def summarise(
     }
 
 
-@holds_output("out_dir", inputs=("o3_dir",))
 def o3_allocation(
     model: VisionModel | str,
     o3_dir: str | Path,
@@ -398,10 +396,10 @@ def o3_allocation(
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
-    plots: bool = True,
     notes: Callable[[str], object] | None = None,
 ) -> O3Result:
-    """Run the O3 protocol (module docstring) and write o3.csv, o3_summary.json and (if ``plots``) o3_by_layer.png.
+    """Run the O3 protocol (module docstring) and write o3.csv and o3_summary.json (the figure is
+    :func:`qkweights.figures.o3.o3_figure`'s).
 
     model: a :class:`VisionModel` or a MODEL argument for :func:`load_model`.
     max_images: use the first N images by name (None: all). batch_size: images per
@@ -412,8 +410,7 @@ def o3_allocation(
     progress(done, total): images consumed (used or skipped), at the start and after each
     shard; notes(text): what the caller may tell the user (a resumed or ignored state).
     InputError when no image is usable (existing outputs are kept). Returns the :class:`O3Result`.
-    The output folder is held for this call alone and may not lie inside the input folder
-    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
+    The caller holds ``out_dir`` (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.o3` does.
     """
     if isinstance(model, str):
         model = load_model(model)
@@ -467,9 +464,6 @@ def o3_allocation(
     summary["blas"] = sweep.kernels()
     result = O3Result(summary, names, part.values)
     result.files = result.save(out)
-    if plots:
-        result.files.append(o3_figure(summary, out / FIGURE_NAME))
-    record_outputs(out, "o3", result.files)  # o3_by_layer.png of an earlier run, after --no-plots, goes
     state_path.unlink(missing_ok=True)
     return result
 

@@ -71,14 +71,13 @@ from qkweights.datasets.ade20k import (
     read_objects,
 )
 from qkweights.errors import InputError
-from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
+from qkweights.outputs import write_csv, write_json
 from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread
 
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"
 CSV_NAME, JSON_NAME = "same_object.csv", "same_object.json"
-FIGURE_NAME, EXAMPLES_NAME = "same_object_by_layer.png", "same_object_examples.png"
 MIN_OBJECTS = 2
 NOT_ELIGIBLE = "not eligible"  # the start of a skip reason of an image with fewer than MIN_OBJECTS objects
 SLOT = ("sign", "query_object", "key_object", "query_class", "key_class", "n_objects")  # int fields of a top-K slot
@@ -97,7 +96,6 @@ CSV_HEADER = [
     "same",
     "n_objects",
 ]
-EXAMPLE_ROWS = 6  # rows of the examples figure
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -490,7 +488,6 @@ def protocol_text(model, size, patch: int) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-@holds_output("out_dir", inputs=("data_dir",))
 def same_object(
     model,
     data_dir,
@@ -505,7 +502,6 @@ def same_object(
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
-    plots: bool = True,
     notes: Callable[[str], object] | None = None,
 ) -> SameObjectResult:
     """Run the same-object protocol (module docstring) on ``data_dir``; write the outputs into ``out_dir``.
@@ -517,12 +513,11 @@ def same_object(
     ``client`` (a ``distributed.Client``), else ``workers`` local processes, else here
     (:func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
     images consumed, at the start and after each shard; notes(text): what the caller may
-    tell the user (a resumed or ignored state). Writes ``same_object.csv``,
-    ``same_object.json`` and, with ``plots``, ``same_object_by_layer.png`` and
-    ``same_object_examples.png``; resumable from ``out_dir/.same_object_state.npz``.
-    InputError when no image is eligible (existing outputs are kept).
-    The output folder is held for this call alone and may not lie inside the input folder
-    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
+    tell the user (a resumed or ignored state). Writes ``same_object.csv`` and ``same_object.json``
+    (the figures are :func:`qkweights.figures.same_object.draw_same_object`'s); resumable from
+    ``out_dir/.same_object_state.npz``. InputError when no image is eligible (existing outputs are kept).
+    The caller holds ``out_dir`` (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.same_object`
+    does.
     """
     from qkweights.vision.model import load_model
 
@@ -605,74 +600,6 @@ def same_object(
         "layers": summarise(st, layers, heads, modes, bank.sigma, d.layers),
     }
     result = SameObjectResult(doc, build_rows(items, st, layers, heads, modes))
-    written = result.save(out)
-    if plots:
-        written += draw_same_object(model, result, items, out)
-    result.files = written
-    record_outputs(out, "same-object", written)  # figures of an earlier run, after --no-plots, go
+    result.files = result.save(out)
     state_path.unlink(missing_ok=True)
     return result
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def example_picks(doc: dict, n_rows: int = EXAMPLE_ROWS) -> list[tuple[int, int, int]]:
-    """(layer, head, mode) of the examples figure: the first analysed head's first analysed mode, in up to
-    ``n_rows`` analysed layers evenly spread from the first to the last."""
-    layers = doc["options"]["layers"]
-    idx = sorted({round(float(i)) for i in np.linspace(0, len(layers) - 1, min(n_rows, len(layers)))})
-    return [(layers[i], doc["options"]["heads"][0], doc["options"]["modes"][0]) for i in idx]
-
-
-def example_cell(
-    model, item: SegItem, size, query_object: int, key_object: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model input of one image as the patch grid covers it ((h, w, 3) in [0, 1]) with the query and key
-    objects' masks (h, w) bool on it."""
-    from qkweights.figures.overlay import display_image
-    from qkweights.vision.preprocess import open_image
-
-    image = open_image(item.image)
-    prep = model.preprocessing if size is None else model.preprocessing.with_size(*size)
-    ids, _ = read_objects(item, image.size)
-    px, labels = prep(image)[0], prep.transform_labels(ids)  # (3, H, W), (H, W)
-    p = model.weights.embeddings.patch_size
-    h, w = px.shape[1] // p * p, px.shape[2] // p * p
-    img = display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
-    return img, labels[:h, :w] == query_object, labels[:h, :w] == key_object
-
-
-def draw_same_object(model, result: SameObjectResult, items: list[SegItem], out: Path) -> list[Path]:
-    """Write ``same_object_by_layer.png`` (Fig. 6) and ``same_object_examples.png``."""
-    from qkweights.figures import same_object_examples, same_object_figure, save_png
-
-    doc = result.doc
-    paths = [same_object_figure(doc, out / FIGURE_NAME)]
-    by_name = {it.name: it for it in items}
-    size = tuple(doc["options"]["input_size"]) or None
-    rows = []
-    for l, h, n in example_picks(doc):
-        picked = [r for r in result.rows if (r["layer"], r["head"], r["mode"]) == (l, h, n)]
-        cells = []
-        for r in picked:
-            img, qm, km = example_cell(model, by_name[r["image"]], size, r["query_object"], r["key_object"])
-            verdict = "same" if r["same"] else "different"
-            cells.append((img, qm, km, f"{verdict} · {r['n_objects']} obj"))
-        entry = next(
-            m
-            for e in doc["layers"]
-            if e["layer"] == l
-            for hd in e["heads"]
-            if hd["head"] == h
-            for m in hd["modes"]
-            if m["mode"] == n
-        )
-        rows.append((f"L{l} H{h} M{n}\nσ {entry['sigma']:.3g}\np = {entry['probability']:.2f}", cells))
-    name = doc["source"].get("model_id") or doc["model"]["family"]
-    title = (
-        f"{name} — the top {doc['options']['top']} of {doc['dataset']['n_eligible']} eligible images per mode: "
-        "query object (largest mean s·x·u over its area) outlined red, key object (s·x·v) cyan"
-    )
-    paths.append(save_png(same_object_examples(title, rows), out / EXAMPLES_NAME))
-    return paths

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
 
-from qkweights.analyses.runner import Batch, ModelRef, context, run_sweep
+from qkweights.analyses.runner import Batch, context, run_sweep
 from qkweights.analyses.sweep import (
     ModeBank,
     ModeSweep,
@@ -51,7 +50,7 @@ from qkweights.analyses.sweep import (
 )
 from qkweights.checkpoints.folders import listing
 from qkweights.errors import InputError
-from qkweights.outputs import holds_output, plural, record_outputs, write_json, write_npz
+from qkweights.outputs import plural, write_json, write_npz
 from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread
 
@@ -383,7 +382,6 @@ def build_document(
 # ----------------------------------------------------------------------------- the command
 
 
-@holds_output("out_dir", inputs=("image_dir",))
 def top_images(
     model,
     image_dir,
@@ -398,7 +396,6 @@ def top_images(
     workers: int | None = None,
     client=None,
     progress: Callable[[int, int], object] | None = None,
-    plots: bool = True,
     notes: Callable[[str], object] | None = None,
     fold_ln: bool = False,
 ) -> TopImagesResult:
@@ -409,14 +406,13 @@ def top_images(
     ``distributed.Client``), else ``workers`` local processes, else here (see
     :func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
     files consumed, at the start and after each shard; notes(text): what the caller may
-    want to tell the user (a resumed or ignored state). Writes ``top_images.json``,
-    ``top_images_maps.npz`` and, with ``plots``, ``top_L{l}_H{h}.png`` per head and
-    ``anisotropy.png``; resumable. fold_ln: score the LayerNorm-folded modes on the
+    want to tell the user (a resumed or ignored state). Writes ``top_images.json`` and
+    ``top_images_maps.npz`` (the figures are :func:`qkweights.figures.top_images.draw_top_images`'s);
+    resumable. fold_ln: score the LayerNorm-folded modes on the
     normalised tokens n (:mod:`qkweights.weights.fold`), so that the decomposition of the logits
     stays exact. InputError when no image could be read (existing outputs are left as they
-    are). Returns the :class:`TopImagesResult`.
-    The output folder is held for this call alone and may not lie inside the input folder
-    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
+    are). Returns the :class:`TopImagesResult`, its ``files`` the two written. The caller holds ``out_dir``
+    (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.top_images` does.
     """
     import warnings
 
@@ -488,118 +484,6 @@ def top_images(
     doc["blas"] = sweep.kernels()
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)
     result = TopImagesResult(doc, maps)
-    written = result.save(out)
-    if plots:
-        written += draw_top_images(sweep.ref, result, root, out, workers=workers, client=client)
-    result.files = written
-    record_outputs(out, "top-images", written)  # grids of heads no longer asked for, figures after --no-plots, go
+    result.files = result.save(out)
     state_path.unlink(missing_ok=True)
     return result
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-@dataclass(frozen=True)
-class GridJob:
-    """One head's grid figure, as sent to the process that draws it."""
-
-    ref: ModelRef
-    root: str
-    size: tuple[int, int] | None
-    title: str
-    rows: list  # [(label, [(path, score, query (gh, gw), key (gh, gw), sign), …]), …]
-    path: Path
-
-
-def draw_grid(job: GridJob) -> Path:
-    """Draw and save one head's grid (:func:`qkweights.figures.top_images_grid`) in this process."""
-    from qkweights.figures import save_png, top_images_grid
-
-    model = job.ref.open()
-    return save_png(top_images_grid(job.title, job.rows, _thumbnailer(model, job.root, job.size)), job.path)
-
-
-_THUMBS: dict = {}  # this process's display images, per (root, path, size)
-
-
-def _thumbnailer(model, root: str, size):
-    """path → (h, w, 3) float64 in [0, 1]: the part of the model input that the patch grid covers, at the grid's
-    cell width (:data:`qkweights.figures.CELL_PX`), cached per process."""
-    from qkweights.figures import CELL_PX
-    from qkweights.figures.overlay import display_image
-
-    prep, p = model.preprocessing, model.weights.embeddings.patch_size
-
-    def thumb(rel: str) -> np.ndarray:
-        key = (root, rel, size)
-        if key not in _THUMBS:
-            if len(_THUMBS) > 4096:
-                _THUMBS.clear()
-            px = model.preprocess(Path(root) / rel, size=size)[0]  # (3, H, W)
-            h, w = px.shape[1] // p * p, px.shape[2] // p * p
-            img = display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
-            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(
-                (CELL_PX, max(1, round(CELL_PX * h / w))), Image.Resampling.LANCZOS
-            )
-            _THUMBS[key] = np.asarray(small) / 255.0
-        return _THUMBS[key]
-
-    return thumb
-
-
-def draw_top_images(
-    ref: ModelRef, result: TopImagesResult, root: Path, out: Path, *, workers=None, client=None
-) -> list[Path]:
-    """Write ``top_L{l}_H{h}.png`` per head and ``anisotropy.png``; grids are drawn on the sweep's executor."""
-    from qkweights.analyses.runner import run_jobs
-    from qkweights.figures import anisotropy_figure
-    from qkweights.outputs import save_figure
-
-    doc = result.doc
-    opts = doc["options"]
-    layers, heads, modes = opts["layers"], opts["heads"], opts["modes"]
-    size = tuple(opts["input_size"]) or None
-    model_id = doc["source"].get("model_id", "?")
-    jobs = []
-    for hd in doc["heads"]:
-        li, hi = layers.index(hd["layer"]), heads.index(hd["head"])
-        rows = []
-        for ni, m in enumerate(hd["modes"]):
-            ci = hi * len(modes) + ni
-            for si, sign in enumerate(SIGNS):
-                cells = [
-                    (w["path"], w["score"], result.maps[li, ci, si, j, 0], result.maps[li, ci, si, j, 1], 1 - 2 * si)
-                    for j, w in enumerate(m["signs"][sign])
-                ]
-                label = (
-                    f"L{hd['layer']} H{hd['head']} M{m['mode']} {'+' if si == 0 else '−'}\ncos {m['cosine']:+.3f}  σ "
-                    f"{m['sigma']:.3g}"
-                )
-                rows.append((label, cells))
-        x = "x = normalised token n, LayerNorm-folded modes" if opts.get("fold_ln") else "x = LayerNorm output"
-        title = (
-            f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {opts['top']} of {doc['n_images']} images "
-            f"per mode and sign ({x})"
-        )
-        jobs.append(
-            GridJob(ref, str(Path(root).resolve()), size, title, rows, out / f"top_L{hd['layer']}_H{hd['head']}.png")
-        )
-    run_jobs(draw_grid, jobs, workers=workers, client=client)
-    paths = [job.path for job in jobs]
-    ani = doc["anisotropy"]
-    n_layers = doc["model"]["layers"]
-    paths.append(
-        save_figure(
-            anisotropy_figure(
-                f"{model_id} — anisotropy control ({doc['n_images']} images)",
-                layers,
-                n_layers,
-                np.array(ani["mean_cosine"], float),
-                np.array(ani["weighted_cosine"], float),
-            ),
-            out / "anisotropy.png",
-            dpi=120,
-        )
-    )
-    return paths

@@ -49,8 +49,8 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.analyses.maps import SIGN_CHARS, projection_maps, save_maps
-    from qkweights.workflow import load_model
+    from qkweights.analyses.maps import SIGN_CHARS, projection_maps
+    from qkweights.workflow import load_model, save_maps
 
     model = load_model(args.model, reporter=Terminal(), **model_options(args))
     prepare_dir(out_dir(args, model.source.model_id))

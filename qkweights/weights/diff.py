@@ -52,6 +52,7 @@ from matplotlib.patches import Rectangle
 from qkweights import figures
 from qkweights.errors import InputError
 from qkweights.figures.compare import curves_from
+from qkweights.figures.curves import curves_figure
 from qkweights.outputs import plural, record_outputs, save_figure, write_csv, write_json
 from qkweights.version import __version__
 from qkweights.weights.profiles import Profile
@@ -444,7 +445,7 @@ def cosine_figure(a: Profile, b: Profile, path: str | Path) -> Path:
         if c.kind == "weighted_cosine"
     ]
     D = a.model.hidden
-    return figures.curves_figure(
+    return curves_figure(
         curves,
         path,
         title="Weighted query-key cosine by normalised depth, A vs B",

@@ -114,7 +114,7 @@ def assert_ties_go_to_the_earlier_path(entries: list[dict], paths: list[str], ke
 
 def test_top_images_over_copies(vit, o3_copies, tmp_path):
     def analysis(out, b):
-        top_images(vit, o3_copies, out, layers=[0, 1], heads=[0, 2], modes=range(3), top=5, batch_size=b, plots=False)
+        top_images(vit, o3_copies, out, layers=[0, 1], heads=[0, 2], modes=range(3), top=5, batch_size=b)
 
     folders = runs(analysis, tmp_path)
     docs = [json.loads((f / "top_images.json").read_text()) for f in folders]
@@ -136,7 +136,7 @@ def test_top_images_over_copies(vit, o3_copies, tmp_path):
 
 def test_o3_over_copies(vit, o3_copies, tmp_path):
     def analysis(out, b):
-        o3_allocation(vit, o3_copies, out, batch_size=b, plots=False)
+        o3_allocation(vit, o3_copies, out, batch_size=b)
 
     folders = runs(analysis, tmp_path)
     for f in folders[1:]:
@@ -159,7 +159,7 @@ def test_o3_over_copies(vit, o3_copies, tmp_path):
 
 def test_same_object_over_copies(vit, ade_copies, tmp_path):
     def analysis(out, b):
-        same_object(vit, ade_copies, out, layers=[0, 1], modes=[0, 1, 2], top=5, batch_size=b, plots=False)
+        same_object(vit, ade_copies, out, layers=[0, 1], modes=[0, 1, 2], top=5, batch_size=b)
 
     folders = runs(analysis, tmp_path)
     for f in folders[1:]:

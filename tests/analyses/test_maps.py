@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qkweights.analyses.maps import choose_signs, projection_maps, save_maps
+from qkweights.analyses.maps import choose_signs, projection_maps
 from qkweights.cli import main
 from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.errors import InputError
-from qkweights.figures.overlay import composite, display_image, scale_map
+from qkweights.figures.overlay import composite, scale_map
 from qkweights.vision.model import load_model
+from qkweights.vision.preprocess import display_image
+from qkweights.workflow import save_maps
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 

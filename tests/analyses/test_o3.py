@@ -18,6 +18,7 @@ import pytest
 from conftest import FORWARD_ATOL, one_layer_vit
 from PIL import Image
 
+from qkweights import workflow
 from qkweights.analyses.o3 import (
     RATIOS,
     STATE_NAME,
@@ -230,7 +231,7 @@ def test_known_model_end_to_end(tmp_path, request, dataset, seed, size):
     z = np.random.default_rng(7).normal(size=17) * 2
     z[0] = 5.0  # the CLS takes about half of head 1's softmax, which renormalisation removes
     model = write_known_vit(tmp_path / "known", z)
-    summary = o3_allocation(str(model), root, tmp_path / "out", plots=False).summary
+    summary = o3_allocation(str(model), root, tmp_path / "out").summary
     rows = read_csv(tmp_path / "out" / "o3.csv")
     assert summary["images_used"] == len(rows) // 2 == 10 + 2 * (dataset == "square") - len(summary["skipped"])
     p = np.exp(z[1:]) / np.exp(z[1:]).sum()  # head 1's row over the patches, renormalised
@@ -256,8 +257,8 @@ def test_known_model_end_to_end(tmp_path, request, dataset, seed, size):
 
 def test_both_mask_folder_spellings_give_the_same_result(tmp_path, vit, square):
     labels = make_o3(tmp_path / "labels", n=12, seed=5, size=(64, 64), mask_dirs=("targ_labels", "dist_labels"))
-    o3_allocation(vit, square, tmp_path / "a", plots=False)
-    o3_allocation(vit, labels, tmp_path / "b", plots=False)
+    o3_allocation(vit, square, tmp_path / "a")
+    o3_allocation(vit, labels, tmp_path / "b")
     assert (tmp_path / "a" / "o3.csv").read_bytes() == (tmp_path / "b" / "o3.csv").read_bytes()
 
 
@@ -278,7 +279,7 @@ def test_unusable_images_are_skipped_and_listed(tmp_path, wide):
     (root / "dist_images" / "synth_0004.jpg").unlink()  # no distractor mask
     # dinov2-reg resizes the shortest edge to 36 (48×80 → 36×60) and centre-crops 32×32: columns
     # 14–45 of 60, i.e. original columns ≥ 18.7, so the 8 leftmost columns fall outside.
-    summary = o3_allocation(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6, plots=False).summary
+    summary = o3_allocation(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6).summary
     reasons = {s["image"]: s["reason"] for s in summary["skipped"]}
     assert reasons["synth_0000"] == "target mask is empty: no pixel >= 128"
     assert reasons["synth_0001"] == (
@@ -304,7 +305,7 @@ def test_nothing_usable_is_an_error(tmp_path, wide):
 
 @pytest.mark.parametrize("name", ["vit", "deit", "dinov2-reg", "ijepa"])
 def test_fixture_models_on_non_square_images(tmp_path, wide, name):
-    summary = o3_allocation(str(MODELS / name), wide, tmp_path / "out", batch_size=4, plots=False).summary
+    summary = o3_allocation(str(MODELS / name), wide, tmp_path / "out", batch_size=4).summary
     rows = read_csv(tmp_path / "out" / "o3.csv")
     v = np.array([[float(r[k]) for k in RATIOS] for r in rows])
     assert len(rows) == summary["images_used"] * 2 * 4 and summary["images_used"] + len(summary["skipped"]) == 10
@@ -317,7 +318,7 @@ def test_fixture_models_on_non_square_images(tmp_path, wide, name):
 
 
 def test_summary_matches_a_hand_computation_from_the_csv(tmp_path, vit, square):
-    summary = o3_allocation(vit, square, tmp_path / "out").summary
+    summary = workflow.o3(vit, square, tmp_path / "out").summary
     doc = json.loads((tmp_path / "out" / "o3_summary.json").read_text())
     assert doc == json.loads(json.dumps(summary))
     assert doc["schema"] == "qkweights.o3/1" and doc["source"]["model_id"].endswith("models/vit")
@@ -357,10 +358,10 @@ class Interrupt:
 
 @pytest.mark.numerics
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsys):
-    o3_allocation(vit, square, tmp_path / "full", batch_size=3, shard_size=3, plots=False)
+    o3_allocation(vit, square, tmp_path / "full", batch_size=3, shard_size=3)
     stop = Interrupt(6)
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=stop, plots=False)
+        o3_allocation(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=stop)
     assert (tmp_path / "part" / STATE_NAME).is_file()
     assert not (tmp_path / "part" / "o3.csv").exists()
     calls, notes = [], []
@@ -371,7 +372,6 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
         batch_size=3,
         shard_size=3,
         progress=lambda d, t: calls.append(d),
-        plots=False,
         notes=notes.append,
     )
     assert calls == [6, 9, 12]  # resumed after the two saved shards
@@ -384,7 +384,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
 @pytest.mark.numerics
 def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
+        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4))
     calls, notes = [], []
     o3_allocation(
         vit,
@@ -393,7 +393,6 @@ def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
         batch_size=5,
         shard_size=4,
         progress=lambda d, t: calls.append(d),
-        plots=False,
         notes=notes.append,
     )
     assert calls[0] == 0
@@ -401,16 +400,16 @@ def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
         f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it "
         "and starting over"
     ]
-    o3_allocation(vit, square, tmp_path / "fresh", batch_size=5, plots=False)
+    o3_allocation(vit, square, tmp_path / "fresh", batch_size=5)
     assert (tmp_path / "out" / "o3.csv").read_bytes() == (tmp_path / "fresh" / "o3.csv").read_bytes()
 
 
 def test_unreadable_state_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
+        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4))
     (tmp_path / "out" / STATE_NAME).write_bytes(b"not a zip")
     notes = []
-    o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, plots=False, notes=notes.append)
+    o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, notes=notes.append)
     assert len(notes) == 1 and "unreadable" in notes[0]
 
 
@@ -452,6 +451,6 @@ def test_a_broken_link_is_skipped_and_listed(tmp_path, vit, square):
     for sub in ("targ_images", "dist_images"):
         shutil.copy(root / sub / "synth_0000.jpg", root / sub / "broken.jpg")
     (root / "images" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    summary = o3_allocation(vit, root, tmp_path / "out", plots=False).summary
+    summary = o3_allocation(vit, root, tmp_path / "out").summary
     assert [s["image"] for s in summary["skipped"]] == ["broken"]
     assert "no such image file" in summary["skipped"][0]["reason"]

@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from qkweights import workflow
 from qkweights.analyses.o3 import O3Analysis, o3_allocation, select_items
 from qkweights.analyses.runner import ShardError, Task, run_shard, run_sweep
 from qkweights.analyses.sweep import list_images, patch_grid
@@ -38,7 +39,7 @@ def vit():
     return load_model(str(MODELS / "vit"))
 
 
-TOP = dict(layers=[0, 1], heads=[0, 3], modes=range(4), top=5, batch_size=3, shard_size=4, plots=False)
+TOP = dict(layers=[0, 1], heads=[0, 3], modes=range(4), top=5, batch_size=3, shard_size=4)
 
 
 def _equal_top(a, b):
@@ -97,8 +98,8 @@ def test_o3_merge_is_associative_and_commutative_with_empty_as_identity(vit, sce
 def test_local_workers_equal_serial(vit, scenes, tmp_path):
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
     _equal_top(top_images(vit, scenes / "images", tmp_path / "w2", **TOP, workers=2), serial)
-    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
-    o3_w2 = o3_allocation(vit, scenes, tmp_path / "o3w", batch_size=3, shard_size=4, plots=False, workers=2)
+    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4)
+    o3_w2 = o3_allocation(vit, scenes, tmp_path / "o3w", batch_size=3, shard_size=4, workers=2)
     assert o3_w2.summary == o3_serial.summary
     assert (tmp_path / "o3w" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
 
@@ -106,7 +107,7 @@ def test_local_workers_equal_serial(vit, scenes, tmp_path):
 def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
     serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
-    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
+    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4)
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
@@ -114,9 +115,9 @@ def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
         distributed.Client(cluster) as client,
     ):
         _equal_top(top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
-        o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, plots=False, client=client)
+        o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, client=client)
         # figures drawn on the cluster's workers
-        drawn = top_images(vit, scenes / "images", tmp_path / "fig", **{**TOP, "plots": True}, client=client)
+        drawn = workflow.top_images(vit, scenes / "images", tmp_path / "fig", **TOP, client=client)
     assert o3_dask.summary == o3_serial.summary
     assert (tmp_path / "o3d" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
     assert sorted(p.name for p in drawn.files if p.name.startswith("top_L")) == [
@@ -205,11 +206,9 @@ def test_a_killed_local_worker_loses_nothing(vit, scenes, tmp_path):
     assert state["killed"] is not None
     serial2 = top_images(vit, scenes / "images", tmp_path / "serial2", **{**TOP, "shard_size": 2})
     _equal_top(killed, serial2)
-    o3_ref = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2, plots=False)
+    o3_ref = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2)
     progress, state = _kill_a_worker_once()
-    o3_killed = o3_allocation(
-        vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, plots=False, workers=2, progress=progress
-    )
+    o3_killed = o3_allocation(vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, workers=2, progress=progress)
     assert state["killed"] is not None and o3_killed.summary == o3_ref.summary
     assert serial.doc["n_images"] == killed.doc["n_images"] == 14
 

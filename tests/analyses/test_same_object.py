@@ -280,7 +280,7 @@ def test_known_model_picks_the_objects_it_must(tmp_path, same):
     root = tmp_path / "data"
     scenes = colour_scenes(root)
     model = write_colour_vit(tmp_path / "model", same)
-    result = same_object(str(model), root, tmp_path / "out", heads=[0], modes=[0], top=5, plots=False)
+    result = same_object(str(model), root, tmp_path / "out", heads=[0], modes=[0], top=5)
     rows = read_csv(tmp_path / "out" / "same_object.csv")
     red = {n: next(i for i, c, _ in objs if c == RED) for n, objs in scenes.items() if len(objs) >= 2}
     blue = {n: next(i for i, c, _ in objs if c == BLUE) for n, objs in scenes.items() if len(objs) >= 2}
@@ -384,9 +384,7 @@ def test_against_brute_force_on_a_fixture_with_crop_and_registers(tmp_path):
     random_dataset(root, 14, seed=3)
     model = load_model(str(MODELS / "dinov2-reg"))  # shortest edge 36, centre crop 32, register tokens
     layers, heads, modes, top = [0, 1], [0, 1], [0, 1, 2], 4
-    result = same_object(
-        model, root, tmp_path / "out", layers=layers, heads=heads, modes=modes, top=top, batch_size=5, plots=False
-    )
+    result = same_object(model, root, tmp_path / "out", layers=layers, heads=heads, modes=modes, top=top, batch_size=5)
     ref, sigma = brute_force(model, root, layers, heads, modes, top)
     got = {}
     for r in result.rows:
@@ -444,7 +442,7 @@ def vit():
 
 
 def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
-    result = same_object(vit, full_release, tmp_path / "out", layers=[1], modes=[0, 1], top=3, plots=False)
+    result = same_object(vit, full_release, tmp_path / "out", layers=[1], modes=[0, 1], top=3)
     reasons = {s["image"]: s["reason"] for s in result.skipped}
     assert reasons["images/ADE/validation/ADE_9999.jpg"] == "no annotation ADE_9999_seg.png beside it"
     assert reasons["images/ADE/validation/ADE_9998.jpg"].startswith(
@@ -460,7 +458,7 @@ def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
 
 @pytest.mark.numerics
 def test_workers_give_the_same_files(tmp_path, vit, full_release):
-    kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3, plots=False)
+    kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3)
     same_object(vit, full_release, tmp_path / "here", **kw)
     same_object(vit, full_release, tmp_path / "pool", workers=2, **kw)
     for name in ("same_object.csv", "same_object.json"):
@@ -470,7 +468,7 @@ def test_workers_give_the_same_files(tmp_path, vit, full_release):
 @pytest.mark.slow
 def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
     distributed = pytest.importorskip("distributed")
-    kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3, plots=False)
+    kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3)
     same_object(vit, full_release, tmp_path / "here", **kw)
     with (
         distributed.LocalCluster(
@@ -485,7 +483,7 @@ def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
 
 @pytest.mark.numerics
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, full_release):
-    kw = dict(layers=[1], modes=[0, 1], top=3, batch_size=2, shard_size=4, plots=False)
+    kw = dict(layers=[1], modes=[0, 1], top=3, batch_size=2, shard_size=4)
     same_object(vit, full_release, tmp_path / "full", **kw)
 
     def stop(done, total):
@@ -544,8 +542,8 @@ def test_cli_with_figures(tmp_path, capsys, full_release):
 def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
     from qkweights.figures.compare import compare
 
-    a = same_object(vit, full_release, tmp_path / "a", layers=[0, 1], modes=[0, 1], top=3, plots=False).doc
-    b = same_object(vit, full_release, tmp_path / "b", layers=[1], modes=[2], top=2, plots=False).doc
+    a = same_object(vit, full_release, tmp_path / "a", layers=[0, 1], modes=[0, 1], top=3).doc
+    b = same_object(vit, full_release, tmp_path / "b", layers=[1], modes=[2], top=2).doc
     written = compare([tmp_path / "a", tmp_path / "b" / "same_object.json"], tmp_path / "cmp", labels=["A", "B"])
     assert [p.name for p in written] == ["compare_same_object.png", "compare_same_object.csv"]
     rows = read_csv(tmp_path / "cmp" / "compare_same_object.csv")

@@ -81,9 +81,7 @@ def test_scores_against_brute_force(folder, tmp_path, name):
     model = load_model(str(MODELS / name))
     layers, heads, modes = [1], [0, 2], [0, 3]
     paths = list_images(folder)
-    doc = top_images(
-        model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4, plots=False
-    ).doc
+    doc = top_images(model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4).doc
     ref, centres = brute_force(model, folder, paths, layers, heads, modes)
     assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
     got = {
@@ -180,16 +178,16 @@ def interrupt_after(batches):
 @pytest.mark.numerics
 def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
     kw = dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5, shard_size=5)
-    whole = top_images(vit, folder, tmp_path / "whole", **kw, plots=False)
+    whole = top_images(vit, folder, tmp_path / "whole", **kw)
     out = tmp_path / "resumed"
     progress, calls = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, folder, out, **kw, progress=progress, plots=False)
+        top_images(vit, folder, out, **kw, progress=progress)
     assert (out / STATE_NAME).exists() and not (out / "top_images.json").exists()
     assert calls == [0, 5, 10]
     progress, calls = interrupt_after(100)
     notes = []
-    resumed = top_images(vit, folder, out, **kw, progress=progress, plots=False, notes=notes.append)
+    resumed = top_images(vit, folder, out, **kw, progress=progress, notes=notes.append)
     assert calls[0] == 10 and calls[-1] == 27  # continued after the last completed shard
     assert notes == [LEFT_OUT.format(folder), f"resuming from {out / STATE_NAME}: 10 of 27 images already done"]
     assert resumed.doc == whole.doc
@@ -201,7 +199,7 @@ def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
 
 
 def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
-    kw = dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5, plots=False)
+    kw = dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5)
     progress, _ = interrupt_after(1)
     with pytest.raises(KeyboardInterrupt):
         top_images(vit, folder, tmp_path / "a", top=3, progress=progress, **kw)
@@ -250,7 +248,7 @@ def test_odd_images(vit, folder, tmp_path):
     (root / "not-an-image.png").write_text("hello")
     (root / "notes.txt").write_text("not listed")
     out = tmp_path / "out"
-    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc
+    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3).doc
     expected = [
         "UPPER.JPEG",
         "cmyk.jpg",
@@ -268,7 +266,7 @@ def test_odd_images(vit, folder, tmp_path):
     winners = doc["heads"][0]["modes"][0]["signs"]["+"]
     assert sorted(w["path"] for w in winners) == sorted(set(expected) - {"not-an-image.png", "truncated.jpg"})
     # the re-run of the same folder into the same output folder gives the same document
-    assert top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc == doc
+    assert top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3).doc == doc
 
 
 def test_figures_and_cli(folder, tmp_path):
@@ -346,7 +344,6 @@ def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, t
         modes=modes,
         top=len(paths),
         batch_size=4,
-        plots=False,
         fold_ln=True,
     ).doc
     assert doc["options"]["fold_ln"] and doc["embedding"].startswith("n: the normalised token")
@@ -394,7 +391,7 @@ def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
         (root / p.name).write_bytes(p.read_bytes())
     (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
     out = tmp_path / "out"
-    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], plots=False).doc
+    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0]).doc
     assert doc["n_images"] == 3 and [s["path"] for s in doc["skipped"]] == ["broken.jpg"]
     assert "no such image file" in doc["skipped"][0]["reason"]
 
@@ -414,7 +411,7 @@ def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, f
     assert list_images(root) == ["UP.PNG", "anim.gif", "c.TIFF", "sub/b.Bmp"]
     assert other_files(root) == ["notes.txt", "sub/labels.json"]
     notes = []
-    kw = dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append, plots=False)
+    kw = dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append)
     doc = top_images(vit, root, tmp_path / "out", **kw).doc
     assert (doc["n_files"], doc["n_images"], doc["n_other_files"], doc["skipped"]) == (4, 4, 2, [])
     assert notes == [f"{root}: left out 2 files that Pillow does not read as images: notes.txt, sub/labels.json"]

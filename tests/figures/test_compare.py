@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from qkweights.errors import InputError
-from qkweights.figures.compare import Curve, compare, curves_from
+from qkweights.figures.compare import compare, curves_from
+from qkweights.figures.curves import Curve
 from qkweights.weights.profiles import compute_profile
 
 
