@@ -345,10 +345,6 @@ class SameObjectResult:
     def to_json(self) -> dict:
         return self.doc
 
-    def probability(self) -> dict[tuple[int, int], float]:
-        """{(layer, head): P(l, h)}."""
-        return {(e["layer"], h["head"]): h["probability"] for e in self.doc["layers"] for h in e["heads"]}
-
     def save(self, out_dir) -> list[Path]:
         """Write ``same_object.csv`` and ``same_object.json`` into ``out_dir``; returns the paths."""
         out = Path(out_dir)

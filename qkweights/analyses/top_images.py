@@ -261,10 +261,6 @@ class TopImagesResult:
     files: list[Path] = field(default_factory=list)
 
     @property
-    def n_images(self) -> int:
-        return self.doc["n_images"]
-
-    @property
     def skipped(self) -> list[dict]:
         return self.doc["skipped"]
 

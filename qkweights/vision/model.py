@@ -51,11 +51,6 @@ def _norm(ck: Checkpoint, role: str, i: int | None = None) -> Norm | None:
     return None if n is None else Norm(_f32(n.gamma), _f32(n.beta))
 
 
-def value_weights(ck: Checkpoint, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """W_v (D, D) stored (out, in) and b_v (D,) of layer ``i``: :meth:`Checkpoint.value`."""
-    return ck.value(i)
-
-
 def _activation(ck: Checkpoint) -> str:
     if ck.dims.swiglu:
         return "swiglu"
