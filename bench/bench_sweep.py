@@ -82,10 +82,10 @@ def bare_forward(model, root: Path) -> float:
 
 
 def sweep(model, root: Path, out: Path, **where) -> float:
-    from qkweights.analyses.top_images import top_images
+    from qkweights.analyses.top_images import run_top_images
 
     t0 = time.perf_counter()
-    top_images(model, root, out, batch_size=BATCH, **where)
+    run_top_images(model, root, out, batch_size=BATCH, **where)
     return time.perf_counter() - t0
 
 
@@ -105,8 +105,8 @@ START_CHILD = """import sys, time
 t0 = time.perf_counter()
 import qkweights.cli.top_images, qkweights.analyses.top_images, qkweights.analyses.sweep as sweep
 t1 = time.perf_counter()
-from qkweights.vision.model import load_model
-model = load_model(sys.argv[1])
+from qkweights.vision.model import open_vision_model
+model = open_vision_model(sys.argv[1])
 t2 = time.perf_counter()
 sweep.mode_bank(model.checkpoint, list(range(model.dims.layers)), list(range(model.dims.heads)), list(range(10)))
 t3 = time.perf_counter()
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--no-figures", action="store_true", help="skip the figure timing")
     args = parser.parse_args()
 
-    from qkweights.vision.model import load_model
+    from qkweights.vision.model import open_vision_model
 
     blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()]
     cores = os.cpu_count()
@@ -190,7 +190,7 @@ def main() -> None:
             f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, "
             f"{64 / seconds:.2f} img/s (a child process, import and model load included)"
         )
-    model = load_model(str(vit_dir))
+    model = open_vision_model(str(vit_dir))
     root = photos(args.images)
     if (
         not args.no_figures and not args.scaling

@@ -59,9 +59,9 @@ def load_model(model: str, **options):
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
     :func:`qkweights.specs.load.open_model`).
     """
-    from qkweights.vision.model import load_model as _load
+    from qkweights.vision.model import open_vision_model
 
-    return _load(model, **options)
+    return open_vision_model(model, **options)
 
 
 def report(dirs, out, *, thumb_px: int = 96, top: int = 8, max_mb: float = 50.0, thumbs: bool = True):

@@ -163,7 +163,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     """
     from qkweights.analyses.maps import projection_maps
     from qkweights.atlas import report
-    from qkweights.vision.model import load_model
+    from qkweights.vision.model import open_vision_model
     from qkweights.workflow import Reporter, o3, profile, same_object, save_maps, save_profile, top_images
 
     def stage(text: str) -> None:
@@ -176,7 +176,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     prof = profile(str(folder), reporter=Reporter(downloads=False))
     written = save_profile(prof, out / "profile")
     heads = extreme_heads(prof.weighted)
-    model = load_model(str(folder))
+    model = open_vision_model(str(folder))
 
     stage(f"projection maps on {DEMO_IMAGE}: layer/head {heads[0]} (lowest weighted cosine), {heads[1]} (highest)")
     for layer, head in heads:
@@ -215,6 +215,6 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     report([out], out / ATLAS_NAME)
     written.append(out / ATLAS_NAME)
 
-    text = summary_text(out, folder, _card(folder), heads, prof.weighted, result.summary, N_SCENES, same.doc)
+    text = summary_text(out, folder, _card(folder), heads, prof.weighted, result.doc, N_SCENES, same.doc)
     written.append(write_text(out / SUMMARY_NAME, text))
     return written

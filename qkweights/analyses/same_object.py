@@ -59,6 +59,8 @@ from qkweights.analyses.sweep import (
     merge_topk,
     mode_bank,
     model_identity,
+    model_record,
+    opened,
     patch_grid,
     select_modes,
     skip_reason,
@@ -194,7 +196,7 @@ def mean_sem(values: np.ndarray) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class LabelledImage:
     """One eligible image ready for the forward pass."""
 
     pixels: np.ndarray  # (3, H, W) float32 model input
@@ -203,7 +205,7 @@ class Prepared:
     a: np.ndarray  # (M, N) float64 object fraction of each patch
 
 
-def prepare(model, item: SegItem, size) -> Prepared:
+def prepare(model, item: SegItem, size) -> LabelledImage:
     """Read one item: model input, label map on the patch grid, objects of at least one patch.
 
     InputError (message = the skip reason) when a file is unusable or the image is not
@@ -224,7 +226,7 @@ def prepare(model, item: SegItem, size) -> Prepared:
             f"{NOT_ELIGIBLE}: {len(objects)} object(s) cover at least one patch "
             f"({n_all} on the model input, {len(classes)} annotated); {MIN_OBJECTS} are needed"
         )
-    return Prepared(pixels, objects, np.array([classes[int(o)] for o in objects], np.int64), a)
+    return LabelledImage(pixels, objects, np.array([classes[int(o)] for o in objects], np.int64), a)
 
 
 # ----------------------------------------------------------------------------- partial results and the analysis
@@ -279,7 +281,7 @@ class SameObjectAnalysis(ModeSweep):
 
     def compute(self, model, ctx, batch: Batch) -> SamePartial:
         layers, w = ctx.layers, ctx.w
-        prepared: list[Prepared] = batch.data
+        prepared: list[LabelledImage] = batch.data
         out = model.forward(np.stack([p.pixels for p in prepared]), layers=layers, truncate=True, hidden=False)
         b = len(prepared)
         scores, slots = [], []
@@ -409,7 +411,7 @@ def build_rows(items: list[SegItem], st: SamePartial, layers, heads, modes) -> l
     return rows
 
 
-def summarise(
+def layer_entries(
     st: SamePartial, layers: list[int], heads: list[int], modes: list[int], sigma: np.ndarray, n_layers: int
 ) -> list[dict]:
     """The ``layers`` entries of the document: per layer P mean, s.e.m., chance and the heads' and modes' values.
@@ -484,7 +486,7 @@ def protocol_text(model, size, patch: int) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-def same_object(
+def run_same_object(
     model,
     data_dir,
     out_dir,
@@ -502,8 +504,8 @@ def same_object(
 ) -> SameObjectResult:
     """Run the same-object protocol (module docstring) on ``data_dir``; write the outputs into ``out_dir``.
 
-    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument for
-    :func:`~qkweights.vision.model.load_model`. data_dir: a folder in one of the layouts of
+    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument
+    (:func:`~qkweights.analyses.sweep.opened`). data_dir: a folder in one of the layouts of
     :mod:`qkweights.datasets.ade20k`. layers, heads: 0-based indices (None: all); modes: indices,
     those ≥ head_dim dropped; top: images selected per mode. Where the shards run:
     ``client`` (a ``distributed.Client``), else ``workers`` local processes, else here
@@ -515,10 +517,7 @@ def same_object(
     The caller holds ``out_dir`` (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.same_object`
     does.
     """
-    from qkweights.vision.model import load_model
-
-    if isinstance(model, str):
-        model = load_model(model)
+    model = opened(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
     layers, heads, modes = select_modes(d, layers, heads, modes, top, batch_size, shard_size)
@@ -563,15 +562,7 @@ def same_object(
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": source,
-        "model": {
-            "family": model.checkpoint.spec.name,
-            "layers": d.layers,
-            "heads": d.heads,
-            "hidden": d.hidden,
-            "head_dim": d.head_dim,
-            "patch_size": patch,
-            "grid": [gh, gw],
-        },
+        "model": model_record(model, head_dim=d.head_dim, patch_size=patch, grid=[gh, gw]),
         "dataset": {
             "root": str(root.resolve()),
             "layout": data.layout,
@@ -593,7 +584,7 @@ def same_object(
         "fingerprint": sweep.fingerprint,
         "blas": sweep.kernels(),
         "skipped": skipped,
-        "layers": summarise(st, layers, heads, modes, bank.sigma, d.layers),
+        "layers": layer_entries(st, layers, heads, modes, bank.sigma, d.layers),
     }
     result = SameObjectResult(doc, build_rows(items, st, layers, heads, modes))
     result.files = result.save(out)

@@ -1,11 +1,13 @@
-"""What the mode sweeps share: ``top-images`` and ``same-object`` score images on chosen query-key modes.
+"""What the image analyses share, above all the mode sweeps: ``top-images`` and ``same-object`` score images on
+chosen query-key modes.
 
 Both run a :class:`ModeSweep` (the options they share) over a folder with :mod:`qkweights.analyses.runner`:
 the chosen modes of the chosen heads are one :class:`ModeBank` per worker (:func:`mode_bank`), the chosen
 layers, heads and modes are checked once (:func:`select_modes`), and a partial result keeps the top K of
 each mode (:func:`merge_topk`). Here too: how an image folder is listed (:func:`list_images`) and read
 (:func:`load_batch`), which errors skip an image rather than stop the run (:data:`READ_ERRORS`, also
-for the O3 analysis) and the one-line reason recorded for it (:func:`skip_reason`).
+for the O3 analysis) and the one-line reason recorded for it (:func:`skip_reason`); and the provenance and
+``model`` block every analysis's document holds (:func:`model_identity`, :func:`model_record`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from qkweights.analyses.runner import Analysis
 from qkweights.checkpoints.folders import image_suffixes, not_a_folder
 from qkweights.errors import InputError, QkError
 from qkweights.specs.load import source_record
+from qkweights.vision.model import open_vision_model
 from qkweights.weights.qk import qk_svd
 
 READ_ERRORS = (QkError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -209,6 +212,19 @@ class ModeSweep(Analysis):
 
 
 # ----------------------------------------------------------------------------- the model
+
+
+def opened(model):
+    """``model`` itself, or the :class:`~qkweights.vision.model.VisionModel` that
+    :func:`~qkweights.vision.model.open_vision_model` opens for a MODEL argument (Hub id, folder or file)."""
+    return open_vision_model(model) if isinstance(model, str) else model
+
+
+def model_record(model, **extra) -> dict:
+    """The ``model`` block of every analysis's document: family, layers, heads, hidden, then ``extra`` (what that
+    analysis records besides: head_dim, patch_size, grid), in that order."""
+    d = model.dims
+    return {"family": model.checkpoint.spec.name, "layers": d.layers, "heads": d.heads, "hidden": d.hidden, **extra}
 
 
 def model_identity(model) -> dict:

@@ -44,6 +44,8 @@ from qkweights.analyses.sweep import (
     load_batch,
     mode_bank,
     model_identity,
+    model_record,
+    opened,
     other_files,
     patch_grid,
     select_modes,
@@ -340,18 +342,11 @@ def build_document(
                     }
                 )
             heads.append({"layer": l, "head": h, "modes": modes})
-    d = model.dims
     return {
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": source,
-        "model": {
-            "family": model.checkpoint.spec.name,
-            "layers": d.layers,
-            "heads": d.heads,
-            "hidden": d.hidden,
-            "head_dim": d.head_dim,
-        },
+        "model": model_record(model, head_dim=model.dims.head_dim),
         "image_dir": str(root),
         "options": options,
         "score": SCORE_TEXT,
@@ -378,9 +373,9 @@ def build_document(
 # ----------------------------------------------------------------------------- the command
 
 
-def top_images(
+def run_top_images(
     model,
-    image_dir,
+    data_dir,
     out_dir,
     *,
     layers=None,
@@ -395,9 +390,10 @@ def top_images(
     notes: Callable[[str], object] | None = None,
     fold_ln: bool = False,
 ) -> TopImagesResult:
-    """Top-``top`` images of ``image_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
+    """Top-``top`` images of ``data_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
 
-    model: a :class:`qkweights.vision.model.VisionModel`. layers, heads: 0-based indices (None:
+    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument (:func:`qkweights.analyses.sweep.opened`).
+    layers, heads: 0-based indices (None:
     all); modes: indices, those ≥ head_dim dropped. Where the shards run: ``client`` (a
     ``distributed.Client``), else ``workers`` local processes, else here (see
     :func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
@@ -412,8 +408,9 @@ def top_images(
     """
     import warnings
 
+    model = opened(model)
     d = model.dims
-    root, out = Path(image_dir), Path(out_dir)
+    root, out = Path(data_dir), Path(out_dir)
     layers, heads, modes = select_modes(d, layers, heads, modes, top, batch_size, shard_size)
     paths, others = list_images(root), other_files(root)
     if not paths:

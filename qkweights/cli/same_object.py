@@ -34,10 +34,10 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from qkweights.analyses.same_object import JSON_NAME
-    from qkweights.workflow import load_model, same_object
+    from qkweights.workflow import load_vision_model, same_object
 
     reporter = Terminal(quiet=args.quiet)
-    model = load_model(args.model, reporter=reporter, **model_options(args))
+    model = load_vision_model(args.model, reporter=reporter, **model_options(args))
     out = out_dir(args, model.source.model_id)
     with sweep_options(args) as where, reporter:
         result = same_object(

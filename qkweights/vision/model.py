@@ -313,7 +313,7 @@ class ModelRef:
         """The :class:`~qkweights.vision.model.VisionModel`, loaded once per process."""
         model = _MODELS.get(self)
         if model is None:
-            model = _MODELS[self] = load_model(
+            model = _MODELS[self] = open_vision_model(
                 self.model,
                 revision=self.revision,
                 family=self.family,
@@ -422,7 +422,7 @@ def _part_read(ck: Checkpoint) -> str | None:
     return ck.store.metadata.get("part") if isinstance(ck.store, TorchStore) else None
 
 
-def load_model(model: str, *, spec: Spec | None = None, **options) -> VisionModel:
+def open_vision_model(model: str, *, spec: Spec | None = None, **options) -> VisionModel:
     """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see

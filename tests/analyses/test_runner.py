@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from qkweights import workflow
-from qkweights.analyses.o3 import O3Analysis, o3_allocation, select_items
+from qkweights.analyses.o3 import O3Analysis, run_o3, select_items
 from qkweights.analyses.runner import ShardError, Task, run_shard, run_sweep
 from qkweights.analyses.sweep import list_images, patch_grid
-from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, top_images
+from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, run_top_images
 from qkweights.datasets.synthetic_o3 import make_o3
-from qkweights.vision.model import ModelRef, load_model
+from qkweights.vision.model import ModelRef, open_vision_model
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def scenes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_model(str(MODELS / "vit"))
+    return open_vision_model(str(MODELS / "vit"))
 
 
 TOP = dict(layers=[0, 1], heads=[0, 3], modes=range(4), top=5, batch_size=3, shard_size=4)
@@ -96,29 +96,29 @@ def test_o3_merge_is_associative_and_commutative_with_empty_as_identity(vit, sce
 
 
 def test_local_workers_equal_serial(vit, scenes, tmp_path):
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
-    _equal_top(top_images(vit, scenes / "images", tmp_path / "w2", **TOP, workers=2), serial)
-    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4)
-    o3_w2 = o3_allocation(vit, scenes, tmp_path / "o3w", batch_size=3, shard_size=4, workers=2)
-    assert o3_w2.summary == o3_serial.summary
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    _equal_top(run_top_images(vit, scenes / "images", tmp_path / "w2", **TOP, workers=2), serial)
+    o3_serial = run_o3(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4)
+    o3_w2 = run_o3(vit, scenes, tmp_path / "o3w", batch_size=3, shard_size=4, workers=2)
+    assert o3_w2.doc == o3_serial.doc
     assert (tmp_path / "o3w" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
 
 
 def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
-    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4)
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    o3_serial = run_o3(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4)
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        _equal_top(top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
-        o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, client=client)
+        _equal_top(run_top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
+        o3_dask = run_o3(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, client=client)
         # figures drawn on the cluster's workers
         drawn = workflow.top_images(vit, scenes / "images", tmp_path / "fig", **TOP, client=client)
-    assert o3_dask.summary == o3_serial.summary
+    assert o3_dask.doc == o3_serial.doc
     assert (tmp_path / "o3d" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
     assert sorted(p.name for p in drawn.files if p.name.startswith("top_L")) == [
         f"top_L{l}_H{h}.png" for l in (0, 1) for h in (0, 3)
@@ -198,25 +198,25 @@ def _kill_a_worker_once():
 
 
 def test_a_killed_local_worker_loses_nothing(vit, scenes, tmp_path):
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
     progress, state = _kill_a_worker_once()
-    killed = top_images(
+    killed = run_top_images(
         vit, scenes / "images", tmp_path / "killed", **{**TOP, "shard_size": 2}, workers=2, progress=progress
     )
     assert state["killed"] is not None
-    serial2 = top_images(vit, scenes / "images", tmp_path / "serial2", **{**TOP, "shard_size": 2})
+    serial2 = run_top_images(vit, scenes / "images", tmp_path / "serial2", **{**TOP, "shard_size": 2})
     _equal_top(killed, serial2)
-    o3_ref = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2)
+    o3_ref = run_o3(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2)
     progress, state = _kill_a_worker_once()
-    o3_killed = o3_allocation(vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, workers=2, progress=progress)
-    assert state["killed"] is not None and o3_killed.summary == o3_ref.summary
+    o3_killed = run_o3(vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, workers=2, progress=progress)
+    assert state["killed"] is not None and o3_killed.doc == o3_ref.doc
     assert serial.doc["n_images"] == killed.doc["n_images"] == 14
 
 
 def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
     kw = {**TOP, "shard_size": 2}
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **kw)
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", **kw)
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
@@ -231,7 +231,7 @@ def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
                 state["killed"] = True
                 os.kill(pids[0], signal.SIGKILL)
 
-        killed = top_images(vit, scenes / "images", tmp_path / "killed", **kw, client=client, progress=progress)
+        killed = run_top_images(vit, scenes / "images", tmp_path / "killed", **kw, client=client, progress=progress)
     assert state["killed"]
     _equal_top(killed, serial)
 
@@ -419,7 +419,7 @@ def _interrupted(model, images, out):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_images(model, images, out, **TOP, progress=progress)
+        run_top_images(model, images, out, **TOP, progress=progress)
     assert (out / STATE_NAME).is_file()
 
 
@@ -431,22 +431,22 @@ def test_a_state_of_another_spec_is_not_resumed(vit, scenes, swapped_spec, tmp_p
     first, edited = vit, (swapped_spec / "hf-vit.toml").read_text()
     if how == "edited file":  # the first run reads the user file before its edit: the shipped spec, copied
         (swapped_spec / "hf-vit.toml").write_text((spec_dir() / "hf-vit.toml").read_text())
-        first = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
+        first = open_vision_model(str(MODELS / "vit"), spec_dir=swapped_spec)
     _interrupted(first, images, out)
     if how == "environment":
         monkeypatch.setenv(SPEC_PATH_ENV, str(swapped_spec))
-        second = load_model(str(MODELS / "vit"))
+        second = open_vision_model(str(MODELS / "vit"))
     else:
         (swapped_spec / "hf-vit.toml").write_text(edited)
-        second = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
+        second = open_vision_model(str(MODELS / "vit"), spec_dir=swapped_spec)
     assert second.checkpoint.spec.attention.q == first.checkpoint.spec.attention.k  # the swap took
     told = []
-    rerun = top_images(second, images, out, **TOP, notes=told.append)
+    rerun = run_top_images(second, images, out, **TOP, notes=told.append)
     assert told == [
         f"{out / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"
     ]
-    _equal_top(rerun, top_images(second, images, tmp_path / "clean", **TOP))
-    assert rerun.doc != top_images(first, images, tmp_path / "first", **TOP).doc  # the two specs' numbers differ
+    _equal_top(rerun, run_top_images(second, images, tmp_path / "clean", **TOP))
+    assert rerun.doc != run_top_images(first, images, tmp_path / "first", **TOP).doc  # the two specs' numbers differ
 
 
 def test_the_same_spec_resumes(vit, scenes, tmp_path):
@@ -455,9 +455,9 @@ def test_the_same_spec_resumes(vit, scenes, tmp_path):
     images, out = scenes / "images", tmp_path / "out"
     _interrupted(vit, images, out)
     told = []
-    resumed = top_images(load_model(str(MODELS / "vit")), images, out, **TOP, notes=told.append)
+    resumed = run_top_images(open_vision_model(str(MODELS / "vit")), images, out, **TOP, notes=told.append)
     assert told == [f"resuming from {out / STATE_NAME}: 4 of 14 images already done"]
-    _equal_top(resumed, top_images(vit, images, tmp_path / "clean", **TOP))
+    _equal_top(resumed, run_top_images(vit, images, tmp_path / "clean", **TOP))
 
 
 def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tmp_path, monkeypatch):
@@ -475,10 +475,10 @@ def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tm
     ):
         monkeypatch.setenv(SPEC_PATH_ENV, str(swapped_spec))
         assert set(client.run(lambda: os.environ.get(SPEC_PATH_ENV)).values()) == {None}
-        model = load_model(str(MODELS / "vit"))
+        model = open_vision_model(str(MODELS / "vit"))
         assert model.checkpoint.spec.user
-        on_dask = top_images(model, images, tmp_path / "dask", **TOP, client=client)
-    _equal_top(on_dask, top_images(model, images, tmp_path / "serial", **TOP))
+        on_dask = run_top_images(model, images, tmp_path / "dask", **TOP, client=client)
+    _equal_top(on_dask, run_top_images(model, images, tmp_path / "serial", **TOP))
 
 
 # ----------------------------------------------------------------------------- where it runs: user mistakes
@@ -540,7 +540,7 @@ def test_a_dask_cluster_without_workers_says_so_and_stops_after_the_stated_time(
         address = client.scheduler.address
         start = time.monotonic()
         with pytest.raises(InputError) as e:
-            top_images(vit, scenes / "images", tmp_path / "out", **TOP, client=client, notes=told.append)
+            run_top_images(vit, scenes / "images", tmp_path / "out", **TOP, client=client, notes=told.append)
         waited = time.monotonic() - start
     assert told == [
         f"the Dask scheduler {address} has no workers; waiting up to 2 s for one (start one with "
@@ -561,7 +561,7 @@ def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, 
     from qkweights.analyses.runner import cores, shard_size_for
 
     seen, told = [], []
-    top_images(
+    run_top_images(
         vit,
         scenes / "images",
         tmp_path / "out",
@@ -618,7 +618,7 @@ def test_32_images_on_2_workers_make_shards_for_both(vit, scenes, tmp_path):
     for path in sorted(images.rglob("*.jpg"))[32:]:  # … of which 32 are kept
         path.unlink()
     done = []
-    top_images(
+    run_top_images(
         vit, images, tmp_path / "out", **{**TOP, "shard_size": None}, workers=2, progress=lambda d, t: done.append(d)
     )
     assert done == [0, 4, 8, 12, 16, 20, 24, 28, 32]
@@ -635,14 +635,14 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, images, out, **kw, progress=stop)
+        run_top_images(vit, images, out, **kw, progress=stop)
     done, told = [], []
-    resumed = top_images(
+    resumed = run_top_images(
         vit, images, out, **{**kw, "shard_size": 5}, workers=2, notes=told.append, progress=lambda d, t: done.append(d)
     )
     assert told == [f"resuming from {out / STATE_NAME}: 6 of 14 images already done"]
     assert done in ([6, 11, 14], [6, 9, 14])  # the shards of 5 and 3 images, finished in either order
-    _equal_top(resumed, top_images(vit, images, tmp_path / "whole", **{**kw, "shard_size": 4}))
+    _equal_top(resumed, run_top_images(vit, images, tmp_path / "whole", **{**kw, "shard_size": 4}))
 
 
 def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch):
@@ -658,7 +658,7 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, images, out, **TOP, progress=stop)
+        run_top_images(vit, images, out, **TOP, progress=stop)
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # read by the workers' OpenBLAS as they start
     with (
         distributed.LocalCluster(
@@ -670,7 +670,7 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
         if there["architecture"] == here["architecture"]:
             pytest.skip(f"this machine's OpenBLAS runs {here['architecture']} whatever OPENBLAS_CORETYPE says")
         told = []
-        result = top_images(vit, images, out, **TOP, client=client, notes=told.append)
+        result = run_top_images(vit, images, out, **TOP, client=client, notes=told.append)
     kernels = sorted(
         [here, there],
         key=lambda r: json.dumps({k: r[k] for k in ("internal_api", "architecture", "version")}, sort_keys=True),
@@ -688,7 +688,7 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
 
 def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
     told = []
-    result = top_images(vit, scenes / "images", tmp_path / "out", **TOP, workers=2, notes=told.append)
+    result = run_top_images(vit, scenes / "images", tmp_path / "out", **TOP, workers=2, notes=told.append)
     from qkweights.analyses.runner import blas_record
 
     here = blas_record()
@@ -827,7 +827,7 @@ def test_skipped_images_are_listed_in_input_order_across_shards(vit, scenes, tmp
     for name in ("b5.jpg", "c5.jpg"):
         (root / name).write_bytes(b"")
     kw = {**TOP, "shard_size": 5, "batch_size": 5}
-    result = top_images(vit, root, tmp_path / "out", **kw, workers=3)
+    result = run_top_images(vit, root, tmp_path / "out", **kw, workers=3)
     assert [s["path"] for s in result.doc["skipped"]] == ["a9.png", "b5.jpg", "c5.jpg"]
 
 
@@ -845,7 +845,7 @@ def test_a_changed_image_of_the_same_size_restarts_the_resume(vit, scenes, tmp_p
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert path.stat().st_size == st.st_size
     told = []
-    top_images(vit, images, out, **TOP, notes=told.append)
+    run_top_images(vit, images, out, **TOP, notes=told.append)
     assert told == [
         f"{out / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"
     ]
@@ -860,9 +860,9 @@ def test_a_state_archive_lacking_its_keys_is_ignored_with_a_note(vit, scenes, tm
     kept = {"none": [], "fingerprint only": ["fingerprint"], "no skipped list": [k for k in saved if k != "skipped"]}
     np.savez(out / STATE_NAME, **{k: saved[k] for k in kept[keys]})
     told = []
-    result = top_images(vit, images, out, **TOP, notes=told.append)
+    result = run_top_images(vit, images, out, **TOP, notes=told.append)
     assert told == [f"{out / STATE_NAME} is unreadable (KeyError); ignoring it and starting over"]
-    _equal_top(result, top_images(vit, images, tmp_path / "clean", **TOP))
+    _equal_top(result, run_top_images(vit, images, tmp_path / "clean", **TOP))
 
 
 def test_top_images_merge_ties_go_to_the_earlier_image(vit, scenes, tmp_path):

@@ -241,17 +241,17 @@ def one_layer_results(tmp_path_factory):
     for a one-layer model (O3)."""
     from conftest import MODELS, edited_fixture, quadrant_scenes
 
-    from qkweights.analyses.o3 import o3_allocation
-    from qkweights.analyses.same_object import same_object
+    from qkweights.analyses.o3 import run_o3
+    from qkweights.analyses.same_object import run_same_object
 
     tmp = tmp_path_factory.mktemp("one")
     scenes = quadrant_scenes(tmp / "scenes")
     one = edited_fixture(tmp, "one", lambda t: [t.pop(k) for k in list(t) if k.startswith("encoder.layer.1.")])
     cfg = json.loads((one / "config.json").read_text())
     (one / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 1}))
-    same = same_object(str(MODELS / "vit"), scenes, tmp / "so", layers=[1], modes=[0], top=2)
-    o3 = o3_allocation(str(one), scenes, tmp / "o3")
-    return same.doc, o3.summary
+    same = run_same_object(str(MODELS / "vit"), scenes, tmp / "so", layers=[1], modes=[0], top=2)
+    o3 = run_o3(str(one), scenes, tmp / "o3")
+    return same.doc, o3.doc
 
 
 def test_one_layer_same_object_and_o3_figures_draw_every_legend_entry(one_layer_results):

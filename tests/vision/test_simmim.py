@@ -31,7 +31,7 @@ from qkweights.errors import CheckpointError, SpecError
 from qkweights.specs.load import open_model
 from qkweights.specs.spec import load_specs, open_checkpoint, relative_window, spec_dir
 from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
-from qkweights.vision.model import load_model, vision_model
+from qkweights.vision.model import open_vision_model, vision_model
 from qkweights.weights.profiles import compute_profile
 from qkweights.weights.qk import qk_svd
 
@@ -85,7 +85,7 @@ def models():
 
     def get(flavour):
         if flavour not in cache:
-            cache[flavour] = load_model(str(path(flavour)))
+            cache[flavour] = open_vision_model(str(path(flavour)))
         return cache[flavour]
 
     return get
