@@ -54,6 +54,7 @@ def bench_o3(args) -> None:
     Overhead = median(o3) / median(forward) − 1.
     """
     from qkweights.analyses.o3 import SUMMARY_NAME, prepare, run_o3, select_items
+    from qkweights.analyses.runner import SweepSettings
     from qkweights.figures.o3 import FIGURE_NAME, o3_figure
     from qkweights.vision.model import open_vision_model
 
@@ -85,7 +86,7 @@ def bench_o3(args) -> None:
                     model.forward(x, attentions=True)
                 forward.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                run_o3(model, data, Path(tmp) / f"run{r}", batch_size=args.batch)
+                run_o3(model, data, Path(tmp) / f"run{r}", SweepSettings(batch_size=args.batch))
                 o3.append(time.perf_counter() - t0)
             summary = Path(tmp) / "run0" / SUMMARY_NAME
             t0 = time.perf_counter()

@@ -82,10 +82,11 @@ def bare_forward(model, root: Path) -> float:
 
 
 def sweep(model, root: Path, out: Path, **where) -> float:
+    from qkweights.analyses.runner import SweepSettings
     from qkweights.analyses.top_images import run_top_images
 
     t0 = time.perf_counter()
-    run_top_images(model, root, out, batch_size=BATCH, **where)
+    run_top_images(model, root, out, settings=SweepSettings(batch_size=BATCH, **where))
     return time.perf_counter() - t0
 
 

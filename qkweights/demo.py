@@ -162,6 +162,8 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     scenes and overwrites the other outputs.
     """
     from qkweights.analyses.maps import projection_maps
+    from qkweights.analyses.runner import SweepSettings
+    from qkweights.analyses.sweep import ModeSelection
     from qkweights.atlas import report
     from qkweights.vision.model import open_vision_model
     from qkweights.workflow import Reporter, o3, profile, same_object, save_maps, save_profile, top_images
@@ -190,25 +192,17 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     stage(f"top images over the {N_SCENES} scenes")
     layers, head_ids = sorted({l for l, _ in heads}), sorted({h for _, h in heads})
     top_dir = out / "top_images"
-    written += top_images(
-        model,
-        scenes / "images",
-        top_dir,
-        layers=layers,
-        heads=head_ids,
-        modes=range(TOP_MODES),
-        top=TOP_IMAGES,
-        batch_size=16,
-    ).files
+    selection = ModeSelection(layers, head_ids, range(TOP_MODES), TOP_IMAGES)
+    written += top_images(model, scenes / "images", top_dir, selection, SweepSettings(batch_size=16)).files
 
     stage(f"O3 attention allocation on the {N_SCENES} scenes")
-    result = o3(model, scenes, out / "o3", batch_size=16)
+    result = o3(model, scenes, out / "o3", SweepSettings(batch_size=16))
     written += result.files
 
     stage(f"same object: {N_SCENES} scenes with objects {SAME_OBJECT_SCALE:g}× larger and their instance maps")
     big = scene_folder(out, model.dims.image_size, name="same_object_scenes", object_scale=SAME_OBJECT_SCALE)
     written.append(big)
-    same = same_object(model, big, out / "same_object", batch_size=16)
+    same = same_object(model, big, out / "same_object", settings=SweepSettings(batch_size=16))
     written += same.files
 
     stage("the atlas of these results")

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,10 @@ from qkweights.outputs import holds_output, record_outputs
 from qkweights.specs.load import open_model, source_record
 from qkweights.specs.spec import Checkpoint
 from qkweights.weights.profiles import Profile, compute_profile, load_profile
+
+if TYPE_CHECKING:
+    from qkweights.analyses.runner import SweepSettings
+    from qkweights.analyses.sweep import ModeSelection
 
 PROFILE_FILE = "profile.json"
 
@@ -267,8 +272,22 @@ def _reported(reporter: Reporter | None, task: str) -> dict:
     return {"progress": reporter.counter(task, "images"), "notes": reporter.note if reporter.takes_notes() else None}
 
 
+def _given(**options) -> dict:
+    """The options given (not None): the others keep the analysis's own defaults."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
 @holds_output("out", inputs=("data_dir",))
-def o3(model, data_dir, out, *, plots: bool = True, reporter: Reporter | None = None, **options):
+def o3(
+    model,
+    data_dir,
+    out,
+    settings: SweepSettings | None = None,
+    *,
+    max_images: int | None = None,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+):
     """:func:`qkweights.analyses.o3.run_o3` into ``out`` and, with ``plots``, ``o3_by_layer.png``
     (:func:`qkweights.figures.o3.o3_figure`); progress as "o3" images and notes to ``reporter``.
 
@@ -280,7 +299,8 @@ def o3(model, data_dir, out, *, plots: bool = True, reporter: Reporter | None = 
 
     if isinstance(model, str):
         model = load_vision_model(model, reporter=reporter)
-    result = run_o3(model, data_dir, out, **_reported(reporter, "o3"), **options)
+    options = _given(settings=settings, max_images=max_images)
+    result = run_o3(model, data_dir, out, **options, **_reported(reporter, "o3"))
     if plots:
         from qkweights.figures.o3 import FIGURE_NAME, o3_figure
 
@@ -290,7 +310,17 @@ def o3(model, data_dir, out, *, plots: bool = True, reporter: Reporter | None = 
 
 
 @holds_output("out", inputs=("data_dir",))
-def top_images(model, data_dir, out, *, plots: bool = True, reporter: Reporter | None = None, **options):
+def top_images(
+    model,
+    data_dir,
+    out,
+    selection: ModeSelection | None = None,
+    settings: SweepSettings | None = None,
+    *,
+    fold_ln: bool = False,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+):
     """:func:`qkweights.analyses.top_images.run_top_images` into ``out`` and, with ``plots``, its figures
     (:func:`qkweights.figures.top_images.draw_top_images`, drawn where the sweep ran); progress as "top-images"
     images and notes to ``reporter``.
@@ -300,18 +330,30 @@ def top_images(model, data_dir, out, *, plots: bool = True, reporter: Reporter |
     """
     from qkweights.analyses.top_images import run_top_images
 
-    result = run_top_images(model, data_dir, out, **_reported(reporter, "top-images"), **options)
+    if isinstance(model, str):
+        model = load_vision_model(model, reporter=reporter)
+    options = _given(selection=selection, settings=settings)
+    result = run_top_images(model, data_dir, out, **options, fold_ln=fold_ln, **_reported(reporter, "top-images"))
     if plots:
         from qkweights.figures.top_images import draw_top_images
 
-        where = {key: options.get(key) for key in ("workers", "client")}
+        where = {"workers": settings.workers, "client": settings.client} if settings is not None else {}
         result.files += draw_top_images(model, result, Path(out), **where)
     record_outputs(out, "top-images", result.files)  # grids of heads no longer asked for, figures after --no-plots, go
     return result
 
 
 @holds_output("out", inputs=("data_dir",))
-def same_object(model, data_dir, out, *, plots: bool = True, reporter: Reporter | None = None, **options):
+def same_object(
+    model,
+    data_dir,
+    out,
+    selection: ModeSelection | None = None,
+    settings: SweepSettings | None = None,
+    *,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+):
     """:func:`qkweights.analyses.same_object.run_same_object` into ``out`` and, with ``plots``, its figures
     (:func:`qkweights.figures.same_object.draw_same_object`); progress as "same-object" images and notes to
     ``reporter``.
@@ -323,7 +365,8 @@ def same_object(model, data_dir, out, *, plots: bool = True, reporter: Reporter 
 
     if isinstance(model, str):
         model = load_vision_model(model, reporter=reporter)
-    result = run_same_object(model, data_dir, out, **_reported(reporter, "same-object"), **options)
+    options = _given(selection=selection, settings=settings)
+    result = run_same_object(model, data_dir, out, **options, **_reported(reporter, "same-object"))
     if plots:
         from qkweights.figures.same_object import draw_same_object
 

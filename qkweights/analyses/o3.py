@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Analysis, Batch, run_sweep
+from qkweights.analyses.runner import Analysis, Batch, SweepSettings, run_sweep
 from qkweights.analyses.sweep import READ_ERRORS, model_identity, model_record, opened, skip_reason
 from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
@@ -379,12 +379,9 @@ def run_o3(
     model: VisionModel | str,
     data_dir: str | Path,
     out_dir: str | Path,
+    settings: SweepSettings = SweepSettings(),
     *,
     max_images: int | None = None,
-    batch_size: int = 16,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    client=None,
     progress: Callable[[int, int], object] | None = None,
     notes: Callable[[str], object] | None = None,
 ) -> O3Result:
@@ -392,17 +389,16 @@ def run_o3(
     :func:`qkweights.figures.o3.o3_figure`'s).
 
     model: a :class:`VisionModel` or a MODEL argument (:func:`qkweights.analyses.sweep.opened`).
-    max_images: use the first N images by name (None: all). batch_size: images per
-    forward pass; shard_size: images per shard (the unit of work and of resume; None: chosen from
-    the images and the workers, :func:`qkweights.analyses.runner.shard_size_for`). Where
-    the shards run: ``client`` (a ``distributed.Client``), else ``workers`` local
-    processes, else here (:func:`qkweights.analyses.runner.run_sweep`; the result is the same).
+    max_images: use the first N images by name (None: all). settings: images per forward pass, images per
+    shard (the unit of work and of resume) and where the shards run
+    (:class:`~qkweights.analyses.runner.SweepSettings`; the result is the same).
     progress(done, total): images consumed (used or skipped), at the start and after each
     shard; notes(text): what the caller may tell the user (a resumed or ignored state).
     InputError when no image is usable (existing outputs are kept). Returns the :class:`O3Result`.
     The caller holds ``out_dir`` (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.o3` does.
     """
     model = opened(model)
+    batch_size, shard_size = settings.batch_size, settings.shard_size
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"batch size {batch_size}, shard size {shard_size}: both must be at least 1")
     if max_images is not None and max_images < 1:
@@ -416,17 +412,7 @@ def run_o3(
         json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str),
     )
     sweep = run_sweep(
-        an,
-        model,
-        items,
-        state_path=state_path,
-        source=model_identity(model),
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        client=client,
-        progress=progress,
-        notes=notes,
+        an, model, items, settings, state_path=state_path, source=model_identity(model), progress=progress, notes=notes
     )
     part: O3Partial = sweep.partial
     names = [items[i].name for i in part.positions]

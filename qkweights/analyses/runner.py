@@ -496,32 +496,48 @@ def _dask_threads(client) -> int:
     return sum(client.nthreads().values())
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """Where and how a sweep runs (:func:`run_sweep`); its results are the same whatever these are.
+
+    batch_size: images per forward pass (16 for every analysis: a batch's images run side by side, one BLAS
+    thread each, so a larger batch keeps more cores busy, and the images' numbers do not depend on it);
+    shard_size: images per shard, the unit of work, resume and progress (None: chosen, :func:`shard_size_for`);
+    workers: local worker processes (None: this process); client: a ``distributed.Client``, whose Dask cluster
+    runs the shards instead.
+    """
+
+    batch_size: int = 16
+    shard_size: int | None = None
+    workers: int | None = None
+    client: Any = None
+
+
 def run_sweep(
     an: Analysis,
     model,
     items: Sequence,
+    settings: SweepSettings = SweepSettings(),
     *,
     state_path: str | Path,
     source: dict,
-    shard_size: int | None = None,
-    batch_size: int = 16,
-    workers: int | None = None,
-    client=None,
     progress: Callable[[int, int], object] | None = None,
     notes: Callable[[str], object] | None = None,
 ) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
-    model: the :class:`~qkweights.vision.model.VisionModel`, open here; with local ``workers`` its
-    ``setup`` is computed here first, so forked workers share both. Where shards run: ``client`` (a
-    ``distributed.Client``) on its Dask cluster; else ``workers`` local processes (at most
-    one per shard; more than this machine's cores is noted); else here, one after another.
-    shard_size: images per shard; None chooses it from the images left and the workers
+    model: the :class:`~qkweights.vision.model.VisionModel`, open here; with local workers its
+    ``setup`` is computed here first, so forked workers share both. Where shards run (``settings``,
+    :class:`SweepSettings`): ``client`` (a ``distributed.Client``) on its Dask cluster; else ``workers``
+    local processes (at most one per shard; more than this machine's cores is noted); else here, one
+    after another. ``shard_size``: images per shard; None chooses it from the images left and the workers
     (:func:`shard_size_for`). progress(done, total): items consumed, at the start and after
     each shard; notes(text): a resumed or ignored state, more workers than cores, a Dask
     cluster without workers. The state file is kept; the caller removes it once its outputs
     are written.
     """
+    shard_size, batch_size = settings.shard_size, settings.batch_size
+    workers, client = settings.workers, settings.client
     if (shard_size is not None and shard_size < 1) or batch_size < 1:
         raise InputError(f"shard size {shard_size}, batch size {batch_size}: both must be at least 1")
     if workers is not None and workers < 1:

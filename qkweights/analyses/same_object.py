@@ -50,10 +50,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Batch, context, run_sweep
+from qkweights.analyses.runner import Batch, SweepSettings, context, run_sweep
 from qkweights.analyses.sweep import (
     READ_ERRORS,
     ModeBank,
+    ModeSelection,
     ModeSweep,
     input_size,
     merge_topk,
@@ -490,15 +491,9 @@ def run_same_object(
     model,
     data_dir,
     out_dir,
+    selection: ModeSelection = ModeSelection(top=5),
+    settings: SweepSettings = SweepSettings(),
     *,
-    layers=None,
-    heads=None,
-    modes=range(10),
-    top: int = 5,
-    batch_size: int = 16,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    client=None,
     progress: Callable[[int, int], object] | None = None,
     notes: Callable[[str], object] | None = None,
 ) -> SameObjectResult:
@@ -506,10 +501,9 @@ def run_same_object(
 
     model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument
     (:func:`~qkweights.analyses.sweep.opened`). data_dir: a folder in one of the layouts of
-    :mod:`qkweights.datasets.ade20k`. layers, heads: 0-based indices (None: all); modes: indices,
-    those ≥ head_dim dropped; top: images selected per mode. Where the shards run:
-    ``client`` (a ``distributed.Client``), else ``workers`` local processes, else here
-    (:func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
+    :mod:`qkweights.datasets.ade20k`. selection: the modes, and the images selected per mode
+    (:class:`~qkweights.analyses.sweep.ModeSelection`); settings: batch and shard sizes, and where the shards
+    run (:class:`~qkweights.analyses.runner.SweepSettings`; the result is the same). progress(done, total):
     images consumed, at the start and after each shard; notes(text): what the caller may
     tell the user (a resumed or ignored state). Writes ``same_object.csv`` and ``same_object.json``
     (the figures are :func:`qkweights.figures.same_object.draw_same_object`'s); resumable from
@@ -520,7 +514,8 @@ def run_same_object(
     model = opened(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
-    layers, heads, modes = select_modes(d, layers, heads, modes, top, batch_size, shard_size)
+    layers, heads, modes = select_modes(d, selection, settings)
+    top = selection.top
     data = open_segmentation(root)
     items = data.items
     size = input_size(model)
@@ -533,12 +528,9 @@ def run_same_object(
         an,
         model,
         items,
+        settings,
         state_path=state_path,
         source=source,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        client=client,
         progress=progress,
         notes=notes,
     )
@@ -577,7 +569,7 @@ def run_same_object(
             "heads": heads,
             "modes": modes,
             "top": top,
-            "batch_size": batch_size,
+            "batch_size": settings.batch_size,
             "input_size": list(size or ()),
         },
         "protocol": protocol_text(model, size, patch),

@@ -13,13 +13,14 @@ for the O3 analysis) and the one-line reason recorded for it (:func:`skip_reason
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from qkweights.analyses.runner import Analysis
+from qkweights.analyses.runner import Analysis, SweepSettings
 from qkweights.checkpoints.folders import image_suffixes, not_a_folder
 from qkweights.errors import InputError, QkError
 from qkweights.specs.load import source_record
@@ -110,20 +111,36 @@ def select_indices(values, limit: int, what: str, default) -> list[int]:
     return out
 
 
-def select_modes(dims, layers, heads, modes, top: int, batch_size: int, shard_size: int | None):
+@dataclass(frozen=True)
+class ModeSelection:
+    """Which modes a mode sweep scores, and how many images it keeps per mode.
+
+    layers, heads: 0-based indices (None: all); modes: indices, those ≥ the head dim dropped; top: images kept
+    per mode (per layer, head, mode and sign for top-images).
+    """
+
+    layers: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    modes: Sequence[int] = range(10)
+    top: int = 8
+
+
+def select_modes(dims, selection: ModeSelection, settings: SweepSettings) -> tuple[list[int], list[int], list[int]]:
     """The chosen (layers, heads, modes) of a model of ``dims``, each a list of 0-based indices.
 
-    layers, heads: None for all; modes: those ≥ head_dim are dropped (InputError when none is left).
-    InputError too when ``top``, ``batch_size`` or ``shard_size`` (None: chosen later) is below 1.
+    InputError when no mode is left, or when ``selection.top``, ``settings.batch_size`` or ``settings.shard_size``
+    (None: chosen later) is below 1.
     """
-    layers = select_indices(layers, dims.layers, "layer", range(dims.layers))
-    heads = select_indices(heads, dims.heads, "head", range(dims.heads))
+    layers = select_indices(selection.layers, dims.layers, "layer", range(dims.layers))
+    heads = select_indices(selection.heads, dims.heads, "head", range(dims.heads))
+    modes = selection.modes
     kept = [int(n) for n in modes if 0 <= int(n) < dims.head_dim]
     if not kept:
         raise InputError(
             f"modes {list(modes)}: a head of this model has {dims.head_dim} modes; give modes in 0–{dims.head_dim - 1}"
         )
     modes = select_indices(kept, dims.head_dim, "mode", ())
+    top, batch_size, shard_size = selection.top, settings.batch_size, settings.shard_size
     if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
     return layers, heads, modes

@@ -35,9 +35,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Batch, context, run_sweep
+from qkweights.analyses.runner import Batch, Sweep, SweepSettings, context, run_sweep
 from qkweights.analyses.sweep import (
     ModeBank,
+    ModeSelection,
     ModeSweep,
     input_size,
     list_images,
@@ -310,14 +311,14 @@ def build_document(
     root,
     paths: list[str],
     bank: ModeBank,
-    st: TopPartial,
-    skipped: list[dict],
+    sweep: Sweep,
     options: dict,
     anisotropy: dict,
 ) -> dict:
-    """The ``top_images.json`` document (schema ``qkweights.top_images/1``)."""
+    """The ``top_images.json`` document (schema ``qkweights.top_images/1``) of a finished ``sweep``."""
     from qkweights.weights.profiles import SIGN_CONVENTION
 
+    st: TopPartial = sweep.partial
     heads = []
     n_modes = len(bank.modes)
     for li, l in enumerate(bank.layers):
@@ -366,7 +367,7 @@ def build_document(
         "n_images": st.n_scored,
         "heads": heads,
         "anisotropy": anisotropy,
-        "skipped": skipped,
+        "skipped": sweep.skipped,
     }
 
 
@@ -377,26 +378,19 @@ def run_top_images(
     model,
     data_dir,
     out_dir,
+    selection: ModeSelection = ModeSelection(top=8),
+    settings: SweepSettings = SweepSettings(),
     *,
-    layers=None,
-    heads=None,
-    modes=range(10),
-    top: int = 8,
-    batch_size: int = 16,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    client=None,
+    fold_ln: bool = False,
     progress: Callable[[int, int], object] | None = None,
     notes: Callable[[str], object] | None = None,
-    fold_ln: bool = False,
 ) -> TopImagesResult:
-    """Top-``top`` images of ``data_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
+    """The top ``selection.top`` images of ``data_dir`` per (layer, head, mode, sign) of the selected modes
+    (:class:`~qkweights.analyses.sweep.ModeSelection`); writes the outputs into ``out_dir``.
 
     model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument (:func:`qkweights.analyses.sweep.opened`).
-    layers, heads: 0-based indices (None:
-    all); modes: indices, those ≥ head_dim dropped. Where the shards run: ``client`` (a
-    ``distributed.Client``), else ``workers`` local processes, else here (see
-    :func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
+    settings: batch and shard sizes, and where the shards run (:class:`~qkweights.analyses.runner.SweepSettings`;
+    the result is the same). progress(done, total):
     files consumed, at the start and after each shard; notes(text): what the caller may
     want to tell the user (a resumed or ignored state). Writes ``top_images.json`` and
     ``top_images_maps.npz`` (the figures are :func:`qkweights.figures.top_images.draw_top_images`'s);
@@ -411,7 +405,8 @@ def run_top_images(
     model = opened(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
-    layers, heads, modes = select_modes(d, layers, heads, modes, top, batch_size, shard_size)
+    layers, heads, modes = select_modes(d, selection, settings)
+    top = selection.top
     paths, others = list_images(root), other_files(root)
     if not paths:
         raise InputError(
@@ -428,7 +423,7 @@ def run_top_images(
         "heads": heads,
         "modes": modes,
         "top": top,
-        "batch_size": batch_size,
+        "batch_size": settings.batch_size,
         "input_size": list(size or ()),
         "fold_ln": fold_ln,
     }
@@ -440,12 +435,9 @@ def run_top_images(
         an,
         model,
         paths,
+        settings,
         state_path=state_path,
         source=source,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        client=client,
         progress=progress,
         notes=notes,
     )
@@ -471,7 +463,7 @@ def run_top_images(
         "weighted_cosine": weighted.tolist(),
         "relative_cosine": (weighted - baseline).tolist(),
     }
-    doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
+    doc = build_document(model, source, root, paths, bank, sweep, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
     doc["n_other_files"] = len(others)
     doc["blas"] = sweep.kernels()

@@ -11,7 +11,7 @@ from qkweights.cli.common import (
     add_sweep_arguments,
     model_options,
     out_dir,
-    sweep_options,
+    sweep_settings,
 )
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
@@ -35,16 +35,15 @@ def run(args) -> int:
     with Terminal(quiet=args.quiet) as reporter:
         model = load_vision_model(args.model, reporter=reporter, **model_options(args))
         out = out_dir(args, model.source.model_id)
-        with sweep_options(args) as where:
+        with sweep_settings(args) as settings:
             result = o3(
                 model,
                 args.data_dir,
                 out,
-                reporter=reporter,
+                settings,
                 max_images=args.max_images,
-                batch_size=args.batch_size,
                 plots=not args.no_plots,
-                **where,
+                reporter=reporter,
             )
     summary = result.doc
     if not args.quiet:

@@ -10,7 +10,7 @@ from qkweights.cli.common import (
     chosen_modes,
     model_options,
     out_dir,
-    sweep_options,
+    sweep_settings,
 )
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
@@ -39,18 +39,16 @@ def run(args) -> int:
     reporter = Terminal(quiet=args.quiet)
     model = load_vision_model(args.model, reporter=reporter, **model_options(args))
     out = out_dir(args, model.source.model_id)
-    with sweep_options(args) as where, reporter:
+    with sweep_settings(args) as settings, reporter:
         result = top_images(
             model,
             args.data_dir,
             out,
-            reporter=reporter,
-            **chosen_modes(args, model.dims),
-            top=args.top,
-            batch_size=args.batch_size,
-            plots=not args.no_plots,
+            chosen_modes(args, model.dims),
+            settings,
             fold_ln=args.fold_ln,
-            **where,
+            plots=not args.no_plots,
+            reporter=reporter,
         )
     doc = result.doc
     if not args.quiet:

@@ -29,6 +29,7 @@ from qkweights.analyses.o3 import (
     run_o3,
     token_choice,
 )
+from qkweights.analyses.runner import SweepSettings
 from qkweights.cli import main
 from qkweights.datasets.synthetic_o3 import draw_scene, make_o3
 from qkweights.errors import InputError
@@ -305,7 +306,7 @@ def test_nothing_usable_is_an_error(tmp_path, wide):
 
 @pytest.mark.parametrize("name", ["vit", "deit", "dinov2-reg", "ijepa"])
 def test_fixture_models_on_non_square_images(tmp_path, wide, name):
-    summary = run_o3(str(MODELS / name), wide, tmp_path / "out", batch_size=4).doc
+    summary = run_o3(str(MODELS / name), wide, tmp_path / "out", settings=SweepSettings(batch_size=4)).doc
     rows = read_csv(tmp_path / "out" / "o3.csv")
     v = np.array([[float(r[k]) for k in RATIOS] for r in rows])
     assert len(rows) == summary["images_used"] * 2 * 4 and summary["images_used"] + len(summary["skipped"]) == 10
@@ -358,10 +359,10 @@ class Interrupt:
 
 @pytest.mark.numerics
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsys):
-    run_o3(vit, square, tmp_path / "full", batch_size=3, shard_size=3)
+    run_o3(vit, square, tmp_path / "full", settings=SweepSettings(batch_size=3, shard_size=3))
     stop = Interrupt(6)
     with pytest.raises(KeyboardInterrupt):
-        run_o3(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=stop)
+        run_o3(vit, square, tmp_path / "part", settings=SweepSettings(batch_size=3, shard_size=3), progress=stop)
     assert (tmp_path / "part" / STATE_NAME).is_file()
     assert not (tmp_path / "part" / "o3.csv").exists()
     calls, notes = [], []
@@ -369,8 +370,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
         vit,
         square,
         tmp_path / "part",
-        batch_size=3,
-        shard_size=3,
+        settings=SweepSettings(batch_size=3, shard_size=3),
         progress=lambda d, t: calls.append(d),
         notes=notes.append,
     )
@@ -384,14 +384,13 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
 @pytest.mark.numerics
 def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        run_o3(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4))
+        run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), progress=Interrupt(4))
     calls, notes = [], []
     run_o3(
         vit,
         square,
         tmp_path / "out",
-        batch_size=5,
-        shard_size=4,
+        settings=SweepSettings(batch_size=5, shard_size=4),
         progress=lambda d, t: calls.append(d),
         notes=notes.append,
     )
@@ -400,16 +399,16 @@ def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
         f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it "
         "and starting over"
     ]
-    run_o3(vit, square, tmp_path / "fresh", batch_size=5)
+    run_o3(vit, square, tmp_path / "fresh", settings=SweepSettings(batch_size=5))
     assert (tmp_path / "out" / "o3.csv").read_bytes() == (tmp_path / "fresh" / "o3.csv").read_bytes()
 
 
 def test_unreadable_state_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        run_o3(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4))
+        run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), progress=Interrupt(4))
     (tmp_path / "out" / STATE_NAME).write_bytes(b"not a zip")
     notes = []
-    run_o3(vit, square, tmp_path / "out", batch_size=4, shard_size=4, notes=notes.append)
+    run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), notes=notes.append)
     assert len(notes) == 1 and "unreadable" in notes[0]
 
 

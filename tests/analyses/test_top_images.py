@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qkweights.analyses.sweep import list_images, merge_topk
+from qkweights.analyses.runner import SweepSettings
+from qkweights.analyses.sweep import ModeSelection, list_images, merge_topk
 from qkweights.analyses.top_images import (
     STATE_NAME,
     mean_pairwise_cosine,
@@ -82,7 +83,11 @@ def test_scores_against_brute_force(folder, tmp_path, name):
     layers, heads, modes = [1], [0, 2], [0, 3]
     paths = list_images(folder)
     doc = run_top_images(
-        model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4
+        model,
+        folder,
+        tmp_path,
+        selection=ModeSelection(layers=layers, heads=heads, modes=modes, top=len(paths)),
+        settings=SweepSettings(batch_size=4),
     ).doc
     ref, centres = brute_force(model, folder, paths, layers, heads, modes)
     assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
@@ -179,17 +184,38 @@ def interrupt_after(batches):
 
 @pytest.mark.numerics
 def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
-    kw = dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5, shard_size=5)
-    whole = run_top_images(vit, folder, tmp_path / "whole", **kw)
+    dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5, shard_size=5)
+    whole = run_top_images(
+        vit,
+        folder,
+        tmp_path / "whole",
+        selection=ModeSelection(layers=[0, 1], heads=[1, 3], modes=range(3), top=4),
+        settings=SweepSettings(batch_size=5, shard_size=5),
+    )
     out = tmp_path / "resumed"
     progress, calls = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
-        run_top_images(vit, folder, out, **kw, progress=progress)
+        run_top_images(
+            vit,
+            folder,
+            out,
+            selection=ModeSelection(layers=[0, 1], heads=[1, 3], modes=range(3), top=4),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+            progress=progress,
+        )
     assert (out / STATE_NAME).exists() and not (out / "top_images.json").exists()
     assert calls == [0, 5, 10]
     progress, calls = interrupt_after(100)
     notes = []
-    resumed = run_top_images(vit, folder, out, **kw, progress=progress, notes=notes.append)
+    resumed = run_top_images(
+        vit,
+        folder,
+        out,
+        selection=ModeSelection(layers=[0, 1], heads=[1, 3], modes=range(3), top=4),
+        settings=SweepSettings(batch_size=5, shard_size=5),
+        progress=progress,
+        notes=notes.append,
+    )
     assert calls[0] == 10 and calls[-1] == 27  # continued after the last completed shard
     assert notes == [LEFT_OUT.format(folder), f"resuming from {out / STATE_NAME}: 10 of 27 images already done"]
     assert resumed.doc == whole.doc
@@ -201,14 +227,27 @@ def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
 
 
 def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
-    kw = dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5)
+    dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5)
     progress, _ = interrupt_after(1)
     with pytest.raises(KeyboardInterrupt):
-        run_top_images(vit, folder, tmp_path / "a", top=3, progress=progress, **kw)
+        run_top_images(
+            vit,
+            folder,
+            tmp_path / "a",
+            selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=3),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+            progress=progress,
+        )
     progress, calls = interrupt_after(100)
     notes = []
     doc = run_top_images(
-        vit, folder, tmp_path / "a", top=2, progress=progress, notes=notes.append, **kw
+        vit,
+        folder,
+        tmp_path / "a",
+        selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=2),
+        settings=SweepSettings(batch_size=5, shard_size=5),
+        progress=progress,
+        notes=notes.append,
     ).doc  # another --top
     assert notes == [
         LEFT_OUT.format(folder),
@@ -216,11 +255,30 @@ def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
         "starting over",
     ]
     assert calls[0] == 0
-    assert doc == run_top_images(vit, folder, tmp_path / "b", top=2, **kw).doc
+    assert (
+        doc
+        == run_top_images(
+            vit,
+            folder,
+            tmp_path / "b",
+            selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=2),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+        ).doc
+    )
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / STATE_NAME).write_bytes(b"PK\x03\x04 truncated")
     notes = []
-    assert run_top_images(vit, folder, tmp_path / "c", top=2, notes=notes.append, **kw).doc == doc
+    assert (
+        run_top_images(
+            vit,
+            folder,
+            tmp_path / "c",
+            selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=2),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+            notes=notes.append,
+        ).doc
+        == doc
+    )
     assert len(notes) == 2 and "unreadable" in notes[1]
 
 
@@ -250,7 +308,13 @@ def test_odd_images(vit, folder, tmp_path):
     (root / "not-an-image.png").write_text("hello")
     (root / "notes.txt").write_text("not listed")
     out = tmp_path / "out"
-    doc = run_top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3).doc
+    doc = run_top_images(
+        vit,
+        root,
+        out,
+        selection=ModeSelection(layers=[0], heads=[0], modes=[0], top=10),
+        settings=SweepSettings(batch_size=3),
+    ).doc
     expected = [
         "UPPER.JPEG",
         "cmyk.jpg",
@@ -268,7 +332,16 @@ def test_odd_images(vit, folder, tmp_path):
     winners = doc["heads"][0]["modes"][0]["signs"]["+"]
     assert sorted(w["path"] for w in winners) == sorted(set(expected) - {"not-an-image.png", "truncated.jpg"})
     # the re-run of the same folder into the same output folder gives the same document
-    assert run_top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3).doc == doc
+    assert (
+        run_top_images(
+            vit,
+            root,
+            out,
+            selection=ModeSelection(layers=[0], heads=[0], modes=[0], top=10),
+            settings=SweepSettings(batch_size=3),
+        ).doc
+        == doc
+    )
 
 
 def test_figures_and_cli(folder, tmp_path):
@@ -341,11 +414,8 @@ def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, t
         vit,
         folder,
         tmp_path,
-        layers=[layer],
-        heads=[head],
-        modes=modes,
-        top=len(paths),
-        batch_size=4,
+        selection=ModeSelection(layers=[layer], heads=[head], modes=modes, top=len(paths)),
+        settings=SweepSettings(batch_size=4),
         fold_ln=True,
     ).doc
     assert doc["options"]["fold_ln"] and doc["embedding"].startswith("n: the normalised token")
@@ -393,7 +463,7 @@ def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
         (root / p.name).write_bytes(p.read_bytes())
     (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
     out = tmp_path / "out"
-    doc = run_top_images(vit, root, out, layers=[0], heads=[0], modes=[0]).doc
+    doc = run_top_images(vit, root, out, selection=ModeSelection(layers=[0], heads=[0], modes=[0])).doc
     assert doc["n_images"] == 3 and [s["path"] for s in doc["skipped"]] == ["broken.jpg"]
     assert "no such image file" in doc["skipped"][0]["reason"]
 
@@ -413,8 +483,14 @@ def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, f
     assert list_images(root) == ["UP.PNG", "anim.gif", "c.TIFF", "sub/b.Bmp"]
     assert other_files(root) == ["notes.txt", "sub/labels.json"]
     notes = []
-    kw = dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append)
-    doc = run_top_images(vit, root, tmp_path / "out", **kw).doc
+    dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append)
+    doc = run_top_images(
+        vit,
+        root,
+        tmp_path / "out",
+        selection=ModeSelection(layers=[0], heads=[0], modes=[0], top=4),
+        notes=notes.append,
+    ).doc
     assert (doc["n_files"], doc["n_images"], doc["n_other_files"], doc["skipped"]) == (4, 4, 2, [])
     assert notes == [f"{root}: left out 2 files that Pillow does not read as images: notes.txt, sub/labels.json"]
 

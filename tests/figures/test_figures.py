@@ -243,13 +243,16 @@ def one_layer_results(tmp_path_factory):
 
     from qkweights.analyses.o3 import run_o3
     from qkweights.analyses.same_object import run_same_object
+    from qkweights.analyses.sweep import ModeSelection
 
     tmp = tmp_path_factory.mktemp("one")
     scenes = quadrant_scenes(tmp / "scenes")
     one = edited_fixture(tmp, "one", lambda t: [t.pop(k) for k in list(t) if k.startswith("encoder.layer.1.")])
     cfg = json.loads((one / "config.json").read_text())
     (one / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 1}))
-    same = run_same_object(str(MODELS / "vit"), scenes, tmp / "so", layers=[1], modes=[0], top=2)
+    same = run_same_object(
+        str(MODELS / "vit"), scenes, tmp / "so", selection=ModeSelection(layers=[1], modes=[0], top=2)
+    )
     o3 = run_o3(str(one), scenes, tmp / "o3")
     return same.doc, o3.doc
 
