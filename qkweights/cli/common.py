@@ -195,7 +195,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 def sweep_settings(args):
     """The :class:`~qkweights.analyses.runner.SweepSettings` of --batch-size, --shard-size, --workers, --scheduler
     and --scheduler-file; a Dask client is closed at the end."""
-    from qkweights.analyses.runner import SweepSettings, dask_client
+    from qkweights.analyses.executors import dask_client
+    from qkweights.analyses.runner import SweepSettings
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: give 1 or more worker processes")

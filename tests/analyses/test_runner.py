@@ -406,7 +406,7 @@ def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
 
 
 WATCHED = """import os, sys, time
-from qkweights.analyses.runner import _watch_parent
+from qkweights.analyses.executors import _watch_parent
 child = os.fork()
 if child == 0:
     _watch_parent(os.getppid())
@@ -633,7 +633,8 @@ def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, 
     import math
     import multiprocessing
 
-    from qkweights.analyses.runner import cores, shard_size_for
+    from qkweights.analyses.executors import cores
+    from qkweights.analyses.runner import shard_size_for
 
     seen, told = [], []
     run_top_images(
@@ -660,7 +661,8 @@ def _pid_into(folder):
 
 
 def test_jobs_such_as_figures_run_on_no_more_processes_than_the_cores(tmp_path):
-    from qkweights.analyses.runner import cores, run_jobs
+    from qkweights.analyses.executors import cores
+    from qkweights.analyses.runner import run_jobs
 
     run_jobs(_pid_into, [str(tmp_path)] * 12, workers=1000)
     assert 1 <= len(list(tmp_path.iterdir())) <= min(12, cores())
