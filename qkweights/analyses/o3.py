@@ -63,6 +63,7 @@ from qkweights.analyses.sweep import READ_ERRORS, model_identity, model_record, 
 from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
 from qkweights.outputs import write_csv, write_json
+from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread, token_layout
 from qkweights.vision.model import VisionModel
 
@@ -353,6 +354,7 @@ def build_document(
     uniform = areas.mean(axis=0)  # (3,) target, distractor, background fraction
     return {
         "schema": SCHEMA,
+        "tool_version": __version__,
         "source": model_identity(model),
         "model": model_record(model, patch_size=protocol["patch_size"]),
         "protocol": protocol,

@@ -38,6 +38,7 @@ def draw_band(ax, x, lo, hi, *, color, alpha: float, label: str | None = None) -
 
 
 def draw_null_band(ax, half_width: float, label: str) -> None:
+    """The grey band ±``half_width`` around 0 (labelled ``label``) with a zero line."""
     ax.axhspan(-half_width, half_width, color=NULL_COLOR, alpha=0.6, lw=0, label=label, zorder=0)
     ax.axhline(0, color="k", lw=0.7, zorder=1)
 
