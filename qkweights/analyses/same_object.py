@@ -81,6 +81,7 @@ from qkweights.vision.forward import one_blas_thread
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"
 CSV_NAME, JSON_NAME = "same_object.csv", "same_object.json"
+TOP = 5  # images selected per layer, head and mode unless the selection says
 MIN_OBJECTS = 2
 NOT_ELIGIBLE = "not eligible"  # the start of a skip reason of an image with fewer than MIN_OBJECTS objects
 SLOT = ("sign", "query_object", "key_object", "query_class", "key_class", "n_objects")  # int fields of a top-K slot
@@ -491,7 +492,7 @@ def run_same_object(
     model,
     data_dir,
     out_dir,
-    selection: ModeSelection = ModeSelection(top=5),
+    selection: ModeSelection = ModeSelection(),
     settings: SweepSettings = SweepSettings(),
     *,
     progress: Callable[[int, int], object] | None = None,
@@ -514,8 +515,7 @@ def run_same_object(
     model = opened(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
-    layers, heads, modes = select_modes(d, selection, settings)
-    top = selection.top
+    layers, heads, modes, top = select_modes(d, selection, settings, TOP)
     data = open_segmentation(root)
     items = data.items
     size = input_size(model)

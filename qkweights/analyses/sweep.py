@@ -116,20 +116,22 @@ class ModeSelection:
     """Which modes a mode sweep scores, and how many images it keeps per mode.
 
     layers, heads: 0-based indices (None: all); modes: indices, those ≥ the head dim dropped; top: images kept
-    per mode (per layer, head, mode and sign for top-images).
+    per mode (per layer, head, mode and sign for top-images; None: the analysis's own default, 8 for top-images
+    and 5 for same-object).
     """
 
     layers: Sequence[int] | None = None
     heads: Sequence[int] | None = None
     modes: Sequence[int] = range(10)
-    top: int = 8
+    top: int | None = None
 
 
-def select_modes(dims, selection: ModeSelection, settings: SweepSettings) -> tuple[list[int], list[int], list[int]]:
-    """The chosen (layers, heads, modes) of a model of ``dims``, each a list of 0-based indices.
+def select_modes(dims, selection: ModeSelection, settings: SweepSettings, top: int) -> tuple[list, list, list, int]:
+    """The chosen (layers, heads, modes) of a model of ``dims``, each a list of 0-based indices, and the images kept
+    per mode (``selection.top``, else ``top``).
 
-    InputError when no mode is left, or when ``selection.top``, ``settings.batch_size`` or ``settings.shard_size``
-    (None: chosen later) is below 1.
+    InputError when no mode is left, or when that top, ``settings.batch_size`` or ``settings.shard_size`` (None:
+    chosen later) is below 1.
     """
     layers = select_indices(selection.layers, dims.layers, "layer", range(dims.layers))
     heads = select_indices(selection.heads, dims.heads, "head", range(dims.heads))
@@ -140,10 +142,11 @@ def select_modes(dims, selection: ModeSelection, settings: SweepSettings) -> tup
             f"modes {list(modes)}: a head of this model has {dims.head_dim} modes; give modes in 0–{dims.head_dim - 1}"
         )
     modes = select_indices(kept, dims.head_dim, "mode", ())
-    top, batch_size, shard_size = selection.top, settings.batch_size, settings.shard_size
+    top = top if selection.top is None else selection.top
+    batch_size, shard_size = settings.batch_size, settings.shard_size
     if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
-    return layers, heads, modes
+    return layers, heads, modes, top
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ SCHEMA = "qkweights.top_images/1"
 STATE_NAME = ".top_images_state.npz"
 JSON_NAME = "top_images.json"
 MAPS_NAME = "top_images_maps.npz"
+TOP = 8  # images kept per layer, head, mode and sign unless the selection says
 TOP_MEAN = 5  # tokens in the "top-5 mean" projections
 SIGNS = ("+", "-")
 STATS = ("max_query", "max_key", "mean_query", "mean_key", "top5_query", "top5_key")  # per winner, for its sign
@@ -378,7 +379,7 @@ def run_top_images(
     model,
     data_dir,
     out_dir,
-    selection: ModeSelection = ModeSelection(top=8),
+    selection: ModeSelection = ModeSelection(),
     settings: SweepSettings = SweepSettings(),
     *,
     fold_ln: bool = False,
@@ -405,8 +406,7 @@ def run_top_images(
     model = opened(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
-    layers, heads, modes = select_modes(d, selection, settings)
-    top = selection.top
+    layers, heads, modes, top = select_modes(d, selection, settings, TOP)
     paths, others = list_images(root), other_files(root)
     if not paths:
         raise InputError(
