@@ -257,13 +257,12 @@ def diff(
 def compare(
     items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None, **options
 ) -> list[Path]:
-    """Overlay the layer curves of ``items`` (:func:`qkweights.figures.compare.compare`): saved results are read,
-    checkpoints profiled now with ``options`` (as :func:`open_checkpoint`)."""
-    from qkweights.figures.compare import INPUT_FILES
-    from qkweights.figures.compare import compare as _compare
+    """Overlay the layer curves of ``items`` (:func:`qkweights.figures.compare.write_comparison`): saved results
+    are read, checkpoints profiled now with ``options`` (as :func:`open_checkpoint`)."""
+    from qkweights.figures.compare import INPUT_FILES, write_comparison
 
     inputs = [saved_file(item, INPUT_FILES) or profile(str(item), reporter=reporter, **options) for item in items]
-    return _compare(inputs, Path(out), labels=labels)
+    return write_comparison(inputs, Path(out), labels=labels)
 
 
 def _reported(reporter: Reporter | None, task: str) -> dict:

@@ -80,7 +80,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
     )
 
 
-def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
+def write_comparison(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
     """Overlay the curves of ``items`` (see :func:`curves_from`) and write figures and tables into ``out_dir``.
 
     Profiles give ``compare_cosine.png`` (weighted cosine per layer with a light

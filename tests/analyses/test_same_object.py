@@ -595,13 +595,14 @@ def test_cli_with_figures(tmp_path, capsys, full_release):
 
 
 def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
-    from qkweights.figures.compare import compare
+    from qkweights.figures.compare import write_comparison
 
     a = run_same_object(
         vit, full_release, tmp_path / "a", selection=ModeSelection(layers=[0, 1], modes=[0, 1], top=3)
     ).doc
     b = run_same_object(vit, full_release, tmp_path / "b", selection=ModeSelection(layers=[1], modes=[2], top=2)).doc
-    written = compare([tmp_path / "a", tmp_path / "b" / "same_object.json"], tmp_path / "cmp", labels=["A", "B"])
+    inputs = [tmp_path / "a", tmp_path / "b" / "same_object.json"]
+    written = write_comparison(inputs, tmp_path / "cmp", labels=["A", "B"])
     assert [p.name for p in written] == ["compare_same_object.png", "compare_same_object.csv"]
     rows = read_csv(tmp_path / "cmp" / "compare_same_object.csv")
     want = [(lab, e) for lab, doc in (("A", a), ("B", b)) for e in doc["layers"]]
