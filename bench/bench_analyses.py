@@ -48,13 +48,15 @@ def bench_o3(args) -> None:
 
     Per model: every image is prepared once (preprocessing + masks, timed separately), then
     ``--reps`` rounds alternate (a) the forward passes alone over the same batches of
-    ``--batch`` images and (b) ``o3_allocation`` end to end into a fresh folder. Fixed costs
+    ``--batch`` images and (b) ``run_o3`` end to end into a fresh folder. Fixed costs
     of a run are timed once on their own and left out of the rounds: the figure, and the
     sha256 of the weight files that the resume fingerprint needs (cached on the model).
     Overhead = median(o3) / median(forward) − 1.
     """
-    from qkweights.analyses.o3 import FIGURE_NAME, SUMMARY_NAME, o3_allocation, o3_figure, prepare, select_items
-    from qkweights.vision.model import load_model
+    from qkweights.analyses.o3 import SUMMARY_NAME, prepare, run_o3, select_items
+    from qkweights.analyses.runner import SweepSettings
+    from qkweights.figures.o3 import FIGURE_NAME, o3_figure
+    from qkweights.vision.model import open_vision_model
 
     data = synthetic_o3(args.o3_images, args.o3_size)
     print(
@@ -65,7 +67,7 @@ def bench_o3(args) -> None:
         ("tiny vit fixture (D 32, 2 layers × 4 heads, 32², T 17)", TINY_VIT),
         ("ViT-B/16 random (D 768, 12 layers × 12 heads, 224², T 197)", vit_b_random()),
     ):
-        model = load_model(str(folder))
+        model = open_vision_model(str(folder))
         t0 = time.perf_counter()
         model.source.to_json()  # sha256 of the weight files for the resume fingerprint: once per run, cached
         t_digest = time.perf_counter() - t0
@@ -84,7 +86,7 @@ def bench_o3(args) -> None:
                     model.forward(x, attentions=True)
                 forward.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                o3_allocation(model, data, Path(tmp) / f"run{r}", batch_size=args.batch, plots=False)
+                run_o3(model, data, Path(tmp) / f"run{r}", SweepSettings(batch_size=args.batch))
                 o3.append(time.perf_counter() - t0)
             summary = Path(tmp) / "run0" / SUMMARY_NAME
             t0 = time.perf_counter()

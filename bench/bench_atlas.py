@@ -49,15 +49,18 @@ def demo_run() -> Path:
 
 def vit_b_run(n_images: int = 160) -> Path:
     import qkweights
-    from qkweights.analyses.top_images import top_images
-    from qkweights.vision.model import load_model
+    from qkweights.analyses.sweep import ModeSelection
+    from qkweights.analyses.top_images import run_top_images
+    from qkweights.vision.model import open_vision_model
 
     out = OUT / f"atlas-vit-b-run-n{n_images}"
     vit = make_vit(OUT / "vit-b-random", 768, 12, 12)
     if not (out / "profile" / "profile.json").is_file():
         qkweights.save_profile(qkweights.profile(str(vit)), out / "profile", plots=True)
     if not (out / "top_images" / "top_images.json").is_file():
-        top_images(load_model(str(vit)), photos(n_images), out / "top_images", modes=range(10), top=8, plots=False)
+        run_top_images(
+            open_vision_model(str(vit)), photos(n_images), out / "top_images", ModeSelection(modes=range(10), top=8)
+        )
     return out
 
 

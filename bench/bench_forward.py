@@ -4,7 +4,7 @@ Builds a ViT-B/16 (224×224, 12 layers, width 768, 12 heads, MLP 3072) with rand
 Hugging Face ViT file layout (config.json + model.safetensors, written with numpy and
 safetensors.numpy) in a temporary folder, then for each thread count N:
 
-- qkweights: ``load_model(folder).forward(pixels)`` with OpenBLAS limited to N threads (threadpoolctl):
+- qkweights: ``open_vision_model(folder).forward(pixels)`` with OpenBLAS limited to N threads (threadpoolctl):
   every image runs alone, N images side by side on Python threads, one BLAS thread each;
 - batched: the forward pass before issue 15, kept here only as the baseline (:func:`batched_forward`):
   the batch cut in N shards of consecutive images, each shard's ``(B·T, D) @ W`` one BLAS call, so
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qkweights.vision.forward import _BLAS, _concat, _run, blas_threads, check_layers, check_pixels  # noqa: E402
-from qkweights.vision.model import load_model  # noqa: E402
+from qkweights.vision.model import open_vision_model  # noqa: E402
 
 VIT_B16 = dict(
     hidden_size=768,
@@ -148,13 +148,13 @@ import json, sys, tracemalloc
 import numpy as np
 from threadpoolctl import threadpool_limits
 sys.path.insert(0, {str(ROOT)!r})
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
 
-m = load_model({str(folder)!r})
+m = open_vision_model({str(folder)!r})
 x = np.random.default_rng(0).standard_normal(({batch}, 3, 224, 224)).astype(np.float32)
 with threadpool_limits({threads}):
     m.forward(x[:1])
@@ -185,7 +185,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_vit(folder, VIT_B16)
-        model = load_model(str(folder))
+        model = open_vision_model(str(folder))
         pixels = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
         flops = forward_flops(VIT_B16, args.batch)
         runners = {"qkweights": lambda: model.forward(pixels)}

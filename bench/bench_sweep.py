@@ -71,7 +71,7 @@ def o3_set(n: int) -> Path:
 
 def bare_forward(model, root: Path) -> float:
     """Seconds of the forward passes alone over every image, in batches of BATCH (decoding not timed)."""
-    from qkweights.analyses.top_images import input_size, list_images, load_batch
+    from qkweights.analyses.sweep import input_size, list_images, load_batch
 
     paths = list_images(root)
     batches = [load_batch(model, root, paths[i : i + BATCH], input_size(model))[0] for i in range(0, len(paths), BATCH)]
@@ -82,10 +82,11 @@ def bare_forward(model, root: Path) -> float:
 
 
 def sweep(model, root: Path, out: Path, **where) -> float:
-    from qkweights.analyses.top_images import top_images
+    from qkweights.analyses.runner import SweepSettings
+    from qkweights.analyses.top_images import run_top_images
 
     t0 = time.perf_counter()
-    top_images(model, root, out, batch_size=BATCH, plots=False, **where)
+    run_top_images(model, root, out, settings=SweepSettings(batch_size=BATCH, **where))
     return time.perf_counter() - t0
 
 
@@ -103,14 +104,14 @@ def whole_command(model_dir: Path, root: Path, out: Path, *where: str) -> float:
 
 START_CHILD = """import sys, time
 t0 = time.perf_counter()
-import qkweights.cli.top_images, qkweights.analyses.top_images as ti
+import qkweights.cli.top_images, qkweights.analyses.top_images, qkweights.analyses.sweep as sweep
 t1 = time.perf_counter()
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 from qkweights.weights.modes import mode_source
-model = load_model(sys.argv[1])
+model = open_vision_model(sys.argv[1])
 d = model.dims
 t2 = time.perf_counter()
-ti.mode_bank(mode_source(model.checkpoint), list(range(d.layers)), list(range(d.heads)), list(range(10)))
+sweep.mode_bank(mode_source(model.checkpoint), list(range(d.layers)), list(range(d.heads)), list(range(10)))
 t3 = time.perf_counter()
 print(t1 - t0, t2 - t1, t3 - t2)
 """
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--no-figures", action="store_true", help="skip the figure timing")
     args = parser.parse_args()
 
-    from qkweights.vision.model import load_model
+    from qkweights.vision.model import open_vision_model
 
     blas = [(i["internal_api"], i.get("version"), i["num_threads"]) for i in threadpool_info()]
     cores = os.cpu_count()
@@ -192,19 +193,20 @@ def main() -> None:
             f"o3 --batch-size 32, 64 synthetic O3 images 512×512, ViT-B/16 shape: peak RSS {rss:.0f} MB, "
             f"{64 / seconds:.2f} img/s (a child process, import and model load included)"
         )
-    model = load_model(str(vit_dir))
+    model = open_vision_model(str(vit_dir))
     root = photos(args.images)
     if (
         not args.no_figures and not args.scaling
     ):  # before any worker thread or cluster: figures draw in forked processes
-        from qkweights.analyses.top_images import TopImagesResult, draw_top_images
+        from qkweights.analyses.top_images import TopImagesResult
+        from qkweights.figures.top_images import draw_top_images
 
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "figures"
             sweep(model, root, saved)
             result = TopImagesResult.load(saved)
             t0 = time.perf_counter()
-            draw_top_images(model.ref, result, root, saved)
+            draw_top_images(model, result, saved)
             seconds = time.perf_counter() - t0
         k = len(result.doc["heads"]) + 1
         print(

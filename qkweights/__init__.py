@@ -30,27 +30,30 @@ def profile(
     on stderr (the library draws none of its own). ``reporter``: a :class:`qkweights.workflow.Reporter` for per-layer
     progress and notes (its ``downloads`` then replaces ``progress``).
     """
-    from qkweights.workflow import Reporter
-    from qkweights.workflow import profile as _profile
+    from qkweights import workflow
 
-    return _profile(
-        model, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter or Reporter(downloads=progress), **options
+    return workflow.profile(
+        model,
+        save_vectors=save_vectors,
+        fold_ln=fold_ln,
+        reporter=reporter or workflow.Reporter(downloads=progress),
+        **options,
     )
 
 
 def save_profile(prof, out, *, plots: bool = True):
     """Write ``prof`` into the folder ``out``: profile.json, heads.csv, modes.npz (with vectors) and, with ``plots``,
     the figures."""
-    from qkweights.workflow import save_profile as _save
+    from qkweights import workflow
 
-    return _save(prof, out, plots=plots)
+    return workflow.save_profile(prof, out, plots=plots)
 
 
 def load_profile(path, *, vectors: bool = True):
     """Read a saved ``profile.json`` (or the folder holding it; ``vectors``: with its ``modes.npz`` if present)."""
-    from qkweights.weights.load import load_profile as _load
+    from qkweights.weights import load
 
-    return _load(path, vectors=vectors)
+    return load.load_profile(path, vectors=vectors)
 
 
 def load_model(model: str, **options):
@@ -59,14 +62,14 @@ def load_model(model: str, **options):
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see
     :func:`qkweights.specs.load.open_model`).
     """
-    from qkweights.vision.model import load_model as _load
+    from qkweights.vision.model import open_vision_model
 
-    return _load(model, **options)
+    return open_vision_model(model, **options)
 
 
 def report(dirs, out, *, thumb_px: int = 96, top: int = 8, max_mb: float = 50.0, thumbs: bool = True):
     """Write the atlas of the results under ``dirs`` (output folders of qkweights commands) into the folder ``out``:
     ``out/index.html``, a page per model and per head. Returns the files written. See :mod:`qkweights.atlas`."""
-    from qkweights.atlas import report as _report
+    from qkweights import atlas
 
-    return _report(dirs, out, thumb_px=thumb_px, top=top, max_mb=max_mb, thumbs=thumbs)
+    return atlas.report(dirs, out, thumb_px=thumb_px, top=top, max_mb=max_mb, thumbs=thumbs)

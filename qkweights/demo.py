@@ -161,13 +161,12 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     returned list ends with ``summary.txt``. Re-running into the same folder reuses its
     scenes and overwrites the other outputs.
     """
-    from qkweights.analyses.maps import projection_maps, save_maps
-    from qkweights.analyses.o3 import o3_allocation
-    from qkweights.analyses.same_object import same_object
-    from qkweights.analyses.top_images import top_images
+    from qkweights.analyses.maps import projection_maps
+    from qkweights.analyses.runner import SweepSettings
+    from qkweights.analyses.sweep import ModeSelection
     from qkweights.atlas import report
-    from qkweights.vision.model import load_model
-    from qkweights.workflow import Reporter, profile, save_profile
+    from qkweights.vision.model import open_vision_model
+    from qkweights.workflow import Reporter, o3, profile, same_object, save_maps, save_profile, top_images
 
     def stage(text: str) -> None:
         if progress is not None:
@@ -179,7 +178,7 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     prof = profile(str(folder), reporter=Reporter(downloads=False))
     written = save_profile(prof, out / "profile")
     heads = extreme_heads(prof.weighted)
-    model = load_model(str(folder))
+    model = open_vision_model(str(folder))
 
     stage(f"projection maps on {DEMO_IMAGE}: layer/head {heads[0]} (lowest weighted cosine), {heads[1]} (highest)")
     for layer, head in heads:
@@ -193,32 +192,23 @@ def run_demo(out_dir: str | Path, *, progress: Callable[[str], object] | None = 
     stage(f"top images over the {N_SCENES} scenes")
     layers, head_ids = sorted({l for l, _ in heads}), sorted({h for _, h in heads})
     top_dir = out / "top_images"
-    written += top_images(
-        model,
-        scenes / "images",
-        top_dir,
-        layers=layers,
-        heads=head_ids,
-        modes=range(TOP_MODES),
-        top=TOP_IMAGES,
-        batch_size=16,
-    ).files
+    selection = ModeSelection(layers, head_ids, range(TOP_MODES), TOP_IMAGES)
+    written += top_images(model, scenes / "images", top_dir, selection, SweepSettings(batch_size=16)).files
 
     stage(f"O3 attention allocation on the {N_SCENES} scenes")
-    result = o3_allocation(model, scenes, out / "o3", batch_size=16)
+    result = o3(model, scenes, out / "o3", SweepSettings(batch_size=16))
     written += result.files
-    o3 = result.summary
 
     stage(f"same object: {N_SCENES} scenes with objects {SAME_OBJECT_SCALE:g}× larger and their instance maps")
     big = scene_folder(out, model.dims.image_size, name="same_object_scenes", object_scale=SAME_OBJECT_SCALE)
     written.append(big)
-    same = same_object(model, big, out / "same_object", batch_size=16)
+    same = same_object(model, big, out / "same_object", settings=SweepSettings(batch_size=16))
     written += same.files
 
     stage("the atlas of these results")
     report([out], out / ATLAS_NAME)
     written.append(out / ATLAS_NAME)
 
-    text = summary_text(out, folder, _card(folder), heads, prof.weighted, o3, N_SCENES, same.doc)
+    text = summary_text(out, folder, _card(folder), heads, prof.weighted, result.doc, N_SCENES, same.doc)
     written.append(write_text(out / SUMMARY_NAME, text))
     return written

@@ -29,17 +29,22 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qkweights.checkpoints.folders import Source
 from qkweights.errors import QkWarning
+from qkweights.outputs import holds_output, record_outputs
 from qkweights.specs.checkpoint import Checkpoint
-from qkweights.specs.load import open_model as _open_model
-from qkweights.specs.load import source_record
+from qkweights.specs.load import open_model, source_record
 from qkweights.weights.compute import compute_profile
 from qkweights.weights.load import load_profile
 from qkweights.weights.profile import Profile
+
+if TYPE_CHECKING:
+    from qkweights.analyses.runner import SweepSettings
+    from qkweights.analyses.sweep import ModeSelection
 
 PROFILE_FILE = "profile.json"
 
@@ -85,26 +90,26 @@ def notes_to(reporter: Reporter | None) -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
-def open_model(model: str, *, reporter: Reporter | None = None, **options) -> tuple[Source, Checkpoint]:
+def open_checkpoint(model: str, *, reporter: Reporter | None = None, **options) -> tuple[Source, Checkpoint]:
     """Resolve ``model`` (Hub id, folder or file) and bind its spec; notes go to ``reporter``.
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle`` (see :func:`qkweights.specs.load.open_model`).
     """
     reporter = reporter or QUIET
     with notes_to(reporter):
-        return _open_model(model, progress=reporter.downloads, **options)
+        return open_model(model, progress=reporter.downloads, **options)
 
 
-def load_model(model: str, *, reporter: Reporter | None = None, **options):
+def load_vision_model(model: str, *, reporter: Reporter | None = None, **options):
     """The vision tower of ``model`` for the forward pass (:class:`qkweights.vision.model.VisionModel`).
 
     Its notes (preprocessing defaults, config and tensors disagreeing) go to ``reporter`` too.
     """
-    from qkweights.vision.model import load_model as _load
+    from qkweights.vision.model import open_vision_model
 
     reporter = reporter or QUIET
     with notes_to(reporter):
-        vm = _load(model, **options)
+        vm = open_vision_model(model, **options)
     if reporter.takes_notes():
         for text in vm.notes:
             reporter.note(text)
@@ -130,7 +135,7 @@ def profile_checkpoint(
     with ThreadPoolExecutor(2) as background:  # hashing and importing release the GIL or wait on it
         record = background.submit(source_record, source, ck)
         if warm_figures:
-            background.submit(importlib.import_module, "qkweights.figures")
+            background.submit(importlib.import_module, "qkweights.figures.profiles")
         prof = compute_profile(
             ck, {}, save_vectors=save_vectors, progress=reporter.counter(task, "layers"), fold_ln=fold_ln
         )
@@ -140,8 +145,8 @@ def profile_checkpoint(
 def profile(
     model: str, *, save_vectors: bool = False, fold_ln: bool = False, reporter: Reporter | None = None, **options
 ) -> Profile:
-    """Open ``model`` and profile every head (:func:`profile_checkpoint`); ``options`` as :func:`open_model`."""
-    source, ck = open_model(model, reporter=reporter, **options)
+    """Open ``model`` and profile every head (:func:`profile_checkpoint`); ``options`` as :func:`open_checkpoint`."""
+    source, ck = open_checkpoint(model, reporter=reporter, **options)
     return profile_checkpoint(source, ck, save_vectors=save_vectors, fold_ln=fold_ln, reporter=reporter)
 
 
@@ -156,8 +161,7 @@ def save_profile(
     out = Path(out)
     written = prof.save(out)
     if plots:
-        from qkweights.figures import profile_figures
-        from qkweights.outputs import record_outputs
+        from qkweights.figures.profiles import profile_figures
 
         written += profile_figures(prof, out)
         if prof.model.folded and checkpoint is not None:
@@ -189,14 +193,14 @@ def check(
 
     ``baseline``: a profile.json or the folder holding it, read first so a bad path, or a
     baseline with non-finite or collapsed heads, fails before the weights are read; the current
-    profile is LayerNorm-folded when the baseline is. ``model_options``: as :func:`open_model`;
+    profile is LayerNorm-folded when the baseline is. ``model_options``: as :func:`open_checkpoint`;
     ``tolerances``: the keyword options of :func:`~qkweights.weights.check.check_profile`.
     """
     from qkweights.weights.check import check_baseline, check_profile, collapse_causes
 
     base = load_profile(baseline, vectors=False)
     check_baseline(base)
-    source, ck = open_model(model, reporter=reporter, **(model_options or {}))
+    source, ck = open_checkpoint(model, reporter=reporter, **(model_options or {}))
     current = profile_checkpoint(source, ck, fold_ln=bool(base.model.folded), reporter=reporter, task="check")
     bad = set(current.nonfinite)
     collapsed = [
@@ -233,7 +237,7 @@ def diff(
     """How each head changed from ``a`` to ``b`` (:class:`qkweights.weights.diff.DiffResult`); each a checkpoint or a
     saved profile.
 
-    ``options_a``/``options_b``: the options of :func:`open_model` for each side.
+    ``options_a``/``options_b``: the options of :func:`open_checkpoint` for each side.
     """
     from qkweights.weights.diff import diff_profiles
 
@@ -259,13 +263,12 @@ def save_diff(result, out: str | Path, *, plots: bool = True) -> list[Path]:
 def compare(
     items: list, out: str | Path, *, labels: list[str] | None = None, reporter: Reporter | None = None, **options
 ) -> list[Path]:
-    """Overlay the layer curves of ``items`` (:func:`qkweights.figures.compare.compare`): saved results are read,
-    checkpoints profiled now with ``options`` (as :func:`open_model`)."""
-    from qkweights.figures.compare import INPUT_FILES
-    from qkweights.figures.compare import compare as _compare
+    """Overlay the layer curves of ``items`` (:func:`qkweights.figures.compare.write_comparison`): saved results
+    are read, checkpoints profiled now with ``options`` (as :func:`open_checkpoint`)."""
+    from qkweights.figures.compare import INPUT_FILES, write_comparison
 
     inputs = [saved_file(item, INPUT_FILES) or profile(str(item), reporter=reporter, **options) for item in items]
-    return _compare(inputs, Path(out), labels=labels)
+    return write_comparison(inputs, Path(out), labels=labels)
 
 
 def _reported(reporter: Reporter | None, task: str) -> dict:
@@ -274,24 +277,112 @@ def _reported(reporter: Reporter | None, task: str) -> dict:
     return {"progress": reporter.counter(task, "images"), "notes": reporter.note if reporter.takes_notes() else None}
 
 
-def o3(model, o3_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.analyses.o3.o3_allocation`, reporting progress as "o3" images and notes to ``reporter``."""
-    from qkweights.analyses.o3 import o3_allocation
-
-    return o3_allocation(model, o3_dir, out, **_reported(reporter, "o3"), **options)
+def _given(**options) -> dict:
+    """The options given (not None): the others keep the analysis's own defaults."""
+    return {key: value for key, value in options.items() if value is not None}
 
 
-def top_images(model, image_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.analyses.top_images.top_images`, reporting progress as "top-images" images and notes to
-    ``reporter``."""
-    from qkweights.analyses.top_images import top_images as _top_images
+@holds_output("out", inputs=("data_dir",))
+def o3(
+    model,
+    data_dir,
+    out,
+    settings: SweepSettings | None = None,
+    *,
+    max_images: int | None = None,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+):
+    """:func:`qkweights.analyses.o3.run_o3` into ``out`` and, with ``plots``, ``o3_by_layer.png``
+    (:func:`qkweights.figures.o3.o3_figure`); progress as "o3" images and notes to ``reporter``.
 
-    return _top_images(model, image_dir, out, **_reported(reporter, "top-images"), **options)
+    The output folder is held for this call alone and may not lie inside the input folder
+    (:func:`qkweights.outputs.claim_dir`; InputError otherwise). Returns the :class:`~qkweights.analyses.o3.O3Result`,
+    its ``files`` every file written.
+    """
+    from qkweights.analyses.o3 import run_o3
+
+    if isinstance(model, str):
+        model = load_vision_model(model, reporter=reporter)
+    options = _given(settings=settings, max_images=max_images)
+    result = run_o3(model, data_dir, out, **options, **_reported(reporter, "o3"))
+    if plots:
+        from qkweights.figures.o3 import FIGURE_NAME, o3_figure
+
+        result.files.append(o3_figure(result.doc, Path(out) / FIGURE_NAME))
+    record_outputs(out, "o3", result.files)  # o3_by_layer.png of an earlier run, after --no-plots, goes
+    return result
 
 
-def same_object(model, data_dir, out, *, reporter: Reporter | None = None, **options):
-    """:func:`qkweights.analyses.same_object.same_object`, reporting progress as "same-object" images and notes to
-    ``reporter``."""
-    from qkweights.analyses.same_object import same_object as _same_object
+@holds_output("out", inputs=("data_dir",))
+def top_images(
+    model,
+    data_dir,
+    out,
+    selection: ModeSelection | None = None,
+    settings: SweepSettings | None = None,
+    *,
+    fold_ln: bool = False,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+):
+    """:func:`qkweights.analyses.top_images.run_top_images` into ``out`` and, with ``plots``, its figures
+    (:func:`qkweights.figures.top_images.draw_top_images`, drawn where the sweep ran); progress as "top-images"
+    images and notes to ``reporter``.
 
-    return _same_object(model, data_dir, out, **_reported(reporter, "same-object"), **options)
+    The output folder is held as by :func:`o3`. Returns the
+    :class:`~qkweights.analyses.top_images.TopImagesResult`, its ``files`` every file written.
+    """
+    from qkweights.analyses.top_images import run_top_images
+
+    if isinstance(model, str):
+        model = load_vision_model(model, reporter=reporter)
+    options = _given(selection=selection, settings=settings)
+    result = run_top_images(model, data_dir, out, **options, fold_ln=fold_ln, **_reported(reporter, "top-images"))
+    if plots:
+        from qkweights.figures.top_images import draw_top_images
+
+        where = {"workers": settings.workers, "client": settings.client} if settings is not None else {}
+        result.files += draw_top_images(model, result, Path(out), **where)
+    record_outputs(out, "top-images", result.files)  # grids of heads no longer asked for, figures after --no-plots, go
+    return result
+
+
+@holds_output("out", inputs=("data_dir",))
+def same_object(
+    model,
+    data_dir,
+    out,
+    selection: ModeSelection | None = None,
+    settings: SweepSettings | None = None,
+    *,
+    plots: bool = True,
+    reporter: Reporter | None = None,
+):
+    """:func:`qkweights.analyses.same_object.run_same_object` into ``out`` and, with ``plots``, its figures
+    (:func:`qkweights.figures.same_object.draw_same_object`); progress as "same-object" images and notes to
+    ``reporter``.
+
+    The output folder is held as by :func:`o3`. Returns the
+    :class:`~qkweights.analyses.same_object.SameObjectResult`, its ``files`` every file written.
+    """
+    from qkweights.analyses.same_object import run_same_object
+
+    if isinstance(model, str):
+        model = load_vision_model(model, reporter=reporter)
+    options = _given(selection=selection, settings=settings)
+    result = run_same_object(model, data_dir, out, **options, **_reported(reporter, "same-object"))
+    if plots:
+        from qkweights.figures.same_object import draw_same_object
+
+        result.files += draw_same_object(model, result, Path(out))
+    record_outputs(out, "same-object", result.files)  # figures of an earlier run, after --no-plots, go
+    return result
+
+
+def save_maps(maps, out) -> list[Path]:
+    """Write the figure (:func:`qkweights.figures.maps.draw_maps`) and the data (:meth:`Maps.save
+    <qkweights.analyses.maps.Maps.save>`) of projection maps into ``out``; return their paths (png, npz)."""
+    from qkweights.figures.maps import draw_maps
+
+    return [draw_maps(maps, out), *maps.save(out)]

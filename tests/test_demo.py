@@ -17,7 +17,7 @@ from qkweights.cli import main
 from qkweights.datasets.synthetic_o3 import FEATURES, draw_scene, make_o3
 from qkweights.demo import N_SCENES, SCENE_SEED, demo_model_folder, extreme_heads, scene_folder
 from qkweights.errors import InputError
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 
 FRESH_STREAM = 3
 N_CHECK = 200
@@ -37,7 +37,7 @@ def card(folder):
 
 @pytest.fixture(scope="module")
 def model(folder):
-    return load_model(str(folder))
+    return open_vision_model(str(folder))
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qkweights.errors import InputError
-from qkweights.figures.overlay import CAPTION, composite, display_image
-from qkweights.outputs import save_figure, write_npz
+from qkweights.outputs import write_npz
 from qkweights.vision.forward import one_blas_thread
+from qkweights.vision.preprocess import display_image
 from qkweights.weights.modes import mode_source
 
 EMBEDDINGS = {
@@ -48,10 +47,6 @@ EMBEDDINGS = {
     "normalised": "normalised token n = (x̃ − β)/γ entering the LayerNorm-folded modes of Γ W_qᵀW_k Γ",
 }
 DEFAULT_MODES = 6
-CONTRIBUTION = (
-    "c_n = σ_n · Σ_ij a_ij (x_i·u_n)(v_n·x_j) / √K, a = the head's attention probabilities, i and j over all tokens, "
-    "x = LayerNorm output"
-)
 SIGN_CHARS = {1: "+", -1: "−"}
 
 
@@ -85,6 +80,48 @@ class Maps:
     source: dict = field(default_factory=dict)
     image_path: str | None = None
     salience_contribution: float | None = None  # Σ_ij a_ij w_h·n_j / √K with fold_ln, else None
+
+    @property
+    def stem(self) -> str:
+        """``maps_L{l}_H{h}_{embedding}``: the name of the saved maps and of their figure, without the suffix."""
+        return f"maps_L{self.layer}_H{self.head}_{self.embedding}"
+
+    def save(self, out_dir) -> list[Path]:
+        """Write ``maps_L{l}_H{h}_{embedding}.npz`` into ``out_dir`` (the figure is
+        :func:`qkweights.figures.maps.draw_maps`'s); return its path in a list.
+
+        The embedding is part of the name, so ``ln`` and ``residual`` maps of one head never
+        overwrite each other. The npz holds query, key (N, gh, gw), modes, signs,
+        singular_values, cosines, contributions (N,), embedding (str), layer, head,
+        patch_size, image (H, W, 3), the provenance: model_id, source (the JSON record of
+        the weights: commit, files, sha256) and image_path ("" for an in-memory image); with
+        ``fold_ln`` also salience_contribution.
+        """
+        return [
+            write_npz(
+                Path(out_dir) / f"{self.stem}.npz",
+                query=self.query,
+                key=self.key,
+                modes=self.modes,
+                signs=self.signs,
+                singular_values=self.singular_values,
+                cosines=self.cosines,
+                contributions=self.contributions,
+                embedding=np.array(self.embedding),
+                layer=np.array(self.layer),
+                head=np.array(self.head),
+                patch_size=np.array(self.patch_size),
+                image=self.image.astype(np.float32),
+                model_id=np.array(self.model_id),
+                source=np.array(json.dumps(self.source, ensure_ascii=False)),
+                image_path=np.array(self.image_path or ""),
+                **(
+                    {}
+                    if self.salience_contribution is None
+                    else {"salience_contribution": np.array(self.salience_contribution)}
+                ),
+            )
+        ]
 
 
 def choose_signs(query: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -194,98 +231,3 @@ def projection_maps(
             image_path=str(Path(image).absolute()) if isinstance(image, (str, os.PathLike)) else None,
             salience_contribution=salience,
         )
-
-
-def mode_title(layer: int, head: int, mode: int, sign: int, sigma: float, cos: float) -> str:
-    """``L{l} H{h} M{n} ±`` and ``σ … cos …`` on a second line (0-based indices)."""
-    return f"L{layer} H{head} M{mode} {SIGN_CHARS[int(sign)]}\nσ {sigma:.3g}   cos {cos:+.3f}"
-
-
-def maps_figure(maps: Maps):
-    """The image, then one red/cyan composite per mode (``qkweights.figures.overlay``), at most 5 panels a row."""
-    from matplotlib.figure import Figure
-
-    n = len(maps.modes)
-    rows = -(-(n + 1) // 5)  # at most 5 panels a row, rows as even as possible
-    cols = -(-(n + 1) // rows)
-    fig = Figure(figsize=(2.6 * cols, 2.75 * rows + 0.9), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    gh, gw = maps.query.shape[1:]
-    p = maps.patch_size
-    axes[0].imshow(maps.image[: gh * p, : gw * p], interpolation="antialiased")
-    axes[0].set_title(f"input {gw * p}×{gh * p} px\n{gh}×{gw} patches", fontsize=9)
-    for i in range(n):
-        ax = axes[i + 1]
-        ax.imshow(
-            composite(maps.image[: gh * p, : gw * p], maps.query[i], maps.key[i], int(maps.signs[i])),
-            interpolation="nearest",
-        )
-        title = mode_title(
-            maps.layer,
-            maps.head,
-            int(maps.modes[i]),
-            int(maps.signs[i]),
-            float(maps.singular_values[i]),
-            float(maps.cosines[i]),
-        )
-        if maps.ranked:
-            title += f"   c {maps.contributions[i]:+.3g}"
-        ax.set_title(title, fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes[n + 1 :]:
-        ax.set_axis_off()
-    order = f"top {n} modes by |c_n|" if maps.ranked else "modes " + ",".join(str(int(m)) for m in maps.modes)
-    folded = ", LayerNorm-folded modes" if maps.embedding == "normalised" else ""
-    fig.suptitle(
-        f"{maps.model_id} — layer {maps.layer}, head {maps.head}, {order}{folded}\nx = {EMBEDDINGS[maps.embedding]}",
-        fontsize=10,
-    )
-    caption = CAPTION + "; sign shown (+/−) = larger max(x·u)·max(x·v)"
-    if maps.ranked:
-        caption += f"\n{CONTRIBUTION}" + (" (here n and the folded modes)" if maps.embedding == "normalised" else "")
-    if maps.salience_contribution is not None:
-        caption += f"\nkey-salience term Σ_ij a_ij w_h·n_j / √K = {maps.salience_contribution:+.3g} (not in any mode)"
-    caption = "\n".join(textwrap.fill(part, width=int(2.6 * cols * 72 / (7 * 0.55))) for part in caption.split("\n"))
-    fig.text(0.5, 0.0, caption, ha="center", va="top", fontsize=7, color="0.3")
-    return fig
-
-
-def save_maps(maps: Maps, out_dir) -> list[Path]:
-    """Write ``maps_L{l}_H{h}_{embedding}.png`` and ``.npz`` into ``out_dir``; return their paths.
-
-    The embedding is part of the name, so ``ln`` and ``residual`` maps of one head never
-    overwrite each other. The npz holds query, key (N, gh, gw), modes, signs,
-    singular_values, cosines, contributions (N,), embedding (str), layer, head,
-    patch_size, image (H, W, 3), the provenance: model_id, source (the JSON record of
-    the weights: commit, files, sha256) and image_path ("" for an in-memory image); with
-    ``fold_ln`` also salience_contribution.
-    """
-    out = Path(out_dir)
-    stem = f"maps_L{maps.layer}_H{maps.head}_{maps.embedding}"
-    png = save_figure(maps_figure(maps), out / f"{stem}.png", dpi=120)
-    npz = write_npz(
-        out / f"{stem}.npz",
-        query=maps.query,
-        key=maps.key,
-        modes=maps.modes,
-        signs=maps.signs,
-        singular_values=maps.singular_values,
-        cosines=maps.cosines,
-        contributions=maps.contributions,
-        embedding=np.array(maps.embedding),
-        layer=np.array(maps.layer),
-        head=np.array(maps.head),
-        patch_size=np.array(maps.patch_size),
-        image=maps.image.astype(np.float32),
-        model_id=np.array(maps.model_id),
-        source=np.array(json.dumps(maps.source, ensure_ascii=False)),
-        image_path=np.array(maps.image_path or ""),
-        **(
-            {}
-            if maps.salience_contribution is None
-            else {"salience_contribution": np.array(maps.salience_contribution)}
-        ),
-    )
-    return [png, npz]

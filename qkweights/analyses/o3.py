@@ -36,13 +36,13 @@ unreadable or of another size than its image, or the target or distractor mask i
 empty on the patch grid (no pixel ≥ 128, or the object lies outside the crop).
 
 Outputs in ``out_dir`` (:class:`O3Result`): ``o3.csv`` (image, layer, head, tt, td, tb,
-dt, dd, db), ``o3_summary.json`` (schema ``qkweights.o3/1``, read by
-:mod:`qkweights.figures.compare`) and ``o3_by_layer.png``. The sweep is run by
-:mod:`qkweights.analyses.runner` (shards on this process, local workers or a Dask cluster;
-resumable from ``out_dir/.o3_state.npz``): the partial result of a set of images is
-their rows with their list positions (:class:`O3Partial`), merged in list order. The
-forward pass keeps only the two chosen query rows of each layer's attention, so memory
-does not grow with the number of layers.
+dt, dd, db) and ``o3_summary.json`` (schema ``qkweights.o3/1``, read by
+:mod:`qkweights.figures.compare`); the workflow draws ``o3_by_layer.png`` from the summary
+(:mod:`qkweights.figures.o3`). The sweep is run by :mod:`qkweights.analyses.runner` (shards on
+this process, local workers or a Dask cluster; resumable from ``out_dir/.o3_state.npz``): the
+partial result of a set of images is their rows with their list positions (:class:`O3Partial`),
+merged in list order. The forward pass keeps only the two chosen query rows of each layer's
+attention, so memory does not grow with the number of layers.
 """
 
 from __future__ import annotations
@@ -58,21 +58,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Analysis, Batch, run_sweep
-from qkweights.analyses.top_images import READ_ERRORS, skip_reason
+from qkweights.analyses.runner import Analysis, Batch, SweepSettings, run_sweep
+from qkweights.analyses.sweep import READ_ERRORS, model_identity, model_record, opened, skip_reason
 from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
-from qkweights.figures import o3_figure
-from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
-from qkweights.specs.load import source_record
+from qkweights.outputs import write_csv, write_json
+from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread, token_layout
-from qkweights.vision.model import VisionModel, load_model
+from qkweights.vision.model import VisionModel
 
 SCHEMA = "qkweights.o3/1"
 RATIOS = ("tt", "td", "tb", "dt", "dd", "db")
 MEASURES = {"same": (0, 4), "different": (1, 3), "background": (2, 5)}  # measure → the two RATIOS it averages
 STATE_NAME = ".o3_state.npz"
-CSV_NAME, SUMMARY_NAME, FIGURE_NAME = "o3.csv", "o3_summary.json", "o3_by_layer.png"
+CSV_NAME, SUMMARY_NAME = "o3.csv", "o3_summary.json"
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -148,7 +147,7 @@ def layer_statistics(values: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 @dataclass(frozen=True)
-class Prepared:
+class MaskedImage:
     """One image ready for the forward pass."""
 
     pixels: np.ndarray  # (3, H, W) float32 model input
@@ -156,7 +155,7 @@ class Prepared:
     tokens: np.ndarray  # (2,) flat patch index of the target and the distractor token
 
 
-def prepare(model: VisionModel, item: O3Item) -> Prepared:
+def prepare(model: VisionModel, item: O3Item) -> MaskedImage:
     """Preprocess one O3 item; InputError (message = the skip reason) if it can not be used."""
     pixels = model.preprocess(item.image)[0]  # (3, H, W)
     target, distractor = load_masks(item)  # bool (H0, W0) each
@@ -172,7 +171,7 @@ def prepare(model: VisionModel, item: O3Item) -> Prepared:
                 else f"{what} mask is empty on the {masks.shape[1]}×{masks.shape[2]} patch grid "
                 f"(the object lies outside the model's {pixels.shape[1]}×{pixels.shape[2]} input)"
             )
-    return Prepared(pixels, masks, token_choice(masks))
+    return MaskedImage(pixels, masks, token_choice(masks))
 
 
 def forward_rows(model: VisionModel, pixels: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -264,24 +263,28 @@ class O3Analysis(Analysis):
 class O3Result:
     """The result of ``o3``: the summary document and the per-image ratios.
 
-    summary: the ``o3_summary.json`` document (schema ``qkweights.o3/1``); names (I,) the
+    doc: the ``o3_summary.json`` document (schema ``qkweights.o3/1``); names (I,) the
     images used, in name order; values (I, L, H, 6) their ratios (:data:`RATIOS`).
     """
 
-    summary: dict
+    doc: dict
     names: list[str]
     values: np.ndarray
     files: list[Path] = dataclasses.field(default_factory=list)
 
+    @property
+    def skipped(self) -> list[dict]:
+        return self.doc["skipped"]
+
     def to_json(self) -> dict:
-        return self.summary
+        return self.doc
 
     def save(self, out_dir) -> list[Path]:
         """Write ``o3.csv`` and ``o3_summary.json`` into ``out_dir``; returns the paths."""
         out = Path(out_dir)
         return [
             write_csv(out / CSV_NAME, ["image", "layer", "head", *RATIOS], _csv_rows(self.names, self.values)),
-            write_json(out / SUMMARY_NAME, self.summary),
+            write_json(out / SUMMARY_NAME, self.doc),
         ]
 
     @classmethod
@@ -304,12 +307,6 @@ class O3Result:
 
 
 # ----------------------------------------------------------------------------- the analysis
-
-
-def _source_json(model: VisionModel) -> dict:
-    if model.source is not None:
-        return source_record(model.source, model.checkpoint)
-    return {"model_id": model.checkpoint.spec.name}
 
 
 def select_items(root: str | Path, max_images: int | None) -> tuple[list[O3Item], list[tuple[str, str]], int]:
@@ -348,24 +345,18 @@ def _protocol(model: VisionModel, batch_size: int, max_images: int | None) -> di
     }
 
 
-def summarise(
+def build_document(
     model: VisionModel, values: np.ndarray, areas: np.ndarray, skipped: list[dict], dataset: dict, protocol: dict
 ) -> dict:
     """The ``o3_summary.json`` document from the ratios (I, L, H, 6) and mask areas (I, 3) of the images used."""
     n_layers = values.shape[1]
     stats = layer_statistics(values)
-    dims = model.dims
     uniform = areas.mean(axis=0)  # (3,) target, distractor, background fraction
     return {
         "schema": SCHEMA,
-        "source": _source_json(model),
-        "model": {
-            "family": model.checkpoint.spec.name,
-            "layers": dims.layers,
-            "heads": dims.heads,
-            "hidden": dims.hidden,
-            "patch_size": protocol["patch_size"],
-        },
+        "tool_version": __version__,
+        "source": model_identity(model),
+        "model": model_record(model, patch_size=protocol["patch_size"]),
         "protocol": protocol,
         "dataset": dataset,
         "images_used": int(values.shape[0]),
@@ -386,42 +377,35 @@ def summarise(
     }
 
 
-@holds_output("out_dir", inputs=("o3_dir",))
-def o3_allocation(
+def run_o3(
     model: VisionModel | str,
-    o3_dir: str | Path,
+    data_dir: str | Path,
     out_dir: str | Path,
+    settings: SweepSettings = SweepSettings(),
     *,
     max_images: int | None = None,
-    batch_size: int = 8,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    client=None,
     progress: Callable[[int, int], object] | None = None,
-    plots: bool = True,
     notes: Callable[[str], object] | None = None,
 ) -> O3Result:
-    """Run the O3 protocol (module docstring) and write o3.csv, o3_summary.json and (if ``plots``) o3_by_layer.png.
+    """Run the O3 protocol (module docstring) and write o3.csv and o3_summary.json (the figure is
+    :func:`qkweights.figures.o3.o3_figure`'s).
 
-    model: a :class:`VisionModel` or a MODEL argument for :func:`load_model`.
-    max_images: use the first N images by name (None: all). batch_size: images per
-    forward pass; shard_size: images per shard (the unit of work and of resume; None: chosen from
-    the images and the workers, :func:`qkweights.analyses.runner.shard_size_for`). Where
-    the shards run: ``client`` (a ``distributed.Client``), else ``workers`` local
-    processes, else here (:func:`qkweights.analyses.runner.run_sweep`; the result is the same).
+    model: a :class:`VisionModel` or a MODEL argument (:func:`qkweights.analyses.sweep.opened`).
+    max_images: use the first N images by name (None: all). settings: images per forward pass, images per
+    shard (the unit of work and of resume) and where the shards run
+    (:class:`~qkweights.analyses.runner.SweepSettings`; the result is the same).
     progress(done, total): images consumed (used or skipped), at the start and after each
     shard; notes(text): what the caller may tell the user (a resumed or ignored state).
     InputError when no image is usable (existing outputs are kept). Returns the :class:`O3Result`.
-    The output folder is held for this call alone and may not lie inside the input folder
-    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
+    The caller holds ``out_dir`` (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.o3` does.
     """
-    if isinstance(model, str):
-        model = load_model(model)
+    model = opened(model)
+    batch_size, shard_size = settings.batch_size, settings.shard_size
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise InputError(f"batch size {batch_size}, shard size {shard_size}: both must be at least 1")
     if max_images is not None and max_images < 1:
         raise InputError(f"max_images {max_images} is not positive; give 1 or more, or None for all images")
-    items, missing, n_found = select_items(o3_dir, max_images)
+    items, missing, n_found = select_items(data_dir, max_images)
     out = Path(out_dir)
     state_path = out / STATE_NAME
     an = O3Analysis(
@@ -430,17 +414,7 @@ def o3_allocation(
         json.dumps(dataclasses.asdict(model.preprocessing), sort_keys=True, default=str),
     )
     sweep = run_sweep(
-        an,
-        model,
-        items,
-        state_path=state_path,
-        source=_source_json(model),
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        client=client,
-        progress=progress,
-        notes=notes,
+        an, model, items, settings, state_path=state_path, source=model_identity(model), progress=progress, notes=notes
     )
     part: O3Partial = sweep.partial
     names = [items[i].name for i in part.positions]
@@ -449,14 +423,14 @@ def o3_allocation(
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         state_path.unlink(missing_ok=True)
         raise InputError(
-            f"{o3_dir}: none of the {len(items) + len(missing)} selected images is usable{first}; check the masks"
+            f"{data_dir}: none of the {len(items) + len(missing)} selected images is usable{first}; check the masks"
         )
     dataset = {
-        "root": str(Path(o3_dir).resolve()),
+        "root": str(Path(data_dir).resolve()),
         "images_found": n_found,
         "images_selected": len(items) + len(missing),
     }
-    summary = summarise(
+    doc = build_document(
         model,
         part.values,
         part.areas,
@@ -464,12 +438,9 @@ def o3_allocation(
         dataset,
         _protocol(model, batch_size, max_images),
     )
-    summary["blas"] = sweep.kernels()
-    result = O3Result(summary, names, part.values)
+    doc["blas"] = sweep.kernels()
+    result = O3Result(doc, names, part.values)
     result.files = result.save(out)
-    if plots:
-        result.files.append(o3_figure(summary, out / FIGURE_NAME))
-    record_outputs(out, "o3", result.files)  # o3_by_layer.png of an earlier run, after --no-plots, goes
     state_path.unlink(missing_ok=True)
     return result
 

@@ -13,8 +13,9 @@ module owns the loop they share:
    kernels the shards ran on are recorded (:func:`blas_record`) and more than one noted.
    Local workers are at most one per shard; more than the cores is noted.
 2. Shards are submitted to a :class:`concurrent.futures.Executor`: none (in-process),
-   local worker processes (:func:`local_executor`, one BLAS thread each), or a Dask
-   cluster (a ``distributed.Client``, :func:`dask_client`, whose ``get_executor()`` is one).
+   local worker processes (:func:`~qkweights.analyses.executors.local_executor`, one BLAS thread each), or
+   a Dask cluster (a ``distributed.Client``, :func:`~qkweights.analyses.executors.dask_client`, whose
+   ``get_executor()`` is one).
    A worker opens the model once (per-process cache keyed by :class:`ModelRef`) and
    prepares the analysis once (its ``setup``, e.g. the SVD of the chosen heads); inside a
    shard, the next batch is decoded on a thread while the current one runs the model.
@@ -31,7 +32,7 @@ module owns the loop they share:
 4. Faults: a local worker that dies (killed, out of memory) breaks the process pool;
    the pool is rebuilt and the unfinished shards are submitted again (after
    :data:`MAX_POOL_RESTARTS` broken pools in a row with no shard finished, the run
-   stops). Local workers die with their client, even on ``kill -9`` (:func:`_worker_start`),
+   stops). Local workers die with their client, even on ``kill -9`` (:mod:`qkweights.analyses.executors`),
    and are terminated when the sweep stops early. Dask reschedules the tasks of a lost
    worker itself; a cluster with no worker is noted, and the sweep stops after
    :data:`NO_WORKER_TIMEOUT_S` seconds without one. A shard that raises stops the run
@@ -50,9 +51,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import sys
-import threading
 import time
 import zipfile
 from abc import ABC, abstractmethod
@@ -63,13 +61,13 @@ from typing import Any
 
 import numpy as np
 
+from qkweights.analyses.executors import cores, local_executor, stop_workers
 from qkweights.errors import InputError, QkError
 from qkweights.outputs import plural, write_npz
 from qkweights.version import __version__
 from qkweights.vision.model import ModelRef, remember
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
-DASK_INSTALL = 'pip install "qkweights[dask]"'
 
 
 class ShardError(QkError, RuntimeError):
@@ -320,133 +318,6 @@ def load_state(path: Path, an: Analysis, fp: str, n: int) -> tuple[SweepState | 
     return st, None
 
 
-# ----------------------------------------------------------------------------- executors
-
-
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity where the platform says, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def local_executor(workers: int) -> cf.ProcessPoolExecutor:
-    """``workers`` local processes, each with one BLAS thread, that die with this process (:func:`_worker_start`).
-
-    Forked where the platform allows and no other thread runs, so that the models this
-    process has open (:func:`remember`) are shared copy-on-write instead of being read
-    again; otherwise spawned, and each worker opens the model itself on its first shard.
-    """
-    import multiprocessing
-
-    if workers < 1:
-        raise InputError(f"{workers} workers: give at least 1")
-    forkable = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
-    ctx = multiprocessing.get_context("fork" if forkable else "spawn")
-    return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start, initargs=(os.getpid(),))
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-PARENT_POLL_S = 1.0  # how often a worker without PR_SET_PDEATHSIG checks that its client still runs
-
-
-def _worker_start(parent: int) -> None:
-    """A local worker's set-up: one BLAS thread, and death with its client ``parent`` (killed, even with SIGKILL).
-
-    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere a
-    daemon thread checks every :data:`PARENT_POLL_S` s that the parent is still this process's parent.
-    """
-    import signal
-
-    from threadpoolctl import threadpool_limits
-
-    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    threadpool_limits(1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the client's handler, if it was forked with one
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the client stops us
-    if not _die_with_parent():
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the client died before the death signal was armed
-        os._exit(1)
-
-
-def _die_with_parent() -> bool:
-    """Ask the kernel for SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG); False where unavailable."""
-    import ctypes
-    import signal
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols: libc's among them
-        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(1)
-
-
-def _stop_workers(executor: cf.ProcessPoolExecutor) -> None:
-    """Stop a local pool now: cancel what has not started and terminate the worker processes (their shards are
-    not merged; a re-run runs them again)."""
-    processes = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        proc.terminate()
-    for proc in processes:
-        proc.join(5)
-
-
-def dask_client(address: str | None = None, scheduler_file: str | None = None):
-    """A ``distributed.Client`` of an existing Dask cluster (address ``tcp://host:port`` or a scheduler file).
-
-    InputError, in one line, for an address Dask cannot parse, a scheduler file that is not
-    the JSON ``dask scheduler --scheduler-file`` writes, and a scheduler that does not answer.
-    """
-    try:
-        from distributed import Client
-    except ImportError as e:
-        raise InputError(
-            f"a Dask scheduler needs the optional 'distributed' package; install it with: {DASK_INSTALL}"
-        ) from e
-    if scheduler_file is not None:
-        address = _scheduler_file_address(Path(scheduler_file))
-    try:
-        return Client(address, timeout="20s")
-    except ValueError as e:  # distributed's words for an address it cannot parse
-        raise InputError(f"Dask scheduler address {address!r}: {e}; give one such as tcp://10.0.0.5:8786") from e
-    except (OSError, TimeoutError) as e:
-        raise InputError(
-            f"could not reach the Dask scheduler {address} ({type(e).__name__}: {e}); "
-            "start it with `dask scheduler` and check the address"
-        ) from e
-
-
-def _scheduler_file_address(path: Path) -> str:
-    """The scheduler address a ``dask scheduler --scheduler-file`` file holds (its JSON ``address``)."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such scheduler file; give the file `dask scheduler --scheduler-file` wrote")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(
-            f"{path}: not a Dask scheduler file ({type(e).__name__}: {e}); give the file `dask scheduler "
-            "--scheduler-file` wrote"
-        ) from e
-    address = doc.get("address") if isinstance(doc, dict) else None
-    if not isinstance(address, str) or not address:
-        raise InputError(
-            f'{path}: not a Dask scheduler file (no "address" in it); give the file `dask scheduler '
-            "--scheduler-file` wrote"
-        )
-    return address
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -496,32 +367,48 @@ def _dask_threads(client) -> int:
     return sum(client.nthreads().values())
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """Where and how a sweep runs (:func:`run_sweep`); its results are the same whatever these are.
+
+    batch_size: images per forward pass (16 for every analysis: a batch's images run side by side, one BLAS
+    thread each, so a larger batch keeps more cores busy, and the images' numbers do not depend on it);
+    shard_size: images per shard, the unit of work, resume and progress (None: chosen, :func:`shard_size_for`);
+    workers: local worker processes (None: this process); client: a ``distributed.Client``, whose Dask cluster
+    runs the shards instead.
+    """
+
+    batch_size: int = 16
+    shard_size: int | None = None
+    workers: int | None = None
+    client: Any = None
+
+
 def run_sweep(
     an: Analysis,
     model,
     items: Sequence,
+    settings: SweepSettings = SweepSettings(),
     *,
     state_path: str | Path,
     source: dict,
-    shard_size: int | None = None,
-    batch_size: int = 16,
-    workers: int | None = None,
-    client=None,
     progress: Callable[[int, int], object] | None = None,
     notes: Callable[[str], object] | None = None,
 ) -> Sweep:
     """Run ``an`` over ``items`` (see the module docstring) and return the merged result.
 
-    model: the :class:`~qkweights.vision.model.VisionModel`, open here; with local ``workers`` its
-    ``setup`` is computed here first, so forked workers share both. Where shards run: ``client`` (a
-    ``distributed.Client``) on its Dask cluster; else ``workers`` local processes (at most
-    one per shard; more than this machine's cores is noted); else here, one after another.
-    shard_size: images per shard; None chooses it from the images left and the workers
+    model: the :class:`~qkweights.vision.model.VisionModel`, open here; with local workers its
+    ``setup`` is computed here first, so forked workers share both. Where shards run (``settings``,
+    :class:`SweepSettings`): ``client`` (a ``distributed.Client``) on its Dask cluster; else ``workers``
+    local processes (at most one per shard; more than this machine's cores is noted); else here, one
+    after another. ``shard_size``: images per shard; None chooses it from the images left and the workers
     (:func:`shard_size_for`). progress(done, total): items consumed, at the start and after
     each shard; notes(text): a resumed or ignored state, more workers than cores, a Dask
     cluster without workers. The state file is kept; the caller removes it once its outputs
     are written.
     """
+    shard_size, batch_size = settings.shard_size, settings.batch_size
+    workers, client = settings.workers, settings.client
     if (shard_size is not None and shard_size < 1) or batch_size < 1:
         raise InputError(f"shard size {shard_size}, batch size {batch_size}: both must be at least 1")
     if workers is not None and workers < 1:
@@ -701,7 +588,7 @@ def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absor
                 executor = None
     except BaseException:
         if own and executor is not None:
-            _stop_workers(executor)
+            stop_workers(executor)
             executor = None
         raise
     finally:

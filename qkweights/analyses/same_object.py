@@ -33,7 +33,7 @@ protocol is symmetric in the sign of a pair). The sweep is run by :mod:`qkweight
 each top-K slot carries, besides the image's list position and score, its sign, query and
 key objects, their classes and the image's number of objects, all computed while the
 image's maps are at hand, so no second pass over the images is needed; two partials
-merge by keeping the K best (:func:`qkweights.analyses.top_images.merge_topk`), which is associative
+merge by keeping the K best (:func:`qkweights.analyses.sweep.merge_topk`), which is associative
 and commutative, so the result does not depend on where or in which order shards ran.
 """
 
@@ -50,17 +50,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Batch, context, run_sweep
-from qkweights.analyses.top_images import (
+from qkweights.analyses.runner import Batch, SweepSettings, context, run_sweep
+from qkweights.analyses.sweep import (
     READ_ERRORS,
     ModeBank,
+    ModeSelection,
     ModeSweep,
-    _indices,
     input_size,
     merge_topk,
     mode_bank,
     model_identity,
+    model_record,
+    opened,
     patch_grid,
+    select_modes,
     skip_reason,
 )
 from qkweights.datasets.ade20k import (
@@ -71,7 +74,7 @@ from qkweights.datasets.ade20k import (
     read_objects,
 )
 from qkweights.errors import InputError
-from qkweights.outputs import holds_output, record_outputs, write_csv, write_json
+from qkweights.outputs import write_csv, write_json
 from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread
 from qkweights.weights.modes import mode_source
@@ -79,7 +82,7 @@ from qkweights.weights.modes import mode_source
 SCHEMA = "qkweights.same_object/1"
 STATE_NAME = ".same_object_state.npz"
 CSV_NAME, JSON_NAME = "same_object.csv", "same_object.json"
-FIGURE_NAME, EXAMPLES_NAME = "same_object_by_layer.png", "same_object_examples.png"
+TOP = 5  # images selected per layer, head and mode unless the selection says
 MIN_OBJECTS = 2
 NOT_ELIGIBLE = "not eligible"  # the start of a skip reason of an image with fewer than MIN_OBJECTS objects
 SLOT = ("sign", "query_object", "key_object", "query_class", "key_class", "n_objects")  # int fields of a top-K slot
@@ -98,7 +101,6 @@ CSV_HEADER = [
     "same",
     "n_objects",
 ]
-EXAMPLE_ROWS = 6  # rows of the examples figure
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -197,7 +199,7 @@ def mean_sem(values: np.ndarray) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class LabelledImage:
     """One eligible image ready for the forward pass."""
 
     pixels: np.ndarray  # (3, H, W) float32 model input
@@ -206,7 +208,7 @@ class Prepared:
     a: np.ndarray  # (M, N) float64 object fraction of each patch
 
 
-def prepare(model, item: SegItem, size) -> Prepared:
+def prepare(model, item: SegItem, size) -> LabelledImage:
     """Read one item: model input, label map on the patch grid, objects of at least one patch.
 
     InputError (message = the skip reason) when a file is unusable or the image is not
@@ -227,7 +229,7 @@ def prepare(model, item: SegItem, size) -> Prepared:
             f"{NOT_ELIGIBLE}: {len(objects)} object(s) cover at least one patch "
             f"({n_all} on the model input, {len(classes)} annotated); {MIN_OBJECTS} are needed"
         )
-    return Prepared(pixels, objects, np.array([classes[int(o)] for o in objects], np.int64), a)
+    return LabelledImage(pixels, objects, np.array([classes[int(o)] for o in objects], np.int64), a)
 
 
 # ----------------------------------------------------------------------------- partial results and the analysis
@@ -283,7 +285,7 @@ class SameObjectAnalysis(ModeSweep):
 
     def compute(self, model, ctx, batch: Batch) -> SamePartial:
         layers, w = ctx.layers, ctx.w
-        prepared: list[Prepared] = batch.data
+        prepared: list[LabelledImage] = batch.data
         out = model.forward(np.stack([p.pixels for p in prepared]), layers=layers, truncate=True, hidden=False)
         b = len(prepared)
         scores, slots = [], []
@@ -349,10 +351,6 @@ class SameObjectResult:
     def to_json(self) -> dict:
         return self.doc
 
-    def probability(self) -> dict[tuple[int, int], float]:
-        """{(layer, head): P(l, h)}."""
-        return {(e["layer"], h["head"]): h["probability"] for e in self.doc["layers"] for h in e["heads"]}
-
     def save(self, out_dir) -> list[Path]:
         """Write ``same_object.csv`` and ``same_object.json`` into ``out_dir``; returns the paths."""
         out = Path(out_dir)
@@ -417,7 +415,7 @@ def build_rows(items: list[SegItem], st: SamePartial, layers, heads, modes) -> l
     return rows
 
 
-def summarise(
+def layer_entries(
     st: SamePartial, layers: list[int], heads: list[int], modes: list[int], sigma: np.ndarray, n_layers: int
 ) -> list[dict]:
     """The ``layers`` entries of the document: per layer P mean, s.e.m., chance and the heads' and modes' values.
@@ -492,56 +490,34 @@ def protocol_text(model, size, patch: int) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-@holds_output("out_dir", inputs=("data_dir",))
-def same_object(
+def run_same_object(
     model,
     data_dir,
     out_dir,
+    selection: ModeSelection = ModeSelection(),
+    settings: SweepSettings = SweepSettings(),
     *,
-    layers=None,
-    heads=None,
-    modes=range(10),
-    top: int = 5,
-    batch_size: int = 16,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    client=None,
     progress: Callable[[int, int], object] | None = None,
-    plots: bool = True,
     notes: Callable[[str], object] | None = None,
 ) -> SameObjectResult:
     """Run the same-object protocol (module docstring) on ``data_dir``; write the outputs into ``out_dir``.
 
-    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument for
-    :func:`~qkweights.vision.model.load_model`. data_dir: a folder in one of the layouts of
-    :mod:`qkweights.datasets.ade20k`. layers, heads: 0-based indices (None: all); modes: indices,
-    those ≥ head_dim dropped; top: images selected per mode. Where the shards run:
-    ``client`` (a ``distributed.Client``), else ``workers`` local processes, else here
-    (:func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
+    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument
+    (:func:`~qkweights.analyses.sweep.opened`). data_dir: a folder in one of the layouts of
+    :mod:`qkweights.datasets.ade20k`. selection: the modes, and the images selected per mode
+    (:class:`~qkweights.analyses.sweep.ModeSelection`); settings: batch and shard sizes, and where the shards
+    run (:class:`~qkweights.analyses.runner.SweepSettings`; the result is the same). progress(done, total):
     images consumed, at the start and after each shard; notes(text): what the caller may
-    tell the user (a resumed or ignored state). Writes ``same_object.csv``,
-    ``same_object.json`` and, with ``plots``, ``same_object_by_layer.png`` and
-    ``same_object_examples.png``; resumable from ``out_dir/.same_object_state.npz``.
-    InputError when no image is eligible (existing outputs are kept).
-    The output folder is held for this call alone and may not lie inside the input folder
-    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
+    tell the user (a resumed or ignored state). Writes ``same_object.csv`` and ``same_object.json``
+    (the figures are :func:`qkweights.figures.same_object.draw_same_object`'s); resumable from
+    ``out_dir/.same_object_state.npz``. InputError when no image is eligible (existing outputs are kept).
+    The caller holds ``out_dir`` (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.same_object`
+    does.
     """
-    from qkweights.vision.model import load_model
-
-    if isinstance(model, str):
-        model = load_model(model)
+    model = opened(model)
     d = model.dims
     root, out = Path(data_dir), Path(out_dir)
-    layers = _indices(layers, d.layers, "layer", range(d.layers))
-    heads = _indices(heads, d.heads, "head", range(d.heads))
-    kept = [int(n) for n in modes if 0 <= int(n) < d.head_dim]
-    if not kept:
-        raise InputError(
-            f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
-        )
-    modes = _indices(kept, d.head_dim, "mode", ())
-    if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
-        raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
+    layers, heads, modes, top = select_modes(d, selection, settings, TOP)
     data = open_segmentation(root)
     items = data.items
     size = input_size(model)
@@ -554,12 +530,9 @@ def same_object(
         an,
         model,
         items,
+        settings,
         state_path=state_path,
         source=source,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        client=client,
         progress=progress,
         notes=notes,
     )
@@ -583,15 +556,7 @@ def same_object(
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": source,
-        "model": {
-            "family": model.checkpoint.spec.name,
-            "layers": d.layers,
-            "heads": d.heads,
-            "hidden": d.hidden,
-            "head_dim": d.head_dim,
-            "patch_size": patch,
-            "grid": [gh, gw],
-        },
+        "model": model_record(model, head_dim=d.head_dim, patch_size=patch, grid=[gh, gw]),
         "dataset": {
             "root": str(root.resolve()),
             "layout": data.layout,
@@ -606,84 +571,16 @@ def same_object(
             "heads": heads,
             "modes": modes,
             "top": top,
-            "batch_size": batch_size,
+            "batch_size": settings.batch_size,
             "input_size": list(size or ()),
         },
         "protocol": protocol_text(model, size, patch),
         "fingerprint": sweep.fingerprint,
         "blas": sweep.kernels(),
         "skipped": skipped,
-        "layers": summarise(st, layers, heads, modes, bank.sigma, d.layers),
+        "layers": layer_entries(st, layers, heads, modes, bank.sigma, d.layers),
     }
     result = SameObjectResult(doc, build_rows(items, st, layers, heads, modes))
-    written = result.save(out)
-    if plots:
-        written += draw_same_object(model, result, items, out)
-    result.files = written
-    record_outputs(out, "same-object", written)  # figures of an earlier run, after --no-plots, go
+    result.files = result.save(out)
     state_path.unlink(missing_ok=True)
     return result
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def example_picks(doc: dict, n_rows: int = EXAMPLE_ROWS) -> list[tuple[int, int, int]]:
-    """(layer, head, mode) of the examples figure: the first analysed head's first analysed mode, in up to
-    ``n_rows`` analysed layers evenly spread from the first to the last."""
-    layers = doc["options"]["layers"]
-    idx = sorted({round(float(i)) for i in np.linspace(0, len(layers) - 1, min(n_rows, len(layers)))})
-    return [(layers[i], doc["options"]["heads"][0], doc["options"]["modes"][0]) for i in idx]
-
-
-def example_cell(
-    model, item: SegItem, size, query_object: int, key_object: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model input of one image as the patch grid covers it ((h, w, 3) in [0, 1]) with the query and key
-    objects' masks (h, w) bool on it."""
-    from qkweights.figures.overlay import display_image
-    from qkweights.vision.preprocess import open_image
-
-    image = open_image(item.image)
-    prep = model.preprocessing if size is None else model.preprocessing.with_size(*size)
-    ids, _ = read_objects(item, image.size)
-    px, labels = prep(image)[0], prep.transform_labels(ids)  # (3, H, W), (H, W)
-    p = model.weights.embeddings.patch_size
-    h, w = px.shape[1] // p * p, px.shape[2] // p * p
-    img = display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
-    return img, labels[:h, :w] == query_object, labels[:h, :w] == key_object
-
-
-def draw_same_object(model, result: SameObjectResult, items: list[SegItem], out: Path) -> list[Path]:
-    """Write ``same_object_by_layer.png`` (Fig. 6) and ``same_object_examples.png``."""
-    from qkweights.figures import same_object_examples, same_object_figure, save_png
-
-    doc = result.doc
-    paths = [same_object_figure(doc, out / FIGURE_NAME)]
-    by_name = {it.name: it for it in items}
-    size = tuple(doc["options"]["input_size"]) or None
-    rows = []
-    for l, h, n in example_picks(doc):
-        picked = [r for r in result.rows if (r["layer"], r["head"], r["mode"]) == (l, h, n)]
-        cells = []
-        for r in picked:
-            img, qm, km = example_cell(model, by_name[r["image"]], size, r["query_object"], r["key_object"])
-            verdict = "same" if r["same"] else "different"
-            cells.append((img, qm, km, f"{verdict} · {r['n_objects']} obj"))
-        entry = next(
-            m
-            for e in doc["layers"]
-            if e["layer"] == l
-            for hd in e["heads"]
-            if hd["head"] == h
-            for m in hd["modes"]
-            if m["mode"] == n
-        )
-        rows.append((f"L{l} H{h} M{n}\nσ {entry['sigma']:.3g}\np = {entry['probability']:.2f}", cells))
-    name = doc["source"].get("model_id") or doc["model"]["family"]
-    title = (
-        f"{name} — the top {doc['options']['top']} of {doc['dataset']['n_eligible']} eligible images per mode: "
-        "query object (largest mean s·x·u over its area) outlined red, key object (s·x·v) cyan"
-    )
-    paths.append(save_png(same_object_examples(title, rows), out / EXAMPLES_NAME))
-    return paths

@@ -28,149 +28,50 @@ vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
 
-from qkweights.analyses.runner import Analysis, Batch, ModelRef, context, run_sweep
-from qkweights.checkpoints.folders import image_suffixes, listing, not_a_folder
-from qkweights.errors import InputError, QkError
-from qkweights.outputs import holds_output, plural, record_outputs, write_json, write_npz
-from qkweights.specs.load import source_record
+from qkweights.analyses.runner import Batch, Sweep, SweepSettings, context, run_sweep
+from qkweights.analyses.sweep import (
+    ModeBank,
+    ModeSelection,
+    ModeSweep,
+    input_size,
+    list_images,
+    load_batch,
+    mode_bank,
+    model_identity,
+    model_record,
+    opened,
+    other_files,
+    patch_grid,
+    select_modes,
+)
+from qkweights.checkpoints.folders import listing
+from qkweights.errors import InputError
+from qkweights.outputs import plural, write_json, write_npz
 from qkweights.version import __version__
 from qkweights.vision.forward import one_blas_thread
-from qkweights.weights.modes import ModeSource, mode_source
+from qkweights.weights.modes import mode_source
 
 SCHEMA = "qkweights.top_images/1"
 STATE_NAME = ".top_images_state.npz"
 JSON_NAME = "top_images.json"
 MAPS_NAME = "top_images_maps.npz"
+TOP = 8  # images kept per layer, head, mode and sign unless the selection says
 TOP_MEAN = 5  # tokens in the "top-5 mean" projections
 SIGNS = ("+", "-")
 STATS = ("max_query", "max_key", "mean_query", "mean_key", "top5_query", "top5_key")  # per winner, for its sign
-READ_ERRORS = (QkError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SCORE_TEXT = "max_t(s·x_t·u_n) · max_t(s·x_t·v_n) over patch tokens t, s = +1 for sign '+', −1 for sign '-'"
 CENTRE_TEXT = "centre patch token: row gh//2, column gw//2 of the patch grid"
 UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free integer sums
 
 
-# ----------------------------------------------------------------------------- images
-
-
-def list_images(root: Path) -> list[str]:
-    """Image files under ``root`` (recursive), as sorted relative POSIX paths.
-
-    An image file has the suffix, in any letter case, of a format Pillow opens
-    (:func:`qkweights.checkpoints.folders.image_suffixes`): .jpg, .PNG, .gif, .webp, .tiff, … The
-    other files are :func:`other_files`.
-    """
-    return _walk(root, lambda name: Path(name).suffix.lower() in image_suffixes())
-
-
-def other_files(root: Path) -> list[str]:
-    """The files under ``root`` that :func:`list_images` leaves out (not hidden ones), as sorted relative paths."""
-    return _walk(root, lambda name: not name.startswith(".") and Path(name).suffix.lower() not in image_suffixes())
-
-
-def _walk(root: Path, keep) -> list[str]:
-    """The files under ``root`` whose name ``keep`` accepts, as sorted relative POSIX paths."""
-    root = Path(root)
-    why = not_a_folder(root)
-    if why is not None:
-        raise InputError(f"{root}: {why}; give a folder of images")
-    found = []
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        dirs.sort()
-        found += [(here / f).relative_to(root).as_posix() for f in files if keep(f)]
-    return sorted(found)
-
-
-def skip_reason(err: BaseException, image: Path) -> str:
-    """Why ``image`` was skipped, in one line, for a record that names the image already: a QkError's message
-    without its leading ``image`` path, another error's type and text."""
-    text = str(err) if isinstance(err, QkError) else f"{type(err).__name__}: {err}"
-    return " ".join(text.removeprefix(f"{image}: ").split())
-
-
-def input_size(model) -> tuple[int, int] | None:
-    """None when the model's preprocessing gives a fixed size; else the size to resize every image to."""
-    prep = model.preprocessing
-    if prep.crop is not None or prep.size is not None:
-        return None
-    return model.dims.image_size
-
-
-def load_batch(model, root: Path, paths: list[str], size) -> tuple[np.ndarray | None, list[int], list[dict]]:
-    """Preprocess the readable images of ``paths``: (B, 3, H, W) float32, their positions in ``paths``, and the skipped.
-
-    Unreadable, truncated or otherwise unusable files are skipped, never fatal:
-    ``{"path", "reason"}`` each.
-    """
-    pixels, ok, skipped = [], [], []
-    for i, rel in enumerate(paths):
-        try:
-            pixels.append(model.preprocess(root / rel, size=size))
-            ok.append(i)
-        except READ_ERRORS as e:
-            skipped.append({"path": rel, "reason": skip_reason(e, root / rel)})
-    return (np.concatenate(pixels) if pixels else None), ok, skipped
-
-
-# ----------------------------------------------------------------------------- modes and scores
-
-
-@dataclass(frozen=True)
-class ModeBank:
-    """The chosen modes of the chosen heads, per chosen layer.
-
-    w: per layer (D, 2C) float32, C = H'·N' columns [u_(h,n) … | v_(h,n) …] in (head, mode)
-    order; sigma, cos: (L', H', N') float64; weighted: (L', H) the σ-weighted cosine
-    Σσ·cos/Σσ of every head of each chosen layer (NaN for an all-zero head); source: where the
-    modes come from, and which tokens of a forward pass they apply to.
-    """
-
-    layers: list[int]
-    heads: list[int]
-    modes: list[int]
-    w: list[np.ndarray]
-    sigma: np.ndarray
-    cos: np.ndarray
-    weighted: np.ndarray
-    source: ModeSource
-
-
-def mode_bank(source: ModeSource, layers: list[int], heads: list[int], modes: list[int], dtype=np.float32) -> ModeBank:
-    """SVD of every head of each chosen layer (:meth:`~qkweights.weights.modes.ModeSource.modes`, plain or
-    LayerNorm-folded); the chosen heads' and modes' directions as a :class:`ModeBank` (columns ``w`` in ``dtype``).
-
-    Layers run on as many threads as there are cores, each with one BLAS thread: OpenBLAS
-    with more is slower on these small LAPACK calls.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
-    def layer(l: int):
-        m = source.modes(l)
-        u, s, v = m.u, m.s, m.v  # (H, D, K), (H, K), (H, D, K)
-        c = np.einsum("hdk,hdk->hk", u, v)  # (H, K)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            weighted = (s * c).sum(-1) / s.sum(-1)  # (H,)
-        u, v, s, c = u[heads][..., modes], v[heads][..., modes], s[heads][:, modes], c[heads][:, modes]  # (H', D, N')
-        d = u.shape[1]
-        cols = [u.transpose(1, 0, 2).reshape(d, -1), v.transpose(1, 0, 2).reshape(d, -1)]  # 2 × (D, H'·N')
-        return np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=dtype), s, c, weighted
-
-    threads = max(1, min(len(layers), os.cpu_count() or 1))
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-        w, sigma, cos, weighted = zip(*pool.map(layer, layers)) if layers else ((), (), (), ())
-    return ModeBank(layers, heads, modes, list(w), np.array(sigma), np.array(cos), np.array(weighted), source)
+# ----------------------------------------------------------------------------- scores
 
 
 def batch_stats(p: np.ndarray) -> np.ndarray:
@@ -198,21 +99,6 @@ def batch_stats(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def merge_topk(scores: np.ndarray, index: np.ndarray, *extra: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-    """The ``k`` best of candidate lists: order by score descending, then image index ascending.
-
-    scores (..., M), index (..., M) int (−1 = empty, score −inf); each of ``extra``
-    (..., M, ...) is carried along (stats, maps). Returns (scores, index, *extra) with
-    M cut to ``k``.
-    """
-    order = np.lexsort((index, -scores), axis=-1)[..., :k]  # primary −score, secondary index
-    out = [np.take_along_axis(scores, order, -1), np.take_along_axis(index, order, -1)]
-    for x in extra:
-        o = order.reshape(order.shape + (1,) * (x.ndim - order.ndim))
-        out.append(np.take_along_axis(x, o, order.ndim - 1))
-    return tuple(out)
-
-
 def unit_sum(x: np.ndarray) -> np.ndarray:
     """Σ_b x_b/|x_b| for x (B, D) (zero vectors add nothing), in fixed point: int64 (D,) in units of 2⁻⁴⁰.
 
@@ -231,20 +117,6 @@ def mean_pairwise_cosine(s: np.ndarray, n: int) -> np.ndarray:
     if n < 2:
         return np.full(s.shape[:-1], np.nan)
     return (np.einsum("...d,...d->...", s, s) - n) / (n * (n - 1))
-
-
-# ----------------------------------------------------------------------------- provenance
-
-
-def model_identity(model) -> dict:
-    """Provenance of the weights: Source.to_json() (sha256 of each file), or file names, sizes and mtimes."""
-    if model.source is not None:
-        return source_record(model.source, model.checkpoint)
-    files = [Path(f) for f in model.checkpoint.store.files]
-    return {
-        "model_id": model.checkpoint.spec.name,
-        "files": [{"name": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
-    }
 
 
 def centre_token(layout) -> int:
@@ -272,18 +144,6 @@ class TopPartial:
     maps: np.ndarray
     centre: np.ndarray
     n_scored: int = 0
-
-
-@dataclass(frozen=True)
-class ModeSweep(Analysis):
-    """The options every analysis of the top images of chosen modes shares (top-images, same-object)."""
-
-    root: str  # the image folder (absolute)
-    layers: tuple[int, ...]
-    heads: tuple[int, ...]
-    modes: tuple[int, ...]
-    top: int  # images kept per mode
-    size: tuple[int, int] | None  # None: the checkpoint's own resize and crop
 
 
 @dataclass(frozen=True)
@@ -396,10 +256,6 @@ class TopImagesResult:
     files: list[Path] = field(default_factory=list)
 
     @property
-    def n_images(self) -> int:
-        return self.doc["n_images"]
-
-    @property
     def skipped(self) -> list[dict]:
         return self.doc["skipped"]
 
@@ -435,17 +291,6 @@ class TopImagesResult:
         return cls(doc, maps)
 
 
-def _indices(values, limit: int, what: str, default) -> list[int]:
-    out = list(default if values is None else values)
-    out = [int(v) for v in out]
-    bad = [v for v in out if not 0 <= v < limit]
-    if bad:
-        raise InputError(f"{what} {bad[0]} is out of range: the model has {limit} {what}s (0–{limit - 1})")
-    if len(set(out)) != len(out) or not out:
-        raise InputError(f"{what}s {out}: give at least one, without repeats")
-    return out
-
-
 def _winner(st: TopPartial, paths: list[str], li: int, ci: int, si: int, j: int) -> dict:
     rec = {"path": paths[int(st.index[li, ci, si, j])], "score": float(st.scores[li, ci, si, j])}
     rec.update({name: float(v) for name, v in zip(STATS, st.stats[li, ci, si, j])})
@@ -458,14 +303,14 @@ def build_document(
     root,
     paths: list[str],
     bank: ModeBank,
-    st: TopPartial,
-    skipped: list[dict],
+    sweep: Sweep,
     options: dict,
     anisotropy: dict,
 ) -> dict:
-    """The ``top_images.json`` document (schema ``qkweights.top_images/1``)."""
+    """The ``top_images.json`` document (schema ``qkweights.top_images/1``) of a finished ``sweep``."""
     from qkweights.weights.qk import SIGN_CONVENTION
 
+    st: TopPartial = sweep.partial
     heads = []
     n_modes = len(bank.modes)
     for li, l in enumerate(bank.layers):
@@ -490,18 +335,11 @@ def build_document(
                     }
                 )
             heads.append({"layer": l, "head": h, "modes": modes})
-    d = model.dims
     return {
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": source,
-        "model": {
-            "family": model.checkpoint.spec.name,
-            "layers": d.layers,
-            "heads": d.heads,
-            "hidden": d.hidden,
-            "head_dim": d.head_dim,
-        },
+        "model": model_record(model, head_dim=model.dims.head_dim),
         "image_dir": str(root),
         "options": options,
         "score": SCORE_TEXT,
@@ -521,62 +359,45 @@ def build_document(
         "n_images": st.n_scored,
         "heads": heads,
         "anisotropy": anisotropy,
-        "skipped": skipped,
+        "skipped": sweep.skipped,
     }
 
 
 # ----------------------------------------------------------------------------- the command
 
 
-@holds_output("out_dir", inputs=("image_dir",))
-def top_images(
+def run_top_images(
     model,
-    image_dir,
+    data_dir,
     out_dir,
+    selection: ModeSelection = ModeSelection(),
+    settings: SweepSettings = SweepSettings(),
     *,
-    layers=None,
-    heads=None,
-    modes=range(10),
-    top: int = 8,
-    batch_size: int = 16,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    client=None,
-    progress: Callable[[int, int], object] | None = None,
-    plots: bool = True,
-    notes: Callable[[str], object] | None = None,
     fold_ln: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    notes: Callable[[str], object] | None = None,
 ) -> TopImagesResult:
-    """Top-``top`` images of ``image_dir`` per (layer, head, mode, sign); writes the outputs into ``out_dir``.
+    """The top ``selection.top`` images of ``data_dir`` per (layer, head, mode, sign) of the selected modes
+    (:class:`~qkweights.analyses.sweep.ModeSelection`); writes the outputs into ``out_dir``.
 
-    model: a :class:`qkweights.vision.model.VisionModel`. layers, heads: 0-based indices (None:
-    all); modes: indices, those ≥ head_dim dropped. Where the shards run: ``client`` (a
-    ``distributed.Client``), else ``workers`` local processes, else here (see
-    :func:`qkweights.analyses.runner.run_sweep`; the result is the same). progress(done, total):
+    model: a :class:`qkweights.vision.model.VisionModel` or a MODEL argument (:func:`qkweights.analyses.sweep.opened`).
+    settings: batch and shard sizes, and where the shards run (:class:`~qkweights.analyses.runner.SweepSettings`;
+    the result is the same). progress(done, total):
     files consumed, at the start and after each shard; notes(text): what the caller may
-    want to tell the user (a resumed or ignored state). Writes ``top_images.json``,
-    ``top_images_maps.npz`` and, with ``plots``, ``top_L{l}_H{h}.png`` per head and
-    ``anisotropy.png``; resumable. fold_ln: score the LayerNorm-folded modes on the
+    want to tell the user (a resumed or ignored state). Writes ``top_images.json`` and
+    ``top_images_maps.npz`` (the figures are :func:`qkweights.figures.top_images.draw_top_images`'s);
+    resumable. fold_ln: score the LayerNorm-folded modes on the
     normalised tokens n (:mod:`qkweights.weights.fold`), so that the decomposition of the logits
     stays exact. InputError when no image could be read (existing outputs are left as they
-    are). Returns the :class:`TopImagesResult`.
-    The output folder is held for this call alone and may not lie inside the input folder
-    (:func:`qkweights.outputs.claim_dir`; InputError otherwise).
+    are). Returns the :class:`TopImagesResult`, its ``files`` the two written. The caller holds ``out_dir``
+    (:func:`qkweights.outputs.claim_dir`), as :func:`qkweights.workflow.top_images` does.
     """
     import warnings
 
+    model = opened(model)
     d = model.dims
-    root, out = Path(image_dir), Path(out_dir)
-    layers = _indices(layers, d.layers, "layer", range(d.layers))
-    heads = _indices(heads, d.heads, "head", range(d.heads))
-    kept = [int(n) for n in modes if 0 <= int(n) < d.head_dim]
-    if not kept:
-        raise InputError(
-            f"modes {list(modes)}: a head of this model has {d.head_dim} modes; give modes in 0–{d.head_dim - 1}"
-        )
-    modes = _indices(kept, d.head_dim, "mode", ())
-    if top < 1 or batch_size < 1 or (shard_size is not None and shard_size < 1):
-        raise InputError(f"top {top}, batch size {batch_size}, shard size {shard_size}: each must be at least 1")
+    root, out = Path(data_dir), Path(out_dir)
+    layers, heads, modes, top = select_modes(d, selection, settings, TOP)
     paths, others = list_images(root), other_files(root)
     if not paths:
         raise InputError(
@@ -593,7 +414,7 @@ def top_images(
         "heads": heads,
         "modes": modes,
         "top": top,
-        "batch_size": batch_size,
+        "batch_size": settings.batch_size,
         "input_size": list(size or ()),
         "fold_ln": fold_ln,
     }
@@ -605,12 +426,9 @@ def top_images(
         an,
         model,
         paths,
+        settings,
         state_path=state_path,
         source=source,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        client=client,
         progress=progress,
         notes=notes,
     )
@@ -636,131 +454,12 @@ def top_images(
         "weighted_cosine": weighted.tolist(),
         "relative_cosine": (weighted - baseline).tolist(),
     }
-    doc = build_document(model, source, root, paths, bank, st, sweep.skipped, options, anisotropy)
+    doc = build_document(model, source, root, paths, bank, sweep, options, anisotropy)
     doc["fingerprint"] = sweep.fingerprint
     doc["n_other_files"] = len(others)
     doc["blas"] = sweep.kernels()
     maps = st.maps.reshape(st.maps.shape[:-1] + grid)
     result = TopImagesResult(doc, maps)
-    written = result.save(out)
-    if plots:
-        written += draw_top_images(sweep.ref, result, root, out, workers=workers, client=client)
-    result.files = written
-    record_outputs(out, "top-images", written)  # grids of heads no longer asked for, figures after --no-plots, go
+    result.files = result.save(out)
     state_path.unlink(missing_ok=True)
     return result
-
-
-def patch_grid(model, size) -> tuple[int, int]:
-    """(gh, gw) of the model input that ``model.preprocess(…, size=size)`` makes (every image alike)."""
-    pixels = model.preprocess(np.zeros((32, 32, 3), np.uint8), size=size)
-    p = model.weights.embeddings.patch_size
-    return pixels.shape[2] // p, pixels.shape[3] // p
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-@dataclass(frozen=True)
-class GridJob:
-    """One head's grid figure, as sent to the process that draws it."""
-
-    ref: ModelRef
-    root: str
-    size: tuple[int, int] | None
-    title: str
-    rows: list  # [(label, [(path, score, query (gh, gw), key (gh, gw), sign), …]), …]
-    path: Path
-
-
-def draw_grid(job: GridJob) -> Path:
-    """Draw and save one head's grid (:func:`qkweights.figures.top_images_grid`) in this process."""
-    from qkweights.figures import save_png, top_images_grid
-
-    model = job.ref.open()
-    return save_png(top_images_grid(job.title, job.rows, _thumbnailer(model, job.root, job.size)), job.path)
-
-
-_THUMBS: dict = {}  # this process's display images, per (root, path, size)
-
-
-def _thumbnailer(model, root: str, size):
-    """path → (h, w, 3) float64 in [0, 1]: the part of the model input that the patch grid covers, at the grid's
-    cell width (:data:`qkweights.figures.CELL_PX`), cached per process."""
-    from qkweights.figures import CELL_PX
-    from qkweights.figures.overlay import display_image
-
-    prep, p = model.preprocessing, model.weights.embeddings.patch_size
-
-    def thumb(rel: str) -> np.ndarray:
-        key = (root, rel, size)
-        if key not in _THUMBS:
-            if len(_THUMBS) > 4096:
-                _THUMBS.clear()
-            px = model.preprocess(Path(root) / rel, size=size)[0]  # (3, H, W)
-            h, w = px.shape[1] // p * p, px.shape[2] // p * p
-            img = display_image(px[:, :h, :w], prep.mean, prep.std, prep.rescale)
-            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(
-                (CELL_PX, max(1, round(CELL_PX * h / w))), Image.Resampling.LANCZOS
-            )
-            _THUMBS[key] = np.asarray(small) / 255.0
-        return _THUMBS[key]
-
-    return thumb
-
-
-def draw_top_images(
-    ref: ModelRef, result: TopImagesResult, root: Path, out: Path, *, workers=None, client=None
-) -> list[Path]:
-    """Write ``top_L{l}_H{h}.png`` per head and ``anisotropy.png``; grids are drawn on the sweep's executor."""
-    from qkweights.analyses.runner import run_jobs
-    from qkweights.figures import anisotropy_figure
-    from qkweights.outputs import save_figure
-
-    doc = result.doc
-    opts = doc["options"]
-    layers, heads, modes = opts["layers"], opts["heads"], opts["modes"]
-    size = tuple(opts["input_size"]) or None
-    model_id = doc["source"].get("model_id", "?")
-    jobs = []
-    for hd in doc["heads"]:
-        li, hi = layers.index(hd["layer"]), heads.index(hd["head"])
-        rows = []
-        for ni, m in enumerate(hd["modes"]):
-            ci = hi * len(modes) + ni
-            for si, sign in enumerate(SIGNS):
-                cells = [
-                    (w["path"], w["score"], result.maps[li, ci, si, j, 0], result.maps[li, ci, si, j, 1], 1 - 2 * si)
-                    for j, w in enumerate(m["signs"][sign])
-                ]
-                label = (
-                    f"L{hd['layer']} H{hd['head']} M{m['mode']} {'+' if si == 0 else '−'}\ncos {m['cosine']:+.3f}  σ "
-                    f"{m['sigma']:.3g}"
-                )
-                rows.append((label, cells))
-        x = "x = normalised token n, LayerNorm-folded modes" if opts.get("fold_ln") else "x = LayerNorm output"
-        title = (
-            f"{model_id} — layer {hd['layer']}, head {hd['head']}: top {opts['top']} of {doc['n_images']} images "
-            f"per mode and sign ({x})"
-        )
-        jobs.append(
-            GridJob(ref, str(Path(root).resolve()), size, title, rows, out / f"top_L{hd['layer']}_H{hd['head']}.png")
-        )
-    run_jobs(draw_grid, jobs, workers=workers, client=client)
-    paths = [job.path for job in jobs]
-    ani = doc["anisotropy"]
-    n_layers = doc["model"]["layers"]
-    paths.append(
-        save_figure(
-            anisotropy_figure(
-                f"{model_id} — anisotropy control ({doc['n_images']} images)",
-                layers,
-                n_layers,
-                np.array(ani["mean_cosine"], float),
-                np.array(ani["weighted_cosine"], float),
-            ),
-            out / "anisotropy.png",
-            dpi=120,
-        )
-    )
-    return paths

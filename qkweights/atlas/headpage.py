@@ -251,7 +251,7 @@ def _o3(m, layer: int, head: int) -> tuple[str, dict | None]:
     alloc = o3_head(m, layer, head)
     if alloc is None:
         return "<section><h2>O3 allocation</h2><p class='missing'>No O3 result for this model.</p></section>", None
-    uni = m.o3.summary["uniform"]
+    uni = m.o3.doc["uniform"]
     rows = "".join(
         f'<tr><th scope="row">from the {tok} token</th>'
         + "".join(f"<td>{fmt(v[k])}</td>" for k in ("same", "different", "background"))

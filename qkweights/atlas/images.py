@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qkweights.analyses.top_images import READ_ERRORS
+from qkweights.analyses.sweep import READ_ERRORS
 from qkweights.datasets.ade20k import open_segmentation, read_objects
 from qkweights.errors import QkError
-from qkweights.figures.overlay import display_image, scale_map
-from qkweights.vision.preprocess import Preprocess, open_image
+from qkweights.figures.overlay import scale_map
+from qkweights.vision.preprocess import Preprocess, display_image, open_image
 
 THUMB_QUALITY = 72  # WebP quality of thumbnails: small, and sharp enough at 96–160 px
 OUTLINE = {"query": (255, 64, 64), "key": (0, 230, 230)}  # red and cyan, as the overlays

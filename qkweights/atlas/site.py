@@ -101,10 +101,10 @@ def build(found, *, thumb_px: int, top: int, thumbs: bool) -> dict[str, bytes]:
 
 
 def _compare(models: list[ModelResults], skipped: list) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
-    """The cross-model curves, drawn by :func:`qkweights.figures.compare.compare` into a scratch folder."""
+    """The cross-model curves, drawn by :func:`qkweights.figures.compare.write_comparison` into a scratch folder."""
     from qkweights.analyses.o3 import SUMMARY_NAME
     from qkweights.analyses.same_object import JSON_NAME
-    from qkweights.figures.compare import compare
+    from qkweights.figures.compare import write_comparison
 
     items, labels = [], []
     names = {m.name for m in models}
@@ -118,7 +118,7 @@ def _compare(models: list[ModelResults], skipped: list) -> tuple[list[tuple[str,
         return [], {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            written = compare(items, tmp, labels=labels)
+            written = write_comparison(items, tmp, labels=labels)
         except InputError as e:
             skipped.append((Path("compare"), str(e)))
             return [], {}

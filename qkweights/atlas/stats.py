@@ -71,7 +71,7 @@ def centre_band(m: ModelResults, key: str, values: np.ndarray) -> tuple[float, f
     if key == "symmetric_fraction" and hidden and m.model.get("head_dim"):
         return float(symmetric_null(hidden, m.model["head_dim"])), None
     if key.startswith("o3_") and m.o3 is not None:
-        return float(m.o3.summary["uniform"][key[3:]]), None
+        return float(m.o3.doc["uniform"][key[3:]]), None
     if key == "same_object" and m.same_object is not None:
         chance = [_num(e.get("chance")) for e in m.same_object.doc["layers"]]
         return float(np.nanmean(chance)) if chance else 0.0, None

@@ -139,13 +139,16 @@ def add_mode_arguments(p: argparse.ArgumentParser, *, top: int, top_help: str) -
     p.add_argument("--top", type=int, default=top, help=f"{top_help} (default: {top})")
 
 
-def chosen_modes(args, dims) -> dict:
-    """The layers, heads and modes keyword options of an image analysis from --layers/--heads/--modes."""
-    return {
-        "layers": parse_indices(args.layers, dims.layers, "layers") if args.layers else None,
-        "heads": parse_indices(args.heads, dims.heads, "heads") if args.heads else None,
-        "modes": parse_indices(args.modes, 1 << 30, "modes"),
-    }
+def chosen_modes(args, dims):
+    """The :class:`~qkweights.analyses.sweep.ModeSelection` of --layers, --heads, --modes and --top."""
+    from qkweights.analyses.sweep import ModeSelection
+
+    return ModeSelection(
+        parse_indices(args.layers, dims.layers, "layers") if args.layers else None,
+        parse_indices(args.heads, dims.heads, "heads") if args.heads else None,
+        parse_indices(args.modes, 1 << 30, "modes"),
+        args.top,
+    )
 
 
 def add_output_arguments(p: argparse.ArgumentParser, *, no_plots: str) -> None:
@@ -189,9 +192,11 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def sweep_options(args):
-    """The keyword options of a sweep (workers, client, shard_size); a Dask client is closed at the end."""
-    from qkweights.analyses.runner import dask_client
+def sweep_settings(args):
+    """The :class:`~qkweights.analyses.runner.SweepSettings` of --batch-size, --shard-size, --workers, --scheduler
+    and --scheduler-file; a Dask client is closed at the end."""
+    from qkweights.analyses.executors import dask_client
+    from qkweights.analyses.runner import SweepSettings
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: give 1 or more worker processes")
@@ -199,7 +204,7 @@ def sweep_options(args):
     if args.scheduler or args.scheduler_file:
         client = dask_client(args.scheduler, args.scheduler_file)
     try:
-        yield {"workers": args.workers, "client": client, "shard_size": args.shard_size}
+        yield SweepSettings(args.batch_size, args.shard_size, args.workers, client)
     finally:
         if client is not None:
             client.close()

@@ -14,9 +14,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.workflow import open_model
+    from qkweights.workflow import open_checkpoint
 
-    source, ck = open_model(args.model, reporter=Terminal(), **model_options(args))
+    source, ck = open_checkpoint(args.model, reporter=Terminal(), **model_options(args))
     d = ck.dims
     patch = patch_size_used(ck) or d.patch_size  # what the forward pass uses
     print(

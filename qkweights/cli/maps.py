@@ -49,10 +49,10 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.analyses.maps import SIGN_CHARS, projection_maps, save_maps
-    from qkweights.workflow import load_model
+    from qkweights.analyses.maps import SIGN_CHARS, projection_maps
+    from qkweights.workflow import load_vision_model, save_maps
 
-    model = load_model(args.model, reporter=Terminal(), **model_options(args))
+    model = load_vision_model(args.model, reporter=Terminal(), **model_options(args))
     prepare_dir(out_dir(args, model.source.model_id))
     modes = parse_indices(args.modes, model.dims.head_dim, "modes") if args.modes else None
     maps = projection_maps(

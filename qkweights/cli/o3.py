@@ -11,42 +11,41 @@ from qkweights.cli.common import (
     add_sweep_arguments,
     model_options,
     out_dir,
-    sweep_options,
+    sweep_settings,
 )
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
-from qkweights.workflow import load_model, o3
+from qkweights.workflow import load_vision_model, o3
 
 
 def configure(p) -> None:
     add_model_arguments(p)
     p.add_argument(
-        "o3_dir",
+        "data_dir",
         metavar="O3_DIR",
         help="O3 folder holding images/, targ_images/ (or targ_labels/) and dist_images/ (or dist_labels/)",
     )
     p.add_argument("--max-images", type=int, metavar="N", help="use the first N images by name (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default: 16)")
     add_sweep_arguments(p)
     add_output_arguments(p, no_plots="write o3.csv and o3_summary.json only, no o3_by_layer.png")
 
 
 def run(args) -> int:
     with Terminal(quiet=args.quiet) as reporter:
-        model = load_model(args.model, reporter=reporter, **model_options(args))
+        model = load_vision_model(args.model, reporter=reporter, **model_options(args))
         out = out_dir(args, model.source.model_id)
-        with sweep_options(args) as where:
+        with sweep_settings(args) as settings:
             result = o3(
                 model,
-                args.o3_dir,
+                args.data_dir,
                 out,
-                reporter=reporter,
+                settings,
                 max_images=args.max_images,
-                batch_size=args.batch_size,
                 plots=not args.no_plots,
-                **where,
+                reporter=reporter,
             )
-    summary = result.summary
+    summary = result.doc
     if not args.quiet:
         print(format_table(summary))
         print(f"wrote {', '.join(p.name for p in result.files)} to {out}/")

@@ -11,7 +11,7 @@ from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural, prepare_dir
 from qkweights.weights.profile import Profile
-from qkweights.workflow import open_model, profile_checkpoint, save_profile
+from qkweights.workflow import open_checkpoint, profile_checkpoint, save_profile
 
 
 def configure(p) -> None:
@@ -31,7 +31,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     with Terminal(quiet=args.quiet) as reporter:
-        source, ck = open_model(args.model, reporter=reporter, **model_options(args))
+        source, ck = open_checkpoint(args.model, reporter=reporter, **model_options(args))
         out = prepare_dir(out_dir(args, source.model_id))
         prof = profile_checkpoint(
             source,

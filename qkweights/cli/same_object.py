@@ -12,7 +12,7 @@ from qkweights.cli.common import (
     chosen_modes,
     model_options,
     out_dir,
-    sweep_options,
+    sweep_settings,
 )
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
@@ -34,22 +34,20 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from qkweights.analyses.same_object import JSON_NAME
-    from qkweights.workflow import load_model, same_object
+    from qkweights.workflow import load_vision_model, same_object
 
     reporter = Terminal(quiet=args.quiet)
-    model = load_model(args.model, reporter=reporter, **model_options(args))
+    model = load_vision_model(args.model, reporter=reporter, **model_options(args))
     out = out_dir(args, model.source.model_id)
-    with sweep_options(args) as where, reporter:
+    with sweep_settings(args) as settings, reporter:
         result = same_object(
             model,
             args.data_dir,
             out,
-            reporter=reporter,
-            **chosen_modes(args, model.dims),
-            top=args.top,
-            batch_size=args.batch_size,
+            chosen_modes(args, model.dims),
+            settings,
             plots=not args.no_plots,
-            **where,
+            reporter=reporter,
         )
     if not args.quiet:
         print(format_table(result.doc))

@@ -10,7 +10,7 @@ from qkweights.cli.common import (
     chosen_modes,
     model_options,
     out_dir,
-    sweep_options,
+    sweep_settings,
 )
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
@@ -20,7 +20,7 @@ from qkweights.outputs import plural
 def configure(p) -> None:
     add_model_arguments(p)
     p.add_argument(
-        "image_dir", metavar="IMAGE_DIR", help="folder of images (jpg, jpeg, png, webp; searched recursively)"
+        "data_dir", metavar="IMAGE_DIR", help="folder of images (jpg, jpeg, png, webp; searched recursively)"
     )
     add_mode_arguments(p, top=8, top_help="images kept per layer, head, mode and sign")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
@@ -34,23 +34,21 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from qkweights.workflow import load_model, top_images
+    from qkweights.workflow import load_vision_model, top_images
 
     reporter = Terminal(quiet=args.quiet)
-    model = load_model(args.model, reporter=reporter, **model_options(args))
+    model = load_vision_model(args.model, reporter=reporter, **model_options(args))
     out = out_dir(args, model.source.model_id)
-    with sweep_options(args) as where, reporter:
+    with sweep_settings(args) as settings, reporter:
         result = top_images(
             model,
-            args.image_dir,
+            args.data_dir,
             out,
-            reporter=reporter,
-            **chosen_modes(args, model.dims),
-            top=args.top,
-            batch_size=args.batch_size,
-            plots=not args.no_plots,
+            chosen_modes(args, model.dims),
+            settings,
             fold_ln=args.fold_ln,
-            **where,
+            plots=not args.no_plots,
+            reporter=reporter,
         )
     doc = result.doc
     if not args.quiet:

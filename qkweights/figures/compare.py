@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qkweights import figures
 from qkweights.analyses.o3 import MEASURES as O3_RATIOS
 from qkweights.analyses.o3 import SCHEMA as O3_SCHEMA
 from qkweights.analyses.same_object import SCHEMA as SAME_SCHEMA
 from qkweights.errors import InputError
+from qkweights.figures.curves import Curve, curve_panels_figure, curves_figure, same_object_compare_figure
 from qkweights.outputs import csv_number, record_outputs, write_csv
 from qkweights.weights.load import load_profile
 from qkweights.weights.profile import SCHEMA as PROFILE_SCHEMA
@@ -41,33 +40,6 @@ from qkweights.weights.qk import null_band
 PROVENANCE = ("model_id", "commit", "weight_files")  # the last columns of every CSV
 INPUT_FILES = ("profile.json", "o3_summary.json", "same_object.json")
 O3_MEASURES = {key: key if key == "background" else f"{key} object" for key in O3_RATIOS}  # measure → panel title
-
-
-@dataclass(frozen=True, eq=False)
-class Curve:
-    """One model's per-layer curve.
-
-    ``depth`` (L,) normalised layer index l/(L−1); ``values`` (L,); ``lo``, ``hi``
-    (L,) a band around the values or None — the head range (min–max over heads
-    of the weighted cosine) for a profile, mean ± s.e.m. for an O3 measure or the
-    same-object probability; ``kind``: "weighted_cosine", "mean_cosine", "symmetric_fraction",
-    "ov_weighted_cosine", "o3_same", "o3_different", "o3_background" or "same_object" (its
-    ``chance`` (L,) the chance level, ``layers`` the layer indices of the points); ``hidden``:
-    the model's width D (for the null band ±1.96/√D), None for O3 and same-object curves;
-    ``source``: the provenance record of the weights (model id, commit, files with sha256), as
-    the profile or summary holds it.
-    """
-
-    label: str
-    depth: np.ndarray
-    values: np.ndarray
-    lo: np.ndarray | None
-    hi: np.ndarray | None
-    kind: str
-    hidden: int | None = None
-    source: dict | None = None
-    chance: np.ndarray | None = None
-    layers: np.ndarray | None = None  # the layer indices of the points (None: 0 … L−1)
 
 
 def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list[Curve]:
@@ -109,7 +81,7 @@ def curves_from(item: Profile | str | Path, *, label: str | None = None) -> list
     )
 
 
-def compare(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
+def write_comparison(items: list, out_dir: str | Path, *, labels: list[str] | None = None) -> list[Path]:
     """Overlay the curves of ``items`` (see :func:`curves_from`) and write figures and tables into ``out_dir``.
 
     Profiles give ``compare_cosine.png`` (weighted cosine per layer with a light
@@ -165,7 +137,7 @@ def _write_circuits(groups: list[list[Curve]], out: Path) -> list[Path]:
     """
     panels = {title: [c for g in groups for c in g if c.kind == kind] for kind, title in CIRCUIT_KINDS.items()}
     panels = {t: cs for t, cs in panels.items() if cs}
-    png = figures.curve_panels_figure(
+    png = curve_panels_figure(
         panels,
         out / "compare_circuits.png",
         title="Beyond the paper: symmetry and value-output circuit by normalised depth",
@@ -210,7 +182,7 @@ def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> lis
     D = plain.model.hidden
     name = folded.name
     name = name if len(name) <= 60 else "…" + name[-59:]
-    png = figures.curves_figure(
+    png = curves_figure(
         curves,
         Path(out_dir) / "fold_cosine_by_layer.png",
         title=f"{name}\nweighted query-key cosine, LayerNorm-folded vs plain",
@@ -223,7 +195,7 @@ def fold_comparison(folded: Profile, plain: Profile, out_dir: str | Path) -> lis
 
 def _write_same(groups: list[list[Curve]], out: Path) -> list[Path]:
     curves = [_kind(g, "same_object") for g in groups]
-    png = figures.same_object_compare_figure(curves, out / "compare_same_object.png")
+    png = same_object_compare_figure(curves, out / "compare_same_object.png")
     rows = [
         [
             c.label,
@@ -268,7 +240,7 @@ def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
     label = f"95% null band ±1.96/√D = ±{null_band(widths[0]):.3f} (D = {widths[0]})"
     if len(widths) > 1:
         label += "\n(the widest; also " + ", ".join(f"D = {d}: ±{null_band(d):.3f}" for d in widths[1:]) + ")"
-    png = figures.curves_figure(
+    png = curves_figure(
         weighted,
         out / "compare_cosine.png",
         title="Weighted query-key cosine by normalised depth",
@@ -302,7 +274,7 @@ def _write_cosine(groups: list[list[Curve]], out: Path) -> list[Path]:
 
 def _write_o3(groups: list[list[Curve]], out: Path) -> list[Path]:
     panels = {title: [_kind(g, f"o3_{key}") for g in groups] for key, title in O3_MEASURES.items()}
-    png = figures.curve_panels_figure(
+    png = curve_panels_figure(
         panels,
         out / "compare_o3.png",
         title="O3 attention allocation by normalised depth",

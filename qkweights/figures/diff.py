@@ -13,8 +13,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from qkweights import figures
+from qkweights.figures import DPI
 from qkweights.figures.compare import curves_from
+from qkweights.figures.curves import curves_figure
 from qkweights.outputs import plural, save_figure
 from qkweights.weights.diff import CIRCUIT_FIELDS, DiffResult
 from qkweights.weights.profile import Profile
@@ -29,7 +30,7 @@ def diff_figures(d: DiffResult, out_dir: str | Path) -> list[Path]:
     """Write ``diff_heatmaps.png`` and ``diff_cosine.png`` of ``d`` into ``out_dir``; return their paths."""
     out = Path(out_dir)
     return [
-        save_figure(heatmaps_figure(d), out / "diff_heatmaps.png", dpi=figures.DPI),
+        save_figure(heatmaps_figure(d), out / "diff_heatmaps.png", dpi=DPI),
         cosine_figure(d.a, d.b, out / "diff_cosine.png"),
     ]
 
@@ -143,7 +144,7 @@ def cosine_figure(a: Profile, b: Profile, path: str | Path) -> Path:
         if c.kind == "weighted_cosine"
     ]
     D = a.model.hidden
-    return figures.curves_figure(
+    return curves_figure(
         curves,
         path,
         title="Weighted query-key cosine by normalised depth, A vs B",

@@ -80,7 +80,7 @@ def composite(image: np.ndarray, query: np.ndarray, key: np.ndarray, sign: int =
     """The red/cyan overlay of one mode on one image.
 
     image: (H, W, 3) in [0, 1], the part of the model input the patch grid covers
-    (:func:`display_image` cropped to gh·P × gw·P, possibly resized); query, key: (gh, gw)
+    (:func:`qkweights.vision.preprocess.display_image` cropped to gh·P × gw·P, possibly resized); query, key: (gh, gw)
     raw maps; sign: ±1, the sign shown. Returns (H, W, 3) float64 in [0, 1].
     """
     shape = image.shape[:2]

@@ -53,11 +53,6 @@ def _norm(ck: Checkpoint, role: str, i: int | None = None) -> Norm | None:
     return None if n is None else Norm(_f32(n.gamma), _f32(n.beta))
 
 
-def value_weights(ck: Checkpoint, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """W_v (D, D) stored (out, in) and b_v (D,) of layer ``i``: :meth:`Checkpoint.value`."""
-    return ck.value(i)
-
-
 def _activation(ck: Checkpoint) -> str:
     if ck.dims.swiglu:
         return "swiglu"
@@ -320,7 +315,7 @@ class ModelRef:
         """The :class:`~qkweights.vision.model.VisionModel`, loaded once per process."""
         model = _MODELS.get(self)
         if model is None:
-            model = _MODELS[self] = load_model(
+            model = _MODELS[self] = open_vision_model(
                 self.model,
                 revision=self.revision,
                 family=self.family,
@@ -429,7 +424,7 @@ def _part_read(ck: Checkpoint) -> str | None:
     return ck.store.metadata.get("part") if isinstance(ck.store, TorchStore) else None
 
 
-def load_model(model: str, *, spec: Spec | None = None, **options) -> VisionModel:
+def open_vision_model(model: str, *, spec: Spec | None = None, **options) -> VisionModel:
     """Open ``model`` (Hub id, folder, .safetensors or PyTorch file) and load it for the forward pass.
 
     ``options``: ``revision``, ``family``, ``part``, ``allow_pickle``, ``spec_dir`` (see

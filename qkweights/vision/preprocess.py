@@ -586,3 +586,14 @@ def _hf_size(value, default_to_square: bool) -> tuple[tuple[int, int] | None, in
     raise SpecError(
         f"preprocessor_config.json: size {value!r} is not supported; give {{height, width}} or {{shortest_edge}}"
     )
+
+
+def display_image(pixels: np.ndarray, mean, std, rescale: float) -> np.ndarray:
+    """The model's input image back in [0, 1]: undo the normalisation of one preprocessed image.
+
+    pixels: (3, H, W) float32 as ``Preprocess`` returns it, ``(x·rescale − mean)/std``
+    with x the uint8 RGB values. Returns (H, W, 3) float64 ``x/255`` clipped to [0, 1].
+    """
+    px = np.asarray(pixels, np.float64).transpose(1, 2, 0)  # (H, W, 3)
+    x = (px * np.asarray(std) + np.asarray(mean)) / (rescale * 255.0)
+    return np.clip(x, 0.0, 1.0)

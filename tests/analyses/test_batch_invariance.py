@@ -21,11 +21,13 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from qkweights.analyses.o3 import o3_allocation
-from qkweights.analyses.same_object import same_object
-from qkweights.analyses.top_images import top_images
+from qkweights.analyses.o3 import run_o3
+from qkweights.analyses.runner import SweepSettings
+from qkweights.analyses.same_object import run_same_object
+from qkweights.analyses.sweep import ModeSelection
+from qkweights.analyses.top_images import run_top_images
 from qkweights.datasets.synthetic_o3 import make_o3
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 SOURCES = [0, 1, 0, 0, 2, 1, 0, 2, 1, 0, 2]  # copy k is a copy of source image SOURCES[k]
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.numerics
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_model(str(MODELS / "vit"))
+    return open_vision_model(str(MODELS / "vit"))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,13 @@ def assert_ties_go_to_the_earlier_path(entries: list[dict], paths: list[str], ke
 
 def test_top_images_over_copies(vit, o3_copies, tmp_path):
     def analysis(out, b):
-        top_images(vit, o3_copies, out, layers=[0, 1], heads=[0, 2], modes=range(3), top=5, batch_size=b, plots=False)
+        run_top_images(
+            vit,
+            o3_copies,
+            out,
+            selection=ModeSelection(layers=[0, 1], heads=[0, 2], modes=range(3), top=5),
+            settings=SweepSettings(batch_size=b),
+        )
 
     folders = runs(analysis, tmp_path)
     docs = [json.loads((f / "top_images.json").read_text()) for f in folders]
@@ -136,7 +144,7 @@ def test_top_images_over_copies(vit, o3_copies, tmp_path):
 
 def test_o3_over_copies(vit, o3_copies, tmp_path):
     def analysis(out, b):
-        o3_allocation(vit, o3_copies, out, batch_size=b, plots=False)
+        run_o3(vit, o3_copies, out, settings=SweepSettings(batch_size=b))
 
     folders = runs(analysis, tmp_path)
     for f in folders[1:]:
@@ -159,7 +167,13 @@ def test_o3_over_copies(vit, o3_copies, tmp_path):
 
 def test_same_object_over_copies(vit, ade_copies, tmp_path):
     def analysis(out, b):
-        same_object(vit, ade_copies, out, layers=[0, 1], modes=[0, 1, 2], top=5, batch_size=b, plots=False)
+        run_same_object(
+            vit,
+            ade_copies,
+            out,
+            selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=5),
+            settings=SweepSettings(batch_size=b),
+        )
 
     folders = runs(analysis, tmp_path)
     for f in folders[1:]:

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qkweights.analyses.maps import choose_signs, projection_maps, save_maps
+from qkweights.analyses.maps import choose_signs, projection_maps
 from qkweights.cli import main
 from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.errors import InputError
-from qkweights.figures.overlay import composite, display_image, scale_map
-from qkweights.vision.model import load_model
+from qkweights.figures.overlay import composite, scale_map
+from qkweights.vision.model import open_vision_model
+from qkweights.vision.preprocess import display_image
+from qkweights.workflow import save_maps
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 
@@ -32,7 +34,7 @@ def image(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["vit", "deit", "dinov2-reg"])
 def model(request):
-    return load_model(str(MODELS / request.param))
+    return open_vision_model(str(MODELS / request.param))
 
 
 def embeddings(model, image, layer):
@@ -63,7 +65,7 @@ def test_decomposition_reproduces_bilinear_logits(model, image):
 
 
 def test_residual_embedding_projects_hidden_states(image):
-    model = load_model(str(MODELS / "vit"))
+    model = open_vision_model(str(MODELS / "vit"))
     maps = projection_maps(model, image, layer=1, head=0, modes=[0, 3], embedding="residual")
     _, h, _, lay = embeddings(model, image, 1)
     from qkweights.weights.qk import qk_svd
@@ -85,7 +87,7 @@ def test_choose_signs_by_hand():
 
 
 def test_signs_follow_the_maps(image):
-    model = load_model(str(MODELS / "vit"))
+    model = open_vision_model(str(MODELS / "vit"))
     maps = projection_maps(model, image, layer=1, head=1, modes=range(8))
     for n in range(8):
         q, k = maps.query[n].ravel(), maps.key[n].ravel()
@@ -141,7 +143,7 @@ def test_scale_map_and_composite():
 
 
 def test_display_image_inverts_preprocessing(image):
-    model = load_model(str(MODELS / "deit"))
+    model = open_vision_model(str(MODELS / "deit"))
     prep = model.preprocessing
     px = model.preprocess(image)[0]
     resized = (
@@ -153,7 +155,7 @@ def test_display_image_inverts_preprocessing(image):
 
 
 def test_save_maps_and_cli(image, tmp_path):
-    model = load_model(str(MODELS / "vit"))
+    model = open_vision_model(str(MODELS / "vit"))
     maps = projection_maps(model, image, layer=0, head=1, top=3)
     png, npz = save_maps(maps, tmp_path / "lib")
     assert png.name == "maps_L0_H1_ln.png" and Image.open(png).size[0] > 600
@@ -184,7 +186,7 @@ def test_save_maps_and_cli(image, tmp_path):
 
 def test_maps_record_the_weights_and_the_image(image, tmp_path):
     """As every output: the model id, the files read and their sha256; and the image the maps are of."""
-    model = load_model(str(MODELS / "vit"))
+    model = open_vision_model(str(MODELS / "vit"))
     npz = save_maps(projection_maps(model, image, layer=1, head=0), tmp_path)[1]
     with np.load(npz) as z:
         source = json.loads(str(z["source"]))
@@ -246,7 +248,7 @@ def test_folder_or_huge_image_is_one_line_saying_so(image, tmp_path, capsys, mon
 
 
 def test_bad_arguments(image):
-    model = load_model(str(MODELS / "vit"))
+    model = open_vision_model(str(MODELS / "vit"))
     with pytest.raises(InputError, match="layer 2 is out of range"):
         projection_maps(model, image, layer=2, head=0)
     with pytest.raises(InputError, match="mode 8 is out of range"):

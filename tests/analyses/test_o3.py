@@ -18,20 +18,22 @@ import pytest
 from conftest import FORWARD_ATOL, one_layer_vit
 from PIL import Image
 
+from qkweights import workflow
 from qkweights.analyses.o3 import (
     RATIOS,
     STATE_NAME,
     allocation,
     forward_rows,
     layer_statistics,
-    o3_allocation,
     patch_masks,
+    run_o3,
     token_choice,
 )
+from qkweights.analyses.runner import SweepSettings
 from qkweights.cli import main
 from qkweights.datasets.synthetic_o3 import draw_scene, make_o3
 from qkweights.errors import InputError
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 MODELS = FIXTURES / "models"
@@ -41,7 +43,7 @@ PATCH_START = {"vit": 1, "deit": 2, "dinov2-reg": 5, "ijepa": 0}
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_model(str(MODELS / "vit"))
+    return open_vision_model(str(MODELS / "vit"))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +158,7 @@ def test_rows_from_the_forward_match_transformers(name):
     # Golden attentions (transformers, eager) of the fixture on its golden pixels: the target and
     # distractor rows, restricted to the 16 patches and renormalised by hand, dotted with random masks.
     golden = np.load(FIXTURES / "golden" / f"{name}.npz")
-    model = load_model(str(MODELS / name))
+    model = open_vision_model(str(MODELS / name))
     tokens = np.array([[5, 10], [15, 0]])
     rng = np.random.default_rng(1)
     t, d = rng.uniform(0, 0.5, (2, 2, 16))  # (B, N) each
@@ -230,7 +232,7 @@ def test_known_model_end_to_end(tmp_path, request, dataset, seed, size):
     z = np.random.default_rng(7).normal(size=17) * 2
     z[0] = 5.0  # the CLS takes about half of head 1's softmax, which renormalisation removes
     model = write_known_vit(tmp_path / "known", z)
-    summary = o3_allocation(str(model), root, tmp_path / "out", plots=False).summary
+    summary = run_o3(str(model), root, tmp_path / "out").doc
     rows = read_csv(tmp_path / "out" / "o3.csv")
     assert summary["images_used"] == len(rows) // 2 == 10 + 2 * (dataset == "square") - len(summary["skipped"])
     p = np.exp(z[1:]) / np.exp(z[1:]).sum()  # head 1's row over the patches, renormalised
@@ -256,8 +258,8 @@ def test_known_model_end_to_end(tmp_path, request, dataset, seed, size):
 
 def test_both_mask_folder_spellings_give_the_same_result(tmp_path, vit, square):
     labels = make_o3(tmp_path / "labels", n=12, seed=5, size=(64, 64), mask_dirs=("targ_labels", "dist_labels"))
-    o3_allocation(vit, square, tmp_path / "a", plots=False)
-    o3_allocation(vit, labels, tmp_path / "b", plots=False)
+    run_o3(vit, square, tmp_path / "a")
+    run_o3(vit, labels, tmp_path / "b")
     assert (tmp_path / "a" / "o3.csv").read_bytes() == (tmp_path / "b" / "o3.csv").read_bytes()
 
 
@@ -278,7 +280,7 @@ def test_unusable_images_are_skipped_and_listed(tmp_path, wide):
     (root / "dist_images" / "synth_0004.jpg").unlink()  # no distractor mask
     # dinov2-reg resizes the shortest edge to 36 (48×80 → 36×60) and centre-crops 32×32: columns
     # 14–45 of 60, i.e. original columns ≥ 18.7, so the 8 leftmost columns fall outside.
-    summary = o3_allocation(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6, plots=False).summary
+    summary = run_o3(str(MODELS / "dinov2-reg"), root, tmp_path / "out", max_images=6).doc
     reasons = {s["image"]: s["reason"] for s in summary["skipped"]}
     assert reasons["synth_0000"] == "target mask is empty: no pixel >= 128"
     assert reasons["synth_0001"] == (
@@ -299,12 +301,12 @@ def test_nothing_usable_is_an_error(tmp_path, wide):
     with pytest.raises(
         InputError, match=r"none of the 2 selected images is usable \(first: synth_0000: target mask is empty"
     ):
-        o3_allocation(str(MODELS / "vit"), root, tmp_path / "out", max_images=2)
+        run_o3(str(MODELS / "vit"), root, tmp_path / "out", max_images=2)
 
 
 @pytest.mark.parametrize("name", ["vit", "deit", "dinov2-reg", "ijepa"])
 def test_fixture_models_on_non_square_images(tmp_path, wide, name):
-    summary = o3_allocation(str(MODELS / name), wide, tmp_path / "out", batch_size=4, plots=False).summary
+    summary = run_o3(str(MODELS / name), wide, tmp_path / "out", settings=SweepSettings(batch_size=4)).doc
     rows = read_csv(tmp_path / "out" / "o3.csv")
     v = np.array([[float(r[k]) for k in RATIOS] for r in rows])
     assert len(rows) == summary["images_used"] * 2 * 4 and summary["images_used"] + len(summary["skipped"]) == 10
@@ -317,7 +319,7 @@ def test_fixture_models_on_non_square_images(tmp_path, wide, name):
 
 
 def test_summary_matches_a_hand_computation_from_the_csv(tmp_path, vit, square):
-    summary = o3_allocation(vit, square, tmp_path / "out").summary
+    summary = workflow.o3(vit, square, tmp_path / "out").doc
     doc = json.loads((tmp_path / "out" / "o3_summary.json").read_text())
     assert doc == json.loads(json.dumps(summary))
     assert doc["schema"] == "qkweights.o3/1" and doc["source"]["model_id"].endswith("models/vit")
@@ -357,21 +359,19 @@ class Interrupt:
 
 @pytest.mark.numerics
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsys):
-    o3_allocation(vit, square, tmp_path / "full", batch_size=3, shard_size=3, plots=False)
+    run_o3(vit, square, tmp_path / "full", settings=SweepSettings(batch_size=3, shard_size=3))
     stop = Interrupt(6)
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "part", batch_size=3, shard_size=3, progress=stop, plots=False)
+        run_o3(vit, square, tmp_path / "part", settings=SweepSettings(batch_size=3, shard_size=3), progress=stop)
     assert (tmp_path / "part" / STATE_NAME).is_file()
     assert not (tmp_path / "part" / "o3.csv").exists()
     calls, notes = [], []
-    o3_allocation(
+    run_o3(
         vit,
         square,
         tmp_path / "part",
-        batch_size=3,
-        shard_size=3,
+        settings=SweepSettings(batch_size=3, shard_size=3),
         progress=lambda d, t: calls.append(d),
-        plots=False,
         notes=notes.append,
     )
     assert calls == [6, 9, 12]  # resumed after the two saved shards
@@ -384,16 +384,14 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
 @pytest.mark.numerics
 def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
+        run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), progress=Interrupt(4))
     calls, notes = [], []
-    o3_allocation(
+    run_o3(
         vit,
         square,
         tmp_path / "out",
-        batch_size=5,
-        shard_size=4,
+        settings=SweepSettings(batch_size=5, shard_size=4),
         progress=lambda d, t: calls.append(d),
-        plots=False,
         notes=notes.append,
     )
     assert calls[0] == 0
@@ -401,16 +399,16 @@ def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
         f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it "
         "and starting over"
     ]
-    o3_allocation(vit, square, tmp_path / "fresh", batch_size=5, plots=False)
+    run_o3(vit, square, tmp_path / "fresh", settings=SweepSettings(batch_size=5))
     assert (tmp_path / "out" / "o3.csv").read_bytes() == (tmp_path / "fresh" / "o3.csv").read_bytes()
 
 
 def test_unreadable_state_is_ignored(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
-        o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, progress=Interrupt(4), plots=False)
+        run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), progress=Interrupt(4))
     (tmp_path / "out" / STATE_NAME).write_bytes(b"not a zip")
     notes = []
-    o3_allocation(vit, square, tmp_path / "out", batch_size=4, shard_size=4, plots=False, notes=notes.append)
+    run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), notes=notes.append)
     assert len(notes) == 1 and "unreadable" in notes[0]
 
 
@@ -452,6 +450,6 @@ def test_a_broken_link_is_skipped_and_listed(tmp_path, vit, square):
     for sub in ("targ_images", "dist_images"):
         shutil.copy(root / sub / "synth_0000.jpg", root / sub / "broken.jpg")
     (root / "images" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    summary = o3_allocation(vit, root, tmp_path / "out", plots=False).summary
+    summary = run_o3(vit, root, tmp_path / "out").doc
     assert [s["image"] for s in summary["skipped"]] == ["broken"]
     assert "no such image file" in summary["skipped"][0]["reason"]

@@ -10,18 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
 
-from qkweights.analyses.o3 import O3Analysis, o3_allocation, select_items
-from qkweights.analyses.runner import ShardError, Task, run_shard, run_sweep
-from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, list_images, patch_grid, top_images
+from qkweights import workflow
+from qkweights.analyses.o3 import O3Analysis, run_o3, select_items
+from qkweights.analyses.runner import ShardError, SweepSettings, Task, run_shard, run_sweep
+from qkweights.analyses.sweep import ModeSelection, list_images, patch_grid
+from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, run_top_images
 from qkweights.datasets.synthetic_o3 import make_o3
-from qkweights.vision.model import ModelRef, load_model
+from qkweights.vision.model import ModelRef, open_vision_model
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +36,11 @@ def scenes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_model(str(MODELS / "vit"))
+    return open_vision_model(str(MODELS / "vit"))
 
 
-TOP = dict(layers=[0, 1], heads=[0, 3], modes=range(4), top=5, batch_size=3, shard_size=4, plots=False)
+SELECT = ModeSelection(layers=[0, 1], heads=[0, 3], modes=range(4), top=5)
+SETTINGS = SweepSettings(batch_size=3, shard_size=4)
 
 
 def _equal_top(a, b):
@@ -94,29 +97,43 @@ def test_o3_merge_is_associative_and_commutative_with_empty_as_identity(vit, sce
 
 
 def test_local_workers_equal_serial(vit, scenes, tmp_path):
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
-    _equal_top(top_images(vit, scenes / "images", tmp_path / "w2", **TOP, workers=2), serial)
-    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
-    o3_w2 = o3_allocation(vit, scenes, tmp_path / "o3w", batch_size=3, shard_size=4, plots=False, workers=2)
-    assert o3_w2.summary == o3_serial.summary
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", selection=SELECT, settings=SETTINGS)
+    _equal_top(
+        run_top_images(
+            vit, scenes / "images", tmp_path / "w2", selection=SELECT, settings=replace(SETTINGS, workers=2)
+        ),
+        serial,
+    )
+    o3_serial = run_o3(vit, scenes, tmp_path / "o3s", settings=SweepSettings(batch_size=3, shard_size=4))
+    o3_w2 = run_o3(vit, scenes, tmp_path / "o3w", settings=SweepSettings(batch_size=3, shard_size=4, workers=2))
+    assert o3_w2.doc == o3_serial.doc
     assert (tmp_path / "o3w" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
 
 
 def test_dask_cluster_equals_serial(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
-    o3_serial = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=4, plots=False)
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", selection=SELECT, settings=SETTINGS)
+    o3_serial = run_o3(vit, scenes, tmp_path / "o3s", settings=SweepSettings(batch_size=3, shard_size=4))
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        _equal_top(top_images(vit, scenes / "images", tmp_path / "dask", **TOP, client=client), serial)
-        o3_dask = o3_allocation(vit, scenes, tmp_path / "o3d", batch_size=3, shard_size=4, plots=False, client=client)
+        _equal_top(
+            run_top_images(
+                vit, scenes / "images", tmp_path / "dask", selection=SELECT, settings=replace(SETTINGS, client=client)
+            ),
+            serial,
+        )
+        o3_dask = run_o3(
+            vit, scenes, tmp_path / "o3d", settings=SweepSettings(batch_size=3, shard_size=4, client=client)
+        )
         # figures drawn on the cluster's workers
-        drawn = top_images(vit, scenes / "images", tmp_path / "fig", **{**TOP, "plots": True}, client=client)
-    assert o3_dask.summary == o3_serial.summary
+        drawn = workflow.top_images(
+            vit, scenes / "images", tmp_path / "fig", selection=SELECT, settings=replace(SETTINGS, client=client)
+        )
+    assert o3_dask.doc == o3_serial.doc
     assert (tmp_path / "o3d" / "o3.csv").read_bytes() == (tmp_path / "o3s" / "o3.csv").read_bytes()
     assert sorted(p.name for p in drawn.files if p.name.startswith("top_L")) == [
         f"top_L{l}_H{h}.png" for l in (0, 1) for h in (0, 3)
@@ -157,13 +174,20 @@ def test_a_failing_shard_stops_the_run_naming_its_images_and_the_rerun_resumes(v
     root = scenes / "images"
     paths = list_images(root)
     grid = patch_grid(vit, None)
-    kw = dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, shard_size=4, batch_size=2)
+    dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, shard_size=4, batch_size=2)
     fields = (str(root), (1,), (0,), (0, 1), 3, None, vit.dims.hidden, grid[0] * grid[1])
     bad = Exploding(*fields)
     BUG["image"] = paths[9]
     try:
         with pytest.raises(ShardError) as e:
-            run_sweep(bad, vit, paths, **kw)
+            run_sweep(
+                bad,
+                vit,
+                paths,
+                settings=SweepSettings(batch_size=2, shard_size=4),
+                state_path=tmp_path / STATE_NAME,
+                source={"model_id": "vit"},
+            )
     finally:
         BUG["image"] = None
     assert str(e.value) == (
@@ -171,11 +195,26 @@ def test_a_failing_shard_stops_the_run_naming_its_images_and_the_rerun_resumes(v
         "division by zero; the shards finished before it are kept, a re-run resumes"
     )
     done = []
-    sweep = run_sweep(Exploding(*fields), vit, paths, **kw, progress=lambda d, t: done.append(d))
+    sweep = run_sweep(
+        Exploding(*fields),
+        vit,
+        paths,
+        settings=SweepSettings(batch_size=2, shard_size=4),
+        state_path=tmp_path / STATE_NAME,
+        source={"model_id": "vit"},
+        progress=lambda d, t: done.append(d),
+    )
     assert done == [8, 12, 14] and sweep.notes == [
         f"resuming from {tmp_path / STATE_NAME}: 8 of 14 images already done"
     ]
-    whole = run_sweep(Exploding(*fields), vit, paths, **{**kw, "state_path": tmp_path / "whole.npz"})
+    whole = run_sweep(
+        Exploding(*fields),
+        vit,
+        paths,
+        settings=SweepSettings(batch_size=2, shard_size=4),
+        source={"model_id": "vit"},
+        state_path=tmp_path / "whole.npz",
+    )
     _same(bad, sweep.partial, whole.partial)
 
 
@@ -196,27 +235,43 @@ def _kill_a_worker_once():
 
 
 def test_a_killed_local_worker_loses_nothing(vit, scenes, tmp_path):
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **TOP)
+    serial = run_top_images(vit, scenes / "images", tmp_path / "serial", selection=SELECT, settings=SETTINGS)
     progress, state = _kill_a_worker_once()
-    killed = top_images(
-        vit, scenes / "images", tmp_path / "killed", **{**TOP, "shard_size": 2}, workers=2, progress=progress
+    killed = run_top_images(
+        vit,
+        scenes / "images",
+        tmp_path / "killed",
+        selection=SELECT,
+        settings=SweepSettings(batch_size=3, shard_size=2, workers=2),
+        progress=progress,
     )
     assert state["killed"] is not None
-    serial2 = top_images(vit, scenes / "images", tmp_path / "serial2", **{**TOP, "shard_size": 2})
-    _equal_top(killed, serial2)
-    o3_ref = o3_allocation(vit, scenes, tmp_path / "o3s", batch_size=3, shard_size=2, plots=False)
-    progress, state = _kill_a_worker_once()
-    o3_killed = o3_allocation(
-        vit, scenes, tmp_path / "o3k", batch_size=3, shard_size=2, plots=False, workers=2, progress=progress
+    serial2 = run_top_images(
+        vit,
+        scenes / "images",
+        tmp_path / "serial2",
+        selection=SELECT,
+        settings=SweepSettings(batch_size=3, shard_size=2),
     )
-    assert state["killed"] is not None and o3_killed.summary == o3_ref.summary
+    _equal_top(killed, serial2)
+    o3_ref = run_o3(vit, scenes, tmp_path / "o3s", settings=SweepSettings(batch_size=3, shard_size=2))
+    progress, state = _kill_a_worker_once()
+    o3_killed = run_o3(
+        vit, scenes, tmp_path / "o3k", settings=SweepSettings(batch_size=3, shard_size=2, workers=2), progress=progress
+    )
+    assert state["killed"] is not None and o3_killed.doc == o3_ref.doc
     assert serial.doc["n_images"] == killed.doc["n_images"] == 14
 
 
 def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
     distributed = pytest.importorskip("distributed")
-    kw = {**TOP, "shard_size": 2}
-    serial = top_images(vit, scenes / "images", tmp_path / "serial", **kw)
+    serial = run_top_images(
+        vit,
+        scenes / "images",
+        tmp_path / "serial",
+        selection=SELECT,
+        settings=SweepSettings(batch_size=3, shard_size=2),
+    )
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
@@ -231,7 +286,14 @@ def test_a_killed_dask_worker_loses_nothing(vit, scenes, tmp_path):
                 state["killed"] = True
                 os.kill(pids[0], signal.SIGKILL)
 
-        killed = top_images(vit, scenes / "images", tmp_path / "killed", **kw, client=client, progress=progress)
+        killed = run_top_images(
+            vit,
+            scenes / "images",
+            tmp_path / "killed",
+            selection=SELECT,
+            settings=SweepSettings(batch_size=3, shard_size=2, client=client),
+            progress=progress,
+        )
     assert state["killed"]
     _equal_top(killed, serial)
 
@@ -344,7 +406,7 @@ def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
 
 
 WATCHED = """import os, sys, time
-from qkweights.analyses.runner import _watch_parent
+from qkweights.analyses.executors import _watch_parent
 child = os.fork()
 if child == 0:
     _watch_parent(os.getppid())
@@ -419,7 +481,7 @@ def _interrupted(model, images, out):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_images(model, images, out, **TOP, progress=progress)
+        run_top_images(model, images, out, selection=SELECT, settings=SETTINGS, progress=progress)
     assert (out / STATE_NAME).is_file()
 
 
@@ -431,22 +493,24 @@ def test_a_state_of_another_spec_is_not_resumed(vit, scenes, swapped_spec, tmp_p
     first, edited = vit, (swapped_spec / "hf-vit.toml").read_text()
     if how == "edited file":  # the first run reads the user file before its edit: the shipped spec, copied
         (swapped_spec / "hf-vit.toml").write_text((builtin_spec_dir() / "hf-vit.toml").read_text())
-        first = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
+        first = open_vision_model(str(MODELS / "vit"), spec_dir=swapped_spec)
     _interrupted(first, images, out)
     if how == "environment":
         monkeypatch.setenv(SPEC_PATH_ENV, str(swapped_spec))
-        second = load_model(str(MODELS / "vit"))
+        second = open_vision_model(str(MODELS / "vit"))
     else:
         (swapped_spec / "hf-vit.toml").write_text(edited)
-        second = load_model(str(MODELS / "vit"), spec_dir=swapped_spec)
+        second = open_vision_model(str(MODELS / "vit"), spec_dir=swapped_spec)
     assert second.checkpoint.spec.attention.q == first.checkpoint.spec.attention.k  # the swap took
     told = []
-    rerun = top_images(second, images, out, **TOP, notes=told.append)
+    rerun = run_top_images(second, images, out, selection=SELECT, settings=SETTINGS, notes=told.append)
     assert told == [
         f"{out / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"
     ]
-    _equal_top(rerun, top_images(second, images, tmp_path / "clean", **TOP))
-    assert rerun.doc != top_images(first, images, tmp_path / "first", **TOP).doc  # the two specs' numbers differ
+    _equal_top(rerun, run_top_images(second, images, tmp_path / "clean", selection=SELECT, settings=SETTINGS))
+    assert (
+        rerun.doc != run_top_images(first, images, tmp_path / "first", selection=SELECT, settings=SETTINGS).doc
+    )  # the two specs' numbers differ
 
 
 def test_the_same_spec_resumes(vit, scenes, tmp_path):
@@ -455,9 +519,11 @@ def test_the_same_spec_resumes(vit, scenes, tmp_path):
     images, out = scenes / "images", tmp_path / "out"
     _interrupted(vit, images, out)
     told = []
-    resumed = top_images(load_model(str(MODELS / "vit")), images, out, **TOP, notes=told.append)
+    resumed = run_top_images(
+        open_vision_model(str(MODELS / "vit")), images, out, selection=SELECT, settings=SETTINGS, notes=told.append
+    )
     assert told == [f"resuming from {out / STATE_NAME}: 4 of 14 images already done"]
-    _equal_top(resumed, top_images(vit, images, tmp_path / "clean", **TOP))
+    _equal_top(resumed, run_top_images(vit, images, tmp_path / "clean", selection=SELECT, settings=SETTINGS))
 
 
 def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tmp_path, monkeypatch):
@@ -475,10 +541,12 @@ def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tm
     ):
         monkeypatch.setenv(SPEC_PATH_ENV, str(swapped_spec))
         assert set(client.run(lambda: os.environ.get(SPEC_PATH_ENV)).values()) == {None}
-        model = load_model(str(MODELS / "vit"))
+        model = open_vision_model(str(MODELS / "vit"))
         assert model.checkpoint.spec.user
-        on_dask = top_images(model, images, tmp_path / "dask", **TOP, client=client)
-    _equal_top(on_dask, top_images(model, images, tmp_path / "serial", **TOP))
+        on_dask = run_top_images(
+            model, images, tmp_path / "dask", selection=SELECT, settings=replace(SETTINGS, client=client)
+        )
+    _equal_top(on_dask, run_top_images(model, images, tmp_path / "serial", selection=SELECT, settings=SETTINGS))
 
 
 # ----------------------------------------------------------------------------- where it runs: user mistakes
@@ -540,7 +608,14 @@ def test_a_dask_cluster_without_workers_says_so_and_stops_after_the_stated_time(
         address = client.scheduler.address
         start = time.monotonic()
         with pytest.raises(InputError) as e:
-            top_images(vit, scenes / "images", tmp_path / "out", **TOP, client=client, notes=told.append)
+            run_top_images(
+                vit,
+                scenes / "images",
+                tmp_path / "out",
+                selection=SELECT,
+                settings=replace(SETTINGS, client=client),
+                notes=told.append,
+            )
         waited = time.monotonic() - start
     assert told == [
         f"the Dask scheduler {address} has no workers; waiting up to 2 s for one (start one with "
@@ -558,15 +633,16 @@ def test_workers_are_capped_at_the_shards_and_more_than_the_cores_is_noted(vit, 
     import math
     import multiprocessing
 
-    from qkweights.analyses.runner import cores, shard_size_for
+    from qkweights.analyses.executors import cores
+    from qkweights.analyses.runner import shard_size_for
 
     seen, told = [], []
-    top_images(
+    run_top_images(
         vit,
         scenes / "images",
         tmp_path / "out",
-        **{**TOP, "shard_size": None},
-        workers=1000,
+        selection=SELECT,
+        settings=SweepSettings(batch_size=3, shard_size=None, workers=1000),
         notes=told.append,
         progress=lambda done, total: seen.append(len(multiprocessing.active_children())),
     )
@@ -585,7 +661,8 @@ def _pid_into(folder):
 
 
 def test_jobs_such_as_figures_run_on_no_more_processes_than_the_cores(tmp_path):
-    from qkweights.analyses.runner import cores, run_jobs
+    from qkweights.analyses.executors import cores
+    from qkweights.analyses.runner import run_jobs
 
     run_jobs(_pid_into, [str(tmp_path)] * 12, workers=1000)
     assert 1 <= len(list(tmp_path.iterdir())) <= min(12, cores())
@@ -618,8 +695,13 @@ def test_32_images_on_2_workers_make_shards_for_both(vit, scenes, tmp_path):
     for path in sorted(images.rglob("*.jpg"))[32:]:  # … of which 32 are kept
         path.unlink()
     done = []
-    top_images(
-        vit, images, tmp_path / "out", **{**TOP, "shard_size": None}, workers=2, progress=lambda d, t: done.append(d)
+    run_top_images(
+        vit,
+        images,
+        tmp_path / "out",
+        selection=SELECT,
+        settings=SweepSettings(batch_size=3, shard_size=None, workers=2),
+        progress=lambda d, t: done.append(d),
     )
     assert done == [0, 4, 8, 12, 16, 20, 24, 28, 32]
 
@@ -628,21 +710,33 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
     """The state records the images done, not shard numbers: it resumes under another cut. Batches of one image make
     each image's arithmetic the same whatever the cut."""
     images, out = scenes / "images", tmp_path / "out"
-    kw = {**TOP, "batch_size": 1, "shard_size": 3}
 
     def stop(done, total):
         if done >= 6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, images, out, **kw, progress=stop)
+        run_top_images(
+            vit, images, out, selection=SELECT, settings=SweepSettings(batch_size=1, shard_size=3), progress=stop
+        )
     done, told = [], []
-    resumed = top_images(
-        vit, images, out, **{**kw, "shard_size": 5}, workers=2, notes=told.append, progress=lambda d, t: done.append(d)
+    resumed = run_top_images(
+        vit,
+        images,
+        out,
+        selection=SELECT,
+        settings=SweepSettings(batch_size=1, shard_size=5, workers=2),
+        notes=told.append,
+        progress=lambda d, t: done.append(d),
     )
     assert told == [f"resuming from {out / STATE_NAME}: 6 of 14 images already done"]
     assert done in ([6, 11, 14], [6, 9, 14])  # the shards of 5 and 3 images, finished in either order
-    _equal_top(resumed, top_images(vit, images, tmp_path / "whole", **{**kw, "shard_size": 4}))
+    _equal_top(
+        resumed,
+        run_top_images(
+            vit, images, tmp_path / "whole", selection=SELECT, settings=SweepSettings(batch_size=1, shard_size=4)
+        ),
+    )
 
 
 def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch):
@@ -658,7 +752,7 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, images, out, **TOP, progress=stop)
+        run_top_images(vit, images, out, selection=SELECT, settings=SETTINGS, progress=stop)
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # read by the workers' OpenBLAS as they start
     with (
         distributed.LocalCluster(
@@ -670,7 +764,9 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
         if there["architecture"] == here["architecture"]:
             pytest.skip(f"this machine's OpenBLAS runs {here['architecture']} whatever OPENBLAS_CORETYPE says")
         told = []
-        result = top_images(vit, images, out, **TOP, client=client, notes=told.append)
+        result = run_top_images(
+            vit, images, out, selection=SELECT, settings=replace(SETTINGS, client=client), notes=told.append
+        )
     kernels = sorted(
         [here, there],
         key=lambda r: json.dumps({k: r[k] for k in ("internal_api", "architecture", "version")}, sort_keys=True),
@@ -688,7 +784,14 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
 
 def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
     told = []
-    result = top_images(vit, scenes / "images", tmp_path / "out", **TOP, workers=2, notes=told.append)
+    result = run_top_images(
+        vit,
+        scenes / "images",
+        tmp_path / "out",
+        selection=SELECT,
+        settings=replace(SETTINGS, workers=2),
+        notes=told.append,
+    )
     from qkweights.analyses.runner import blas_record
 
     here = blas_record()
@@ -772,9 +875,16 @@ def test_a_worker_that_always_dies_stops_the_run_after_exactly_the_stated_pool_r
     paths = list_images(root)
     log = tmp_path / "deaths.txt"
     an = Dying(*_fields(vit, root), always=(paths[5],), log=str(log))
-    kw = dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, shard_size=2, batch_size=2)
+    dict(state_path=tmp_path / STATE_NAME, source={"model_id": "vit"}, shard_size=2, batch_size=2)
     with pytest.raises(ShardError) as e:
-        run_sweep(an, vit, paths, **kw, workers=1)  # one worker: one death breaks one pool
+        run_sweep(
+            an,
+            vit,
+            paths,
+            settings=SweepSettings(batch_size=2, shard_size=2, workers=1),
+            state_path=tmp_path / STATE_NAME,
+            source={"model_id": "vit"},
+        )  # one worker: one death breaks one pool
     assert MAX_POOL_RESTARTS == 3
     assert log.read_text().splitlines() == [paths[5]] * MAX_POOL_RESTARTS
     assert f"worker processes died {MAX_POOL_RESTARTS} times in a row with no shard finished" in str(e.value)
@@ -785,11 +895,25 @@ def test_three_deaths_between_finished_shards_end_as_the_serial_run(vit, scenes,
     root = scenes / "images"
     paths = list_images(root)
     log = tmp_path / "deaths.txt"
-    kw = dict(source={"model_id": "vit"}, shard_size=2, batch_size=2)
+    dict(source={"model_id": "vit"}, shard_size=2, batch_size=2)
     an = Dying(*_fields(vit, root), once=(paths[2], paths[7], paths[12]), log=str(log))
-    died = run_sweep(an, vit, paths, state_path=tmp_path / "a.npz", workers=1, **kw)
+    died = run_sweep(
+        an,
+        vit,
+        paths,
+        settings=SweepSettings(batch_size=2, shard_size=2, workers=1),
+        state_path=tmp_path / "a.npz",
+        source={"model_id": "vit"},
+    )
     assert log.read_text().splitlines() == [paths[2], paths[7], paths[12]]  # 3 deaths, more than MAX_POOL_RESTARTS
-    serial = run_sweep(Dying(*_fields(vit, root)), vit, paths, state_path=tmp_path / "b.npz", **kw)
+    serial = run_sweep(
+        Dying(*_fields(vit, root)),
+        vit,
+        paths,
+        settings=SweepSettings(batch_size=2, shard_size=2),
+        state_path=tmp_path / "b.npz",
+        source={"model_id": "vit"},
+    )
     _same(an, died.partial, serial.partial)
 
 
@@ -826,8 +950,9 @@ def test_skipped_images_are_listed_in_input_order_across_shards(vit, scenes, tmp
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(root / name)
     for name in ("b5.jpg", "c5.jpg"):
         (root / name).write_bytes(b"")
-    kw = {**TOP, "shard_size": 5, "batch_size": 5}
-    result = top_images(vit, root, tmp_path / "out", **kw, workers=3)
+    result = run_top_images(
+        vit, root, tmp_path / "out", selection=SELECT, settings=SweepSettings(batch_size=5, shard_size=5, workers=3)
+    )
     assert [s["path"] for s in result.doc["skipped"]] == ["a9.png", "b5.jpg", "c5.jpg"]
 
 
@@ -845,7 +970,7 @@ def test_a_changed_image_of_the_same_size_restarts_the_resume(vit, scenes, tmp_p
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert path.stat().st_size == st.st_size
     told = []
-    top_images(vit, images, out, **TOP, notes=told.append)
+    run_top_images(vit, images, out, selection=SELECT, settings=SETTINGS, notes=told.append)
     assert told == [
         f"{out / STATE_NAME} is from another run (options, model or images differ); ignoring it and starting over"
     ]
@@ -860,9 +985,9 @@ def test_a_state_archive_lacking_its_keys_is_ignored_with_a_note(vit, scenes, tm
     kept = {"none": [], "fingerprint only": ["fingerprint"], "no skipped list": [k for k in saved if k != "skipped"]}
     np.savez(out / STATE_NAME, **{k: saved[k] for k in kept[keys]})
     told = []
-    result = top_images(vit, images, out, **TOP, notes=told.append)
+    result = run_top_images(vit, images, out, selection=SELECT, settings=SETTINGS, notes=told.append)
     assert told == [f"{out / STATE_NAME} is unreadable (KeyError); ignoring it and starting over"]
-    _equal_top(result, top_images(vit, images, tmp_path / "clean", **TOP))
+    _equal_top(result, run_top_images(vit, images, tmp_path / "clean", selection=SELECT, settings=SETTINGS))
 
 
 def test_top_images_merge_ties_go_to_the_earlier_image(vit, scenes, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from conftest import one_layer_vit
 from PIL import Image
 
+from qkweights.analyses.runner import SweepSettings
 from qkweights.analyses.same_object import (
     STATE_NAME,
     SameObjectResult,
@@ -26,9 +27,10 @@ from qkweights.analyses.same_object import (
     keep_objects,
     object_choice,
     patch_fractions,
-    same_object,
+    run_same_object,
     weighted_probability,
 )
+from qkweights.analyses.sweep import ModeSelection
 from qkweights.cli import main
 from qkweights.datasets.ade20k import (
     FULL,
@@ -39,7 +41,7 @@ from qkweights.datasets.ade20k import (
     read_objects,
 )
 from qkweights.errors import InputError
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 from qkweights.vision.preprocess import Preprocess
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
@@ -280,7 +282,7 @@ def test_known_model_picks_the_objects_it_must(tmp_path, same):
     root = tmp_path / "data"
     scenes = colour_scenes(root)
     model = write_colour_vit(tmp_path / "model", same)
-    result = same_object(str(model), root, tmp_path / "out", heads=[0], modes=[0], top=5, plots=False)
+    result = run_same_object(str(model), root, tmp_path / "out", selection=ModeSelection(heads=[0], modes=[0], top=5))
     rows = read_csv(tmp_path / "out" / "same_object.csv")
     red = {n: next(i for i, c, _ in objs if c == RED) for n, objs in scenes.items() if len(objs) >= 2}
     blue = {n: next(i for i, c, _ in objs if c == BLUE) for n, objs in scenes.items() if len(objs) >= 2}
@@ -382,10 +384,14 @@ def brute_force(model, root: Path, layers, heads, modes, top):
 def test_against_brute_force_on_a_fixture_with_crop_and_registers(tmp_path):
     root = tmp_path / "data"
     random_dataset(root, 14, seed=3)
-    model = load_model(str(MODELS / "dinov2-reg"))  # shortest edge 36, centre crop 32, register tokens
+    model = open_vision_model(str(MODELS / "dinov2-reg"))  # shortest edge 36, centre crop 32, register tokens
     layers, heads, modes, top = [0, 1], [0, 1], [0, 1, 2], 4
-    result = same_object(
-        model, root, tmp_path / "out", layers=layers, heads=heads, modes=modes, top=top, batch_size=5, plots=False
+    result = run_same_object(
+        model,
+        root,
+        tmp_path / "out",
+        selection=ModeSelection(layers=layers, heads=heads, modes=modes, top=top),
+        settings=SweepSettings(batch_size=5),
     )
     ref, sigma = brute_force(model, root, layers, heads, modes, top)
     got = {}
@@ -440,11 +446,13 @@ def full_release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_model(str(MODELS / "vit"))
+    return open_vision_model(str(MODELS / "vit"))
 
 
 def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
-    result = same_object(vit, full_release, tmp_path / "out", layers=[1], modes=[0, 1], top=3, plots=False)
+    result = run_same_object(
+        vit, full_release, tmp_path / "out", selection=ModeSelection(layers=[1], modes=[0, 1], top=3)
+    )
     reasons = {s["image"]: s["reason"] for s in result.skipped}
     assert reasons["images/ADE/validation/ADE_9999.jpg"] == "no annotation ADE_9999_seg.png beside it"
     assert reasons["images/ADE/validation/ADE_9998.jpg"].startswith(
@@ -460,9 +468,21 @@ def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
 
 @pytest.mark.numerics
 def test_workers_give_the_same_files(tmp_path, vit, full_release):
-    kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3, plots=False)
-    same_object(vit, full_release, tmp_path / "here", **kw)
-    same_object(vit, full_release, tmp_path / "pool", workers=2, **kw)
+    dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3)
+    run_same_object(
+        vit,
+        full_release,
+        tmp_path / "here",
+        selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+        settings=SweepSettings(batch_size=2, shard_size=3),
+    )
+    run_same_object(
+        vit,
+        full_release,
+        tmp_path / "pool",
+        selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+        settings=SweepSettings(batch_size=2, shard_size=3, workers=2),
+    )
     for name in ("same_object.csv", "same_object.json"):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "pool" / name).read_bytes()
 
@@ -470,33 +490,66 @@ def test_workers_give_the_same_files(tmp_path, vit, full_release):
 @pytest.mark.slow
 def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
     distributed = pytest.importorskip("distributed")
-    kw = dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3, plots=False)
-    same_object(vit, full_release, tmp_path / "here", **kw)
+    dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3)
+    run_same_object(
+        vit,
+        full_release,
+        tmp_path / "here",
+        selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+        settings=SweepSettings(batch_size=2, shard_size=3),
+    )
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        same_object(vit, full_release, tmp_path / "dask", client=client, **kw)
+        run_same_object(
+            vit,
+            full_release,
+            tmp_path / "dask",
+            selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+            settings=SweepSettings(batch_size=2, shard_size=3, client=client),
+        )
     for name in ("same_object.csv", "same_object.json"):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
 
 
 @pytest.mark.numerics
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, full_release):
-    kw = dict(layers=[1], modes=[0, 1], top=3, batch_size=2, shard_size=4, plots=False)
-    same_object(vit, full_release, tmp_path / "full", **kw)
+    dict(layers=[1], modes=[0, 1], top=3, batch_size=2, shard_size=4)
+    run_same_object(
+        vit,
+        full_release,
+        tmp_path / "full",
+        selection=ModeSelection(layers=[1], modes=[0, 1], top=3),
+        settings=SweepSettings(batch_size=2, shard_size=4),
+    )
 
     def stop(done, total):
         if done >= 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        same_object(vit, full_release, tmp_path / "part", progress=stop, **kw)
+        run_same_object(
+            vit,
+            full_release,
+            tmp_path / "part",
+            selection=ModeSelection(layers=[1], modes=[0, 1], top=3),
+            settings=SweepSettings(batch_size=2, shard_size=4),
+            progress=stop,
+        )
     assert (tmp_path / "part" / STATE_NAME).is_file()
     calls, notes = [], []
-    same_object(vit, full_release, tmp_path / "part", progress=lambda d, t: calls.append(d), notes=notes.append, **kw)
+    run_same_object(
+        vit,
+        full_release,
+        tmp_path / "part",
+        selection=ModeSelection(layers=[1], modes=[0, 1], top=3),
+        settings=SweepSettings(batch_size=2, shard_size=4),
+        progress=lambda d, t: calls.append(d),
+        notes=notes.append,
+    )
     assert calls == [4, 8, 11] and notes[0].startswith("resuming from")
     for name in ("same_object.csv", "same_object.json"):
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
@@ -510,7 +563,7 @@ def test_nothing_eligible_is_an_error(tmp_path, vit):
     with pytest.raises(
         InputError, match="none of the 1 images is eligible \\(first: images/a.jpg: not eligible: 1 object"
     ):
-        same_object(vit, root, tmp_path / "out")
+        run_same_object(vit, root, tmp_path / "out")
 
 
 def test_cli_with_figures(tmp_path, capsys, full_release):
@@ -542,11 +595,14 @@ def test_cli_with_figures(tmp_path, capsys, full_release):
 
 
 def test_compare_overlays_same_object_results(tmp_path, vit, full_release):
-    from qkweights.figures.compare import compare
+    from qkweights.figures.compare import write_comparison
 
-    a = same_object(vit, full_release, tmp_path / "a", layers=[0, 1], modes=[0, 1], top=3, plots=False).doc
-    b = same_object(vit, full_release, tmp_path / "b", layers=[1], modes=[2], top=2, plots=False).doc
-    written = compare([tmp_path / "a", tmp_path / "b" / "same_object.json"], tmp_path / "cmp", labels=["A", "B"])
+    a = run_same_object(
+        vit, full_release, tmp_path / "a", selection=ModeSelection(layers=[0, 1], modes=[0, 1], top=3)
+    ).doc
+    b = run_same_object(vit, full_release, tmp_path / "b", selection=ModeSelection(layers=[1], modes=[2], top=2)).doc
+    inputs = [tmp_path / "a", tmp_path / "b" / "same_object.json"]
+    written = write_comparison(inputs, tmp_path / "cmp", labels=["A", "B"])
     assert [p.name for p in written] == ["compare_same_object.png", "compare_same_object.csv"]
     rows = read_csv(tmp_path / "cmp" / "compare_same_object.csv")
     want = [(lab, e) for lab, doc in (("A", a), ("B", b)) for e in doc["layers"]]
@@ -633,7 +689,7 @@ def test_exif_turned_images_and_annotations_are_read_as_displayed(tmp_path, orie
 def test_exif_turned_square_image_prepared_for_the_model_keeps_its_objects_on_their_colours(tmp_path, orientation):
     from qkweights.analyses.same_object import prepare
 
-    model = load_model(str(MODELS / "vit"))  # 32×32 input, 8×8 patches: a 4×4 grid
+    model = open_vision_model(str(MODELS / "vit"))  # 32×32 input, 8×8 patches: a 4×4 grid
     item = open_segmentation(exif_dataset(tmp_path, orientation, (32, 32), "displayed")).items[0]
     got = prepare(model, item, None)
     p = model.weights.embeddings.patch_size

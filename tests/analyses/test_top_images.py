@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qkweights.analyses.runner import SweepSettings
+from qkweights.analyses.sweep import ModeSelection, list_images, merge_topk
 from qkweights.analyses.top_images import (
     STATE_NAME,
-    list_images,
     mean_pairwise_cosine,
-    merge_topk,
-    top_images,
+    run_top_images,
     unit_sum,
 )
 from qkweights.cli import main
 from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.errors import InputError
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 from qkweights.weights.qk import qk_svd
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
@@ -39,7 +39,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_model(str(MODELS / "vit"))
+    return open_vision_model(str(MODELS / "vit"))
 
 
 def brute_force(model, root, paths, layers, heads, modes):
@@ -79,11 +79,15 @@ def brute_force(model, root, paths, layers, heads, modes):
 @pytest.mark.parametrize("name", ["vit", "deit", "dinov2-reg"])
 @pytest.mark.numerics
 def test_scores_against_brute_force(folder, tmp_path, name):
-    model = load_model(str(MODELS / name))
+    model = open_vision_model(str(MODELS / name))
     layers, heads, modes = [1], [0, 2], [0, 3]
     paths = list_images(folder)
-    doc = top_images(
-        model, folder, tmp_path, layers=layers, heads=heads, modes=modes, top=len(paths), batch_size=4, plots=False
+    doc = run_top_images(
+        model,
+        folder,
+        tmp_path,
+        selection=ModeSelection(layers=layers, heads=heads, modes=modes, top=len(paths)),
+        settings=SweepSettings(batch_size=4),
     ).doc
     ref, centres = brute_force(model, folder, paths, layers, heads, modes)
     assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
@@ -180,17 +184,38 @@ def interrupt_after(batches):
 
 @pytest.mark.numerics
 def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
-    kw = dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5, shard_size=5)
-    whole = top_images(vit, folder, tmp_path / "whole", **kw, plots=False)
+    dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5, shard_size=5)
+    whole = run_top_images(
+        vit,
+        folder,
+        tmp_path / "whole",
+        selection=ModeSelection(layers=[0, 1], heads=[1, 3], modes=range(3), top=4),
+        settings=SweepSettings(batch_size=5, shard_size=5),
+    )
     out = tmp_path / "resumed"
     progress, calls = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, folder, out, **kw, progress=progress, plots=False)
+        run_top_images(
+            vit,
+            folder,
+            out,
+            selection=ModeSelection(layers=[0, 1], heads=[1, 3], modes=range(3), top=4),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+            progress=progress,
+        )
     assert (out / STATE_NAME).exists() and not (out / "top_images.json").exists()
     assert calls == [0, 5, 10]
     progress, calls = interrupt_after(100)
     notes = []
-    resumed = top_images(vit, folder, out, **kw, progress=progress, plots=False, notes=notes.append)
+    resumed = run_top_images(
+        vit,
+        folder,
+        out,
+        selection=ModeSelection(layers=[0, 1], heads=[1, 3], modes=range(3), top=4),
+        settings=SweepSettings(batch_size=5, shard_size=5),
+        progress=progress,
+        notes=notes.append,
+    )
     assert calls[0] == 10 and calls[-1] == 27  # continued after the last completed shard
     assert notes == [LEFT_OUT.format(folder), f"resuming from {out / STATE_NAME}: 10 of 27 images already done"]
     assert resumed.doc == whole.doc
@@ -202,14 +227,27 @@ def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
 
 
 def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
-    kw = dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5, plots=False)
+    dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5)
     progress, _ = interrupt_after(1)
     with pytest.raises(KeyboardInterrupt):
-        top_images(vit, folder, tmp_path / "a", top=3, progress=progress, **kw)
+        run_top_images(
+            vit,
+            folder,
+            tmp_path / "a",
+            selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=3),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+            progress=progress,
+        )
     progress, calls = interrupt_after(100)
     notes = []
-    doc = top_images(
-        vit, folder, tmp_path / "a", top=2, progress=progress, notes=notes.append, **kw
+    doc = run_top_images(
+        vit,
+        folder,
+        tmp_path / "a",
+        selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=2),
+        settings=SweepSettings(batch_size=5, shard_size=5),
+        progress=progress,
+        notes=notes.append,
     ).doc  # another --top
     assert notes == [
         LEFT_OUT.format(folder),
@@ -217,11 +255,30 @@ def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
         "starting over",
     ]
     assert calls[0] == 0
-    assert doc == top_images(vit, folder, tmp_path / "b", top=2, **kw).doc
+    assert (
+        doc
+        == run_top_images(
+            vit,
+            folder,
+            tmp_path / "b",
+            selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=2),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+        ).doc
+    )
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / STATE_NAME).write_bytes(b"PK\x03\x04 truncated")
     notes = []
-    assert top_images(vit, folder, tmp_path / "c", top=2, notes=notes.append, **kw).doc == doc
+    assert (
+        run_top_images(
+            vit,
+            folder,
+            tmp_path / "c",
+            selection=ModeSelection(layers=[1], heads=[0], modes=range(2), top=2),
+            settings=SweepSettings(batch_size=5, shard_size=5),
+            notes=notes.append,
+        ).doc
+        == doc
+    )
     assert len(notes) == 2 and "unreadable" in notes[1]
 
 
@@ -251,7 +308,13 @@ def test_odd_images(vit, folder, tmp_path):
     (root / "not-an-image.png").write_text("hello")
     (root / "notes.txt").write_text("not listed")
     out = tmp_path / "out"
-    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc
+    doc = run_top_images(
+        vit,
+        root,
+        out,
+        selection=ModeSelection(layers=[0], heads=[0], modes=[0], top=10),
+        settings=SweepSettings(batch_size=3),
+    ).doc
     expected = [
         "UPPER.JPEG",
         "cmyk.jpg",
@@ -269,7 +332,16 @@ def test_odd_images(vit, folder, tmp_path):
     winners = doc["heads"][0]["modes"][0]["signs"]["+"]
     assert sorted(w["path"] for w in winners) == sorted(set(expected) - {"not-an-image.png", "truncated.jpg"})
     # the re-run of the same folder into the same output folder gives the same document
-    assert top_images(vit, root, out, layers=[0], heads=[0], modes=[0], top=10, batch_size=3, plots=False).doc == doc
+    assert (
+        run_top_images(
+            vit,
+            root,
+            out,
+            selection=ModeSelection(layers=[0], heads=[0], modes=[0], top=10),
+            settings=SweepSettings(batch_size=3),
+        ).doc
+        == doc
+    )
 
 
 def test_figures_and_cli(folder, tmp_path):
@@ -338,16 +410,12 @@ def test_fold_ln_scores_the_folded_modes_on_the_normalised_tokens(vit, folder, t
     # each image alone. A pair's sign is arbitrary, so each image's two scores (+, −) are compared as a set.
     layer, head, modes = 1, 2, [0, 1]
     paths = list_images(folder)
-    doc = top_images(
+    doc = run_top_images(
         vit,
         folder,
         tmp_path,
-        layers=[layer],
-        heads=[head],
-        modes=modes,
-        top=len(paths),
-        batch_size=4,
-        plots=False,
+        selection=ModeSelection(layers=[layer], heads=[head], modes=modes, top=len(paths)),
+        settings=SweepSettings(batch_size=4),
         fold_ln=True,
     ).doc
     assert doc["options"]["fold_ln"] and doc["embedding"].startswith("n: the normalised token")
@@ -395,13 +463,13 @@ def test_a_broken_link_is_skipped_and_listed(vit, folder, tmp_path):
         (root / p.name).write_bytes(p.read_bytes())
     (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
     out = tmp_path / "out"
-    doc = top_images(vit, root, out, layers=[0], heads=[0], modes=[0], plots=False).doc
+    doc = run_top_images(vit, root, out, selection=ModeSelection(layers=[0], heads=[0], modes=[0])).doc
     assert doc["n_images"] == 3 and [s["path"] for s in doc["skipped"]] == ["broken.jpg"]
     assert "no such image file" in doc["skipped"][0]["reason"]
 
 
 def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, folder, tmp_path):
-    from qkweights.analyses.top_images import other_files
+    from qkweights.analyses.sweep import other_files
 
     root = tmp_path / "mixed"
     rgb = Image.open(folder / "images" / "synth_0000.jpg").convert("RGB")
@@ -415,8 +483,14 @@ def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, f
     assert list_images(root) == ["UP.PNG", "anim.gif", "c.TIFF", "sub/b.Bmp"]
     assert other_files(root) == ["notes.txt", "sub/labels.json"]
     notes = []
-    kw = dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append, plots=False)
-    doc = top_images(vit, root, tmp_path / "out", **kw).doc
+    dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append)
+    doc = run_top_images(
+        vit,
+        root,
+        tmp_path / "out",
+        selection=ModeSelection(layers=[0], heads=[0], modes=[0], top=4),
+        notes=notes.append,
+    ).doc
     assert (doc["n_files"], doc["n_images"], doc["n_other_files"], doc["skipped"]) == (4, 4, 2, [])
     assert notes == [f"{root}: left out 2 files that Pillow does not read as images: notes.txt, sub/labels.json"]
 

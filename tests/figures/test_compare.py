@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from qkweights.errors import InputError
-from qkweights.figures.compare import Curve, compare, curves_from
+from qkweights.figures.compare import curves_from, write_comparison
+from qkweights.figures.curves import Curve
 from qkweights.weights.compute import compute_profile
 
 
@@ -79,7 +80,7 @@ def test_depths_6_and_12_and_known_values(tmp_path):
     sign6, sign12 = [1] * 3 + [-1] * 3, [1] * 4 + [-1] * 8
     p6 = profile_of(*weights(6, 3, 4, 16, sign=sign6), "test/six")
     p12 = profile_of(*weights(12, 2, 4, 24, seed=1, sign=sign12), "test/twelve")
-    paths = compare([p6, p12], tmp_path)
+    paths = write_comparison([p6, p12], tmp_path)
     assert [p.name for p in paths] == [
         "compare_cosine.png",
         "compare_cosine.csv",
@@ -110,7 +111,7 @@ def test_depths_6_and_12_and_known_values(tmp_path):
 
 def test_random_weights_match_dense_svd(tmp_path):
     wq, wk = weights(3, 4, 3, 10, seed=2)
-    compare([profile_of(wq, wk, "test/random")], tmp_path)
+    write_comparison([profile_of(wq, wk, "test/random")], tmp_path)
     rows = read_csv(tmp_path / "compare_cosine.csv")
     weighted = np.empty((3, 4))
     mean = np.empty((3, 4))
@@ -128,9 +129,9 @@ def test_random_weights_match_dense_svd(tmp_path):
 def test_round_trip_via_profile_json(tmp_path):
     p = profile_of(*weights(4, 2, 3, 12, seed=3), "test/saved")
     p.save(tmp_path / "saved")
-    compare([p], tmp_path / "a")
-    compare([tmp_path / "saved" / "profile.json"], tmp_path / "b")
-    compare([str(tmp_path / "saved")], tmp_path / "c")  # the folder holding profile.json
+    write_comparison([p], tmp_path / "a")
+    write_comparison([tmp_path / "saved" / "profile.json"], tmp_path / "b")
+    write_comparison([str(tmp_path / "saved")], tmp_path / "c")  # the folder holding profile.json
     first = (tmp_path / "a" / "compare_cosine.csv").read_text()
     assert first == (tmp_path / "b" / "compare_cosine.csv").read_text()
     assert first == (tmp_path / "c" / "compare_cosine.csv").read_text()
@@ -153,7 +154,7 @@ def test_curves_from_profile():
 def test_nan_layer_leaves_empty_cells(tmp_path):
     bad = [(1, h) for h in range(2)]
     p = profile_of(*weights(3, 2, 3, 12, seed=5), "test/nan", nan=bad)
-    compare([p], tmp_path)
+    write_comparison([p], tmp_path)
     row = read_csv(tmp_path / "compare_cosine.csv")[1]
     assert [row[k] for k in ("weighted_cosine", "mean_cosine", "min", "max")] == ["", "", "", ""]
     assert row["depth"] == "0.5"
@@ -162,7 +163,7 @@ def test_nan_layer_leaves_empty_cells(tmp_path):
 def test_o3_summaries(tmp_path):
     a = write(tmp_path / "a" / "o3_summary.json", o3_doc(4, model_id="test/o3-a"))
     write(tmp_path / "b" / "o3_summary.json", o3_doc(3, model_id="test/o3-b", depth=True))
-    paths = compare([a, tmp_path / "b"], tmp_path / "out")  # b given as its folder
+    paths = write_comparison([a, tmp_path / "b"], tmp_path / "out")  # b given as its folder
     assert [p.name for p in paths] == ["compare_o3.png", "compare_o3.csv"]
     rows = read_csv(tmp_path / "out" / "compare_o3.csv")
     # depth: l/(L−1) when absent (a), the file's own values l/(2L) when present (b)
@@ -188,7 +189,7 @@ def test_folder_with_profile_and_o3(tmp_path):
         "o3_different",
         "o3_background",
     ]
-    assert [p.name for p in compare([tmp_path / "both"], tmp_path / "out")] == [
+    assert [p.name for p in write_comparison([tmp_path / "both"], tmp_path / "out")] == [
         "compare_cosine.png",
         "compare_cosine.csv",
         "compare_circuits.png",
@@ -200,14 +201,14 @@ def test_folder_with_profile_and_o3(tmp_path):
 
 def test_labels_and_duplicates(tmp_path):
     p = profile_of(*weights(2, 2, 3, 12, seed=7), "test/dup")
-    compare([p, p], tmp_path / "dup")
+    write_comparison([p, p], tmp_path / "dup")
     assert {r["model"] for r in read_csv(tmp_path / "dup" / "compare_cosine.csv")} == {"test/dup", "test/dup #2"}
-    compare([p, p], tmp_path / "named", labels=["first", "second"])
+    write_comparison([p, p], tmp_path / "named", labels=["first", "second"])
     assert {r["model"] for r in read_csv(tmp_path / "named" / "compare_cosine.csv")} == {"first", "second"}
     with pytest.raises(InputError, match="1 label"):
-        compare([p, p], tmp_path, labels=["only"])
+        write_comparison([p, p], tmp_path, labels=["only"])
     with pytest.raises(InputError, match="nothing to compare"):
-        compare([], tmp_path)
+        write_comparison([], tmp_path)
 
 
 def test_rejects_what_is_not_a_profile(tmp_path):
@@ -223,7 +224,7 @@ def test_rejects_what_is_not_a_profile(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(InputError, match=r"notes\.txt: not a JSON file"):
-        compare([text], tmp_path / "out")
+        write_comparison([text], tmp_path / "out")
     with pytest.raises(InputError, match=r"missing\.json: no such file"):
         curves_from(tmp_path / "missing.json")
     (tmp_path / "empty").mkdir()
@@ -254,7 +255,7 @@ def test_csvs_record_the_weights_they_come_from(tmp_path, capsys):
     layers = [
         {"layer": l, **{k: {"mean": 0.1, "sem": 0.01} for k in ("same", "different", "background")}} for l in range(2)
     ]
-    compare(
+    write_comparison(
         [write(tmp_path / "o3" / "o3_summary.json", {"schema": "qkweights.o3/1", "source": src, "layers": layers})],
         tmp_path / "o",
     )

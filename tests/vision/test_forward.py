@@ -25,9 +25,8 @@ from conftest import FORWARD_ATOL, attention_atol
 from PIL import Image
 
 from qkweights.errors import InputError
-from qkweights.specs.load import open_model
 from qkweights.vision.forward import Norm, activation_, forward, gelu_erf, layer_norm, resize_bicubic
-from qkweights.vision.model import load_model, value_weights
+from qkweights.vision.model import open_vision_model
 from qkweights.weights.qk import qk_svd
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -49,7 +48,7 @@ def models():
 
     def get(name):
         if name not in cache:
-            cache[name] = load_model(str(MODELS / name))
+            cache[name] = open_vision_model(str(MODELS / name))
         return cache[name]
 
     return get
@@ -138,7 +137,7 @@ def test_position_table_covering_cls_and_registers(tmp_path, models):
     t["reg_token"] = t["reg_token"] - p_special[:, 1:]
     save_file(t, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_bytes((src / "config.json").read_bytes())
-    moved = load_model(str(tmp_path))
+    moved = open_vision_model(str(tmp_path))
     assert moved.weights.embeddings.position_tokens == ("cls", "registers", "patches")
     px = golden("timm-vit-reg")["pixel_values"]
     np.testing.assert_allclose(
@@ -224,17 +223,6 @@ def test_copies_of_an_image_have_identical_outputs(models):
             assert (a == a[:1]).all()  # every copy exactly as the first
 
 
-def test_value_weights_follow_the_spec():
-    # fused open_clip in_proj rows [q | k | v] against the separate HF v_proj of the same weights
-    _, fused = open_model(str(MODELS / "open-clip"))
-    _, split = open_model(str(MODELS / "clip"))
-    for i in range(2):
-        wf, bf = value_weights(fused, i)
-        ws, bs = value_weights(split, i)
-        np.testing.assert_array_equal(wf, ws)
-        np.testing.assert_array_equal(bf, bs)
-
-
 @pytest.mark.numerics
 def test_clip_pooled_is_the_post_norm_of_cls(models):
     model = models("clip")
@@ -275,7 +263,7 @@ def test_preprocessing_comes_from_the_spec_format(name, origin, crop, mean, mode
 def test_preprocessing_defaults_without_a_config(tmp_path):
     for f in ("config.json", "model.safetensors"):
         (tmp_path / f).write_bytes((MODELS / "vit" / f).read_bytes())
-    model = load_model(str(tmp_path))
+    model = open_vision_model(str(tmp_path))
     assert model.preprocessing_origin == "ViT processor defaults at 32×32 (no preprocessor_config.json)"
     assert model.preprocessing.size == (32, 32) and model.preprocessing.mean == (0.5, 0.5, 0.5)
     assert model.notes == (
@@ -284,7 +272,7 @@ def test_preprocessing_defaults_without_a_config(tmp_path):
             "32×32 (no preprocessor_config.json); add the model's preprocessing config if it was trained otherwise"
         ),
     )
-    assert load_model(str(MODELS / "vit")).notes == ()
+    assert open_vision_model(str(MODELS / "vit")).notes == ()
 
 
 def test_maps_says_once_that_preprocessing_defaults_are_used(tmp_path, capsys):
@@ -312,7 +300,7 @@ def test_inspect_reports_the_patch_size_the_forward_pass_uses(tmp_path, capsys):
         "qkweights: note: config.json says patch_size 16, but the patch embedding's kernel is 8×8; the forward "
         "pass uses 8\n"
     )
-    assert load_model(str(tmp_path)).notes == (err.removeprefix("qkweights: note: ").strip(),)
+    assert open_vision_model(str(tmp_path)).notes == (err.removeprefix("qkweights: note: ").strip(),)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -323,7 +311,7 @@ def test_text_models_have_no_forward_pass(name):
     with pytest.raises(
         InputError, match=r"is a text model: weights-only analysis \(profile\) is available, not the forward pass"
     ):
-        load_model(str(MODELS / name))
+        open_vision_model(str(MODELS / name))
 
 
 @pytest.mark.parametrize(

@@ -541,12 +541,12 @@ def test_preprocessor_config_values_of_the_wrong_type_name_the_key(key, value, m
 PEAK_SCRIPT = """
 import gc, re, sys
 from pathlib import Path
-from qkweights.vision.model import load_model
+from qkweights.vision.model import open_vision_model
 
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
-model = load_model(sys.argv[1])
+model = open_vision_model(sys.argv[1])
 {setup}
 gc.collect()
 base = peak()

@@ -35,7 +35,7 @@ from qkweights.specs.load import open_model
 from qkweights.specs.registry import builtin_spec_dir, load_specs
 from qkweights.specs.resolvers import relative_window
 from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
-from qkweights.vision.model import load_model, vision_model
+from qkweights.vision.model import open_vision_model, vision_model
 from qkweights.weights.compute import compute_profile
 from qkweights.weights.qk import qk_svd
 
@@ -89,7 +89,7 @@ def models():
 
     def get(flavour):
         if flavour not in cache:
-            cache[flavour] = load_model(str(path(flavour)))
+            cache[flavour] = open_vision_model(str(path(flavour)))
         return cache[flavour]
 
     return get

@@ -301,7 +301,7 @@ def test_folded_value_output_circuit_is_said_everywhere_it_is_shown(tmp_path):
     plain, _ = _profile("vit")
     assert not plain.model.ov_folded and "Γ" not in plain.model.ov["note"]
     assert plain.to_json()["ov_convention"].startswith("M_ov = W_o[:, hK:(h+1)K] W_v[hK:(h+1)K, :] = P")
-    from qkweights.figures import ov_cosine_by_layer_figure
+    from qkweights.figures.profiles import ov_cosine_by_layer_figure
 
     folded_title, old_title, plain_title = (
         ov_cosine_by_layer_figure(p).axes[0].get_title().split("\n")[1] for p in (folded, old, plain)
@@ -541,8 +541,9 @@ def test_diff_reports_the_new_statistics(tmp_path):
 
 @pytest.mark.numerics
 def test_maps_fold_ln_decomposes_the_logits_exactly(tmp_path):
-    from qkweights.analyses.maps import projection_maps, save_maps
+    from qkweights.analyses.maps import projection_maps
     from qkweights.datasets.synthetic_o3 import make_o3
+    from qkweights.workflow import save_maps
 
     img = make_o3(tmp_path / "o3", n=1, seed=3, size=(48, 48)) / "images" / "synth_0000.jpg"
     model = qkweights.load_model(str(MODELS / "vit"))
