@@ -9,10 +9,10 @@ dense products that never use the SVD.
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS
 from PIL import Image
 
 from qkweights.analyses.maps import choose_signs, projection_maps, save_maps
@@ -21,8 +21,6 @@ from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.errors import InputError
 from qkweights.figures.overlay import composite, display_image, scale_map
 from qkweights.vision.model import load_model
-
-MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 
 
 @pytest.fixture(scope="module")

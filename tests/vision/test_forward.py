@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.special
-from conftest import FORWARD_ATOL, attention_atol
+from conftest import FIXTURES, FORWARD_ATOL, GOLDEN, MODELS, attention_atol
 from PIL import Image
 
 from qkweights.errors import InputError
@@ -30,8 +30,6 @@ from qkweights.vision.forward import Norm, activation_, forward, gelu_erf, layer
 from qkweights.vision.model import load_model, value_weights
 from qkweights.weights.qk import qk_svd
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-MODELS, GOLDEN = FIXTURES / "models", FIXTURES / "golden"
 GOLDEN_NAMES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
 TEXT_FIXTURES = ("bert", "roberta-mlm")
 LOW_PRECISION = ("vit-bf16", "vit-f16")  # profile fixtures: no golden (their weights are rounded copies)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FORWARD_ATOL, attention_atol
+from conftest import FIXTURES, FORWARD_ATOL, attention_atol
 
 from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint
@@ -39,7 +39,6 @@ from qkweights.vision.model import load_model, vision_model
 from qkweights.weights.profiles import compute_profile
 from qkweights.weights.qk import qk_svd
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
 PICKLES = FIXTURES / "pickles"
 # flavour -> (file, tensor-name prefix inside the 'model' state dict, prefix the spec must choose)
 FLAVOURS = {
