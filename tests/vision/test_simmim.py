@@ -34,8 +34,8 @@ from qkweights.specs.checkpoint import open_checkpoint
 from qkweights.specs.load import open_model
 from qkweights.specs.registry import builtin_spec_dir, load_specs
 from qkweights.specs.resolvers import relative_window
-from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.vision.model import load_model, vision_model
+from qkweights.vision.positions import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.weights.profiles import compute_profile
 from qkweights.weights.qk import qk_svd
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 import qkweights
 import qkweights.errors
 from qkweights.specs.load import open_model
-from qkweights.vision.forward import relative_position_bias
+from qkweights.vision.positions import relative_position_bias
 from qkweights.weights.fold import fold_description, folded_modes, normalised_tokens
 from qkweights.weights.profiles import compute_profile, load_profile
 from qkweights.weights.qk import head_stats, ov_svd, qk_svd, symmetric_fraction, symmetric_null
