@@ -167,6 +167,50 @@ def atlas(demo_out) -> Path:
     return demo_out / "atlas"
 
 
+# The peak RSS of a call in a fresh interpreter (Linux's VmHWM), for the memory tests of large images.
+PEAK_SCRIPT = """
+import gc, re, sys
+from pathlib import Path
+from qkweights.vision.model import load_model
+
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+model = load_model(sys.argv[1])
+{setup}
+gc.collect()
+base = peak()
+{call}
+print(peak() - base)
+"""
+
+
+def peak_bytes_per_pixel(call: str, pixels: int, setup: str = "", model: str = "vit") -> float:
+    """The growth of peak RSS while ``call`` runs (a fresh interpreter; ``model`` loaded first), per image pixel."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc/self/status (VmHWM)")
+
+    script = PEAK_SCRIPT.format(setup=setup, call=call)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(MODELS / model)], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[-1]) / pixels
+
+
+def big_jpeg(path: Path, width: int = 4000, height: int = 3000, exif=None) -> Path:
+    """A photo-like JPEG of width × height: Pillow's Gaussian noise image, in colour."""
+    from PIL import Image
+
+    noise = Image.effect_noise((width, height), 40)  # L, mean 128
+    Image.merge("RGB", (noise, noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT), noise)).save(
+        path, quality=90, **({"exif": exif} if exif is not None else {})
+    )
+    return path
+
+
 U32 = 2.0**-24  # float32 unit roundoff
 # float32 forward vs transformers' float32 forward, two summation orders: a float32 sum of n terms is off by
 # ≲ √n·u·Σ|terms| (Higham & Mary's probabilistic bound, the worst case being n·u), two orders by twice that. Each of

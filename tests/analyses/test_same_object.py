@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS, one_layer_vit, read_csv
+from conftest import MODELS, big_jpeg, one_layer_vit, peak_bytes_per_pixel, read_csv
 from PIL import Image
 
 from qkweights.analyses.same_object import (
@@ -746,8 +746,6 @@ def test_uint8_label_maps_take_the_same_path_as_wide_ones(prep):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, bound", [(GENERIC, 9.0), (FULL, 27.0)])
 def test_a_large_image_and_its_annotation_stay_within_a_few_bytes_a_pixel(tmp_path, layout, bound):
-    from test_preprocess import big_jpeg, peak_bytes_per_pixel
-
     w, h = 4000, 3000
     if layout == GENERIC:
         for folder in ("images", "instances"):
