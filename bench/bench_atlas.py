@@ -13,7 +13,7 @@ Inputs, built once and cached in bench/out/ (git-ignored; the sweep is slow on a
 - **ViT-L profile**: the ViT-L/16-shaped random checkpoint (24 × 16 heads, D 1024), profile only.
 
 Measured: seconds of ``qkweights.report`` (median of --reps, into a fresh folder each time, compare figures
-included), the site's bytes on disk, the link and offline checks of tests/test_atlas.py, and in headless
+included), the site's bytes on disk, the link and offline checks of tests/atlas/test_atlas.py, and in headless
 Chromium (Selenium, system chromedriver) the
 ``loadEventEnd`` of the index, a model page and a head page (median of --reps). Targets (issue 17): demo ≤ 5 s;
 ViT-B ≤ 30 s and ≤ 40 MB; ViT-L profile ≤ 10 s; index and model pages < 1 s, a head page < 0.5 s.
@@ -89,8 +89,8 @@ REF = re.compile(r"""(?:href|src|data-src)="([^"]*)"|url\(([^)]*)\)""")
 
 
 def check_site(site: Path) -> int:
-    """The checks of tests/test_atlas.py on a site: every reference resolves to a file inside it, and no page, script
-    or style names http:, https:, fetch( or type="module". Returns the number of references checked."""
+    """The checks of tests/atlas/test_atlas.py on a site: every reference resolves to a file inside it, and no page,
+    script or style names http:, https:, fetch( or type="module". Returns the number of references checked."""
     n, root = 0, site.resolve()
     for f in site.rglob("*"):
         if f.suffix not in (".html", ".js", ".css"):

@@ -42,7 +42,15 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qkweights.vision.forward import _BLAS, _concat, _run, blas_threads, check_layers, check_pixels  # noqa: E402
+from qkweights.vision.forward import (  # noqa: E402
+    _BLAS,
+    Keep,
+    _concat,
+    _run,
+    blas_threads,
+    check_layers,
+    check_pixels,
+)
 from qkweights.vision.model import open_vision_model  # noqa: E402
 
 VIT_B16 = dict(
@@ -103,14 +111,14 @@ def write_vit(folder: Path, cfg: dict, seed: int = 0) -> None:
 
 def batched_forward(weights, pixels: np.ndarray, threads: int):
     """The forward pass as qkweights ran it before issue 15: shards of images, one batched GEMM per shard."""
-    keep = set(check_layers(None, len(weights.blocks)))
+    layers = set(check_layers(None, len(weights.blocks)))
     x = check_pixels(pixels, 3, weights.embeddings.patch_size)
     n = min(threads, len(x))
     if n <= 1:
-        return _run(weights, x, keep, False)
+        return _run(weights, x, layers, Keep())
     cuts = np.array_split(np.arange(len(x)), n)
     with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        return _concat(list(pool.map(lambda i: _run(weights, x[i], keep, False), cuts)))
+        return _concat(list(pool.map(lambda i: _run(weights, x[i], layers, Keep()), cuts)))
 
 
 def forward_flops(cfg: dict, batch: int) -> float:

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from threadpoolctl import threadpool_info
@@ -168,7 +169,7 @@ def o3_peak_rss(model_dir: Path, data: Path, batch: int) -> tuple[float, float]:
     return int(proc.stderr.split()[-1]) / 1024, seconds
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=160, help="photos in the top-images set (default: 160)")
     parser.add_argument("--reps", type=int, default=2, help="timed rounds (default: 2)")
@@ -179,7 +180,50 @@ def main() -> None:
     parser.add_argument("--no-dask", action="store_true", help="skip the loopback Dask cluster")
     parser.add_argument("--no-o3", action="store_true", help="skip the o3 memory measurement")
     parser.add_argument("--no-figures", action="store_true", help="skip the figure timing")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def time_figures(model, root: Path) -> None:
+    """Print the seconds per figure of ``draw_top_images`` on a saved result of ``root``."""
+    from qkweights.analyses.top_images import TopImagesResult
+    from qkweights.figures.top_images import draw_top_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "figures"
+        sweep(model, root, saved)
+        result = TopImagesResult.load(saved)
+        t0 = time.perf_counter()
+        draw_top_images(model.ref, result, root, saved)
+        seconds = time.perf_counter() - t0
+    k = len(result.doc["heads"]) + 1
+    print(
+        f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per "
+        "figure beyond the scan"
+    )
+
+
+def plan(args, model, vit_dir: Path, root: Path, client, cores: int) -> dict[str, Callable[[Path], float]]:
+    """The timed runs, in the order they are printed: label -> a function of a fresh output folder giving seconds."""
+    workers = [int(w) for w in (args.scaling or args.workers).split(",")]
+    runs: dict[str, Callable[[Path], float]] = {"bare forward": lambda out: bare_forward(model, root)}
+    if not args.scaling:
+        runs["top-images, in process"] = lambda out: sweep(model, root, out)
+    for w in workers:
+        runs[f"top-images --workers {w}"] = lambda out, w=w: sweep(model, root, out, workers=w)
+    if not args.scaling:
+        runs["whole command, in process"] = lambda out: whole_command(vit_dir, root, out)
+        for w in workers:
+            runs[f"whole command --workers {w}"] = lambda out, w=str(w): whole_command(
+                vit_dir, root, out, "--workers", w
+            )
+    if client is not None:
+        label = f"top-images --scheduler (loopback Dask, {cores} workers × 1 thread)"
+        runs[label] = lambda out: sweep(model, root, out, client=client)
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
 
     from qkweights.vision.model import open_vision_model
 
@@ -195,33 +239,9 @@ def main() -> None:
         )
     model = open_vision_model(str(vit_dir))
     root = photos(args.images)
-    if (
-        not args.no_figures and not args.scaling
-    ):  # before any worker thread or cluster: figures draw in forked processes
-        from qkweights.analyses.top_images import TopImagesResult
-        from qkweights.figures.top_images import draw_top_images
-
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = Path(tmp) / "figures"
-            sweep(model, root, saved)
-            result = TopImagesResult.load(saved)
-            t0 = time.perf_counter()
-            draw_top_images(model, result, saved)
-            seconds = time.perf_counter() - t0
-        k = len(result.doc["heads"]) + 1
-        print(
-            f"figures: {k} PNGs ({k - 1} top-images grids + anisotropy) in {seconds:.1f} s = {seconds / k:.3f} s per "
-            "figure beyond the scan"
-        )
+    if not args.no_figures and not args.scaling:
+        time_figures(model, root)  # before any worker thread or cluster: figures draw in forked processes
     n = args.images
-    workers = [int(w) for w in (args.scaling or args.workers).split(",")]
-    runs: dict[str, list[float]] = {"bare forward": []}
-    if not args.scaling:
-        runs["top-images, in process"] = []
-    runs.update({f"top-images --workers {w}": [] for w in workers})
-    if not args.scaling:
-        runs["whole command, in process"] = []
-        runs.update({f"whole command --workers {w}": [] for w in workers})
     client = cluster = None
     if not args.no_dask and not args.scaling:
         from distributed import Client, LocalCluster
@@ -230,7 +250,7 @@ def main() -> None:
             n_workers=cores, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         )
         client = Client(cluster)
-        runs[f"top-images --scheduler (loopback Dask, {cores} workers × 1 thread)"] = []
+    runs = plan(args, model, vit_dir, root, client, cores)
     print(
         f"top-images --no-plots: {n} photos 500×375, ViT-B/16 shape, all 12 layers × 12 heads, modes 0-9, top 8, "
         f"batch {BATCH}, shards chosen by the runner; {args.reps} rounds"
@@ -239,32 +259,21 @@ def main() -> None:
         parts = [start_up(vit_dir) for _ in range(args.reps)]
         imports, load, svd = (statistics.median(p[i] for p in parts) for i in range(3))
         print(f"start-up of a command: imports {imports:.2f} s, model load {load:.2f} s, SVD of the heads {svd:.2f} s")
+    times: dict[str, list[float]] = {label: [] for label in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.reps):
-            for label in runs:
-                out = Path(tmp) / f"r{r}-{len(os.listdir(tmp))}"
-                if label == "bare forward":
-                    runs[label].append(bare_forward(model, root))
-                elif label == "whole command, in process":
-                    runs[label].append(whole_command(vit_dir, root, out))
-                elif label.startswith("whole command --workers"):
-                    runs[label].append(whole_command(vit_dir, root, out, "--workers", label.split()[-1]))
-                elif label.endswith("in process"):
-                    runs[label].append(sweep(model, root, out))
-                elif "--workers" in label:
-                    runs[label].append(sweep(model, root, out, workers=int(label.split()[-1])))
-                else:
-                    runs[label].append(sweep(model, root, out, client=client))
+            for label, run in runs.items():
+                times[label].append(run(Path(tmp) / f"r{r}-{len(os.listdir(tmp))}"))
         if client is not None:
             client.close()
             cluster.close()
-        ref = statistics.median(runs["bare forward"])
-        for label, times in runs.items():
-            med = statistics.median(times)
-            print(
-                f"  {label:58s} {n / med:7.2f} img/s (best {n / min(times):.2f})   ratio to the bare forward "
-                f"{ref / med:5.2f}"
-            )
+    ref = statistics.median(times["bare forward"])
+    for label, seconds in times.items():
+        med = statistics.median(seconds)
+        print(
+            f"  {label:58s} {n / med:7.2f} img/s (best {n / min(seconds):.2f})   ratio to the bare forward "
+            f"{ref / med:5.2f}"
+        )
 
 
 if __name__ == "__main__":

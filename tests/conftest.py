@@ -1,5 +1,6 @@
-"""Shared fixtures: the committed tiny checkpoints, and an offline Hub cache."""
+"""Shared fixtures: the committed tiny checkpoints, and an offline Hub cache; helpers used by several test folders."""
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,36 @@ def vit_qk_name(l: int, which: str) -> str:
     return f"encoder.layer.{l}.attention.attention.{which}.weight"
 
 
+def flip_value_head(tensors, l: int = 1, h: int = 2, k: int = 8) -> None:
+    """Negate head h's rows of layer l's value weight in the `vit` fixture's tensors (heads of width k): its OV circuit
+    flips sign, its query-key part is unchanged."""
+    tensors[vit_qk_name(l, "value")][h * k : (h + 1) * k] *= -1
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    """The rows of a CSV file, as dicts keyed by its header."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """The `vit` fixture loaded for the forward pass, once per test module."""
+    from qkweights.vision.model import open_vision_model
+
+    return open_vision_model(str(MODELS / "vit"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    """The `vit` fixture's profile.json, saved once per test module (a baseline for `check`)."""
+    import qkweights
+
+    out = tmp_path_factory.mktemp("baseline")
+    qkweights.profile(str(MODELS / "vit")).save(out)
+    return out / "profile.json"
+
+
 def edited_fixture(tmp_path: Path, label: str, edit, name: str = "vit") -> Path:
     """A copy of fixture ``name`` in tmp_path/label whose tensors were changed in place by ``edit(tensors)``."""
     out = shutil.copytree(MODELS / name, tmp_path / label)
@@ -43,11 +74,9 @@ def edited_fixture(tmp_path: Path, label: str, edit, name: str = "vit") -> Path:
     return out
 
 
-def one_layer_vit(
-    folder: Path, *, d: int, wq, wk, bq=None, pos=None, conv=None, conv_bias=None, resample: int = 2
-) -> Path:
-    """A one-layer hf-vit of width ``d`` (2 heads, image 32, patch 8: CLS + 16 patches) with the given query/key
-    weights, query bias, position table (1, 17, d), patch conv (d, 3, 8, 8) and its bias; every other weight is
+def one_layer_vit(folder: Path, *, wq, wk, bq=None, pos=None, conv=None, conv_bias=None, resample: int = 2) -> Path:
+    """A one-layer hf-vit of width d (2 heads, image 32, patch 8: CLS + 16 patches) with the given query/key
+    weights (d, d), query bias, position table (1, 17, d), patch conv (d, 3, 8, 8) and its bias; every other weight is
     zero, the LayerNorms are identities. For tests whose attention or modes are known by hand."""
     import json
 
@@ -57,6 +86,7 @@ def one_layer_vit(
         return np.zeros(s, np.float32)
 
     folder.mkdir(parents=True)
+    d = wq.shape[1]
     f, p = d, "encoder.layer.0."
     tensors = {
         "embeddings.cls_token": zero(1, 1, d),
@@ -129,6 +159,56 @@ def demo_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     run_demo(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def atlas(demo_out) -> Path:
+    """The demo's atlas folder."""
+    return demo_out / "atlas"
+
+
+# The peak RSS of a call in a fresh interpreter (Linux's VmHWM), for the memory tests of large images.
+PEAK_SCRIPT = """
+import gc, re, sys
+from pathlib import Path
+from qkweights.vision.model import open_vision_model
+
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+model = open_vision_model(sys.argv[1])
+{setup}
+gc.collect()
+base = peak()
+{call}
+print(peak() - base)
+"""
+
+
+def peak_bytes_per_pixel(call: str, pixels: int, setup: str = "", model: str = "vit") -> float:
+    """The growth of peak RSS while ``call`` runs (a fresh interpreter; ``model`` loaded first), per image pixel."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc/self/status (VmHWM)")
+
+    script = PEAK_SCRIPT.format(setup=setup, call=call)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(MODELS / model)], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[-1]) / pixels
+
+
+def big_jpeg(path: Path, width: int = 4000, height: int = 3000, exif=None) -> Path:
+    """A photo-like JPEG of width × height: Pillow's Gaussian noise image, in colour."""
+    from PIL import Image
+
+    noise = Image.effect_noise((width, height), 40)  # L, mean 128
+    Image.merge("RGB", (noise, noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT), noise)).save(
+        path, quality=90, **({"exif": exif} if exif is not None else {})
+    )
+    return path
 
 
 U32 = 2.0**-24  # float32 unit roundoff

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 from conftest import MODELS, edited_fixture, vit_qk_name
 
-import qkweights
-
 
 def run_into_closed_pipe(unbuffered: bool, *argv) -> tuple[int, str]:
     """(exit code, stderr) of ``python -m qkweights ARGV`` whose stdout's reader has already gone."""
@@ -39,13 +37,6 @@ def run_into_closed_pipe(unbuffered: bool, *argv) -> tuple[int, str]:
     finally:
         os.close(write_end)
     return proc.returncode, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("baseline")
-    qkweights.profile(str(MODELS / "vit")).save(out)
-    return out / "profile.json"
 
 
 UNBUFFERED = pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])

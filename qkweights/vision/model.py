@@ -25,11 +25,12 @@ from qkweights.vision.forward import (
     BlockWeights,
     EmbeddingWeights,
     ForwardOutput,
+    Keep,
     Norm,
     ViTWeights,
     forward,
-    relative_position_index,
 )
+from qkweights.vision.positions import relative_position_index
 from qkweights.vision.preprocess import Preprocess
 
 # Config activation names (transformers' ACT2FN keys, open_clip's quick_gelu) → qkweights.specs.schema.ACTIVATIONS.
@@ -384,16 +385,8 @@ class VisionModel:
         deepest of ``layers``; keep only these query rows of the attentions; keep the residual
         streams, the attention inputs (see :func:`qkweights.vision.forward.forward`).
         """
-        return forward(
-            self.weights,
-            pixel_values,
-            attentions=attentions,
-            layers=layers,
-            truncate=truncate,
-            rows=rows,
-            hidden=hidden,
-            inputs=inputs,
-        )
+        keep = Keep(attentions=attentions, layers=layers, truncate=truncate, hidden=hidden, inputs=inputs)
+        return forward(self.weights, pixel_values, keep, rows=rows)
 
 
 def vision_model(ck: Checkpoint, source: Source | None = None) -> VisionModel:

@@ -11,13 +11,13 @@ analyses project each image with its own GEMM), so:
   path (top-images, same-object), and o3's rows of copies are equal.
 """
 
-import csv
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_csv
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
@@ -27,17 +27,10 @@ from qkweights.analyses.same_object import run_same_object
 from qkweights.analyses.sweep import ModeSelection
 from qkweights.analyses.top_images import run_top_images
 from qkweights.datasets.synthetic_o3 import make_o3
-from qkweights.vision.model import open_vision_model
 
-MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 SOURCES = [0, 1, 0, 0, 2, 1, 0, 2, 1, 0, 2]  # copy k is a copy of source image SOURCES[k]
 BATCHES = (1, 3, 5, 8)
 pytestmark = pytest.mark.numerics
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return open_vision_model(str(MODELS / "vit"))
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +146,7 @@ def test_o3_over_copies(vit, o3_copies, tmp_path):
         assert without_batch_size(summary) == without_batch_size(
             json.loads((folders[0] / "o3_summary.json").read_text())
         )
-    with open(folders[0] / "o3.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(folders[0] / "o3.csv")
     by_source = {}
     for r in rows:
         numbers = {k: v for k, v in r.items() if k != "image"}
@@ -180,8 +172,7 @@ def test_same_object_over_copies(vit, ade_copies, tmp_path):
         assert (f / "same_object.csv").read_bytes() == (folders[0] / "same_object.csv").read_bytes(), f.name
         doc = json.loads((f / "same_object.json").read_text())
         assert without_batch_size(doc) == without_batch_size(json.loads((folders[0] / "same_object.json").read_text()))
-    with open(folders[0] / "same_object.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(folders[0] / "same_object.csv")
     paths = [f"images/ADE/validation/ADE_{k:04d}.jpg" for k in range(11)]
     lists = {}
     for r in rows:

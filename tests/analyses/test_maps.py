@@ -9,10 +9,10 @@ dense products that never use the SVD.
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS
 from PIL import Image
 
 from qkweights.analyses.maps import choose_signs, projection_maps
@@ -23,8 +23,6 @@ from qkweights.figures.overlay import composite, scale_map
 from qkweights.vision.model import open_vision_model
 from qkweights.vision.preprocess import display_image
 from qkweights.workflow import save_maps
-
-MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 
 
 @pytest.fixture(scope="module")

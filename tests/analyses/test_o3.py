@@ -6,7 +6,6 @@ object masks that synth_o3.draw_scene paints (not the JPEG files); a one-layer V
 written here whose attention pattern is known in closed form.
 """
 
-import csv
 import json
 import math
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FORWARD_ATOL, one_layer_vit
+from conftest import FORWARD_ATOL, GOLDEN, MODELS, one_layer_vit, read_csv
 from PIL import Image
 
 from qkweights import workflow
@@ -35,15 +34,8 @@ from qkweights.datasets.synthetic_o3 import draw_scene, make_o3
 from qkweights.errors import InputError
 from qkweights.vision.model import open_vision_model
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-MODELS = FIXTURES / "models"
 # Index of the first patch token in each fixture's sequence (fixtures README, "tokens T (order)").
 PATCH_START = {"vit": 1, "deit": 2, "dinov2-reg": 5, "ijepa": 0}
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return open_vision_model(str(MODELS / "vit"))
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +48,6 @@ def square(tmp_path_factory):
 def wide(tmp_path_factory):
     """10 synthetic scenes of 48×80 pixels (height × width), seed 2."""
     return make_o3(tmp_path_factory.mktemp("o3") / "wide", n=10, seed=2, size=(48, 80))
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -157,7 +144,7 @@ def test_layer_statistics_by_hand():
 def test_rows_from_the_forward_match_transformers(name):
     # Golden attentions (transformers, eager) of the fixture on its golden pixels: the target and
     # distractor rows, restricted to the 16 patches and renormalised by hand, dotted with random masks.
-    golden = np.load(FIXTURES / "golden" / f"{name}.npz")
+    golden = np.load(GOLDEN / f"{name}.npz")
     model = open_vision_model(str(MODELS / name))
     tokens = np.array([[5, 10], [15, 0]])
     rng = np.random.default_rng(1)
@@ -180,7 +167,7 @@ def test_rows_from_the_forward_match_transformers(name):
 @pytest.mark.numerics
 def test_forward_rows_equal_the_rows_of_the_full_attention(vit):
     # the forward pass that keeps only two query rows per layer against the full (B, H, T, T) maps
-    golden = np.load(FIXTURES / "golden" / "vit.npz")
+    golden = np.load(GOLDEN / "vit.npz")
     tokens = np.array([[3, 12], [7, 7]])
     full = vit.forward(golden["pixel_values"], attentions=True)
     start, n = full.layout.patches.start, 16
@@ -210,7 +197,7 @@ def write_known_vit(folder: Path, z: np.ndarray) -> Path:
     bq[32:49] = z * math.sqrt(32) / c
     pos = np.zeros((1, 17, d), np.float32)
     pos[0, np.arange(17), np.arange(17)] = 1.0
-    return one_layer_vit(folder, d=d, wq=wq, wk=wk, bq=bq, pos=pos, resample=2)
+    return one_layer_vit(folder, wq=wq, wk=wk, bq=bq, pos=pos, resample=2)
 
 
 def reference_masks(seed: int, i: int, size: tuple[int, int]) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from conftest import MODELS
 
 from qkweights import workflow
 from qkweights.analyses.o3 import O3Analysis, run_o3, select_items
@@ -25,18 +26,12 @@ from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, run_top
 from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.vision.model import ModelRef, open_vision_model
 
-MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return make_o3(tmp_path_factory.mktemp("runner") / "o3", n=14, seed=3, size=(48, 48))
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return open_vision_model(str(MODELS / "vit"))
 
 
 SELECT = ModeSelection(layers=[0, 1], heads=[0, 3], modes=range(4), top=5)

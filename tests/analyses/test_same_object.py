@@ -8,7 +8,6 @@ hand-written seg PNGs whose instance numbering follows the rule of the issue (B 
 unlabelled, other B values ranked ascending).
 """
 
-import csv
 import json
 import math
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_layer_vit
+from conftest import MODELS, big_jpeg, one_layer_vit, peak_bytes_per_pixel, read_csv
 from PIL import Image
 
 from qkweights.analyses.runner import SweepSettings
@@ -43,13 +42,6 @@ from qkweights.datasets.ade20k import (
 from qkweights.errors import InputError
 from qkweights.vision.model import open_vision_model
 from qkweights.vision.preprocess import Preprocess
-
-MODELS = Path(__file__).parents[1] / "fixtures" / "models"
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def save_png(array, path, mode=None):
@@ -250,7 +242,7 @@ def write_colour_vit(folder: Path, same: bool) -> Path:
     wq, wk = np.zeros((d, d), np.float32), np.zeros((d, d), np.float32)
     wq[0, :2] = [1 / math.sqrt(2), -1 / math.sqrt(2)]
     wk[0, :4] = wq[0, :4] if same else [0, 0, 1 / math.sqrt(2), -1 / math.sqrt(2)]
-    return one_layer_vit(folder, d=d, wq=wq, wk=wk, conv=conv, conv_bias=bias, resample=0)
+    return one_layer_vit(folder, wq=wq, wk=wk, conv=conv, conv_bias=bias, resample=0)
 
 
 RED, BLUE, GREEN, GREY = (255, 0, 0), (0, 0, 255), (0, 255, 0), (128, 128, 128)
@@ -442,11 +434,6 @@ def full_release(tmp_path_factory):
     save_jpg(np.zeros((40, 40, 3)), bad / "ADE_9998.jpg")
     save_png(np.zeros((30, 40, 3), np.uint8), bad / "ADE_9998_seg.png")  # another size than its image
     return root
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return open_vision_model(str(MODELS / "vit"))
 
 
 def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
@@ -815,8 +802,6 @@ def test_uint8_label_maps_take_the_same_path_as_wide_ones(prep):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, bound", [(GENERIC, 9.0), (FULL, 27.0)])
 def test_a_large_image_and_its_annotation_stay_within_a_few_bytes_a_pixel(tmp_path, layout, bound):
-    from test_preprocess import big_jpeg, peak_bytes_per_pixel
-
     w, h = 4000, 3000
     if layout == GENERIC:
         for folder in ("images", "instances"):

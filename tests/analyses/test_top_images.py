@@ -7,10 +7,10 @@ top-K by one global sort of every score.
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS
 from PIL import Image
 
 from qkweights.analyses.runner import SweepSettings
@@ -27,7 +27,6 @@ from qkweights.errors import InputError
 from qkweights.vision.model import open_vision_model
 from qkweights.weights.qk import qk_svd
 
-MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 LEFT_OUT = "{}: left out 1 file that Pillow does not read as images: image_properties.txt"  # in the O3 folder
 
 
@@ -35,11 +34,6 @@ LEFT_OUT = "{}: left out 1 file that Pillow does not read as images: image_prope
 def folder(tmp_path_factory):
     """9 synthetic scenes (images/ plus their two mask folders: 27 jpg files)."""
     return make_o3(tmp_path_factory.mktemp("o3") / "o3", n=9, seed=1, size=(48, 48))
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return open_vision_model(str(MODELS / "vit"))
 
 
 def brute_force(model, root, paths, layers, heads, modes):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS
+from conftest import MODELS, read_csv
 
 import qkweights
 from qkweights.atlas import site as site_module
@@ -60,11 +59,6 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def atlas(demo_out) -> Path:
-    return demo_out / "atlas"
-
-
 def test_demo_writes_an_atlas_and_every_reference_resolves_inside_it(atlas):
     pages = sorted(atlas.rglob("*.html"))
     assert (atlas / "index.html") in pages and len(pages) == 1 + 1 + 16  # index, model page, 4 × 4 heads
@@ -96,8 +90,7 @@ def test_embedded_data_round_trips_to_the_result_files(demo_out, atlas):
     model_dir = next(p for p in atlas.iterdir() if (p / "L00_H00.html").is_file())
     top = json.loads((demo_out / "top_images" / "top_images.json").read_text())
     same = json.loads((demo_out / "same_object" / "same_object.json").read_text())
-    with open(demo_out / "o3" / "o3.csv", newline="") as f:
-        o3_rows = list(csv.DictReader(f))
+    o3_rows = read_csv(demo_out / "o3" / "o3.csv")
     for entry in prof["layers"]:
         for hd in entry["heads"]:
             l, h = entry["layer"], hd["head"]
@@ -121,8 +114,7 @@ def test_embedded_data_round_trips_to_the_result_files(demo_out, atlas):
                         {"path": w["path"], "score": w["score"]} for w in theirs["signs"]["+"][:8]
                     ]
     index = parse(atlas / "index.html").json["heads-data"]
-    with open(demo_out / "profile" / "heads.csv", newline="") as f:
-        heads = list(csv.DictReader(f))
+    heads = read_csv(demo_out / "profile" / "heads.csv")
     col = index["columns"].index("weighted_cosine")
     assert [r[col] for r in index["rows"]] == [float(r["weighted_cosine"]) for r in heads]
 

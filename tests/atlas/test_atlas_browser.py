@@ -46,11 +46,6 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def atlas(demo_out):
-    return demo_out / "atlas"
-
-
 def open_page(driver, path):
     driver.get(path.resolve().as_uri())
     driver.get_log("browser")  # (drained before a page's own messages are read)

@@ -1,7 +1,7 @@
 """Fuzzing the safetensors reader: any bytes give either tensors or one CheckpointError, quickly.
 
 The default suite runs a bounded number of examples; a longer run:
-``QKW_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz_safetensors.py``.
+``QKW_FUZZ_EXAMPLES=20000 python -m pytest tests/checkpoints/test_fuzz_safetensors.py``.
 """
 
 import json

@@ -6,7 +6,6 @@ Reference values are either exact by construction (W_k = ±W_q gives every
 cos_n = ±1) or brute force (dense SVD of the D×D product W_qᵀW_k).
 """
 
-import csv
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import read_csv
 from PIL import Image
 
 from qkweights.errors import InputError
@@ -42,11 +42,6 @@ def profile_of(wq, wk, model_id, nan=()):
         dtype=lambda: "F64",
     )
     return compute_profile(ck, {"model_id": model_id})
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def column(rows, model, key):

@@ -44,7 +44,7 @@ RENAMES = [
     ("pooler.dense", "unused.pool"),
 ]
 HIDDEN_SPEC = """name = "hidden-vit"
-description = "a ViT whose tensors and config keys were renamed (tests/test_user_specs.py)"
+description = "a ViT whose tensors and config keys were renamed (tests/specs/test_user_specs.py)"
 example = "a local folder"
 config_file = "settings.json"
 prefixes = ["net."]

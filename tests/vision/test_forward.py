@@ -21,16 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.special
-from conftest import FORWARD_ATOL, attention_atol
+from conftest import FIXTURES, FORWARD_ATOL, GOLDEN, MODELS, attention_atol
 from PIL import Image
 
 from qkweights.errors import InputError
-from qkweights.vision.forward import Norm, activation_, forward, gelu_erf, layer_norm, resize_bicubic
+from qkweights.vision.forward import Keep, Norm, activation_, forward, gelu_erf, layer_norm
 from qkweights.vision.model import open_vision_model
+from qkweights.vision.positions import resize_bicubic
 from qkweights.weights.qk import qk_svd
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-MODELS, GOLDEN = FIXTURES / "models", FIXTURES / "golden"
 GOLDEN_NAMES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
 TEXT_FIXTURES = ("bert", "roberta-mlm")
 LOW_PRECISION = ("vit-bf16", "vit-f16")  # profile fixtures: no golden (their weights are rounded copies)
@@ -202,12 +201,12 @@ def test_an_image_has_the_same_outputs_whatever_its_batch_and_threads(name, mode
     px = golden(name)["pixel_values"][:1]  # (1, 3, H, W)
     rng = np.random.default_rng(5)
     images = px + rng.standard_normal((6, *px.shape[1:])).astype(np.float32)  # (6, 3, H, W), distinct
-    alone = [_outputs(forward(model.weights, images[i : i + 1], attentions=True, threads=1)) for i in range(6)]
+    alone = [_outputs(forward(model.weights, images[i : i + 1], Keep(attentions=True), threads=1)) for i in range(6)]
     order = [4, 0, 5, 1, 3, 2]
     for blas in (1, 2):
         with threadpool_limits(blas, user_api="blas"):
             for threads in (None, 1, 2, 3):
-                batch = _outputs(forward(model.weights, images[order], attentions=True, threads=threads))
+                batch = _outputs(forward(model.weights, images[order], Keep(attentions=True), threads=threads))
                 for j, i in enumerate(order):  # image i sits at position j of the batch
                     for got, want in zip(batch, alone[i], strict=True):
                         np.testing.assert_array_equal(got[j], want[0])
@@ -218,7 +217,7 @@ def test_copies_of_an_image_have_identical_outputs(models):
     model = models("dinov2-reg")
     px = np.repeat(np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32), 7, axis=0)
     for threads in (1, 2, 3):
-        out = forward(model.weights, px, attentions=True, layers=[0], threads=threads)
+        out = forward(model.weights, px, Keep(attentions=True, layers=[0]), threads=threads)
         for a in _outputs(out):
             assert (a == a[:1]).all()  # every copy exactly as the first
 

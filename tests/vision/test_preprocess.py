@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import big_jpeg, peak_bytes_per_pixel
 from PIL import Image
 
 from qkweights.errors import InputError, SpecError
@@ -536,49 +537,9 @@ def test_preprocessor_config_values_of_the_wrong_type_name_the_key(key, value, m
 
 # ----------------------------------------------------------------------------- memory of a large image
 
+
 # The peak RSS of this process's memory (VmHWM, KiB): getrusage's ru_maxrss would do, but Linux carries it over
 # fork and exec, so a child of a large pytest process would start at its parent's peak.
-PEAK_SCRIPT = """
-import gc, re, sys
-from pathlib import Path
-from qkweights.vision.model import open_vision_model
-
-def peak():
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-model = open_vision_model(sys.argv[1])
-{setup}
-gc.collect()
-base = peak()
-{call}
-print(peak() - base)
-"""
-
-
-def peak_bytes_per_pixel(call: str, pixels: int, setup: str = "", model: str = "vit") -> float:
-    """The growth of peak RSS while ``call`` runs (a fresh interpreter; ``model`` loaded first), per image pixel."""
-    import subprocess
-    import sys
-
-    if not Path("/proc/self/status").is_file():
-        pytest.skip("needs Linux's /proc/self/status (VmHWM)")
-
-    script = PEAK_SCRIPT.format(setup=setup, call=call)
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(FIXTURES / model)], capture_output=True, text=True, check=True
-    ).stdout
-    return int(out.split()[-1]) / pixels
-
-
-def big_jpeg(path: Path, width: int = 4000, height: int = 3000, exif=None) -> Path:
-    """A photo-like JPEG of width × height: Pillow's Gaussian noise image, in colour."""
-    noise = Image.effect_noise((width, height), 40)  # L, mean 128
-    Image.merge("RGB", (noise, noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT), noise)).save(
-        path, quality=90, **({"exif": exif} if exif is not None else {})
-    )
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["vit", "timm-vit", "open-clip"])  # the transformers, timm and open_clip paths
 def test_a_large_image_is_decoded_once(tmp_path, model):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FORWARD_ATOL, attention_atol
+from conftest import FIXTURES, FORWARD_ATOL, attention_atol
 
 from qkweights.checkpoints.pytorch.store import TorchStore
 from qkweights.checkpoints.pytorch.unpickler import read_torch_checkpoint
@@ -34,12 +34,11 @@ from qkweights.specs.checkpoint import open_checkpoint
 from qkweights.specs.load import open_model
 from qkweights.specs.registry import builtin_spec_dir, load_specs
 from qkweights.specs.resolvers import relative_window
-from qkweights.vision.forward import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.vision.model import open_vision_model, vision_model
+from qkweights.vision.positions import relative_position_bias, relative_position_index, resize_bilinear
 from qkweights.weights.compute import compute_profile
 from qkweights.weights.qk import qk_svd
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
 PICKLES = FIXTURES / "pickles"
 # flavour -> (file, tensor-name prefix inside the 'model' state dict, prefix the spec must choose)
 FLAVOURS = {

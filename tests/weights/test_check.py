@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import edited_fixture, vit_qk_name
+from conftest import MODELS, edited_fixture, flip_value_head, vit_qk_name
 from safetensors.numpy import load_file
 
 import qkweights
@@ -23,8 +23,7 @@ from qkweights.errors import InputError
 from qkweights.weights.check import CheckReport, check_profile
 from qkweights.weights.load import load_profile
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
-VIT = FIXTURES / "vit"
+VIT = MODELS / "vit"
 K = 8  # head dim of the fixture (config: hidden 32, 4 heads)
 N_CHECKS = 1 + 2 * (1 + 4 * 4)  # architecture + per layer (layer cosine + 4 heads × 4 checks)
 
@@ -44,13 +43,6 @@ def dense_head(folder, l, h):
     u, s, vt = np.linalg.svd(wq.T @ wk)
     cos = np.einsum("dn,nd->n", u[:, :K], vt[:K])
     return s[:K], float((s[:K] * cos).sum() / s[:K].sum())
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("baseline")
-    qkweights.profile(str(VIT)).save(out)
-    return out / "profile.json"
 
 
 def model_id(folder):
@@ -170,7 +162,7 @@ def test_nonfinite_weights_fail(tmp_path, baseline, capsys):
 
 def test_architecture_mismatch_skips_numeric_checks(tmp_path, capsys):
     other = tmp_path / "h3"
-    qkweights.profile(str(FIXTURES / "vit-h3")).save(other)
+    qkweights.profile(str(MODELS / "vit-h3")).save(other)
     code, lines, _ = run(capsys, VIT, "--baseline", other, "--report", tmp_path / "r.json")
     assert code == 1
     # Shapes from the fixtures' config.json files: vit 32 wide with 4 heads, vit-h3 48 wide with 3 heads of 16.
@@ -262,7 +254,7 @@ def test_top_sigma_covers_the_first_n_modes(baseline):
 
 
 def test_summary_is_capped(baseline):
-    other = qkweights.profile(str(FIXTURES / "vit-cls"))  # a different random model of the same shape
+    other = qkweights.profile(str(MODELS / "vit-cls"))  # a different random model of the same shape
     report = check_profile(other, load_profile(baseline), tol_head=0, tol_sigma=0, tol_layer=0)
     n = len(report.failures)
     assert n == 2 + 8 * 2  # every layer cosine, and every head's cosine and σ differ at tolerance 0
@@ -444,13 +436,8 @@ def test_a_baseline_lacking_a_statistic_in_some_heads_gates_the_others(baseline)
         assert [(c.name, c.where) for c in report.failures] == [(name, "L1 H0")]
 
 
-def _flip_value_head(t, l=1, h=2):
-    """Negate head h's rows of layer l's value weight: its OV circuit flips sign, its query-key part is unchanged."""
-    t[f"encoder.layer.{l}.attention.attention.value.weight"][rows(l, h)] *= -1
-
-
 def test_cli_tol_ov_alone_gates_the_ov_circuit(tmp_path, baseline, capsys):
-    flipped = edited(tmp_path, "flipped", _flip_value_head)
+    flipped = edited(tmp_path, "flipped", flip_value_head)
     ov = load_profile(baseline).ov.weighted[1, 2]
     code, lines, err = run(capsys, flipped, "--baseline", baseline, "--tol-ov", 0.001, "--report", tmp_path / "r.json")
     doc = json.loads((tmp_path / "r.json").read_text())

@@ -11,13 +11,13 @@ import math
 
 import numpy as np
 import pytest
-from conftest import MODELS, VISION_FIXTURES, edited_fixture
+from conftest import MODELS, VISION_FIXTURES, edited_fixture, flip_value_head
 from safetensors.numpy import load_file
 
 import qkweights
 import qkweights.errors
 from qkweights.specs.load import open_model
-from qkweights.vision.forward import relative_position_bias
+from qkweights.vision.positions import relative_position_bias
 from qkweights.weights.compute import compute_profile
 from qkweights.weights.fold import fold_description, folded_modes, normalised_tokens
 from qkweights.weights.load import load_profile
@@ -455,12 +455,6 @@ def test_profile1_is_read_with_the_new_statistics_absent(tmp_path):
     np.testing.assert_array_equal(new.symmetric, prof.symmetric)
 
 
-def _flip_value_head(t, l=1, h=2, K=8):
-    """Negate head h's rows of layer l's value weight (vit fixture): its OV circuit flips sign, its query-key part is
-    unchanged."""
-    t[f"encoder.layer.{l}.attention.attention.value.weight"][h * K : (h + 1) * K] *= -1
-
-
 def test_check_new_tolerances(tmp_path):
     from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY
     from qkweights.workflow import check as check_model
@@ -470,7 +464,7 @@ def test_check_new_tolerances(tmp_path):
     same = check_model(str(MODELS / "vit"), base, tol_symmetry=1e-12, tol_ov=1e-12)
     assert same.passed and same.tolerances["symmetry"] == 1e-12
     assert sum(c.name == HEAD_SYMMETRY for c in same.checks) == 8 and sum(c.name == HEAD_OV for c in same.checks) == 8
-    flipped = edited_fixture(tmp_path, "flipped", _flip_value_head)
+    flipped = edited_fixture(tmp_path, "flipped", flip_value_head)
     report = check_model(str(flipped), base, tol_symmetry=1e-12, tol_ov=1e-12)
     assert [(c.name, c.layer, c.head) for c in report.failures] == [(HEAD_OV, 1, 2)]
     ov = qkweights.profile(str(MODELS / "vit")).ov.weighted[1, 2]
@@ -511,7 +505,7 @@ def test_diff_reports_the_new_statistics(tmp_path):
     from qkweights.weights.diff import diff_profiles
 
     a = qkweights.profile(str(MODELS / "vit"))
-    b = qkweights.profile(str(edited_fixture(tmp_path, "flipped", _flip_value_head)))
+    b = qkweights.profile(str(edited_fixture(tmp_path, "flipped", flip_value_head)))
     d = diff_profiles(a, b)
     rows = {(r["layer"], r["head"]): r for r in d.head_rows()}
     assert rows[1, 2]["delta_ov_weighted_cosine"] == pytest.approx(-2 * a.ov.weighted[1, 2], abs=1e-12)

@@ -8,14 +8,12 @@ whose principal angles with span E are all θ. Principal angles are also checked
 scipy.linalg.subspace_angles.
 """
 
-import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import edited_fixture, vit_qk_name
+from conftest import MODELS, edited_fixture, read_csv, vit_qk_name
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -24,7 +22,7 @@ from qkweights.cli import main
 from qkweights.figures.diff import heatmaps_figure
 from qkweights.weights.diff import diff_profiles, principal_angles
 
-VIT = Path(__file__).parents[1] / "fixtures" / "models" / "vit"
+VIT = MODELS / "vit"
 D, K = 32, 8
 
 
@@ -112,8 +110,7 @@ def test_known_rotations_and_spectrum(pair, tmp_path, capsys):
         "60.0",
         f"{score:.4f}",
     ]
-    with open(tmp_path / "diff_heads.csv", newline="") as f:
-        table = list(csv.DictReader(f))
+    table = read_csv(tmp_path / "diff_heads.csv")
     assert list(table[0])[:3] == ["rank", "layer", "head"] and (table[0]["layer"], table[0]["head"]) == ("1", "2")
     for png in ("diff_heatmaps.png", "diff_cosine.png"):
         with Image.open(tmp_path / png) as im:
@@ -185,8 +182,7 @@ def test_nonfinite_and_collapsed_heads_rank_first(tmp_path, capsys):
     assert texts.count("n/a") == 2 * 6 + 2
     # the score panel marks measured heads with their rank in the table: #3 … #7 (ranks 1, 2 are the undefined heads)
     assert [t for t in texts if t.startswith("#")] == ["#3", "#4", "#5", "#6", "#7"]
-    with open(tmp_path / "out" / "diff_heads.csv", newline="") as f:
-        first = next(iter(csv.DictReader(f)))
+    first = read_csv(tmp_path / "out" / "diff_heads.csv")[0]
     assert (first["rank"], first["layer"], first["head"], first["score"], first["max_angle_u_deg"]) == (
         "1",
         "0",
