@@ -193,7 +193,7 @@ def time_figures(model, root: Path) -> None:
         sweep(model, root, saved)
         result = TopImagesResult.load(saved)
         t0 = time.perf_counter()
-        draw_top_images(model.ref, result, root, saved)
+        draw_top_images(model, result, saved)
         seconds = time.perf_counter() - t0
     k = len(result.doc["heads"]) + 1
     print(
