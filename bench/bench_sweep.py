@@ -51,6 +51,9 @@ from bench_profile import make_vit  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 BATCH = 16
+# The children's environment, taken before anything runs: a Dask LocalCluster sets OMP_NUM_THREADS and
+# OPENBLAS_NUM_THREADS to 1 in this process's os.environ, which would make every later child single-threaded.
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def photos(n: int) -> Path:
@@ -97,7 +100,7 @@ def whole_command(model_dir: Path, root: Path, out: Path, *where: str) -> float:
     t0 = time.perf_counter()
     subprocess.run(
         [*cmd, *where, "--no-plots", "--quiet", "--out", str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=CHILD_ENV,
         check=True,
     )
     return time.perf_counter() - t0
@@ -122,7 +125,7 @@ def start_up(model_dir: Path) -> tuple[float, float, float]:
     """(imports, model load, SVD of every head) in seconds, in a fresh child process."""
     out = subprocess.run(
         [sys.executable, "-c", START_CHILD, str(model_dir)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=CHILD_ENV,
         capture_output=True,
         text=True,
         check=True,
@@ -159,7 +162,7 @@ def o3_peak_rss(model_dir: Path, data: Path, batch: int) -> tuple[float, float]:
                 "--out",
                 tmp,
             ],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=CHILD_ENV,
             capture_output=True,
             text=True,
         )
