@@ -418,7 +418,7 @@ def test_the_parent_watch_of_platforms_without_pdeathsig_ends_the_worker(tmp_pat
     assert _alive(child)
     proc.kill()
     proc.wait()
-    assert _gone_within([child], 3) == []  # PARENT_POLL_S is 1 s
+    assert _gone_within([child], 10) == []  # PARENT_POLL_S is 1 s; 10 s leaves room for a loaded machine
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
