@@ -181,3 +181,39 @@ def test_same_object_over_copies(vit, ade_copies, tmp_path):
     for entries in lists.values():
         assert [int(e["rank"]) for e in entries] == list(range(5))
         assert_ties_go_to_the_earlier_path(entries, paths, "image")
+
+
+def test_the_executors_give_the_same_documents_over_copies(vit, o3_copies, ade_copies, tmp_path):
+    """Issue 15's check: in process, on 2 local worker processes and on a loopback Dask cluster (each at another
+    batch size, so that copies land at other positions of other batches), the documents of top-images, o3 and
+    same-object over the folders of copies are identical, and every copy scores exactly alike."""
+    distributed = pytest.importorskip("distributed")
+    selection = ModeSelection(layers=[0, 1], heads=[0, 2], modes=range(3), top=5)
+
+    def sweeps(out: Path, settings: SweepSettings) -> dict:
+        run_top_images(vit, o3_copies, out / "top", selection=selection, settings=settings)
+        run_o3(vit, o3_copies, out / "o3", settings=settings)
+        run_same_object(vit, ade_copies, out / "same", selection=selection, settings=settings)
+        files = ("top/top_images.json", "o3/o3_summary.json", "same/same_object.json")
+        docs = {name: without_batch_size(json.loads((out / name).read_text())) for name in files}
+        docs |= {name: (out / name).read_bytes() for name in ("o3/o3.csv", "same/same_object.csv")}
+        with np.load(out / "top" / "top_images_maps.npz") as maps:
+            docs["maps"] = maps["maps"].tobytes()
+        return docs
+
+    here = sweeps(tmp_path / "here", SweepSettings(batch_size=8))
+    assert sweeps(tmp_path / "workers", SweepSettings(batch_size=3, workers=2)) == here
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        assert sweeps(tmp_path / "dask", SweepSettings(batch_size=5, client=client)) == here
+    for head in here["top/top_images.json"]["heads"]:
+        for mode in head["modes"]:
+            for entries in mode["signs"].values():
+                for sub in ("dist_images", "images", "targ_images"):
+                    inside = [e for e in entries if e["path"].startswith(sub)]
+                    paths = [f"{sub}/copy_{k:02d}.jpg" for k in range(len(SOURCES))]
+                    assert_ties_go_to_the_earlier_path(inside, paths, "path")

@@ -342,12 +342,26 @@ def _started(cmd, state, **popen):
     return proc
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie waiting for its reaper does not)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, start time at index 19), or None."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
-        return False
+        return None
+
+
+def _started_at(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot): with the PID, it names one process, even after the
+    PID is reused."""
+    fields = _stat(pid)
+    return None if fields is None else fields[19]
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its reaper does not; nor another process that was given
+    the PID after it, when ``started`` is its start time)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and started in (None, fields[19])
 
 
 def _children(pid: int) -> list[int]:
@@ -356,11 +370,13 @@ def _children(pid: int) -> list[int]:
 
 
 def _gone_within(pids, seconds):
-    """Those of ``pids`` still running after ``seconds`` (then killed, so that a failing test leaves none behind)."""
+    """Those of ``pids`` still running after ``seconds`` (then killed, so that a failing test leaves none behind).
+    A process is named by its PID and start time, so that a PID reused meanwhile is neither waited for nor killed."""
+    named = [(p, _started_at(p)) for p in pids]
     deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(_alive(p, t) for p, t in named) and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p, t in named if _alive(p, t)]
     for p in left:
         os.kill(p, signal.SIGKILL)
     return left
