@@ -22,7 +22,7 @@ module owns the loop they share:
 3. Partial results are merged as they complete. As the merge is associative and
    commutative (partials carry the list positions of their images), the completion
    order does not matter. The merged state and the items done are written atomically to
-   ``<out>/.<name>_state.npz`` after the first finished shard, then at most every
+   ``<out>/.<name>_state.npz`` (:mod:`qkweights.analyses.state`) after the first finished shard, then at most every
    :data:`SAVE_EVERY_S` seconds (a state is tens of MB for a ViT-B), and when the sweep
    ends, fails or is interrupted, with a fingerprint (model weights' sha256, the resolved
    spec's content, the configs, options, the images' names, sizes and modification
@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import hashlib
 import json
 import math
 import time
-import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,9 +60,9 @@ from typing import Any
 import numpy as np
 
 from qkweights.analyses.executors import cores, local_executor, stop_workers
+from qkweights.analyses.state import SweepState, fingerprint, load_state, save_state
 from qkweights.errors import InputError, QkError
-from qkweights.outputs import plural, write_npz
-from qkweights.version import __version__
+from qkweights.outputs import plural
 from qkweights.vision.model import ModelRef, remember
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
@@ -245,79 +243,6 @@ def _positioned(skipped: list[dict], task: Task, an: Analysis) -> list[dict]:
     return [{"position": int(where.get(s["path"], -1)), **s} for s in skipped]
 
 
-# ----------------------------------------------------------------------------- state
-
-
-def fingerprint(an: Analysis, source: dict, ck, items: Sequence, batch_size: int) -> str:
-    """sha256 of everything that decides a sweep's numbers: the tool version, the model's provenance (weights), the
-    content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name) and of
-    the configs read, the options and each item's files (name, size, mtime). Not the shard cut: the state records
-    which items are done, so a run resumes whatever shard size or executor the next one has."""
-    files = []
-    for it in items:
-        for f in an.item_files(it):
-            try:
-                st = f.stat()
-                files.append([str(f), st.st_size, st.st_mtime_ns])
-            except OSError:
-                files.append([str(f), None, None])
-    doc = {
-        "tool": __version__,
-        "analysis": an.name,
-        "key": an.key(),
-        "source": source,
-        "spec": dataclasses.asdict(ck.spec),
-        "configs": ck.configs,
-        "batch_size": batch_size,
-        "files": files,
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass
-class SweepState:
-    """The merged result of the finished shards."""
-
-    partial: Any
-    done: set[int] = field(default_factory=set)  # positions of the items consumed (scored or skipped)
-    skipped: list[dict] = field(default_factory=list)
-    blas: list[dict] = field(default_factory=list)  # the BLAS of each finished shard (:func:`blas_record`)
-
-
-def save_state(path: Path, an: Analysis, fp: str, st: SweepState) -> None:
-    arrays = {f"p_{k}": v for k, v in an.to_arrays(st.partial).items()}
-    write_npz(
-        path,
-        fingerprint=np.array(fp),
-        done=np.array(sorted(st.done), np.int64),
-        skipped=np.array(json.dumps(st.skipped)),
-        blas=np.array(json.dumps(st.blas)),
-        **arrays,
-    )
-
-
-def load_state(path: Path, an: Analysis, fp: str, n: int) -> tuple[SweepState | None, str | None]:
-    """(the saved state, None) if ``path`` holds one of this fingerprint (over ``n`` items); else (None, a note
-    saying why it was ignored, or None)."""
-    if not path.exists():
-        return None, None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fp:
-                return (
-                    None,
-                    f"{path} is from another run (options, model or images differ); ignoring it and starting over",
-                )
-            partial = an.from_arrays({k[2:]: z[k] for k in z.files if k.startswith("p_")})
-            done = [int(i) for i in z["done"]]
-            if any(not 0 <= i < n for i in done):
-                raise ValueError(f"done positions outside 0–{n - 1}")
-            st = SweepState(partial, set(done), json.loads(str(z["skipped"])), json.loads(str(z["blas"])))
-    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
-        return None, f"{path} is unreadable ({type(e).__name__}); ignoring it and starting over"
-    return st, None
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -407,76 +332,21 @@ def run_sweep(
     cluster without workers. The state file is kept; the caller removes it once its outputs
     are written.
     """
-    shard_size, batch_size = settings.shard_size, settings.batch_size
-    workers, client = settings.workers, settings.client
-    if (shard_size is not None and shard_size < 1) or batch_size < 1:
-        raise InputError(f"shard size {shard_size}, batch size {batch_size}: both must be at least 1")
-    if workers is not None and workers < 1:
-        raise InputError(f"workers={workers}: give 1 or more worker processes")
-    ref = model_ref(model, workers=workers, client=client)
-    if workers and client is None:  # before forking, so that local workers share it (a Dask client's: meanwhile)
-        context(an, ref, model)
+    _check_settings(settings)
+    ref = model_ref(model, workers=settings.workers, client=settings.client)
+    if settings.workers and settings.client is None:  # before forking, so that local workers share it
+        context(an, ref, model)  # (a Dask client's: meanwhile)
     state_path = Path(state_path)
     n = len(items)
-    fp = fingerprint(an, source, model.checkpoint, items, batch_size)
-    st, note = load_state(state_path, an, fp, n)
-    told = [note] if note else []
-    if st is None:
-        st = SweepState(an.empty())
-    elif st.done:
-        told.append(f"resuming from {state_path}: {len(st.done)} of {n} images already done")
-    left = [i for i in range(n) if i not in st.done]
-    # local workers beyond the cores would multiply the shards, and so the processes: size for the cores at most
-    width = _dask_threads(client) if client is not None else min(workers, cores()) if workers else 1
-    size = shard_size or shard_size_for(len(left), width)
-    shards = [
-        Task(an, ref, j, tuple(items[i] for i in pos), tuple(pos), batch_size)
-        for j, pos in enumerate(left[i : i + size] for i in range(0, len(left), size))
-    ]
-    if workers and client is None:
-        workers = min(workers, max(1, len(shards)))
-        if workers > cores():
-            told.append(
-                f"{workers} worker processes on {cores()} cores: more workers than cores slow the run down; "
-                f"give workers={cores()} or fewer"
-            )
+    fp = fingerprint(an, source, model.checkpoint, items, settings.batch_size)
+    st, told = _resume(state_path, an, fp, n)
+    shards, workers = _cut(an, ref, items, st, settings, told)
     for text in told if notes else ():
         notes(text)
     if progress:
         progress(len(st.done), n)
-
-    saved = [-math.inf, True]  # when the state was last written, and whether it holds every merged shard
-
-    def save() -> None:
-        save_state(state_path, an, fp, st)
-        saved[:] = [time.monotonic(), True]
-
-    def absorb(res: ShardResult) -> None:
-        task = shards[res.shard]
-        st.partial = an.merge(st.partial, res.partial)
-        st.skipped = sorted(st.skipped + _positioned(res.skipped, task, an), key=lambda s: s["position"])
-        st.done.update(task.positions)
-        st.blas.append(res.blas)
-        saved[1] = False
-        if time.monotonic() - saved[0] >= SAVE_EVERY_S:
-            save()
-        if progress:
-            progress(len(st.done), n)
-
-    try:
-        if client is not None:
-            with cf.ThreadPoolExecutor(1) as background:  # the client's own setup, for the caller, meanwhile
-                setup = background.submit(context, an, ref, model)
-                _run_on(client.get_executor(), None, shards, absorb, an, idle=_no_workers(client, notes))
-                setup.result()
-        elif workers:
-            _run_on(None, lambda: local_executor(workers), shards, absorb, an)
-        else:
-            for task in shards:
-                absorb(_guarded(task, an))
-    finally:  # finished, failed, interrupted or terminated: what was merged is kept
-        if not saved[1]:
-            save()
+    merge = _Merge(an, shards, st, state_path, fp, progress, n)
+    _run_shards(merge, model, ref, workers, settings.client, notes)
     skipped = [{k: v for k, v in s.items() if k != "position"} for s in st.skipped]
     blas = kernels(st.blas)
     if len(blas) > 1:
@@ -488,6 +358,101 @@ def run_sweep(
         if notes:
             notes(told[-1])
     return Sweep(st.partial, skipped, told, n, fp, ref, blas)
+
+
+def _check_settings(settings: SweepSettings) -> None:
+    shard_size, batch_size, workers = settings.shard_size, settings.batch_size, settings.workers
+    if (shard_size is not None and shard_size < 1) or batch_size < 1:
+        raise InputError(f"shard size {shard_size}, batch size {batch_size}: both must be at least 1")
+    if workers is not None and workers < 1:
+        raise InputError(f"workers={workers}: give 1 or more worker processes")
+
+
+def _resume(state_path: Path, an: Analysis, fp: str, n: int) -> tuple[SweepState, list[str]]:
+    """The state saved at ``state_path`` for this fingerprint, or an empty one; and the notes saying which."""
+    st, note = load_state(state_path, an, fp, n)
+    told = [note] if note else []
+    if st is None:
+        st = SweepState(an.empty())
+    elif st.done:
+        told.append(f"resuming from {state_path}: {len(st.done)} of {n} images already done")
+    return st, told
+
+
+def _cut(
+    an: Analysis, ref: ModelRef, items: Sequence, st: SweepState, settings: SweepSettings, told: list[str]
+) -> tuple[list[Task], int | None]:
+    """The items not done cut into shards, and the local workers to run them on (at most one per shard; more than
+    the cores is added to ``told``)."""
+    workers, client = settings.workers, settings.client
+    left = [i for i in range(len(items)) if i not in st.done]
+    # local workers beyond the cores would multiply the shards, and so the processes: size for the cores at most
+    width = _dask_threads(client) if client is not None else min(workers, cores()) if workers else 1
+    size = settings.shard_size or shard_size_for(len(left), width)
+    shards = [
+        Task(an, ref, j, tuple(items[i] for i in pos), tuple(pos), settings.batch_size)
+        for j, pos in enumerate(left[i : i + size] for i in range(0, len(left), size))
+    ]
+    if workers and client is None:
+        workers = min(workers, max(1, len(shards)))
+        if workers > cores():
+            told.append(
+                f"{workers} worker processes on {cores()} cores: more workers than cores slow the run down; "
+                f"give workers={cores()} or fewer"
+            )
+    return shards, workers
+
+
+@dataclass
+class _Merge:
+    """The merging side of a sweep: folds each finished shard into ``st``, reports progress and writes the state
+    after the first shard, then at most every :data:`SAVE_EVERY_S` seconds."""
+
+    an: Analysis
+    shards: list[Task]
+    st: SweepState
+    path: Path
+    fp: str
+    progress: Callable[[int, int], object] | None
+    n: int
+    saved_at: float = -math.inf  # when the state was last written
+    clean: bool = True  # whether the written state holds every merged shard
+
+    def save(self) -> None:
+        save_state(self.path, self.an, self.fp, self.st)
+        self.saved_at, self.clean = time.monotonic(), True
+
+    def absorb(self, res: ShardResult) -> None:
+        task, st = self.shards[res.shard], self.st
+        st.partial = self.an.merge(st.partial, res.partial)
+        st.skipped = sorted(st.skipped + _positioned(res.skipped, task, self.an), key=lambda s: s["position"])
+        st.done.update(task.positions)
+        st.blas.append(res.blas)
+        self.clean = False
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            self.save()
+        if self.progress:
+            self.progress(len(st.done), self.n)
+
+
+def _run_shards(merge: _Merge, model, ref: ModelRef, workers: int | None, client, notes) -> None:
+    """Run ``merge.shards`` on ``client``'s cluster, ``workers`` local processes or here, merging them as they
+    finish; whatever happens (finished, failed, interrupted, terminated), what was merged is saved."""
+    an, shards = merge.an, merge.shards
+    try:
+        if client is not None:
+            with cf.ThreadPoolExecutor(1) as background:  # the client's own setup, for the caller, meanwhile
+                setup = background.submit(context, an, ref, model)
+                _run_on(client.get_executor(), None, shards, merge.absorb, an, idle=_no_workers(client, notes))
+                setup.result()
+        elif workers:
+            _run_on(None, lambda: local_executor(workers), shards, merge.absorb, an)
+        else:
+            for task in shards:
+                merge.absorb(_guarded(task, an))
+    finally:
+        if not merge.clean:
+            merge.save()
 
 
 def _no_workers(client, notes) -> Callable[[], None]:

@@ -453,54 +453,79 @@ def _scan_pickle(data: bytes) -> None:
     unsafe_keys = 0
     for op, arg, _pos in pickletools.genops(data):
         name = op.name
-        fence = marks[-1] if marks else 0
-        if name in _PUT_OPS:
-            index = len(memo) if name == "MEMOIZE" else arg
-            if len(stack) <= fence or index > len(memo):
-                raise pickle.UnpicklingError(f"memo index {index} is out of sequence (memo holds {len(memo)})")
-            memo[index] = stack[-1]
-            continue
-        if name in _GET_OPS:
-            if arg not in memo:
-                raise pickle.UnpicklingError(f"memo index {arg} is read before it is written")
-            stack.append(memo[arg])
-            continue
-        if name == "MARK":
+        if name in _PUT_OPS or name in _GET_OPS:
+            _memo_op(name, arg, stack, marks, memo)
+        elif name == "MARK":
             marks.append(len(stack))
-            continue
-        to_mark, below, after = _SHAPES[name]
-        popped: list[tuple[int, bool]] = []
-        if to_mark:
-            if not marks:
-                raise pickle.UnpicklingError(f"{name} without a MARK")
-            fence = marks.pop()
-            popped = stack[fence:]
-            del stack[fence:]
-            fence = marks[-1] if marks else 0
-        if below:
-            if len(stack) - below < fence:
-                raise pickle.UnpicklingError(f"{name} on an empty stack")
-            popped = stack[-below:] + popped
-            del stack[-below:]
-        if name in _KEY_OPS:
-            first = _KEY_OPS[name]
-            keys = popped[first::2] if name in ("SETITEM", "SETITEMS", "DICT") else popped[first:]
-            unsafe_keys += sum(not safe for _, safe in keys)
+        else:
+            popped = _pop_operands(name, stack, marks)
+            unsafe_keys += _unsafe_keys(name, popped)
             if unsafe_keys > MAX_UNSAFE_KEYS:
                 raise pickle.UnpicklingError(
                     f"over {MAX_UNSAFE_KEYS} dictionary keys are not strings or small integers"
                 )
-        if name == "DUP":
-            stack.extend(popped * 2)
-        elif name in _TUPLE_OPS:
-            depth = 1 + max((d for d, _ in popped), default=0)
-            if depth > MAX_TUPLE_DEPTH:
-                raise pickle.UnpicklingError(f"tuples nest deeper than {MAX_TUPLE_DEPTH}")
-            stack.append((depth, False))
-        elif name in _CALL_OPS:
-            stack.append((max(d for d, _ in popped), False))
-        elif after:
-            stack.append((0, name in _SAFE_PUSH_OPS or (name in _INT_OPS and abs(arg) < 2**61)))
+            _push_result(name, arg, popped, stack)
+
+
+def _memo_op(name: str, arg, stack: list, marks: list[int], memo: dict) -> None:
+    """A memo write (PUT, BINPUT, LONG_BINPUT, MEMOIZE) of the top item, in sequence, or a read (GET...) of a
+    written index."""
+    if name in _PUT_OPS:
+        fence = marks[-1] if marks else 0
+        index = len(memo) if name == "MEMOIZE" else arg
+        if len(stack) <= fence or index > len(memo):
+            raise pickle.UnpicklingError(f"memo index {index} is out of sequence (memo holds {len(memo)})")
+        memo[index] = stack[-1]
+        return
+    if arg not in memo:
+        raise pickle.UnpicklingError(f"memo index {arg} is read before it is written")
+    stack.append(memo[arg])
+
+
+def _pop_operands(name: str, stack: list, marks: list[int]) -> list[tuple[int, bool]]:
+    """Pop what opcode ``name`` consumes (``_SHAPES``: the items above its MARK, then ``below`` items), never
+    through a MARK's fence."""
+    to_mark, below, _after = _SHAPES[name]
+    fence = marks[-1] if marks else 0
+    popped: list[tuple[int, bool]] = []
+    if to_mark:
+        if not marks:
+            raise pickle.UnpicklingError(f"{name} without a MARK")
+        fence = marks.pop()
+        popped = stack[fence:]
+        del stack[fence:]
+        fence = marks[-1] if marks else 0
+    if below:
+        if len(stack) - below < fence:
+            raise pickle.UnpicklingError(f"{name} on an empty stack")
+        popped = stack[-below:] + popped
+        del stack[-below:]
+    return popped
+
+
+def _unsafe_keys(name: str, popped: list[tuple[int, bool]]) -> int:
+    """How many of the dict/set keys opcode ``name`` inserts (from ``popped``) are collidable."""
+    if name not in _KEY_OPS:
+        return 0
+    first = _KEY_OPS[name]
+    keys = popped[first::2] if name in ("SETITEM", "SETITEMS", "DICT") else popped[first:]
+    return sum(not safe for _, safe in keys)
+
+
+def _push_result(name: str, arg, popped: list[tuple[int, bool]], stack: list) -> None:
+    """Push what opcode ``name`` leaves on the stack: its tuple depth (at most MAX_TUPLE_DEPTH) and key safety."""
+    after = _SHAPES[name][2]
+    if name == "DUP":
+        stack.extend(popped * 2)
+    elif name in _TUPLE_OPS:
+        depth = 1 + max((d for d, _ in popped), default=0)
+        if depth > MAX_TUPLE_DEPTH:
+            raise pickle.UnpicklingError(f"tuples nest deeper than {MAX_TUPLE_DEPTH}")
+        stack.append((depth, False))
+    elif name in _CALL_OPS:
+        stack.append((max(d for d, _ in popped), False))
+    elif after:
+        stack.append((0, name in _SAFE_PUSH_OPS or (name in _INT_OPS and abs(arg) < 2**61)))
 
 
 def load_archive(path: Path, records: frozenset[str]) -> tuple[object, Archive]:

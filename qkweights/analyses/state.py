@@ -1,0 +1,92 @@
+"""A sweep's resume state: what the finished shards merged, saved atomically under a fingerprint.
+
+The runner (:mod:`qkweights.analyses.runner`) writes it to ``<out>/.<name>_state.npz``; the same command run again
+resumes from it. ``an`` is the sweep's :class:`~qkweights.analyses.runner.Analysis` (its ``name``, ``key``,
+``item_files`` and ``to_arrays``/``from_arrays``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qkweights.outputs import write_npz
+from qkweights.version import __version__
+
+
+def fingerprint(an, source: dict, ck, items: Sequence, batch_size: int) -> str:
+    """sha256 of everything that decides a sweep's numbers: the tool version, the model's provenance (weights), the
+    content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name) and of
+    the configs read, the options and each item's files (name, size, mtime). Not the shard cut: the state records
+    which items are done, so a run resumes whatever shard size or executor the next one has."""
+    files = []
+    for it in items:
+        for f in an.item_files(it):
+            try:
+                st = f.stat()
+                files.append([str(f), st.st_size, st.st_mtime_ns])
+            except OSError:
+                files.append([str(f), None, None])
+    doc = {
+        "tool": __version__,
+        "analysis": an.name,
+        "key": an.key(),
+        "source": source,
+        "spec": dataclasses.asdict(ck.spec),
+        "configs": ck.configs,
+        "batch_size": batch_size,
+        "files": files,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class SweepState:
+    """The merged result of the finished shards."""
+
+    partial: Any
+    done: set[int] = field(default_factory=set)  # positions of the items consumed (scored or skipped)
+    skipped: list[dict] = field(default_factory=list)
+    blas: list[dict] = field(default_factory=list)  # each finished shard's BLAS (runner.blas_record)
+
+
+def save_state(path: Path, an, fp: str, st: SweepState) -> None:
+    arrays = {f"p_{k}": v for k, v in an.to_arrays(st.partial).items()}
+    write_npz(
+        path,
+        fingerprint=np.array(fp),
+        done=np.array(sorted(st.done), np.int64),
+        skipped=np.array(json.dumps(st.skipped)),
+        blas=np.array(json.dumps(st.blas)),
+        **arrays,
+    )
+
+
+def load_state(path: Path, an, fp: str, n: int) -> tuple[SweepState | None, str | None]:
+    """(the saved state, None) if ``path`` holds one of this fingerprint (over ``n`` items); else (None, a note
+    saying why it was ignored, or None)."""
+    if not path.exists():
+        return None, None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fp:
+                return (
+                    None,
+                    f"{path} is from another run (options, model or images differ); ignoring it and starting over",
+                )
+            partial = an.from_arrays({k[2:]: z[k] for k in z.files if k.startswith("p_")})
+            done = [int(i) for i in z["done"]]
+            if any(not 0 <= i < n for i in done):
+                raise ValueError(f"done positions outside 0–{n - 1}")
+            st = SweepState(partial, set(done), json.loads(str(z["skipped"])), json.loads(str(z["blas"])))
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
+        return None, f"{path} is unreadable ({type(e).__name__}); ignoring it and starting over"
+    return st, None
