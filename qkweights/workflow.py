@@ -45,6 +45,7 @@ from qkweights.weights.profile import Profile
 if TYPE_CHECKING:
     from qkweights.analyses.runner import SweepSettings
     from qkweights.analyses.sweep import ModeSelection
+    from qkweights.weights.check import Tolerances
 
 PROFILE_FILE = "profile.json"
 
@@ -187,16 +188,16 @@ def check(
     *,
     reporter: Reporter | None = None,
     model_options: dict | None = None,
-    **tolerances,
+    tolerances: Tolerances | None = None,
 ):
     """Profile ``model`` and check it against the saved ``baseline`` (:func:`qkweights.weights.check.check_profile`).
 
     ``baseline``: a profile.json or the folder holding it, read first so a bad path, or a
     baseline with non-finite or collapsed heads, fails before the weights are read; the current
     profile is LayerNorm-folded when the baseline is. ``model_options``: as :func:`open_checkpoint`;
-    ``tolerances``: the keyword options of :func:`~qkweights.weights.check.check_profile`.
+    ``tolerances``: a :class:`~qkweights.weights.check.Tolerances` (None: its defaults).
     """
-    from qkweights.weights.check import check_baseline, check_profile, collapse_causes
+    from qkweights.weights.check import Tolerances, check_baseline, check_profile, collapse_causes
 
     base = load_profile(baseline, vectors=False)
     check_baseline(base)
@@ -206,7 +207,7 @@ def check(
     collapsed = [
         (int(l), int(h)) for l, h in zip(*np.nonzero(current.singular_values[..., 0] <= 0)) if (l, h) not in bad
     ]
-    return check_profile(current, base, causes=collapse_causes(ck, collapsed), **tolerances)
+    return check_profile(current, base, tolerances or Tolerances(), causes=collapse_causes(ck, collapsed))
 
 
 def diff_input(

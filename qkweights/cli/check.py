@@ -7,7 +7,7 @@ from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.cli.words import flag_words
 from qkweights.outputs import check_file_target, write_json, write_text
-from qkweights.weights.check import SUMMARY_LINES
+from qkweights.weights.check import SUMMARY_LINES, Tolerances
 from qkweights.workflow import check
 
 
@@ -76,12 +76,14 @@ def run(args) -> int:
             args.baseline,
             reporter=reporter,
             model_options=model_options(args),
-            tol_layer=args.tol_layer,
-            tol_head=args.tol_head,
-            tol_sigma=args.tol_sigma,
-            top_sigma=args.top_sigma,
-            tol_symmetry=args.tol_symmetry,
-            tol_ov=args.tol_ov,
+            tolerances=Tolerances(
+                layer=args.tol_layer,
+                head=args.tol_head,
+                sigma=args.tol_sigma,
+                top_sigma=args.top_sigma,
+                symmetry=args.tol_symmetry,
+                ov=args.tol_ov,
+            ),
         )
     print_notes(why for _, why in report.skipped)  # gates asked for that could not run, even with --quiet
     if args.report:

@@ -7,6 +7,7 @@ and drawn as hatched cells in the spectrum grid; they never raise.
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,17 +70,21 @@ def cosine_by_layer_figure(profile: Profile) -> Figure:
     st = profile.layer_stats()
     return _by_layer_figure(
         profile,
-        st["weighted_cosine"],
-        st["min"],
-        st["max"],
-        color="C0",
-        label=r"weighted cosine $\Sigma_n \sigma_n \cos_n / \Sigma_n \sigma_n$ (mean over heads)",
-        band_label="head range (min–max of the weighted cosine)",
-        null_band=profile.null_band_95,
-        extra=[(st["mean_cosine"], "C1", r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)")],
-        note=f"{len(profile.nonfinite)} head(s) with non-finite weights left out" if profile.nonfinite else None,
-        ylabel="cosine u·v",
-        title=_model_title(profile),
+        LayerCurve(
+            st["weighted_cosine"],
+            st["min"],
+            st["max"],
+            color="C0",
+            label=r"weighted cosine $\Sigma_n \sigma_n \cos_n / \Sigma_n \sigma_n$ (mean over heads)",
+            band_label="head range (min–max of the weighted cosine)",
+        ),
+        LayerPanel(
+            ylabel="cosine u·v",
+            title=_model_title(profile),
+            null_band=profile.null_band_95,
+            extra=((st["mean_cosine"], "C1", r"unweighted cosine $\mathrm{mean}_n \cos_n$ (mean over heads)"),),
+            note=f"{len(profile.nonfinite)} head(s) with non-finite weights left out" if profile.nonfinite else None,
+        ),
     )
 
 
@@ -106,15 +111,19 @@ def symmetry_by_layer_figure(profile: Profile) -> Figure:
     null = symmetric_null(profile.model.hidden, profile.model.head_dim)
     return _by_layer_figure(
         profile,
-        st["symmetric_fraction"],
-        st["symmetric_min"],
-        st["symmetric_max"],
-        color="C2",
-        label=r"symmetric fraction $\|(M+M^\top)/2\|_F^2 / \|M\|_F^2$ (mean over heads)",
-        null_line=(null, f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)"),
-        ylabel="symmetric fraction (1 symmetric, 0.5 none, 0 antisymmetric)",
-        title=_model_title(profile),
-        ylim=(-0.02, 1.02),
+        LayerCurve(
+            st["symmetric_fraction"],
+            st["symmetric_min"],
+            st["symmetric_max"],
+            color="C2",
+            label=r"symmetric fraction $\|(M+M^\top)/2\|_F^2 / \|M\|_F^2$ (mean over heads)",
+        ),
+        LayerPanel(
+            ylabel="symmetric fraction (1 symmetric, 0.5 none, 0 antisymmetric)",
+            title=_model_title(profile),
+            null_line=(null, f"null: independent random W_q, W_k, ½ + 1/(2D) = {null:.4f} (derived)"),
+            ylim=(-0.02, 1.02),
+        ),
     )
 
 
@@ -129,69 +138,83 @@ def ov_cosine_by_layer_figure(profile: Profile) -> Figure:
     missing = int(np.isnan(profile.ov.weighted).sum())
     return _by_layer_figure(
         profile,
-        st["ov_weighted_cosine"],
-        st["ov_min"],
-        st["ov_max"],
-        color="C4",
-        label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)",
-        null_band=profile.null_band_95,
-        note=f"{missing} head(s) without a value-output circuit left out" if missing else None,
-        ylabel="value-output cosine p·r (1 copies, < 0 suppresses)",
-        title=_model_title(profile, fold=False)
-        + (
-            "\nvalue-output circuit W_o,h W_v,h Γ (LayerNorm gain folded on its input side)"
-            if profile.model.ov_folded
-            else "\nvalue-output circuit W_o,h W_v,h (not LayerNorm-folded)"
+        LayerCurve(
+            st["ov_weighted_cosine"],
+            st["ov_min"],
+            st["ov_max"],
+            color="C4",
+            label=r"OV weighted cosine $\Sigma_n \lambda_n\, p_n \cdot r_n / \Sigma_n \lambda_n$ (mean over heads)",
+        ),
+        LayerPanel(
+            ylabel="value-output cosine p·r (1 copies, < 0 suppresses)",
+            title=_model_title(profile, fold=False)
+            + (
+                "\nvalue-output circuit W_o,h W_v,h Γ (LayerNorm gain folded on its input side)"
+                if profile.model.ov_folded
+                else "\nvalue-output circuit W_o,h W_v,h (not LayerNorm-folded)"
+            ),
+            null_band=profile.null_band_95,
+            note=f"{missing} head(s) without a value-output circuit left out" if missing else None,
         ),
     )
 
 
-def _by_layer_figure(
-    profile: Profile,
-    values: np.ndarray,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    *,
-    color: str,
-    label: str,
-    ylabel: str,
-    title: str,
-    band_label: str = "head range (min–max)",
-    null_band: float | None = None,
-    null_line: tuple[float, str] | None = None,
-    extra: list[tuple[np.ndarray, str, str]] = (),
-    note: str | None = None,
-    ylim: tuple[float, float] | None = None,
-) -> Figure:
-    """One per-layer statistic (mean over heads, (L,)) against l/(L−1) with its head range ``lo``–``hi`` as a band.
+@dataclass(frozen=True)
+class LayerCurve:
+    """A per-layer statistic: its mean over heads ``values`` (L,) as a line of ``color`` with ``label``, and its head
+    range ``lo``–``hi`` (L,) as a band with ``band_label``."""
+
+    values: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    color: str
+    label: str
+    band_label: str = "head range (min–max)"
+
+
+@dataclass(frozen=True)
+class LayerPanel:
+    """The axes around a :class:`LayerCurve`.
 
     null_band: the half width of the 95% null band (grey, with a zero line); null_line: (value, label) of a
     dashed reference; extra: (values, colour, label) of further dashed curves; note: a line of text in the
     corner; ylim: bounds the padded y range may not pass.
     """
+
+    ylabel: str
+    title: str
+    null_band: float | None = None
+    null_line: tuple[float, str] | None = None
+    extra: tuple[tuple[np.ndarray, str, str], ...] = ()
+    note: str | None = None
+    ylim: tuple[float, float] | None = None
+
+
+def _by_layer_figure(profile: Profile, curve: LayerCurve, panel: LayerPanel) -> Figure:
+    """One per-layer statistic ``curve`` against l/(L−1) with its head range as a band, on the axes of ``panel``."""
     x, D = profile.depth, profile.model.hidden  # (L,)
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     reference = []
-    if null_band is not None:
-        draw_null_band(ax, null_band, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{null_band:.3f} (D = {D})")
-        reference = [-null_band, null_band]
-    if null_line is not None:
-        ax.axhline(null_line[0], color="0.45", lw=1.0, ls="--", zorder=1, label=null_line[1])
-        reference = [null_line[0]]
-    draw_band(ax, x, lo, hi, color=color, alpha=0.2, label=band_label)
-    ax.plot(x, values, "o-", color=color, ms=4, label=label)
-    for curve, c, text in extra:
-        ax.plot(x, curve, "s--", color=c, ms=3, label=text)
-    if note:
-        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8, color="0.3", va="bottom")
+    if panel.null_band is not None:
+        draw_null_band(ax, panel.null_band, rf"95% null band $\pm 1.96/\sqrt{{D}}$ = ±{panel.null_band:.3f} (D = {D})")
+        reference = [-panel.null_band, panel.null_band]
+    if panel.null_line is not None:
+        ax.axhline(panel.null_line[0], color="0.45", lw=1.0, ls="--", zorder=1, label=panel.null_line[1])
+        reference = [panel.null_line[0]]
+    draw_band(ax, x, curve.lo, curve.hi, color=curve.color, alpha=0.2, label=curve.band_label)
+    ax.plot(x, curve.values, "o-", color=curve.color, ms=4, label=curve.label)
+    for values, c, text in panel.extra:
+        ax.plot(x, values, "s--", color=c, ms=3, label=text)
+    if panel.note:
+        ax.text(0.01, 0.01, panel.note, transform=ax.transAxes, fontsize=8, color="0.3", va="bottom")
     depth_axes(ax, profile.model.layers)
-    _pad_ylim(ax, [lo, hi, *(c for c, _, _ in extra), reference])
-    if ylim is not None:
+    _pad_ylim(ax, [curve.lo, curve.hi, *(c for c, _, _ in panel.extra), reference])
+    if panel.ylim is not None:
         bottom, top = ax.get_ylim()
-        ax.set_ylim(max(bottom, ylim[0]), min(top, ylim[1]))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+        ax.set_ylim(max(bottom, panel.ylim[0]), min(top, panel.ylim[1]))
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return fig
 

@@ -76,36 +76,61 @@ def _check_resolver(r, where: str) -> None:
         return
     if not isinstance(r, dict):
         raise SpecError(f"{where}: {_show(r)} is not a resolver ({SEE})")
+    _check_resolver_table(r, where)
+
+
+def _check_resolver_table(r: dict, where: str) -> None:
+    """Refuse a resolver table ``{head = argument, option = …}`` that breaks its :class:`ResolverKind` (SpecError)."""
     heads = [k for k in r if k in RESOLVERS]
     if len(heads) != 1:
         found = ", ".join(r) or "nothing"
         raise SpecError(f"{where}: a resolver table needs exactly one of {', '.join(RESOLVERS)} (found {found}); {SEE}")
-    kind = RESOLVERS[heads[0]]
+    head = heads[0]
+    kind = RESOLVERS[head]
     allowed = dict(kind.options)
     for key in r:
-        if key != heads[0] and key not in allowed:
+        if key != head and key not in allowed:
             raise SpecError(
-                f"{where}: unknown key {key!r} in {{{heads[0]} = …}}{_did_you_mean(key, [heads[0], *allowed])}; {SEE}"
+                f"{where}: unknown key {key!r} in {{{head} = …}}{_did_you_mean(key, [head, *allowed])}; {SEE}"
             )
     for key in kind.required:
         if key not in r:
-            raise SpecError(f"{where}: {{{heads[0]} = …}} needs {key!r}; {SEE}")
+            raise SpecError(f"{where}: {{{head} = …}} needs {key!r}; {SEE}")
     for key, option in allowed.items():
         check, wanted = _OPTION_KINDS[option]
         if key in r and not check(r[key]):
             raise SpecError(f"{where}: {key} is {_show(r[key])}; it must be {wanted}")
-    arg = r[heads[0]]
-    if kind.argument == "text" and not isinstance(arg, str):
-        raise SpecError(f"{where}: {heads[0]} is {_show(arg)}; it must be a text")
-    if kind.argument == "literal" and not isinstance(arg, (str, int, float, bool)):
+    _ARGUMENT_CHECKS[kind.argument](head, r[head], where)
+
+
+def _argument_text(head: str, arg, where: str) -> None:
+    if not isinstance(arg, str):
+        raise SpecError(f"{where}: {head} is {_show(arg)}; it must be a text")
+
+
+def _argument_literal(head: str, arg, where: str) -> None:
+    if not isinstance(arg, (str, int, float, bool)):
         raise SpecError(f"{where}: value is {_show(arg)}; it must be a text, number or boolean")
-    if kind.argument == "pair":
-        if not (isinstance(arg, list) and len(arg) == 2):
-            raise SpecError(f"{where}: {heads[0]} is {_show(arg)}; it must be a list of two resolvers")
-        for x in arg:
-            _check_resolver(x, where)
-    if kind.argument == "resolver":
-        _check_resolver(arg, where)
+
+
+def _argument_pair(head: str, arg, where: str) -> None:
+    if not (isinstance(arg, list) and len(arg) == 2):
+        raise SpecError(f"{where}: {head} is {_show(arg)}; it must be a list of two resolvers")
+    for x in arg:
+        _check_resolver(x, where)
+
+
+def _argument_resolver(head: str, arg, where: str) -> None:
+    _check_resolver(arg, where)
+
+
+# ResolverKind.argument → the check of the head's value (head, value, where)
+_ARGUMENT_CHECKS = {
+    "text": _argument_text,
+    "literal": _argument_literal,
+    "pair": _argument_pair,
+    "resolver": _argument_resolver,
+}
 
 
 # ----------------------------------------------------------------------------- the schema
@@ -362,40 +387,73 @@ def _module(v, where: str) -> ModuleRef:
 
 def _parse_value(kind: str, v, where: str, meta) -> Any:
     """The value of a field of ``kind`` from TOML ``v``, or a SpecError naming ``where``."""
-    if kind == "text":
-        if not isinstance(v, str):
-            raise SpecError(f"{where} is {_show(v)}; it must be a text")
-        return v
-    if kind in ("texts", "tensors"):
-        return _texts(v, where)
-    if kind == "tensor":
-        if not isinstance(v, str):
-            raise SpecError(f"{where} is {_show(v)}; it must be a tensor name (a text; {{i}} = the block)")
-        return v
-    if kind == "module":
-        return _module(v, where)
-    if kind == "resolver":
-        _check_resolver(v, where)
-        return v
-    if kind == "bool":
-        if not isinstance(v, bool):
-            raise SpecError(f"{where} is {_show(v)}; it must be true or false")
-        return v
-    if kind == "tokens":
-        tokens = _texts(v, where)
-        unknown = [t for t in tokens if t not in TOKEN_KINDS]
-        if unknown:
-            raise SpecError(f"{where}: unknown token kind {unknown[0]!r}; use {', '.join(TOKEN_KINDS)}")
-        return tokens
-    if kind == "choice":
-        if v not in meta["choices"]:
-            raise SpecError(f"{where} is {_show(v)}; it must be one of {', '.join(meta['choices'])}")
-        return v
-    if kind == "no_embed_class":
-        if not (isinstance(v, bool) or v == "rows"):
-            raise SpecError(f'{where} is {_show(v)}; it must be true, false or "rows"')
-        return v
-    raise AssertionError(kind)  # pragma: no cover - a field without a known kind
+    return _PARSERS[kind](v, where, meta)
+
+
+def _parse_text(v, where: str, meta) -> str:
+    if not isinstance(v, str):
+        raise SpecError(f"{where} is {_show(v)}; it must be a text")
+    return v
+
+
+def _parse_texts(v, where: str, meta) -> tuple[str, ...]:
+    return _texts(v, where)
+
+
+def _parse_tensor(v, where: str, meta) -> str:
+    if not isinstance(v, str):
+        raise SpecError(f"{where} is {_show(v)}; it must be a tensor name (a text; {{i}} = the block)")
+    return v
+
+
+def _parse_module(v, where: str, meta) -> ModuleRef:
+    return _module(v, where)
+
+
+def _parse_resolver(v, where: str, meta) -> Any:
+    _check_resolver(v, where)
+    return v
+
+
+def _parse_bool(v, where: str, meta) -> bool:
+    if not isinstance(v, bool):
+        raise SpecError(f"{where} is {_show(v)}; it must be true or false")
+    return v
+
+
+def _parse_tokens(v, where: str, meta) -> tuple[str, ...]:
+    tokens = _texts(v, where)
+    unknown = [t for t in tokens if t not in TOKEN_KINDS]
+    if unknown:
+        raise SpecError(f"{where}: unknown token kind {unknown[0]!r}; use {', '.join(TOKEN_KINDS)}")
+    return tokens
+
+
+def _parse_choice(v, where: str, meta) -> Any:
+    if v not in meta["choices"]:
+        raise SpecError(f"{where} is {_show(v)}; it must be one of {', '.join(meta['choices'])}")
+    return v
+
+
+def _parse_no_embed_class(v, where: str, meta) -> bool | str:
+    if not (isinstance(v, bool) or v == "rows"):
+        raise SpecError(f'{where} is {_show(v)}; it must be true, false or "rows"')
+    return v
+
+
+# a field's metadata["kind"] → its parser (TOML value, where, the field's metadata)
+_PARSERS = {
+    "text": _parse_text,
+    "texts": _parse_texts,
+    "tensors": _parse_texts,
+    "tensor": _parse_tensor,
+    "module": _parse_module,
+    "resolver": _parse_resolver,
+    "bool": _parse_bool,
+    "tokens": _parse_tokens,
+    "choice": _parse_choice,
+    "no_embed_class": _parse_no_embed_class,
+}
 
 
 def _parse_fields(cls, data: dict, file: str, section: str | None) -> dict:

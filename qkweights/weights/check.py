@@ -263,35 +263,49 @@ class CheckReport:
         return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
 
 
+@dataclass(frozen=True)
+class Tolerances:
+    """The allowances of :func:`check_profile` (the ``tol_…`` of the module docstring).
+
+    Absolute for the cosines (which lie in [−1, 1]) and relative for σ; ``top_sigma``: how many of
+    a head's largest singular values ``sigma`` covers; ``symmetry``, ``ov``: None leaves that gate out.
+    """
+
+    layer: float = 0.02
+    head: float = 0.05
+    sigma: float = 0.01
+    top_sigma: int = 5
+    symmetry: float | None = None
+    ov: float | None = None
+
+    def validate(self) -> None:
+        """Raise InputError naming the first tolerance below 0 (or NaN), or a ``top_sigma`` below 1."""
+        for name in ("layer", "head", "sigma", "symmetry", "ov"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise InputError(f"tol_{name}={value}: a tolerance must be a number ≥ 0")
+        if self.top_sigma < 1:
+            raise InputError(f"top_sigma={self.top_sigma}: compare at least the top 1 singular value")
+
+    def record(self) -> dict:
+        """The report's ``tolerances``: {"layer", "head", "sigma", "top_sigma"}, and "symmetry", "ov" when given."""
+        given = {k: v for k, v in (("symmetry", self.symmetry), ("ov", self.ov)) if v is not None}
+        return {"layer": self.layer, "head": self.head, "sigma": self.sigma, "top_sigma": self.top_sigma, **given}
+
+
 def check_profile(
     current: Profile,
     baseline: Profile,
+    tolerances: Tolerances = Tolerances(),
     *,
-    tol_layer: float = 0.02,
-    tol_head: float = 0.05,
-    tol_sigma: float = 0.01,
-    top_sigma: int = 5,
     causes: Mapping[tuple[int, int], str] | None = None,
-    tol_symmetry: float | None = None,
-    tol_ov: float | None = None,
 ) -> CheckReport:
-    """Compare ``current`` with ``baseline`` (see the module docstring for each check).
+    """Compare ``current`` with ``baseline`` within ``tolerances`` (see the module docstring for each check).
 
-    Tolerances are absolute for the cosines (which lie in [−1, 1]) and relative
-    for σ. ``causes``: optional text per collapsed (layer, head), from
-    :func:`collapse_causes`, added to that check's detail.
+    ``causes``: optional text per collapsed (layer, head), from :func:`collapse_causes`, added
+    to that check's detail.
     """
-    for name, value in (
-        ("tol_layer", tol_layer),
-        ("tol_head", tol_head),
-        ("tol_sigma", tol_sigma),
-        ("tol_symmetry", tol_symmetry),
-        ("tol_ov", tol_ov),
-    ):
-        if value is not None and not value >= 0:
-            raise InputError(f"{name}={value}: a tolerance must be a number ≥ 0")
-    if top_sigma < 1:
-        raise InputError(f"top_sigma={top_sigma}: compare at least the top 1 singular value")
+    tolerances.validate()
     check_baseline(baseline)
     causes = causes or {}
     m, mb = current.model, baseline.model
@@ -312,11 +326,11 @@ def check_profile(
         )
         notes.append("folding differs from the baseline: numeric comparisons skipped")
         same = False
-    circuit, skipped = _circuit_plan(current, baseline, tol_symmetry, tol_ov) if same else ({}, [])
+    circuit, skipped = _circuit_plan(current, baseline, tolerances.symmetry, tolerances.ov) if same else ({}, [])
     notes += [why for _, why in skipped]
     nonfinite = set(current.nonfinite)
     S, Sb = current.singular_values, baseline.singular_values  # (L, H, K)
-    N = min(top_sigma, m.head_dim)
+    N = min(tolerances.top_sigma, m.head_dim)
     for l in range(m.layers):
         head_checks, usable = [], []
         for h in range(m.heads):
@@ -334,9 +348,9 @@ def check_profile(
             if same:
                 usable.append(h)
                 head_checks.append(
-                    _cosine_check(HEAD_COSINE, l, h, current.weighted[l, h], baseline.weighted[l, h], tol_head)
+                    _cosine_check(HEAD_COSINE, l, h, current.weighted[l, h], baseline.weighted[l, h], tolerances.head)
                 )
-                head_checks.append(_sigma_check(l, h, S[l, h, :N], Sb[l, h, :N], tol_sigma))
+                head_checks.append(_sigma_check(l, h, S[l, h, :N], Sb[l, h, :N], tolerances.sigma))
                 for name, (now, base, tol) in circuit.items():
                     if np.isfinite(base[l, h]):
                         head_checks.append(_cosine_check(name, l, h, now[l, h], base[l, h], tol))
@@ -350,7 +364,7 @@ def check_profile(
                         None,
                         current.weighted[l, both].mean(),
                         baseline.weighted[l, both].mean(),
-                        tol_layer,
+                        tolerances.layer,
                     )
                 )
                 if len(both) < m.heads:
@@ -358,9 +372,9 @@ def check_profile(
             else:
                 notes.append(f"L{l}: no head to compare; layer weighted cosine skipped")
         checks += head_checks
-    tolerances = {"layer": tol_layer, "head": tol_head, "sigma": tol_sigma, "top_sigma": top_sigma}
-    tolerances.update({k: v for k, v in (("symmetry", tol_symmetry), ("ov", tol_ov)) if v is not None})
-    return CheckReport(tuple(checks), tolerances, current.side(), baseline.side(), tuple(notes), skipped=tuple(skipped))
+    return CheckReport(
+        tuple(checks), tolerances.record(), current.side(), baseline.side(), tuple(notes), skipped=tuple(skipped)
+    )
 
 
 def check_baseline(baseline: Profile) -> None:

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 import qkweights
 from qkweights.cli import main
 from qkweights.errors import InputError
-from qkweights.weights.check import CheckReport, check_profile
+from qkweights.weights.check import CheckReport, Tolerances, check_profile
 from qkweights.weights.load import load_profile
 
 VIT = MODELS / "vit"
@@ -236,7 +236,7 @@ def test_report_json_round_trip(tmp_path, baseline, capsys):
     model = edited(tmp_path, "negated", negate)
     run(capsys, model, "--baseline", baseline, "--report", tmp_path / "r.json", "--tol-sigma", 0.02, "--top-sigma", 3)
     doc = json.loads((tmp_path / "r.json").read_text())
-    direct = check_profile(qkweights.profile(str(model)), load_profile(baseline), tol_sigma=0.02, top_sigma=3)
+    direct = check_profile(qkweights.profile(str(model)), load_profile(baseline), Tolerances(sigma=0.02, top_sigma=3))
     assert CheckReport.from_json(doc) == direct
     assert doc["tolerances"] == {"layer": 0.02, "head": 0.05, "sigma": 0.02, "top_sigma": 3}
     assert {"name", "where", "measured", "allowed", "passed"} <= set(doc["checks"][0])
@@ -247,15 +247,15 @@ def test_top_sigma_covers_the_first_n_modes(baseline):
     S = base.singular_values.copy()
     S[0, 2, 5] *= 1.2  # mode 5 (the 6th largest) of L0 H2 grows by 20%
     cur = dataclasses.replace(base, singular_values=S)
-    assert check_profile(cur, base, top_sigma=5).passed
-    report = check_profile(cur, base, top_sigma=6)
+    assert check_profile(cur, base, Tolerances(top_sigma=5)).passed
+    report = check_profile(cur, base, Tolerances(top_sigma=6))
     [fail] = report.failures
     assert (fail.where, fail.measured) == ("L0 H2", pytest.approx(0.2, abs=1e-12))
 
 
 def test_summary_is_capped(baseline):
     other = qkweights.profile(str(MODELS / "vit-cls"))  # a different random model of the same shape
-    report = check_profile(other, load_profile(baseline), tol_head=0, tol_sigma=0, tol_layer=0)
+    report = check_profile(other, load_profile(baseline), Tolerances(head=0, sigma=0, layer=0))
     n = len(report.failures)
     assert n == 2 + 8 * 2  # every layer cosine, and every head's cosine and σ differ at tolerance 0
     lines = report.summary(limit=5).splitlines()
@@ -308,7 +308,7 @@ def _with(prof, weighted=None, sigma=None):
 
 def test_profile_against_itself_passes_at_zero_tolerances(baseline):
     base = load_profile(baseline)
-    report = check_profile(base, base, tol_layer=0, tol_head=0, tol_sigma=0, top_sigma=K)
+    report = check_profile(base, base, Tolerances(layer=0, head=0, sigma=0, top_sigma=K))
     assert report.passed and len(report.checks) == N_CHECKS
     assert {c.measured for c in report.checks if not isinstance(c.measured, str) and c.name != "not collapsed"} == {0.0}
 
@@ -320,11 +320,11 @@ def test_head_and_layer_cosine_exactly_at_the_tolerance(baseline, step, passed):
     w0 = np.full_like(base.weighted, 0.25)
     w1 = w0.copy()
     w1[1, 2] += tol + step * 2.0**-40  # one head: Δ = tol, or just above
-    report = check_profile(_with(base, w1), _with(base, w0), tol_head=tol, tol_layer=1, tol_sigma=0)
+    report = check_profile(_with(base, w1), _with(base, w0), Tolerances(head=tol, layer=1, sigma=0))
     [head] = [c for c in report.checks if c.name == "head weighted cosine" and c.where == "L1 H2"]
     assert (head.measured, head.passed, report.passed) == (tol + step * 2.0**-40, passed, passed)
     w1 = w0 + tol + step * 2.0**-40  # every head: each layer's mean moves by exactly the same Δ
-    report = check_profile(_with(base, w1), _with(base, w0), tol_layer=tol, tol_head=1, tol_sigma=0)
+    report = check_profile(_with(base, w1), _with(base, w0), Tolerances(layer=tol, head=1, sigma=0))
     layers = [c for c in report.checks if c.name == "layer weighted cosine"]
     assert [(c.measured, c.passed) for c in layers] == [(tol + step * 2.0**-40, passed)] * 2
     assert report.passed == passed
@@ -337,7 +337,7 @@ def test_sigma_drift_at_just_below_and_just_above_tol_sigma(baseline, grow, pass
     S0[0, 1, :] = [4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
     S1 = S0.copy()
     S1[0, 1, 2] *= 1 + grow  # mode 2: σ 1 → 1 + grow (relative change = grow exactly)
-    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=2.0**-7, top_sigma=5)
+    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), Tolerances(sigma=2.0**-7, top_sigma=5))
     [c] = [c for c in report.checks if c.name == "head top singular values" and c.where == "L0 H1"]
     assert (c.measured, c.passed, report.passed) == (grow, passed, passed)
     assert c.detail == f"mode 2: σ 1 → {1 + grow:.4g}"
@@ -351,7 +351,7 @@ def test_rounding_noise_on_a_near_zero_mode_passes(baseline):
     S0[1, 3, -1] = 1e-15 * S0[1, 3, 0]
     S1 = S0.copy()
     S1[1, 3, -1] = 3e-15 * S0[1, 3, 0]
-    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), tol_sigma=1e-12, top_sigma=K)
+    report = check_profile(_with(base, sigma=S1), _with(base, sigma=S0), Tolerances(sigma=1e-12, top_sigma=K))
     [c] = [c for c in report.checks if c.name == "head top singular values" and c.where == "L1 H3"]
     assert c.passed and report.passed and c.measured == pytest.approx(2e-15, rel=1e-6)
 
@@ -388,7 +388,7 @@ def test_each_circuit_gate_at_and_just_over_its_own_tolerance(baseline, gate, ov
     moved[1, 2] += tol + over * EPS  # one head moves by exactly its gate's tolerance, or just over
     now = _circuits(base, *((moved, quarter) if gate == "symmetry" else (quarter, moved)))
     then = _circuits(base, quarter, quarter)
-    report = check_profile(now, then, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+    report = check_profile(now, then, Tolerances(symmetry=TOL_SYM, ov=TOL_OV))
     sym, ov = _gates(report, HEAD_SYMMETRY), _gates(report, HEAD_OV)
     assert len(sym) == len(ov) == 8 and report.tolerances["symmetry"] == TOL_SYM and report.tolerances["ov"] == TOL_OV
     assert {a for _, a, _ in sym.values()} == {TOL_SYM} and {a for _, a, _ in ov.values()} == {TOL_OV}
@@ -405,10 +405,10 @@ def test_a_drift_between_the_two_tolerances_fails_only_the_tighter_gate(baseline
     quarter = np.full_like(base.weighted, 0.25)
     moved = quarter + 2.0**-5  # every head: over TOL_SYM = 2⁻⁶, under TOL_OV = 2⁻⁴
     sym_moved = check_profile(
-        _circuits(base, moved, quarter), _circuits(base, quarter, quarter), tol_symmetry=TOL_SYM, tol_ov=TOL_OV
+        _circuits(base, moved, quarter), _circuits(base, quarter, quarter), Tolerances(symmetry=TOL_SYM, ov=TOL_OV)
     )
     ov_moved = check_profile(
-        _circuits(base, quarter, moved), _circuits(base, quarter, quarter), tol_symmetry=TOL_SYM, tol_ov=TOL_OV
+        _circuits(base, quarter, moved), _circuits(base, quarter, quarter), Tolerances(symmetry=TOL_SYM, ov=TOL_OV)
     )
     assert {c.name for c in sym_moved.failures} == {HEAD_SYMMETRY} and len(sym_moved.failures) == 8
     assert ov_moved.passed and {m for m, _, _ in _gates(ov_moved, HEAD_OV).values()} == {2.0**-5}
@@ -424,7 +424,7 @@ def test_a_baseline_lacking_a_statistic_in_some_heads_gates_the_others(baseline)
     then_sym, then_ov = _circuits(base, holes, quarter), _circuits(base, quarter, holes)
     for then, name, given in ((then_sym, HEAD_SYMMETRY, "tol_symmetry=0.015625"), (then_ov, HEAD_OV, "tol_ov=0.0625")):
         # the current model has the statistic everywhere, equal to the baseline where the baseline has one
-        same = check_profile(_circuits(base, quarter, quarter), then, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+        same = check_profile(_circuits(base, quarter, quarter), then, Tolerances(symmetry=TOL_SYM, ov=TOL_OV))
         every = {(l, h) for l in range(2) for h in range(4)}
         assert same.passed and set(_gates(same, name)) == every - {(0, 1), (1, 3)}
         why = f"{given}: not compared in L0 H1, L1 H3, where the baseline lacks the statistic"
@@ -432,7 +432,7 @@ def test_a_baseline_lacking_a_statistic_in_some_heads_gates_the_others(baseline)
         drifted = quarter.copy()
         drifted[1, 0] += 2 * TOL_OV  # a head the baseline has: the gate still runs there and fails
         now = _circuits(base, drifted, quarter) if name == HEAD_SYMMETRY else _circuits(base, quarter, drifted)
-        report = check_profile(now, then, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+        report = check_profile(now, then, Tolerances(symmetry=TOL_SYM, ov=TOL_OV))
         assert [(c.name, c.where) for c in report.failures] == [(name, "L1 H0")]
 
 
@@ -495,7 +495,7 @@ def test_a_current_model_without_the_statistic_skips_the_gate_and_says_so(baseli
 
     base = load_profile(baseline)
     none = _circuits(base, ov=np.full_like(base.weighted, np.nan))  # a model with no value-output circuit
-    report = check_profile(none, base, tol_symmetry=TOL_SYM, tol_ov=TOL_OV)
+    report = check_profile(none, base, Tolerances(symmetry=TOL_SYM, ov=TOL_OV))
     assert report.passed and not _gates(report, HEAD_OV)
     assert report.skipped == ((HEAD_OV, "tol_ov=0.0625: not checked: the current model has no OV weighted cosine"),)
 

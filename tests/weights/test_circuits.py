@@ -456,16 +456,16 @@ def test_profile1_is_read_with_the_new_statistics_absent(tmp_path):
 
 
 def test_check_new_tolerances(tmp_path):
-    from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY
+    from qkweights.weights.check import HEAD_OV, HEAD_SYMMETRY, Tolerances
     from qkweights.workflow import check as check_model
 
     base = tmp_path / "base"
     qkweights.profile(str(MODELS / "vit")).save(base)
-    same = check_model(str(MODELS / "vit"), base, tol_symmetry=1e-12, tol_ov=1e-12)
+    same = check_model(str(MODELS / "vit"), base, tolerances=Tolerances(symmetry=1e-12, ov=1e-12))
     assert same.passed and same.tolerances["symmetry"] == 1e-12
     assert sum(c.name == HEAD_SYMMETRY for c in same.checks) == 8 and sum(c.name == HEAD_OV for c in same.checks) == 8
     flipped = edited_fixture(tmp_path, "flipped", flip_value_head)
-    report = check_model(str(flipped), base, tol_symmetry=1e-12, tol_ov=1e-12)
+    report = check_model(str(flipped), base, tolerances=Tolerances(symmetry=1e-12, ov=1e-12))
     assert [(c.name, c.layer, c.head) for c in report.failures] == [(HEAD_OV, 1, 2)]
     ov = qkweights.profile(str(MODELS / "vit")).ov.weighted[1, 2]
     assert report.failures[0].measured == pytest.approx(2 * abs(ov), abs=1e-12)  # weighted cosine w → −w
@@ -476,7 +476,7 @@ def test_check_new_tolerances(tmp_path):
 def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
     import json
 
-    from qkweights.weights.check import FOLDING, HEAD_OV, check_profile
+    from qkweights.weights.check import FOLDING, HEAD_OV, Tolerances, check_profile
     from qkweights.workflow import check as check_model
 
     qkweights.profile(str(MODELS / "vit")).save(tmp_path / "b1")
@@ -486,7 +486,7 @@ def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
         for hd in ly["heads"]:
             del hd["symmetric_fraction"], hd["ov"]
     (tmp_path / "b1" / "profile.json").write_text(json.dumps(doc))
-    report = check_model(str(MODELS / "vit"), tmp_path / "b1", tol_symmetry=0.01, tol_ov=0.01)
+    report = check_model(str(MODELS / "vit"), tmp_path / "b1", tolerances=Tolerances(symmetry=0.01, ov=0.01))
     assert report.passed and not any(c.name == HEAD_OV for c in report.checks)
     assert any("tol_symmetry=0.01: not checked: the baseline has no symmetric fraction" in n for n in report.notes)
     assert any("tol_ov=0.01: not checked: the baseline has no OV weighted cosine" in n for n in report.notes)
@@ -494,7 +494,7 @@ def test_check_with_a_profile1_baseline_and_a_folded_one(tmp_path):
     _, ck = open_model(str(MODELS / "vit"))
     folded = compute_profile(ck, {"model_id": "vit"}, fold_ln=True)
     folded.save(tmp_path / "bf")
-    assert check_model(str(MODELS / "vit"), tmp_path / "bf", tol_symmetry=1e-12).passed
+    assert check_model(str(MODELS / "vit"), tmp_path / "bf", tolerances=Tolerances(symmetry=1e-12)).passed
     mixed = check_profile(compute_profile(ck, {"model_id": "vit"}), load_profile(tmp_path / "bf"))
     assert [(c.name, c.measured, c.allowed) for c in mixed.failures] == [(FOLDING, "plain", "layernorm")]
 
