@@ -416,12 +416,16 @@ def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
     assert _gone_within(workers, 5) == []
 
 
-WATCHED = """import os, sys, time
-from qkweights.analyses.executors import _watch_parent
-child = os.fork()
-if child == 0:
-    _watch_parent(os.getppid())
-print(child, flush=True)
+# The watched worker is started with fork + exec (subprocess), not a bare fork of a process that imported numpy:
+# such a fork can deadlock in the child (a lock held by one of OpenBLAS's threads at the fork), which is what the
+# first version of this test did now and then, never reaching the watch.
+WATCHED = """import os, subprocess, sys, time
+code = (
+    "import os; from qkweights.analyses.executors import _watch_parent; parent = os.getppid(); "
+    "print('watching', flush=True); _watch_parent(parent)"
+)
+child = subprocess.Popen([sys.executable, "-c", code])
+print(child.pid, flush=True)
 time.sleep(60)
 """
 
@@ -430,7 +434,9 @@ time.sleep(60)
 def test_the_parent_watch_of_platforms_without_pdeathsig_ends_the_worker(tmp_path):
     """Where prctl is unavailable, a worker's thread sees its client gone (its parent changes) and exits."""
     proc = subprocess.Popen([sys.executable, "-c", WATCHED], env=ENV, stdout=subprocess.PIPE, text=True)
-    child = int(proc.stdout.readline())
+    lines = {proc.stdout.readline().strip() for _ in range(2)}  # the child's PID, and its word that it watches
+    lines.remove("watching")
+    child = int(lines.pop())
     assert _alive(child)
     proc.kill()
     proc.wait()
