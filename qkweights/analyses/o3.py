@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Analysis, Batch, SweepSettings, run_sweep
+from qkweights.analyses.runner import Analysis, Batch, DocumentResult, SweepSettings, run_sweep
 from qkweights.analyses.sweep import READ_ERRORS, model_identity, model_record, opened, skip_reason
 from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
@@ -260,7 +260,7 @@ class O3Analysis(Analysis):
 
 
 @dataclass
-class O3Result:
+class O3Result(DocumentResult):
     """The result of ``o3``: the summary document and the per-image ratios.
 
     doc: the ``o3_summary.json`` document (schema ``qkweights.o3/1``); names (I,) the
@@ -271,13 +271,6 @@ class O3Result:
     names: list[str]
     values: np.ndarray
     files: list[Path] = dataclasses.field(default_factory=list)
-
-    @property
-    def skipped(self) -> list[dict]:
-        return self.doc["skipped"]
-
-    def to_json(self) -> dict:
-        return self.doc
 
     def save(self, out_dir) -> list[Path]:
         """Write ``o3.csv`` and ``o3_summary.json`` into ``out_dir``; returns the paths."""

@@ -68,6 +68,18 @@ from qkweights.vision.model import ModelRef, remember
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
 
 
+class DocumentResult:
+    """What the image analyses' typed results share: ``doc``, their JSON document (a dataclass field of each), its
+    ``skipped`` images, and ``to_json``; each adds ``save``, ``load`` and ``files``."""
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.doc["skipped"]
+
+    def to_json(self) -> dict:
+        return self.doc
+
+
 class ShardError(QkError, RuntimeError):
     """A shard raised an error that is not a bad image (a bug, or a worker that keeps dying)."""
 

@@ -50,7 +50,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Batch, SweepSettings, context, run_sweep
+from qkweights.analyses.runner import Batch, DocumentResult, SweepSettings, context, run_sweep
 from qkweights.analyses.sweep import (
     READ_ERRORS,
     ModeBank,
@@ -332,7 +332,7 @@ class SameObjectAnalysis(ModeSweep):
 
 
 @dataclass
-class SameObjectResult:
+class SameObjectResult(DocumentResult):
     """The result of ``same-object``: the ``same_object.json`` document and the selected images.
 
     doc: the JSON document (schema ``qkweights.same_object/1``); rows: one dict per
@@ -343,13 +343,6 @@ class SameObjectResult:
     doc: dict
     rows: list[dict]
     files: list[Path] = field(default_factory=list)
-
-    @property
-    def skipped(self) -> list[dict]:
-        return self.doc["skipped"]
-
-    def to_json(self) -> dict:
-        return self.doc
 
     def save(self, out_dir) -> list[Path]:
         """Write ``same_object.csv`` and ``same_object.json`` into ``out_dir``; returns the paths."""

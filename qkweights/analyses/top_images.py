@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qkweights.analyses.runner import Batch, Sweep, SweepSettings, context, run_sweep
+from qkweights.analyses.runner import Batch, DocumentResult, Sweep, SweepSettings, context, run_sweep
 from qkweights.analyses.sweep import (
     ModeBank,
     ModeSelection,
@@ -243,7 +243,7 @@ class TopImagesAnalysis(ModeSweep):
 
 
 @dataclass
-class TopImagesResult:
+class TopImagesResult(DocumentResult):
     """The result of ``top-images``: the ``top_images.json`` document and the winners' maps.
 
     doc: the JSON document (schema ``qkweights.top_images/1``); maps: (L', H'·N', 2, K, 2,
@@ -254,13 +254,6 @@ class TopImagesResult:
     doc: dict
     maps: np.ndarray
     files: list[Path] = field(default_factory=list)
-
-    @property
-    def skipped(self) -> list[dict]:
-        return self.doc["skipped"]
-
-    def to_json(self) -> dict:
-        return self.doc
 
     def save(self, out_dir) -> list[Path]:
         """Write ``top_images.json`` and ``top_images_maps.npz`` (float16 maps) into ``out_dir``; returns the paths."""
