@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qkweights.vision.forward import (  # noqa: E402
-    _BLAS,
-    Keep,
-    _concat,
-    _run,
+    ForwardOutput,
+    activation_,
     blas_threads,
-    check_layers,
     check_pixels,
+    embed,
+    layer_norm,
+    softmax_,
 )
 from qkweights.vision.model import open_vision_model  # noqa: E402
 
@@ -109,16 +109,63 @@ def write_vit(folder: Path, cfg: dict, seed: int = 0) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def batched_forward(weights, pixels: np.ndarray, threads: int):
-    """The forward pass as qkweights ran it before issue 15: shards of images, one batched GEMM per shard."""
-    layers = set(check_layers(None, len(weights.blocks)))
+def batched_forward(weights, pixels: np.ndarray, threads: int) -> ForwardOutput:
+    """The forward pass as qkweights ran it before issue 15 (its code, kept here only as the baseline): the batch
+    cut in ``threads`` shards of consecutive images, each shard one ``(B·T, D) @ W`` BLAS call per linear layer at
+    one BLAS thread, the shards side by side on Python threads; every intermediate kept, as the default forward."""
     x = check_pixels(pixels, 3, weights.embeddings.patch_size)
     n = min(threads, len(x))
     if n <= 1:
-        return _run(weights, x, layers, Keep())
+        return _batched_run(weights, x)
     cuts = np.array_split(np.arange(len(x)), n)
-    with _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-        return _concat(list(pool.map(lambda i: _run(weights, x[i], layers, Keep()), cuts)))
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n) as pool:
+        return _concat(list(pool.map(lambda i: _batched_run(weights, x[i]), cuts)))
+
+
+def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    y = x.reshape(-1, x.shape[-1]) @ w  # (B·T, O)
+    y += b
+    return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _batched_run(wt, pixels: np.ndarray) -> ForwardOutput:
+    """One shard (B, C, H, W) through the whole model, batched (the baseline's ``_run``; no relative position bias:
+    the bench model has none)."""
+    heads, k = wt.heads, wt.head_dim
+    x, layout = embed(wt.embeddings, pixels, wt.eps)  # (B, T, D)
+    b, t, d = x.shape
+    residual, normed = [], {}
+    for l, blk in enumerate(wt.blocks):
+        residual.append(x)
+        h = layer_norm(x, blk.norm1, wt.eps)  # (B, T, D)
+        normed[l] = h
+        qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
+        q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K)
+        att = softmax_(q @ key.swapaxes(-1, -2))  # (B, H, T, T)
+        ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)
+        a = _linear(ctx, blk.out, blk.out_bias)
+        a += x
+        x = a
+        m = activation_(_linear(layer_norm(x, blk.norm2, wt.eps), blk.fc1, blk.fc1_bias), wt.act)  # (B, T, F)
+        m = _linear(m, blk.fc2, blk.fc2_bias)
+        m += x
+        x = m
+    residual.append(x)
+    last = layer_norm(x, wt.final_norm, wt.eps)
+    return ForwardOutput(residual, normed, {}, last, layout, None)
+
+
+def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
+    """Join the shards' outputs along B."""
+    if len(parts) == 1:
+        return parts[0]
+    return ForwardOutput(
+        hidden_states=[np.concatenate([p.hidden_states[l] for p in parts]) for l in range(len(parts[0].hidden_states))],
+        attention_inputs={l: np.concatenate([p.attention_inputs[l] for p in parts]) for l in parts[0].attention_inputs},
+        attentions={},
+        last_hidden_state=np.concatenate([p.last_hidden_state for p in parts]),
+        layout=parts[0].layout,
+    )
 
 
 def forward_flops(cfg: dict, batch: int) -> float:

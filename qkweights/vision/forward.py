@@ -29,6 +29,7 @@ Axis letters: B batch, T tokens, D width, H heads, K head dim, F MLP width, N pa
 from __future__ import annotations
 
 import math
+import queue
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -193,16 +194,14 @@ class Keep:
 # ---------------------------------------------------------------------------- elementwise math
 
 
-def layer_norm(x: np.ndarray, norm: Norm, eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, norm: Norm, eps: float, out: np.ndarray | None = None) -> np.ndarray:
     """LayerNorm over the last axis as torch computes it: (x − mean)/√(var + eps)·w + b, biased variance.
 
-    x: (..., D) float32 → new (..., D) float32.
+    x: (..., D) float32 → (..., D) float32, written into ``out`` (same shape) when given, else a new array.
     """
-    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean  # (..., D)
+    xc = np.subtract(x, x.mean(axis=-1, keepdims=True), out=out)  # (..., D)
     var = np.einsum("...d,...d->...", xc, xc)[..., None] / np.float32(x.shape[-1])  # (..., 1)
-    rstd = 1 / np.sqrt(var + np.float32(eps))
-    xc *= rstd
+    xc *= 1 / np.sqrt(var + np.float32(eps))
     xc *= norm.weight
     xc += norm.bias
     return xc
@@ -244,31 +243,34 @@ def _gelu_erf_chunk(x: np.ndarray, a: np.ndarray, t: np.ndarray, r: np.ndarray) 
     x -= r  # x·Φ(x) = max(x, 0) − |x|·h
 
 
-def gelu_erf(x: np.ndarray) -> np.ndarray:
+def gelu_erf(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     """Exact-form GELU x·½(1 + erf(x/√2)) in float32, any shape; in place when x is C-contiguous float32.
 
     erf is torch's CPU approximation (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e-7), so
     the result agrees with torch's GELU to float32 rounding; computed in L2-sized chunks.
+    scratch: (3, n) float32 to work in (n ≥ 1; chunks of at most n elements), else one is made.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     flat = x.reshape(-1)
-    scratch = np.empty((3, CHUNK), np.float32)
-    for start in range(0, flat.size, CHUNK):
-        n = min(CHUNK, flat.size - start)
+    if scratch is None or scratch.shape[1] == 0:
+        scratch = np.empty((3, CHUNK), np.float32)
+    chunk = scratch.shape[1]
+    for start in range(0, flat.size, chunk):
+        n = min(chunk, flat.size - start)
         _gelu_erf_chunk(flat[start : start + n], *scratch[:, :n])
     return x
 
 
-def activation_(x: np.ndarray, act: str) -> np.ndarray:
+def activation_(x: np.ndarray, act: str, scratch: np.ndarray | None = None) -> np.ndarray:
     """The MLP activation ``act`` applied to x (F columns; SwiGLU: 2F, gate first), in place where it can. Returns
-    (..., F)."""
+    (..., F). scratch: the GELU's work space (see :func:`gelu_erf`)."""
     with np.errstate(over="ignore"):  # e^{−v} → inf for v ≪ 0 gives the right limit, 0
-        return _activation(x, act)
+        return _activation(x, act, scratch)
 
 
-def _activation(x: np.ndarray, act: str) -> np.ndarray:
+def _activation(x: np.ndarray, act: str, scratch: np.ndarray | None) -> np.ndarray:
     if act == "gelu":
-        return gelu_erf(x)
+        return gelu_erf(x, scratch)
     if act == "quick_gelu":  # x·sigmoid(1.702x) = x / (1 + e^{−1.702x})
         s = np.exp(x * np.float32(-1.702))
         s += 1
@@ -368,13 +370,6 @@ def embed(emb: EmbeddingWeights, pixels: np.ndarray, eps: float) -> tuple[np.nda
 # ---------------------------------------------------------------------------- the forward pass
 
 
-def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """x (..., I) @ w (I, O) + b (O,) as one 2-D BLAS call → new (..., O)."""
-    y = x.reshape(-1, x.shape[-1]) @ w  # (B·T, O)
-    y += b
-    return y.reshape(*x.shape[:-1], w.shape[1])
-
-
 def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     """The requested layer indices (0-based, sorted, unique); None means all."""
     if layers is None:
@@ -400,73 +395,124 @@ def check_pixels(pixels, channels: int, patch_size: int) -> np.ndarray:
     return x
 
 
-def _run(
-    wt: ViTWeights, pixels: np.ndarray, layers: set[int], keep: Keep, rows: np.ndarray | None = None
-) -> ForwardOutput:
-    """The forward pass proper on checked pixels (B, C, H, W); ``layers``: the checked ``keep.layers``, whose
-    intermediates are kept (``keep`` says which).
+class _Workspace:
+    """The scratch arrays of one image's pass through the blocks, carved from one allocation and reused for every
+    block and every image a thread runs: fresh arrays per operation cost page faults (about 5% of the forward
+    pass, measured), one block of several MB is backed by huge pages where the kernel offers them.
 
-    rows: (B, Q) token indices; the attentions then keep only those query rows, (B, H, Q, T).
+    x: the residual stream (T, D); mid: it after the attention; h: a LayerNorm output (T, D); qkv (T, 3D);
+    logits (H, T, T); ctx (T, D) laid out (T, H, K); mlp (T, F′) with F′ the widest fc1 of ``blocks``; gelu: the
+    activation's scratch.
     """
-    heads, k = wt.heads, wt.head_dim
-    x, layout = embed(wt.embeddings, pixels, wt.eps)  # (B, T, D)
-    b, t, d = x.shape
-    residual, normed, probs = [], {}, {}
+
+    def __init__(self, t: int, d: int, heads: int, blocks: tuple[BlockWeights, ...], act: str):
+        f1 = max((blk.fc1.shape[1] for blk in blocks), default=0)
+        shapes = {
+            "x": (t, d),
+            "mid": (t, d),
+            "h": (t, d),
+            "qkv": (t, 3 * d),
+            "logits": (heads, t, t),
+            "ctx": (t, d),
+            "mlp": (t, f1),
+            "gelu": (3, min(CHUNK, t * f1) if act == "gelu" else 0),
+        }
+        sizes = {name: -(-math.prod(shape) // 16) * 16 for name, shape in shapes.items()}  # 64-byte aligned views
+        flat = np.empty(sum(sizes.values()), np.float32)
+        start = 0
+        for name, shape in shapes.items():
+            setattr(self, name, flat[start : start + math.prod(shape)].reshape(shape))
+            start += sizes[name]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one forward call keeps and where: the batch's output arrays, which each image's pass fills at its
+    index. hidden[l], inputs[l], attentions[l]: (B, T, D), (B, T, D), (B, H, T|Q, T) arrays, None when not kept;
+    hidden has depth + 1 entries, the last the output of the last block (None when the pass stops early).
+    last, pooled: (B, T, D) after the final norm, (B, D) after the post norm, or None. rows: (B, Q) query rows
+    of the attentions, or None. bias: layer → relative position bias (H, T, T) for this grid.
+    """
+
+    depth: int
+    hidden: list
+    inputs: list
+    attentions: list
+    last: np.ndarray | None
+    pooled: np.ndarray | None
+    rows: np.ndarray | None
+    bias: dict
+
+
+def _plan(wt: ViTWeights, b: int, layout: TokenLayout, layers: set[int], keep: Keep, rows) -> _Plan:
+    t, d, heads = layout.n_tokens, wt.embeddings.patch.shape[1], wt.heads
     depth = max(layers) + 1 if keep.truncate and layers else len(wt.blocks)
-    for l, blk in enumerate(wt.blocks[:depth]):
-        residual.append(x if keep.hidden and l in layers else None)
-        h = layer_norm(x, blk.norm1, wt.eps)  # (B, T, D)
-        if keep.inputs and l in layers:
-            normed[l] = h
-        qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
-        q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K); q already scaled by 1/√K
-        logits = q @ key.swapaxes(-1, -2)  # (B, H, T, T)
-        if blk.rel_pos is not None:
-            logits += relative_position_bias(blk.rel_pos, wt.embeddings.grid, layout.grid)  # (H, T, T)
-        att = softmax_(logits)
-        if keep.attentions and l in layers:
-            probs[l] = (
-                att if rows is None else att[np.arange(b)[:, None], :, rows].transpose(0, 2, 1, 3)
-            )  # (B, H, Q, T)
-        ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)
-        a = _linear(ctx, blk.out, blk.out_bias)  # (B, T, D)
-        if blk.scale1 is not None:
-            a *= blk.scale1
-        a += x
-        x = a
-        m = activation_(_linear(layer_norm(x, blk.norm2, wt.eps), blk.fc1, blk.fc1_bias), wt.act)  # (B, T, F)
-        m = _linear(m, blk.fc2, blk.fc2_bias)  # (B, T, D)
-        if blk.scale2 is not None:
-            m *= blk.scale2
-        m += x
-        x = m
-    if depth < len(wt.blocks):
-        return ForwardOutput(residual, normed, probs, None, layout, None)
-    residual.append(x)
-    last = layer_norm(x, wt.final_norm, wt.eps) if wt.final_norm is not None else x
-    pooled = None
-    if wt.post_norm is not None and layout.cls is not None:
-        pooled = layer_norm(last[:, layout.cls], wt.post_norm, wt.eps)  # (B, D)
-    return ForwardOutput(residual, normed, probs, last, layout, pooled)
+    whole = depth == len(wt.blocks)
 
+    def kept(flag: bool, shape: tuple) -> list:
+        return [np.empty(shape, np.float32) if flag and l in layers else None for l in range(depth)]
 
-def _concat(parts: list[ForwardOutput]) -> ForwardOutput:
-    """Join forward outputs of consecutive images (or batch shards) along B."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def cat(arrays):
-        return None if arrays[0] is None else np.concatenate(arrays)
-
-    first = parts[0]
-    return ForwardOutput(
-        hidden_states=[cat([p.hidden_states[l] for p in parts]) for l in range(len(first.hidden_states))],
-        attention_inputs={l: cat([p.attention_inputs[l] for p in parts]) for l in first.attention_inputs},
-        attentions={l: cat([p.attentions[l] for p in parts]) for l in first.attentions},
-        last_hidden_state=cat([p.last_hidden_state for p in parts]),
-        layout=first.layout,
-        pooled=cat([p.pooled for p in parts]),
+    hidden = kept(keep.hidden, (b, t, d)) + [np.empty((b, t, d), np.float32) if whole else None]
+    return _Plan(
+        depth=depth,
+        hidden=hidden,
+        inputs=kept(keep.inputs, (b, t, d)),
+        attentions=kept(keep.attentions, (b, heads, t if rows is None else rows.shape[1], t)),
+        last=(np.empty((b, t, d), np.float32) if wt.final_norm is not None else hidden[-1]) if whole else None,
+        pooled=np.empty((b, d), np.float32) if whole and wt.post_norm is not None and layout.cls is not None else None,
+        rows=rows,
+        bias={
+            l: relative_position_bias(blk.rel_pos, wt.embeddings.grid, layout.grid)
+            for l, blk in enumerate(wt.blocks[:depth])
+            if blk.rel_pos is not None
+        },
     )
+
+
+def _block(wt: ViTWeights, l: int, x: np.ndarray, plan: _Plan, i: int, ws: _Workspace) -> np.ndarray:
+    """Block l on image i's residual stream x (T, D); returns the next residual stream (plan.hidden[l + 1][i]
+    when kept, else ws.x)."""
+    blk, heads, k, t = wt.blocks[l], wt.heads, wt.head_dim, len(x)
+    h = layer_norm(x, blk.norm1, wt.eps, out=plan.inputs[l][i] if plan.inputs[l] is not None else ws.h)
+    qkv = np.matmul(h, blk.qkv, out=ws.qkv)  # (T, 3D)
+    qkv += blk.qkv_bias
+    q, key, v = qkv.reshape(t, 3, heads, k).transpose(1, 2, 0, 3)  # 3 × (H, T, K); q already scaled by 1/√K
+    att = np.matmul(q, key.swapaxes(-1, -2), out=ws.logits)  # (H, T, T)
+    if l in plan.bias:
+        att += plan.bias[l]
+    softmax_(att)
+    if plan.attentions[l] is not None:
+        plan.attentions[l][i] = att if plan.rows is None else att[:, plan.rows[i]]  # (H, T|Q, T)
+    np.matmul(att, v, out=ws.ctx.reshape(t, heads, k).transpose(1, 0, 2))  # (H, T, K) into (T, H·K)
+    mid = np.matmul(ws.ctx, blk.out, out=ws.mid)  # (T, D)
+    mid += blk.out_bias
+    if blk.scale1 is not None:
+        mid *= blk.scale1
+    mid += x
+    m = np.matmul(layer_norm(mid, blk.norm2, wt.eps, out=ws.h), blk.fc1, out=ws.mlp[:, : blk.fc1.shape[1]])
+    m += blk.fc1_bias
+    m = activation_(m, wt.act, scratch=ws.gelu)  # (T, F)
+    nxt = plan.hidden[l + 1][i] if plan.hidden[l + 1] is not None else ws.x
+    np.matmul(m, blk.fc2, out=nxt)  # (T, D)
+    nxt += blk.fc2_bias
+    if blk.scale2 is not None:
+        nxt *= blk.scale2
+    nxt += mid
+    return nxt
+
+
+def _run(wt: ViTWeights, pixels: np.ndarray, plan: _Plan, i: int, ws: _Workspace) -> None:
+    """Image i of pixels alone through the embeddings, plan.depth blocks and the norms, into the plan's arrays."""
+    x, layout = embed(wt.embeddings, pixels[i : i + 1], wt.eps)
+    x = x[0]  # (T, D)
+    if plan.hidden[0] is not None:
+        plan.hidden[0][i] = x
+    for l in range(plan.depth):
+        x = _block(wt, l, x, plan, i, ws)
+    if plan.last is not None and wt.final_norm is not None:
+        layer_norm(x, wt.final_norm, wt.eps, out=plan.last[i])
+    if plan.pooled is not None:
+        layer_norm(plan.last[i, layout.cls], wt.post_norm, wt.eps, out=plan.pooled[i])
 
 
 def blas_threads() -> int:
@@ -498,12 +544,14 @@ def forward(
 ) -> ForwardOutput:
     """Run the model on pixels (B, C, H, W) (already preprocessed), keeping what ``keep`` (:class:`Keep`) says.
 
-    One arithmetic per image: every image runs through the model alone, (1, T, D) arrays
+    One arithmetic per image: every image runs through the model alone, (T, D) arrays
     and one-thread BLAS, so its outputs are bit-identical whatever the batch, its position
     in it, the thread count or the executor (a batched ``(B·T, D) @ W`` rounds a row
     according to where its image sits among the kernel's tiles on some BLAS kernels, e.g.
     OpenBLAS's Haswell one). They depend on the machine's BLAS kernel (the
-    ``OPENBLAS_CORETYPE``), in the last digits.
+    ``OPENBLAS_CORETYPE``), in the last digits. Each thread works in one scratch block
+    reused from image to image, and what is kept is written straight into the batch's
+    output arrays (no per-operation arrays, no concatenation at the end).
 
     rows: (B, Q) token indices; ``attentions[l]`` then holds only those query rows, (B, H, Q, T), so
     that memory does not grow with T². threads: how many images run side by side,
@@ -515,10 +563,17 @@ def forward(
     x = check_pixels(pixels, emb.patch.shape[0] // emb.patch_size**2, emb.patch_size)  # (B, C, H, W)
     if rows is not None:
         rows = np.asarray(rows, np.int64).reshape(len(x), -1)  # (B, Q)
+    layout = token_layout(emb, (x.shape[2] // emb.patch_size, x.shape[3] // emb.patch_size))
+    plan = _plan(weights, len(x), layout, layers, keep, rows)
     n = min(threads or blas_threads(), len(x))
+    spaces = queue.SimpleQueue()  # one workspace per thread, handed from image to image
+    for _ in range(n):
+        spaces.put(_Workspace(layout.n_tokens, emb.patch.shape[1], weights.heads, weights.blocks, weights.act))
 
-    def one(i: int) -> ForwardOutput:  # image i alone, (1, ...) arrays
-        return _run(weights, x[i : i + 1], layers, keep, None if rows is None else rows[i : i + 1])
+    def one(i: int) -> None:  # image i alone
+        ws = spaces.get()
+        _run(weights, x, plan, i, ws)
+        spaces.put(ws)
 
     with one_blas_thread():
         if blas_threads() > 1:
@@ -530,8 +585,16 @@ def forward(
                 stacklevel=2,
             )
         if n <= 1:
-            parts = [one(i) for i in range(len(x))]
+            for i in range(len(x)):
+                one(i)
         else:
             with ThreadPoolExecutor(n) as pool:
-                parts = list(pool.map(one, range(len(x))))
-    return _concat(parts)
+                list(pool.map(one, range(len(x))))
+    return ForwardOutput(
+        hidden_states=plan.hidden if plan.hidden[-1] is not None else plan.hidden[:-1],
+        attention_inputs={l: a for l, a in enumerate(plan.inputs) if a is not None},
+        attentions={l: a for l, a in enumerate(plan.attentions) if a is not None},
+        last_hidden_state=plan.last,
+        layout=layout,
+        pooled=plan.pooled,
+    )

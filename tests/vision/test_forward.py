@@ -183,6 +183,61 @@ def test_layers_keep_only_what_was_asked(models):
     assert model.forward(px).attentions == {}
 
 
+@pytest.mark.parametrize("name", ["dinov2-reg", "timm-beit", "dinov2-swiglu", "clip"])
+@pytest.mark.parametrize(
+    "keep",
+    [
+        Keep(hidden=False, inputs=False),
+        Keep(attentions=True, layers=[0], truncate=True),
+        Keep(attentions=True, layers=[1], hidden=False),
+        Keep(layers=[0], inputs=False),
+    ],
+)
+def test_keeping_less_gives_the_same_arrays(name, keep, models):
+    # The residual stream runs in the pass's own scratch unless kept, straight in the output array if kept:
+    # whichever, every array kept equals the full pass's, bit for bit (layer scale, relative position bias,
+    # SwiGLU and the post norm covered by the four models).
+    model = models(name)
+    px = np.concatenate([golden(name)["pixel_values"][:1]] * 3)  # (3, 3, H, W)
+    px[1] += 0.5
+    full = forward(model.weights, px, Keep(attentions=True), threads=2)
+    some = forward(model.weights, px, keep, threads=2)
+    depth = max(keep.layers) + 1 if keep.truncate else len(model.weights.blocks)
+    layers = range(depth) if keep.layers is None else keep.layers
+    assert len(some.hidden_states) == depth + (not keep.truncate)
+    for l in range(depth):
+        kept = keep.hidden and l in layers
+        assert (some.hidden_states[l] is not None) == kept
+        if kept:
+            np.testing.assert_array_equal(some.hidden_states[l], full.hidden_states[l])
+    assert sorted(some.attention_inputs) == (sorted(layers) if keep.inputs else [])
+    assert sorted(some.attentions) == (sorted(layers) if keep.attentions else [])
+    for l in some.attention_inputs:
+        np.testing.assert_array_equal(some.attention_inputs[l], full.attention_inputs[l])
+    for l in some.attentions:
+        np.testing.assert_array_equal(some.attentions[l], full.attentions[l])
+    if keep.truncate:
+        assert some.last_hidden_state is None and some.pooled is None
+    else:
+        np.testing.assert_array_equal(some.hidden_states[-1], full.hidden_states[-1])
+        np.testing.assert_array_equal(some.last_hidden_state, full.last_hidden_state)
+        assert (some.pooled is None) == (full.pooled is None)
+        if some.pooled is not None:
+            np.testing.assert_array_equal(some.pooled, full.pooled)
+
+
+def test_attention_rows_are_the_rows_of_the_full_attention(models):
+    model = models("dinov2-reg")
+    px = np.concatenate([golden("dinov2-reg")["pixel_values"][:1]] * 2)  # (2, 3, H, W)
+    px[1] *= -1
+    rows = np.array([[0, 5, 5], [7, 1, 2]])
+    full = forward(model.weights, px, Keep(attentions=True), threads=2)
+    some = forward(model.weights, px, Keep(attentions=True, layers=[1]), rows=rows, threads=2)
+    assert some.attentions[1].shape == (2, model.weights.heads, 3, full.attentions[1].shape[-1])
+    for b in range(2):
+        np.testing.assert_array_equal(some.attentions[1][b], full.attentions[1][b][:, rows[b]])
+
+
 def _outputs(out) -> list[np.ndarray]:
     """Every array a ForwardOutput holds, in a fixed order."""
     arrays = [h for h in out.hidden_states if h is not None] + [out.last_hidden_state, out.pooled]
