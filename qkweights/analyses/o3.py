@@ -316,7 +316,7 @@ def select_items(root: str | Path, max_images: int | None) -> tuple[list[O3Item]
     return items, missing, len(names)
 
 
-def _protocol(model: VisionModel, batch_size: int, max_images: int | None) -> dict:
+def _protocol(model: VisionModel, max_images: int | None) -> dict:
     prep = model.preprocessing
     patch = model.weights.embeddings.patch_size
     size = prep.crop or prep.size
@@ -333,7 +333,6 @@ def _protocol(model: VisionModel, batch_size: int, max_images: int | None) -> di
             "softmax over all tokens (special tokens included); the row restricted to patch tokens and renormalised "
             "to sum 1"
         ),
-        "batch_size": batch_size,
         "max_images": max_images,
     }
 
@@ -429,7 +428,7 @@ def run_o3(
         part.areas,
         [{"image": n, "reason": why} for n, why in skipped],
         dataset,
-        _protocol(model, batch_size, max_images),
+        _protocol(model, max_images),
     )
     doc["blas"] = sweep.kernels()
     result = O3Result(doc, names, part.values)

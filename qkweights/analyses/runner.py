@@ -350,7 +350,7 @@ def run_sweep(
         context(an, ref, model)  # (a Dask client's: meanwhile)
     state_path = Path(state_path)
     n = len(items)
-    fp = fingerprint(an, source, model.checkpoint, items, settings.batch_size)
+    fp = fingerprint(an, source, model.checkpoint, items)
     st, told = _resume(state_path, an, fp, n)
     shards, workers = _cut(an, ref, items, st, settings, told)
     for text in told if notes else ():

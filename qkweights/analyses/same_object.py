@@ -564,7 +564,6 @@ def run_same_object(
             "heads": heads,
             "modes": modes,
             "top": top,
-            "batch_size": settings.batch_size,
             "input_size": list(size or ()),
         },
         "protocol": protocol_text(model, size, patch),

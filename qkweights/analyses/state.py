@@ -22,11 +22,12 @@ from qkweights.outputs import write_npz
 from qkweights.version import __version__
 
 
-def fingerprint(an, source: dict, ck, items: Sequence, batch_size: int) -> str:
+def fingerprint(an, source: dict, ck, items: Sequence) -> str:
     """sha256 of everything that decides a sweep's numbers: the tool version, the model's provenance (weights), the
     content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name) and of
     the configs read, the options and each item's files (name, size, mtime). Not the shard cut: the state records
-    which items are done, so a run resumes whatever shard size or executor the next one has."""
+    which items are done, so a run resumes whatever shard size or executor the next one has; nor the batch size,
+    since an image's numbers do not depend on its batch."""
     files = []
     for it in items:
         for f in an.item_files(it):
@@ -42,7 +43,6 @@ def fingerprint(an, source: dict, ck, items: Sequence, batch_size: int) -> str:
         "source": source,
         "spec": dataclasses.asdict(ck.spec),
         "configs": ck.configs,
-        "batch_size": batch_size,
         "files": files,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

@@ -407,7 +407,6 @@ def run_top_images(
         "heads": heads,
         "modes": modes,
         "top": top,
-        "batch_size": settings.batch_size,
         "input_size": list(size or ()),
         "fold_ln": fold_ln,
     }

@@ -369,15 +369,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, square, capsy
 
 
 @pytest.mark.numerics
-def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
+def test_state_of_other_images_is_ignored_and_another_batch_size_resumes(tmp_path, vit, square, capsys):
     with pytest.raises(KeyboardInterrupt):
         run_o3(vit, square, tmp_path / "out", settings=SweepSettings(batch_size=4, shard_size=4), progress=Interrupt(4))
     calls, notes = [], []
+    settings = SweepSettings(batch_size=5, shard_size=4)
     run_o3(
         vit,
         square,
         tmp_path / "out",
-        settings=SweepSettings(batch_size=5, shard_size=4),
+        settings,
+        max_images=10,
         progress=lambda d, t: calls.append(d),
         notes=notes.append,
     )
@@ -386,8 +388,20 @@ def test_state_of_other_arguments_is_ignored(tmp_path, vit, square, capsys):
         f"{tmp_path / 'out' / STATE_NAME} is from another run (options, model or images differ); ignoring it "
         "and starting over"
     ]
-    run_o3(vit, square, tmp_path / "fresh", settings=SweepSettings(batch_size=5))
+    run_o3(vit, square, tmp_path / "fresh", SweepSettings(batch_size=5), max_images=10)
     assert (tmp_path / "out" / "o3.csv").read_bytes() == (tmp_path / "fresh" / "o3.csv").read_bytes()
+    # the batch size is not an option of the numbers: a state saved at batch 4 resumes at batch 5 (issue 15)
+    with pytest.raises(KeyboardInterrupt):
+        run_o3(
+            vit, square, tmp_path / "part", settings=SweepSettings(batch_size=4, shard_size=4), progress=Interrupt(4)
+        )
+    calls.clear()
+    notes.clear()
+    run_o3(vit, square, tmp_path / "part", settings=settings, progress=lambda d, t: calls.append(d), notes=notes.append)
+    assert calls[0] == 4 and notes == [f"resuming from {tmp_path / 'part' / STATE_NAME}: 4 of 12 images already done"]
+    run_o3(vit, square, tmp_path / "whole", settings=SweepSettings(batch_size=3))
+    for name in ("o3.csv", "o3_summary.json"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
 def test_unreadable_state_is_ignored(tmp_path, vit, square, capsys):

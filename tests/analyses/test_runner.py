@@ -724,8 +724,8 @@ def test_32_images_on_2_workers_make_shards_for_both(vit, scenes, tmp_path):
 
 
 def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_run(vit, scenes, tmp_path):
-    """The state records the images done, not shard numbers: it resumes under another cut. Batches of one image make
-    each image's arithmetic the same whatever the cut."""
+    """The state records the images done, not shard numbers: it resumes under another cut, batch size and executor
+    (an image's arithmetic is the same whatever its batch)."""
     images, out = scenes / "images", tmp_path / "out"
 
     def stop(done, total):
@@ -742,7 +742,7 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
         images,
         out,
         selection=SELECT,
-        settings=SweepSettings(batch_size=1, shard_size=5, workers=2),
+        settings=SweepSettings(batch_size=4, shard_size=5, workers=2),
         notes=told.append,
         progress=lambda d, t: done.append(d),
     )
@@ -751,7 +751,7 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
     _equal_top(
         resumed,
         run_top_images(
-            vit, images, tmp_path / "whole", selection=SELECT, settings=SweepSettings(batch_size=1, shard_size=4)
+            vit, images, tmp_path / "whole", selection=SELECT, settings=SweepSettings(batch_size=3, shard_size=4)
         ),
     )
 
