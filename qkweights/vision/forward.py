@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 import queue
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -43,6 +44,7 @@ from qkweights.specs.schema import ACTIVATIONS
 from qkweights.vision.positions import relative_position_bias, resize_bicubic
 
 _BLAS = ThreadpoolController()  # numpy's BLAS, found once at import
+T, R = TypeVar("T"), TypeVar("R")
 CHUNK = 65536  # elements per chunk of the GELU (the chunk and its 3 scratch arrays fit in a 2 MB L2 cache)
 
 
@@ -417,7 +419,8 @@ class _Workspace:
             "mlp": (t, f1),
             "gelu": (3, min(CHUNK, t * f1) if act == "gelu" else 0),
         }
-        sizes = {name: -(-math.prod(shape) // 16) * 16 for name, shape in shapes.items()}  # 64-byte aligned views
+        # each view starts a multiple of 16 floats (64 bytes, a cache line) into the block
+        sizes = {name: -(-math.prod(shape) // 16) * 16 for name, shape in shapes.items()}
         flat = np.empty(sum(sizes.values()), np.float32)
         start = 0
         for name, shape in shapes.items():
@@ -534,6 +537,29 @@ def one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
+def side_by_side(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
+    """``[fn(item) for item in items]``, the items side by side on ``threads`` Python threads (default: as many as
+    numpy's BLAS may use now) and every BLAS call inside at one thread (:func:`one_blas_thread`), so that what fn
+    computes of an item does not depend on the thread count. numpy releases the GIL in its BLAS calls and its
+    ufuncs on large arrays, so the items run in parallel. Call it from the main thread (see :func:`one_blas_thread`).
+    """
+    items = list(items)
+    n = min(threads or blas_threads(), len(items))
+    with one_blas_thread():
+        if blas_threads() > 1:
+            warnings.warn(
+                f"numpy's BLAS could not be limited to one thread from this thread (it runs {blas_threads()}): "
+                "results may differ in the last digits with the thread count; set OPENBLAS_NUM_THREADS=1 "
+                "(or threadpoolctl limits in the main thread) for the same numbers whatever the threads",
+                QkWarning,
+                stacklevel=3,
+            )
+        if n <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(fn, items))
+
+
 def forward(
     weights: ViTWeights,
     pixels: np.ndarray,
@@ -575,21 +601,7 @@ def forward(
         _run(weights, x, plan, i, ws)
         spaces.put(ws)
 
-    with one_blas_thread():
-        if blas_threads() > 1:
-            warnings.warn(
-                f"numpy's BLAS could not be limited to one thread from this thread (it runs {blas_threads()}): "
-                "results may differ in the last digits with the thread count; set OPENBLAS_NUM_THREADS=1 "
-                "(or threadpoolctl limits in the main thread) for the same numbers whatever the threads",
-                QkWarning,
-                stacklevel=2,
-            )
-        if n <= 1:
-            for i in range(len(x)):
-                one(i)
-        else:
-            with ThreadPoolExecutor(n) as pool:
-                list(pool.map(one, range(len(x))))
+    side_by_side(one, range(len(x)), n)
     return ForwardOutput(
         hidden_states=plan.hidden if plan.hidden[-1] is not None else plan.hidden[:-1],
         attention_inputs={l: a for l, a in enumerate(plan.inputs) if a is not None},
