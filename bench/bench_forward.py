@@ -45,13 +45,13 @@ sys.path.insert(0, str(ROOT))
 from qkweights.vision.forward import (  # noqa: E402
     ForwardOutput,
     activation_,
-    blas_threads,
     check_pixels,
     embed,
     layer_norm,
     softmax_,
 )
 from qkweights.vision.model import open_vision_model  # noqa: E402
+from qkweights.vision.threads import blas_threads  # noqa: E402
 
 VIT_B16 = dict(
     hidden_size=768,

@@ -37,8 +37,8 @@ import numpy as np
 
 from qkweights.errors import InputError
 from qkweights.outputs import write_npz
-from qkweights.vision.forward import one_blas_thread
 from qkweights.vision.preprocess import display_image
+from qkweights.vision.threads import one_blas_thread
 from qkweights.weights.modes import mode_source
 
 EMBEDDINGS = {

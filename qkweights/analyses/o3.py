@@ -64,8 +64,9 @@ from qkweights.datasets.o3 import MASK_THRESHOLD, O3Item, load_masks, open_o3
 from qkweights.errors import InputError
 from qkweights.outputs import write_csv, write_json
 from qkweights.version import __version__
-from qkweights.vision.forward import one_blas_thread, token_layout
+from qkweights.vision.forward import token_layout
 from qkweights.vision.model import VisionModel
+from qkweights.vision.threads import one_blas_thread
 
 SCHEMA = "qkweights.o3/1"
 RATIOS = ("tt", "td", "tb", "dt", "dd", "db")

@@ -76,7 +76,7 @@ from qkweights.datasets.ade20k import (
 from qkweights.errors import InputError
 from qkweights.outputs import write_csv, write_json
 from qkweights.version import __version__
-from qkweights.vision.forward import one_blas_thread
+from qkweights.vision.threads import one_blas_thread
 from qkweights.weights.modes import mode_source
 
 SCHEMA = "qkweights.same_object/1"

@@ -55,7 +55,7 @@ from qkweights.checkpoints.folders import listing
 from qkweights.errors import InputError
 from qkweights.outputs import plural, write_json, write_npz
 from qkweights.version import __version__
-from qkweights.vision.forward import side_by_side
+from qkweights.vision.threads import side_by_side
 from qkweights.weights.modes import mode_source
 
 SCHEMA = "qkweights.top_images/1"
@@ -178,31 +178,38 @@ class TopImagesAnalysis(ModeSweep):
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
         out = model.forward(batch.data, layers=bank.layers, truncate=True, **bank.source.keep)
+        b, c = len(batch.positions), bank.w[0].shape[1] // 2
+        lc = (len(bank.layers), c, 2, min(self.top, b))
+        part = TopPartial(
+            np.empty(lc),
+            np.empty(lc, np.int64),
+            np.empty(lc + (len(STATS),)),
+            np.empty(lc + (2, out.layout.patches.stop - out.layout.patches.start), np.float32),
+            np.empty((lc[0], self.hidden), np.int64),
+            b,
+        )
         # the layers side by side, each image's projection one GEMM at one BLAS thread, whatever its neighbours
-        parts = side_by_side(lambda li: self._layer(bank, out, li, batch.positions), range(len(bank.layers)))
-        scores, index, stats, maps, sums = (np.array(a) for a in zip(*parts))
-        return TopPartial(scores, index.astype(np.int64), stats, maps, sums, len(batch.positions))
+        side_by_side(lambda li: self._layer(bank, out, li, batch.positions, part), range(len(bank.layers)))
+        return part
 
-    def _layer(self, bank: ModeBank, out, li: int, positions: np.ndarray) -> tuple:
-        """The batch's own top-k of every mode of layer ``bank.layers[li]``: scores, positions, stats, maps, and the
-        unit sum of the centre token (the fields of a TopPartial, for one layer)."""
+    def _layer(self, bank: ModeBank, out, li: int, positions: np.ndarray, part: TopPartial) -> None:
+        """The batch's own top-k of every mode of layer ``bank.layers[li]`` (scores, positions, stats, maps) and the
+        unit sum of its centre tokens, written into ``part`` at ``li``."""
         lay = out.layout
         x = bank.source.tokens_of(out, bank.layers[li]).astype(np.float32, copy=False)  # (B, T, D): x̃, or n if folded
         p = x[:, lay.patches] @ bank.w[li]  # (B, N, 2C), one GEMM per image (stacked matmul)
         st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
         c = st.shape[0]
         index = np.broadcast_to(positions, st.shape[:3])  # (C, 2, B)
-        order = np.lexsort((index, -st[..., 0]), axis=-1)[..., : min(self.top, len(positions))]  # (C, 2, k)
+        order = np.lexsort((index, -st[..., 0]), axis=-1)[..., : part.scores.shape[-1]]  # (C, 2, k)
         cols = np.arange(c)[:, None, None]  # (C, 1, 1)
         pt = p.transpose(2, 0, 1)  # (2C, B, N)
-        maps = np.stack([pt[cols, order], pt[c + cols, order]], axis=-2)  # (C, 2, k, 2, N): query, key map
-        return (
-            np.take_along_axis(st[..., 0], order, -1),
-            np.take_along_axis(index, order, -1),
-            np.take_along_axis(st[..., 1:], order[..., None], -2),
-            maps,
-            unit_sum(x[:, centre_token(lay)]),
-        )
+        part.scores[li] = np.take_along_axis(st[..., 0], order, -1)
+        part.index[li] = np.take_along_axis(index, order, -1)
+        part.stats[li] = np.take_along_axis(st[..., 1:], order[..., None], -2)
+        part.maps[li, ..., 0, :] = pt[cols, order]  # (C, 2, k, N): the query map x·u
+        part.maps[li, ..., 1, :] = pt[c + cols, order]  # the key map x·v
+        part.centre[li] = unit_sum(x[:, centre_token(lay)])
 
     def merge(self, a: TopPartial, b: TopPartial) -> TopPartial:
         ka = a.scores.shape[-1]
