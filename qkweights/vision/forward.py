@@ -177,8 +177,9 @@ class Keep:
 
     layers: block indices whose attention inputs (and attentions, with ``attentions``) and residual streams are
     kept; None keeps all. truncate: run only the blocks up to the deepest of ``layers`` (``hidden_states`` then ends
-    there and ``last_hidden_state`` is None). hidden=False, inputs=False: keep no residual streams, no attention inputs
-    (``hidden_states`` entries and ``attention_inputs`` stay empty), so that an analysis holds only what it reads.
+    there and ``last_hidden_state`` is None), and of the deepest only what is kept of it (its attention input, its
+    attention). hidden=False, inputs=False: keep no residual streams, no attention inputs (``hidden_states``
+    entries and ``attention_inputs`` stay empty), so that an analysis holds only what it reads.
     """
 
     attentions: bool = False
@@ -469,9 +470,13 @@ def _plan(wt: ViTWeights, b: int, layout: TokenLayout, layers: set[int], keep: K
 
 def _block(wt: ViTWeights, l: int, x: np.ndarray, plan: _Plan, i: int, ws: _Workspace) -> np.ndarray:
     """Block l on image i's residual stream x (T, D); returns the next residual stream (plan.hidden[l + 1][i]
-    when kept, else ws.x)."""
+    when kept, else ws.x). The last block of a truncated pass, whose output nobody keeps, stops once its attention
+    input and (when kept) its attention are computed, and returns x."""
     blk, heads, k, t = wt.blocks[l], wt.heads, wt.head_dim, len(x)
+    tail = l + 1 == plan.depth and plan.hidden[l + 1] is None
     h = layer_norm(x, blk.norm1, wt.eps, out=plan.inputs[l][i] if plan.inputs[l] is not None else ws.h)
+    if tail and plan.attentions[l] is None:
+        return x
     qkv = np.matmul(h, blk.qkv, out=ws.qkv)  # (T, 3D)
     qkv += blk.qkv_bias
     q, key, v = qkv.reshape(t, 3, heads, k).transpose(1, 2, 0, 3)  # 3 × (H, T, K); q already scaled by 1/√K
@@ -481,6 +486,8 @@ def _block(wt: ViTWeights, l: int, x: np.ndarray, plan: _Plan, i: int, ws: _Work
     softmax_(att)
     if plan.attentions[l] is not None:
         plan.attentions[l][i] = att if plan.rows is None else att[:, plan.rows[i]]  # (H, T|Q, T)
+    if tail:
+        return x
     np.matmul(att, v, out=ws.ctx.reshape(t, heads, k).transpose(1, 0, 2))  # (H, T, K) into (T, H·K)
     mid = np.matmul(ws.ctx, blk.out, out=ws.mid)  # (T, D)
     mid += blk.out_bias
