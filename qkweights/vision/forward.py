@@ -176,10 +176,11 @@ class Keep:
     input, no attention).
 
     layers: block indices whose attention inputs (and attentions, with ``attentions``) and residual streams are
-    kept; None keeps all. truncate: run only the blocks up to the deepest of ``layers`` (``hidden_states`` then ends
-    there and ``last_hidden_state`` is None), and of the deepest only what is kept of it (its attention input, its
-    attention). hidden=False, inputs=False: keep no residual streams, no attention inputs (``hidden_states``
-    entries and ``attention_inputs`` stay empty), so that an analysis holds only what it reads.
+    kept; None keeps all. truncate: run only the blocks up to the deepest of ``layers``, and of the deepest only what
+    is kept of it (its attention input, its attention); ``hidden_states`` then ends there and ``last_hidden_state``
+    is None (unless the deepest is the last block: then the whole pass runs). hidden=False, inputs=False: keep no
+    residual streams, no attention inputs (``hidden_states`` entries and ``attention_inputs`` stay empty), so that an
+    analysis holds only what it reads.
     """
 
     attentions: bool = False
