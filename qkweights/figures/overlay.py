@@ -44,17 +44,6 @@ def scale_map(values: np.ndarray, sign=1) -> np.ndarray:
     return np.clip(np.maximum(s * m, 0.0) / scale, 0.0, 1.0)
 
 
-def display_image(pixels: np.ndarray, mean, std, rescale: float) -> np.ndarray:
-    """The model's input image back in [0, 1]: undo the normalisation of one preprocessed image.
-
-    pixels: (3, H, W) float32 as ``Preprocess`` returns it, ``(x·rescale − mean)/std``
-    with x the uint8 RGB values. Returns (H, W, 3) float64 ``x/255`` clipped to [0, 1].
-    """
-    px = np.asarray(pixels, np.float64).transpose(1, 2, 0)  # (H, W, 3)
-    x = (px * np.asarray(std) + np.asarray(mean)) / (rescale * 255.0)
-    return np.clip(x, 0.0, 1.0)
-
-
 def upsample(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour upsampling of (..., gh, gw) maps to ``shape`` (H, W) pixels: pixel (y, x) shows patch
     (y·gh//H, x·gw//W)."""

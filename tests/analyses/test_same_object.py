@@ -453,21 +453,23 @@ def test_full_release_run_lists_skips_and_classes(tmp_path, vit, full_release):
     assert len(result.rows) == 4 * 2 * 3
 
 
+EXECUTORS_SELECTION = ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3)  # in process, workers, Dask
+
+
 @pytest.mark.numerics
 def test_workers_give_the_same_files(tmp_path, vit, full_release):
-    dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3)
     run_same_object(
         vit,
         full_release,
         tmp_path / "here",
-        selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+        selection=EXECUTORS_SELECTION,
         settings=SweepSettings(batch_size=2, shard_size=3),
     )
     run_same_object(
         vit,
         full_release,
         tmp_path / "pool",
-        selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+        selection=EXECUTORS_SELECTION,
         settings=SweepSettings(batch_size=2, shard_size=3, workers=2),
     )
     for name in ("same_object.csv", "same_object.json"):
@@ -477,12 +479,11 @@ def test_workers_give_the_same_files(tmp_path, vit, full_release):
 @pytest.mark.slow
 def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
     distributed = pytest.importorskip("distributed")
-    dict(layers=[0, 1], modes=[0, 1, 2], top=3, batch_size=2, shard_size=3)
     run_same_object(
         vit,
         full_release,
         tmp_path / "here",
-        selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+        selection=EXECUTORS_SELECTION,
         settings=SweepSettings(batch_size=2, shard_size=3),
     )
     with (
@@ -495,7 +496,7 @@ def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
             vit,
             full_release,
             tmp_path / "dask",
-            selection=ModeSelection(layers=[0, 1], modes=[0, 1, 2], top=3),
+            selection=EXECUTORS_SELECTION,
             settings=SweepSettings(batch_size=2, shard_size=3, client=client),
         )
     for name in ("same_object.csv", "same_object.json"):
@@ -504,7 +505,6 @@ def test_a_dask_cluster_gives_the_same_files(tmp_path, vit, full_release):
 
 @pytest.mark.numerics
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, vit, full_release):
-    dict(layers=[1], modes=[0, 1], top=3, batch_size=2, shard_size=4)
     run_same_object(
         vit,
         full_release,

@@ -178,7 +178,6 @@ def interrupt_after(batches):
 
 @pytest.mark.numerics
 def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
-    dict(layers=[0, 1], heads=[1, 3], modes=range(3), top=4, batch_size=5, shard_size=5)
     whole = run_top_images(
         vit,
         folder,
@@ -221,7 +220,6 @@ def test_resume_gives_the_uninterrupted_result(vit, folder, tmp_path, capsys):
 
 
 def test_mismatching_state_is_ignored(vit, folder, tmp_path, capsys):
-    dict(layers=[1], heads=[0], modes=range(2), batch_size=5, shard_size=5)
     progress, _ = interrupt_after(1)
     with pytest.raises(KeyboardInterrupt):
         run_top_images(
@@ -477,7 +475,6 @@ def test_images_are_what_pillow_reads_in_any_case_and_the_rest_is_counted(vit, f
     assert list_images(root) == ["UP.PNG", "anim.gif", "c.TIFF", "sub/b.Bmp"]
     assert other_files(root) == ["notes.txt", "sub/labels.json"]
     notes = []
-    dict(layers=[0], heads=[0], modes=[0], top=4, notes=notes.append)
     doc = run_top_images(
         vit,
         root,
