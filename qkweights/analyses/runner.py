@@ -130,6 +130,11 @@ class Analysis(ABC):
     def compute(self, model, ctx, batch: Batch) -> Any:
         """The partial result of one batch (runs the model)."""
 
+    def accumulate(self, model, ctx, batch: Batch, partial) -> Any:
+        """``merge(partial, compute(model, ctx, batch))``, bit for bit; an analysis may override it to update
+        ``partial`` in place (the runner passes only the partial it builds in the shard)."""
+        return self.merge(partial, self.compute(model, ctx, batch))
+
     @abstractmethod
     def empty(self) -> Any:
         """The partial result of no images: the neutral element of ``merge``."""
@@ -206,7 +211,7 @@ def run_shard(task: Task) -> ShardResult:
             ahead = reader.submit(load, slices[j + 1]) if j + 1 < len(slices) else None
             skipped += bad
             if batch is not None:
-                partial = an.merge(partial, an.compute(model, ctx, batch))
+                partial = an.accumulate(model, ctx, batch, partial)
     return ShardResult(task.shard, partial, skipped, len(task.items), blas_record())
 
 

@@ -77,19 +77,18 @@ UNIT = 2.0**40  # fixed-point scale of the anisotropy sums: exact, order-free in
 def batch_stats(p: np.ndarray) -> np.ndarray:
     """Score and projection statistics of a batch for every column pair of the projections ``p``.
 
-    p: (B, T, 2C) float32 projections of the patch tokens on [u columns | v columns].
+    p: (B, 2C, T) float32 projections of the patch tokens on [u columns | v columns], a row per column.
     Returns (B, C, 2, 7) float64: per sign (+, −) the score followed by ``STATS``
     (max, mean and top-5 mean of s·x·u and of s·x·v over tokens).
     """
-    b, t, c2 = p.shape
+    b, c2, t = p.shape
     c = c2 // 2
     m = min(TOP_MEAN, t)
-    pt = np.ascontiguousarray(p.transpose(0, 2, 1))  # (B, 2C, T): one partition per row is several times faster
-    low = np.partition(pt, m - 1, axis=-1)[..., :m].swapaxes(1, 2).astype(np.float64)  # (B, m, 2C): the m smallest
-    high = -np.partition(-pt, m - 1, axis=-1)[..., :m].swapaxes(1, 2).astype(np.float64)  # the m largest
-    mean = p.mean(axis=1, dtype=np.float64)  # (B, 2C)
-    plus = np.stack([high.max(1), mean, high.mean(1)], axis=-1)  # (B, 2C, 3): max, mean, top-m mean of x·w
-    minus = -np.stack([low.min(1), mean, low.mean(1)], axis=-1)  # the same of −x·w
+    ranked = np.sort(p, axis=-1)  # (B, 2C, T) ascending: one vectorised sort per row beats two partitions
+    low, high = ranked[..., :m].astype(np.float64), ranked[..., t - m :].astype(np.float64)  # the m smallest, largest
+    mean = p.mean(axis=-1, dtype=np.float64)  # (B, 2C)
+    plus = np.stack([high[..., -1], mean, high.mean(-1)], axis=-1)  # (B, 2C, 3): max, mean, top-m mean of x·w
+    minus = -np.stack([low[..., 0], mean, low.mean(-1)], axis=-1)  # the same of −x·w
     out = np.empty((b, c, 2, 7))
     for j, st in enumerate((plus, minus)):
         q, k = st[:, :c], st[:, c:]  # (B, C, 3) each
@@ -167,7 +166,7 @@ class TopImagesAnalysis(ModeSweep):
         return (None if pixels is None else Batch(positions[ok], pixels)), skipped
 
     def empty(self) -> TopPartial:
-        lc = (len(self.layers), len(self.heads) * len(self.modes), 2, 0)
+        lc = (len(self.layers), len(self.heads) * len(self.modes), 2, self.top)
         return TopPartial(
             np.full(lc, -np.inf),
             np.full(lc, -1, np.int64),
@@ -177,39 +176,38 @@ class TopImagesAnalysis(ModeSweep):
         )
 
     def compute(self, model, bank: ModeBank, batch: Batch) -> TopPartial:
+        return self.accumulate(model, bank, batch, self.empty())
+
+    def accumulate(self, model, bank: ModeBank, batch: Batch, partial: TopPartial) -> TopPartial:
+        """``partial`` with the batch's images merged in, in place: only the images that enter a top-K are copied."""
         out = model.forward(batch.data, layers=bank.layers, truncate=True, **bank.source.keep)
-        b, c = len(batch.positions), bank.w[0].shape[1] // 2
-        lc = (len(bank.layers), c, 2, min(self.top, b))
-        part = TopPartial(
-            np.empty(lc),
-            np.empty(lc, np.int64),
-            np.empty(lc + (len(STATS),)),
-            np.empty(lc + (2, out.layout.patches.stop - out.layout.patches.start), np.float32),
-            np.empty((lc[0], self.hidden), np.int64),
-            b,
-        )
         # the layers side by side, each image's projection one GEMM at one BLAS thread, whatever its neighbours
-        side_by_side(lambda li: self._layer(bank, out, li, batch.positions, part), range(len(bank.layers)))
-        return part
+        side_by_side(lambda li: self._layer(bank, out, li, batch.positions, partial), range(len(bank.layers)))
+        partial.n_scored += len(batch.positions)
+        return partial
 
     def _layer(self, bank: ModeBank, out, li: int, positions: np.ndarray, part: TopPartial) -> None:
-        """The batch's own top-k of every mode of layer ``bank.layers[li]`` (scores, positions, stats, maps) and the
-        unit sum of its centre tokens, written into ``part`` at ``li``."""
+        """Merge the batch's images into the top-K of every mode of layer ``bank.layers[li]`` (scores, positions,
+        stats, maps: ``part``'s entries at ``li``, in place) and add the unit sum of their centre tokens."""
         lay = out.layout
         x = bank.source.tokens_of(out, bank.layers[li]).astype(np.float32, copy=False)  # (B, T, D): x̃, or n if folded
-        p = x[:, lay.patches] @ bank.w[li]  # (B, N, 2C), one GEMM per image (stacked matmul)
+        part.centre[li] += unit_sum(x[:, centre_token(lay)])
+        p = bank.w[li].T @ x[:, lay.patches].transpose(0, 2, 1)  # (B, 2C, N), one GEMM per image (stacked matmul)
         st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
-        c = st.shape[0]
-        index = np.broadcast_to(positions, st.shape[:3])  # (C, 2, B)
-        order = np.lexsort((index, -st[..., 0]), axis=-1)[..., : part.scores.shape[-1]]  # (C, 2, k)
-        cols = np.arange(c)[:, None, None]  # (C, 1, 1)
-        pt = p.transpose(2, 0, 1)  # (2C, B, N)
-        part.scores[li] = np.take_along_axis(st[..., 0], order, -1)
-        part.index[li] = np.take_along_axis(index, order, -1)
-        part.stats[li] = np.take_along_axis(st[..., 1:], order[..., None], -2)
-        part.maps[li, ..., 0, :] = pt[cols, order]  # (C, 2, k, N): the query map x·u
-        part.maps[li, ..., 1, :] = pt[c + cols, order]  # the key map x·v
-        part.centre[li] = unit_sum(x[:, centre_token(lay)])
+        c, k = st.shape[0], part.scores.shape[-1]
+        scores = np.concatenate([part.scores[li], st[..., 0]], axis=-1)  # (C, 2, K + B): the kept, then the batch
+        index = np.concatenate([part.index[li], np.broadcast_to(positions, st.shape[:3])], axis=-1)
+        order = np.lexsort((index, -scores), axis=-1)[..., :k]  # (C, 2, K): score descending, then position
+        col, sign = np.nonzero((order != np.arange(k)).any(-1))  # the lists that change: (M,) each
+        o = order[col, sign]  # (M, K)
+        new = (o >= k)[..., None]  # (M, K, 1): slots filled from the batch
+        cc, ss, kept, j = col[:, None], sign[:, None], np.minimum(o, k - 1), np.maximum(o - k, 0)  # (M, 1|K) each
+        stats = np.where(new, st[cc, ss, j, 1:], part.stats[li, cc, ss, kept])  # (M, K, 6)
+        maps = np.where(new[..., None], np.stack([p[j, cc], p[j, c + cc]], -2), part.maps[li, cc, ss, kept])
+        part.scores[li, col, sign] = scores[cc, ss, o]
+        part.index[li, col, sign] = index[cc, ss, o]
+        part.stats[li, col, sign] = stats
+        part.maps[li, col, sign] = maps  # (M, K, 2, N): the query map x·u and the key map x·v of each
 
     def merge(self, a: TopPartial, b: TopPartial) -> TopPartial:
         ka = a.scores.shape[-1]
@@ -218,14 +216,16 @@ class TopImagesAnalysis(ModeSweep):
         order = np.lexsort((index, -scores), axis=-1)[..., : self.top]  # (L', C, 2, K)
         pick = [np.take_along_axis(scores, order, -1), np.take_along_axis(index, order, -1)]
         slots = order.reshape(int(np.prod(order.shape[:-1])), order.shape[-1])  # (M, K): M = L'·C·2 lists
-        rows = np.arange(len(slots))[:, None]  # (M, 1)
-        from_a = slots < ka
-        for xa, xb in ((a.stats, b.stats), (a.maps, b.maps)):  # whole slots copied row by row, no concatenated copy
+        rows, ranks = np.nonzero(slots >= ka)  # the slots filled from b (few, once the lists have filled up)
+        for xa, xb in ((a.stats, b.stats), (a.maps, b.maps)):  # whole slots copied: a's kept, then b's entrants
             size = int(np.prod(xa.shape[4:]))  # S: the values of one slot
             fa, fb = xa.reshape(len(slots), ka, size), xb.reshape(len(slots), xb.shape[3], size)  # (M, k, S)
-            x = fb[rows, np.maximum(slots - ka, 0)] if fb.shape[1] else np.empty((*slots.shape, fa.shape[-1]), xa.dtype)
-            if ka:
-                x[from_a] = fa[rows, np.minimum(slots, ka - 1)][from_a]
+            x = (
+                fa[np.arange(len(slots))[:, None], np.minimum(slots, ka - 1)]
+                if ka
+                else np.empty((*slots.shape, size), xa.dtype)
+            )
+            x[rows, ranks] = fb[rows, slots[rows, ranks] - ka]
             pick.append(x.reshape(order.shape + xa.shape[4:]))
         return TopPartial(*pick, a.centre + b.centre, a.n_scored + b.n_scored)
 

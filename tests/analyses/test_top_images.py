@@ -14,9 +14,10 @@ from conftest import MODELS
 from PIL import Image
 
 from qkweights.analyses.runner import SweepSettings
-from qkweights.analyses.sweep import ModeSelection, list_images, merge_topk
+from qkweights.analyses.sweep import ModeSelection, input_size, list_images, merge_topk, patch_grid
 from qkweights.analyses.top_images import (
     STATE_NAME,
+    TopImagesAnalysis,
     mean_pairwise_cosine,
     run_top_images,
     unit_sum,
@@ -37,8 +38,8 @@ def folder(tmp_path_factory):
 
 
 def brute_force(model, root, paths, layers, heads, modes):
-    """{(l, h, n, sign): [(score, stats…, path) per image]} and the centre-token embeddings per layer, image by
-    image."""
+    """{(l, h, n, sign): [(score, stats…, maps, path) per image]} (maps: (2, N), x·u and x·v over the patches) and
+    the centre-token embeddings per layer, image by image."""
     rows, centres = {}, {l: [] for l in layers}
     for rel in paths:
         out = model.forward(model.preprocess(root / rel), layers=layers)
@@ -64,6 +65,7 @@ def brute_force(model, root, paths, layers, heads, modes):
                                 sum(pk) / len(pk),
                                 sum(top_q) / 5,
                                 sum(top_k) / 5,
+                                s * np.array([pq, pk]),  # the raw x·u, x·v
                                 rel,
                             )
                         )
@@ -76,13 +78,14 @@ def test_scores_against_brute_force(folder, tmp_path, name):
     model = open_vision_model(str(MODELS / name))
     layers, heads, modes = [1], [0, 2], [0, 3]
     paths = list_images(folder)
-    doc = run_top_images(
+    result = run_top_images(
         model,
         folder,
         tmp_path,
         selection=ModeSelection(layers=layers, heads=heads, modes=modes, top=len(paths)),
         settings=SweepSettings(batch_size=4),
-    ).doc
+    )
+    doc = result.doc
     ref, centres = brute_force(model, folder, paths, layers, heads, modes)
     assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
     got = {
@@ -92,11 +95,13 @@ def test_scores_against_brute_force(folder, tmp_path, name):
         for sign, winners in m["signs"].items()
     }
     assert set(got) == set(ref)
-    for key, winners in got.items():
-        by_path = {r[-1]: r for r in ref[key]}
+    for (l, h, n, sign), winners in got.items():
+        by_path = {r[-1]: r for r in ref[l, h, n, sign]}
         assert sorted(w["path"] for w in winners) == sorted(by_path)
-        for w in winners:
+        for rank, w in enumerate(winners):
             r = by_path[w["path"]]
+            maps = result.maps[layers.index(l), heads.index(h) * len(modes) + modes.index(n), "+-".index(sign), rank]
+            np.testing.assert_allclose(maps.reshape(2, -1), r[7], rtol=0, atol=2e-5)  # the bound below
             np.testing.assert_allclose(
                 [
                     w["score"],
@@ -152,6 +157,30 @@ def test_running_topk_equals_global_sort():
 def test_running_topk_with_fewer_images_than_k():
     top = merge_topk(np.array([[-np.inf] * 4 + [2.0, 5.0]]), np.array([[-1] * 4 + [0, 1]]), np.zeros((1, 6, 1)), k=4)
     assert top[1].tolist() == [[1, 0, -1, -1]]
+
+
+def test_merging_a_batch_in_place_equals_the_merge_of_its_partial(vit, folder):
+    """A shard's in-place top-K (accumulate) gives merge(partial, compute(batch)) bit for bit, in any batch order,
+    with exact ties (every image twice) and batches larger than K."""
+    paths = [p for p in list_images(folder) for _ in range(2)][:22]  # 11 images, each twice in a row
+    size = input_size(vit)
+    grid = patch_grid(vit, size)
+    an = TopImagesAnalysis(
+        str(folder.resolve()), (0, 1), (0, 3), (0, 1, 5), 3, size, vit.dims.hidden, grid[0] * grid[1]
+    )
+    bank = an.setup(vit)
+    batches = [an.load(vit, paths[i : i + 5], np.arange(i, min(i + 5, len(paths))))[0] for i in range(0, len(paths), 5)]
+    merged, in_place, backwards = an.empty(), an.empty(), an.empty()
+    for batch in batches:
+        merged = an.merge(merged, an.compute(vit, bank, batch))
+        in_place = an.accumulate(vit, bank, batch, in_place)
+    for batch in batches[::-1]:
+        backwards = an.accumulate(vit, bank, batch, backwards)
+    for got in (in_place, backwards):
+        assert got.n_scored == merged.n_scored == len(paths)
+        for name, want in an.to_arrays(merged).items():
+            np.testing.assert_array_equal(an.to_arrays(got)[name], want, err_msg=name)
+    assert (merged.index[..., 0] % 2 == 0).all()  # of two equal copies, the earlier position wins
 
 
 def test_anisotropy_formula():
