@@ -18,7 +18,8 @@ module owns the loop they share:
    ``get_executor()`` is one).
    A worker opens the model once (per-process cache keyed by :class:`ModelRef`) and
    prepares the analysis once (its ``setup``, e.g. the SVD of the chosen heads); inside a
-   shard, the next batch is decoded on a thread while the current one runs the model.
+   shard, the next batch is decoded on a thread while the current one runs the model and
+   is merged into the shard's partial (``Analysis.accumulate``, in place where the analysis can).
 3. Partial results are merged as they complete. As the merge is associative and
    commutative (partials carry the list positions of their images), the completion
    order does not matter. The merged state and the items done are written atomically to

@@ -13,12 +13,14 @@ maps (x_t·u_n, x_t·v_n over the patch grid) for the figures — so the figures
 second pass over the images.
 
 The sweep is run by :mod:`qkweights.analyses.runner` (shards, executors, resume): each batch is
-projected onto every chosen head's U and V at once (one (T, D) @ (D, 2·H·N) per image and
+projected onto every chosen head's U and V at once (one (2·H·N, D) @ (D, N) per image and
 layer, so that an image's scores are its own whatever its batch; see :func:`qkweights.vision.forward.forward`),
 and the partial result of a set of images is a top-K per (layer, head, mode, sign)
 (:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
 first), which is associative and commutative, so memory does not grow with the number
-of images and the result does not depend on how the sweep ran. The same forward passes
+of images and the result does not depend on how the sweep ran. Inside a shard each batch
+is merged into the shard's top-K in place (:meth:`TopImagesAnalysis.accumulate`): only the
+images that enter a list are copied. The same forward passes
 give the anisotropy control (paper Fig. S4): per layer, the mean cosine between the
 centre patch token's embeddings of different images, from the sum s of their unit
 vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in fixed point
