@@ -131,10 +131,15 @@ class Analysis(ABC):
     def compute(self, model, ctx, batch: Batch) -> Any:
         """The partial result of one batch (runs the model)."""
 
+    def merge_into(self, a, b) -> Any:
+        """``merge(a, b)``, bit for bit; an analysis may override it to update ``a`` in place (the runner passes as
+        ``a`` only partials it owns)."""
+        return self.merge(a, b)
+
     def accumulate(self, model, ctx, batch: Batch, partial) -> Any:
         """``merge(partial, compute(model, ctx, batch))``, bit for bit; an analysis may override it to update
-        ``partial`` in place (the runner passes only the partial it builds in the shard)."""
-        return self.merge(partial, self.compute(model, ctx, batch))
+        ``partial`` in place without building the batch's own partial."""
+        return self.merge_into(partial, self.compute(model, ctx, batch))
 
     @abstractmethod
     def empty(self) -> Any:
@@ -442,7 +447,7 @@ class _Merge:
 
     def absorb(self, res: ShardResult) -> None:
         task, st = self.shards[res.shard], self.st
-        st.partial = self.an.merge(st.partial, res.partial)
+        st.partial = self.an.merge_into(st.partial, res.partial)
         st.skipped = sorted(st.skipped + _positioned(res.skipped, task, self.an), key=lambda s: s["position"])
         st.done.update(task.positions)
         st.blas.append(res.blas)

@@ -147,6 +147,30 @@ class TopPartial:
     n_scored: int = 0
 
 
+def enter(part, li: int, scores: np.ndarray, index: np.ndarray, stats: np.ndarray, maps_of) -> None:
+    """Merge candidates into the top-K lists of layer ``li`` of ``part`` (a :class:`TopPartial`), in place.
+
+    scores, index: (C, 2, n) of the candidates, stats (C, 2, n, 6); maps_of(cc, ss, j) gives the maps (M, K, 2, N)
+    of candidates j (M, K) of lists (cc, ss) (M, 1) each, so that only the candidates that enter are gathered.
+    A list keeps its K best of its own and the candidates (score descending, then position ascending); only the
+    lists that change are written.
+    """
+    k = part.scores.shape[-1]
+    all_scores = np.concatenate([part.scores[li], scores], axis=-1)  # (C, 2, K + n): the kept, then the candidates
+    all_index = np.concatenate([part.index[li], index], axis=-1)
+    order = np.lexsort((all_index, -all_scores), axis=-1)[..., :k]  # (C, 2, K)
+    col, sign = np.nonzero((order != np.arange(k)).any(-1))  # the lists that change: (M,) each
+    o = order[col, sign]  # (M, K)
+    new = (o >= k)[..., None]  # (M, K, 1): slots filled from the candidates
+    cc, ss, kept, j = col[:, None], sign[:, None], np.minimum(o, k - 1), np.maximum(o - k, 0)  # (M, 1|K) each
+    new_stats = np.where(new, stats[cc, ss, j], part.stats[li, cc, ss, kept])  # (M, K, 6)
+    new_maps = np.where(new[..., None], maps_of(cc, ss, j), part.maps[li, cc, ss, kept])  # (M, K, 2, N)
+    part.scores[li, col, sign] = all_scores[cc, ss, o]
+    part.index[li, col, sign] = all_index[cc, ss, o]
+    part.stats[li, col, sign] = new_stats
+    part.maps[li, col, sign] = new_maps
+
+
 @dataclass(frozen=True)
 class TopImagesAnalysis(ModeSweep):
     """top-images as a :class:`~qkweights.analyses.runner.Analysis`: items are relative paths under ``root``."""
@@ -189,47 +213,27 @@ class TopImagesAnalysis(ModeSweep):
         return partial
 
     def _layer(self, bank: ModeBank, out, li: int, positions: np.ndarray, part: TopPartial) -> None:
-        """Merge the batch's images into the top-K of every mode of layer ``bank.layers[li]`` (scores, positions,
-        stats, maps: ``part``'s entries at ``li``, in place) and add the unit sum of their centre tokens."""
+        """Merge the batch's images into the top-K of every mode of layer ``bank.layers[li]`` (``part``'s entries at
+        ``li``, in place) and add the unit sum of their centre tokens."""
         lay = out.layout
         x = bank.source.tokens_of(out, bank.layers[li]).astype(np.float32, copy=False)  # (B, T, D): x̃, or n if folded
         part.centre[li] += unit_sum(x[:, centre_token(lay)])
         p = bank.w[li].T @ x[:, lay.patches].transpose(0, 2, 1)  # (B, 2C, N), one GEMM per image (stacked matmul)
         st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
-        c, k = st.shape[0], part.scores.shape[-1]
-        scores = np.concatenate([part.scores[li], st[..., 0]], axis=-1)  # (C, 2, K + B): the kept, then the batch
-        index = np.concatenate([part.index[li], np.broadcast_to(positions, st.shape[:3])], axis=-1)
-        order = np.lexsort((index, -scores), axis=-1)[..., :k]  # (C, 2, K): score descending, then position
-        col, sign = np.nonzero((order != np.arange(k)).any(-1))  # the lists that change: (M,) each
-        o = order[col, sign]  # (M, K)
-        new = (o >= k)[..., None]  # (M, K, 1): slots filled from the batch
-        cc, ss, kept, j = col[:, None], sign[:, None], np.minimum(o, k - 1), np.maximum(o - k, 0)  # (M, 1|K) each
-        stats = np.where(new, st[cc, ss, j, 1:], part.stats[li, cc, ss, kept])  # (M, K, 6)
-        maps = np.where(new[..., None], np.stack([p[j, cc], p[j, c + cc]], -2), part.maps[li, cc, ss, kept])
-        part.scores[li, col, sign] = scores[cc, ss, o]
-        part.index[li, col, sign] = index[cc, ss, o]
-        part.stats[li, col, sign] = stats
-        part.maps[li, col, sign] = maps  # (M, K, 2, N): the query map x·u and the key map x·v of each
+        c = st.shape[0]
+        index = np.broadcast_to(positions, st.shape[:3])  # (C, 2, B)
+        enter(part, li, st[..., 0], index, st[..., 1:], lambda cc, ss, j: np.stack([p[j, cc], p[j, c + cc]], -2))
+
+    def merge_into(self, a: TopPartial, b: TopPartial) -> TopPartial:
+        for li in range(len(a.scores)):
+            enter(a, li, b.scores[li], b.index[li], b.stats[li], lambda cc, ss, j, li=li: b.maps[li, cc, ss, j])
+        a.centre += b.centre
+        a.n_scored += b.n_scored
+        return a
 
     def merge(self, a: TopPartial, b: TopPartial) -> TopPartial:
-        ka = a.scores.shape[-1]
-        scores = np.concatenate([a.scores, b.scores], axis=-1)  # (L', C, 2, ka + kb)
-        index = np.concatenate([a.index, b.index], axis=-1)
-        order = np.lexsort((index, -scores), axis=-1)[..., : self.top]  # (L', C, 2, K)
-        pick = [np.take_along_axis(scores, order, -1), np.take_along_axis(index, order, -1)]
-        slots = order.reshape(int(np.prod(order.shape[:-1])), order.shape[-1])  # (M, K): M = L'·C·2 lists
-        rows, ranks = np.nonzero(slots >= ka)  # the slots filled from b (few, once the lists have filled up)
-        for xa, xb in ((a.stats, b.stats), (a.maps, b.maps)):  # whole slots copied: a's kept, then b's entrants
-            size = int(np.prod(xa.shape[4:]))  # S: the values of one slot
-            fa, fb = xa.reshape(len(slots), ka, size), xb.reshape(len(slots), xb.shape[3], size)  # (M, k, S)
-            x = (
-                fa[np.arange(len(slots))[:, None], np.minimum(slots, ka - 1)]
-                if ka
-                else np.empty((*slots.shape, size), xa.dtype)
-            )
-            x[rows, ranks] = fb[rows, slots[rows, ranks] - ka]
-            pick.append(x.reshape(order.shape + xa.shape[4:]))
-        return TopPartial(*pick, a.centre + b.centre, a.n_scored + b.n_scored)
+        copy = TopPartial(a.scores.copy(), a.index.copy(), a.stats.copy(), a.maps.copy(), a.centre.copy(), a.n_scored)
+        return self.merge_into(copy, b)
 
     def to_arrays(self, p: TopPartial) -> dict[str, np.ndarray]:
         return {
@@ -242,7 +246,8 @@ class TopImagesAnalysis(ModeSweep):
         }
 
     def from_arrays(self, z) -> TopPartial:
-        return TopPartial(z["scores"], z["index"], z["stats"], z["maps"], z["centre"], int(z["n_scored"]))
+        saved = TopPartial(z["scores"], z["index"], z["stats"], z["maps"], z["centre"], int(z["n_scored"]))
+        return self.merge_into(self.empty(), saved)  # in the layout of empty(): K slots, written in place
 
 
 # ----------------------------------------------------------------------------- the typed result

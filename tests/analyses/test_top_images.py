@@ -160,8 +160,9 @@ def test_running_topk_with_fewer_images_than_k():
 
 
 def test_merging_a_batch_in_place_equals_the_merge_of_its_partial(vit, folder):
-    """A shard's in-place top-K (accumulate) gives merge(partial, compute(batch)) bit for bit, in any batch order,
-    with exact ties (every image twice) and batches larger than K."""
+    """A shard's in-place top-K (accumulate) and the in-place merge of two shards' (merge_into) give
+    merge(partial, compute(batch)) bit for bit, in any order, with exact ties (every image twice) and batches
+    larger than K."""
     paths = [p for p in list_images(folder) for _ in range(2)][:22]  # 11 images, each twice in a row
     size = input_size(vit)
     grid = patch_grid(vit, size)
@@ -170,13 +171,18 @@ def test_merging_a_batch_in_place_equals_the_merge_of_its_partial(vit, folder):
     )
     bank = an.setup(vit)
     batches = [an.load(vit, paths[i : i + 5], np.arange(i, min(i + 5, len(paths))))[0] for i in range(0, len(paths), 5)]
-    merged, in_place, backwards = an.empty(), an.empty(), an.empty()
+    merged, in_place, backwards, first, second = (an.empty() for _ in range(5))
     for batch in batches:
         merged = an.merge(merged, an.compute(vit, bank, batch))
         in_place = an.accumulate(vit, bank, batch, in_place)
     for batch in batches[::-1]:
         backwards = an.accumulate(vit, bank, batch, backwards)
-    for got in (in_place, backwards):
+    for batch in batches[:2]:
+        first = an.accumulate(vit, bank, batch, first)
+    for batch in batches[2:]:
+        second = an.accumulate(vit, bank, batch, second)
+    halves = an.merge_into(second, first)  # two shards, merged in place
+    for got in (in_place, backwards, halves):
         assert got.n_scored == merged.n_scored == len(paths)
         for name, want in an.to_arrays(merged).items():
             np.testing.assert_array_equal(an.to_arrays(got)[name], want, err_msg=name)
