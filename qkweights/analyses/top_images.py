@@ -19,8 +19,9 @@ and the partial result of a set of images is a top-K per (layer, head, mode, sig
 (:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
 first), which is associative and commutative, so memory does not grow with the number
 of images and the result does not depend on how the sweep ran. Inside a shard each batch
-is merged into the shard's top-K in place (:meth:`TopImagesAnalysis.accumulate`): only the
-images that enter a list are copied. The same forward passes
+is merged into the shard's top-K in place (:meth:`TopImagesAnalysis.accumulate`), and each
+finished shard into the sweep's (:meth:`TopImagesAnalysis.merge_into`): only the images that
+enter a list are copied (:func:`keep_best`). The same forward passes
 give the anisotropy control (paper Fig. S4): per layer, the mean cosine between the
 centre patch token's embeddings of different images, from the sum s of their unit
 vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in fixed point
@@ -147,7 +148,7 @@ class TopPartial:
     n_scored: int = 0
 
 
-def enter(part, li: int, scores: np.ndarray, index: np.ndarray, stats: np.ndarray, maps_of) -> None:
+def keep_best(part, li: int, scores: np.ndarray, index: np.ndarray, stats: np.ndarray, maps_of) -> None:
     """Merge candidates into the top-K lists of layer ``li`` of ``part`` (a :class:`TopPartial`), in place.
 
     scores, index: (C, 2, n) of the candidates, stats (C, 2, n, 6); maps_of(cc, ss, j) gives the maps (M, K, 2, N)
@@ -222,11 +223,11 @@ class TopImagesAnalysis(ModeSweep):
         st = batch_stats(p).transpose(1, 2, 0, 3)  # (C, 2, B, 7)
         c = st.shape[0]
         index = np.broadcast_to(positions, st.shape[:3])  # (C, 2, B)
-        enter(part, li, st[..., 0], index, st[..., 1:], lambda cc, ss, j: np.stack([p[j, cc], p[j, c + cc]], -2))
+        keep_best(part, li, st[..., 0], index, st[..., 1:], lambda cc, ss, j: np.stack([p[j, cc], p[j, c + cc]], -2))
 
     def merge_into(self, a: TopPartial, b: TopPartial) -> TopPartial:
         for li in range(len(a.scores)):
-            enter(a, li, b.scores[li], b.index[li], b.stats[li], lambda cc, ss, j, li=li: b.maps[li, cc, ss, j])
+            keep_best(a, li, b.scores[li], b.index[li], b.stats[li], lambda cc, ss, j, li=li: b.maps[li, cc, ss, j])
         a.centre += b.centre
         a.n_scored += b.n_scored
         return a
