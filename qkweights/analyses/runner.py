@@ -10,7 +10,7 @@ module owns the loop they share:
    :data:`SHARDS_PER_WORKER` shards per worker (:func:`shard_size_for`), so that every
    worker stays busy to the end. An image's numbers depend on the image, the model and
    the machine's BLAS kernel only (not on its shard or batch), so the cut is free; the
-   kernels the shards ran on are recorded (:func:`blas_record`) and more than one noted.
+   kernels the shards ran on are recorded (:func:`~qkweights.analyses.state.blas_record`) and more than one noted.
    Local workers are at most one per shard; more than the cores is noted.
 2. Shards are submitted to a :class:`concurrent.futures.Executor`: none (in-process),
    local worker processes (:func:`~qkweights.analyses.executors.local_executor`, one BLAS thread each), or
@@ -61,9 +61,17 @@ from typing import Any
 import numpy as np
 
 from qkweights.analyses.executors import cores, local_executor, stop_workers
-from qkweights.analyses.state import SweepState, fingerprint, load_state, save_state
+from qkweights.analyses.state import (
+    KERNEL_KEYS,
+    SweepState,
+    blas_record,
+    fingerprint,
+    kernels,
+    kernels_note,
+    load_state,
+    save_state,
+)
 from qkweights.errors import InputError, QkError
-from qkweights.outputs import plural
 from qkweights.vision.model import ModelRef, remember
 
 MAX_POOL_RESTARTS = 3  # process pools that may break in a row, with no shard finished, before the run stops
@@ -221,45 +229,6 @@ def run_shard(task: Task) -> ShardResult:
     return ShardResult(task.shard, partial, skipped, len(task.items), blas_record())
 
 
-KERNEL_KEYS = ("internal_api", "architecture", "version")  # what decides a BLAS's rounding (not its thread count)
-
-
-def blas_record() -> dict:
-    """numpy's BLAS in this process: threadpoolctl's ``internal_api``, ``architecture``, ``version`` and
-    ``num_threads``; numpy's build configuration where threadpoolctl finds no BLAS (architecture and threads then
-    None)."""
-    from threadpoolctl import threadpool_info
-
-    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    lib = next((i for i in libs if "numpy" in str(i.get("filepath", ""))), libs[0] if libs else None)
-    if lib is None:
-        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-        return {
-            "internal_api": blas.get("name"),
-            "architecture": None,
-            "version": blas.get("version"),
-            "num_threads": None,
-        }
-    return {k: lib.get(k) for k in (*KERNEL_KEYS, "num_threads")}
-
-
-def kernels(records: list[dict]) -> list[dict]:
-    """The distinct BLAS kernels (:data:`KERNEL_KEYS`) of the shards' ``records``, sorted; each with the thread
-    counts it ran at and its number of shards."""
-    out: dict[str, dict] = {}
-    for r in records:
-        kernel = {key: r.get(key) for key in KERNEL_KEYS}
-        entry = out.setdefault(json.dumps(kernel, sort_keys=True), {**kernel, "num_threads": [], "shards": 0})
-        entry["shards"] += 1
-        if r.get("num_threads") not in entry["num_threads"]:
-            entry["num_threads"] = sorted([*entry["num_threads"], r.get("num_threads")], key=str)
-    return [out[key] for key in sorted(out)]
-
-
-def _kernel_name(k: dict) -> str:
-    return " ".join(str(k[key]) for key in KERNEL_KEYS if k.get(key) is not None)
-
-
 def _positioned(skipped: list[dict], task: Task, an: Analysis) -> list[dict]:
     """Skipped records with their list positions (``load`` names them by path; positions order the list)."""
     where = {an.item_name(it): p for it, p in zip(task.items, task.positions)}
@@ -373,11 +342,7 @@ def run_sweep(
     skipped = [{k: v for k, v in s.items() if k != "position"} for s in st.skipped]
     blas = kernels(st.blas)
     if len(blas) > 1:
-        mixed = "; ".join(f"{_kernel_name(k)}: {plural(k['shards'], 'shard')}" for k in blas)
-        told.append(
-            f"the shards ran on {len(blas)} BLAS kernels ({mixed}); their numbers may differ in the last digits "
-            "from a run on one kernel (see Sweeps at scale in the README)"
-        )
+        told.append(kernels_note(blas))
         if notes:
             notes(told[-1])
     return Sweep(st.partial, skipped, told, n, fp, ref, blas)

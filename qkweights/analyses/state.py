@@ -1,4 +1,5 @@
-"""A sweep's resume state: what the finished shards merged, saved atomically under a fingerprint.
+"""A sweep's resume state: what the finished shards merged, saved atomically under a fingerprint, and the BLAS
+kernels they ran on (:func:`blas_record`, :func:`kernels`).
 
 The runner (:mod:`qkweights.analyses.runner`) writes it to ``<out>/.<name>_state.npz``; the same command run again
 resumes from it. ``an`` is the sweep's :class:`~qkweights.analyses.runner.Analysis` (its ``name``, ``key``,
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from qkweights.outputs import write_npz
+from qkweights.outputs import plural, write_npz
 from qkweights.version import __version__
 
 
@@ -55,7 +56,7 @@ class SweepState:
     partial: Any
     done: set[int] = field(default_factory=set)  # positions of the items consumed (scored or skipped)
     skipped: list[dict] = field(default_factory=list)
-    blas: list[dict] = field(default_factory=list)  # each finished shard's BLAS (runner.blas_record)
+    blas: list[dict] = field(default_factory=list)  # each finished shard's BLAS (blas_record)
 
 
 def save_state(path: Path, an, fp: str, st: SweepState) -> None:
@@ -90,3 +91,53 @@ def load_state(path: Path, an, fp: str, n: int) -> tuple[SweepState | None, str 
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
         return None, f"{path} is unreadable ({type(e).__name__}); ignoring it and starting over"
     return st, None
+
+
+# ----------------------------------------------------------------------------- the BLAS the shards ran on
+
+
+KERNEL_KEYS = ("internal_api", "architecture", "version")  # what decides a BLAS's rounding (not its thread count)
+
+
+def blas_record() -> dict:
+    """numpy's BLAS in this process: threadpoolctl's ``internal_api``, ``architecture``, ``version`` and
+    ``num_threads``; numpy's build configuration where threadpoolctl finds no BLAS (architecture and threads then
+    None)."""
+    from threadpoolctl import threadpool_info
+
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    lib = next((i for i in libs if "numpy" in str(i.get("filepath", ""))), libs[0] if libs else None)
+    if lib is None:
+        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        return {
+            "internal_api": blas.get("name"),
+            "architecture": None,
+            "version": blas.get("version"),
+            "num_threads": None,
+        }
+    return {k: lib.get(k) for k in (*KERNEL_KEYS, "num_threads")}
+
+
+def kernels(records: list[dict]) -> list[dict]:
+    """The distinct BLAS kernels (:data:`KERNEL_KEYS`) of the shards' ``records``, sorted; each with the thread
+    counts it ran at and its number of shards."""
+    out: dict[str, dict] = {}
+    for r in records:
+        kernel = {key: r.get(key) for key in KERNEL_KEYS}
+        entry = out.setdefault(json.dumps(kernel, sort_keys=True), {**kernel, "num_threads": [], "shards": 0})
+        entry["shards"] += 1
+        if r.get("num_threads") not in entry["num_threads"]:
+            entry["num_threads"] = sorted([*entry["num_threads"], r.get("num_threads")], key=str)
+    return [out[key] for key in sorted(out)]
+
+
+def kernels_note(blas: list[dict]) -> str:
+    """The note of a sweep whose shards ran on several BLAS kernels (``blas``: :func:`kernels` of their records)."""
+    mixed = "; ".join(
+        " ".join(str(k[key]) for key in KERNEL_KEYS if k.get(key) is not None) + f": {plural(k['shards'], 'shard')}"
+        for k in blas
+    )
+    return (
+        f"the shards ran on {len(blas)} BLAS kernels ({mixed}); their numbers may differ in the last digits from a "
+        "run on one kernel (see Sweeps at scale in the README)"
+    )

@@ -759,7 +759,7 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
 def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch):
     """A sweep started here and resumed on Dask workers whose OpenBLAS runs another kernel (Sandybridge: no FMA)."""
     distributed = pytest.importorskip("distributed")
-    from qkweights.analyses.runner import blas_record
+    from qkweights.analyses.state import blas_record
 
     here = blas_record()
     images, out = scenes / "images", tmp_path / "out"
@@ -810,7 +810,7 @@ def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
         settings=replace(SETTINGS, workers=2),
         notes=told.append,
     )
-    from qkweights.analyses.runner import blas_record
+    from qkweights.analyses.state import blas_record
 
     here = blas_record()
     assert told == [] and result.doc["blas"] == [{k: here[k] for k in ("internal_api", "architecture", "version")}]
