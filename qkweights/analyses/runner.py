@@ -139,15 +139,11 @@ class Analysis(ABC):
     def compute(self, model, ctx, batch: Batch) -> Any:
         """The partial result of one batch (runs the model)."""
 
-    def merge_into(self, a, b) -> Any:
-        """``merge(a, b)``, bit for bit; an analysis may override it to update ``a`` in place (the runner passes as
-        ``a`` only partials it owns)."""
-        return self.merge(a, b)
-
     def accumulate(self, model, ctx, batch: Batch, partial) -> Any:
         """``merge(partial, compute(model, ctx, batch))``, bit for bit; an analysis may override it to update
-        ``partial`` in place without building the batch's own partial."""
-        return self.merge_into(partial, self.compute(model, ctx, batch))
+        ``partial`` in place without building the batch's own partial (the runner passes only the partial of the
+        shard it runs, which an interrupted shard drops)."""
+        return self.merge(partial, self.compute(model, ctx, batch))
 
     @abstractmethod
     def empty(self) -> Any:
@@ -412,7 +408,7 @@ class _Merge:
 
     def absorb(self, res: ShardResult) -> None:
         task, st = self.shards[res.shard], self.st
-        st.partial = self.an.merge_into(st.partial, res.partial)
+        st.partial = self.an.merge(st.partial, res.partial)  # a new one: an interrupt mid-merge leaves the state whole
         st.skipped = sorted(st.skipped + _positioned(res.skipped, task, self.an), key=lambda s: s["position"])
         st.done.update(task.positions)
         st.blas.append(res.blas)

@@ -19,9 +19,9 @@ and the partial result of a set of images is a top-K per (layer, head, mode, sig
 (:class:`TopPartial`); two partials merge by keeping the K best (ties: the earlier path
 first), which is associative and commutative, so memory does not grow with the number
 of images and the result does not depend on how the sweep ran. Inside a shard each batch
-is merged into the shard's top-K in place (:meth:`TopImagesAnalysis.accumulate`), and each
-finished shard into the sweep's (:meth:`TopImagesAnalysis.merge_into`): only the images that
-enter a list are copied (:func:`keep_best`). The same forward passes
+is merged into the shard's top-K in place (:meth:`TopImagesAnalysis.accumulate`), and two
+partials merge into a copy of the first (:meth:`TopImagesAnalysis.merge_into`): only the
+images that enter a list are copied (:func:`keep_best`). The same forward passes
 give the anisotropy control (paper Fig. S4): per layer, the mean cosine between the
 centre patch token's embeddings of different images, from the sum s of their unit
 vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in fixed point
@@ -226,6 +226,7 @@ class TopImagesAnalysis(ModeSweep):
         keep_best(part, li, st[..., 0], index, st[..., 1:], lambda cc, ss, j: np.stack([p[j, cc], p[j, c + cc]], -2))
 
     def merge_into(self, a: TopPartial, b: TopPartial) -> TopPartial:
+        """``merge(a, b)`` written into ``a``."""
         for li in range(len(a.scores)):
             keep_best(a, li, b.scores[li], b.index[li], b.stats[li], lambda cc, ss, j, li=li: b.maps[li, cc, ss, j])
         a.centre += b.centre
