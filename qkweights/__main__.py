@@ -1,3 +1,3 @@
-from qkweights.cli import main
+from qkweights.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -116,6 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def entry() -> None:
+    """The process's entry point (``python -m qkweights``, the ``qkweights`` script): :func:`main`, then exit with
+    its code. An interrupted command (130, 143) has saved its state and stopped its workers; it then exits at once,
+    its output flushed: a signal raised as an exception can leave a lock held that a stopped worker pool's thread
+    waits for, and the interpreter would wait for that thread at exit."""
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def _reuse_freed_memory() -> None:
     """With glibc: serve arrays up to 32 MB from the heap and keep what is freed for the next ones (``mallopt``),
     rather than map fresh pages for every batch's arrays and unmap them when freed. First touches of memory are
