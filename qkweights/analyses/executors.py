@@ -94,16 +94,11 @@ def stop_workers(executor: cf.ProcessPoolExecutor) -> None:
     """Stop a local pool now: cancel what has not started and terminate the worker processes (their shards are
     not merged; a re-run runs them again)."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
-    results = getattr(executor, "_result_queue", None)
     executor.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.terminate()
     for proc in processes:
         proc.join(5)
-    if results is not None:
-        # A worker killed while it sent a result leaves the pool's reading thread waiting for the rest of it, and the
-        # interpreter joins that thread at exit: with this process's end of the pipe closed too, it reads EOF instead.
-        results._writer.close()
 
 
 def dask_client(address: str | None = None, scheduler_file: str | None = None):
