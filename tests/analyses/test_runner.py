@@ -332,14 +332,26 @@ def _top_cmd(images, out, *extra):
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _started(cmd, state, **popen):
-    """The command started, once its state file exists (its first shard finished)."""
-    proc = subprocess.Popen(cmd, env=ENV, **popen)
-    deadline = time.monotonic() + 60
-    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be stopped; give it more images"
-    return proc
+@pytest.fixture
+def started():
+    """``start(cmd, state, **popen)``: the command started, once its state file exists (its first shard finished).
+    A command still running when the test ends (one that hangs, or a failed test's) is killed with its workers."""
+    procs = []
+
+    def start(cmd, state, **popen):
+        proc = subprocess.Popen(cmd, env=ENV, **popen)
+        procs.append(proc)
+        deadline = time.monotonic() + 60
+        while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be stopped; give it more images"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            _gone_within([*_children(proc.pid), proc.pid], 0)  # kills what runs
+            proc.wait()
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -389,11 +401,11 @@ def _uninterrupted_equals(cmd, out, tmp_path):
     assert not (out / STATE_NAME).exists()
 
 
-def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
+def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path, started):
     """``top-images`` killed with SIGKILL mid-run, then the same command again, equals an uninterrupted run."""
     out = tmp_path / "out"
     cmd = _top_cmd(_many_images(scenes, tmp_path), out)
-    proc = _started(cmd, out / STATE_NAME, start_new_session=True)
+    proc = started(cmd, out / STATE_NAME, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "top_images.json").exists()
@@ -404,11 +416,11 @@ def test_a_killed_client_resumes_to_the_uninterrupted_result(scenes, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
-def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path):
+def test_workers_die_with_a_client_killed_by_sigkill(scenes, tmp_path, started):
     """``kill -9`` of a ``--workers 2`` client (the client alone, not its process group): its workers are gone
     within a few seconds, not parented to init for ever."""
     out = tmp_path / "out"
-    proc = _started(_top_cmd(_many_images(scenes, tmp_path), out, "--workers", "2"), out / STATE_NAME)
+    proc = started(_top_cmd(_many_images(scenes, tmp_path), out, "--workers", "2"), out / STATE_NAME)
     workers = _children(proc.pid)
     assert len(workers) >= 2  # the two workers (and the pool's resource tracker, if any)
     proc.kill()
@@ -444,10 +456,10 @@ def test_the_parent_watch_of_platforms_without_pdeathsig_ends_the_worker(tmp_pat
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
-def test_sigterm_stops_like_ctrl_c_with_exit_143_and_the_rerun_resumes(scenes, tmp_path):
+def test_sigterm_stops_like_ctrl_c_with_exit_143_and_the_rerun_resumes(scenes, tmp_path, started):
     out = tmp_path / "out"
     cmd = _top_cmd(_many_images(scenes, tmp_path), out, "--workers", "2")
-    proc = _started(cmd, out / STATE_NAME, stderr=subprocess.PIPE, text=True)
+    proc = started(cmd, out / STATE_NAME, stderr=subprocess.PIPE, text=True)
     workers = _children(proc.pid)
     proc.terminate()
     _, err = proc.communicate(timeout=30)
