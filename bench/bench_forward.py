@@ -12,7 +12,11 @@ safetensors.numpy) in a temporary folder, then for each thread count N:
   ``== per image`` says whether its outputs happen to be bit-identical to the per-image ones here;
 - torch (when installed): ``ViTModel.from_pretrained(folder)`` (default attention, sdpa) and eager
   attention, with ``torch.set_num_threads(N)``; torch is imported only here, never by qkweights;
-- numpy's float32 matmul peak: (B·T × 768) @ (768 × 3072) in GFLOP/s, the ceiling of the forward pass.
+- numpy's float32 matmul peak: (B·T × 768) @ (768 × 3072) in GFLOP/s, the ceiling of the forward pass;
+- the price of one GEMM per image: a block's four linear layers (q/k/v, out, fc1, fc2) at one BLAS thread
+  with 197 rows per call (one image, as the per-image forward calls them) and with B/N·197 rows (a shard of
+  the batched forward), in GFLOP/s, alternating; BLAS repacks the weights on every call, so that fewer rows
+  per call spend a larger share of the time packing.
 
 Timings alternate between the implementations (other load on the machine hits both alike) and
 report the median and the best of ``--reps`` runs. Peak memory of ``forward(attentions=True)``
@@ -186,6 +190,28 @@ def matmul_peak(rows: int, d: int, f: int, reps: int) -> float:
     return 2 * rows * d * f / best / 1e9
 
 
+def rows_per_call(rows: tuple[int, ...], reps: int) -> dict[int, float]:
+    """Median GFLOP/s at one BLAS thread of a ViT-B block's four GEMMs, (rows × in) @ (in × out) each, for each row
+    count; the row counts alternate within every repetition."""
+    rng = np.random.default_rng(2)
+    shapes = [(768, 3 * 768), (768, 768), (768, 3072), (3072, 768)]  # q/k/v, out, fc1, fc2
+    ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    xs = {m: {k: rng.standard_normal((m, k), dtype=np.float32) for k in (768, 3072)} for m in rows}
+
+    def block(m):
+        for w in ws:
+            xs[m][w.shape[0]] @ w
+
+    times: dict[int, list[float]] = {m: [] for m in rows}
+    with threadpool_limits(1, user_api="blas"):
+        for m in rows:
+            block(m)  # warm-up
+        for _ in range(reps):
+            for m in rows:
+                times[m].append(_time(lambda m=m: block(m)))
+    return {m: 2 * m * sum(a * b for a, b in shapes) / statistics.median(ts) / 1e9 for m, ts in times.items()}
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -300,6 +326,13 @@ def main() -> None:
                 peak = matmul_peak(args.batch * 197, 768, 3072, args.reps)
             results[n] = times
             print(f"\nthreads = {n}: numpy float32 matmul peak {peak:.0f} GFLOP/s; batched == per image: {same}")
+            shard = 197 * -(-args.batch // n)
+            if shard > 197:
+                gemm = rows_per_call((197, shard), 3 * args.reps)
+                print(
+                    f"  a block's GEMMs at one BLAS thread: {gemm[197]:.0f} GFLOP/s at 197 rows per call (one image), "
+                    f"{gemm[shard]:.0f} at {shard} (a shard of the batched forward): {gemm[197] / gemm[shard]:.2f}x"
+                )
             for name, ts in times.items():
                 med, best = statistics.median(ts), min(ts)
                 gflops = flops / med / 1e9

@@ -176,9 +176,9 @@ class Keep:
     input, no attention).
 
     layers: block indices whose attention inputs (and attentions, with ``attentions``) and residual streams are
-    kept; None keeps all. truncate: run only the blocks up to the deepest of ``layers``, and of the deepest only what
-    is kept of it (its attention input, its attention); ``hidden_states`` then ends there and ``last_hidden_state``
-    is None (unless the deepest is the last block: then the whole pass runs). hidden=False, inputs=False: keep no
+    kept; None keeps all. truncate: run only the blocks up to the deepest of ``layers`` (the last block too), and of
+    the deepest only what is kept of it (its attention input, its attention); ``hidden_states`` then ends there and
+    ``last_hidden_state`` and ``pooled`` are None. hidden=False, inputs=False: keep no
     residual streams, no attention inputs (``hidden_states`` entries and ``attention_inputs`` stay empty), so that an
     analysis holds only what it reads.
     """
@@ -446,8 +446,8 @@ class _Plan:
 
 def _plan(wt: ViTWeights, b: int, layout: TokenLayout, layers: set[int], keep: Keep, rows) -> _Plan:
     t, d, heads = layout.n_tokens, wt.embeddings.patch.shape[1], wt.heads
-    depth = max(layers) + 1 if keep.truncate and layers else len(wt.blocks)
-    whole = depth == len(wt.blocks)
+    depth = max(layers, default=-1) + 1 if keep.truncate else len(wt.blocks)
+    whole = not keep.truncate
 
     def kept(flag: bool, shape: tuple) -> list:
         return [np.empty(shape, np.float32) if flag and l in layers else None for l in range(depth)]

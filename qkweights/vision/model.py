@@ -396,8 +396,8 @@ class VisionModel:
         images side by side as numpy's BLAS may use threads (``threadpoolctl.threadpool_limits``
         or OPENBLAS_NUM_THREADS set the number), each alone with one BLAS thread, so that an
         image's outputs do not depend on its batch or the thread count. truncate, rows: run only the blocks up to the
-        deepest of ``layers``; keep only these query rows of the attentions; keep the residual
-        streams, the attention inputs (see :func:`qkweights.vision.forward.forward`).
+        deepest of ``layers`` (no ``last_hidden_state`` then); keep only these query rows of the attentions; hidden,
+        inputs: keep the residual streams, the attention inputs (see :func:`qkweights.vision.forward.forward`).
         """
         keep = Keep(attentions=attentions, layers=layers, truncate=truncate, hidden=hidden, inputs=inputs)
         return forward(self.weights, pixel_values, keep, rows=rows)

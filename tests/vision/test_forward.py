@@ -190,7 +190,7 @@ def test_layers_keep_only_what_was_asked(models):
         Keep(hidden=False, inputs=False),
         Keep(attentions=True, layers=[0], truncate=True),
         Keep(layers=[0], truncate=True, hidden=False),  # the deepest block stops after its attention input
-        Keep(layers=[1], truncate=True),  # the deepest asked is the last: the whole pass
+        Keep(layers=[1], truncate=True),  # the deepest asked is the last: it stops there too
         Keep(attentions=True, layers=[1], hidden=False),
         Keep(layers=[0], inputs=False),
     ],
@@ -205,9 +205,8 @@ def test_keeping_less_gives_the_same_arrays(name, keep, models):
     full = forward(model.weights, px, Keep(attentions=True), threads=2)
     some = forward(model.weights, px, keep, threads=2)
     depth = max(keep.layers) + 1 if keep.truncate else len(model.weights.blocks)
-    truncated = depth < len(model.weights.blocks)
     layers = range(depth) if keep.layers is None else keep.layers
-    assert len(some.hidden_states) == depth + (not truncated)
+    assert len(some.hidden_states) == depth + (not keep.truncate)
     for l in range(depth):
         kept = keep.hidden and l in layers
         assert (some.hidden_states[l] is not None) == kept
@@ -219,7 +218,7 @@ def test_keeping_less_gives_the_same_arrays(name, keep, models):
         np.testing.assert_array_equal(some.attention_inputs[l], full.attention_inputs[l])
     for l in some.attentions:
         np.testing.assert_array_equal(some.attentions[l], full.attentions[l])
-    if truncated:
+    if keep.truncate:
         assert some.last_hidden_state is None and some.pooled is None
     else:
         np.testing.assert_array_equal(some.hidden_states[-1], full.hidden_states[-1])
