@@ -135,8 +135,10 @@ class TopPartial:
     """The top-K of a set of images per (layer, head·mode column, sign).
 
     scores, index: (L', C, 2, K) (−inf / −1 for empty slots); stats: (L', C, 2, K, 6);
-    maps: (L', C, 2, K, 2, N) float32, each winner's query map x·u and key map x·v over
-    the N patches (raw, not signed); centre: (L', D) int64 fixed-point sum of
+    maps: (L', C, 2, K, 2, N) float16, each winner's query map x·u and key map x·v over
+    the N patches (raw, not signed), rounded once when it enters a list to the precision that
+    ``top_images_maps.npz`` keeps (half the memory and transfer of float32, and a result read back from its files
+    equals the one the run returned); centre: (L', D) int64 fixed-point sum of
     the centre tokens' unit vectors; n_scored: images scored.
     """
 
@@ -198,7 +200,7 @@ class TopImagesAnalysis(ModeSweep):
             np.full(lc, -np.inf),
             np.full(lc, -1, np.int64),
             np.full(lc + (len(STATS),), np.nan),
-            np.full(lc + (2, self.n_patches), np.nan, np.float32),
+            np.full(lc + (2, self.n_patches), np.nan, np.float16),
             np.zeros((lc[0], self.hidden), np.int64),
         )
 
@@ -260,7 +262,8 @@ class TopImagesResult(DocumentResult):
     """The result of ``top-images``: the ``top_images.json`` document and the winners' maps.
 
     doc: the JSON document (schema ``qkweights.top_images/1``); maps: (L', H'·N', 2, K, 2,
-    gh, gw) float32 query and key maps of each winner (NaN for empty slots), in the
+    gh, gw) float32 query and key maps of each winner (NaN for empty slots; float16 values, as
+    ``top_images_maps.npz`` stores them), in the
     order of ``doc["options"]`` layers, heads × modes, signs (+, −), rank.
     """
 
@@ -463,7 +466,7 @@ def run_top_images(
     doc["fingerprint"] = sweep.fingerprint
     doc["n_other_files"] = len(others)
     doc["blas"] = sweep.kernels()
-    maps = st.maps.reshape(st.maps.shape[:-1] + grid)
+    maps = st.maps.reshape(st.maps.shape[:-1] + grid).astype(np.float32)  # float16 values, as the file keeps them
     result = TopImagesResult(doc, maps)
     result.files = result.save(out)
     state_path.unlink(missing_ok=True)

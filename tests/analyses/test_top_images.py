@@ -18,6 +18,7 @@ from qkweights.analyses.sweep import ModeSelection, input_size, list_images, mer
 from qkweights.analyses.top_images import (
     STATE_NAME,
     TopImagesAnalysis,
+    TopImagesResult,
     mean_pairwise_cosine,
     run_top_images,
     unit_sum,
@@ -86,6 +87,8 @@ def test_scores_against_brute_force(folder, tmp_path, name):
         settings=SweepSettings(batch_size=4),
     )
     doc = result.doc
+    # the maps a run returns are the ones its files keep, bit for bit (float16 from the start)
+    np.testing.assert_array_equal(TopImagesResult.load(tmp_path).maps, result.maps)
     ref, centres = brute_force(model, folder, paths, layers, heads, modes)
     assert doc["n_images"] == len(paths) == 27 and doc["skipped"] == []
     got = {
@@ -101,7 +104,8 @@ def test_scores_against_brute_force(folder, tmp_path, name):
         for rank, w in enumerate(winners):
             r = by_path[w["path"]]
             maps = result.maps[layers.index(l), heads.index(h) * len(modes) + modes.index(n), "+-".index(sign), rank]
-            np.testing.assert_allclose(maps.reshape(2, -1), r[7], rtol=0, atol=2e-5)  # the bound below
+            # the float32 bound below, then float16's rounding (unit roundoff 2⁻¹¹; 2⁻²⁵ absolute below 2⁻¹⁴)
+            np.testing.assert_allclose(maps.reshape(2, -1), r[7], rtol=2**-11, atol=2e-5 * (1 + 2**-11) + 2**-25)
             np.testing.assert_allclose(
                 [
                     w["score"],
