@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qkweights.cli.common import add_model_arguments, model_options, print_notes
+from qkweights.cli.common import add_model_arguments, add_quiet, model_options, print_notes
 from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.cli.words import flag_words
@@ -63,7 +63,7 @@ def configure(p) -> None:
     p.add_argument(
         "--junit", metavar="FILE", help="write JUnit XML, one test case per check group, for CI test reports"
     )
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_quiet(p)
 
 
 def run(args) -> int:

@@ -159,7 +159,12 @@ def add_output_arguments(p: argparse.ArgumentParser, *, no_plots: str) -> None:
         "resume state while running, and one run at a time",
     )
     p.add_argument("--no-plots", action="store_true", help=no_plots)
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_quiet(p)
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    """--quiet: no progress and no summary; errors and ``qkweights: note:`` lines are printed even so."""
+    p.add_argument("--quiet", action="store_true", help="print only errors and notes (no progress bars, no summary)")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qkweights.cli.common import add_quiet
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 
@@ -12,7 +13,7 @@ DEFAULT_OUT = Path("qkweights-out") / "demo"
 
 def configure(p) -> None:
     p.add_argument("--out", help=f"output folder (default: ./{DEFAULT_OUT.as_posix()}/)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_quiet(p)
 
 
 def run(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from qkweights.cli.common import add_pickle_arguments, model_options
+from qkweights.cli.common import add_pickle_arguments, add_quiet, model_options
 from qkweights.cli.exits import EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.cli.words import flag_words
@@ -39,7 +39,7 @@ def configure(p) -> None:
     )
     p.add_argument("--out", default="qkweights-out/diff", help="output folder (default: ./qkweights-out/diff)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_quiet(p)
 
 
 def run(args) -> int:

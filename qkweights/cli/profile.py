@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from qkweights.cli.common import add_model_arguments, model_options, out_dir
+from qkweights.cli.common import add_model_arguments, add_quiet, model_options, out_dir
 from qkweights.cli.exits import EXIT_FINDINGS, EXIT_OK
 from qkweights.cli.progress import Terminal
 from qkweights.outputs import plural, prepare_dir
@@ -26,7 +26,7 @@ def configure(p) -> None:
         help="profile the LayerNorm-folded Γ W_qᵀW_k Γ (the interaction of the normalised tokens) and each head's "
         "key-salience norm ‖Γ W_kᵀ(W_q β + b_q)‖; also draws fold_cosine_by_layer.png against the plain profile",
     )
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_quiet(p)
 
 
 def run(args) -> int:
