@@ -25,10 +25,11 @@ from qkweights.version import __version__
 
 def fingerprint(an, source: dict, ck, items: Sequence) -> str:
     """sha256 of everything that decides a sweep's numbers: the tool version, the model's provenance (weights), the
-    content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name) and of
-    the configs read, the options and each item's files (name, size, mtime). Not the shard cut: the state records
-    which items are done, so a run resumes whatever shard size or executor the next one has; nor the batch size,
-    since an image's numbers do not depend on its batch."""
+    content of the spec bound to its checkpoint ``ck`` (as resolved from the spec folders, whatever its name; its
+    fields, not where its file lies, so that another checkout or environment of the same version gives the same
+    fingerprint) and of the configs read, the options and each item's files (name, size, mtime). Not the shard cut:
+    the state records which items are done, so a run resumes whatever shard size or executor the next one has; nor
+    the batch size, since an image's numbers do not depend on its batch."""
     files = []
     for it in items:
         for f in an.item_files(it):
@@ -42,11 +43,20 @@ def fingerprint(an, source: dict, ck, items: Sequence) -> str:
         "analysis": an.name,
         "key": an.key(),
         "source": source,
-        "spec": dataclasses.asdict(ck.spec),
+        "spec": _spec_content(ck.spec),
         "configs": ck.configs,
         "files": files,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _spec_content(spec) -> dict:
+    """The spec's fields as a dict, without those about its file (path, user folder, the specs it shadows…)."""
+    content = dataclasses.asdict(spec)
+    for f in dataclasses.fields(spec):
+        if f.metadata.get("kind") == "internal":
+            del content[f.name]
+    return content
 
 
 @dataclass

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
@@ -21,7 +22,8 @@ from conftest import MODELS
 from qkweights import workflow
 from qkweights.analyses.o3 import O3Analysis, run_o3, select_items
 from qkweights.analyses.runner import ShardError, SweepSettings, Task, run_shard, run_sweep
-from qkweights.analyses.sweep import ModeSelection, list_images, patch_grid
+from qkweights.analyses.state import fingerprint
+from qkweights.analyses.sweep import ModeSelection, list_images, model_identity, patch_grid
 from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, run_top_images
 from qkweights.datasets.synthetic_o3 import make_o3
 from qkweights.vision.model import ModelRef, open_vision_model
@@ -553,6 +555,20 @@ def test_the_same_spec_resumes(vit, scenes, tmp_path):
     )
     assert told == [f"resuming from {out / STATE_NAME}: 4 of 14 images already done"]
     _equal_top(resumed, run_top_images(vit, images, tmp_path / "clean", selection=SELECT, settings=SETTINGS))
+
+
+def test_the_fingerprint_holds_the_spec_s_fields_not_where_its_file_lies(vit, scenes):
+    """Another checkout or environment of the same version reads the shipped spec from another path: its states
+    resume and its documents carry the same fingerprint; an edited field still changes it."""
+    an = SimpleNamespace(name="top_images", key=lambda: "k", item_files=lambda it: [scenes / "images" / it])
+    items, source, ck = ["a.png", "b.png"], model_identity(vit), vit.checkpoint
+
+    def with_spec(**changes):
+        return SimpleNamespace(spec=replace(ck.spec, **changes), configs=ck.configs)
+
+    here = fingerprint(an, source, ck, items)
+    assert fingerprint(an, source, with_spec(path=Path("/elsewhere/model_specs") / ck.spec.path.name), items) == here
+    assert fingerprint(an, source, with_spec(prefixes=("vit.",)), items) != here
 
 
 def test_dask_workers_bind_the_spec_the_client_resolved(scenes, swapped_spec, tmp_path, monkeypatch):
