@@ -92,13 +92,22 @@ def _watch_parent(parent: int) -> None:
 
 def stop_workers(executor: cf.ProcessPoolExecutor) -> None:
     """Stop a local pool now: cancel what has not started and terminate the worker processes (their shards are
-    not merged; a re-run runs them again)."""
+    not merged; a re-run runs them again).
+
+    A worker terminated while it sends its result leaves the pool's thread waiting for the rest of it, and the
+    interpreter waits for that thread at exit: once the workers are gone, this process's own copy of the result
+    pipe's writing end is closed, so that the thread reads the end of the pipe instead, marks the pool broken and
+    ends (the futures must not have been cancelled by hand before: Python 3.11's thread fails on those)."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
+    results = getattr(executor, "_result_queue", None)  # shutdown(wait=False) drops it
     executor.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.terminate()
     for proc in processes:
         proc.join(5)
+    writer = getattr(results, "_writer", None)
+    if writer is not None and not any(proc.is_alive() for proc in processes):
+        writer.close()
 
 
 def dask_client(address: str | None = None, scheduler_file: str | None = None):

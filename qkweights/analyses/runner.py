@@ -517,8 +517,9 @@ def _run_on(executor: cf.Executor | None, make_executor, todo: list[Task], absor
                     breaks = 0
                     absorb(res)
             except BaseException:
-                for fut in futures:
-                    fut.cancel()
+                if not own:  # a local pool is stopped below (stop_workers), which cancels what has not started
+                    for fut in futures:
+                        fut.cancel()
                 raise
             if broken and pending:  # a worker died: start a new pool for what is left
                 breaks += 1

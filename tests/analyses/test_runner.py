@@ -557,6 +557,41 @@ def test_the_same_spec_resumes(vit, scenes, tmp_path):
     _equal_top(resumed, run_top_images(vit, images, tmp_path / "clean", selection=SELECT, settings=SETTINGS))
 
 
+def test_stopping_workers_frees_a_pool_thread_left_waiting_for_a_half_sent_result():
+    """A worker terminated while it sends its result leaves the pool's thread reading the rest forever, and the
+    interpreter joins that thread at exit (a hung Ctrl-C in a notebook or script). stop_workers must end it."""
+    import struct
+    import threading
+    from concurrent.futures.process import BrokenProcessPool
+
+    from qkweights.analyses.executors import local_executor, stop_workers
+
+    pool = local_executor(1)
+    running = pool.submit(time.sleep, 60)
+    deadline = time.monotonic() + 30
+    while not running.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    results, thread = pool._result_queue, pool._executor_manager_thread
+    # what a killed sender leaves in the pipe: a header promising 1 MiB, then 10 bytes of it
+    os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + b"x" * 10)
+    time.sleep(0.5)  # the pool's thread has read the header and waits for the rest
+    errors, hook = [], threading.excepthook
+    threading.excepthook = errors.append
+    try:
+        stop_workers(pool)
+        thread.join(10)
+        stuck = thread.is_alive()
+    finally:
+        if thread.is_alive():  # free it anyway, or this test process would never exit
+            results._writer.close()
+            thread.join(10)
+        threading.excepthook = hook
+    assert not stuck
+    assert errors == []  # no traceback from the pool's thread (Python 3.11 fails on futures cancelled by hand)
+    with pytest.raises(BrokenProcessPool):
+        running.result(timeout=10)
+
+
 def test_the_fingerprint_holds_the_spec_s_fields_not_where_its_file_lies(vit, scenes):
     """Another checkout or environment of the same version reads the shipped spec from another path: its states
     resume and its documents carry the same fingerprint; an edited field still changes it."""
