@@ -16,7 +16,9 @@ safetensors.numpy) in a temporary folder, then for each thread count N:
 - the price of one GEMM per image: a block's four linear layers (q/k/v, out, fc1, fc2) at one BLAS thread
   with 197 rows per call (one image, as the per-image forward calls them) and with B/N·197 rows (a shard of
   the batched forward), in GFLOP/s, alternating; BLAS repacks the weights on every call, so that fewer rows
-  per call spend a larger share of the time packing.
+  per call spend a larger share of the time packing. Beside them, the same 197-row GEMMs with the weights packed
+  once, run by numpy's own OpenBLAS copy and kernel routines through ctypes (:class:`PackedGemm`): what a GEMM
+  route outside numpy's API would recover (an experiment for issue 15's open decision; qkweights does not use it).
 
 Timings alternate between the implementations (other load on the machine hits both alike) and
 report the median and the best of ``--reps`` runs. Peak memory of ``forward(attentions=True)``
@@ -29,6 +31,7 @@ Run from the repository root:  python bench/bench_forward.py [--batch 8] [--thre
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -190,26 +193,115 @@ def matmul_peak(rows: int, d: int, f: int, reps: int) -> float:
     return 2 * rows * d * f / best / 1e9
 
 
-def rows_per_call(rows: tuple[int, ...], reps: int) -> dict[int, float]:
+class PackedGemm:
+    """x @ w for a fixed w (K, N) float32, its panels packed once by numpy's own OpenBLAS (a DYNAMIC_ARCH build,
+    which exports each core's routines as ``sgemm_itcopy_<CORE>``, ``sgemm_oncopy_<CORE>``, ``sgemm_kernel_<CORE>``),
+    so that a product only packs x and runs the kernel: OpenBLAS's column-major C^T = w^T x^T with w^T
+    cut into blocks of ``p`` × ``q`` (output columns × depth), x^T into blocks of depth ``q``.
+
+    An experiment (issue 15): it relies on OpenBLAS's internal, unversioned routines. :meth:`available` is False where
+    numpy's BLAS does not export them.
+    """
+
+    _routines = None
+
+    def __init__(self, w: np.ndarray, p: int = 768, q: int = 384):
+        itcopy, _, _ = self.routines()
+        self.w = np.ascontiguousarray(w, np.float32)
+        k, n = self.w.shape
+        self.blocks = []  # (depth offset, depth, [(column offset, columns, packed panel)])
+        for ls in range(0, k, q):
+            depth, panels = min(q, k - ls), []
+            for i in range(0, n, p):
+                cols = min(p, n - i)
+                packed = _aligned(depth * cols)
+                itcopy(depth, cols, self.w.ctypes.data + 4 * (i + ls * n), n, packed.ctypes.data)
+                panels.append((i, cols, packed))
+            self.blocks.append((ls, depth, panels))
+        self.scratch = _aligned(max(depth for _, depth, _ in self.blocks) * 4096)  # x^T packed, up to 4096 rows
+
+    @classmethod
+    def routines(cls):
+        """(itcopy, oncopy, kernel) of numpy's OpenBLAS for the core it runs, bound through ctypes."""
+        if cls._routines is None:
+            path = next(i["filepath"] for i in threadpool_info() if i["internal_api"] == "openblas")
+            lib = ctypes.CDLL(path)
+            lib.gotoblas_corename.restype = ctypes.c_char_p
+            core = lib.gotoblas_corename().decode().upper()
+            i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+            itcopy, oncopy, kernel = (getattr(lib, f"sgemm_{name}_{core}") for name in ("itcopy", "oncopy", "kernel"))
+            itcopy.argtypes = oncopy.argtypes = [i64, i64, ptr, i64, ptr]
+            kernel.argtypes = [i64, i64, i64, f32, ptr, ptr, ptr, i64]
+            cls._routines = itcopy, oncopy, kernel
+        return cls._routines
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            cls.routines()
+        except (StopIteration, OSError, AttributeError):
+            return False
+        return True
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out (T, N) = x (T, K) @ w, x C-contiguous float32, T ≤ 4096."""
+        _, oncopy, kernel = self.routines()
+        t, (k, n) = len(x), self.w.shape
+        out.fill(0)  # the kernel adds its product to out
+        for ls, depth, panels in self.blocks:
+            oncopy(depth, t, x.ctypes.data + 4 * ls, k, self.scratch.ctypes.data)
+            for i, cols, packed in panels:
+                kernel(cols, t, depth, 1.0, packed.ctypes.data, self.scratch.ctypes.data, out.ctypes.data + 4 * i, n)
+        return out
+
+
+def _aligned(n: int) -> np.ndarray:
+    """n float32 (and 1024 more, for a kernel's reads past a panel's end) starting on a 4096-byte boundary."""
+    raw = np.zeros(n + 1024 + 1024, np.float32)
+    start = (-raw.ctypes.data % 4096) // 4
+    return raw[start : start + n + 1024]
+
+
+def rows_per_call(rows: tuple[int, ...], reps: int) -> dict:
     """Median GFLOP/s at one BLAS thread of a ViT-B block's four GEMMs, (rows × in) @ (in × out) each, for each row
-    count; the row counts alternate within every repetition."""
+    count, and (key "packed", where numpy's OpenBLAS allows it) at the first row count with the weights packed once
+    (:class:`PackedGemm`; its max |difference| from numpy's products under key "packed_diff"); all alternate within
+    every repetition."""
     rng = np.random.default_rng(2)
     shapes = [(768, 3 * 768), (768, 768), (768, 3072), (3072, 768)]  # q/k/v, out, fc1, fc2
     ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
     xs = {m: {k: rng.standard_normal((m, k), dtype=np.float32) for k in (768, 3072)} for m in rows}
-
-    def block(m):
-        for w in ws:
-            xs[m][w.shape[0]] @ w
-
-    times: dict[int, list[float]] = {m: [] for m in rows}
+    runs = {m: lambda m=m: [xs[m][w.shape[0]] @ w for w in ws] for m in rows}
+    diff = None
+    if PackedGemm.available():
+        packed, one = [PackedGemm(w) for w in ws], xs[rows[0]]
+        outs = [np.empty((rows[0], w.shape[1]), np.float32) for w in ws]
+        runs["packed"] = lambda: [g(one[g.w.shape[0]], o) for g, o in zip(packed, outs)]
+    times: dict = {key: [] for key in runs}
     with threadpool_limits(1, user_api="blas"):
-        for m in rows:
-            block(m)  # warm-up
+        ref = [run() for run in runs.values()]  # warm-up
+        if "packed" in runs:
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(ref[0], ref[-1]))
         for _ in range(reps):
-            for m in rows:
-                times[m].append(_time(lambda m=m: block(m)))
-    return {m: 2 * m * sum(a * b for a, b in shapes) / statistics.median(ts) / 1e9 for m, ts in times.items()}
+            for key, run in runs.items():
+                times[key].append(_time(run))
+    flops = {key: 2 * (rows[0] if key == "packed" else key) * sum(a * b for a, b in shapes) for key in runs}
+    return {key: flops[key] / statistics.median(ts) / 1e9 for key, ts in times.items()} | {"packed_diff": diff}
+
+
+def print_rows_per_call(shard: int, reps: int) -> None:
+    """Print :func:`rows_per_call` at 197 rows (one image) and ``shard`` rows (a shard of the batched forward)."""
+    gemm = rows_per_call((197, shard), reps)
+    print(
+        f"  a block's GEMMs at one BLAS thread: {gemm[197]:.0f} GFLOP/s at 197 rows per call (one image), "
+        f"{gemm[shard]:.0f} at {shard} (a shard of the batched forward): {gemm[197] / gemm[shard]:.2f}x"
+    )
+    if "packed" in gemm:
+        print(
+            f"  the same 197-row GEMMs with the weights packed once (OpenBLAS's own routines through ctypes; not used "
+            f"by qkweights): {gemm['packed']:.0f} GFLOP/s, {gemm['packed'] / gemm[shard]:.2f}x of {shard} rows (max "
+            f"|difference| from numpy's products {gemm['packed_diff']:.1e})"
+        )
 
 
 def _time(fn) -> float:
@@ -328,11 +420,7 @@ def main() -> None:
             print(f"\nthreads = {n}: numpy float32 matmul peak {peak:.0f} GFLOP/s; batched == per image: {same}")
             shard = 197 * -(-args.batch // n)
             if shard > 197:
-                gemm = rows_per_call((197, shard), 3 * args.reps)
-                print(
-                    f"  a block's GEMMs at one BLAS thread: {gemm[197]:.0f} GFLOP/s at 197 rows per call (one image), "
-                    f"{gemm[shard]:.0f} at {shard} (a shard of the batched forward): {gemm[197] / gemm[shard]:.2f}x"
-                )
+                print_rows_per_call(shard, 3 * args.reps)
             for name, ts in times.items():
                 med, best = statistics.median(ts), min(ts)
                 gflops = flops / med / 1e9
