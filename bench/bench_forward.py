@@ -34,6 +34,7 @@ import argparse
 import ctypes
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -237,6 +238,9 @@ class PackedGemm:
 
     @classmethod
     def available(cls) -> bool:
+        """Whether numpy's BLAS exports the routines (x86-64 only: their calling convention is checked there)."""
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
         try:
             cls.routines()
         except (StopIteration, OSError, AttributeError):
@@ -247,6 +251,7 @@ class PackedGemm:
         """out (T, N) = x (T, K) @ w, x C-contiguous float32, T ≤ 4096."""
         _, oncopy, kernel = self.routines()
         t, (k, n) = len(x), self.w.shape
+        assert x.flags.c_contiguous and x.dtype == np.float32 and x.shape[1] == k and t <= 4096 and out.shape == (t, n)
         out.fill(0)  # the kernel adds its product to out
         for ls, depth, panels in self.blocks:
             oncopy(depth, t, x.ctypes.data + 4 * ls, k, self.scratch.ctypes.data)
