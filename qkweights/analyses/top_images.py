@@ -20,9 +20,9 @@ and the partial result of a set of images is a top-K per (layer, head, mode, sig
 first), which is associative and commutative, so memory does not grow with the number
 of images and the result does not depend on how the sweep ran. Inside a shard each batch
 is merged into the shard's top-K in place (:meth:`TopImagesAnalysis.accumulate`), and two
-partials merge into a copy of the first (:meth:`TopImagesAnalysis.merge_into`): only the
-images that enter a list are copied (:func:`keep_best`). The same forward passes
-give the anisotropy control (paper Fig. S4): per layer, the mean cosine between the
+partials merge into a copy of the first (:meth:`TopImagesAnalysis.merge`, which writes with
+:meth:`~TopImagesAnalysis.merge_into`): only the images that enter a list are copied (:func:`keep_best`).
+The same forward passes give the anisotropy control (paper Fig. S4): per layer, the mean cosine between the
 centre patch token's embeddings of different images, from the sum s of their unit
 vectors, ``mean_{i≠j} cos = (|s|² − n) / (n(n − 1))``; the sum is kept in fixed point
 (integers of 2⁻⁴⁰) so that it too is exact whatever the order of the merges.
