@@ -5,20 +5,22 @@ Hugging Face ViT file layout (config.json + model.safetensors, written with nump
 safetensors.numpy) in a temporary folder, then for each thread count N:
 
 - qkweights: ``open_vision_model(folder).forward(pixels)`` with OpenBLAS limited to N threads (threadpoolctl):
-  every image runs alone, N images side by side on Python threads, one BLAS thread each;
+  every image runs alone, N images side by side on Python threads, one BLAS thread each, the linear layers on
+  this machine's GEMM route (``qkweights.vision.gemm``: weights packed once where numpy's OpenBLAS allows);
+- numpy GEMMs: the same per-image forward with every linear layer an ``np.matmul`` (the route
+  ``QKWEIGHTS_GEMM=numpy`` and machines without the packed route take), which repacks the weights on every call;
 - batched: the forward pass before issue 15, kept here only as the baseline (:func:`batched_forward`):
   the batch cut in N shards of consecutive images, each shard's ``(B·T, D) @ W`` one BLAS call, so
   that an image's rounding depended on its neighbours on some BLAS kernels; the column
-  ``== per image`` says whether its outputs happen to be bit-identical to the per-image ones here;
+  ``== per image`` says whether its outputs happen to be bit-identical to the per-image ones (numpy GEMMs) here;
 - torch (when installed): ``ViTModel.from_pretrained(folder)`` (default attention, sdpa) and eager
   attention, with ``torch.set_num_threads(N)``; torch is imported only here, never by qkweights;
 - numpy's float32 matmul peak: (B·T × 768) @ (768 × 3072) in GFLOP/s, the ceiling of the forward pass;
 - the price of one GEMM per image: a block's four linear layers (q/k/v, out, fc1, fc2) at one BLAS thread
   with 197 rows per call (one image, as the per-image forward calls them) and with B/N·197 rows (a shard of
-  the batched forward), in GFLOP/s, alternating; BLAS repacks the weights on every call, so that fewer rows
-  per call spend a larger share of the time packing. Beside them, the same 197-row GEMMs with the weights packed
-  once, run by numpy's own OpenBLAS copy and kernel routines through ctypes (:class:`PackedGemm`): what a GEMM
-  route outside numpy's API would recover (an experiment for issue 15's open decision; qkweights does not use it).
+  the batched forward), in GFLOP/s, alternating; numpy's BLAS repacks the weights on every call, so that fewer
+  rows per call spend a larger share of the time packing. Beside them, the same 197-row GEMMs on the packed route
+  (:class:`qkweights.vision.gemm.Linear`), where this machine has it.
 
 Timings alternate between the implementations (other load on the machine hits both alike) and
 report the median and the best of ``--reps`` runs. Peak memory of ``forward(attentions=True)``
@@ -31,10 +33,8 @@ Run from the repository root:  python bench/bench_forward.py [--batch 8] [--thre
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,10 +55,12 @@ from qkweights.vision.forward import (  # noqa: E402
     activation_,
     check_pixels,
     embed,
+    forward,
     layer_norm,
     softmax_,
 )
-from qkweights.vision.model import open_vision_model  # noqa: E402
+from qkweights.vision.gemm import Linear, gemm_route, scratch  # noqa: E402
+from qkweights.vision.model import open_vision_model, vit_weights  # noqa: E402
 from qkweights.vision.threads import blas_threads  # noqa: E402
 
 VIT_B16 = dict(
@@ -130,10 +132,11 @@ def batched_forward(weights, pixels: np.ndarray, threads: int) -> ForwardOutput:
         return _concat(list(pool.map(lambda i: _batched_run(weights, x[i]), cuts)))
 
 
-def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    y = x.reshape(-1, x.shape[-1]) @ w  # (B·T, O)
-    y += b
-    return y.reshape(*x.shape[:-1], w.shape[1])
+def _linear(x: np.ndarray, lin: Linear) -> np.ndarray:
+    """x (..., I) @ weight + bias of a linear layer on the numpy route, as one BLAS call."""
+    y = x.reshape(-1, x.shape[-1]) @ lin.weight  # (B·T, O)
+    y += lin.bias
+    return y.reshape(*x.shape[:-1], lin.shape[1])
 
 
 def _batched_run(wt, pixels: np.ndarray) -> ForwardOutput:
@@ -147,15 +150,15 @@ def _batched_run(wt, pixels: np.ndarray) -> ForwardOutput:
         residual.append(x)
         h = layer_norm(x, blk.norm1, wt.eps)  # (B, T, D)
         normed[l] = h
-        qkv = _linear(h, blk.qkv, blk.qkv_bias).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
+        qkv = _linear(h, blk.qkv).reshape(b, t, 3, heads, k)  # (B, T, 3, H, K)
         q, key, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 × (B, H, T, K)
         att = softmax_(q @ key.swapaxes(-1, -2))  # (B, H, T, T)
         ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)  # (B, T, H·K)
-        a = _linear(ctx, blk.out, blk.out_bias)
+        a = _linear(ctx, blk.out)
         a += x
         x = a
-        m = activation_(_linear(layer_norm(x, blk.norm2, wt.eps), blk.fc1, blk.fc1_bias), wt.act)  # (B, T, F)
-        m = _linear(m, blk.fc2, blk.fc2_bias)
+        m = activation_(_linear(layer_norm(x, blk.norm2, wt.eps), blk.fc1), wt.act)  # (B, T, F)
+        m = _linear(m, blk.fc2)
         m += x
         x = m
     residual.append(x)
@@ -194,94 +197,21 @@ def matmul_peak(rows: int, d: int, f: int, reps: int) -> float:
     return 2 * rows * d * f / best / 1e9
 
 
-class PackedGemm:
-    """x @ w for a fixed w (K, N) float32, its panels packed once by numpy's own OpenBLAS (a DYNAMIC_ARCH build,
-    which exports each core's routines as ``sgemm_itcopy_<CORE>``, ``sgemm_oncopy_<CORE>``, ``sgemm_kernel_<CORE>``),
-    so that a product only packs x and runs the kernel: OpenBLAS's column-major C^T = w^T x^T with w^T
-    cut into blocks of ``p`` × ``q`` (output columns × depth), x^T into blocks of depth ``q``.
-
-    An experiment (issue 15): it relies on OpenBLAS's internal, unversioned routines. :meth:`available` is False where
-    numpy's BLAS does not export them.
-    """
-
-    _routines = None
-
-    def __init__(self, w: np.ndarray, p: int = 768, q: int = 384):
-        itcopy, _, _ = self.routines()
-        self.w = np.ascontiguousarray(w, np.float32)
-        k, n = self.w.shape
-        self.blocks = []  # (depth offset, depth, [(column offset, columns, packed panel)])
-        for ls in range(0, k, q):
-            depth, panels = min(q, k - ls), []
-            for i in range(0, n, p):
-                cols = min(p, n - i)
-                packed = _aligned(depth * cols)
-                itcopy(depth, cols, self.w.ctypes.data + 4 * (i + ls * n), n, packed.ctypes.data)
-                panels.append((i, cols, packed))
-            self.blocks.append((ls, depth, panels))
-        self.scratch = _aligned(max(depth for _, depth, _ in self.blocks) * 4096)  # x^T packed, up to 4096 rows
-
-    @classmethod
-    def routines(cls):
-        """(itcopy, oncopy, kernel) of numpy's OpenBLAS for the core it runs, bound through ctypes."""
-        if cls._routines is None:
-            path = next(i["filepath"] for i in threadpool_info() if i["internal_api"] == "openblas")
-            lib = ctypes.CDLL(path)
-            lib.gotoblas_corename.restype = ctypes.c_char_p
-            core = lib.gotoblas_corename().decode().upper()
-            i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-            itcopy, oncopy, kernel = (getattr(lib, f"sgemm_{name}_{core}") for name in ("itcopy", "oncopy", "kernel"))
-            itcopy.argtypes = oncopy.argtypes = [i64, i64, ptr, i64, ptr]
-            kernel.argtypes = [i64, i64, i64, f32, ptr, ptr, ptr, i64]
-            cls._routines = itcopy, oncopy, kernel
-        return cls._routines
-
-    @classmethod
-    def available(cls) -> bool:
-        """Whether numpy's BLAS exports the routines (x86-64 only: their calling convention is checked there)."""
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            return False
-        try:
-            cls.routines()
-        except (StopIteration, OSError, AttributeError):
-            return False
-        return True
-
-    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out (T, N) = x (T, K) @ w, x C-contiguous float32, T ≤ 4096."""
-        _, oncopy, kernel = self.routines()
-        t, (k, n) = len(x), self.w.shape
-        assert x.flags.c_contiguous and x.dtype == np.float32 and x.shape[1] == k and t <= 4096 and out.shape == (t, n)
-        out.fill(0)  # the kernel adds its product to out
-        for ls, depth, panels in self.blocks:
-            oncopy(depth, t, x.ctypes.data + 4 * ls, k, self.scratch.ctypes.data)
-            for i, cols, packed in panels:
-                kernel(cols, t, depth, 1.0, packed.ctypes.data, self.scratch.ctypes.data, out.ctypes.data + 4 * i, n)
-        return out
-
-
-def _aligned(n: int) -> np.ndarray:
-    """n float32 (and 1024 more, for a kernel's reads past a panel's end) starting on a 4096-byte boundary."""
-    raw = np.zeros(n + 1024 + 1024, np.float32)
-    start = (-raw.ctypes.data % 4096) // 4
-    return raw[start : start + n + 1024]
-
-
 def rows_per_call(rows: tuple[int, ...], reps: int) -> dict:
     """Median GFLOP/s at one BLAS thread of a ViT-B block's four GEMMs, (rows × in) @ (in × out) each, for each row
-    count, and (key "packed", where numpy's OpenBLAS allows it) at the first row count with the weights packed once
-    (:class:`PackedGemm`; its max |difference| from numpy's products under key "packed_diff"); all alternate within
-    every repetition."""
+    count, and (key "packed", where this machine has the packed route) at the first row count on it
+    (:class:`~qkweights.vision.gemm.Linear`, no bias; its max |difference| from numpy's products under key
+    "packed_diff"); all alternate within every repetition."""
     rng = np.random.default_rng(2)
     shapes = [(768, 3 * 768), (768, 768), (768, 3072), (3072, 768)]  # q/k/v, out, fc1, fc2
     ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
     xs = {m: {k: rng.standard_normal((m, k), dtype=np.float32) for k in (768, 3072)} for m in rows}
     runs = {m: lambda m=m: [xs[m][w.shape[0]] @ w for w in ws] for m in rows}
     diff = None
-    if PackedGemm.available():
-        packed, one = [PackedGemm(w) for w in ws], xs[rows[0]]
+    if gemm_route() == "packed":
+        packed, one, work = [Linear(w, np.zeros(w.shape[1])) for w in ws], xs[rows[0]], scratch(rows[0])
         outs = [np.empty((rows[0], w.shape[1]), np.float32) for w in ws]
-        runs["packed"] = lambda: [g(one[g.w.shape[0]], o) for g, o in zip(packed, outs)]
+        runs["packed"] = lambda: [g(one[g.shape[0]], o, work) for g, o in zip(packed, outs)]
     times: dict = {key: [] for key in runs}
     with threadpool_limits(1, user_api="blas"):
         ref = [run() for run in runs.values()]  # warm-up
@@ -303,9 +233,9 @@ def print_rows_per_call(shard: int, reps: int) -> None:
     )
     if "packed" in gemm:
         print(
-            f"  the same 197-row GEMMs with the weights packed once (OpenBLAS's own routines through ctypes; not used "
-            f"by qkweights): {gemm['packed']:.0f} GFLOP/s, {gemm['packed'] / gemm[shard]:.2f}x of {shard} rows (max "
-            f"|difference| from numpy's products {gemm['packed_diff']:.1e})"
+            f"  the same 197-row GEMMs on the packed route (weights packed once): {gemm['packed']:.0f} GFLOP/s, "
+            f"{gemm['packed'] / gemm[shard]:.2f}x of {shard} rows (max |difference| from numpy's products "
+            f"{gemm['packed_diff']:.1e})"
         )
 
 
@@ -352,6 +282,21 @@ print(json.dumps({{"tracemalloc_peak_mb": peak / 2**20, "rss_before_mb": weights
     return json.loads(out.stdout)
 
 
+def print_times(times: dict, flops: float, batch: int, peak: float) -> None:
+    """Each runner's median and best time, throughput and share of the matmul peak; qkweights' throughput over each
+    other runner's."""
+    for name, ts in times.items():
+        med, best = statistics.median(ts), min(ts)
+        gflops = flops / med / 1e9
+        print(
+            f"  {name:11s} median {med * 1e3:7.0f} ms  best {best * 1e3:7.0f} ms  "
+            f"{batch / med:6.2f} img/s  {gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)"
+        )
+    q = statistics.median(times["qkweights"])
+    for name in [n for n in times if n != "qkweights"]:
+        print(f"  qkweights / {name} throughput: {statistics.median(times[name]) / q:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -366,8 +311,11 @@ def main() -> None:
         model = open_vision_model(str(folder))
         pixels = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
         flops = forward_flops(VIT_B16, args.batch)
+        plain = vit_weights(model.checkpoint, route="numpy")  # every linear layer an np.matmul
         runners = {"qkweights": lambda: model.forward(pixels)}
-        runners["batched"] = lambda: batched_forward(model.weights, pixels, blas_threads())
+        if gemm_route() == "packed":
+            runners["numpy GEMMs"] = lambda: forward(plain, pixels)
+        runners["batched"] = lambda: batched_forward(plain, pixels, blas_threads())
         if not args.no_torch:
             # torch's OpenMP threads otherwise spin for a while after each of its runs, taking the cores from the
             # numpy run that follows it in the rotation (measured: qkweights 0.84x of batched with torch in the
@@ -405,15 +353,14 @@ def main() -> None:
             {(i["internal_api"], i.get("version"), i.get("architecture")) for i in threadpool_info()}, key=str
         )
         print(
-            f"numpy {np.__version__}, BLAS {blas}; batch {args.batch}, ViT-B/16 224x224, "
-            f"{flops / args.batch / 1e9:.1f} GFLOP/image"
+            f"numpy {np.__version__}, BLAS {blas}; GEMM route {gemm_route()}; batch {args.batch}, ViT-B/16 "
+            f"224x224, {flops / args.batch / 1e9:.1f} GFLOP/image"
         )
-        results = {}
         for n in args.threads:
             if not args.no_torch:
                 torch.set_num_threads(n)
             with threadpool_limits(n):
-                same = np.array_equal(runners["batched"]().last_hidden_state, runners["qkweights"]().last_hidden_state)
+                same = np.array_equal(runners["batched"]().last_hidden_state, forward(plain, pixels).last_hidden_state)
                 for fn in runners.values():
                     fn()  # warm-up
                 times = {name: [] for name in runners}
@@ -421,25 +368,11 @@ def main() -> None:
                     for name, fn in runners.items():
                         times[name].append(_time(fn))
                 peak = matmul_peak(args.batch * 197, 768, 3072, args.reps)
-            results[n] = times
             print(f"\nthreads = {n}: numpy float32 matmul peak {peak:.0f} GFLOP/s; batched == per image: {same}")
             shard = 197 * -(-args.batch // n)
             if shard > 197:
                 print_rows_per_call(shard, 3 * args.reps)
-            for name, ts in times.items():
-                med, best = statistics.median(ts), min(ts)
-                gflops = flops / med / 1e9
-                print(
-                    f"  {name:10s} median {med * 1e3:7.0f} ms  best {best * 1e3:7.0f} ms  "
-                    f"{args.batch / med:6.2f} img/s  {gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)"
-                )
-            q = statistics.median(times["qkweights"])
-            print(f"  qkweights / batched throughput: {statistics.median(times['batched']) / q:.2f}x")
-            if not args.no_torch:
-                for impl in ("sdpa", "eager"):
-                    print(
-                        f"  qkweights / torch-{impl} throughput: {statistics.median(times['torch-' + impl]) / q:.2f}x"
-                    )
+            print_times(times, flops, args.batch, peak)
         mem = peak_memory(folder, args.batch, args.threads[0])
         print(
             f"\nmemory, forward(attentions=True, all 12 layers), batch {args.batch}: "

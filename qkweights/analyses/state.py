@@ -106,26 +106,25 @@ def load_state(path: Path, an, fp: str, n: int) -> tuple[SweepState | None, str 
 # ----------------------------------------------------------------------------- the BLAS the shards ran on
 
 
-KERNEL_KEYS = ("internal_api", "architecture", "version")  # what decides a BLAS's rounding (not its thread count)
+# what decides a shard's rounding (not its thread count): the BLAS, its kernel, and how the forward's linear layers
+# multiply (qkweights.vision.gemm.gemm_route)
+KERNEL_KEYS = ("internal_api", "architecture", "version", "gemm")
 
 
 def blas_record() -> dict:
     """numpy's BLAS in this process: threadpoolctl's ``internal_api``, ``architecture``, ``version`` and
-    ``num_threads``; numpy's build configuration where threadpoolctl finds no BLAS (architecture and threads then
-    None)."""
+    ``num_threads`` (numpy's build configuration where threadpoolctl finds no BLAS: architecture and threads then
+    None), and ``gemm``, the forward's GEMM route ("packed" or "numpy")."""
     from threadpoolctl import threadpool_info
+
+    from qkweights.vision.gemm import gemm_route
 
     libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     lib = next((i for i in libs if "numpy" in str(i.get("filepath", ""))), libs[0] if libs else None)
     if lib is None:
         blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-        return {
-            "internal_api": blas.get("name"),
-            "architecture": None,
-            "version": blas.get("version"),
-            "num_threads": None,
-        }
-    return {k: lib.get(k) for k in (*KERNEL_KEYS, "num_threads")}
+        lib = {"internal_api": blas.get("name"), "version": blas.get("version")}
+    return {k: lib.get(k) for k in ("internal_api", "architecture", "version", "num_threads")} | {"gemm": gemm_route()}
 
 
 def kernels(records: list[dict]) -> list[dict]:
@@ -141,12 +140,15 @@ def kernels(records: list[dict]) -> list[dict]:
     return [out[key] for key in sorted(out)]
 
 
+def kernel_name(k: dict) -> str:
+    """A kernel (:data:`KERNEL_KEYS`) in words: "openblas SkylakeX 0.3.31, packed GEMMs"."""
+    name = " ".join(str(k[key]) for key in KERNEL_KEYS[:3] if k.get(key) is not None)
+    return name + (f", {k['gemm']} GEMMs" if k.get("gemm") else "")
+
+
 def kernels_note(blas: list[dict]) -> str:
     """The note of a sweep whose shards ran on several BLAS kernels (``blas``: :func:`kernels` of their records)."""
-    mixed = "; ".join(
-        " ".join(str(k[key]) for key in KERNEL_KEYS if k.get(key) is not None) + f": {plural(k['shards'], 'shard')}"
-        for k in blas
-    )
+    mixed = "; ".join(f"{kernel_name(k)}: {plural(k['shards'], 'shard')}" for k in blas)
     return (
         f"the shards ran on {len(blas)} BLAS kernels ({mixed}); their numbers may differ in the last digits from a "
         "run on one kernel (see Sweeps at scale in the README)"

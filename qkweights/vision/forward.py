@@ -1,9 +1,10 @@
 """The forward pass of a Vision Transformer in numpy: arrays in, arrays out, float32 throughout.
 
 :class:`ViTWeights` holds one model's weights, read once (``qkweights.vision.model`` builds
-it from a checkpoint through its spec) and laid out for speed: every linear layer is
-stored input-major ``(in, out)`` so that ``x @ w`` is one BLAS call, q/k/v are fused
-into one ``(D, 3D)`` matrix, and the query weights carry the logit scale 1/√K.
+it from a checkpoint through its spec) and laid out for speed: every linear layer is a
+:class:`~qkweights.vision.gemm.Linear`, its input-major ``(in, out)`` weight packed once for
+OpenBLAS's kernel where numpy's BLAS allows it, q/k/v are fused into one ``(D, 3D)`` layer,
+and the query weights carry the logit scale 1/√K.
 :func:`forward` is the pre-norm ViT block, as transformers, timm and open_clip run it::
 
     x = embed(pixels)                                    # (B, T, D)  [+ pre_norm]
@@ -37,6 +38,7 @@ import numpy as np
 
 from qkweights.errors import InputError
 from qkweights.specs.schema import ACTIVATIONS
+from qkweights.vision.gemm import Linear, scratch
 from qkweights.vision.positions import relative_position_bias, resize_bicubic
 from qkweights.vision.threads import blas_threads, side_by_side
 
@@ -56,29 +58,25 @@ class Norm:
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """One transformer block, float32, linear weights input-major ``(in, out)``.
+    """One transformer block, float32; each linear layer a :class:`~qkweights.vision.gemm.Linear`, its weight
+    input-major ``(in, out)`` and its bias.
 
     qkv: (D, 3D) columns [q | k | v], head-major inside each (head h = columns h·K…(h+1)·K−1);
-    the q columns and q bias are pre-multiplied by 1/√K. qkv_bias: (3D,).
-    out: (D, D); out_bias: (D,). scale1, scale2: layer-scale (D,) or None.
-    fc1: (D, F) — for SwiGLU (D, 2F), gate columns first; fc1_bias (F,) or (2F,);
-    fc2: (F, D); fc2_bias: (D,).
+    the q columns and q bias are pre-multiplied by 1/√K.
+    out: (D, D). scale1, scale2: layer-scale (D,) or None.
+    fc1: (D, F) — for SwiGLU (D, 2F), gate columns first; fc2: (F, D).
     rel_pos: relative position bias table ((2gh−1)(2gw−1) + 3, H) for the stored patch grid
     ``EmbeddingWeights.grid`` (gh, gw), the sum of the block's own and a shared table; None
     when the block has none.
     """
 
     norm1: Norm
-    qkv: np.ndarray
-    qkv_bias: np.ndarray
-    out: np.ndarray
-    out_bias: np.ndarray
+    qkv: Linear
+    out: Linear
     scale1: np.ndarray | None
     norm2: Norm
-    fc1: np.ndarray
-    fc1_bias: np.ndarray
-    fc2: np.ndarray
-    fc2_bias: np.ndarray
+    fc1: Linear
+    fc2: Linear
     scale2: np.ndarray | None
     rel_pos: np.ndarray | None = None
 
@@ -401,7 +399,7 @@ class _Workspace:
 
     x: the residual stream (T, D); mid: it after the attention; h: a LayerNorm output (T, D); qkv (T, 3D);
     logits (H, T, T); ctx (T, D) laid out (T, H, K); mlp (T, F′) with F′ the widest fc1 of ``blocks``; gelu: the
-    activation's scratch.
+    activation's scratch; pack: the linear layers' (:func:`qkweights.vision.gemm.scratch`).
     """
 
     def __init__(self, t: int, d: int, heads: int, blocks: tuple[BlockWeights, ...], act: str):
@@ -423,6 +421,7 @@ class _Workspace:
         for name, shape in shapes.items():
             setattr(self, name, flat[start : start + math.prod(shape)].reshape(shape))
             start += sizes[name]
+        self.pack = scratch(t, blocks[0].qkv.route if blocks else "numpy")
 
 
 @dataclass(frozen=True)
@@ -478,8 +477,7 @@ def _block(wt: ViTWeights, l: int, x: np.ndarray, plan: _Plan, i: int, ws: _Work
     h = layer_norm(x, blk.norm1, wt.eps, out=plan.inputs[l][i] if plan.inputs[l] is not None else ws.h)
     if tail and plan.attentions[l] is None:
         return x
-    qkv = np.matmul(h, blk.qkv, out=ws.qkv)  # (T, 3D)
-    qkv += blk.qkv_bias
+    qkv = blk.qkv(h, ws.qkv, ws.pack)  # (T, 3D)
     q, key, v = qkv.reshape(t, 3, heads, k).transpose(1, 2, 0, 3)  # 3 × (H, T, K); q already scaled by 1/√K
     att = np.matmul(q, key.swapaxes(-1, -2), out=ws.logits)  # (H, T, T)
     if l in plan.bias:
@@ -490,17 +488,14 @@ def _block(wt: ViTWeights, l: int, x: np.ndarray, plan: _Plan, i: int, ws: _Work
     if tail:
         return x
     np.matmul(att, v, out=ws.ctx.reshape(t, heads, k).transpose(1, 0, 2))  # (H, T, K) into (T, H·K)
-    mid = np.matmul(ws.ctx, blk.out, out=ws.mid)  # (T, D)
-    mid += blk.out_bias
+    mid = blk.out(ws.ctx, ws.mid, ws.pack)  # (T, D)
     if blk.scale1 is not None:
         mid *= blk.scale1
     mid += x
-    m = np.matmul(layer_norm(mid, blk.norm2, wt.eps, out=ws.h), blk.fc1, out=ws.mlp[:, : blk.fc1.shape[1]])
-    m += blk.fc1_bias
+    m = blk.fc1(layer_norm(mid, blk.norm2, wt.eps, out=ws.h), ws.mlp[:, : blk.fc1.shape[1]], ws.pack)
     m = activation_(m, wt.act, scratch=ws.gelu)  # (T, F)
     nxt = plan.hidden[l + 1][i] if plan.hidden[l + 1] is not None else ws.x
-    np.matmul(m, blk.fc2, out=nxt)  # (T, D)
-    nxt += blk.fc2_bias
+    blk.fc2(m, nxt, ws.pack)  # (T, D)
     if blk.scale2 is not None:
         nxt *= blk.scale2
     nxt += mid
@@ -536,7 +531,8 @@ def forward(
     in it, the thread count or the executor (a batched ``(B·T, D) @ W`` rounds a row
     according to where its image sits among the kernel's tiles on some BLAS kernels, e.g.
     OpenBLAS's Haswell one). They depend on the machine's BLAS kernel (the
-    ``OPENBLAS_CORETYPE``), in the last digits. Each thread works in one scratch block
+    ``OPENBLAS_CORETYPE``) and GEMM route (:func:`qkweights.vision.gemm.gemm_route`), in
+    the last digits. Each thread works in one scratch block
     reused from image to image, and what is kept is written straight into the batch's
     output arrays (no per-operation arrays, no concatenation at the end).
 

@@ -31,6 +31,7 @@ from qkweights.vision.forward import (
     ViTWeights,
     forward,
 )
+from qkweights.vision.gemm import Linear, gemm_route
 from qkweights.vision.positions import relative_position_index
 from qkweights.vision.preprocess import Preprocess
 
@@ -117,10 +118,11 @@ def relative_position_table(ck: Checkpoint, i: int, window: tuple[int, int]) -> 
     return _f32(total)
 
 
-def block_weights(ck: Checkpoint, i: int, window: tuple[int, int]) -> BlockWeights:
-    """Block ``i`` as float32 input-major matrices; q columns and bias pre-scaled by 1/√K.
+def block_weights(ck: Checkpoint, i: int, window: tuple[int, int], route: str | None = None) -> BlockWeights:
+    """Block ``i`` in float32, its linear layers input-major; q columns and bias pre-scaled by 1/√K.
 
     window: the stored patch grid, for the relative position table (see :func:`relative_position_table`).
+    route: how the linear layers multiply (:class:`~qkweights.vision.gemm.Linear`; default: this machine's).
     """
     d, k = ck.dims.hidden, ck.dims.head_dim
     qk = ck.qk(i)  # (H, K, D) float64
@@ -141,16 +143,12 @@ def block_weights(ck: Checkpoint, i: int, window: tuple[int, int]) -> BlockWeigh
         )
     return BlockWeights(
         norm1=norm1,
-        qkv=_input_major(wqkv),
-        qkv_bias=_f32(bqkv),
-        out=_input_major(wo),
-        out_bias=_f32(bo),
+        qkv=Linear(_input_major(wqkv), bqkv, route),
+        out=Linear(_input_major(wo), bo, route),
         scale1=_f32(ck.layer_scale("scale1", i)),
         norm2=norm2,
-        fc1=_input_major(w1),
-        fc1_bias=_f32(b1),
-        fc2=_input_major(w2),
-        fc2_bias=_f32(b2),
+        fc1=Linear(_input_major(w1), b1, route),
+        fc2=Linear(_input_major(w2), b2, route),
         scale2=_f32(ck.layer_scale("scale2", i)),
         rel_pos=relative_position_table(ck, i, window),
     )
@@ -245,9 +243,10 @@ def embedding_weights(ck: Checkpoint) -> EmbeddingWeights:
     )
 
 
-def vit_weights(ck: Checkpoint) -> ViTWeights:
+def vit_weights(ck: Checkpoint, route: str | None = None) -> ViTWeights:
     """All weights of a vision checkpoint in float32, read once, the layers on two threads (reading, widening and
-    transposing release the GIL: a ViT-B loads in 0.27–0.36 s instead of 0.37–0.74 s here)."""
+    transposing release the GIL: a ViT-B loads in 0.27–0.36 s instead of 0.37–0.74 s here). route: how the linear
+    layers multiply (see :func:`block_weights`)."""
     dims = ck.dims
     emb = embedding_weights(ck)
     if ck.spec.attention.relative_position_bias and emb.tokens != ("cls", "patches"):
@@ -255,8 +254,9 @@ def vit_weights(ck: Checkpoint) -> ViTWeights:
             f"{ck.spec.label}: a relative position bias needs the tokens [cls, patches] (its 3 extra entries "
             f"are CLS biases), the checkpoint gives {list(emb.tokens)}"
         )
+    route = route or gemm_route()  # decided (and checked) once, before the threads
     with ThreadPoolExecutor(2) as pool:
-        blocks = pool.map(lambda i: block_weights(ck, i, emb.grid), range(dims.layers))
+        blocks = pool.map(lambda i: block_weights(ck, i, emb.grid, route), range(dims.layers))
     return ViTWeights(
         embeddings=emb,
         blocks=tuple(blocks),

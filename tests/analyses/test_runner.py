@@ -22,7 +22,7 @@ from conftest import MODELS
 from qkweights import workflow
 from qkweights.analyses.o3 import O3Analysis, run_o3, select_items
 from qkweights.analyses.runner import ShardError, SweepSettings, Task, run_shard, run_sweep
-from qkweights.analyses.state import fingerprint
+from qkweights.analyses.state import KERNEL_KEYS, fingerprint
 from qkweights.analyses.sweep import ModeSelection, list_images, model_identity, patch_grid
 from qkweights.analyses.top_images import STATE_NAME, TopImagesAnalysis, run_top_images
 from qkweights.datasets.synthetic_o3 import make_o3
@@ -819,8 +819,14 @@ def test_a_resume_with_another_shard_size_or_executor_ends_as_the_uninterrupted_
     )
 
 
-def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch):
-    """A sweep started here and resumed on Dask workers whose OpenBLAS runs another kernel (Sandybridge: no FMA)."""
+@pytest.mark.parametrize(
+    "variable, value",
+    [("OPENBLAS_CORETYPE", "Sandybridge"), ("QKWEIGHTS_GEMM", "numpy")],
+    ids=["another BLAS kernel", "another GEMM route"],
+)
+def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path, monkeypatch, variable, value):
+    """A sweep started here and resumed on Dask workers whose OpenBLAS runs another kernel (Sandybridge: no FMA), or
+    whose linear layers multiply with np.matmul."""
     distributed = pytest.importorskip("distributed")
     from qkweights.analyses.state import blas_record
 
@@ -833,7 +839,7 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
 
     with pytest.raises(KeyboardInterrupt):
         run_top_images(vit, images, out, selection=SELECT, settings=SETTINGS, progress=stop)
-    monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # read by the workers' OpenBLAS as they start
+    monkeypatch.setenv(variable, value)  # read by the workers' OpenBLAS, or qkweights, as they start
     with (
         distributed.LocalCluster(
             n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
@@ -841,20 +847,17 @@ def test_shards_on_two_blas_kernels_are_recorded_and_noted(vit, scenes, tmp_path
         distributed.Client(cluster) as client,
     ):
         there = client.submit(blas_record, pure=False).result()
-        if there["architecture"] == here["architecture"]:
-            pytest.skip(f"this machine's OpenBLAS runs {here['architecture']} whatever OPENBLAS_CORETYPE says")
+        if all(there[k] == here[k] for k in KERNEL_KEYS):
+            pytest.skip(f"this machine runs {here} whatever {variable} says")
         told = []
         result = run_top_images(
             vit, images, out, selection=SELECT, settings=replace(SETTINGS, client=client), notes=told.append
         )
-    kernels = sorted(
-        [here, there],
-        key=lambda r: json.dumps({k: r[k] for k in ("internal_api", "architecture", "version")}, sort_keys=True),
-    )
-    assert result.doc["blas"] == [{k: r[k] for k in ("internal_api", "architecture", "version")} for r in kernels]
+    kernels = sorted([here, there], key=lambda r: json.dumps({k: r[k] for k in KERNEL_KEYS}, sort_keys=True))
+    assert result.doc["blas"] == [{k: r[k] for k in KERNEL_KEYS} for r in kernels]
     # Dask's nanny starts workers with one BLAS thread unless OPENBLAS_NUM_THREADS is set (then the worker inherits it)
     assert there["num_threads"] == int(os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-    names = {id(r): f"{r['internal_api']} {r['architecture']} {r['version']}" for r in kernels}
+    names = {id(r): f"{r['internal_api']} {r['architecture']} {r['version']}, {r['gemm']} GEMMs" for r in kernels}
     counts = {id(here): "2 shards", id(there): "2 shards"}  # shards of 4: 8 images here, 6 there
     mixed = "; ".join(f"{names[id(r)]}: {counts[id(r)]}" for r in kernels)
     assert told[-1] == (
@@ -876,7 +879,7 @@ def test_one_kernel_is_not_noted(vit, scenes, tmp_path):
     from qkweights.analyses.state import blas_record
 
     here = blas_record()
-    assert told == [] and result.doc["blas"] == [{k: here[k] for k in ("internal_api", "architecture", "version")}]
+    assert told == [] and result.doc["blas"] == [{k: here[k] for k in KERNEL_KEYS}]
 
 
 def _instances(root: Path, n: int) -> None:
